@@ -1,0 +1,223 @@
+"""The vocabulary every layer of proxyd speaks: immutable value types.
+
+Sources turn raw Kubernetes objects into ``Service`` and ``EndpointSlice``
+values (validated, so nothing downstream re-checks them). The tracker merges
+those into a ``ProxyState``: one ``ServicePort`` per (service, port, protocol)
+and the merged, de-duplicated ``Endpoint`` tuple serving it. Modes read only
+``ProxyState``; policy decides which of its endpoints serve which traffic.
+
+Nothing here does I/O. Every type is frozen and hashable so that states can
+be compared cheaply (``==``) to find what changed between two syncs.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; Kubernetes' default for ClientIP
+
+
+class Protocol(enum.StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class ServiceType(enum.StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceName:
+    """namespace/name of a Service."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """One port of one Service: kube-proxy's ServicePortName.
+
+    ``port`` is the port's name ("" when the service has a single unnamed
+    port). ``str()`` gives kube-proxy's form ``ns/name:port`` (``ns/name``
+    when unnamed), which is also the input of its chain-name hashes.
+    """
+
+    namespace: str
+    name: str
+    port: str
+    protocol: Protocol
+
+    @property
+    def service(self) -> ServiceName:
+        return ServiceName(self.namespace, self.name)
+
+    def __str__(self) -> str:
+        suffix = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """Everything a mode needs to serve one port of one Service.
+
+    Addresses are strings in canonical form (``ipaddress`` round-trip);
+    ``family(ip)`` tells v4 from v6. ``node_port`` and
+    ``health_check_node_port`` are 0 when absent. ``affinity_timeout`` is 0
+    when sessionAffinity is None, else the ClientIP timeout in seconds.
+    ``target_port`` is what the Service asked for (number or name): the
+    actual backend port comes from each Endpoint.
+    """
+
+    name: ServicePortName
+    type: ServiceType
+    cluster_ip: str
+    port: int
+    protocol: Protocol
+    target_port: int | str = 0
+    node_port: int = 0
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    affinity_timeout: int = 0
+    external_policy_local: bool = False
+    internal_policy_local: bool = False
+    health_check_node_port: int = 0
+    # Topology-aware routing requested (annotation service.kubernetes.io/
+    # topology-mode=Auto or trafficDistribution=PreferClose).
+    topology_aware: bool = False
+
+    @property
+    def external_addresses(self) -> tuple[str, ...]:
+        """externalIPs then LB ingress IPs: the 'external' destinations."""
+        return self.external_ips + self.load_balancer_ips
+
+    @property
+    def has_external(self) -> bool:
+        """True when this port takes traffic from outside the cluster."""
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    @property
+    def uses_local_external(self) -> bool:
+        """externalTrafficPolicy: Local applies (only for external traffic)."""
+        return self.external_policy_local and self.has_external
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend address:port of one service port, after merging slices."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+
+    def is_local(self, node_name: str) -> bool:
+        return self.node_name is not None and self.node_name == node_name
+
+    def __str__(self) -> str:
+        if ":" in self.ip:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A validated Service as a source delivers it: one ServicePort per port.
+
+    Services proxyd must not serve (headless, ExternalName, labelled with
+    service-proxy-name or headless) are never built: the source drops them.
+    """
+
+    name: ServiceName
+    ports: tuple[ServicePort, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    name: str
+    port: int
+    protocol: Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """One entry of an EndpointSlice's ``endpoints`` list (first address)."""
+
+    ip: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """A validated EndpointSlice (or an Endpoints object converted to one)."""
+
+    namespace: str
+    name: str
+    service: str
+    ports: tuple[EndpointPort, ...]
+    endpoints: tuple[SliceEndpoint, ...]
+    address_family: int = 4
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def service_name(self) -> ServiceName:
+        return ServiceName(self.namespace, self.service)
+
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """The desired state handed to a mode at each sync.
+
+    ``services`` holds every ServicePort to serve; ``endpoints`` maps each of
+    them to its merged endpoints (possibly empty: the port then rejects).
+    ``node_name`` and ``node_labels`` are this node's, for Local policies and
+    topology.
+    """
+
+    services: Mapping[ServicePortName, ServicePort] = field(default_factory=lambda: _EMPTY)
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=lambda: _EMPTY)
+    node_name: str = ""
+    node_labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def node_zone(self) -> str | None:
+        return self.node_labels.get("topology.kubernetes.io/zone")
+
+    def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
+        return self.endpoints.get(name, ())
+
+
+def family(ip: str) -> int:
+    """4 or 6 for a textual address or CIDR."""
+    return 6 if ":" in ip else 4
+
+
+def canonical_ip(text: str) -> str:
+    """The canonical text of an IP address; ValueError when it is not one."""
+    return str(ipaddress.ip_address(text))

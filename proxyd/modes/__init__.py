@@ -1,0 +1,1 @@
+"""Proxy modes: each realises the shared desired state its own way."""

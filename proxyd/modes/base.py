@@ -1,0 +1,75 @@
+"""The contract between the sync runner and a proxy mode.
+
+Every mode realises the same ``ProxyState``; it differs from the others only
+in how. A mode is split into a pure planner (state -> rules/objects, no side
+effects) and an applier (the only code that touches the kernel). This module
+defines what the daemon calls on a mode; the registry maps ``--proxy-mode``
+names to mode classes lazily, so a mode's kernel libraries are imported only
+when that mode is used.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxyd.config import Config
+    from proxyd.model import ProxyState, ServiceName
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """One sync: the full desired state plus what changed since the last one.
+
+    ``changed`` is None for a full sync (first sync, periodic resync, after a
+    failure): the mode must then rewrite everything it owns. Otherwise it
+    names the services whose ports or endpoints changed, and the mode may
+    limit its work to them.
+    """
+
+    state: ProxyState
+    changed: frozenset[ServiceName] | None
+
+
+class ProxyMode(abc.ABC):
+    """A way of making services reachable on this node."""
+
+    name: str = ""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare (and adopt what a previous run left) before the first sync."""
+
+    @abc.abstractmethod
+    async def sync(self, request: SyncRequest) -> None:
+        """Make the kernel/listeners match ``request.state``.
+
+        Raise on failure: the runner keeps the previous state in force from
+        the mode's point of view, counts the failure and retries with a full
+        sync.
+        """
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop. Kernel modes leave their rules so traffic keeps flowing."""
+
+    @classmethod
+    @abc.abstractmethod
+    async def cleanup(cls, config: Config) -> None:
+        """Remove everything this mode may ever have created (``--cleanup``)."""
+
+
+MODES: dict[str, str] = {
+    "userspace": "proxyd.modes.userspace:UserspaceMode",
+    "iptables": "proxyd.modes.iptables:IptablesMode",
+    "ipvs": "proxyd.modes.ipvs:IpvsMode",
+}
+
+
+def mode_class(name: str) -> type[ProxyMode]:
+    module_name, _, attr = MODES[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
