@@ -30,8 +30,8 @@ class Config:
     masquerade_all: bool = False
     # CIDRs whose local addresses accept NodePort traffic; empty = all local addresses.
     nodeport_addresses: tuple[str, ...] = ()
-    healthz_bind_address: HostPort = HostPort("0.0.0.0", 10256)
-    metrics_bind_address: HostPort = HostPort("127.0.0.1", 10249)
+    healthz_bind_address: HostPort | None = HostPort("0.0.0.0", 10256)
+    metrics_bind_address: HostPort | None = HostPort("127.0.0.1", 10249)
     sync_period: float = 30.0
     min_sync_period: float = 1.0
     ipvs_scheduler: str = "rr"

@@ -1,0 +1,2 @@
+# Cython finds a module's .pxd by its full name (proxyd._conntable): the declarations live in native/conntable.pxd.
+include "../conntable.pxd"

@@ -1,0 +1,207 @@
+"""Wiring and lifecycle: source → tracker → sync runner → mode, plus health and metrics.
+
+Start-up order matters: the HTTP servers come up first (so /livez answers
+and a bad bind address fails fast), then the mode adopts what a previous run
+left, then the source lists everything. The first sync runs only once the
+source says its initial content is complete, so a node is never programmed
+from half a list. After that, every change requests a sync through the
+bounded-frequency runner, and the runner also syncs every ``--sync-period``.
+
+A sync takes the tracker's snapshot and hands it to the mode. Syncs are
+partial (only changed services) except the first, any after a failure, and
+one an hour (kube-proxy's FullSyncPeriod), which rewrite everything the mode
+owns. A failed sync keeps the previous kernel state, marks health as
+waiting, and is retried by the runner.
+
+SIGTERM/SIGINT stop the runner and the source, then ``mode.shutdown()``:
+kernel modes leave their rules in place so traffic keeps flowing while
+proxyd is down; userspace mode drains its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from proxyd import metrics, nodeaddrs
+from proxyd.config import Config, HostPort
+from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, metrics_routes
+from proxyd.httpserve import HttpServer
+from proxyd.modes.base import MODES, SyncRequest, mode_class
+from proxyd.runner import SyncRunner
+from proxyd.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod
+
+
+class FatalError(Exception):
+    """Start-up cannot continue; the message says what and why."""
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tracker = Tracker(config.node_name)
+        self.mode = mode_class(config.proxy_mode)(config)
+        self.health = ProxierHealth(timeout=2 * config.sync_period)
+        self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,
+                                 max_interval=config.sync_period, name=config.proxy_mode)
+        self.source = self._make_source()
+        self.service_health = ServiceHealthServers(addresses=self._healthcheck_addresses, health=self.health)
+        self._servers: list[HttpServer] = []
+        self._needs_full = True
+        self._last_full = 0.0
+        self._unapplied_since: float | None = None
+
+    def _make_source(self):
+        if self.config.manifests is not None:
+            from proxyd.sources.manifests import ManifestSource
+
+            return ManifestSource(self.config.manifests, self.tracker, on_change=self._on_change)
+        from proxyd.sources.kube import KubeSource
+
+        return KubeSource(self.tracker, config=self.config, on_change=self._on_change)
+
+    def _healthcheck_addresses(self) -> list[str]:
+        if not self.config.nodeport_addresses:
+            return ["0.0.0.0"]
+        return nodeaddrs.node_addresses(self.config.nodeport_addresses, family=4)
+
+    def _on_change(self) -> None:
+        self.health.queued()
+        self.runner.run()
+
+    async def _sync(self) -> None:
+        snapshot = self.tracker.take()
+        if snapshot.oldest_change is not None and self._unapplied_since is None:
+            self._unapplied_since = snapshot.oldest_change
+        now = time.monotonic()
+        full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
+        request = SyncRequest(snapshot.state, None if full else snapshot.changed)
+        started = time.perf_counter()
+        try:
+            await self.mode.sync(request)
+        except Exception:
+            # What the tracker handed over is no longer "pending" there, so the
+            # retry must be a full sync to pick it up again.
+            self._needs_full = True
+            self.health.queued()
+            raise
+        elapsed = time.perf_counter() - started
+        metrics.SYNC_DURATION.observe(elapsed)
+        (metrics.SYNC_FULL_DURATION if full else metrics.SYNC_PARTIAL_DURATION).observe(elapsed)
+        metrics.SYNC_LAST_TIMESTAMP.set(time.time())
+        if full:
+            self._needs_full = False
+            self._last_full = now
+        if self._unapplied_since is not None:
+            metrics.NETWORK_PROGRAMMING_DURATION.observe(time.monotonic() - self._unapplied_since)
+            self._unapplied_since = None
+        self.health.updated()
+        log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
+                  len(snapshot.state.services), "full" if full else f"{len(snapshot.changed)} changed",
+                  elapsed)
+        try:
+            await self.service_health.update(snapshot.state)
+        except Exception:
+            log.exception("healthCheckNodePort servers: update failed")
+
+    async def _serve_http(self, address: HostPort | None, routes: dict, what: str) -> None:
+        if address is None:
+            return
+        server = HttpServer(routes, name=what)
+        try:
+            await server.start(address.host, address.port)
+        except OSError as err:
+            flag = "--healthz-bind-address" if what == "healthz" else "--metrics-bind-address"
+            raise FatalError(f"cannot listen on {address} ({flag}): {err.strerror}") from None
+        self._servers.append(server)
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self._serve_http(self.config.healthz_bind_address, health_routes(self.health), "healthz")
+        await self._serve_http(self.config.metrics_bind_address,
+                               metrics_routes(self.health, self.config.proxy_mode), "metrics")
+        log.info("proxyd starting: mode=%s node=%s source=%s", self.config.proxy_mode, self.config.node_name,
+                 f"manifests {self.config.manifests}" if self.config.manifests else "API server")
+        source_task: asyncio.Task | None = None
+        try:
+            await self.mode.start()
+            source_task = asyncio.create_task(self.source.run(), name="source")
+            stop_task = asyncio.create_task(stop.wait())
+            ready_task = asyncio.create_task(self.source.ready.wait())
+            await asyncio.wait({source_task, stop_task, ready_task}, return_when=asyncio.FIRST_COMPLETED)
+            ready_task.cancel()
+            if source_task.done():
+                source_task.result()
+                raise FatalError("the source stopped before delivering its initial content")
+            if not stop.is_set():
+                log.info("initial content complete; first sync")
+                await self.runner.start()
+                self.runner.run()
+                await asyncio.wait({source_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                if source_task.done() and not stop.is_set():
+                    source_task.result()
+                    raise FatalError("the source stopped unexpectedly")
+            stop_task.cancel()
+            log.info("shutting down")
+            return 0
+        finally:
+            await self._shutdown(source_task)
+
+    async def _shutdown(self, source_task: asyncio.Task | None) -> None:
+        with contextlib.suppress(Exception):
+            await self.runner.stop()
+        if source_task is not None and not source_task.done():
+            source_task.cancel()
+            with contextlib.suppress(BaseException):
+                await source_task
+        try:
+            await self.mode.shutdown()
+        except Exception:
+            log.exception("mode shutdown failed")
+        await self.service_health.close()
+        for server in self._servers:
+            await server.close()
+
+
+def _run_loop(coro_factory) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(coro_factory())
+    return uvloop.run(coro_factory())
+
+
+def run(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    try:
+        return _run_loop(lambda: Daemon(config).serve())
+    except FatalError as err:
+        log.error("fatal: %s", err)
+        return 1
+
+
+def run_cleanup(config: Config) -> int:
+    """``--cleanup``: every mode removes everything it may have created."""
+
+    async def clean() -> int:
+        failed = 0
+        for name in MODES:
+            try:
+                await mode_class(name).cleanup(config)
+                log.info("cleanup: %s done", name)
+            except Exception as err:
+                failed += 1
+                log.error("cleanup: %s failed: %s", name, err)
+        return 1 if failed else 0
+
+    return _run_loop(clean)

@@ -1,0 +1,134 @@
+"""Health of the proxier (/healthz, /livez), metrics routes and healthCheckNodePort servers.
+
+``ProxierHealth`` follows kube-proxy's ProxierHealthServer: it is healthy
+once the first sync has been applied and no queued change (or failed sync)
+has waited longer than the health timeout (2 × sync period). ``/livez``
+only says the event loop answers.
+
+``ServiceHealthServers`` runs one HTTP server per ``healthCheckNodePort``
+of services with externalTrafficPolicy Local, answering kube-proxy's JSON
+body with 200 while this node has a local endpoint and 503 otherwise, so
+that cloud load balancers steer traffic only to nodes that can serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from proxyd import metrics
+from proxyd.httpserve import HttpServer, Response
+from proxyd.model import ProxyState, ServiceName
+from proxyd.policy import local_endpoint_count
+
+log = logging.getLogger(__name__)
+
+
+def _rfc3339(wall: float | None) -> str:
+    if wall is None:
+        return ""
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%S.%f +0000 UTC")
+
+
+class ProxierHealth:
+    """Timestamps that say whether the proxier keeps up with its changes."""
+
+    def __init__(self, *, timeout: float, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._wall = wall
+        self.last_updated: float | None = None  # wall time of the last successful sync
+        self._oldest_queued: float | None = None  # monotonic time of the oldest unapplied change
+
+    def queued(self) -> None:
+        """A change (or a failed sync) is waiting to be applied."""
+        if self._oldest_queued is None:
+            self._oldest_queued = self._clock()
+            metrics.SYNC_LAST_QUEUED_TIMESTAMP.set(self._wall())
+
+    def updated(self) -> None:
+        """A sync succeeded: everything queued before it is applied."""
+        self._oldest_queued = None
+        self.last_updated = self._wall()
+
+    def healthy(self) -> bool:
+        if self.last_updated is None:
+            return False
+        return self._oldest_queued is None or self._clock() - self._oldest_queued < self.timeout
+
+    def healthz(self) -> Response:
+        body = json.dumps({"lastUpdated": _rfc3339(self.last_updated),
+                           "currentTime": _rfc3339(self._wall()),
+                           "nodeEligible": True}).encode()
+        return (200 if self.healthy() else 503), "application/json", body
+
+
+def livez() -> Response:
+    return 200, "text/plain", b"ok"
+
+
+def health_routes(health: ProxierHealth) -> dict[str, Callable[[], Response]]:
+    return {"/healthz": health.healthz, "/livez": livez}
+
+
+def metrics_routes(health: ProxierHealth, mode: str) -> dict[str, Callable[[], Response]]:
+    return {
+        "/metrics": lambda: (200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+        "/proxyMode": lambda: (200, "text/plain", mode.encode()),
+        "/healthz": health.healthz,
+        "/livez": livez,
+    }
+
+
+class ServiceHealthServers:
+    """healthCheckNodePort servers, reconciled after every sync."""
+
+    def __init__(self, *, addresses: Callable[[], list[str]], health: ProxierHealth) -> None:
+        self._addresses = addresses
+        self._health = health
+        self._servers: dict[int, list[HttpServer]] = {}
+        self._answers: dict[int, tuple[ServiceName, int]] = {}
+
+    def _answer(self, port: int) -> Response:
+        service, count = self._answers[port]
+        proxy_healthy = self._health.healthy()
+        body = json.dumps({"service": {"namespace": service.namespace, "name": service.name},
+                           "localEndpoints": count, "serviceProxyHealthy": proxy_healthy}).encode()
+        return (200 if count > 0 and proxy_healthy else 503), "application/json", body
+
+    async def update(self, state: ProxyState) -> None:
+        wanted: dict[int, tuple[ServiceName, int]] = {}
+        for name, svc in state.services.items():
+            if not svc.health_check_node_port or not svc.uses_local_external:
+                continue
+            count = local_endpoint_count(svc, state.endpoints_of(name), node_name=state.node_name)
+            port = svc.health_check_node_port
+            _, previous = wanted.get(port, (name.service, 0))
+            wanted[port] = (name.service, previous + count)
+        self._answers = wanted
+        for port in set(self._servers) - set(wanted):
+            for server in self._servers.pop(port):
+                await server.close()
+        for port in set(wanted) - set(self._servers):
+            servers = []
+            for host in self._addresses():
+                answer = lambda port=port: self._answer(port)  # noqa: E731
+                # Cloud load balancers probe "/" or "/healthz" (kube-proxy's mux answered both).
+                server = HttpServer({"/": answer, "/healthz": answer}, name=f"healthcheck:{port}")
+                try:
+                    await server.start(host, port)
+                except OSError as err:
+                    log.warning("healthCheckNodePort %d on %s: cannot listen: %s", port, host, err)
+                    continue
+                servers.append(server)
+            self._servers[port] = servers
+
+    async def close(self) -> None:
+        for servers in self._servers.values():
+            for server in servers:
+                await server.close()
+        self._servers.clear()

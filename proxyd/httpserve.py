@@ -1,0 +1,100 @@
+"""A small, hardened HTTP/1.x responder for health, metrics and healthCheckNodePorts.
+
+These endpoints are probed by kubelets, load balancers and Prometheus, and
+some listen on every node address, so the server is deliberately tiny:
+GET/HEAD only, fixed routes, one request per connection, the request head
+capped at ``MAX_HEAD`` bytes and ``HEAD_TIMEOUT`` seconds, and at most
+``MAX_CLIENTS`` connections at once (beyond that, new connections are closed
+at once). Handlers are synchronous functions that must not block: they read
+state the daemon already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8192
+HEAD_TIMEOUT = 5.0
+MAX_CLIENTS = 128
+
+Response = tuple[int, str, bytes]  # status, content type, body
+Handler = Callable[[], Response]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class HttpServer:
+    """Serves fixed ``routes`` (path → handler) on one address."""
+
+    def __init__(self, routes: Mapping[str, Handler], *, name: str) -> None:
+        self.routes = dict(routes)
+        self.name = name
+        self._server: asyncio.Server | None = None
+        self._clients = 0
+
+    async def start(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._server = await asyncio.start_server(
+            self._serve, host=host, port=port, family=family, reuse_address=True,
+            limit=MAX_HEAD + 1, backlog=128)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        self._clients += 1
+        try:
+            status, ctype, body, head_only = await self._respond(reader)
+            reason = _REASONS.get(status, "")
+            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                    "X-Content-Type-Options: nosniff\r\n\r\n").encode()
+            writer.write(head if head_only else head + body)
+            await asyncio.wait_for(writer.drain(), HEAD_TIMEOUT)
+        except (TimeoutError, OSError, ConnectionError):
+            pass
+        finally:
+            self._clients -= 1
+            writer.close()
+
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except TimeoutError:
+            return 408, "text/plain", b"request timeout\n", False
+        except asyncio.LimitOverrunError:
+            return 431, "text/plain", b"request head too large\n", False
+        except asyncio.IncompleteReadError:
+            return 400, "text/plain", b"bad request\n", False
+        request_line = head.split(b"\r\n", 1)[0]
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return 400, "text/plain", b"bad request\n", False
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return 405, "text/plain", b"method not allowed\n", False
+        path = target.split(b"?", 1)[0].decode("ascii", "replace")
+        handler = self.routes.get(path)
+        if handler is None:
+            return 404, "text/plain", b"404 page not found\n", method == b"HEAD"
+        status, ctype, body = handler()
+        return status, ctype, body, method == b"HEAD"

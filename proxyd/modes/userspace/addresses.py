@@ -1,0 +1,140 @@
+"""Holding service addresses on this node: the ``proxyd0`` port-less bridge, over netlink (pyroute2).
+
+Method: every ClusterIP, externalIP and LB ingress IP is added as a host
+address (/32, /128 with ``nodad``) to ``proxyd0``, a Linux bridge with no
+ports. The kernel then treats those IPs as local (a ``local`` route in the
+local table), so proxyd's sockets can bind them and packets to them, from
+this node or routed in from outside, are delivered to those sockets. The
+bridge has no ports, so nothing is ever transmitted through it. (The kernel
+here has no ``dummy`` link type, which kube-proxy's ipvs mode uses for the
+same purpose with ``kube-ipvs0``.)
+
+Only addresses on ``proxyd0`` are touched; on start the holder adopts what a
+previous run left there and afterwards adds or removes only the difference.
+Link-local addresses the kernel puts on the bridge itself are ignored.
+
+Every netlink call is blocking and runs in one dedicated worker thread, so
+the event loop never waits on the kernel and calls never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+DEVICE = "proxyd0"
+IFA_F_NODAD = 0x02
+ENOENT, EEXIST, EADDRNOTAVAIL, ENODEV = 2, 17, 99, 19
+
+T = TypeVar("T")
+
+
+def _host_prefix(ip: str) -> int:
+    return 128 if ":" in ip else 32
+
+
+class AddressHolder:
+    """Owns the addresses on ``proxyd0``; create with ``ensure()``, then ``apply()`` desired sets."""
+
+    def __init__(self, device: str = DEVICE) -> None:
+        self.device = device
+        self.current: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self._index: int | None = None
+
+    async def _call(self, func: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func)
+
+    async def ensure(self) -> set[str]:
+        """Create (if missing) and bring up the device; adopt and return the service IPs on it."""
+        self._index, self.current = await self._call(self._ensure_sync)
+        if self.current:
+            log.info("adopted %d service addresses on %s", len(self.current), self.device)
+        return set(self.current)
+
+    def _ensure_sync(self) -> tuple[int, set[str]]:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=self.device)
+            if not found:
+                try:
+                    ipr.link("add", ifname=self.device, kind="bridge")
+                except NetlinkError as err:
+                    if err.code != EEXIST:
+                        raise
+                found = ipr.link_lookup(ifname=self.device)
+            index = found[0]
+            ipr.link("set", index=index, state="up")
+            return index, _service_addresses(ipr, index)
+
+    async def apply(self, desired: Iterable[str]) -> tuple[int, int]:
+        """Add what is missing and remove what is extra; (added, removed). Raises on a netlink error."""
+        want = {str(ipaddress.ip_address(ip)) for ip in desired}
+        add = want - self.current
+        remove = self.current - want
+        if not add and not remove:
+            return 0, 0
+        if self._index is None:
+            await self.ensure()
+        await self._call(lambda: self._apply_sync(add, remove))
+        return len(add), len(remove)
+
+    def _apply_sync(self, add: set[str], remove: set[str]) -> None:
+        assert self._index is not None
+        with IPRoute() as ipr:
+            # Removal first: an address moving between services is then
+            # never held twice, and a failure part-way keeps ``current`` exact.
+            for ip in sorted(remove):
+                try:
+                    ipr.addr("del", index=self._index, address=ip, prefixlen=_host_prefix(ip))
+                except NetlinkError as err:
+                    if err.code not in (EADDRNOTAVAIL, ENOENT):
+                        raise
+                self.current.discard(ip)
+            for ip in sorted(add):
+                extra = {"IFA_FLAGS": IFA_F_NODAD} if ":" in ip else {}
+                try:
+                    ipr.addr("add", index=self._index, address=ip, prefixlen=_host_prefix(ip), **extra)
+                except NetlinkError as err:
+                    if err.code != EEXIST:
+                        raise
+                self.current.add(ip)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    @staticmethod
+    def delete_device(device: str = DEVICE) -> bool:
+        """Delete the holder device (blocking; for cleanup). True when it existed."""
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=device)
+            if not found:
+                return False
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as err:
+                if err.code != ENODEV:
+                    raise
+                return False
+            return True
+
+
+def _service_addresses(ipr: IPRoute, index: int) -> set[str]:
+    out = set()
+    for msg in ipr.get_addr(index=index):
+        addr = msg.get("IFA_ADDRESS")
+        if not addr:
+            continue
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        if ip.is_link_local or msg["prefixlen"] != ip.max_prefixlen:
+            continue
+        out.add(str(ip))
+    return out

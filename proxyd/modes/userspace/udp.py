@@ -1,0 +1,235 @@
+"""UDP in userspace mode: one flow per client address, one connected endpoint socket per flow.
+
+A ``UdpListener`` owns the socket bound to the service address (or a
+NodePort). The first datagram of a client picks an endpoint from the
+connection table (round robin, ClientIP affinity) and opens a socket
+connected to it; the flow is stored in the connection table's flow table
+(``udp_get``/``udp_set``) and later datagrams reuse it. Replies read from the
+endpoint socket are sent back through the listening socket, so they come
+from the service address and port the client talked to; on a wildcard
+NodePort listener the address the client used is taken from ``IP_PKTINFO``
+and replies are sent from it.
+
+A flow ends when idle for ``udp_idle_timeout`` (kube-proxy's --udp-timeout;
+``UdpProxy`` sweeps with ``udp_expire``), when the flow table is full (the
+connection table evicts the least recently used flow; counted), when its
+endpoint stops being usable (``set_endpoints``/``remove_service`` hand the
+flow back and the mode calls ``closed_by_table``: the client's next
+datagram then picks a live endpoint, as conntrack cleanup gives kernel
+modes), or when the endpoint answers with ICMP unreachable (the flow is
+marked dead and replaced at the next datagram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from proxyd import metrics
+from proxyd.modes.userspace.planner import TableKey
+from proxyd.modes.userspace.stats import Stats
+
+log = logging.getLogger(__name__)
+
+RECV_BATCH = 64
+MAX_DATAGRAM = 65535
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_ANC_SIZE = socket.CMSG_SPACE(_PKTINFO.size)
+
+
+class Flow:
+    __slots__ = ("client", "closed", "endpoint", "key", "listener", "local", "nbytes_in", "nbytes_out",
+                 "proxy", "sock")
+
+    def __init__(self, *, proxy: UdpProxy, listener: UdpListener, client: tuple[str, int],
+                 endpoint: tuple[str, int], sock: socket.socket, local: bytes | None) -> None:
+        self.proxy = proxy
+        self.listener = listener
+        self.key = listener.key
+        self.client = client
+        self.endpoint = endpoint
+        self.sock = sock
+        self.local = local
+        self.closed = False
+        self.nbytes_in = 0
+        self.nbytes_out = 0
+
+    def on_reply(self) -> None:
+        listener = self.listener
+        for _ in range(RECV_BATCH):
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP unreachable from the endpoint: the next datagram picks again.
+                self.proxy.close_flow(self)
+                return
+            self.nbytes_out += len(data)
+            listener.reply(self, data)
+
+
+class UdpProxy:
+    """Flows of every UDP listener, kept in the connection table."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, table: Any, stats_of: Callable[[TableKey], Stats],
+                 idle_timeout: float) -> None:
+        self.loop = loop
+        self.table = table
+        self.stats_of = stats_of
+        self.idle_timeout = max(idle_timeout, 0.01)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def forward(self, listener: UdpListener, client: tuple[str, int], data: bytes,
+                local: bytes | None) -> None:
+        now = time.monotonic()
+        found = self.table.udp_get(listener.key_id, client, now)
+        flow: Flow | None = found[1] if found is not None else None
+        if flow is None or flow.closed or flow.listener is not listener:
+            flow = self._open(listener, client, local, now)
+            if flow is None:
+                return
+        try:
+            flow.sock.send(data)
+            flow.nbytes_in += len(data)
+        except (BlockingIOError, InterruptedError):
+            pass  # the endpoint socket's buffer is full: drop, as a router would
+        except OSError:
+            self.close_flow(flow)
+
+    def _open(self, listener: UdpListener, client: tuple[str, int], local: bytes | None,
+              now: float) -> Flow | None:
+        key = listener.key
+        stats = self.stats_of(key)
+        ep = self.table.pick(listener.key_id, client[0], now, ())
+        if ep is None:
+            stats.reject("no endpoint")
+            return None
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET,
+                                 socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as err:
+            stats.reject("resources")
+            log.debug("udp %s: no socket for a new flow: %s", key, err)
+            return None
+        try:
+            sock.connect(ep)
+        except OSError:
+            sock.close()
+            stats.reject("all endpoints failed")
+            return None
+        flow = Flow(proxy=self, listener=listener, client=client, endpoint=ep, sock=sock, local=local)
+        for old_key, old_client, _ep, old in self.table.udp_set(listener.key_id, client, ep, flow, now):
+            if (old_key, old_client) != (listener.key_id, client):
+                metrics.UDP_FLOWS_EVICTED.inc()
+            self.close_flow(old)
+        self.table.open(listener.key_id, ep)
+        stats.active.inc()
+        stats.total.inc()
+        self.loop.add_reader(sock.fileno(), flow.on_reply)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle_timeout, self._sweep)
+        return flow
+
+    def close_flow(self, flow: Flow) -> None:
+        """Close a flow's endpoint socket (idempotent); its table entry goes by replacement or expiry."""
+        if flow.closed:
+            return
+        flow.closed = True
+        self.loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        stats = self.stats_of(flow.key)
+        stats.active.dec()
+        stats.add_bytes(flow.nbytes_in, flow.nbytes_out)
+        self.table.close(flow.key.id, flow.endpoint)
+
+    def closed_by_table(self, dropped: Iterable[tuple]) -> None:
+        """Close the flows ``set_endpoints``/``remove_service`` handed back (value is the last item)."""
+        for item in dropped:
+            self.close_flow(item[-1])
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        for *_, flow in self.table.udp_expire(time.monotonic(), self.idle_timeout):
+            self.close_flow(flow)
+        if self.table.udp_count():
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for *_, flow in self.table.udp_expire(float("inf"), 0.0):
+            self.close_flow(flow)
+
+
+class UdpListener:
+    """A UDP service socket; datagrams go to ``UdpProxy.forward``."""
+
+    def __init__(self, *, proxy: UdpProxy, sock: socket.socket, key: TableKey) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.sock = sock
+        self.key = key
+        self.key_id = key.id
+        self.wildcard = sock.getsockname()[0] in ("0.0.0.0", "::")
+        if self.wildcard and sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        else:
+            self.wildcard = False
+        self._fd = sock.fileno()
+        self.loop.add_reader(self._fd, self._on_readable)
+
+    def retarget(self, key: TableKey) -> None:
+        self.key = key
+        self.key_id = key.id
+
+    def _on_readable(self) -> None:
+        forward = self.proxy.forward
+        for _ in range(RECV_BATCH):
+            try:
+                if self.wildcard:
+                    data, anc, _flags, client = self.sock.recvmsg(MAX_DATAGRAM, _ANC_SIZE)
+                    local = _pktinfo_dst(anc)
+                else:
+                    data, client = self.sock.recvfrom(MAX_DATAGRAM)
+                    local = None
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # ICMP errors for replies we sent surface here; they are not fatal.
+                if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("udp %s: recv failed: %s", self.key, err)
+                continue
+            forward(self, client[:2], data, local)
+
+    def reply(self, flow: Flow, data: bytes) -> None:
+        try:
+            if flow.local is not None:
+                anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, flow.local, b"\0" * 4))]
+                self.sock.sendmsg([data], anc, 0, flow.client)
+            else:
+                self.sock.sendto(data, flow.client)
+        except OSError as err:
+            log.debug("udp %s: reply to %s failed: %s", self.key, flow.client, err)
+
+    def close(self) -> None:
+        """Stop receiving; flows of this listener end by idle timeout or endpoint changes."""
+        self.loop.remove_reader(self._fd)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _pktinfo_dst(ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
+            return _PKTINFO.unpack_from(data)[2]  # ipi_addr: the destination the client used
+    return None

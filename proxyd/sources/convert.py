@@ -1,0 +1,667 @@
+"""Raw Kubernetes objects (decoded JSON/YAML) → validated model values.
+
+Shared by the manifests source and the API-server source. Everything here is
+pure: a function takes one decoded object (whatever a file or the wire gave,
+so possibly hostile) and returns a model value, ``None`` for an object proxyd
+must ignore, or raises ``InvalidObject`` with a short, printable reason.
+No other exception escapes: a wrong type anywhere is an invalid object, never
+a ``TypeError`` in the daemon.
+
+What is "valid" follows the API server's own validation where proxyd relies
+on it (names, IPs, ports, protocols), because kube-proxy trusts the API server
+and never sees such objects. Anything that ends up in a model value is either
+a canonical IP/CIDR, a number, an enum, or a string matching a Kubernetes name
+grammar (DNS-1123/1035 labels and subdomains, label values), so no field can
+carry a newline, a space, a quote or an iptables option into rules or logs.
+
+What is kept follows kube-proxy (pkg/proxy/serviceport.go,
+endpointslicecache.go): one family per ServicePort (the IPv4 cluster IP of a
+dual-stack service), external IPs, LB ingress IPs and source ranges filtered
+to that family, LB ingress IPs with ``ipMode: Proxy`` skipped, endpoint
+conditions ``ready``/``serving`` nil meaning true and ``terminating`` nil
+meaning false.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from proxyd.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    EndpointPort,
+    EndpointSlice,
+    Protocol,
+    Service,
+    ServiceName,
+    ServicePort,
+    ServicePortName,
+    ServiceType,
+    SliceEndpoint,
+    family,
+)
+
+T = TypeVar("T")
+
+LABEL_SERVICE_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
+LABEL_HEADLESS = "service.kubernetes.io/headless"
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+LABEL_SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"
+ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+ANNOTATION_TOPOLOGY_HINTS = "service.kubernetes.io/topology-aware-hints"
+MIRROR_PREFIX = "endpoints-mirror:"
+
+MAX_AFFINITY_TIMEOUT = 86400  # API validation: 0 < timeoutSeconds <= 86400
+MAX_SLICE_ENDPOINTS = 1000  # API validation of discovery.k8s.io/v1
+MAX_SLICE_PORTS = 100
+MAX_MIRRORED_PER_SUBSET = 1000  # the mirroring controller's maxEndpointsPerSubset
+# Anything bigger than this in one list is not a real object; refusing early
+# keeps a hostile document from costing minutes of validation.
+MAX_LIST = 100_000
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_IANA_SVC_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+_SERVICE_TYPES = {"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"}
+_PROTOCOLS = {p.value: p for p in Protocol}
+
+
+class InvalidObject(ValueError):
+    """An object that must not be programmed; ``reason`` says why (one printable line)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def show(value: object) -> str:
+    """A short, single-line, escape-safe rendering of an offending value for reasons and logs."""
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:40] + "…"
+        return ascii(text)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "null"
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**30 else "a huge number"
+        return text
+    return f"a {type(value).__name__}"
+
+
+def _fail(path: str, message: str) -> InvalidObject:
+    return InvalidObject(f"{path}: {message}")
+
+
+def _mapping(value: object, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"must be an object, not {show(value)}")
+    return value
+
+
+def _opt_mapping(parent: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    return _mapping(value, f"{path}.{key}")
+
+
+def _opt_list(parent: Mapping[str, Any], key: str, path: str, *, limit: int = MAX_LIST) -> list[Any]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _fail(f"{path}.{key}", f"must be a list, not {show(value)}")
+    if len(value) > limit:
+        raise _fail(f"{path}.{key}", f"too many entries ({len(value)} > {limit})")
+    return value
+
+
+def _opt_str(parent: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(f"{path}.{key}", f"must be a string, not {show(value)}")
+    return value
+
+
+def _opt_bool(parent: Mapping[str, Any], key: str, path: str) -> bool | None:
+    value = parent.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise _fail(f"{path}.{key}", f"must be true or false, not {show(value)}")
+
+
+def _int(value: object, path: str) -> int:
+    # bool is an int in Python but never a number in Kubernetes JSON.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"must be an integer, not {show(value)}")
+    return value
+
+
+def _port(value: object, path: str) -> int:
+    number = _int(value, path)
+    if not 1 <= number <= 65535:
+        raise _fail(path, f"must be between 1 and 65535, not {show(number)}")
+    return number
+
+
+def _opt_port(parent: Mapping[str, Any], key: str, path: str) -> int:
+    """0 when absent or 0 (unset in the API), else a valid port."""
+    value = parent.get(key)
+    if value is None or (type(value) is int and value == 0):
+        return 0
+    return _port(value, f"{path}.{key}")
+
+
+def _matches(pattern: re.Pattern[str], value: str, max_len: int) -> bool:
+    return len(value) <= max_len and pattern.fullmatch(value) is not None
+
+
+def _name(value: object, path: str, *, pattern: re.Pattern[str], max_len: int, what: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, f"must be a string, not {show(value)}")
+    if not _matches(pattern, value, max_len):
+        raise _fail(path, f"{show(value)} is not a valid {what}")
+    return value
+
+
+def _dns_label(value: object, path: str) -> str:
+    return _name(value, path, pattern=_DNS1123_LABEL, max_len=63, what="DNS-1123 label")
+
+
+def _service_name(value: object, path: str) -> str:
+    return _name(value, path, pattern=_DNS1035_LABEL, max_len=63, what="service name (DNS-1035 label)")
+
+
+def _subdomain(value: object, path: str) -> str:
+    return _name(value, path, pattern=_DNS1123_SUBDOMAIN, max_len=253, what="DNS-1123 subdomain")
+
+
+def _label_value(value: object, path: str) -> str:
+    return _name(value, path, pattern=_LABEL_VALUE, max_len=63, what="label value")
+
+
+def _is_iana_svc_name(value: str) -> bool:
+    # RFC 6335: at most 15 characters, at least one letter, no leading,
+    # trailing or doubled hyphen.
+    return (_matches(_IANA_SVC_NAME, value, 15) and "--" not in value
+            and any("a" <= c <= "z" for c in value))
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (prefix and _matches(_DNS1123_SUBDOMAIN, prefix, 253)):
+        return False
+    return bool(name) and _matches(_LABEL_VALUE, name, 63)
+
+
+def _ip(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, f"must be a string, not {show(value)}")
+    # ipaddress accepts a scope ("fe80::1%eth0"), which is not an address the
+    # API allows and would carry arbitrary text: refuse it.
+    if "%" in value or len(value) > 45:
+        raise _fail(path, f"{show(value)} is not a valid IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _fail(path, f"{show(value)} is not a valid IP address") from None
+
+
+def _cidr(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, f"must be a string, not {show(value)}")
+    # API validation lets whitespace padding through; kube-proxy trims it.
+    text = value.strip()
+    if "/" not in text or "%" in text or len(text) > 49:
+        raise _fail(path, f"{show(value)} is not a valid CIDR")
+    try:
+        # Host bits may be set, as Go's net.ParseCIDR allows: keep the network.
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise _fail(path, f"{show(value)} is not a valid CIDR") from None
+
+
+def _protocol(value: object, path: str) -> Protocol:
+    if value is None or value == "":
+        return Protocol.TCP  # API defaulting
+    if isinstance(value, str) and value in _PROTOCOLS:
+        return _PROTOCOLS[value]
+    raise _fail(path, f"unknown protocol {show(value)}")
+
+
+def _labels(meta: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+    raw = _opt_mapping(meta, key, path)
+    if len(raw) > MAX_LIST:
+        raise _fail(f"{path}.{key}", "too many entries")
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise _fail(f"{path}.{key}", f"keys and values must be strings ({show(k)}: {show(v)})")
+        out[k] = v
+    return out
+
+
+def _metadata(obj: Mapping[str, Any], *,
+              name_check: Callable[[object, str], str]) -> tuple[str, str, Mapping[str, Any]]:
+    """(namespace, name, metadata) with the namespace defaulted to "default"."""
+    meta = _opt_mapping(obj, "metadata", "")
+    raw_name = meta.get("name")
+    if raw_name is None or raw_name == "":
+        raise InvalidObject("metadata.name: missing")
+    name = name_check(raw_name, "metadata.name")
+    raw_ns = meta.get("namespace")
+    namespace = "default" if raw_ns is None or raw_ns == "" else _dns_label(raw_ns, "metadata.namespace")
+    return namespace, name, meta
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run a conversion; any stray exception becomes InvalidObject.
+
+    The helpers above already check every type; this is the backstop that
+    keeps a missed case (or a RecursionError on a pathological value) from
+    reaching the caller as anything but an invalid object.
+    """
+    try:
+        return fn()
+    except InvalidObject:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, RecursionError,
+            OverflowError, UnicodeError) as err:
+        raise InvalidObject(f"malformed object ({type(err).__name__})") from None
+
+
+# ---------------------------------------------------------------- Service
+
+
+def service_from_dict(obj: object) -> Service | None:
+    """A Service v1 as a validated Service, or None when proxyd must ignore it."""
+    return _guard(lambda: _service(obj))
+
+
+def _service(obj: object) -> Service | None:
+    obj = _mapping(obj, "object")
+    namespace, name, meta = _metadata(obj, name_check=_service_name)
+    labels = _labels(meta, "labels", "metadata")
+    # kube-proxy's informer selects these away: another proxy owns the service,
+    # or it is headless by label.
+    if LABEL_SERVICE_PROXY_NAME in labels or LABEL_HEADLESS in labels:
+        return None
+    spec = _opt_mapping(obj, "spec", "")
+    status = _opt_mapping(obj, "status", "")
+
+    raw_type = spec.get("type")
+    if raw_type is None or raw_type == "":
+        raw_type = "ClusterIP"
+    if not isinstance(raw_type, str) or raw_type not in _SERVICE_TYPES:
+        raise _fail("spec.type", f"unknown service type {show(raw_type)}")
+    if raw_type == "ExternalName":
+        return None
+    svc_type = ServiceType(raw_type)
+
+    cluster_ip = _cluster_ip(spec)
+    if cluster_ip is None:
+        return None
+    fam = family(cluster_ip)
+    external_ips = _external_ips(spec, fam)
+    lb_ips = _lb_ips(status, fam) if svc_type is ServiceType.LOAD_BALANCER else ()
+    source_ranges = _source_ranges(spec, fam)
+    if svc_type is not ServiceType.LOAD_BALANCER:
+        source_ranges = ()
+    affinity = _affinity(spec)
+
+    etp = _policy(spec, "externalTrafficPolicy")
+    itp = _policy(spec, "internalTrafficPolicy")
+    # apiservice.ExternalPolicyLocal: Local only matters for a service that is
+    # reachable from outside at all.
+    externally_accessible = svc_type is not ServiceType.CLUSTER_IP or bool(external_ips)
+    external_local = etp == "Local" and externally_accessible
+    hc_port = _opt_port(spec, "healthCheckNodePort", "spec")
+    # apiservice.NeedsHealthCheck: only LoadBalancer services with policy Local.
+    if not (svc_type is ServiceType.LOAD_BALANCER and etp == "Local"):
+        hc_port = 0
+    topology = _topology_aware(meta, spec)
+
+    ports: list[ServicePort] = []
+    seen_names: set[tuple[str, Protocol]] = set()
+    seen_ports: set[tuple[int, Protocol]] = set()
+    for i, raw_port in enumerate(_opt_list(spec, "ports", "spec")):
+        path = f"spec.ports[{i}]"
+        entry = _mapping(raw_port, path)
+        port_name = _opt_str(entry, "name", path) or ""
+        if port_name:
+            _dns_label(port_name, f"{path}.name")
+        protocol = _protocol(entry.get("protocol"), f"{path}.protocol")
+        if "port" not in entry:
+            raise _fail(f"{path}.port", "missing")
+        number = _port(entry.get("port"), f"{path}.port")
+        target = _target_port(entry.get("targetPort"), number, f"{path}.targetPort")
+        node_port = _opt_port(entry, "nodePort", path)
+        if svc_type is ServiceType.CLUSTER_IP:
+            node_port = 0
+        if (port_name, protocol) in seen_names:
+            raise _fail(path, f"duplicate port name {show(port_name)} for {protocol}")
+        if (number, protocol) in seen_ports:
+            raise _fail(path, f"duplicate port {number}/{protocol}")
+        seen_names.add((port_name, protocol))
+        seen_ports.add((number, protocol))
+        ports.append(ServicePort(
+            name=ServicePortName(namespace, name, port_name, protocol),
+            type=svc_type,
+            cluster_ip=cluster_ip,
+            port=number,
+            protocol=protocol,
+            target_port=target,
+            node_port=node_port,
+            external_ips=external_ips,
+            load_balancer_ips=lb_ips,
+            load_balancer_source_ranges=source_ranges,
+            affinity_timeout=affinity,
+            external_policy_local=external_local,
+            internal_policy_local=itp == "Local",
+            health_check_node_port=hc_port,
+            topology_aware=topology,
+        ))
+    return Service(ServiceName(namespace, name), tuple(ports))
+
+
+def _cluster_ip(spec: Mapping[str, Any]) -> str | None:
+    """The cluster IP proxyd serves: the IPv4 one of a dual-stack service, else the primary.
+
+    None for a headless service or one without a cluster IP.
+    """
+    primary = _opt_str(spec, "clusterIP", "spec")
+    ips = _opt_list(spec, "clusterIPs", "spec", limit=2)
+    if primary == "None" or (ips and ips[0] == "None"):
+        return None
+    for i, ip in enumerate(ips):
+        if not isinstance(ip, str):
+            raise _fail(f"spec.clusterIPs[{i}]", f"must be a string, not {show(ip)}")
+    if not primary:
+        if not ips or ips[0] == "":
+            return None
+        primary = ips[0]
+    primary = _ip(primary, "spec.clusterIP")
+    canonical = [_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(ips)]
+    if canonical and canonical[0] != primary:
+        raise _fail("spec.clusterIPs[0]", "must equal spec.clusterIP")
+    if len(canonical) == 2 and family(canonical[0]) == family(canonical[1]):
+        raise _fail("spec.clusterIPs", "two addresses of the same family")
+    for ip in canonical:
+        if family(ip) == 4:
+            return ip
+    return primary
+
+
+def _family_filtered(values: list[str], fam: int) -> tuple[str, ...]:
+    out: list[str] = []
+    for value in values:
+        if family(value) == fam and value not in out:
+            out.append(value)
+    return tuple(out)
+
+
+def _external_ips(spec: Mapping[str, Any], fam: int) -> tuple[str, ...]:
+    raw = _opt_list(spec, "externalIPs", "spec")
+    return _family_filtered([_ip(v, f"spec.externalIPs[{i}]") for i, v in enumerate(raw)], fam)
+
+
+def _source_ranges(spec: Mapping[str, Any], fam: int) -> tuple[str, ...]:
+    raw = _opt_list(spec, "loadBalancerSourceRanges", "spec")
+    cidrs = [_cidr(v, f"spec.loadBalancerSourceRanges[{i}]") for i, v in enumerate(raw)]
+    return _family_filtered(cidrs, fam)
+
+
+def _lb_ips(status: Mapping[str, Any], fam: int) -> tuple[str, ...]:
+    lb = _opt_mapping(status, "loadBalancer", "status")
+    ips: list[str] = []
+    for i, raw in enumerate(_opt_list(lb, "ingress", "status.loadBalancer")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        entry = _mapping(raw, path)
+        ip = _opt_str(entry, "ip", path)
+        mode = _opt_str(entry, "ipMode", path)
+        if mode not in (None, "VIP", "Proxy"):
+            raise _fail(f"{path}.ipMode", f"unknown ipMode {show(mode)}")
+        _opt_str(entry, "hostname", path)
+        # Hostname-only ingress, or a proxying LB (ipMode Proxy) that must
+        # keep seeing the traffic itself: nothing for the node to capture.
+        if not ip or mode == "Proxy":
+            continue
+        ips.append(_ip(ip, f"{path}.ip"))
+    return _family_filtered(ips, fam)
+
+
+def _affinity(spec: Mapping[str, Any]) -> int:
+    kind = spec.get("sessionAffinity")
+    if kind is None or kind == "" or kind == "None":
+        return 0
+    if kind != "ClientIP":
+        raise _fail("spec.sessionAffinity", f"unknown session affinity {show(kind)}")
+    config = _opt_mapping(spec, "sessionAffinityConfig", "spec")
+    client = _opt_mapping(config, "clientIP", "spec.sessionAffinityConfig")
+    raw = client.get("timeoutSeconds")
+    if raw is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    timeout = _int(raw, "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+    if not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
+        raise _fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    f"must be between 1 and {MAX_AFFINITY_TIMEOUT}, not {show(timeout)}")
+    return timeout
+
+
+def _policy(spec: Mapping[str, Any], key: str) -> str:
+    value = spec.get(key)
+    if value is None or value == "":
+        return "Cluster"
+    if value not in ("Cluster", "Local"):
+        raise _fail(f"spec.{key}", f"unknown policy {show(value)}")
+    return value
+
+
+def _target_port(value: object, port: int, path: str) -> int | str:
+    if value is None or value == "" or (type(value) is int and value == 0):
+        return port  # API defaulting: targetPort = port
+    if isinstance(value, str):
+        if not _is_iana_svc_name(value):
+            raise _fail(path, f"{show(value)} is not a valid port name (IANA_SVC_NAME)")
+        return value
+    return _port(value, path)
+
+
+def _topology_aware(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    annotations = _labels(meta, "annotations", "metadata")
+    # kube-proxy reads topology-mode, falling back to the deprecated
+    # topology-aware-hints; both accept "Auto" and "auto".
+    hints = annotations.get(ANNOTATION_TOPOLOGY_MODE, annotations.get(ANNOTATION_TOPOLOGY_HINTS))
+    if hints in ("Auto", "auto"):
+        return True
+    distribution = _opt_str(spec, "trafficDistribution", "spec")
+    return distribution in ("PreferClose", "PreferSameZone")
+
+
+# ---------------------------------------------------------------- EndpointSlice
+
+
+def slice_from_dict(obj: object) -> EndpointSlice | None:
+    """An EndpointSlice (discovery.k8s.io/v1), or None when it serves no service proxyd handles."""
+    return _guard(lambda: _slice(obj))
+
+
+def _slice(obj: object) -> EndpointSlice | None:
+    obj = _mapping(obj, "object")
+    namespace, name, meta = _metadata(obj, name_check=_subdomain)
+    labels = _labels(meta, "labels", "metadata")
+    service = labels.get(LABEL_SERVICE_NAME)
+    if service is None:
+        return None
+    _service_name(service, f"metadata.labels[{LABEL_SERVICE_NAME}]")
+    address_type = obj.get("addressType")
+    if address_type == "FQDN":
+        return None
+    if address_type not in ("IPv4", "IPv6"):
+        raise _fail("addressType", f"unknown address type {show(address_type)}")
+    fam = 4 if address_type == "IPv4" else 6
+
+    ports: list[EndpointPort] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(_opt_list(obj, "ports", "", limit=MAX_SLICE_PORTS)):
+        path = f"ports[{i}]"
+        entry = _mapping(raw, path)
+        port_name = _opt_str(entry, "name", path) or ""
+        if port_name:
+            _dns_label(port_name, f"{path}.name")
+        if port_name in seen:
+            raise _fail(path, f"duplicate port name {show(port_name)}")
+        seen.add(port_name)
+        protocol = _protocol(entry.get("protocol"), f"{path}.protocol")
+        if entry.get("port") is None:
+            continue  # a port with no number serves nothing (kube-proxy skips it)
+        ports.append(EndpointPort(port_name, _port(entry["port"], f"{path}.port"), protocol))
+
+    endpoints: list[SliceEndpoint] = []
+    for i, raw in enumerate(_opt_list(obj, "endpoints", "", limit=MAX_SLICE_ENDPOINTS)):
+        endpoint = _slice_endpoint(raw, f"endpoints[{i}]", fam)
+        if endpoint is not None:
+            endpoints.append(endpoint)
+    return EndpointSlice(namespace=namespace, name=name, service=service, ports=tuple(ports),
+                         endpoints=tuple(endpoints), address_family=fam)
+
+
+def _slice_endpoint(raw: object, path: str, fam: int) -> SliceEndpoint | None:
+    entry = _mapping(raw, path)
+    addresses = _opt_list(entry, "addresses", path, limit=100)
+    canonical = [_ip(a, f"{path}.addresses[{j}]") for j, a in enumerate(addresses)]
+    for j, ip in enumerate(canonical):
+        if family(ip) != fam:
+            raise _fail(f"{path}.addresses[{j}]", f"{show(ip)} is not an IPv{fam} address")
+    if not canonical:
+        return None  # kube-proxy ignores an endpoint without an address
+    conditions = _opt_mapping(entry, "conditions", path)
+    ready = _opt_bool(conditions, "ready", f"{path}.conditions")
+    serving = _opt_bool(conditions, "serving", f"{path}.conditions")
+    terminating = _opt_bool(conditions, "terminating", f"{path}.conditions")
+    node = _opt_str(entry, "nodeName", path)
+    if node:
+        _subdomain(node, f"{path}.nodeName")
+    zone = _opt_str(entry, "zone", path)
+    if zone is not None:
+        _label_value(zone, f"{path}.zone")
+    hints = _opt_mapping(entry, "hints", path)
+    zones: list[str] = []
+    for k, hint in enumerate(_opt_list(hints, "forZones", f"{path}.hints", limit=MAX_SLICE_ENDPOINTS)):
+        hint_path = f"{path}.hints.forZones[{k}]"
+        zone_name = _label_value(_mapping(hint, hint_path).get("name"), f"{hint_path}.name")
+        if not zone_name:
+            raise _fail(f"{hint_path}.name", "missing")
+        if zone_name not in zones:
+            zones.append(zone_name)
+    return SliceEndpoint(
+        ip=canonical[0],
+        # kube-proxy's reading of the API: ready and serving nil mean true,
+        # terminating nil means false.
+        ready=ready is None or ready,
+        serving=serving is None or serving,
+        terminating=bool(terminating),
+        node_name=node or None,
+        zone=zone or None,
+        zone_hints=tuple(zones),
+    )
+
+
+# ---------------------------------------------------------------- Endpoints (mirroring)
+
+
+def slices_from_endpoints(obj: object) -> list[EndpointSlice]:
+    """A v1 Endpoints object as the EndpointSlice mirroring controller would slice it.
+
+    Subsets with the same ports and address family share a slice; at most
+    1000 addresses per subset are mirrored (ready ones first), like the
+    controller. Slices are named ``endpoints-mirror:<name>:<n>`` so that they
+    never collide with real slices (a real slice name cannot contain ':').
+    """
+    return _guard(lambda: _mirror(obj))
+
+
+def _mirror(obj: object) -> list[EndpointSlice]:
+    obj = _mapping(obj, "object")
+    namespace, name, meta = _metadata(obj, name_check=_service_name)
+    labels = _labels(meta, "labels", "metadata")
+    if labels.get(LABEL_SKIP_MIRROR) == "true":
+        return []
+    groups: dict[tuple[int, tuple[EndpointPort, ...]], dict[str, SliceEndpoint]] = {}
+    for i, raw_subset in enumerate(_opt_list(obj, "subsets", "")):
+        path = f"subsets[{i}]"
+        subset = _mapping(raw_subset, path)
+        ports: list[EndpointPort] = []
+        for j, raw_port in enumerate(_opt_list(subset, "ports", path, limit=MAX_SLICE_PORTS)):
+            port_path = f"{path}.ports[{j}]"
+            entry = _mapping(raw_port, port_path)
+            port_name = _opt_str(entry, "name", port_path) or ""
+            if port_name:
+                _dns_label(port_name, f"{port_path}.name")
+            if any(p.name == port_name for p in ports):
+                raise _fail(port_path, f"duplicate port name {show(port_name)}")
+            if "port" not in entry:
+                raise _fail(f"{port_path}.port", "missing")
+            ports.append(EndpointPort(port_name, _port(entry.get("port"), f"{port_path}.port"),
+                                      _protocol(entry.get("protocol"), f"{port_path}.protocol")))
+        key_ports = tuple(sorted(ports, key=lambda p: (p.name, p.protocol, p.port)))
+        added = 0
+        for field_name, ready in (("addresses", True), ("notReadyAddresses", False)):
+            for j, raw_address in enumerate(_opt_list(subset, field_name, path)):
+                address_path = f"{path}.{field_name}[{j}]"
+                address = _mapping(raw_address, address_path)
+                ip = _ip(address.get("ip"), f"{address_path}.ip")
+                node = _opt_str(address, "nodeName", address_path)
+                if node:
+                    _subdomain(node, f"{address_path}.nodeName")
+                if added >= MAX_MIRRORED_PER_SUBSET:
+                    continue  # validated, but over the controller's per-subset cap
+                added += 1
+                group = groups.setdefault((family(ip), key_ports), {})
+                # Mirrored slices only carry "ready"; serving is then read
+                # as nil → true and terminating as false, as for any slice.
+                group.setdefault(ip, SliceEndpoint(ip=ip, ready=ready, serving=True, terminating=False,
+                                                   node_name=node or None))
+    slices = []
+    for n, ((fam, ports_key), members) in enumerate(groups.items()):
+        slices.append(EndpointSlice(namespace=namespace, name=f"{MIRROR_PREFIX}{name}:{n}", service=name,
+                                    ports=ports_key, endpoints=tuple(members.values()),
+                                    address_family=fam))
+    return slices
+
+
+def is_mirror(slice_: EndpointSlice) -> bool:
+    """True for a slice made by ``slices_from_endpoints``."""
+    return slice_.name.startswith(MIRROR_PREFIX)
+
+
+# ---------------------------------------------------------------- Node
+
+
+def node_labels_from_dict(obj: object) -> tuple[str, dict[str, str]]:
+    """(node name, labels) of a Node v1; every label key and value is checked."""
+    return _guard(lambda: _node(obj))
+
+
+def _node(obj: object) -> tuple[str, dict[str, str]]:
+    obj = _mapping(obj, "object")
+    meta = _opt_mapping(obj, "metadata", "")
+    raw_name = meta.get("name")
+    if raw_name is None or raw_name == "":
+        raise InvalidObject("metadata.name: missing")
+    name = _subdomain(raw_name, "metadata.name")
+    labels = _labels(meta, "labels", "metadata")
+    for key, value in labels.items():
+        if not _label_key_ok(key):
+            raise _fail("metadata.labels", f"{show(key)} is not a valid label key")
+        _label_value(value, f"metadata.labels[{key}]")
+    return name, labels

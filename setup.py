@@ -1,0 +1,87 @@
+"""Build script for proxyd's optional Cython extension (everything else lives in pyproject.toml).
+
+``native/conntable.pyx`` compiles to ``proxyd._conntable``, the accelerated
+twin of ``proxyd/_conntable_py.py``. The build is optional, as aiohttp's is:
+without Cython or a C compiler the pure-Python package installs and
+``proxyd.conntable`` falls back to the twin. The build says which one it made.
+
+Environment:
+  PROXYD_REQUIRE_EXTENSIONS=1  a failed extension build fails the install (CI sets this)
+  PROXYD_NO_EXTENSIONS=1       do not build the extension at all (the runtime also
+                               honours it: the twin is used even when the extension exists)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+REQUIRE = os.environ.get("PROXYD_REQUIRE_EXTENSIONS", "") not in ("", "0")
+SKIP = os.environ.get("PROXYD_NO_EXTENSIONS", "") not in ("", "0")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(message: str) -> None:
+    # stderr and a banner: pip hides stdout of successful builds unless -v, but shows warnings
+    print(f"*** proxyd: {message}", file=sys.stderr, flush=True)
+
+
+def _extensions() -> list[Extension]:
+    if SKIP:
+        _say("PROXYD_NO_EXTENSIONS set: building the pure-Python package")
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        if REQUIRE:
+            raise
+        _say("Cython is not available: building the pure-Python package")
+        return []
+    ext = Extension(
+        "proxyd._conntable",
+        sources=[os.path.join("native", "conntable.pyx")],
+        extra_compile_args=["-O2"],
+    )
+    try:
+        # native/proxyd/_conntable.pxd (found by the module's full name) includes native/conntable.pxd
+        return cythonize(
+            [ext],
+            include_path=[os.path.join(HERE, "native")],
+            compiler_directives={"language_level": "3"},
+            quiet=True,
+        )
+    except Exception as exc:
+        if REQUIRE:
+            raise
+        _say(f"Cython could not translate the extension ({exc}): building the pure-Python package")
+        return []
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that degrades to the pure package unless the extension is required."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:
+            self._failed(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        _say(f"built the accelerated package: {ext.name} (Cython)")
+
+    def _failed(self, exc: Exception) -> None:
+        if REQUIRE:
+            _say(f"extension build FAILED and PROXYD_REQUIRE_EXTENSIONS is set: {exc}")
+            raise exc
+        _say(f"extension build failed ({exc}); building the pure-Python package")
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,1 @@
+"""Integration tests in network namespaces: real kernel, real sockets, the real daemon."""

@@ -1,0 +1,217 @@
+"""Command line and KubeProxyConfiguration parsing: every flag, every rejection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from proxyd.cli import ConfigError, parse_args, parse_duration, parse_host_port
+from proxyd.config import HostPort
+
+SPEC_FLAGS = ["--proxy-mode", "--kubeconfig", "--manifests", "--hostname-override", "--cluster-cidr",
+              "--masquerade-all", "--nodeport-addresses", "--healthz-bind-address", "--metrics-bind-address",
+              "--sync-period", "--min-sync-period", "--ipvs-scheduler", "--config", "--cleanup", "--version",
+              "--help"]
+
+
+@pytest.fixture
+def manifests(tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    return str(path)
+
+
+def parse(*argv: str, env: dict | None = None):
+    return parse_args(list(argv), environ=env or {})
+
+
+def test_defaults_with_manifests(manifests):
+    config = parse("--manifests", manifests)
+    assert config.proxy_mode == "iptables"
+    assert config.healthz_bind_address == HostPort("0.0.0.0", 10256)
+    assert config.metrics_bind_address == HostPort("127.0.0.1", 10249)
+    assert config.sync_period == 30.0
+    assert config.min_sync_period == 1.0
+    assert config.ipvs_scheduler == "rr"
+    assert config.cluster_cidrs == ()
+    assert not config.masquerade_all
+
+
+def test_every_flag(manifests, tmp_path):
+    config = parse("--manifests", manifests, "--proxy-mode", "userspace", "--hostname-override", "Node-1",
+                   "--cluster-cidr", "10.244.0.0/16, 10.245.0.0/16", "--masquerade-all",
+                   "--nodeport-addresses", "203.0.113.0/24", "--healthz-bind-address", "127.0.0.1:9999",
+                   "--metrics-bind-address", "[::1]:9998", "--sync-period", "1m30s",
+                   "--min-sync-period", "500ms", "--ipvs-scheduler", "sh", "-v", "4")
+    assert config.proxy_mode == "userspace"
+    assert config.node_name == "node-1"
+    assert config.cluster_cidrs == ("10.244.0.0/16", "10.245.0.0/16")
+    assert config.masquerade_all
+    assert config.nodeport_addresses == ("203.0.113.0/24",)
+    assert config.healthz_bind_address == HostPort("127.0.0.1", 9999)
+    assert config.metrics_bind_address == HostPort("::1", 9998)
+    assert config.sync_period == 90.0
+    assert config.min_sync_period == 0.5
+    assert config.ipvs_scheduler == "sh"
+    assert config.verbosity == 4
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--proxy-mode", "bogus"], "--proxy-mode"),
+    (["--proxy-mode", "nftables"], "--proxy-mode"),
+    (["--sync-period", "30"], "--sync-period"),
+    (["--sync-period=-1s"], "--sync-period"),
+    (["--sync-period", "0s"], "--sync-period"),
+    (["--min-sync-period", "1h"], "--min-sync-period"),
+    (["--cluster-cidr", "10.0.0.0/33"], "--cluster-cidr"),
+    (["--nodeport-addresses", "nope"], "--nodeport-addresses"),
+    (["--healthz-bind-address", "1.2.3.4:99999"], "--healthz-bind-address"),
+    (["--metrics-bind-address", "localhost:1"], "--metrics-bind-address"),
+    (["--ipvs-scheduler", "fastest"], "--ipvs-scheduler"),
+    (["--hostname-override", "bad name\n"], "--hostname-override"),
+    (["--v", "x"], "--v"),
+])
+def test_bad_values_name_the_flag(manifests, argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        parse("--manifests", manifests, *argv)
+
+
+def test_no_source_is_one_clear_error():
+    with pytest.raises(ConfigError, match="no source"):
+        parse()
+
+
+def test_in_cluster_env_is_a_source():
+    config = parse(env={"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert config.manifests is None and config.kubeconfig is None
+
+
+def test_manifests_must_be_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="--manifests"):
+        parse("--manifests", str(tmp_path / "missing"))
+
+
+def test_cleanup_needs_no_source():
+    assert parse("--cleanup").cleanup
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30s", 30), ("1m", 60), ("1h30m", 5400), ("500ms", 0.5), ("1.5s", 1.5), ("0", 0), ("100us", 1e-4),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "30", "s", "1d", "1s2", "--1s", "1 s", "x" * 10000])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_bind_address_forms():
+    assert parse_host_port("0.0.0.0", 10256) == HostPort("0.0.0.0", 10256)
+    assert parse_host_port("[::]:1", 2) == HostPort("::", 1)
+    assert parse_host_port("", 2) is None
+
+
+def write_config(tmp_path, body: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_config_file_and_flags_win(manifests, tmp_path):
+    path = write_config(tmp_path, """\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: ipvs
+        clusterCIDR: 10.244.0.0/16
+        hostnameOverride: from-config
+        healthzBindAddress: 127.0.0.1:7000
+        nodePortAddresses: ["203.0.113.0/24"]
+        iptables:
+          masqueradeAll: true
+          syncPeriod: 10s
+          minSyncPeriod: 2s
+        ipvs:
+          scheduler: wlc
+          strictARP: true
+        conntrack:
+          maxPerCore: 32768
+        """)
+    config = parse("--manifests", manifests, "--config", path, "--proxy-mode", "userspace")
+    assert config.proxy_mode == "userspace"  # the flag wins
+    assert config.cluster_cidrs == ("10.244.0.0/16",)
+    assert config.node_name == "from-config"
+    assert config.healthz_bind_address == HostPort("127.0.0.1", 7000)
+    assert config.nodeport_addresses == ("203.0.113.0/24",)
+    assert config.masquerade_all
+    assert config.sync_period == 10.0 and config.min_sync_period == 2.0
+    assert config.ipvs_scheduler == "wlc" and config.ipvs_strict_arp
+    assert config.config_file == path
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ("kind: Nope\napiVersion: v1\n", "KubeProxyConfiguration"),
+    ("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbogusField: 1\n",
+     "bogusField"),
+    ("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: warp\n", "mode"),
+    ("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables:\n"
+     "  masqueradeAll: yes-please\n", "iptables.masqueradeAll"),
+    ("{{{{", "not valid YAML"),
+    ("- a\n- b\n", "does not hold"),
+])
+def test_bad_config_files(manifests, tmp_path, body, match):
+    path = write_config(tmp_path, body)
+    with pytest.raises(ConfigError, match=match):
+        parse("--manifests", manifests, "--config", path)
+
+
+def test_huge_config_file_rejected(manifests, tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match="larger"):
+        parse("--manifests", manifests, "--config", str(path))
+
+
+def test_missing_config_file(manifests, tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        parse("--manifests", manifests, "--config", str(tmp_path / "absent.yaml"))
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxyd.cli", *argv], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_help_documents_every_spec_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in SPEC_FLAGS:
+        assert flag in result.stdout, flag
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("proxyd ")
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--sync-period", "soon"], "--sync-period"),
+    (["--proxy-mode"], "--proxy-mode"),
+])
+def test_bad_flag_exits_2_with_one_line(argv, flag):
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], result.stderr
+
+
+def test_no_source_exits_2():
+    result = run_cli()
+    assert result.returncode == 2
+    assert "no source" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,524 @@
+"""Raw objects → model values: every conversion rule and every rejection reason."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from proxyd.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    EndpointPort,
+    Protocol,
+    ServiceName,
+    ServicePortName,
+    ServiceType,
+    SliceEndpoint,
+)
+from proxyd.sources.convert import (
+    InvalidObject,
+    is_mirror,
+    node_labels_from_dict,
+    service_from_dict,
+    slice_from_dict,
+    slices_from_endpoints,
+)
+
+
+def svc(spec: dict | None = None, *, meta: dict | None = None, status: dict | None = None) -> dict:
+    base_spec = {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+    base_spec.update(spec or {})
+    obj = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "demo", "namespace": "web", **(meta or {})}, "spec": base_spec}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def one_port(obj: dict):
+    service = service_from_dict(obj)
+    assert service is not None
+    assert len(service.ports) == 1
+    return service.ports[0]
+
+
+def invalid(fn, obj, fragment: str) -> None:
+    with pytest.raises(InvalidObject) as info:
+        fn(obj)
+    assert fragment in info.value.reason, info.value.reason
+    assert "\n" not in info.value.reason
+
+
+# ------------------------------------------------------------------ Service: what is kept
+
+
+def test_minimal_cluster_ip_service():
+    port = one_port(svc())
+    assert port.name == ServicePortName("web", "demo", "", Protocol.TCP)
+    assert port.type is ServiceType.CLUSTER_IP
+    assert port.cluster_ip == "10.96.0.10"
+    assert port.port == 80
+    assert port.target_port == 80  # defaults to port
+    assert port.node_port == 0
+    assert port.affinity_timeout == 0
+    assert not port.external_policy_local and not port.internal_policy_local
+    assert not port.topology_aware
+
+
+def test_namespace_defaults_to_default():
+    obj = svc()
+    del obj["metadata"]["namespace"]
+    service = service_from_dict(obj)
+    assert service.name == ServiceName("default", "demo")
+    obj["metadata"]["namespace"] = ""
+    assert service_from_dict(obj).name == ServiceName("default", "demo")
+
+
+def test_multi_port_named_ports_and_protocols():
+    service = service_from_dict(svc({"ports": [
+        {"name": "http", "port": 80, "targetPort": "web"},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        {"name": "sctp", "port": 9, "protocol": "SCTP"},
+    ]}))
+    names = [(p.name.port, p.protocol, p.port, p.target_port) for p in service.ports]
+    assert names == [("http", Protocol.TCP, 80, "web"), ("dns", Protocol.UDP, 53, 5353),
+                     ("dns-tcp", Protocol.TCP, 53, 53), ("sctp", Protocol.SCTP, 9, 9)]
+    assert str(service.ports[0].name) == "web/demo:http"
+
+
+@pytest.mark.parametrize("target", [None, 0, ""])
+def test_target_port_defaults_to_port(target):
+    assert one_port(svc({"ports": [{"port": 8443, "targetPort": target}]})).target_port == 8443
+
+
+def test_node_port_kept_for_nodeport_and_lb_only():
+    assert one_port(svc({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]})).node_port == 30080
+    assert one_port(svc({"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30081}]})).node_port == 30081
+    # A stale nodePort on a ClusterIP service is not served.
+    assert one_port(svc({"ports": [{"port": 80, "nodePort": 30080}]})).node_port == 0
+    # allocateLoadBalancerNodePorts: false leaves none.
+    assert one_port(svc({"type": "LoadBalancer"})).node_port == 0
+
+
+def test_dual_stack_prefers_ipv4():
+    port = one_port(svc({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"],
+                         "externalIPs": ["192.0.2.1", "2001:db8::1"]}))
+    assert port.cluster_ip == "10.96.0.10"
+    assert port.external_ips == ("192.0.2.1",)
+
+
+def test_ipv6_single_stack_keeps_v6_and_filters_external_ips():
+    port = one_port(svc({"clusterIP": "fd00:0::10", "clusterIPs": ["fd00::10"],
+                         "externalIPs": ["192.0.2.1", "2001:db8::0001"]}))
+    assert port.cluster_ip == "fd00::10"  # canonical form
+    assert port.external_ips == ("2001:db8::1",)
+
+
+def test_cluster_ips_only():
+    obj = svc({"clusterIPs": ["10.96.0.11"]})
+    del obj["spec"]["clusterIP"]
+    assert one_port(obj).cluster_ip == "10.96.0.11"
+
+
+def test_external_ips_deduplicated_in_order():
+    port = one_port(svc({"externalIPs": ["192.0.2.2", "192.0.2.1", "192.0.2.2"]}))
+    assert port.external_ips == ("192.0.2.2", "192.0.2.1")
+
+
+def test_lb_ingress_from_status_only_for_load_balancer():
+    status = {"loadBalancer": {"ingress": [
+        {"ip": "203.0.113.5"},
+        {"hostname": "lb.example.com"},
+        {"ip": "203.0.113.6", "ipMode": "Proxy"},
+        {"ip": "203.0.113.7", "ipMode": "VIP"},
+        {"ip": "2001:db8::5"},
+    ]}}
+    port = one_port(svc({"type": "LoadBalancer", "loadBalancerIP": "203.0.113.99"}, status=status))
+    assert port.load_balancer_ips == ("203.0.113.5", "203.0.113.7")
+    assert port.external_addresses == ("203.0.113.5", "203.0.113.7")
+    # The same status on a NodePort service is not served.
+    assert one_port(svc({"type": "NodePort"}, status=status)).load_balancer_ips == ()
+
+
+def test_source_ranges_trimmed_canonical_and_family_filtered():
+    port = one_port(svc({"type": "LoadBalancer",
+                         "loadBalancerSourceRanges": [" 192.0.2.0/24 ", "10.1.2.3/8", "2001:db8::/32"]}))
+    assert port.load_balancer_source_ranges == ("192.0.2.0/24", "10.0.0.0/8")
+    # Only meaningful with LB IPs: dropped for other types.
+    assert one_port(svc({"loadBalancerSourceRanges": ["192.0.2.0/24"]})).load_balancer_source_ranges == ()
+
+
+def test_session_affinity():
+    assert one_port(svc({"sessionAffinity": "ClientIP"})).affinity_timeout == DEFAULT_AFFINITY_TIMEOUT
+    port = one_port(svc({"sessionAffinity": "ClientIP",
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}))
+    assert port.affinity_timeout == 60
+    assert one_port(svc({"sessionAffinity": "None",
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})).affinity_timeout == 0
+    assert one_port(svc({"sessionAffinity": "ClientIP", "sessionAffinityConfig":
+                         {"clientIP": {"timeoutSeconds": 86400}}})).affinity_timeout == 86400
+
+
+def test_external_traffic_policy_only_when_externally_accessible():
+    assert one_port(svc({"type": "NodePort", "externalTrafficPolicy": "Local"})).external_policy_local
+    assert one_port(svc({"externalTrafficPolicy": "Local", "externalIPs": ["192.0.2.1"]})).external_policy_local
+    # kube-proxy: a plain ClusterIP service has no external traffic.
+    assert not one_port(svc({"externalTrafficPolicy": "Local"})).external_policy_local
+    assert not one_port(svc({"type": "NodePort", "externalTrafficPolicy": "Cluster"})).external_policy_local
+
+
+def test_internal_traffic_policy():
+    assert one_port(svc({"internalTrafficPolicy": "Local"})).internal_policy_local
+    assert not one_port(svc({"internalTrafficPolicy": "Cluster"})).internal_policy_local
+
+
+def test_health_check_node_port_only_for_lb_local():
+    spec = {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}
+    assert one_port(svc(spec)).health_check_node_port == 32000
+    assert one_port(svc({**spec, "externalTrafficPolicy": "Cluster"})).health_check_node_port == 0
+    assert one_port(svc({**spec, "type": "NodePort"})).health_check_node_port == 0
+
+
+@pytest.mark.parametrize(("annotations", "spec", "expected"), [
+    ({"service.kubernetes.io/topology-mode": "Auto"}, {}, True),
+    ({"service.kubernetes.io/topology-mode": "auto"}, {}, True),
+    ({"service.kubernetes.io/topology-aware-hints": "auto"}, {}, True),
+    ({"service.kubernetes.io/topology-mode": "Disabled",
+      "service.kubernetes.io/topology-aware-hints": "auto"}, {}, False),  # topology-mode wins
+    ({}, {"trafficDistribution": "PreferClose"}, True),
+    ({}, {"trafficDistribution": "SomethingNew"}, False),
+    ({}, {}, False),
+])
+def test_topology_aware(annotations, spec, expected):
+    assert one_port(svc(spec, meta={"annotations": annotations})).topology_aware is expected
+
+
+def test_service_without_ports():
+    service = service_from_dict(svc({"ports": None}))
+    assert service is not None and service.ports == ()
+
+
+# ------------------------------------------------------------------ Service: ignored
+
+
+@pytest.mark.parametrize("obj", [
+    svc({"clusterIP": "None"}),
+    svc({"clusterIP": "None", "clusterIPs": ["None"]}),
+    svc({"clusterIP": None, "clusterIPs": ["None"]}),
+    svc({"clusterIP": ""}),
+    svc({"clusterIP": None}),
+    svc({"type": "ExternalName", "externalName": "example.com", "clusterIP": None}),
+    svc(meta={"labels": {"service.kubernetes.io/service-proxy-name": "other"}}),
+    svc(meta={"labels": {"service.kubernetes.io/headless": ""}}),
+    # Ignored services are not validated further.
+    svc({"clusterIP": "None", "ports": [{"port": 99999}]}),
+])
+def test_ignored_services(obj):
+    assert service_from_dict(obj) is None
+
+
+# ------------------------------------------------------------------ Service: rejected
+
+
+def _with(path: str, value):
+    obj = svc()
+    target = obj
+    keys = path.split(".")
+    for key in keys[:-1]:
+        target = target.setdefault(key, {}) if not key.isdigit() else target[int(key)]
+    last = keys[-1]
+    if last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return obj
+
+
+@pytest.mark.parametrize(("path", "value", "fragment"), [
+    ("metadata.name", None, "metadata.name: missing"),
+    ("metadata.name", "", "metadata.name: missing"),
+    ("metadata.name", "Demo", "not a valid service name"),
+    ("metadata.name", "9lives", "not a valid service name"),
+    ("metadata.name", "a" * 64, "not a valid service name"),
+    ("metadata.name", "demo\n-j ACCEPT", "not a valid service name"),
+    ("metadata.name", 42, "must be a string"),
+    ("metadata.namespace", "Web", "not a valid DNS-1123 label"),
+    ("metadata.namespace", "web ns", "not a valid DNS-1123 label"),
+    ("metadata.namespace", ["web"], "must be a string"),
+    ("metadata", "x", "must be an object"),
+    ("metadata.labels", ["a"], "must be an object"),
+    ("metadata.labels", {"a": 1}, "must be strings"),
+    ("metadata.annotations", {"a": None}, "must be strings"),
+    ("spec", [], "must be an object"),
+    ("spec.type", "Magic", "unknown service type"),
+    ("spec.type", 3, "unknown service type"),
+    ("spec.clusterIP", "10.96.0.300", "not a valid IP address"),
+    ("spec.clusterIP", "10.96.0.10 ", "not a valid IP address"),
+    ("spec.clusterIP", "fe80::1%eth0", "not a valid IP address"),
+    ("spec.clusterIP", 1234, "must be a string"),
+    ("spec.clusterIPs", ["10.96.0.11"], "must equal spec.clusterIP"),
+    ("spec.clusterIPs", ["10.96.0.10", "10.96.0.11"], "same family"),
+    ("spec.clusterIPs", ["10.96.0.10", "fd00::1", "fd00::2"], "too many entries"),
+    ("spec.clusterIPs", ["10.96.0.10", 5], "must be a string"),
+    ("spec.clusterIPs", "10.96.0.10", "must be a list"),
+    ("spec.externalIPs", ["192.0.2.x"], "spec.externalIPs[0]: '192.0.2.x' is not a valid IP address"),
+    ("spec.externalIPs", [None], "must be a string"),
+    ("spec.ports", "80", "must be a list"),
+    ("spec.ports", [80], "spec.ports[0]: must be an object"),
+    ("spec.ports", [{"port": 0}], "between 1 and 65535"),
+    ("spec.ports", [{"port": 65536}], "between 1 and 65535"),
+    ("spec.ports", [{"port": -1}], "between 1 and 65535"),
+    ("spec.ports", [{"port": "80"}], "must be an integer"),
+    ("spec.ports", [{"port": 80.0}], "must be an integer"),
+    ("spec.ports", [{"port": True}], "must be an integer"),
+    ("spec.ports", [{}], "spec.ports[0].port: missing"),
+    ("spec.ports", [{"port": 10**100}], "a huge number"),
+    ("spec.ports", [{"port": 80, "protocol": "ICMP"}], "unknown protocol"),
+    ("spec.ports", [{"port": 80, "protocol": "tcp"}], "unknown protocol"),
+    ("spec.ports", [{"port": 80, "name": "Http"}], "not a valid DNS-1123 label"),
+    ("spec.ports", [{"port": 80, "name": "a b"}], "not a valid DNS-1123 label"),
+    ("spec.ports", [{"port": 80, "targetPort": 70000}], "between 1 and 65535"),
+    ("spec.ports", [{"port": 80, "targetPort": "8080"}], "IANA_SVC_NAME"),
+    ("spec.ports", [{"port": 80, "targetPort": "a-very-long-port-name"}], "IANA_SVC_NAME"),
+    ("spec.ports", [{"port": 80, "targetPort": "a--b"}], "IANA_SVC_NAME"),
+    ("spec.ports", [{"port": 80, "targetPort": "-ab"}], "IANA_SVC_NAME"),
+    ("spec.ports", [{"port": 80, "targetPort": [1]}], "must be an integer"),
+    ("spec.ports", [{"port": 80, "nodePort": 70000}], "between 1 and 65535"),
+    ("spec.ports", [{"port": 80, "nodePort": -5}], "between 1 and 65535"),
+    ("spec.ports", [{"port": 80, "name": "a"}, {"port": 81, "name": "a"}], "duplicate port name"),
+    ("spec.ports", [{"port": 80}, {"port": 81}], "duplicate port name"),
+    ("spec.ports", [{"port": 80, "name": "a"}, {"port": 80, "name": "b"}], "duplicate port 80/TCP"),
+    ("spec.sessionAffinity", "Cookie", "unknown session affinity"),
+    ("spec.externalTrafficPolicy", "Global", "unknown policy"),
+    ("spec.internalTrafficPolicy", "local", "unknown policy"),
+    ("spec.healthCheckNodePort", 70000, "between 1 and 65535"),
+    ("spec.loadBalancerSourceRanges", ["10.0.0.0/33"], "not a valid CIDR"),
+    ("spec.loadBalancerSourceRanges", ["10.0.0.1"], "not a valid CIDR"),
+    ("spec.loadBalancerSourceRanges", ["bogus/8"], "not a valid CIDR"),
+    ("spec.loadBalancerSourceRanges", [{}], "must be a string"),
+    ("spec.trafficDistribution", 5, "must be a string"),
+])
+def test_invalid_services(path, value, fragment):
+    invalid(service_from_dict, _with(path, value), fragment)
+
+
+def test_nodeport_range_checked_even_when_dropped():
+    invalid(service_from_dict, svc({"ports": [{"port": 80, "nodePort": 0x10000}]}), "between 1 and 65535")
+
+
+@pytest.mark.parametrize(("timeout", "fragment"), [
+    (0, "between 1 and 86400"), (86401, "between 1 and 86400"), ("60", "must be an integer"),
+])
+def test_invalid_affinity_timeout(timeout, fragment):
+    obj = svc({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}})
+    invalid(service_from_dict, obj, fragment)
+
+
+@pytest.mark.parametrize(("ingress", "fragment"), [
+    ([{"ip": "203.0.113.300"}], "not a valid IP address"),
+    ([{"ip": "203.0.113.1", "ipMode": "Magic"}], "unknown ipMode"),
+    (["203.0.113.1"], "must be an object"),
+    ({"ip": "203.0.113.1"}, "must be a list"),
+])
+def test_invalid_lb_ingress(ingress, fragment):
+    obj = svc({"type": "LoadBalancer"}, status={"loadBalancer": {"ingress": ingress}})
+    invalid(service_from_dict, obj, fragment)
+
+
+@pytest.mark.parametrize("obj", [None, 1, "svc", [svc()], {"metadata": None}])
+def test_non_objects_rejected(obj):
+    with pytest.raises(InvalidObject):
+        service_from_dict(obj)
+
+
+def test_conversion_does_not_mutate_input():
+    obj = svc({"type": "LoadBalancer", "loadBalancerSourceRanges": [" 10.0.0.0/8 "]})
+    before = copy.deepcopy(obj)
+    service_from_dict(obj)
+    assert obj == before
+
+
+# ------------------------------------------------------------------ EndpointSlice
+
+
+def eps(endpoints=None, *, ports=None, address_type="IPv4", labels=None, name="demo-abc12") -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "web",
+                     "labels": {"kubernetes.io/service-name": "demo"} if labels is None else labels},
+        "addressType": address_type,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}] if ports is None else ports,
+        "endpoints": [{"addresses": ["10.244.1.2"]}] if endpoints is None else endpoints,
+    }
+
+
+def test_slice_basic_and_condition_defaults():
+    sl = slice_from_dict(eps([
+        {"addresses": ["10.244.1.2", "10.244.9.9"], "nodeName": "node-a", "zone": "zone-1",
+         "hints": {"forZones": [{"name": "zone-1"}, {"name": "zone-2"}, {"name": "zone-1"}]}},
+        {"addresses": ["10.244.1.3"], "conditions": {"ready": False}},
+        {"addresses": ["10.244.1.4"], "conditions": {"ready": False, "serving": True, "terminating": True}},
+        {"addresses": ["10.244.1.5"], "conditions": {"ready": None, "serving": None, "terminating": None}},
+    ]))
+    assert sl.key == ("web", "demo-abc12")
+    assert sl.service_name == ServiceName("web", "demo")
+    assert sl.address_family == 4
+    assert sl.ports == (EndpointPort("http", 8080, Protocol.TCP),)
+    assert sl.endpoints == (
+        SliceEndpoint("10.244.1.2", ready=True, serving=True, terminating=False, node_name="node-a",
+                      zone="zone-1", zone_hints=("zone-1", "zone-2")),
+        # kube-proxy: serving nil reads as true, terminating nil as false.
+        SliceEndpoint("10.244.1.3", ready=False, serving=True, terminating=False),
+        SliceEndpoint("10.244.1.4", ready=False, serving=True, terminating=True),
+        SliceEndpoint("10.244.1.5", ready=True, serving=True, terminating=False),
+    )
+
+
+def test_slice_port_defaults_and_null_port_skipped():
+    sl = slice_from_dict(eps(ports=[{"port": 53, "protocol": "UDP"}, {"name": "x", "port": None},
+                                    {"name": "y", "port": 9}]))
+    assert sl.ports == (EndpointPort("", 53, Protocol.UDP), EndpointPort("y", 9, Protocol.TCP))
+
+
+def test_slice_ipv6_canonical_and_empty_addresses_skipped():
+    sl = slice_from_dict(eps([{"addresses": ["FD00:0::2"]}, {"addresses": []}, {}], address_type="IPv6"))
+    assert sl.address_family == 6
+    assert [e.ip for e in sl.endpoints] == ["fd00::2"]
+
+
+@pytest.mark.parametrize("obj", [
+    eps(labels={}),
+    eps(labels={"app": "x"}),
+    eps(address_type="FQDN", endpoints=[{"addresses": ["example.com"]}]),
+])
+def test_ignored_slices(obj):
+    assert slice_from_dict(obj) is None
+
+
+@pytest.mark.parametrize(("obj", "fragment"), [
+    (eps(address_type="IPv5"), "unknown address type"),
+    (eps(address_type=None), "unknown address type"),
+    (eps([{"addresses": ["10.244.1.300"]}]), "endpoints[0].addresses[0]"),
+    (eps([{"addresses": ["10.244.1.2", "bogus"]}]), "endpoints[0].addresses[1]"),
+    (eps([{"addresses": ["fd00::1"]}]), "not an IPv4 address"),
+    (eps([{"addresses": ["10.0.0.1"]}], address_type="IPv6"), "not an IPv6 address"),
+    (eps([{"addresses": "10.0.0.1"}]), "must be a list"),
+    (eps([{"addresses": ["10.0.0.1"], "conditions": {"ready": "yes"}}]), "must be true or false"),
+    (eps([{"addresses": ["10.0.0.1"], "conditions": []}]), "must be an object"),
+    (eps([{"addresses": ["10.0.0.1"], "nodeName": "Node A"}]), "not a valid DNS-1123 subdomain"),
+    (eps([{"addresses": ["10.0.0.1"], "zone": "zone one"}]), "not a valid label value"),
+    (eps([{"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "a;b"}]}}]), "not a valid label value"),
+    (eps([{"addresses": ["10.0.0.1"], "hints": {"forZones": [{}]}}]), "must be a string"),
+    (eps([{"addresses": ["10.0.0.1"]}] * 1001), "too many entries"),
+    (eps(ports=[{"port": 1}] * 101), "too many entries"),
+    (eps(ports=[{"port": 0}]), "between 1 and 65535"),
+    (eps(ports=[{"port": 80, "protocol": "XTP"}]), "unknown protocol"),
+    (eps(ports=[{"port": 80, "name": "-x"}]), "not a valid DNS-1123 label"),
+    (eps(ports=[{"port": 80, "name": "a"}, {"port": 81, "name": "a"}]), "duplicate port name"),
+    (eps(ports="8080"), "must be a list"),
+    (eps(labels={"kubernetes.io/service-name": "Bad Name"}), "not a valid service name"),
+    (eps(name="Bad_Name"), "not a valid DNS-1123 subdomain"),
+    (eps(endpoints=[None]), "must be an object"),
+])
+def test_invalid_slices(obj, fragment):
+    invalid(slice_from_dict, obj, fragment)
+
+
+# ------------------------------------------------------------------ Endpoints mirroring
+
+
+def endpoints(subsets, *, labels=None) -> dict:
+    return {"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "demo", "namespace": "web", "labels": labels or {}},
+            "subsets": subsets}
+
+
+def test_endpoints_mirrored():
+    slices = slices_from_endpoints(endpoints([
+        {"addresses": [{"ip": "10.244.1.2", "nodeName": "node-a"}],
+         "notReadyAddresses": [{"ip": "10.244.1.3"}],
+         "ports": [{"name": "http", "port": 8080}]},
+        {"addresses": [{"ip": "10.244.1.4"}], "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]},
+        {"addresses": [{"ip": "fd00::4"}, {"ip": "10.244.1.5"}], "ports": [{"port": 53, "protocol": "UDP"}]},
+    ]))
+    assert all(is_mirror(s) for s in slices)
+    assert [s.name for s in slices] == ["endpoints-mirror:demo:0", "endpoints-mirror:demo:1",
+                                        "endpoints-mirror:demo:2"]
+    assert len({s.name for s in slices}) == 3
+    first, udp_v6, udp_v4 = slices
+    assert first.service_name == ServiceName("web", "demo")
+    assert first.ports == (EndpointPort("http", 8080, Protocol.TCP),)
+    # Subsets with identical ports share a slice.
+    assert [(e.ip, e.ready, e.node_name) for e in first.endpoints] == [
+        ("10.244.1.2", True, "node-a"), ("10.244.1.3", False, None), ("10.244.1.4", True, None)]
+    assert (udp_v6.address_family, [e.ip for e in udp_v6.endpoints]) == (6, ["fd00::4"])
+    assert (udp_v4.address_family, [e.ip for e in udp_v4.endpoints]) == (4, ["10.244.1.5"])
+    assert udp_v4.ports == (EndpointPort("", 53, Protocol.UDP),)
+
+
+def test_endpoints_mirroring_is_deterministic():
+    subsets = [{"addresses": [{"ip": f"10.244.{i}.1"}], "ports": [{"port": 80 + i}]} for i in range(5)]
+    assert slices_from_endpoints(endpoints(subsets)) == slices_from_endpoints(endpoints(subsets))
+
+
+def test_endpoints_cap_per_subset_ready_first():
+    subset = {"addresses": [{"ip": f"10.1.{i // 250}.{i % 250}"} for i in range(990)],
+              "notReadyAddresses": [{"ip": f"10.2.{i // 250}.{i % 250}"} for i in range(30)],
+              "ports": [{"port": 80}]}
+    (sl,) = slices_from_endpoints(endpoints([subset]))
+    assert len(sl.endpoints) == 1000
+    assert sum(1 for e in sl.endpoints if not e.ready) == 10
+
+
+def test_endpoints_skip_mirror_and_empty():
+    assert slices_from_endpoints(endpoints([{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}],
+                                           labels={"endpointslice.kubernetes.io/skip-mirror": "true"})) == []
+    assert slices_from_endpoints(endpoints(None)) == []
+    assert slices_from_endpoints(endpoints([])) == []
+
+
+@pytest.mark.parametrize(("subsets", "fragment"), [
+    ([{"addresses": [{"ip": "10.0.0.300"}], "ports": [{"port": 80}]}], "not a valid IP address"),
+    ([{"addresses": [{}], "ports": [{"port": 80}]}], "must be a string"),
+    ([{"addresses": [{"ip": "10.0.0.1"}], "ports": [{}]}], "port: missing"),
+    ([{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 0}]}], "between 1 and 65535"),
+    ([{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80, "protocol": "X"}]}], "unknown protocol"),
+    ([{"addresses": [{"ip": "10.0.0.1", "nodeName": "a\nb"}], "ports": [{"port": 80}]}], "DNS-1123"),
+    ([{"ports": [{"port": 80, "name": "a"}, {"port": 81, "name": "a"}]}], "duplicate port name"),
+    ("x", "must be a list"),
+    ([5], "must be an object"),
+])
+def test_invalid_endpoints(subsets, fragment):
+    invalid(slices_from_endpoints, endpoints(subsets), fragment)
+
+
+def test_endpoints_name_must_be_a_service_name():
+    obj = endpoints([])
+    obj["metadata"]["name"] = "Not-A-Service"
+    invalid(slices_from_endpoints, obj, "not a valid service name")
+
+
+# ------------------------------------------------------------------ Node
+
+
+def test_node_labels():
+    name, labels = node_labels_from_dict({"kind": "Node", "metadata": {"name": "node-a.example", "labels": {
+        "topology.kubernetes.io/zone": "zone-1", "kubernetes.io/hostname": "node-a", "empty": ""}}})
+    assert name == "node-a.example"
+    assert labels == {"topology.kubernetes.io/zone": "zone-1", "kubernetes.io/hostname": "node-a", "empty": ""}
+    assert node_labels_from_dict({"metadata": {"name": "n"}}) == ("n", {})
+
+
+@pytest.mark.parametrize(("obj", "fragment"), [
+    ({"metadata": {}}, "metadata.name: missing"),
+    ({"metadata": {"name": "Node_A"}}, "DNS-1123 subdomain"),
+    ({"metadata": {"name": "n", "labels": {"topology.kubernetes.io/zone": "zone 1"}}}, "not a valid label value"),
+    ({"metadata": {"name": "n", "labels": {"bad key": "v"}}}, "not a valid label key"),
+    ({"metadata": {"name": "n", "labels": {"/x": "v"}}}, "not a valid label key"),
+    ({"metadata": {"name": "n", "labels": {"a/b/c": "v"}}}, "not a valid label key"),
+    ({"metadata": {"name": "n", "labels": {"k": 1}}}, "must be strings"),
+    ("node", "must be an object"),
+])
+def test_invalid_nodes(obj, fragment):
+    invalid(node_labels_from_dict, obj, fragment)

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Run the IPVS tests (pytest -m ipvs) inside a QEMU guest booting Debian's
+# stock kernel, which has IPVS and the dummy driver (this host's kernel has
+# neither). The guest sees the host's files read-only (virtme-ng), so it runs
+# the project's own .venv; results come back through one writable directory.
+#
+#   tests/vm/run-in-vm.sh                 # pytest -m ipvs tests/vm
+#   tests/vm/run-in-vm.sh -k affinity     # extra pytest arguments
+#   tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'
+#                                         # any command (run from the repo, .venv/bin first in PATH)
+#
+# Env: RESULTS_DIR (default build/test-results; the guest writes to
+# $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default 900),
+# VM_MEMORY (default 2G), PROXYD_VM_DIR (kernel location, see
+# scripts/ipvs-vm-setup.sh, which is run here when the kernel is missing).
+#
+# `vng` exits 255 even when the guest command succeeded, so the guest writes
+# its exit status to a file and this script exits with that status (1 when
+# the guest never wrote it: boot failure or timeout). Software emulation is
+# used (--disable-kvm): KVM fails to start on these hosts.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+
+vm_dir=${PROXYD_VM_DIR:-/var/cache/proxyd-vm}
+results=${RESULTS_DIR:-$repo/build/test-results}
+out="$results/vm"
+timeout_s=${VM_TIMEOUT:-900}
+memory=${VM_MEMORY:-2G}
+
+command=""
+pytest_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cmd) command=$2; shift 2 ;;
+    *) pytest_args+=("$1"); shift ;;
+  esac
+done
+
+if [ ! -f "$vm_dir/kver" ] || [ ! -x .venv/bin/vng ]; then
+  echo "run-in-vm: guest kernel or vng missing; running scripts/ipvs-vm-setup.sh"
+  PROXYD_VM_DIR=$vm_dir scripts/ipvs-vm-setup.sh || { echo "run-in-vm: setup failed" >&2; exit 1; }
+fi
+kver=$(cat "$vm_dir/kver")
+kernel="$vm_dir/vmlinuz-$kver"
+if [ ! -f "$kernel" ] || [ ! -d "/lib/modules/$kver" ]; then
+  echo "run-in-vm: $kernel or /lib/modules/$kver missing: run scripts/ipvs-vm-setup.sh" >&2
+  exit 1
+fi
+
+mkdir -p "$out"
+rm -f "$out/rc" "$out/ipvs.xml" "$out/guest.log"
+
+if [ -z "$command" ]; then
+  # Quote each pytest argument for the guest's shell.
+  extra=""
+  for arg in "${pytest_args[@]+"${pytest_args[@]}"}"; do extra+=" $(printf '%q' "$arg")"; done
+  command="python -m pytest -m ipvs tests/vm -p no:cacheprovider -q -rfEs --junitxml=$out/ipvs.xml$extra"
+fi
+printf '%s\n' "$command" > "$out/command"
+
+# Runs inside the guest (as root, host FS read-only, /tmp /etc /var overlaid).
+guest_script="set -u
+cd $(printf '%q' "$repo") || exit 1
+export PATH=$(printf '%q' "$repo/.venv/bin"):/usr/sbin:/usr/bin:/sbin:/bin
+export PYTHONDONTWRITEBYTECODE=1 PROXYD_IN_VM=1
+{ modprobe ip_vs && modprobe dummy; } >>$out/guest.log 2>&1
+(eval $(printf '%q' "$command")) >>$out/guest.log 2>&1
+echo \$? > $out/rc"
+
+export PATH="$repo/.venv/bin:$PATH"
+echo "run-in-vm: booting Debian kernel $kver under QEMU (TCG, timeout ${timeout_s}s)"
+start=$(date +%s)
+timeout --kill-after=20 "$timeout_s" vng --run "$kernel" --memory "$memory" --cpus 2 --disable-kvm \
+  --rwdir "$out" --exec "$guest_script" >"$out/vng.log" 2>&1 </dev/null
+vng_rc=$?
+elapsed=$(( $(date +%s) - start ))
+
+if [ ! -f "$out/rc" ]; then
+  echo "run-in-vm: the guest wrote no exit status (vng exit $vng_rc after ${elapsed}s); last output:" >&2
+  tail -n 40 "$out/vng.log" >&2
+  [ -f "$out/guest.log" ] && tail -n 40 "$out/guest.log" >&2
+  exit 1
+fi
+rc=$(cat "$out/rc")
+# The guest's own output (pytest's summary included), without kernel log lines.
+cat "$out/guest.log"
+if [ -f "$out/ipvs.xml" ]; then
+  # One plain line with the guest's counts, so whoever reads this log sees them.
+  .venv/bin/python - "$out/ipvs.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+print(f"guest: {passed} passed, {n['failures'] + n['errors']} failed, {n['skipped']} skipped")
+EOF
+fi
+echo "run-in-vm: guest exit status $rc, ${elapsed}s wall clock (boot included)"
+exit "$rc"
