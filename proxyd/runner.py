@@ -173,6 +173,9 @@ class SyncRunner:
             due = self.next_due(now)
             if due <= now:
                 await self._sync_once()
+                # A sync function that never awaits must not starve the
+                # loop (sources, health) even if syncs follow back to back.
+                await asyncio.sleep(0)
                 continue
             await self._wait(due - now)
 
@@ -190,7 +193,7 @@ class SyncRunner:
 
     async def _sync_once(self) -> None:
         self._requested = False
-        pass  # this sync is the retry; fn may ask for another
+        self._retry_at = None  # this sync is the retry; fn may ask for another
         self._last_start = self._clock()
         self.last_attempt = self._wall()
         self.syncs += 1

@@ -21,7 +21,7 @@ Clients run inside the test process: ``socket_in(ns, ...)`` creates a socket
 inside a namespace (setns on the calling thread, then back), so tests need
 no helper processes on the client side. Backends are small Python servers
 started in pod namespaces (``start_tcp_server``/``start_udp_server``) that
-greet every connection with ``"<name> <peer-ip> <peer-port>\\n"`` and then
+greet every connection with ``"<name> <peer-ip> <peer-port> <port>\\n"`` and then
 echo; the UDP one answers each datagram with the greeting plus the payload.
 
 Teardown (``close()``, also on ``__exit__`` and when ``__enter__`` fails
@@ -126,7 +126,7 @@ import os, socket, sys, threading
 name, proto, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def serve_tcp(conn, peer):
     try:
-        conn.sendall(f"{name} {peer[0]} {peer[1]}\n".encode())
+        conn.sendall(f"{name} {peer[0]} {peer[1]} {port}\n".encode())
         while True:
             data = conn.recv(262144)
             if not data:
@@ -153,7 +153,7 @@ else:
     print("ready", flush=True)
     while True:
         data, peer = srv.recvfrom(65535)
-        srv.sendto(f"{name} {peer[0]} {peer[1]} ".encode() + data, peer)
+        srv.sendto(f"{name} {peer[0]} {peer[1]} {port} ".encode() + data, peer)
 '''
 
 
@@ -172,11 +172,12 @@ class Greeting:
     pod: str
     peer_ip: str
     peer_port: int
+    port: int  # the backend port that answered
 
     @classmethod
     def parse(cls, line: bytes) -> Greeting:
-        name, ip, port = line.decode().split()[:3]
-        return cls(name, ip, int(port))
+        name, ip, peer_port, port = line.decode().split()[:4]
+        return cls(name, ip, int(peer_port), int(port))
 
 
 @dataclass
@@ -375,19 +376,19 @@ class Topology:
             return Greeting.parse(read_line(sock))
 
     def udp_hello(self, ns: str, ip: str, port: int, *, payload: bytes = b"ping", timeout: float = 3.0,
-                  sock: socket.socket | None = None) -> tuple[Greeting, bytes]:
-        """Send one datagram and return (greeting, echoed payload); reuse ``sock`` to stay one flow."""
+                  sock: socket.socket | None = None) -> tuple[Greeting, bytes, tuple[str, int]]:
+        """Send one datagram; (greeting, echoed payload, reply source). Reuse ``sock`` to stay one flow."""
         own = sock is None
         sock = sock or socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.settimeout(timeout)
             sock.sendto(payload, (ip, port))
-            data, _ = sock.recvfrom(65535)
+            data, source = sock.recvfrom(65535)
         finally:
             if own:
                 sock.close()
-        name, peer_ip, peer_port, rest = data.split(b" ", 3)
-        return Greeting(name.decode(), peer_ip.decode(), int(peer_port)), rest
+        name, peer_ip, peer_port, port, rest = data.split(b" ", 4)
+        return Greeting(name.decode(), peer_ip.decode(), int(peer_port), int(port)), rest, source[:2]
 
     # -- the daemon --------------------------------------------------------------------------------
 

@@ -94,7 +94,8 @@ def test_target_port_defaults_to_port(target):
 
 def test_node_port_kept_for_nodeport_and_lb_only():
     assert one_port(svc({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]})).node_port == 30080
-    assert one_port(svc({"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30081}]})).node_port == 30081
+    lb = svc({"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30081}]})
+    assert one_port(lb).node_port == 30081
     # A stale nodePort on a ClusterIP service is not served.
     assert one_port(svc({"ports": [{"port": 80, "nodePort": 30080}]})).node_port == 0
     # allocateLoadBalancerNodePorts: false leaves none.
@@ -154,15 +155,17 @@ def test_session_affinity():
     port = one_port(svc({"sessionAffinity": "ClientIP",
                          "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}))
     assert port.affinity_timeout == 60
-    assert one_port(svc({"sessionAffinity": "None",
-                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})).affinity_timeout == 0
+    no_affinity = svc({"sessionAffinity": "None",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})
+    assert one_port(no_affinity).affinity_timeout == 0
     assert one_port(svc({"sessionAffinity": "ClientIP", "sessionAffinityConfig":
                          {"clientIP": {"timeoutSeconds": 86400}}})).affinity_timeout == 86400
 
 
 def test_external_traffic_policy_only_when_externally_accessible():
     assert one_port(svc({"type": "NodePort", "externalTrafficPolicy": "Local"})).external_policy_local
-    assert one_port(svc({"externalTrafficPolicy": "Local", "externalIPs": ["192.0.2.1"]})).external_policy_local
+    with_external_ip = svc({"externalTrafficPolicy": "Local", "externalIPs": ["192.0.2.1"]})
+    assert one_port(with_external_ip).external_policy_local
     # kube-proxy: a plain ClusterIP service has no external traffic.
     assert not one_port(svc({"externalTrafficPolicy": "Local"})).external_policy_local
     assert not one_port(svc({"type": "NodePort", "externalTrafficPolicy": "Cluster"})).external_policy_local
@@ -311,7 +314,8 @@ def test_nodeport_range_checked_even_when_dropped():
     (0, "between 1 and 86400"), (86401, "between 1 and 86400"), ("60", "must be an integer"),
 ])
 def test_invalid_affinity_timeout(timeout, fragment):
-    obj = svc({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}})
+    obj = svc({"sessionAffinity": "ClientIP",
+               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": timeout}}})
     invalid(service_from_dict, obj, fragment)
 
 
@@ -506,14 +510,16 @@ def test_node_labels():
     name, labels = node_labels_from_dict({"kind": "Node", "metadata": {"name": "node-a.example", "labels": {
         "topology.kubernetes.io/zone": "zone-1", "kubernetes.io/hostname": "node-a", "empty": ""}}})
     assert name == "node-a.example"
-    assert labels == {"topology.kubernetes.io/zone": "zone-1", "kubernetes.io/hostname": "node-a", "empty": ""}
+    assert labels == {"topology.kubernetes.io/zone": "zone-1", "kubernetes.io/hostname": "node-a",
+                      "empty": ""}
     assert node_labels_from_dict({"metadata": {"name": "n"}}) == ("n", {})
 
 
 @pytest.mark.parametrize(("obj", "fragment"), [
     ({"metadata": {}}, "metadata.name: missing"),
     ({"metadata": {"name": "Node_A"}}, "DNS-1123 subdomain"),
-    ({"metadata": {"name": "n", "labels": {"topology.kubernetes.io/zone": "zone 1"}}}, "not a valid label value"),
+    ({"metadata": {"name": "n", "labels": {"topology.kubernetes.io/zone": "zone 1"}}},
+     "not a valid label value"),
     ({"metadata": {"name": "n", "labels": {"bad key": "v"}}}, "not a valid label key"),
     ({"metadata": {"name": "n", "labels": {"/x": "v"}}}, "not a valid label key"),
     ({"metadata": {"name": "n", "labels": {"a/b/c": "v"}}}, "not a valid label key"),

@@ -36,8 +36,10 @@ SERVICE = {
     "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
              "externalIPs": ["192.0.2.1"], "loadBalancerSourceRanges": ["198.51.100.0/24"],
              "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}},
-             "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Cluster", "healthCheckNodePort": 32000,
-             "ports": [{"name": "http", "port": 80, "targetPort": "web", "nodePort": 30080, "protocol": "TCP"},
+             "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Cluster",
+             "healthCheckNodePort": 32000,
+             "ports": [{"name": "http", "port": 80, "targetPort": "web", "nodePort": 30080,
+                        "protocol": "TCP"},
                        {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]},
     "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5", "ipMode": "VIP"}, {"hostname": "lb"}]}},
 }
@@ -45,8 +47,10 @@ SLICE = {
     "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
     "metadata": {"name": "demo-abc", "namespace": "web", "labels": {"kubernetes.io/service-name": "demo"}},
     "addressType": "IPv4",
-    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
-    "endpoints": [{"addresses": ["10.244.1.2"], "conditions": {"ready": True, "serving": True, "terminating": False},
+    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+              {"name": "dns", "port": 5353, "protocol": "UDP"}],
+    "endpoints": [{"addresses": ["10.244.1.2"],
+                   "conditions": {"ready": True, "serving": True, "terminating": False},
                    "nodeName": "node-a", "zone": "zone-a", "hints": {"forZones": [{"name": "zone-a"}]}},
                   {"addresses": ["10.244.1.3"], "conditions": {"ready": False}}],
 }
@@ -68,12 +72,13 @@ HOSTILE_STRINGS = [
 
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
            | st.floats(allow_nan=True) | st.text(max_size=20)
-           | st.sampled_from(HOSTILE_STRINGS + ["None", "TCP", "UDP", "IPv4", "IPv6", "FQDN", "ClusterIP",
-                                               "NodePort", "LoadBalancer", "ExternalName", "Local", "ClientIP",
-                                               "10.96.0.1", "fd00::1", "10.0.0.0/8", "http", "80"]))
+           | st.sampled_from([*HOSTILE_STRINGS, "None", "TCP", "UDP", "IPv4", "IPv6", "FQDN", "ClusterIP",
+                              "NodePort", "LoadBalancer", "ExternalName", "Local", "ClientIP",
+                              "10.96.0.1", "fd00::1", "10.0.0.0/8", "http", "80"]))
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (st.lists(children, max_size=4)
+                      | st.dictionaries(st.text(max_size=12), children, max_size=4)),
     max_leaves=20,
 )
 
@@ -199,10 +204,10 @@ ENDPOINTS_STRING_PATHS = [
 ]
 # The empty string means "unset" in a few of these places (and is accepted).
 EMPTY_OK = {("metadata", "namespace"), ("spec", "ports", 0, "name"), ("spec", "ports", 0, "targetPort"),
-            ("spec", "clusterIP"), ("ports", 0, "name"), ("endpoints", 0, "nodeName"), ("endpoints", 0, "zone"),
-            ("subsets", 0, "ports", 0, "name"), ("subsets", 0, "addresses", 0, "nodeName"),
-            ("status", "loadBalancer", "ingress", 0, "ip"), ("spec", "type"), ("spec", "ports", 0, "protocol"),
-            ("ports", 0, "protocol")}
+            ("spec", "clusterIP"), ("ports", 0, "name"), ("endpoints", 0, "nodeName"),
+            ("endpoints", 0, "zone"), ("subsets", 0, "ports", 0, "name"),
+            ("subsets", 0, "addresses", 0, "nodeName"), ("status", "loadBalancer", "ingress", 0, "ip"),
+            ("spec", "type"), ("spec", "ports", 0, "protocol"), ("ports", 0, "protocol")}
 
 
 # DNS-1123 subdomains (slice and node names) may be 253 long.
@@ -221,10 +226,11 @@ def crafted_cases():
             for text in HOSTILE_STRINGS:
                 if (text == "" and path in EMPTY_OK) or (text == "DEMO" and path in LABEL_VALUE_PATHS):
                     continue
-                if text == "a" * 64 and (path in SUBDOMAIN_PATHS or seed is SLICE and path == ("metadata", "name")):
+                subdomain = path in SUBDOMAIN_PATHS or (seed is SLICE and path == ("metadata", "name"))
+                if text == "a" * 64 and subdomain:
                     text = "a" * 254
-                yield pytest.param(seed, convert, path, text, id=f"{convert.__name__}-{'.'.join(map(str, path))}"
-                                   f"-{text!r}"[:120])
+                case_id = f"{convert.__name__}-{'.'.join(map(str, path))}-{text!r}"[:120]
+                yield pytest.param(seed, convert, path, text, id=case_id)
 
 
 @pytest.mark.parametrize(("seed", "convert", "path", "text"), list(crafted_cases()))
@@ -259,7 +265,8 @@ def test_huge_and_deep_inputs():
     run_all({"metadata": {"name": "demo"}, "spec": {"clusterIP": "10.96.0.1", "ports": deep_list}})
     many_ports = [{"port": 1 + i % 65535, "name": f"p{i}"} for i in range(200_000)]
     with pytest.raises(InvalidObject, match="too many entries"):
-        service_from_dict({"metadata": {"name": "demo"}, "spec": {"clusterIP": "10.96.0.1", "ports": many_ports}})
+        service_from_dict({"metadata": {"name": "demo"},
+                           "spec": {"clusterIP": "10.96.0.1", "ports": many_ports}})
     with pytest.raises(InvalidObject, match="too many entries"):
         slice_from_dict(SLICE | {"endpoints": [{"addresses": ["10.0.0.1"]}] * 5000})
     huge_name = {"metadata": {"name": "a" * 10_000_000}}

@@ -54,7 +54,8 @@ class FakeTracker:
                 for e in sl.endpoints}
 
 
-def service(name: str = "demo", *, ip: str = "10.96.0.10", port: int = 80, namespace: str | None = None) -> dict:
+def service(name: str = "demo", *, ip: str = "10.96.0.10", port: int = 80,
+            namespace: str | None = None) -> dict:
     meta = {"name": name}
     if namespace:
         meta["namespace"] = namespace
@@ -142,7 +143,7 @@ async def test_multi_document_yaml(tmp_path, start):
         "---\n" + yaml.safe_dump(service()) + "---\n\n---\n" + yaml.safe_dump(eslice())
         + "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {a: b}\n"
         + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "demo")}
     assert tracker.ips() == {"10.244.1.2"}
 
@@ -155,7 +156,7 @@ async def test_kubectl_list_yaml_and_json(tmp_path, start):
     other = {"apiVersion": "v1", "kind": "List", "items": [service("other", ip="10.96.0.11")]}
     (tmp_path / "b.json").write_text(json.dumps(other))
     (tmp_path / "c.yml").write_text(yaml.safe_dump(service("third", ip="10.96.0.12")))
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("web", "demo"), ServiceName("default", "other"),
                                      ServiceName("default", "third")}
     assert tracker.ips("demo", "web") == {"10.244.1.2"}
@@ -168,7 +169,7 @@ async def test_other_files_subdirectories_and_dotfiles_ignored(tmp_path, start, 
     write(tmp_path / "notes.txt", service("text"))
     write(tmp_path / "svc.yaml.bak", service("backup"))
     write(tmp_path / "real.yaml", service("real"))
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "real")}
     assert not records(caplog, "nested")
 
@@ -177,7 +178,7 @@ async def test_endpoints_are_mirrored_unless_real_slices_exist(tmp_path, start):
     ep = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "demo"},
           "subsets": [{"addresses": [{"ip": "10.244.1.7"}], "ports": [{"port": 8080}]}]}
     write(tmp_path / "svc.yaml", service(), ep)
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert tracker.ips() == {"10.244.1.7"}
     # kubectl output often holds both: the real slice then stands alone.
     write(tmp_path / "slice.yaml", eslice(ips=("10.244.1.2",)))
@@ -190,7 +191,7 @@ async def test_node_labels_for_this_node_only(tmp_path, start):
              {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b", "labels": {
                  "topology.kubernetes.io/zone": "zone-b"}}}]
     write(tmp_path / "nodes.yaml", *nodes)
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert tracker.labels == {"topology.kubernetes.io/zone": "zone-a"}
     write(tmp_path / "nodes.yaml", nodes[1])
     await eventually(lambda: tracker.labels == {}, what="labels cleared")
@@ -202,12 +203,12 @@ async def test_ignored_services_are_not_served(tmp_path, start):
     external = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext"},
                 "spec": {"type": "ExternalName", "externalName": "example.com"}}
     write(tmp_path / "svc.yaml", headless, external, service())
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "demo")}
 
 
 async def test_empty_directory_is_ready_and_empty(tmp_path, start):
-    src, tracker, changes = await start()
+    _src, tracker, changes = await start()
     assert tracker.pushes == 1 and tracker.services == {} and changes == []
 
 
@@ -231,7 +232,7 @@ async def test_works_with_the_real_tracker(tmp_path, start):
 
 
 async def test_add_edit_delete_applied_within_one_second(tmp_path, start, watch_kwargs):
-    src, tracker, changes = await start(**watch_kwargs)
+    _src, tracker, changes = await start(**watch_kwargs)
     assert tracker.services == {}
 
     write(tmp_path / "demo.yaml", service(), eslice())
@@ -249,7 +250,7 @@ async def test_add_edit_delete_applied_within_one_second(tmp_path, start, watch_
 
 async def test_atomic_rename_applied(tmp_path, start, watch_kwargs):
     write(tmp_path / "demo.yaml", service())
-    src, tracker, _ = await start(**watch_kwargs)
+    _src, tracker, _ = await start(**watch_kwargs)
     for i in range(3):
         tmp = tmp_path / f".demo.yaml.tmp{i}"
         write(tmp, service(ip=f"10.96.0.{20 + i}"))
@@ -267,7 +268,7 @@ async def test_configmap_style_symlinks(tmp_path, start):
     write(tmp_path / "..v1" / "demo.yaml", service(ip="10.96.0.10"))
     os.symlink("..v1", tmp_path / "..data")
     os.symlink("..data/demo.yaml", tmp_path / "demo.yaml")
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert tracker.services[ServiceName("default", "demo")].ports[0].cluster_ip == "10.96.0.10"
     (tmp_path / "..v2").mkdir()
     write(tmp_path / "..v2" / "demo.yaml", service(ip="10.96.0.99"))
@@ -279,7 +280,7 @@ async def test_configmap_style_symlinks(tmp_path, start):
 
 async def test_unchanged_touch_is_not_a_change(tmp_path, start):
     write(tmp_path / "demo.yaml", service())
-    src, tracker, changes = await start(rescan_interval=0.2)
+    src, _tracker, changes = await start(rescan_interval=0.2)
     os.utime(tmp_path / "demo.yaml")
     await scans_pass(src)
     assert changes == []
@@ -289,7 +290,7 @@ async def test_same_object_in_two_files_last_wins_logged_once(tmp_path, start, c
     caplog.set_level(logging.WARNING, LOGGER)
     write(tmp_path / "a.yaml", service(ip="10.96.0.1"))
     write(tmp_path / "b.yaml", service(ip="10.96.0.2"))
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert tracker.services[ServiceName("default", "demo")].ports[0].cluster_ip == "10.96.0.2"
     assert len(records(caplog, "defined in a.yaml and b.yaml")) == 1
     write(tmp_path / "c.yaml", service("other", ip="10.96.0.3"))
@@ -307,7 +308,7 @@ async def test_broken_file_keeps_last_good_content(tmp_path, start, caplog):
     caplog.set_level(logging.ERROR, LOGGER)
     write(tmp_path / "demo.yaml", service(), eslice())
     write(tmp_path / "other.yaml", service("other", ip="10.96.0.11"))
-    src, tracker, changes = await start(rescan_interval=0.2)
+    src, tracker, _changes = await start(rescan_interval=0.2)
     before = rejected("file", "parse")
 
     (tmp_path / "demo.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n")
@@ -335,7 +336,7 @@ async def test_broken_file_keeps_last_good_content(tmp_path, start, caplog):
 async def test_broken_file_at_start_is_skipped(tmp_path, start, caplog):
     (tmp_path / "bad.json").write_text('{"apiVersion": "v1", "kind": ')
     write(tmp_path / "good.yaml", service())
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "demo")}
     assert records(caplog, "bad.json: does not parse: line 1")
 
@@ -343,7 +344,7 @@ async def test_broken_file_at_start_is_skipped(tmp_path, start, caplog):
 async def test_invalid_object_logged_once_and_previous_version_kept(tmp_path, start, caplog):
     caplog.set_level(logging.ERROR, LOGGER)
     write(tmp_path / "demo.yaml", service(), service("other", ip="10.96.0.11"), eslice())
-    src, tracker, changes = await start(rescan_interval=0.2)
+    src, tracker, _changes = await start(rescan_interval=0.2)
     before = rejected("Service", "invalid")
 
     bad = service(port=70000)
@@ -366,7 +367,7 @@ async def test_invalid_object_logged_once_and_previous_version_kept(tmp_path, st
 async def test_invalid_object_without_previous_version_is_skipped(tmp_path, start, caplog):
     bad_slice = eslice(ips=("10.244.1.300",))
     write(tmp_path / "demo.yaml", service(), bad_slice, "just a string")
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "demo")}
     assert tracker.slices == {}
     assert records(caplog, "EndpointSlice default/demo-abcde is invalid")
@@ -377,7 +378,7 @@ async def test_hostile_names_are_logged_escaped(tmp_path, start, caplog):
     bad = service()
     bad["metadata"]["name"] = "demo\n-A INPUT -j ACCEPT"
     write(tmp_path / "evil\nname.yaml", bad)
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert tracker.services == {}
     messages = records(caplog, "is invalid")
     assert messages and all("\n" not in m for m in messages)
@@ -396,7 +397,7 @@ async def test_symlink_out_of_directory_and_loop(tmp_path, start, caplog):
     os.symlink("missing.yaml.target", inside / "dangling.yaml")
     write(inside / "ok.yaml", service("ok"))
     before = rejected("file", "outside_dir")
-    src, tracker, _ = await start(inside)
+    _src, tracker, _ = await start(inside)
     assert set(tracker.services) == {ServiceName("default", "ok")}
     assert len(records(caplog, "symlink points outside the directory")) == 2
     assert len(records(caplog, "symlink loop")) == 2
@@ -436,7 +437,7 @@ async def test_huge_file_rejected(tmp_path, start, caplog):
         f.truncate(manifests.MAX_FILE_SIZE + 1)  # sparse: no disk used
     write(tmp_path / "ok.yaml", service())
     before = rejected("file", "too_large")
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert set(tracker.services) == {ServiceName("default", "demo")}
     assert records(caplog, "huge.yaml: too large")
     assert rejected("file", "too_large") == before + 1
@@ -444,7 +445,7 @@ async def test_huge_file_rejected(tmp_path, start, caplog):
 
 async def test_file_growing_past_limit_keeps_last_good_content(tmp_path, start, caplog):
     write(tmp_path / "demo.yaml", service())
-    src, tracker, _ = await start(max_file_size=4096)
+    _src, tracker, _ = await start(max_file_size=4096)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(service(port=81)) + "#" * 5000 + "\n")
     await eventually(lambda: records(caplog, "demo.yaml: too large"), what="too large logged")
     assert tracker.services[ServiceName("default", "demo")].ports[0].port == 80
@@ -460,7 +461,7 @@ async def test_alias_bomb_rejected_quickly(tmp_path, start, caplog):
                                         + "".join("    " + line + "\n" for line in BOMB.splitlines()))
     write(tmp_path / "ok.yaml", service())
     started = time.monotonic()
-    src, tracker, _ = await start()
+    _src, tracker, _ = await start()
     assert time.monotonic() - started < 2.0
     assert set(tracker.services) == {ServiceName("default", "demo")}
     assert records(caplog, "bomb.yaml: does not parse: YAML aliases are not allowed")
@@ -505,7 +506,7 @@ async def test_directory_removed_keeps_content(tmp_path, start, caplog):
 
 
 async def test_inotify_is_used_on_linux(tmp_path, start):
-    src, tracker, _ = await start()
+    src, _tracker, _ = await start()
     assert src.watching
 
 

@@ -1,0 +1,288 @@
+"""Service behaviour every proxy mode must show, written once and run per mode (uvloop's mixin trick).
+
+A mode's test module subclasses ``ServiceBehaviour`` (the class name must
+start with ``Test``), sets ``mode`` (and ``extra_args`` if needed) and
+implements ``assert_clean``; pytest then runs every test below in that mode
+against the real daemon in a fresh ``Topology``.
+
+Clients are chosen as real traffic would come: ClusterIPs from a pod on the
+node, NodePorts / externalIPs / LB IPs from the external ``client``
+namespace. Which backend answered comes from the backend's greeting. Tests
+that only hold for one mode (userspace's connect retry, kernel modes'
+source IP preservation) belong in that mode's module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from typing import ClassVar
+
+import pytest
+
+from tests.netns.topology import (
+    CLIENT_IP,
+    NODE_IP,
+    Topology,
+    endpoint,
+    endpoint_slice,
+    port,
+    read_line,
+    service,
+    wait_until,
+)
+
+CLUSTER_IP = "10.96.0.10"
+EXTERNAL_IP = "192.0.2.10"
+LB_IP = "192.0.2.20"
+POD1, POD2, POD3 = "10.244.1.11", "10.244.1.12", "10.244.1.13"
+REMOTE_POD = "10.244.2.11"
+CHANGE_DEADLINE = 3.0  # generous: the 1 s target is measured in bench/, not asserted here
+
+
+def web(*, endpoints: list[dict], name: str = "web", cluster_ip: str = CLUSTER_IP, **kwargs) -> list[dict]:
+    """A one-port TCP service 80 → 8080 with the given endpoints (and its slice)."""
+    kwargs.setdefault("ports", [port(80, target_port=8080, node_port=kwargs.pop("node_port", None))])
+    return [service(name, cluster_ip=cluster_ip, **kwargs),
+            endpoint_slice(name, ports=[{"port": 8080}], endpoints=endpoints)]
+
+
+def local_eps(*ips: str) -> list[dict]:
+    return [endpoint(ip) for ip in ips]
+
+
+def refused(topo: Topology, ns: str, ip: str, port_: int, *, timeout: float = 1.0) -> bool:
+    """True when a TCP client is turned away (refused or reset) within ``timeout``; False on a hang."""
+    sock = topo.connect_nowait(ns)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((ip, port_))
+        data = sock.recv(1)
+        return data == b""  # EOF without a greeting also turns the client away
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def echo_transfer(sock: socket.socket, payload: bytes, *, chunk: int = 1 << 20) -> bytes:
+    """Send ``payload`` (then half-close) while reading everything the echo server sends back."""
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            view = memoryview(payload)
+            for off in range(0, len(view), chunk):
+                sock.sendall(view[off:off + chunk])
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as err:  # reported by the reader
+            errors.append(err)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    received = bytearray()
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        received += data
+    thread.join(timeout=30)
+    if errors:
+        raise errors[0]
+    return bytes(received)
+
+
+class ServiceBehaviour:
+    """Mixin: the behaviour tests. Subclasses set ``mode`` and implement ``assert_clean``."""
+
+    mode: ClassVar[str] = ""
+    extra_args: ClassVar[tuple[str, ...]] = ()
+
+    def assert_clean(self, topo: Topology) -> None:
+        raise NotImplementedError
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def start(self, topo: Topology, docs: list[dict], *, tcp: tuple[str, ...] = ("pod1", "pod2", "pod3"),
+              udp: tuple[str, ...] = (), tcp_port: int = 8080, udp_port: int = 5353,
+              extra: tuple[str, ...] = ()):
+        for pod in tcp:
+            topo.start_tcp_server(pod, tcp_port)
+        for pod in udp:
+            topo.start_udp_server(pod, udp_port)
+        topo.write_manifest("services.yaml", docs)
+        return topo.start_proxyd(self.mode, extra_args=(*self.extra_args, *extra))
+
+    @staticmethod
+    def pods_seen(topo: Topology, ns: str, ip: str, port_: int, count: int) -> Counter[str]:
+        return Counter(topo.hello(ns, ip, port_).pod for _ in range(count))
+
+    # -- tests -------------------------------------------------------------------------------------
+
+    def test_cluster_ip_spreads_over_endpoints(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)))
+        seen = self.pods_seen(topology, topology.pod("pod1").ns, CLUSTER_IP, 80, 30)
+        assert set(seen) == {"pod1", "pod2", "pod3"}, seen
+        # targetPort 8080 answered a connection to port 80
+        assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).port == 8080
+
+    def test_named_multi_port(self, topology: Topology) -> None:
+        docs = [
+            service("multi", cluster_ip=CLUSTER_IP,
+                    ports=[port(80, name="http", target_port="web"), port(81, name="alt", target_port="alt")]),
+            endpoint_slice("multi", ports=[{"name": "http", "port": 8080}, {"name": "alt", "port": 9090}],
+                           endpoints=local_eps(POD1)),
+        ]
+        topology.start_tcp_server("pod1", 9090)
+        self.start(topology, docs, tcp=("pod1",))
+        ns = topology.pod("pod2").ns
+        assert topology.hello(ns, CLUSTER_IP, 80).port == 8080
+        assert topology.hello(ns, CLUSTER_IP, 81).port == 9090
+
+    def test_udp(self, topology: Topology) -> None:
+        docs = [
+            service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+            endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(POD1, POD2)),
+        ]
+        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"))
+        ns = topology.pod("pod3").ns
+        sock = topology.socket_udp(ns)
+        with sock:
+            first, payload, source = topology.udp_hello(ns, CLUSTER_IP, 53, payload=b"q1", sock=sock)
+            assert payload == b"q1"
+            assert source == (CLUSTER_IP, 53)  # replies come from the service address
+            # one client address is one flow: it stays on its endpoint
+            for i in range(5):
+                again, payload, _ = topology.udp_hello(ns, CLUSTER_IP, 53, payload=b"q%d" % i, sock=sock)
+                assert again.pod == first.pod and payload == b"q%d" % i
+        # different client sockets spread over both endpoints
+        seen = {topology.udp_hello(ns, CLUSTER_IP, 53)[0].pod for _ in range(12)}
+        assert seen == {"pod1", "pod2"}
+
+    def test_no_endpoints_refused_at_once(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=[]), tcp=())
+        started = time.monotonic()
+        assert refused(topology, topology.pod("pod1").ns, CLUSTER_IP, 80)
+        assert time.monotonic() - started < 1.0
+
+    def test_client_ip_affinity(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=300))
+        for pod in ("pod1", "pod2", "pod3"):
+            seen = self.pods_seen(topology, topology.pod(pod).ns, CLUSTER_IP, 80, 8)
+            assert len(seen) == 1, (pod, seen)
+
+    def test_node_port_from_outside(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2), type_="NodePort", node_port=30080))
+        seen = self.pods_seen(topology, topology.client, NODE_IP, 30080, 12)
+        assert set(seen) == {"pod1", "pod2"}
+
+    def test_external_ip(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2), external_ips=[EXTERNAL_IP]))
+        seen = self.pods_seen(topology, topology.client, EXTERNAL_IP, 80, 12)
+        assert set(seen) == {"pod1", "pod2"}
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod in {"pod1", "pod2"}
+
+    def test_load_balancer_ip(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2), type_="LoadBalancer", node_port=30081,
+                                 lb_ips=[LB_IP]))
+        seen = self.pods_seen(topology, topology.client, LB_IP, 80, 12)
+        assert set(seen) == {"pod1", "pod2"}
+
+    def test_endpoint_changes_keep_established_connections(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)))
+        ns = topology.pod("pod3").ns
+        held = topology.connect(ns, CLUSTER_IP, 80)
+        with held:
+            assert read_line(held).startswith(b"pod1 ")
+            # pod1 leaves, pod2 arrives
+            topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
+            wait_until(lambda: self.pods_seen(topology, ns, CLUSTER_IP, 80, 4) == Counter({"pod2": 4}),
+                       timeout=CHANGE_DEADLINE, what="new endpoint in use")
+            held.sendall(b"still there\n")
+            assert read_line(held) == b"still there\n"
+            # and pod1 comes back next to pod2
+            topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1, POD2)))
+            wait_until(lambda: set(self.pods_seen(topology, ns, CLUSTER_IP, 80, 6)) == {"pod1", "pod2"},
+                       timeout=CHANGE_DEADLINE, what="added endpoint in use")
+            held.sendall(b"again\n")
+            assert read_line(held) == b"again\n"
+
+    def test_headless_and_external_name_ignored(self, topology: Topology) -> None:
+        docs = [
+            *web(endpoints=local_eps(POD1)),
+            service("headless", cluster_ip="None", ports=[port(80, target_port=8080)]),
+            endpoint_slice("headless", ports=[{"port": 8080}], endpoints=local_eps(POD2)),
+            service("extname", cluster_ip="", ports=[port(80)], external_name="example.invalid"),
+        ]
+        proc = self.start(topology, docs)
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        assert proc.poll() is None
+
+    def test_broken_manifest_does_not_affect_others(self, topology: Topology) -> None:
+        topology.write_manifest("broken.yaml", "kind: Service\nspec: [unclosed\n  - : :\n")
+        topology.write_manifest("invalid.yaml", [
+            service("bad", cluster_ip="10.96.0.99", ports=[port(70000, target_port=8080)]),
+        ])
+        self.start(topology, web(endpoints=local_eps(POD1)))
+        ns = topology.pod("pod3").ns
+        assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
+        # the daemon keeps applying changes after the bad files
+        topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=CHANGE_DEADLINE,
+                   what="change after a broken file")
+
+    def test_cleanup_leaves_nothing(self, topology: Topology) -> None:
+        proc = self.start(topology, web(endpoints=local_eps(POD1), external_ips=[EXTERNAL_IP]))
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        assert topology.stop_proxyd(proc) == 0
+        result = topology.run_proxyd(["--cleanup"])
+        assert result.returncode == 0, result.stderr
+        self.assert_clean(topology)
+        # and a second cleanup on a clean node is fine
+        assert topology.run_proxyd(["--cleanup"]).returncode == 0
+
+    def test_bulk_transfer_both_directions(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        payload = os.urandom(64 << 20)
+        with topology.connect(topology.pod("pod2").ns, CLUSTER_IP, 80, timeout=30) as sock:
+            greeting = read_line(sock)
+            echoed = echo_transfer(sock, payload)
+        assert greeting.startswith(b"pod1 ")
+        assert len(echoed) == len(payload) + 4
+        assert hashlib.sha256(echoed[:-4]).digest() == hashlib.sha256(payload).digest()
+        assert echoed[-4:] == b"BYE\n"
+
+    def test_half_close(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        with topology.connect(topology.client and topology.pod("pod2").ns, CLUSTER_IP, 80) as sock:
+            read_line(sock)
+            sock.sendall(b"before close\n")
+            sock.shutdown(socket.SHUT_WR)
+            # our direction is closed; the server's keeps sending until it is done
+            received = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        assert received == b"before close\nBYE\n"
+
+    def test_external_traffic_policy_local(self, topology: Topology) -> None:
+        docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], type_="NodePort",
+                   node_port=30082, external_local=True)
+        topology.start_tcp_server("pod2-1", 8080)
+        self.start(topology, docs, tcp=("pod1",))
+        seen = self.pods_seen(topology, topology.client, NODE_IP, 30082, 10)
+        assert seen == Counter({"pod1": 10})
+        # cluster traffic still reaches both
+        seen = self.pods_seen(topology, topology.pod("pod3").ns, CLUSTER_IP, 80, 10)
+        assert set(seen) == {"pod1", "pod2-1"}
+
+
+__all__ = ["CLIENT_IP", "ServiceBehaviour", "pytest"]

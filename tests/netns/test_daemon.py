@@ -1,0 +1,107 @@
+"""The real daemon's lifecycle and observability: health, metrics, healthCheckNodePort, exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+from tests.netns.topology import (
+    HEALTHZ,
+    NODE_IP,
+    endpoint,
+    endpoint_slice,
+    port,
+    service,
+    wait_until,
+)
+
+PROXYD = str(Path(sys.executable).parent / "proxyd")
+
+
+def demo_manifests(topology, *, node: str = "node1") -> None:
+    pod = topology.pod_list[0]
+    topology.start_tcp_server(pod, 8080)
+    topology.write_manifest("demo.yaml", [
+        service("web", cluster_ip="10.96.0.10", type_="LoadBalancer", external_local=True,
+                health_check_node_port=32100, ports=[port(80, target_port=8080, node_port=30080)]),
+        endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint(pod.ip, node=node)]),
+    ])
+
+
+def test_default_bind_addresses_health_and_metrics(topology):
+    demo_manifests(topology)
+    proc = topology.spawn(topology.node, [PROXYD, "--proxy-mode", "userspace", "--manifests",
+                                          str(topology.manifests), "--hostname-override", "node1"],
+                          log_name="proxyd-defaults")
+    # /healthz on 0.0.0.0:10256 by default: reachable from outside the node.
+    status, body = wait_until(
+        lambda: (r := topology.http_get(topology.client, NODE_IP, 10256, "/healthz"))[0] == 200 and r,
+        timeout=20, what="healthz from the client")
+    payload = json.loads(body)
+    assert payload["lastUpdated"] and payload["nodeEligible"] is True
+    assert topology.http_get(topology.client, NODE_IP, 10256, "/livez")[0] == 200
+    assert topology.http_get(topology.client, NODE_IP, 10256, "/metrics")[0] == 404
+    # /metrics on 127.0.0.1:10249 by default: not reachable from outside.
+    assert topology.http_get(topology.client, NODE_IP, 10249, "/metrics", timeout=1)[0] == 0
+    status, text = topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")
+    assert status == 200
+    for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                 "kubeproxy_network_programming_duration_seconds_bucket",
+                 "kubeproxy_sync_proxy_rules_service_changes_total",
+                 "kubeproxy_sync_proxy_rules_endpoint_changes_total"):
+        assert name in text, name
+    assert topology.http_get(topology.node, "127.0.0.1", 10249, "/proxyMode") == (200, "userspace")
+    assert topology.stop_proxyd(proc) == 0
+
+
+def test_sigterm_and_sigint_exit_zero(topology):
+    demo_manifests(topology)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = topology.start_proxyd("userspace")
+        assert topology.kill(proc, sig=sig, wait=15) == 0, topology.log_of(proc)
+
+
+def test_health_check_node_port_follows_local_endpoints(topology):
+    demo_manifests(topology)
+    proc = topology.start_proxyd("userspace")
+    status, body = wait_until(
+        lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
+        timeout=5, what="healthCheckNodePort 200")
+    answer = json.loads(body)
+    assert answer["service"] == {"namespace": "default", "name": "web"}
+    assert answer["localEndpoints"] == 1
+    assert topology.http_get(topology.client, NODE_IP, 32100, "/healthz")[0] == 200
+    assert topology.http_get(topology.client, NODE_IP, 32100, "/other")[0] == 404
+    # The only endpoint moves to another node: this node must stop attracting LB traffic.
+    demo_manifests(topology, node="node2")
+    status, body = wait_until(
+        lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
+        timeout=3, what="healthCheckNodePort 503")
+    assert json.loads(body)["localEndpoints"] == 0
+    topology.stop_proxyd(proc)
+
+
+def test_unusable_bind_address_exits_1_naming_it(topology):
+    demo_manifests(topology)
+    result = topology.run_proxyd(["--proxy-mode", "userspace", "--manifests", str(topology.manifests),
+                                  "--healthz-bind-address", "192.0.2.77:10256"])
+    assert result.returncode == 1
+    assert "--healthz-bind-address" in result.stderr
+
+
+def test_invalid_object_is_counted_and_others_keep_working(topology):
+    demo_manifests(topology)
+    topology.write_manifest("bad.yaml", [
+        service("broken", cluster_ip="10.96.0.300", ports=[port(80)]),
+    ])
+    proc = topology.start_proxyd("userspace")
+    assert topology.hello(topology.node, "10.96.0.10", 80).pod == topology.pod_list[0].name
+    rejected = wait_until(lambda: topology.metric("proxyd_rejected_objects_total") or None, timeout=3,
+                          what="rejected-object metric")
+    assert rejected >= 1
+    assert proc.poll() is None
+    assert topology.http_get(topology.node, *HEALTHZ, "/healthz")[0] == 200
+    topology.stop_proxyd(proc)

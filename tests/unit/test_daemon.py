@@ -1,0 +1,111 @@
+"""The daemon's sync step: full versus partial syncs, failure handling, health and metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxyd import daemon, metrics
+from proxyd.config import Config
+from proxyd.model import (
+    EndpointPort,
+    EndpointSlice,
+    Protocol,
+    Service,
+    ServiceName,
+    ServicePort,
+    ServicePortName,
+    ServiceType,
+    SliceEndpoint,
+)
+from proxyd.modes.base import ProxyMode, SyncRequest
+
+
+class FakeMode(ProxyMode):
+    name = "fake"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.requests: list[SyncRequest] = []
+        self.fail = False
+
+    async def sync(self, request: SyncRequest) -> None:
+        self.requests.append(request)
+        if self.fail:
+            raise RuntimeError("kernel said no")
+
+    @classmethod
+    async def cleanup(cls, config: Config) -> None:
+        pass
+
+
+@pytest.fixture
+def made(tmp_path, monkeypatch):
+    monkeypatch.setattr(daemon, "mode_class", lambda name: FakeMode)
+    config = Config(proxy_mode="userspace", manifests=str(tmp_path), node_name="node1")
+    return daemon.Daemon(config)
+
+
+def service(name: str, ip: str) -> Service:
+    spn = ServicePortName("default", name, "", Protocol.TCP)
+    return Service(ServiceName("default", name), (
+        ServicePort(name=spn, type=ServiceType.CLUSTER_IP, cluster_ip=ip, port=80, protocol=Protocol.TCP),))
+
+
+def endpoints(name: str, *ips: str) -> EndpointSlice:
+    return EndpointSlice("default", f"{name}-1", name, (EndpointPort("", 8080, Protocol.TCP),),
+                         tuple(SliceEndpoint(ip) for ip in ips))
+
+
+async def test_first_sync_is_full_then_partial(made):
+    made.tracker.update_service(ServiceName("default", "a"), service("a", "10.96.0.1"))
+    await made._sync()
+    assert made.mode.requests[-1].changed is None
+    assert made.health.healthy()
+    made.tracker.update_slice(("default", "a-1"), endpoints("a", "10.244.1.2"))
+    await made._sync()
+    request = made.mode.requests[-1]
+    assert request.changed == frozenset({ServiceName("default", "a")})
+    assert [str(ep) for ep in request.state.endpoints_of(ServicePortName("default", "a", "", Protocol.TCP))] == [
+        "10.244.1.2:8080"]
+
+
+async def test_failure_makes_the_retry_full_and_keeps_health_waiting(made):
+    await made._sync()
+    synced = sample(metrics.SYNC_DURATION, "_count")
+    made.mode.fail = True
+    made.tracker.update_service(ServiceName("default", "b"), service("b", "10.96.0.2"))
+    with pytest.raises(RuntimeError):
+        await made._sync()
+    assert made.health._oldest_queued is not None
+    made.mode.fail = False
+    await made._sync()
+    assert made.mode.requests[-1].changed is None  # the change taken by the failed sync is not lost
+    assert ServicePortName("default", "b", "", Protocol.TCP) in made.mode.requests[-1].state.services
+    assert made.health.healthy() and made.health._oldest_queued is None
+    assert sample(metrics.SYNC_DURATION, "_count") == synced + 1  # only successes are timed
+
+
+async def test_periodic_full_sync(made, monkeypatch):
+    await made._sync()
+    await made._sync()
+    assert made.mode.requests[-1].changed == frozenset()
+    made._last_full -= daemon.FULL_SYNC_PERIOD
+    await made._sync()
+    assert made.mode.requests[-1].changed is None
+
+
+def sample(metric, suffix: str) -> float:
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name.endswith(suffix):
+                return s.value
+    raise AssertionError(suffix)
+
+
+async def test_network_programming_latency_recorded(made):
+    before = sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count")
+    made.tracker.update_service(ServiceName("default", "c"), service("c", "10.96.0.3"))
+    await made._sync()
+    assert sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count") == before + 1
+    await made._sync()  # nothing changed: nothing to measure
+    assert sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count") == before + 1
