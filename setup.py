@@ -43,7 +43,6 @@ def _extensions() -> list[Extension]:
     ext = Extension(
         "proxyd._conntable",
         sources=[os.path.join("native", "conntable.pyx")],
-        extra_compile_args=["-O2"],
     )
     try:
         # native/proxyd/_conntable.pxd (found by the module's full name) includes native/conntable.pxd

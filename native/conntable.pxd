@@ -1,12 +1,16 @@
+cimport cython
+
 # Declarations of the Cython connection table (compiled as proxyd._conntable).
 # The pure twin is proxyd/_conntable_py.py; proxyd/conntable.py documents the shared contract.
 
+@cython.final
 cdef class _Aff:
     # one ClientIP affinity entry
     cdef object endpoint
     cdef double last_used
 
 
+@cython.final
 cdef class _Key:
     # one service port: endpoints in round-robin order, their active counts in a C array
     cdef list eps
@@ -20,10 +24,11 @@ cdef class _Key:
     cdef double timeout
     cdef dict affinity           # client ip -> _Aff, least recently used first
 
-    cdef Py_ssize_t slot_of(self, object endpoint)
+    cdef Py_ssize_t slot_of(self, object endpoint) noexcept
     cdef long active_total(self)
 
 
+@cython.final
 cdef class _Flow:
     # one UDP flow, linked into the table's LRU list
     cdef object key
@@ -35,6 +40,7 @@ cdef class _Flow:
     cdef _Flow next
 
 
+@cython.final
 cdef class ConnTable:
     cdef Py_ssize_t max_udp
     cdef dict keys               # key -> _Key
@@ -45,7 +51,7 @@ cdef class ConnTable:
     cdef Py_ssize_t udp_n
 
     cdef _Key _key_for(self, str key)
-    cdef void _forget_if_idle(self, str key, _Key k)
+    cdef void _forget_if_idle(self, str key, _Key k) except *
     cdef list _drop_flows(self, str key, dict flows, list dropped)
-    cdef void _unlink(self, _Flow f)
-    cdef void _move_to_tail(self, _Flow f)
+    cdef void _unlink(self, _Flow f) noexcept
+    cdef void _move_to_tail(self, _Flow f) noexcept

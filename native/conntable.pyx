@@ -17,6 +17,8 @@ chosen for the per-connection hot path (pick, open, close):
   insertion order of the twin's LRU dict, so evictions and expiries match.
 """
 
+cimport cython
+from cpython.long cimport PyLong_AsSsize_t
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -48,12 +50,14 @@ cdef double _check_timeout(object value) except? -1.0:
     return v
 
 
+@cython.final
 cdef class _Aff:
     def __cinit__(self, object endpoint, double last_used):
         self.endpoint = endpoint
         self.last_used = last_used
 
 
+@cython.final
 cdef class _Key:
     def __cinit__(self):
         self.eps = []
@@ -70,7 +74,7 @@ cdef class _Key:
     def __dealloc__(self):
         PyMem_Free(self.counts)
 
-    cdef Py_ssize_t slot_of(self, object endpoint):
+    cdef Py_ssize_t slot_of(self, object endpoint) noexcept:
         """Slot of ``endpoint`` in eps, -1 if absent; identity first, equality as fallback."""
         cdef Py_ssize_t i
         cdef PyObject *p
@@ -83,7 +87,8 @@ cdef class _Key:
         p = PyDict_GetItem(self.index, endpoint)
         if p is NULL:
             return -1
-        return <object>p
+        # index values are the small ints set_endpoints stored: the conversion cannot fail
+        return PyLong_AsSsize_t(<object>p)
 
     cdef long active_total(self):
         cdef long s = 0
@@ -95,10 +100,12 @@ cdef class _Key:
         return s
 
 
+@cython.final
 cdef class _Flow:
     pass
 
 
+@cython.final
 cdef class ConnTable:
     """Per-connection state of userspace mode; see ``proxyd.conntable`` for the contract."""
 
@@ -138,7 +145,7 @@ cdef class ConnTable:
             return k
         return <_Key>p
 
-    cdef void _forget_if_idle(self, str key, _Key k):
+    cdef void _forget_if_idle(self, str key, _Key k) except *:
         if not k.present and k.n == 0 and not k.orphans:
             del self.keys[key]
 
@@ -355,14 +362,14 @@ cdef class ConnTable:
 
     # -- UDP flows -----------------------------------------------------------------------------
 
-    cdef void _unlink(self, _Flow f):
+    cdef void _unlink(self, _Flow f) noexcept:
         f.prev.next = f.next
         f.next.prev = f.prev
         f.prev = None
         f.next = None
         self.udp_n -= 1
 
-    cdef void _move_to_tail(self, _Flow f):
+    cdef void _move_to_tail(self, _Flow f) noexcept:
         cdef _Flow tail
         if f.next is self.head:
             return

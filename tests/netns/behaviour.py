@@ -22,10 +22,7 @@ import time
 from collections import Counter
 from typing import ClassVar
 
-import pytest
-
 from tests.netns.topology import (
-    CLIENT_IP,
     NODE_IP,
     Topology,
     endpoint,
@@ -57,7 +54,7 @@ def local_eps(*ips: str) -> list[dict]:
 
 def refused(topo: Topology, ns: str, ip: str, port_: int, *, timeout: float = 1.0) -> bool:
     """True when a TCP client is turned away (refused or reset) within ``timeout``; False on a hang."""
-    sock = topo.connect_nowait(ns)
+    sock = topo.tcp_socket(ns)
     sock.settimeout(timeout)
     try:
         sock.connect((ip, port_))
@@ -134,8 +131,8 @@ class ServiceBehaviour:
 
     def test_named_multi_port(self, topology: Topology) -> None:
         docs = [
-            service("multi", cluster_ip=CLUSTER_IP,
-                    ports=[port(80, name="http", target_port="web"), port(81, name="alt", target_port="alt")]),
+            service("multi", cluster_ip=CLUSTER_IP, ports=[port(80, name="http", target_port="web"),
+                                                           port(81, name="alt", target_port="alt")]),
             endpoint_slice("multi", ports=[{"name": "http", "port": 8080}, {"name": "alt", "port": 9090}],
                            endpoints=local_eps(POD1)),
         ]
@@ -152,7 +149,7 @@ class ServiceBehaviour:
         ]
         self.start(topology, docs, tcp=(), udp=("pod1", "pod2"))
         ns = topology.pod("pod3").ns
-        sock = topology.socket_udp(ns)
+        sock = topology.udp_socket(ns)
         with sock:
             first, payload, source = topology.udp_hello(ns, CLUSTER_IP, 53, payload=b"q1", sock=sock)
             assert payload == b"q1"
@@ -260,7 +257,7 @@ class ServiceBehaviour:
 
     def test_half_close(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
-        with topology.connect(topology.client and topology.pod("pod2").ns, CLUSTER_IP, 80) as sock:
+        with topology.connect(topology.pod("pod2").ns, CLUSTER_IP, 80) as sock:
             read_line(sock)
             sock.sendall(b"before close\n")
             sock.shutdown(socket.SHUT_WR)
@@ -284,5 +281,3 @@ class ServiceBehaviour:
         seen = self.pods_seen(topology, topology.pod("pod3").ns, CLUSTER_IP, 80, 10)
         assert set(seen) == {"pod1", "pod2-1"}
 
-
-__all__ = ["CLIENT_IP", "ServiceBehaviour", "pytest"]

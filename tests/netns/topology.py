@@ -360,6 +360,12 @@ class Topology:
 
     # -- clients -----------------------------------------------------------------------------------
 
+    def tcp_socket(self, ns: str) -> socket.socket:
+        return socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+
+    def udp_socket(self, ns: str) -> socket.socket:
+        return socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+
     def connect(self, ns: str, ip: str, port: int, *, timeout: float = 5.0) -> socket.socket:
         sock = socket_in(ns)
         sock.settimeout(timeout)

@@ -1,0 +1,217 @@
+"""The userspace planner: which addresses, listeners and endpoint lists a state asks for (no root)."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+
+from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, ServiceType
+from proxyd.modes.userspace.planner import (
+    ListenerKey,
+    Planner,
+    TableEntry,
+    TableKey,
+    merge,
+    nodeport_listen_ips,
+    plan_port,
+)
+from proxyd.nodeaddrs import filter_addresses
+
+TCP, UDP = Protocol.TCP, Protocol.UDP
+
+
+def spn(name: str = "web", port: str = "", protocol: Protocol = TCP, ns: str = "default") -> ServicePortName:
+    return ServicePortName(ns, name, port, protocol)
+
+
+def svc(name: ServicePortName, **kw) -> ServicePort:
+    kw.setdefault("type", ServiceType.CLUSTER_IP)
+    kw.setdefault("cluster_ip", "10.96.0.10")
+    kw.setdefault("port", 80)
+    return ServicePort(name=name, protocol=name.protocol, **kw)
+
+
+def ep(ip: str, port: int = 8080, *, node: str | None = "node1", ready: bool = True,
+       terminating: bool = False, serving: bool | None = None) -> Endpoint:
+    return Endpoint(ip=ip, port=port, ready=ready, serving=ready if serving is None else serving,
+                    terminating=terminating, node_name=node)
+
+
+def state(ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]], node: str = "node1"):
+    return ProxyState(services=MappingProxyType({k: v[0] for k, v in ports.items()}),
+                      endpoints=MappingProxyType({k: v[1] for k, v in ports.items()}), node_name=node)
+
+
+def plan_one(port: ServicePort, endpoints: tuple[Endpoint, ...], nodeport_ips=("0.0.0.0",)):
+    return plan_port(port, endpoints, node_name="node1", node_zone=None, nodeport_ips=list(nodeport_ips))
+
+
+def test_cluster_ip_only() -> None:
+    name = spn()
+    plan = plan_one(svc(name), (ep("10.244.1.11"), ep("10.244.1.12")))
+    assert plan.addresses == ("10.96.0.10",)
+    assert plan.listeners == ((ListenerKey("10.96.0.10", 80, TCP), TableKey(name)),)
+    assert plan.tables == ((TableKey(name), TableEntry((("10.244.1.11", 8080), ("10.244.1.12", 8080)), 0)),)
+
+
+def test_table_key_id_names_port_protocol_and_traffic() -> None:
+    assert TableKey(spn(port="dns", protocol=UDP)).id == "default/web:dns/UDP"
+    assert TableKey(spn(), external=True).id == "default/web/TCP/external"
+    assert TableKey(spn(), external=True) == TableKey(spn(), True, id="anything")
+
+
+def test_node_port_external_ips_and_lb_ips() -> None:
+    name = spn()
+    port = svc(name, type=ServiceType.LOAD_BALANCER, node_port=30080, external_ips=("192.0.2.10",),
+               load_balancer_ips=("192.0.2.20",))
+    plan = plan_one(port, (ep("10.244.1.11"),), nodeport_ips=("203.0.113.1", "fd00::1"))
+    assert plan.addresses == ("10.96.0.10", "192.0.2.10", "192.0.2.20")
+    ext = TableKey(name, external=True)
+    assert dict(plan.listeners) == {
+        ListenerKey("10.96.0.10", 80, TCP): TableKey(name),
+        ListenerKey("192.0.2.10", 80, TCP): ext,
+        ListenerKey("192.0.2.20", 80, TCP): ext,
+        ListenerKey("203.0.113.1", 30080, TCP): ext,  # the v6 node address is skipped for a v4 service
+    }
+
+
+def test_affinity_timeout_is_carried() -> None:
+    plan = plan_one(svc(spn(), affinity_timeout=300), (ep("10.244.1.11"),))
+    assert plan.tables[0][1].affinity_timeout == 300
+
+
+def test_external_policy_local_limits_external_traffic_only() -> None:
+    name = spn()
+    port = svc(name, type=ServiceType.NODE_PORT, node_port=30080, external_policy_local=True)
+    plan = plan_one(port, (ep("10.244.1.11"), ep("10.244.2.11", node="node2")))
+    tables = dict(plan.tables)
+    assert tables[TableKey(name)].endpoints == (("10.244.1.11", 8080), ("10.244.2.11", 8080))
+    assert tables[TableKey(name, external=True)].endpoints == (("10.244.1.11", 8080),)
+
+
+def test_external_policy_local_without_local_endpoint_has_none() -> None:
+    name = spn()
+    port = svc(name, type=ServiceType.NODE_PORT, node_port=30080, external_policy_local=True)
+    plan = plan_one(port, (ep("10.244.2.11", node="node2"),))
+    assert dict(plan.tables)[TableKey(name, external=True)].endpoints == ()
+
+
+def test_internal_policy_local() -> None:
+    name = spn()
+    plan = plan_one(svc(name, internal_policy_local=True), (ep("10.244.1.11"), ep("10.244.2.11", node="node2")))
+    assert dict(plan.tables)[TableKey(name)].endpoints == (("10.244.1.11", 8080),)
+
+
+def test_terminating_endpoints_used_only_when_none_ready() -> None:
+    name = spn()
+    eps = (ep("10.244.1.11", ready=False, serving=True, terminating=True), ep("10.244.1.12"))
+    assert plan_one(svc(name), eps).tables[0][1].endpoints == (("10.244.1.12", 8080),)
+    eps = (ep("10.244.1.11", ready=False, serving=True, terminating=True),
+           ep("10.244.1.12", ready=False, serving=False, terminating=True))
+    assert plan_one(svc(name), eps).tables[0][1].endpoints == (("10.244.1.11", 8080),)
+
+
+def test_no_endpoints_still_listens() -> None:
+    # the listener stays so that clients are refused at once rather than left hanging
+    plan = plan_one(svc(spn()), ())
+    assert plan.listeners and plan.tables[0][1].endpoints == ()
+
+
+def test_duplicate_endpoints_collapse() -> None:
+    plan = plan_one(svc(spn()), (ep("10.244.1.11"), ep("10.244.1.11"), ep("10.244.1.12")))
+    assert plan.tables[0][1].endpoints == (("10.244.1.11", 8080), ("10.244.1.12", 8080))
+
+
+def test_conflicting_listeners_first_service_wins() -> None:
+    a, b = spn("a"), spn("b")
+    plans = {
+        b: plan_one(svc(b, cluster_ip="10.96.0.2", external_ips=("192.0.2.10",)), ()),
+        a: plan_one(svc(a, cluster_ip="10.96.0.1", external_ips=("192.0.2.10",)), ()),
+    }
+    merged = merge(plans)
+    assert merged.listeners[ListenerKey("192.0.2.10", 80, TCP)].name == a
+    assert len(merged.conflicts) == 1 and "default/b" in merged.conflicts[0]
+    assert merged.addresses == {"10.96.0.1", "10.96.0.2", "192.0.2.10"}
+
+
+def test_external_ip_equal_to_cluster_ip_is_not_a_conflict() -> None:
+    name = spn()
+    merged = merge({name: plan_one(svc(name, external_ips=("10.96.0.10",)), ())})
+    assert merged.conflicts == ()
+    assert merged.listeners[ListenerKey("10.96.0.10", 80, TCP)] == TableKey(name)
+
+
+def test_tcp_and_udp_on_one_port_are_separate() -> None:
+    tcp, udp = spn(port="dns-tcp"), spn(port="dns", protocol=UDP)
+    merged = merge({tcp: plan_one(svc(tcp, port=53), ()), udp: plan_one(svc(udp, port=53), ())})
+    assert set(merged.listeners) == {ListenerKey("10.96.0.10", 53, TCP), ListenerKey("10.96.0.10", 53, UDP)}
+    assert merged.conflicts == ()
+
+
+def test_planner_partial_sync_replans_only_changed() -> None:
+    a, b = spn("a"), spn("b")
+    planner = Planner()
+    s1 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),)),
+                b: (svc(b, cluster_ip="10.96.0.2"), (ep("10.244.1.12"),))})
+    full = planner.plan(s1, changed=None, nodeport_ips=["0.0.0.0"])
+    assert full.addresses == {"10.96.0.1", "10.96.0.2"}
+    # b changes, a is unchanged; then a service goes away
+    s2 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),)),
+                b: (svc(b, cluster_ip="10.96.0.2"), (ep("10.244.1.13"),))})
+    part = planner.plan(s2, changed=frozenset({ServiceName("default", "b")}), nodeport_ips=["0.0.0.0"])
+    assert part.tables[TableKey(b)].endpoints == (("10.244.1.13", 8080),)
+    assert part.tables[TableKey(a)].endpoints == (("10.244.1.11", 8080),)
+    s3 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),))})
+    gone = planner.plan(s3, changed=frozenset({ServiceName("default", "b")}), nodeport_ips=["0.0.0.0"])
+    assert gone.addresses == {"10.96.0.1"} and TableKey(b) not in gone.tables
+    # a full plan of the same state from scratch agrees with the incremental one
+    assert Planner().plan(s3, changed=None, nodeport_ips=["0.0.0.0"]) == gone
+
+
+def test_planner_replans_everything_when_node_addresses_change() -> None:
+    name = spn()
+    planner = Planner()
+    s = state({name: (svc(name, type=ServiceType.NODE_PORT, node_port=30080), (ep("10.244.1.11"),))})
+    planner.plan(s, changed=None, nodeport_ips=["203.0.113.1"])
+    plan = planner.plan(s, changed=frozenset(), nodeport_ips=["198.51.100.1"])
+    assert ListenerKey("198.51.100.1", 30080, TCP) in plan.listeners
+    assert ListenerKey("203.0.113.1", 30080, TCP) not in plan.listeners
+
+
+def test_many_services_plan_quickly_enough_to_be_linear() -> None:
+    ports = {}
+    for i in range(3000):
+        name = spn(f"s{i}")
+        ports[name] = (svc(name, cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}"),
+                       (ep(f"10.244.{i % 200}.{i % 250 + 1}"),))
+    plan = Planner().plan(state(ports), changed=None, nodeport_ips=["0.0.0.0"])
+    assert len(plan.listeners) == 3000 and len(plan.addresses) == 3000
+
+
+def test_nodeport_listen_ips() -> None:
+    assert nodeport_listen_ips((), ["203.0.113.1"]) == ["0.0.0.0"]
+    assert nodeport_listen_ips(("203.0.113.0/24",), ["203.0.113.1"]) == ["203.0.113.1"]
+    assert nodeport_listen_ips(("203.0.113.0/24",), []) == []
+
+
+@pytest.mark.parametrize(("addresses", "cidrs", "want"), [
+    (["127.0.0.1", "203.0.113.1", "198.51.100.1"], [], ["127.0.0.1", "198.51.100.1", "203.0.113.1"]),
+    (["127.0.0.1", "203.0.113.1", "198.51.100.1"], ["203.0.113.0/24"], ["203.0.113.1"]),
+    (["203.0.113.1", "fd00::1"], ["fd00::/64"], ["fd00::1"]),
+    (["203.0.113.1", "fd00::1"], ["0.0.0.0/0"], ["203.0.113.1"]),
+    (["203.0.113.1", "203.0.113.1"], ["203.0.113.1/32", "203.0.113.0/24"], ["203.0.113.1"]),
+])
+def test_filter_addresses(addresses, cidrs, want) -> None:
+    assert filter_addresses(addresses, cidrs) == want
+
+
+@pytest.mark.parametrize("bad", [["not-an-ip"], ["300.1.1.1"], [""]])
+def test_filter_addresses_rejects_garbage(bad) -> None:
+    with pytest.raises(ValueError):
+        filter_addresses(bad, [])
+
+
+def test_filter_addresses_rejects_bad_cidr() -> None:
+    with pytest.raises(ValueError):
+        filter_addresses(["10.0.0.1"], ["10.0.0.0/99"])
