@@ -62,7 +62,10 @@ def _extensions() -> list[Extension]:
 class OptionalBuildExt(build_ext):
     """build_ext that degrades to the pure package unless the extension is required."""
 
+    _reported = False
+
     def run(self) -> None:
+        # failures before compiling (no compiler configured at all) land here
         try:
             super().run()
         except Exception as exc:
@@ -77,10 +80,14 @@ class OptionalBuildExt(build_ext):
         _say(f"built the accelerated package: {ext.name} (Cython)")
 
     def _failed(self, exc: Exception) -> None:
+        if not self._reported:
+            self._reported = True
+            if REQUIRE:
+                _say(f"extension build FAILED and PROXYD_REQUIRE_EXTENSIONS is set: {exc}")
+            else:
+                _say(f"extension build failed ({exc}); building the pure-Python package")
         if REQUIRE:
-            _say(f"extension build FAILED and PROXYD_REQUIRE_EXTENSIONS is set: {exc}")
             raise exc
-        _say(f"extension build failed ({exc}); building the pure-Python package")
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

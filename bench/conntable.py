@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -53,10 +54,10 @@ def _pick_open_close(impl: type | None, ops: int, *, affinity: float) -> float:
         start = time.perf_counter()
         for batch in batches:
             opened = []
-            for key, client, now in batch:
+            for key, client, _now in batch:
                 ep = client
                 opened.append((key, ep))
-            for key, ep in opened:
+            for _key, _ep in opened:
                 pass
         return time.perf_counter() - start
     start = time.perf_counter()
@@ -89,7 +90,7 @@ def _udp_lookup(impl: type | None, ops: int) -> float:
     gc.collect()
     start = time.perf_counter()
     if impl is None:
-        for key, client in lookups:
+        for _key, _client in lookups:
             pass
     else:
         for key, client in lookups:
@@ -100,40 +101,51 @@ def _udp_lookup(impl: type | None, ops: int) -> float:
     return elapsed
 
 
-def _best(fn: Callable[[], float], repeat: int) -> float:
-    return min(fn() for _ in range(repeat))
-
-
-def bench_table(impl: type, *, ops: int = 200_000, repeat: int = 3) -> dict[str, float]:
-    """Table operations per second of ``impl`` (a ConnTable class), best of ``repeat``.
-
-    The cost of the benchmark's own loop (iteration, tuple unpacking), timed
-    by running it without the table calls, is subtracted, so the numbers are
-    what the table costs a caller, call overhead included.
-    """
-    out = {}
-    workloads: dict[str, Callable[[type | None], float]] = {
-        "pick_open_close_rr": lambda i: _pick_open_close(i, ops, affinity=0.0),
-        "pick_open_close_affinity": lambda i: _pick_open_close(i, ops, affinity=10800.0),
-        "udp_lookup": lambda i: _udp_lookup(i, ops),
+def _workloads(ops: int) -> dict[str, Callable[[type | None], float]]:
+    return {
+        "pick_open_close_rr": lambda impl: _pick_open_close(impl, ops, affinity=0.0),
+        "pick_open_close_affinity": lambda impl: _pick_open_close(impl, ops, affinity=10800.0),
+        "udp_lookup": lambda impl: _udp_lookup(impl, ops),
     }
-    for name, run in workloads.items():
-        harness = _best(lambda run=run: run(None), repeat)
-        took = _best(lambda run=run: run(impl), repeat)
-        out[name] = ops / max(took - harness, 1e-9)
+
+
+def compare(impls: dict[str, type], *, ops: int = 200_000, repeat: int = 5) -> dict[str, dict[str, float]]:
+    """Table operations per second of each implementation on each workload.
+
+    Runs are interleaved (harness, then each implementation, ``repeat``
+    times) and the best run of each is kept, so drift in the load of a
+    shared machine hits every implementation alike. The cost of the
+    benchmark's own loop (the harness run: the same loop without the table
+    calls) is subtracted: the numbers are what the table costs a caller,
+    call overhead included.
+    """
+    out: dict[str, dict[str, float]] = {name: {} for name in impls}
+    for workload, run in _workloads(ops).items():
+        best = {name: math.inf for name in ("harness", *impls)}
+        for _ in range(repeat):
+            best["harness"] = min(best["harness"], run(None))
+            for name, impl in impls.items():
+                best[name] = min(best[name], run(impl))
+        for name in impls:
+            out[name][workload] = ops / max(best[name] - best["harness"], 1e-9)
     return out
+
+
+def bench_table(impl: type, *, ops: int = 200_000, repeat: int = 5) -> dict[str, float]:
+    """Table operations per second of ``impl`` (a ConnTable class) on each workload; see ``compare``."""
+    return compare({"impl": impl}, ops=ops, repeat=repeat)["impl"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=200_000, help="operations per measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="measurements per workload (best is kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="measurements per workload (best is kept)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     impls: dict[str, type] = {"pure": ConnTablePy}
     if ConnTableNative is not None:
         impls["native"] = ConnTableNative
-    results = {name: bench_table(impl, ops=args.ops, repeat=args.repeat) for name, impl in impls.items()}
+    results = compare(impls, ops=args.ops, repeat=args.repeat)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -5,9 +5,12 @@ cimport cython
 
 @cython.final
 cdef class _Aff:
-    # one ClientIP affinity entry
+    # one ClientIP affinity entry, linked into its key's LRU ring
+    cdef object client
     cdef object endpoint
     cdef double last_used
+    cdef _Aff prev
+    cdef _Aff next
 
 
 @cython.final
@@ -22,10 +25,13 @@ cdef class _Key:
     cdef Py_ssize_t cursor
     cdef Py_ssize_t last_slot    # slot of the last pick: open() right after pick() hits it
     cdef double timeout
-    cdef dict affinity           # client ip -> _Aff, least recently used first
+    cdef dict affinity           # client ip -> _Aff
+    cdef _Aff aff_head           # sentinel of the affinity LRU ring: aff_head.next is least recently used
 
     cdef Py_ssize_t slot_of(self, object endpoint) noexcept
-    cdef long active_total(self)
+    cdef void aff_link_tail(self, _Aff e) noexcept
+    cdef void aff_unlink(self, _Aff e) noexcept
+    cdef Py_ssize_t aff_clear(self) except -1
 
 
 @cython.final
@@ -49,8 +55,11 @@ cdef class ConnTable:
     cdef _Flow head              # sentinel of the LRU ring: head.next is least recently used
     cdef dict udp_keys           # key -> {client: _Flow} in creation order
     cdef Py_ssize_t udp_n
+    cdef object last_key         # key of the last pick/open/close and its _Key: skips a dict lookup
+    cdef _Key last_k
 
     cdef _Key _key_for(self, str key)
+    cdef _Key _key_or_none(self, str key)
     cdef void _forget_if_idle(self, str key, _Key k) except *
     cdef list _drop_flows(self, str key, dict flows, list dropped)
     cdef void _unlink(self, _Flow f) noexcept

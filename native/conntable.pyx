@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+# cython: binding=False, embedsignature=True
 """Cython connection table of userspace mode (built as ``proxyd._conntable``).
 
 The twin of ``proxyd/_conntable_py.py`` with identical observable behaviour;
@@ -24,6 +25,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 
 import math
+
+cdef object _NO_KEY = object()
 
 
 cdef list _normalise(object endpoints):
@@ -52,9 +55,7 @@ cdef double _check_timeout(object value) except? -1.0:
 
 @cython.final
 cdef class _Aff:
-    def __cinit__(self, object endpoint, double last_used):
-        self.endpoint = endpoint
-        self.last_used = last_used
+    pass
 
 
 @cython.final
@@ -70,9 +71,53 @@ cdef class _Key:
         self.last_slot = 0
         self.timeout = 0.0
         self.affinity = {}
+        self.aff_head = _Aff()
+        self.aff_head.prev = self.aff_head
+        self.aff_head.next = self.aff_head
 
     def __dealloc__(self):
+        cdef _Aff e, nxt
         PyMem_Free(self.counts)
+        # break the ring's reference cycles so entries are freed without waiting for the GC
+        if self.aff_head is None:
+            return
+        e = self.aff_head.next
+        while e is not None and e is not self.aff_head:
+            nxt = e.next
+            e.prev = None
+            e.next = None
+            e = nxt
+        self.aff_head.prev = None
+        self.aff_head.next = None
+
+    cdef void aff_link_tail(self, _Aff e) noexcept:
+        cdef _Aff tail = self.aff_head.prev
+        e.prev = tail
+        e.next = self.aff_head
+        tail.next = e
+        self.aff_head.prev = e
+
+    cdef void aff_unlink(self, _Aff e) noexcept:
+        e.prev.next = e.next
+        e.next.prev = e.prev
+        e.prev = None
+        e.next = None
+
+    cdef Py_ssize_t aff_clear(self) except -1:
+        """Drop every entry, breaking the ring's reference cycles; returns how many there were."""
+        cdef _Aff e = self.aff_head.next
+        cdef _Aff nxt
+        cdef Py_ssize_t n = 0
+        while e is not None and e is not self.aff_head:
+            nxt = e.next
+            e.prev = None
+            e.next = None
+            e = nxt
+            n += 1
+        self.aff_head.prev = self.aff_head
+        self.aff_head.next = self.aff_head
+        self.affinity = {}
+        return n
 
     cdef Py_ssize_t slot_of(self, object endpoint) noexcept:
         """Slot of ``endpoint`` in eps, -1 if absent; identity first, equality as fallback."""
@@ -89,15 +134,6 @@ cdef class _Key:
             return -1
         # index values are the small ints set_endpoints stored: the conversion cannot fail
         return PyLong_AsSsize_t(<object>p)
-
-    cdef long active_total(self):
-        cdef long s = 0
-        cdef Py_ssize_t i
-        for i in range(self.n):
-            s += self.counts[i]
-        for v in self.orphans.values():
-            s += <long>v
-        return s
 
 
 @cython.final
@@ -121,6 +157,9 @@ cdef class ConnTable:
         self.head.next = self.head
         self.udp_keys = {}
         self.udp_n = 0
+        # a sentinel no caller can pass, so even a None key goes through the dict
+        self.last_key = _NO_KEY
+        self.last_k = None
 
     def __dealloc__(self):
         # break the LRU ring's reference cycles so flows (and the caller's sockets) are freed promptly
@@ -136,18 +175,32 @@ cdef class ConnTable:
         self.head.prev = None
         self.head.next = None
 
-    cdef _Key _key_for(self, str key):
+    cdef _Key _key_or_none(self, str key):
+        # a connection's pick, open and close usually pass the same key object in a row
+        if key is self.last_key:
+            return self.last_k
         cdef PyObject *p = PyDict_GetItem(self.keys, key)
-        cdef _Key k
         if p is NULL:
+            return None
+        self.last_key = key
+        self.last_k = <_Key>p
+        return self.last_k
+
+    cdef _Key _key_for(self, str key):
+        cdef _Key k = self._key_or_none(key)
+        if k is None:
             k = _Key()
             self.keys[key] = k
-            return k
-        return <_Key>p
+            self.last_key = key
+            self.last_k = k
+        return k
 
     cdef void _forget_if_idle(self, str key, _Key k) except *:
         if not k.present and k.n == 0 and not k.orphans:
             del self.keys[key]
+            if self.last_k is k:
+                self.last_key = _NO_KEY
+                self.last_k = None
 
     # -- services ------------------------------------------------------------------------------
 
@@ -201,13 +254,13 @@ cdef class ConnTable:
         aff = k.affinity
         if aff:
             if timeout == 0.0:
-                self.aff_count -= len(aff)
-                k.affinity = {}
+                self.aff_count -= k.aff_clear()
             else:
                 index = k.index
-                gone = [ip for ip, e in aff.items() if (<_Aff>e).endpoint not in index]
-                for ip in gone:
-                    del aff[ip]
+                gone = [e for e in aff.values() if (<_Aff>e).endpoint not in index]
+                for e in gone:
+                    del aff[(<_Aff>e).client]
+                    k.aff_unlink(<_Aff>e)
                 self.aff_count -= len(gone)
         flows = self.udp_keys.get(key)
         if not flows:
@@ -223,8 +276,7 @@ cdef class ConnTable:
         if p is not NULL:
             k = <_Key>p
             if k.present:
-                self.aff_count -= len(k.affinity)
-                k.affinity = {}
+                self.aff_count -= k.aff_clear()
                 for i in range(k.n):
                     if k.counts[i]:
                         k.orphans[k.eps[i]] = k.counts[i]
@@ -260,16 +312,13 @@ cdef class ConnTable:
     # -- picking -------------------------------------------------------------------------------
 
     def pick(self, str key, str client_ip, double now, exclude=()):
-        cdef PyObject *p = PyDict_GetItem(self.keys, key)
-        cdef _Key k
+        cdef PyObject *p
+        cdef _Key k = self._key_or_none(key)
         cdef _Aff e
         cdef Py_ssize_t n, i, k_, start
         cdef bint has_excl
         cdef double timeout
-        if p is NULL:
-            return None
-        k = <_Key>p
-        if not k.present:
+        if k is None or not k.present:
             return None
         has_excl = bool(exclude)
         timeout = k.timeout
@@ -279,12 +328,14 @@ cdef class ConnTable:
                 e = <_Aff>p
                 if now - e.last_used < timeout:
                     if not has_excl or e.endpoint not in exclude:
-                        del k.affinity[client_ip]
                         e.last_used = now
-                        k.affinity[client_ip] = e
+                        if e.next is not k.aff_head:
+                            k.aff_unlink(e)
+                            k.aff_link_tail(e)
                         return e.endpoint
                 else:
                     del k.affinity[client_ip]
+                    k.aff_unlink(e)
                     self.aff_count -= 1
         n = k.n
         start = k.cursor
@@ -298,9 +349,19 @@ cdef class ConnTable:
             k.cursor = i + 1 if i + 1 < n else 0
             k.last_slot = i
             if timeout > 0.0:
-                if k.affinity.pop(client_ip, None) is None:
+                p = PyDict_GetItem(k.affinity, client_ip)
+                if p is NULL:
+                    e = _Aff()
+                    e.client = client_ip
+                    k.affinity[client_ip] = e
                     self.aff_count += 1
-                k.affinity[client_ip] = _Aff(ep, now)
+                else:
+                    # a live entry whose endpoint was excluded: rebind it
+                    e = <_Aff>p
+                    k.aff_unlink(e)
+                e.endpoint = ep
+                e.last_used = now
+                k.aff_link_tail(e)
             return ep
         return None
 
@@ -318,13 +379,12 @@ cdef class ConnTable:
         self.total += 1
 
     def close(self, str key, endpoint):
-        cdef PyObject *p = PyDict_GetItem(self.keys, key)
-        cdef _Key k
+        cdef PyObject *p
+        cdef _Key k = self._key_or_none(key)
         cdef Py_ssize_t slot
         cdef long c
-        if p is NULL:
+        if k is None:
             return
-        k = <_Key>p
         slot = k.slot_of(endpoint)
         if slot >= 0:
             if k.counts[slot] == 0:
@@ -415,7 +475,7 @@ cdef class ConnTable:
                 return [(key, client, old_ep, old_value)]
         evicted = []
         while self.udp_n >= self.max_udp:
-            victim = self.head.next
+            victim = self.head.prev
             vflows = <dict>self.udp_keys[victim.key]
             del vflows[victim.client]
             if not vflows:
@@ -469,25 +529,19 @@ cdef class ConnTable:
     def sweep(self, double now):
         cdef long removed = 0
         cdef _Key k
-        cdef _Aff e
-        cdef dict aff
+        cdef _Aff e, nxt
         cdef double timeout
-        cdef list dead
         for kobj in self.keys.values():
             k = <_Key>kobj
-            aff = k.affinity
-            if not aff:
-                continue
             timeout = k.timeout
-            dead = []
-            for ip, eobj in aff.items():
-                e = <_Aff>eobj
-                if now - e.last_used < timeout:
-                    break
-                dead.append(ip)
-            for ip in dead:
-                del aff[ip]
-            removed += len(dead)
+            e = k.aff_head.next
+            # "not <" rather than ">=" so a NaN clock behaves as in the twin
+            while e is not k.aff_head and not (now - e.last_used < timeout):
+                nxt = e.next
+                del k.affinity[e.client]
+                k.aff_unlink(e)
+                removed += 1
+                e = nxt
         self.aff_count -= removed
         return removed
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections import Counter
 from typing import ClassVar
+
+import pytest
 
 from tests.netns.topology import (
     NODE_IP,
@@ -100,6 +103,7 @@ class ServiceBehaviour:
 
     mode: ClassVar[str] = ""
     extra_args: ClassVar[tuple[str, ...]] = ()
+    env: ClassVar[dict[str, str]] = {}
 
     def assert_clean(self, topo: Topology) -> None:
         raise NotImplementedError
@@ -108,13 +112,14 @@ class ServiceBehaviour:
 
     def start(self, topo: Topology, docs: list[dict], *, tcp: tuple[str, ...] = ("pod1", "pod2", "pod3"),
               udp: tuple[str, ...] = (), tcp_port: int = 8080, udp_port: int = 5353,
-              extra: tuple[str, ...] = ()):
+              extra: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()):
         for pod in tcp:
             topo.start_tcp_server(pod, tcp_port)
         for pod in udp:
             topo.start_udp_server(pod, udp_port)
         topo.write_manifest("services.yaml", docs)
-        return topo.start_proxyd(self.mode, extra_args=(*self.extra_args, *extra))
+        return topo.start_proxyd(self.mode, extra_args=(*self.extra_args, *extra), env=self.env,
+                                 wrapper=wrapper)
 
     @staticmethod
     def pods_seen(topo: Topology, ns: str, ip: str, port_: int, count: int) -> Counter[str]:
@@ -269,6 +274,39 @@ class ServiceBehaviour:
                     break
                 received += data
         assert received == b"before close\nBYE\n"
+
+    def test_resets_propagate(self, topology: Topology) -> None:
+        # An in-process backend on pod1 that we can make reset on demand.
+        self.start(topology, web(endpoints=[endpoint(POD1, node="node1")]), tcp=())
+        server = topology.tcp_socket(topology.pod("pod1").ns)
+        with server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind((POD1, 8080))
+            server.listen(8)
+            server.settimeout(5)
+            # endpoint resets -> client sees a reset
+            with topology.connect(topology.pod("pod2").ns, CLUSTER_IP, 80) as client:
+                conn, _ = server.accept()
+                conn.sendall(b"hi\n")
+                assert read_line(client) == b"hi\n"
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                with pytest.raises(ConnectionResetError):
+                    client.settimeout(3)
+                    while client.recv(65536):
+                        pass
+            # client resets -> endpoint sees a reset
+            client = topology.connect(topology.pod("pod2").ns, CLUSTER_IP, 80)
+            conn, _ = server.accept()
+            with conn:
+                client.sendall(b"x")
+                conn.settimeout(3)
+                assert conn.recv(1) == b"x"
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                with pytest.raises(ConnectionResetError):
+                    while conn.recv(65536):
+                        pass
 
     def test_external_traffic_policy_local(self, topology: Topology) -> None:
         docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], type_="NodePort",

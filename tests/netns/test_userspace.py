@@ -7,6 +7,8 @@ own), and holds service addresses on ``proxyd0``.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import Counter
 
 from tests.netns.behaviour import (
@@ -17,9 +19,18 @@ from tests.netns.behaviour import (
     POD3,
     ServiceBehaviour,
     local_eps,
+    refused,
     web,
 )
-from tests.netns.topology import POD_GATEWAY, Topology, endpoint_slice, port, service, wait_until
+from tests.netns.topology import (
+    POD_GATEWAY,
+    Topology,
+    endpoint_slice,
+    port,
+    read_line,
+    service,
+    wait_until,
+)
 
 
 def holder_addresses(topo: Topology) -> set[str]:
@@ -43,6 +54,22 @@ class TestUserspace(ServiceBehaviour):
         assert sum(seen.values()) == 12 and set(seen) == {"pod1", "pod2"}
         retries = topology.metric("proxyd_connect_retries_total", {"service": "default/web"})
         assert retries is not None and retries >= 3
+
+    def test_retries_after_connect_timeout(self, topology: Topology) -> None:
+        # 10.244.1.99 has no pod: SYNs go nowhere and the 250 ms dial timeout moves on.
+        self.start(topology, web(endpoints=local_eps("10.244.1.99", POD1)), tcp=("pod1",))
+        ns = topology.pod("pod3").ns
+        timings = []
+        for _ in range(4):
+            started = time.monotonic()
+            assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
+            timings.append(time.monotonic() - started)
+        # The dead endpoint was tried and abandoned after its 250 ms timeout
+        # (round robin moves on past the retried endpoint, as kube-proxy's did).
+        assert any(t >= 0.2 for t in timings), timings
+        assert max(timings) < 2.0, timings
+        retries = topology.metric("proxyd_connect_retries_total", {"service": "default/web"})
+        assert retries is not None and retries >= 1
 
     def test_round_robin_is_exact(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)))
@@ -82,3 +109,127 @@ class TestUserspace(ServiceBehaviour):
                 return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
 
             wait_until(moved, timeout=3, what="flow moved to pod2")
+
+    def test_running_out_of_descriptors_pauses_accepting(self, topology: Topology) -> None:
+        # With 64 descriptors proxyd can hold only a few proxied connections
+        # (two sockets and two pipes each); the rest must wait, not crash it.
+        proc = self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",),
+                          wrapper=("prlimit", "--nofile=64:64"))
+        ns = topology.pod("pod2").ns
+        held = []
+        try:
+            for _ in range(24):
+                held.append(topology.connect(ns, CLUSTER_IP, 80, timeout=2))
+            time.sleep(1.0)
+            assert proc.poll() is None
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80, timeout=1).pod == "pod1", timeout=5,
+                   what="serving again after descriptors came back")
+        pauses = topology.metric("proxyd_accept_pauses_total")
+        rejected = topology.metric("proxyd_connections_rejected_total",
+                                   {"service": "default/web", "reason": "resources"})
+        assert (pauses or 0) + (rejected or 0) >= 1
+        assert proc.poll() is None
+
+
+class TestUserspaceCopyPump:
+    """The recv/send fallback of the pump, for kernels without splice: same data-path tests."""
+
+    mode = "userspace"
+    extra_args = ()
+    env = {"PROXYD_USERSPACE_COPY": "1"}
+    start = ServiceBehaviour.start
+    test_bulk_transfer_both_directions = ServiceBehaviour.test_bulk_transfer_both_directions
+    test_half_close = ServiceBehaviour.test_half_close
+    test_endpoint_changes_keep_established_connections = (
+        ServiceBehaviour.test_endpoint_changes_keep_established_connections)
+    pods_seen = staticmethod(ServiceBehaviour.pods_seen)
+
+
+class TestUserspaceDataPath:
+    """Userspace-only data-path properties: backpressure, metrics, UDP idle expiry, NodePort addresses."""
+
+    mode = "userspace"
+    extra_args = ()
+    env: dict[str, str] = {}
+    start = ServiceBehaviour.start
+
+    def test_backpressure_bounds_buffering(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=())
+        server = topology.tcp_socket(topology.pod("pod1").ns)
+        with server:
+            server.bind((POD1, 8080))
+            server.listen(8)
+            server.settimeout(5)
+            client = topology.connect(topology.pod("pod2").ns, CLUSTER_IP, 80, timeout=10)
+            conn, _ = server.accept()
+            with client, conn:
+                # The client reads nothing: the endpoint must soon be unable to send.
+                conn.setblocking(False)
+                chunk = b"z" * 65536
+                sent = 0
+                stalled_since = None
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    try:
+                        sent += conn.send(chunk)
+                        stalled_since = None
+                    except BlockingIOError:
+                        stalled_since = stalled_since or time.monotonic()
+                        if time.monotonic() - stalled_since > 0.5:
+                            break
+                        time.sleep(0.01)
+                assert stalled_since is not None, "the endpoint never had to wait"
+                # socket buffers on both legs plus one pipe, not the whole stream
+                assert sent < 64 << 20, sent
+                conn.setblocking(True)
+                conn.shutdown(socket.SHUT_WR)
+                received = 0
+                while True:
+                    data = client.recv(1 << 20)
+                    if not data:
+                        break
+                    received += len(data)
+                assert received == sent
+
+    def test_metrics_count_connections_and_bytes(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        ns = topology.pod("pod2").ns
+        with topology.connect(ns, CLUSTER_IP, 80) as sock:
+            read_line(sock)
+            sock.sendall(b"a" * 1000)
+            got = 0
+            while got < 1000:
+                got += len(sock.recv(4096))
+            labels = {"service": "default/web", "protocol": "TCP"}
+            assert topology.metric("proxyd_active_connections", labels) == 1
+        wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=3,
+                   what="connection closed in metrics")
+        assert topology.metric("proxyd_connections_total", labels) == 1
+        web_bytes = {"service": "default/web"}
+        to_endpoint = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
+        to_client = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_client"})
+        assert to_endpoint == 1000
+        assert to_client is not None and to_client >= 1000 + len(b"pod1 x y 8080\n")
+
+    def test_udp_flow_expires_when_idle(self, topology: Topology) -> None:
+        docs = [
+            service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+            endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(POD1, POD2)),
+        ]
+        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "300ms"))
+        ns = topology.pod("pod3").ns
+        with topology.udp_socket(ns) as sock:
+            first = topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod
+            assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == first
+            time.sleep(1.0)
+            # the flow expired; round robin gives the next endpoint to the new flow
+            assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod != first
+
+    def test_nodeport_addresses_limit_where_nodeports_listen(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1), type_="NodePort", node_port=30080), tcp=("pod1",),
+                   extra=("--nodeport-addresses", "203.0.113.0/24"))
+        assert topology.hello(topology.client, "203.0.113.1", 30080).pod == "pod1"
+        assert refused(topology, topology.node2, "198.51.100.1", 30080)

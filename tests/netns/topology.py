@@ -399,15 +399,21 @@ class Topology:
     # -- the daemon --------------------------------------------------------------------------------
 
     def start_proxyd(self, mode: str, manifests_dir: Path | str | None = None,
-                     extra_args: Iterable[str] = (), *, timeout: float = 20.0) -> subprocess.Popen[str]:
-        """Start the real daemon in the node namespace and wait for /healthz 200."""
+                     extra_args: Iterable[str] = (), *, timeout: float = 20.0,
+                     env: Mapping[str, str] | None = None,
+                     wrapper: Sequence[str] = ()) -> subprocess.Popen[str]:
+        """Start the real daemon in the node namespace and wait for /healthz 200.
+
+        ``env`` adds environment variables; ``wrapper`` is a command prefix
+        (e.g. ``["prlimit", "--nofile=64:64"]``).
+        """
         exe = Path(sys.executable).parent / "proxyd"
         argv = [str(exe), "--proxy-mode", mode, "--manifests", str(manifests_dir or self.manifests),
                 "--hostname-override", self.node_name,
                 "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}",
                 "--metrics-bind-address", f"{METRICS[0]}:{METRICS[1]}",
                 "--cluster-cidr", "10.244.0.0/16", *extra_args]
-        proc = self.spawn(self.node, argv, log_name=f"proxyd-{mode}")
+        proc = self.spawn(self.node, [*wrapper, *argv], log_name=f"proxyd-{mode}", env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

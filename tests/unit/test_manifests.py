@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxyd.metrics import REGISTRY
 from proxyd.model import ServiceName
@@ -487,11 +489,12 @@ def test_parse_documents_guards():
     assert parse_documents(b"---\n---\nb: 2\n", is_json=False) == [None, {"b": 2}]
 
 
-async def test_directory_removed_keeps_content(tmp_path, start, caplog):
+@pytest.mark.parametrize("use_inotify", [True, False])
+async def test_directory_removed_keeps_content(tmp_path, start, caplog, use_inotify):
     directory = tmp_path / "m"
     directory.mkdir()
     write(directory / "demo.yaml", service())
-    src, tracker, _ = await start(directory, use_inotify=False, poll_interval=0.1)
+    src, tracker, _ = await start(directory, use_inotify=use_inotify, poll_interval=0.1)
     (directory / "demo.yaml").rename(tmp_path / "demo.yaml")
     directory.rmdir()
     await eventually(lambda: records(caplog, "cannot list the directory"), 2.0, "listing error")
@@ -503,6 +506,12 @@ async def test_directory_removed_keeps_content(tmp_path, start, caplog):
     write(directory / "demo.yaml", service(port=82))
     await eventually(lambda: ServiceName("default", "demo") in tracker.services
                      and tracker.services[ServiceName("default", "demo")].ports[0].port == 82, 2.0, "back")
+    if use_inotify:
+        # Watching again: a later edit is seen without waiting for a rescan.
+        await eventually(lambda: src.watching, 2.0, "watch re-established")
+        write(directory / "demo.yaml", service(port=83))
+        await eventually(lambda: tracker.services[ServiceName("default", "demo")].ports[0].port == 83,
+                         1.0, "edit after re-watch")
 
 
 async def test_inotify_is_used_on_linux(tmp_path, start):
@@ -519,3 +528,43 @@ async def test_polling_fallback_when_inotify_fails(tmp_path, start, monkeypatch)
     assert not src.watching and not src.use_inotify
     write(tmp_path / "demo.yaml", service())
     await eventually(lambda: ServiceName("default", "demo") in tracker.services, 1.0, "polled add")
+
+
+# ------------------------------------------------------------------ hostile bytes
+
+
+YAML_PIECES = ["- ", "[", "]", "{", "}", "&a ", "*a", ": ", "\n", "  ", "? ", "!!binary ",
+               "!!python/object:os.system ", "'", '"', "---\n", "...\n", "#", "%YAML 1.1\n",
+               "<<: ", "0x1F", "1e400", "~", "kind: List\nitems: ", "x"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode)
+       | st.lists(st.sampled_from(YAML_PIECES), max_size=60).map(lambda parts: "".join(parts).encode()))
+def test_parse_documents_never_raises_anything_else(data):
+    for is_json in (False, True):
+        try:
+            docs = parse_documents(data, is_json=is_json)
+        except manifests._Unusable as err:
+            assert err.reason.isprintable()
+            continue
+        src = ManifestSource("/nonexistent", FakeTracker(), on_change=lambda: None)
+        objects = src._convert_all("fuzz.yaml", docs, {})
+        assert isinstance(objects, dict)
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries(
+    {"apiVersion": st.sampled_from(["v1", "discovery.k8s.io/v1"]),
+     "kind": st.sampled_from(["Service", "EndpointSlice", "Endpoints", "Node", "List"])},
+    optional={"metadata": _values, "spec": _values, "items": _values, "subsets": _values,
+              "endpoints": _values, "addressType": _values}) | _values, max_size=5))
+def test_convert_all_never_raises(docs):
+    src = ManifestSource("/nonexistent", FakeTracker(), on_change=lambda: None)
+    assert isinstance(src._convert_all("fuzz.yaml", docs, {}), dict)

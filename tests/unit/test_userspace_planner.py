@@ -6,7 +6,15 @@ from types import MappingProxyType
 
 import pytest
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, ServiceType
+from proxyd.model import (
+    Endpoint,
+    Protocol,
+    ProxyState,
+    ServiceName,
+    ServicePort,
+    ServicePortName,
+    ServiceType,
+)
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Planner,
@@ -99,7 +107,8 @@ def test_external_policy_local_without_local_endpoint_has_none() -> None:
 
 def test_internal_policy_local() -> None:
     name = spn()
-    plan = plan_one(svc(name, internal_policy_local=True), (ep("10.244.1.11"), ep("10.244.2.11", node="node2")))
+    eps = (ep("10.244.1.11"), ep("10.244.2.11", node="node2"))
+    plan = plan_one(svc(name, internal_policy_local=True), eps)
     assert dict(plan.tables)[TableKey(name)].endpoints == (("10.244.1.11", 8080),)
 
 

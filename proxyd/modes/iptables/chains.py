@@ -84,3 +84,48 @@ def sep_chain(name: ServicePortName, endpoint: Endpoint | str) -> str:
 def is_service_chain(chain: str) -> bool:
     """True for per-service chains proxyd/kube-proxy create and may delete."""
     return chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+# The jump rules from the built-in chains, as kube-proxy's iptablesJumpChains:
+# (table, built-in chain, extra match args, comment, target). Each is ensured
+# with ``iptables -C || iptables -I`` (prepended) on every full sync, and
+# removed by cleanup.
+JUMP_RULES: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
+    ("filter", "INPUT", ("-m", "conntrack", "--ctstate", "NEW"),
+     "kubernetes externally-visible service portals", KUBE_EXTERNAL_SERVICES),
+    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"),
+     "kubernetes externally-visible service portals", KUBE_EXTERNAL_SERVICES),
+    ("filter", "INPUT", (), "kubernetes health check service ports", KUBE_NODEPORTS),
+    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes service portals",
+     KUBE_SERVICES),
+    ("filter", "OUTPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes service portals",
+     KUBE_SERVICES),
+    ("filter", "FORWARD", (), "kubernetes forwarding rules", KUBE_FORWARD),
+    ("filter", "INPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
+     KUBE_PROXY_FIREWALL),
+    ("filter", "OUTPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
+     KUBE_PROXY_FIREWALL),
+    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
+     KUBE_PROXY_FIREWALL),
+    ("nat", "OUTPUT", (), "kubernetes service portals", KUBE_SERVICES),
+    ("nat", "PREROUTING", (), "kubernetes service portals", KUBE_SERVICES),
+    ("nat", "POSTROUTING", (), "kubernetes postrouting rules", KUBE_POSTROUTING),
+)
+
+
+def jump_rule_args(extra: tuple[str, ...], comment: str, target: str) -> list[str]:
+    """The argv (after ``-t T -X CHAIN``) of one jump rule, unquoted as exec passes it."""
+    return [*extra, "-m", "comment", "--comment", comment, "-j", target]
+
+
+def jump_rules_text(table: str) -> list[str]:
+    """The jump rules of ``table`` as iptables-restore lines, in the order they end up in the kernel.
+
+    Each is prepended in turn, so the last one ensured comes first.
+    """
+    out = []
+    for tab, chain, extra, comment, target in reversed(JUMP_RULES):
+        if tab == table:
+            out.append(" ".join([f"-A {chain}", *extra, "-m comment --comment", f'"{comment}"',
+                                 f"-j {target}"]))
+    return out

@@ -50,7 +50,7 @@ from proxyd.modes.userspace.planner import (
     TableKey,
     nodeport_listen_ips,
 )
-from proxyd.modes.userspace.stats import Stats, StatsCache
+from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
 from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
 from proxyd.modes.userspace.udp import UdpListener, UdpProxy
 
@@ -93,6 +93,7 @@ class UserspaceMode(ProxyMode):
         self._bind_errors: dict[ListenerKey, str] = {}
         self._conflicts: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.TimerHandle | None = None
         self._started = False
 
     def _stats_of(self, key: TableKey) -> Stats:
@@ -104,14 +105,24 @@ class UserspaceMode(ProxyMode):
         loop = asyncio.get_running_loop()
         limit = _raise_fd_limit()
         # Each UDP flow holds a socket; keep flows well inside the descriptor budget.
-        self.table = ConnTable(max_udp_flows=max(64, min(65536, limit // 4)))
+        max_flows = max(64, min(65536, limit // 4))
+        self.table = ConnTable(max_udp_flows=max_flows)
         metrics.CONNTABLE_IMPLEMENTATION.set(1 if NATIVE else 0)
-        self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of)
+        self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
+                            other_fds=self._udp_fds)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
                             idle_timeout=self.config.udp_idle_timeout)
         await self.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
+        self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
         self._started = True
+
+    def _flush_stats(self) -> None:
+        self.stats.flush()
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
+
+    def _udp_fds(self) -> int:
+        return len(self.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
 
     def _sweep_affinity(self) -> None:
         assert self.table is not None
@@ -197,12 +208,14 @@ class UserspaceMode(ProxyMode):
             for listener in current.values():
                 listener.close()
             current.clear()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._flusher):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._flusher = None
         assert self.tcp is not None and self.udp is not None
         self.udp.close()
         reset = await self.tcp.drain(SHUTDOWN_GRACE)
+        self.stats.flush()
         if reset:
             log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
         self.holder.close()

@@ -19,6 +19,21 @@ from proxyd.modes.userspace.planner import ListenerKey
 BACKLOG = 4096
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV6_FREEBIND = 78
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 15
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    """Options of every proxied TCP socket: no Nagle delay, and keepalive.
+
+    Keepalive (15 s idle, 15 s between probes, like the Go dialer
+    kube-proxy userspace used) reaps connections whose peer vanished
+    silently, which would otherwise hold two sockets and two pipes forever.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
 
 
 def open_socket(key: ListenerKey) -> socket.socket:
@@ -39,6 +54,8 @@ def open_socket(key: ListenerKey) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind((key.ip, key.port))
         if kind == socket.SOCK_STREAM:
+            # Accepted sockets inherit these, so clients cost no extra syscalls.
+            tune_tcp(sock)
             sock.listen(BACKLOG)
     except BaseException:
         sock.close()

@@ -163,8 +163,11 @@ class Planner:
              nodeport_ips: Sequence[str]) -> Plan:
         context = (state.node_name, state.node_zone, tuple(nodeport_ips))
         if context != self._context:
-            changed = None  # node name, zone or addresses moved: everything may differ
+            # Node name, zone or addresses moved: every port may plan differently.
+            changed = None
             self._context = context
+            self._ports.clear()
+            self._inputs.clear()
         if changed is None:
             names: Iterable[ServicePortName] = list(state.services)
             for gone in set(self._ports) - set(state.services):

@@ -20,9 +20,9 @@ Reset: any error on either socket (ECONNRESET, EPIPE, ...) aborts the whole
 connection: both sockets are closed with ``SO_LINGER`` 0, so the peer that
 is still there gets an RST, as it would from the other end directly.
 
-Pipes are sized with ``F_SETPIPE_SZ`` and recycled through a small pool when
-a connection ends with them empty (as HAProxy does), saving four
-descriptors' worth of syscalls per connection. Where splice is unavailable
+Pipes are sized with ``F_SETPIPE_SZ`` and lent from a pool only while a
+direction holds data (as HAProxy does): an idle connection costs two
+descriptors, not six, and a busy one reuses pooled pipes without syscalls. Where splice is unavailable
 (no ``os.splice``, or ``PROXYD_USERSPACE_COPY=1`` in the environment) the same
 state machine copies through a user-space buffer with recv_into/send.
 """
@@ -42,6 +42,7 @@ F_SETPIPE_SZ = 1031
 PIPE_SIZE = 256 * 1024
 COPY_BUFFER = 64 * 1024
 PIPE_POOL_MAX = 256
+STARVED_RETRY = 0.02  # seconds a direction waits before trying again to get a pipe
 USE_SPLICE = hasattr(os, "splice") and os.environ.get("PROXYD_USERSPACE_COPY", "") not in ("1", "true", "yes")
 
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2))
@@ -49,35 +50,53 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class PipePool:
-    """Empty pipes (read fd, write fd, capacity) kept for reuse."""
+    """Pipes (read fd, write fd, capacity) lent to connections while they hold data.
+
+    ``outstanding`` pipes are lent out; up to ``limit`` empty ones wait in
+    the pool. ``fds`` is what both hold, for the descriptor budget.
+    """
 
     def __init__(self, size: int = PIPE_SIZE, limit: int = PIPE_POOL_MAX) -> None:
         self.size = size
         self.limit = limit
+        self.outstanding = 0
         self._free: list[tuple[int, int, int]] = []
+
+    @property
+    def fds(self) -> int:
+        return 2 * (self.outstanding + len(self._free))
 
     def get(self) -> tuple[int, int, int]:
         if self._free:
+            self.outstanding += 1
             return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             capacity = fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
         except OSError:
             capacity = 65536  # the kernel default; the limit may be lower for this user
+        self.outstanding += 1
         return r, w, capacity
 
     def put(self, pipe: tuple[int, int, int], *, empty: bool) -> None:
+        self.outstanding -= 1
         if empty and len(self._free) < self.limit:
             self._free.append(pipe)
         else:
             os.close(pipe[0])
             os.close(pipe[1])
 
-    def close(self) -> None:
+    def trim(self) -> int:
+        """Close every pooled pipe (descriptors ran short); how many were closed."""
+        count = len(self._free)
         while self._free:
             r, w, _ = self._free.pop()
             os.close(r)
             os.close(w)
+        return count
+
+    def close(self) -> None:
+        self.trim()
 
 
 def abort(sock: socket.socket) -> None:
@@ -88,27 +107,35 @@ def abort(sock: socket.socket) -> None:
 
 
 class Half:
-    """One direction of a proxied connection: ``src`` → pipe → ``dst``."""
+    """One direction of a proxied connection: ``src`` → pipe → ``dst``.
+
+    The pipe is borrowed from the pool when data arrives and given back as
+    soon as it is drained, so an idle connection holds two sockets and no
+    pipe. When no pipe can be had (descriptors ran out) the direction stops
+    reading for ``STARVED_RETRY`` seconds and tries again: data waits in the
+    socket buffers, nothing is lost or reset.
+    """
 
     __slots__ = ("buffered", "capacity", "conn", "dfd", "dst", "eof", "finished", "loop", "nbytes", "pipe",
-                 "reading", "sfd", "src", "writing")
+                 "pool", "reading", "retry", "sfd", "src", "writing")
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket,
-                 pipe: tuple[int, int, int] | None) -> None:
+    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
         self.conn = conn
         self.loop = conn.loop
+        self.pool = conn.pool
         self.src = src
         self.dst = dst
         self.sfd = src.fileno()
         self.dfd = dst.fileno()
-        self.pipe = pipe
-        self.capacity = pipe[2] if pipe else COPY_BUFFER
+        self.pipe: tuple[int, int, int] | None = None
+        self.capacity = COPY_BUFFER
         self.buffered = 0
         self.nbytes = 0
         self.eof = False
         self.finished = False
         self.reading = False
         self.writing = False
+        self.retry: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self.reading = True
@@ -121,11 +148,30 @@ class Half:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.dfd)
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+
+    def release(self) -> None:
+        """Give the pipe back (at close, also when it still holds data: it is then closed)."""
+        if self.pipe is not None:
+            self.pool.put(self.pipe, empty=self.buffered == 0)  # type: ignore[union-attr]
+            self.pipe = None
 
     def on_readable(self) -> None:
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pool.get()  # type: ignore[union-attr]
+            except OSError as err:
+                self._starved(err)
+                return
+            self.pipe = pipe
         try:
-            n = os.splice(self.sfd, self.pipe[1], self.capacity, flags=_SPLICE_FLAGS)  # type: ignore[index]
+            n = os.splice(self.sfd, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
+            if not self.buffered:
+                self.release()
             return
         except OSError:
             self.conn.abort()
@@ -135,6 +181,19 @@ class Half:
             return
         self.buffered += n
         self.flush()
+
+    def _starved(self, err: OSError) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sfd)
+        self.retry = self.loop.call_later(STARVED_RETRY, self._retry)
+        self.conn.starved(err)
+
+    def _retry(self) -> None:
+        self.retry = None
+        if not self.conn.closed and not self.eof and not self.reading and not self.buffered:
+            self.reading = True
+            self.loop.add_reader(self.sfd, self.on_readable)
 
     def on_writable(self) -> None:
         self.flush()
@@ -166,6 +225,8 @@ class Half:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.dfd)
+        if self.pipe is not None:
+            self.release()
         if self.eof:
             self._finish()
         elif not self.reading:
@@ -174,6 +235,8 @@ class Half:
 
     def _on_eof(self) -> None:
         self.eof = True
+        if self.pipe is not None and not self.buffered:
+            self.release()
         if self.reading:
             self.reading = False
             self.loop.remove_reader(self.sfd)
@@ -198,7 +261,7 @@ class CopyHalf(Half):
     __slots__ = ("buf", "offset", "view")
 
     def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
-        super().__init__(conn, src, dst, None)
+        super().__init__(conn, src, dst)
         self.buf = bytearray(COPY_BUFFER)
         self.view = memoryview(self.buf)
         self.offset = 0
@@ -234,28 +297,19 @@ class CopyHalf(Half):
 
 
 class Connection:
-    """A client socket joined to an endpoint socket; calls ``on_close(self)`` once at the end."""
+    """A client socket joined to an endpoint socket; calls ``on_close(self)`` once at the end.
 
-    __slots__ = (
-        "backend",
-        "client",
-        "closed",
-        "done_halves",
-        "endpoint",
-        "flushed_in",
-        "flushed_out",
-        "key",
-        "loop",
-        "on_close",
-        "pipes",
-        "pool",
-        "to_client",
-        "to_endpoint",
-    )
+    ``on_starved(err)`` is called when a direction could not get a pipe
+    (the owner pauses accepting); the direction retries by itself.
+    """
+
+    __slots__ = ("backend", "client", "closed", "done_halves", "endpoint", "flushed_in", "flushed_out", "key",
+                 "loop", "on_close", "on_starved", "pool", "to_client", "to_endpoint")
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
                  key: object, endpoint: tuple[str, int], pool: PipePool | None,
-                 on_close: Callable[[Connection], None]) -> None:
+                 on_close: Callable[[Connection], None],
+                 on_starved: Callable[[OSError], None] | None = None) -> None:
         self.loop = loop
         self.client = client
         self.backend = backend
@@ -263,23 +317,25 @@ class Connection:
         self.endpoint = endpoint
         self.pool = pool
         self.on_close = on_close
+        self.on_starved = on_starved
         self.closed = False
         self.done_halves = 0
         self.flushed_in = 0
         self.flushed_out = 0
         if pool is not None:
-            up, down = pool.get(), pool.get()
-            self.pipes = (up, down)
-            self.to_endpoint: Half = Half(self, client, backend, up)
-            self.to_client: Half = Half(self, backend, client, down)
+            self.to_endpoint: Half = Half(self, client, backend)
+            self.to_client: Half = Half(self, backend, client)
         else:
-            self.pipes = ()
             self.to_endpoint = CopyHalf(self, client, backend)
             self.to_client = CopyHalf(self, backend, client)
 
     def start(self) -> None:
         self.to_endpoint.start()
         self.to_client.start()
+
+    def starved(self, err: OSError) -> None:
+        if self.on_starved is not None:
+            self.on_starved(err)
 
     def take_bytes(self) -> tuple[int, int]:
         """Bytes moved (to endpoint, to client) since the last call."""
@@ -303,17 +359,15 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self.to_endpoint.stop()
-        self.to_client.stop()
+        for half in (self.to_endpoint, self.to_client):
+            half.stop()
+            half.release()
         if reset:
             abort(self.client)
             abort(self.backend)
         else:
             self.client.close()
             self.backend.close()
-        if self.pool is not None:
-            self.pool.put(self.pipes[0], empty=self.to_endpoint.buffered == 0)
-            self.pool.put(self.pipes[1], empty=self.to_client.buffered == 0)
         self.on_close(self)
 
 

@@ -29,14 +29,23 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Collection
 from typing import Protocol
 
 from proxyd import metrics
+from proxyd.modes.userspace.listeners import tune_tcp
 from proxyd.modes.userspace.planner import TableKey
-from proxyd.modes.userspace.pump import USE_SPLICE, Connection, PipePool, abort, is_fd_exhaustion
+from proxyd.modes.userspace.pump import (
+    PIPE_POOL_MAX,
+    USE_SPLICE,
+    Connection,
+    PipePool,
+    abort,
+    is_fd_exhaustion,
+)
 from proxyd.modes.userspace.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -44,7 +53,8 @@ log = logging.getLogger(__name__)
 # kube-proxy userspace's EndpointDialTimeouts: one connect attempt per entry.
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
-ACCEPT_PAUSE = 0.1
+RESUME_AFTER = 1.0  # longest accept pause when no connection ends to free descriptors
+FD_RESERVE = 16  # descriptors kept free for HTTP servers, netlink, manifests and the like
 BYTES_FLUSH_INTERVAL = 5.0
 
 
@@ -83,12 +93,19 @@ class _Dial:
             self.tried.append(ep)
             timeout = DIAL_TIMEOUTS[self.attempt]
             self.attempt += 1
+            family = socket.AF_INET6 if ":" in ep[0] else socket.AF_INET
             try:
-                sock = socket.socket(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET,
-                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as err:
-                log.warning("%s: cannot create a socket to %s: %s", self.key, ep, err)
-                break
+                # Pooled pipes hold descriptors: give them back and try once more.
+                if not (is_fd_exhaustion(err) and proxy.trim_pool()):
+                    self._out_of_resources(err)
+                    return
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                except OSError as again:
+                    self._out_of_resources(again)
+                    return
             code = sock.connect_ex(ep)
             if code == 0:
                 self.backend = sock
@@ -142,6 +159,13 @@ class _Dial:
         assert sock is not None
         self.proxy.established(self.client, sock, self.key, ep, self.stats)
 
+    def _out_of_resources(self, err: OSError) -> None:
+        if is_fd_exhaustion(err):
+            self.proxy.pause(f"no descriptor for an endpoint socket ({err.strerror})")
+        else:
+            log.warning("%s: cannot create an endpoint socket: %s", self.key, err)
+        self._give_up("resources")
+
     def _give_up(self, reason: str) -> None:
         self.stats.reject(reason)
         abort(self.client)
@@ -154,30 +178,92 @@ class _Dial:
 
 
 class TcpProxy:
-    """Every proxied TCP connection of the mode, independent of listeners."""
+    """Every proxied TCP connection of the mode, independent of listeners.
+
+    Descriptor budget: the proxy keeps an estimate of the descriptors the
+    process holds (those open at start, listeners, two sockets per
+    connection, pipes lent or pooled, and ``other_fds()`` for UDP). When
+    another connection would leave fewer than ``FD_RESERVE`` free, or the
+    kernel says EMFILE/ENFILE anyway, accepting pauses on every listener at
+    once; it resumes when a connection ends (or ``RESUME_AFTER`` later) and
+    the estimate allows. Clients meanwhile wait in the listen backlog
+    instead of being reset.
+    """
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, table: EndpointTable,
-                 stats_of: Callable[[TableKey], Stats]) -> None:
+                 stats_of: Callable[[TableKey], Stats], fd_limit: int = 1 << 20,
+                 other_fds: Callable[[], int] = lambda: 0) -> None:
         self.loop = loop
         self.table = table
         self.stats_of = stats_of
-        self.pool = PipePool() if USE_SPLICE else None
+        self.fd_limit = fd_limit
+        self.other_fds = other_fds
+        self.base_fds = _open_fds()
+        # Pooled pipes keep two descriptors each: a small share of the budget.
+        self.pool = PipePool(limit=min(PIPE_POOL_MAX, fd_limit // 32)) if USE_SPLICE else None
         self.connections: set[Connection] = set()
         self.dialing: set[_Dial] = set()
+        self.listeners: set[TcpListener] = set()
+        self.accepting = True
+        self._resume_timer: asyncio.TimerHandle | None = None
+        self._last_pause_log = 0.0
         self._flusher: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
+
+    def fds_in_use(self) -> int:
+        """Estimated descriptors held by the process."""
+        pipes = self.pool.fds if self.pool is not None else 0
+        return (self.base_fds + len(self.listeners) + 2 * (len(self.connections) + len(self.dialing))
+                + pipes + self.other_fds())
+
+    def _full(self) -> bool:
+        return self.fds_in_use() + 2 + FD_RESERVE > self.fd_limit
+
+    def pause(self, why: str) -> None:
+        """Stop accepting on every listener until a connection ends (or ``RESUME_AFTER``)."""
+        if not self.accepting:
+            return
+        self.accepting = False
+        metrics.ACCEPT_PAUSES.inc()
+        now = time.monotonic()
+        if now - self._last_pause_log >= 10:
+            self._last_pause_log = now
+            log.warning("userspace: pausing accepting: %s (%d connections open, ~%d of %d descriptors)",
+                        why, len(self.connections), self.fds_in_use(), self.fd_limit)
+        for listener in self.listeners:
+            listener.stop_reading()
+        self._resume_timer = self.loop.call_later(RESUME_AFTER, self.resume)
+
+    def resume(self) -> None:
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        if self.accepting:
+            return
+        if self._full():
+            self._resume_timer = self.loop.call_later(RESUME_AFTER, self.resume)
+            return
+        self.accepting = True
+        for listener in self.listeners:
+            listener.start_reading()
+
+    def trim_pool(self) -> bool:
+        """Free the pooled pipes' descriptors; True when there were any."""
+        return self.pool is not None and self.pool.trim() > 0
 
     def handle(self, client: socket.socket, client_ip: str, key: TableKey) -> None:
         stats = self.stats_of(key)
         _Dial(self, client, client_ip, key, stats).next()
+        if self._full():
+            self.pause("descriptor limit near")
 
     def established(self, client: socket.socket, backend: socket.socket, key: TableKey,
                     ep: tuple[str, int], stats: Stats) -> None:
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The client socket inherited the same options from its listener.
+            tune_tcp(backend)
             conn = Connection(loop=self.loop, client=client, backend=backend, key=key, endpoint=ep,
-                              pool=self.pool, on_close=self._closed)
+                              pool=self.pool, on_close=self._closed, on_starved=self._starved)
         except OSError as err:
             # Out of descriptors for pipes, or the client already reset.
             log.debug("%s: cannot start pumping: %s", key, err)
@@ -186,21 +272,24 @@ class TcpProxy:
             abort(backend)
             return
         self.table.open(key.id, ep)
-        stats.active.inc()
-        stats.total.inc()
+        stats.opened()
         self.connections.add(conn)
         conn.start()
         if self._flusher is None:
             self._flusher = self.loop.call_later(BYTES_FLUSH_INTERVAL, self._flush_bytes)
 
+    def _starved(self, err: OSError) -> None:
+        self.pause(f"no descriptors for pipes ({err.strerror})")
+
     def _closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if not self.accepting:
+            self.resume()
         if self._drained is not None and not self.connections:
             self._drained.set()
         key: TableKey = conn.key  # type: ignore[assignment]
         stats = self.stats_of(key)
-        stats.active.dec()
-        stats.add_bytes(*conn.take_bytes())
+        stats.closed(*conn.take_bytes())
         self.table.close(key.id, conn.endpoint)
 
     def _flush_bytes(self) -> None:
@@ -212,6 +301,9 @@ class TcpProxy:
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` seconds for connections to end, then reset the rest; how many were reset."""
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
         for dial in list(self.dialing):
             dial.cancel()
         if self.connections:
@@ -229,6 +321,13 @@ class TcpProxy:
         return len(left)
 
 
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64
+
+
 class TcpListener:
     """A listening socket feeding accepted connections for one table key to the ``TcpProxy``."""
 
@@ -237,17 +336,29 @@ class TcpListener:
         self.sock = sock
         self.key = key
         self.loop = proxy.loop
-        self._paused: asyncio.TimerHandle | None = None
+        self.reading = False
         self._fd = sock.fileno()
-        self.loop.add_reader(self._fd, self._on_accept)
+        proxy.listeners.add(self)
+        if proxy.accepting:
+            self.start_reading()
 
     def retarget(self, key: TableKey) -> None:
         """Serve another table key from now on (the listener changed owner)."""
         self.key = key
 
+    def start_reading(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.loop.add_reader(self._fd, self._on_accept)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self._fd)
+
     def _on_accept(self) -> None:
         accept = self.sock.accept
-        handle = self.proxy.handle
+        proxy = self.proxy
         key = self.key
         for _ in range(ACCEPT_BATCH):
             try:
@@ -258,27 +369,16 @@ class TcpListener:
                 continue
             except OSError as err:
                 if is_fd_exhaustion(err):
-                    self._pause(err)
+                    proxy.pause(f"accept: {err.strerror}")
                 else:
                     log.warning("accept on %s failed: %s", self.sock.getsockname(), err)
                 return
             client.setblocking(False)
-            handle(client, addr[0], key)
-
-    def _pause(self, err: OSError) -> None:
-        metrics.ACCEPT_PAUSES.inc()
-        log.warning("accept on %s: %s; pausing %.1fs", self.sock.getsockname(), err.strerror, ACCEPT_PAUSE)
-        self.loop.remove_reader(self._fd)
-        self._paused = self.loop.call_later(ACCEPT_PAUSE, self._resume)
-
-    def _resume(self) -> None:
-        self._paused = None
-        self.loop.add_reader(self._fd, self._on_accept)
+            proxy.handle(client, addr[0], key)
+            if not proxy.accepting:
+                return
 
     def close(self) -> None:
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
-        else:
-            self.loop.remove_reader(self._fd)
+        self.stop_reading()
+        self.proxy.listeners.discard(self)
         self.sock.close()

@@ -1,0 +1,309 @@
+"""``python -m bench``: one run that compares every proxy mode with HAProxy and the direct path.
+
+Steps, all inside network namespaces made for the run (nothing leaves the
+machine; ``tests.netns.topology`` builds and removes them):
+
+1. topology: client, node (the proxy's home), three backend pods on routed
+   veths; nginx (1 KiB file) in every pod, an iperf3 server in the first,
+   greeting servers in the first two; HAProxy in the node namespace;
+   manifests for proxyd (``paths.py`` names the service addresses);
+2. data path: ``rounds`` rounds; each round runs every path (in a rotated
+   order, so drift does not favour one path) through bulk, keep-alive and
+   new-connection load (``dataplane.py``); proxyd modes are started for
+   their turn and stopped after it;
+3. network-programming latency per available mode (``programming.py``);
+4. sync time vs service count per mode (``syncscale.py``, which runs the
+   modes' own ``bench/sync_scale*.py`` scripts);
+5. JSON with every raw sample, Markdown (``report.py``) and PNG plots
+   (``plots.py``) under ``bench/results/``; each target printed met / not met.
+
+Pinning: load generator and backends on CPU 0, proxies on CPU 1. Every
+wait has a timeout, every loop a bound, and the run has a time budget after
+which no new round starts. Ctrl-C and SIGTERM unwind through the topology's
+teardown, which kills every process and deletes every namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import dataplane, paths, plots, programming, report, syncscale
+from bench.servers import HTTP_PORT, IPERF_PORT, start_haproxy, start_iperf3, start_nginx
+from tests.netns.topology import NODE_IP, Topology, endpoint, endpoint_slice, netns_available, port, service
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("userspace", "iptables", "ipvs")
+PROG_PORT = programming.PROG_PORT
+NEEDED_TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "taskset", "ss", "ip")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    rounds: int
+    seconds: float  # per load-generator run
+    connections: int  # wrk connections
+    sync_services: tuple[int, ...]
+    programming_samples: int
+    data_budget: float  # seconds into the run after which no new data-path round starts
+    total_budget: float  # seconds into the run after which no sync-scale point starts or runs on
+
+
+QUICK = Plan(rounds=2, seconds=1.5, connections=16, sync_services=(1000,), programming_samples=3,
+             data_budget=60.0, total_budget=112.0)
+FULL = Plan(rounds=5, seconds=5.0, connections=16, sync_services=(1000, 10000, 30000), programming_samples=10,
+            data_budget=480.0, total_budget=870.0)
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def manifests(topo: Topology) -> None:
+    """Services for proxyd: HTTP over every pod's nginx, bulk to the iperf3 pod."""
+    pods = topo.pod_list
+    http_port = [port(HTTP_PORT, name="http", target_port=HTTP_PORT)]
+    bulk_port = [port(IPERF_PORT, name="iperf", target_port=IPERF_PORT)]
+    topo.write_manifest("bench-http.yaml", [
+        service("bench-http", cluster_ip=paths.HTTP_VIP, ports=http_port),
+        endpoint_slice("bench-http", ports=[{"name": "http", "port": HTTP_PORT}],
+                       endpoints=[endpoint(p.ip) for p in pods])])
+    topo.write_manifest("bench-bulk.yaml", [
+        service("bench-bulk", cluster_ip=paths.BULK_VIP, ports=bulk_port),
+        endpoint_slice("bench-bulk", ports=[{"name": "iperf", "port": IPERF_PORT}],
+                       endpoints=[endpoint(pods[0].ip)])])
+    topo.write_manifest(programming.FILENAME, programming.manifest(pods[0]))
+
+
+def setup(topo: Topology) -> Any:
+    """Backends, HAProxy, sysctls and manifests; returns the HAProxy process."""
+    for ns in (topo.client, topo.node, *(p.ns for p in topo.pod_list)):
+        # Tens of thousands of short connections per run: allow TIME_WAIT reuse and a wide port range.
+        topo.sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65000")
+        topo.sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
+        topo.sysctl(ns, "net.core.somaxconn", "4096")
+    for pod in topo.pod_list:
+        # nginx closes first, so TIME_WAIT sits in the pods. Behind a masquerading kernel mode, one client's
+        # connections all come from the node IP with ports the NAT picks at random; a SYN that lands on a
+        # TIME_WAIT entry with an unrelated sequence number is answered with an ACK, reset, and retried
+        # after the 1 s SYN timeout, so the measurement would be of that artefact of a single load
+        # generator, not of the proxy. Without TIME_WAIT in the backends every path is treated alike.
+        topo.sysctl(pod.ns, "net.ipv4.tcp_max_tw_buckets", "0")
+    work = topo.manifests.parent / "bench"
+    for pod in topo.pod_list:
+        start_nginx(topo, pod, workdir=work / f"nginx-{pod.name}")
+    start_iperf3(topo, topo.pod_list[0])
+    for pod in topo.pod_list[:2]:
+        topo.start_tcp_server(pod, PROG_PORT)
+    manifests(topo)
+    return start_haproxy(topo, workdir=work / "haproxy", listeners=[
+        (NODE_IP, paths.HAPROXY_HTTP_PORT, [(p.ip, HTTP_PORT) for p in topo.pod_list]),
+        (NODE_IP, paths.HAPROXY_BULK_PORT, [(topo.pod_list[0].ip, IPERF_PORT)]),
+    ])
+
+
+def measure_path(topo: Topology, *, name: str, running: paths.Running, plan: Plan, round_: int,
+                 script: Path) -> list[dict[str, Any]]:
+    ends = running.endpoints
+    runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("bulk", lambda: dataplane.bulk(topo, target=ends.bulk, seconds=plan.seconds, meter=running.meter)),
+        ("keepalive", lambda: dataplane.http(topo, target=ends.http, seconds=plan.seconds,
+                                             connections=plan.connections, close=False, meter=running.meter,
+                                             script=script)),
+        ("newconn", lambda: dataplane.http(topo, target=ends.http, seconds=plan.seconds,
+                                           connections=plan.connections, close=True, meter=running.meter,
+                                           script=script)),
+    ]
+    samples = []
+    for metric, fn in runs:
+        sample = {"round": round_, "path": name, **fn(), "meter": running.meter.describe()}
+        if sample.get("error"):
+            _log(f"  {name} {metric}: FAILED {sample['error'][:200]}")
+        samples.append(sample)
+    return samples
+
+
+def data_path(topo: Topology, haproxy_proc: Any, *, plan: Plan, modes: Sequence[str],
+              results: dict[str, Any], started: float) -> None:
+    script = dataplane.write_wrk_script(topo.manifests.parent)
+    proxyd = {f"proxyd-{m}": paths.ProxydPath(topo, m) for m in modes}
+    order = ["direct", "haproxy", *proxyd]
+    results["paths"] = order
+    for round_ in range(plan.rounds):
+        if time.monotonic() - started > plan.data_budget:
+            results["notes"].append(f"time budget {plan.data_budget:.0f}s reached: "
+                                    f"stopped after {round_} rounds")
+            break
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
+            if name in results["skipped"]:
+                continue
+            _log(f"round {round_ + 1}/{plan.rounds}: {name}")
+            if name == "direct":
+                running = paths.direct(topo)
+            elif name == "haproxy":
+                running = paths.haproxy(haproxy_proc)
+            else:
+                try:
+                    running = proxyd[name].start()
+                except RuntimeError as err:
+                    results["skipped"][name] = f"proxyd did not come up: {str(err)[-800:]}"
+                    _log(f"  {name}: skipped: {str(err)[-300:]}")
+                    proxyd[name].stop()
+                    continue
+            try:
+                results["samples"] += measure_path(topo, name=name, running=running, plan=plan,
+                                                   round_=round_, script=script)
+            finally:
+                if name in proxyd:
+                    note = proxyd[name].stop()
+                    if note:
+                        results["notes"].append(f"round {round_} {name}: {note}")
+
+
+def programming_latency(topo: Topology, *, plan: Plan, modes: Sequence[str],
+                        results: dict[str, Any]) -> None:
+    out = results["control"].setdefault("programming", {})
+    for mode in modes:
+        name = f"proxyd-{mode}"
+        if name in results["skipped"]:
+            out[mode] = {"seconds": [], "skipped": results["skipped"][name]}
+            continue
+        _log(f"network programming latency: {mode}")
+        path = paths.ProxydPath(topo, mode)
+        try:
+            path.start()
+            out[mode] = programming.measure(topo, pods=topo.pod_list[:2], samples=plan.programming_samples)
+        except RuntimeError as err:
+            out[mode] = {"seconds": [], "error": str(err)[-500:]}
+        finally:
+            path.stop()
+
+
+def meta(plan: Plan, quick: bool) -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "run": "quick" if quick else "full",
+            "kernel": platform.release(), "cpu": f"{cpu_model} × {os.cpu_count()}",
+            "rounds": plan.rounds, "seconds per run": plan.seconds, "wrk connections": plan.connections,
+            "pinning": "load+backends CPU 0, proxy CPU 1"}
+
+
+def write_outputs(results: dict[str, Any], *, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    written.append(json_path)
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(report.markdown(results))
+    written.append(md_path)
+    try:
+        for maker, suffix in ((plots.dataplane, "dataplane"), (plots.control, "control")):
+            made = maker(results, out_dir / f"{stem}-{suffix}.png")
+            if made:
+                written.append(made)
+    except ImportError as err:
+        _log(f"plots skipped: matplotlib missing ({err}); pip install -e '.[bench]'")
+    return written
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke: 2 short rounds, 1k services (< 2 min)")
+    parser.add_argument("--modes", default=",".join(MODES), help="proxyd modes to include (comma separated)")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument("--seconds", type=float, help="override seconds per load-generator run")
+    parser.add_argument("--no-sync-scale", action="store_true", help="skip the control-plane scale runs")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output directory (default {RESULTS})")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.rounds is not None and not 1 <= args.rounds <= 50:
+        parser.error("--rounds must be 1..50")
+    if args.seconds is not None and not 0.5 <= args.seconds <= 120:
+        parser.error("--seconds must be 0.5..120")
+    args.modes = modes
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C so every ``finally`` and the topology's teardown run.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = netns_available()
+    missing = [t for t in NEEDED_TOOLS if shutil.which(t) is None]
+    if problem or missing:
+        print(f"bench: cannot run: {problem or 'missing tools: ' + ', '.join(missing)}", file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs at least 2 CPUs (load on CPU 0, proxy on CPU 1)", file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    plan = replace(plan, rounds=args.rounds or plan.rounds, seconds=args.seconds or plan.seconds)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    results: dict[str, Any] = {"meta": meta(plan, args.quick), "plan": asdict(plan), "paths": [],
+                               "skipped": {}, "cpu_notes": {}, "samples": [], "notes": [], "control": {}}
+    for mode in args.modes:
+        reason = paths.mode_missing(mode)
+        if reason:
+            results["skipped"][f"proxyd-{mode}"] = reason
+            _log(f"proxyd-{mode}: skipped: {reason}")
+    interrupted = False
+    failure = ""
+    try:
+        with Topology(pods=3, pods2=0) as topo:
+            _log(f"topology {topo.prefix} up; starting backends and HAProxy")
+            haproxy_proc = setup(topo)
+            data_path(topo, haproxy_proc, plan=plan, modes=args.modes, results=results, started=started)
+            programming_latency(topo, plan=plan, modes=args.modes, results=results)
+        if not args.no_sync_scale:
+            results["control"]["sync_scale"] = syncscale.run_all(
+                modes=args.modes, services=plan.sync_services, skipped=results["skipped"],
+                deadline=started + plan.total_budget, log=_log)
+    except KeyboardInterrupt:
+        interrupted = True
+        results["notes"].append("interrupted: partial results")
+        _log("interrupted: namespaces and processes removed; writing partial results")
+    except Exception as err:  # still write what was measured, then fail
+        failure = f"{type(err).__name__}: {err}"
+        results["notes"].append(f"run failed: {failure}")
+        _log(f"run failed: {failure}; namespaces and processes removed; writing partial results")
+    results["cpu_notes"] = {p: paths.CPU_NOTES[p] for p in results["paths"] if p in paths.CPU_NOTES}
+    results["meta"]["elapsed"] = f"{time.monotonic() - started:.0f}s"
+    stem = "quick" if args.quick else "full"
+    written = write_outputs(results, out_dir=args.out, stem=stem)
+    print(report.markdown(results))
+    print("Targets:")
+    for line in report.verdict_lines(results):
+        print(f"  {line}")
+    print("Wrote: " + ", ".join(str(p) for p in written))
+    if interrupted:
+        return 130
+    return 1 if failure else 0

@@ -1,0 +1,134 @@
+"""Which iptables back end to drive (legacy x_tables or nf_tables), and running its tools.
+
+Two rulesets can coexist in one kernel: iptables-legacy writes x_tables,
+iptables-nft writes nf_tables, and each tool sees only its own. proxyd must
+write where the host's other components (kubelet, CNI, firewalld) write, so
+it detects the back end exactly like Kubernetes' iptables-wrapper
+(kubernetes-sigs/iptables-wrappers):
+
+1. a ``KUBE-IPTABLES-HINT`` or ``KUBE-KUBELET-CANARY`` chain in the mangle
+   table of nf_tables -> nft; else the same in legacy -> legacy;
+2. otherwise count rules (``^-`` lines of ``*-save``): legacy if it holds
+   more than nft, else nft.
+
+``PROXYD_IPTABLES_BACKEND=legacy|nft`` overrides detection (tests run both).
+
+All tools are run as argv lists (never a shell) by ``run``, an asyncio
+subprocess with a timeout, so the event loop never blocks on a big
+iptables-restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+ENV_OVERRIDE = "PROXYD_IPTABLES_BACKEND"
+BACKENDS = ("legacy", "nft")
+HINT_CHAINS = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)\b", re.M)
+DEFAULT_TIMEOUT = 60.0
+# kube-proxy's restore wait flags; also given to iptables for the xtables lock.
+WAIT = ("-w", "5")
+
+
+class IptablesError(RuntimeError):
+    """An iptables tool failed; carries argv, exit code and stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(f"{' '.join(argv[:3])}... exited {returncode}: {stderr.strip()[:500]}")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str  # "legacy" or "nft"
+    family: int = 4
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"unknown iptables backend {self.name!r}")
+
+    @property
+    def _stem(self) -> str:
+        return "ip6tables" if self.family == 6 else "iptables"
+
+    @property
+    def iptables(self) -> list[str]:
+        return [f"{self._stem}-{self.name}", *WAIT]
+
+    @property
+    def save(self) -> list[str]:
+        return [f"{self._stem}-{self.name}-save"]
+
+    @property
+    def restore(self) -> list[str]:
+        return [f"{self._stem}-{self.name}-restore", "--noflush", "--counters", *WAIT]
+
+
+def choose(*, nft_mangle: str, legacy_save: str, nft_save: str) -> str:
+    """iptables-wrapper's decision from the tools' outputs (pure)."""
+    if HINT_CHAINS.search(nft_mangle):
+        return "nft"
+    if HINT_CHAINS.search(legacy_save):
+        return "legacy"
+    legacy_rules = sum(1 for line in legacy_save.splitlines() if line.startswith("-"))
+    nft_rules = sum(1 for line in nft_save.splitlines() if line.startswith("-"))
+    return "legacy" if legacy_rules > nft_rules else "nft"
+
+
+def _output(argv: list[str], timeout: float = 5.0) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def detect(*, family: int = 4, environ: Mapping[str, str] | None = None) -> Backend:
+    """The back end to use on this host (blocking; runs the save tools once)."""
+    env = os.environ if environ is None else environ
+    forced = env.get(ENV_OVERRIDE, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_OVERRIDE} must be legacy or nft, got {forced!r}")
+        return Backend(forced, family)
+    stem = "ip6tables" if family == 6 else "iptables"
+    name = choose(nft_mangle=_output([f"{stem}-nft-save", "-t", "mangle"]),
+                  legacy_save=_output([f"{stem}-legacy-save"]),
+                  nft_save=_output([f"{stem}-nft-save"]))
+    return Backend(name, family)
+
+
+async def run(argv: Sequence[str], *, stdin: str | None = None, time_limit: float = DEFAULT_TIMEOUT) -> str:
+    """Run ``argv`` (no shell); its stdout, or IptablesError on non-zero exit or timeout."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None),
+                                          time_limit)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise IptablesError(argv, None, f"timed out after {time_limit}s") from None
+    if proc.returncode != 0:
+        raise IptablesError(argv, proc.returncode, err.decode(errors="replace"))
+    return out.decode(errors="replace")
+
+
+def chains_of(save_text: str, table: str) -> set[str]:
+    """Chain names declared in ``table`` of iptables-save output."""
+    out: set[str] = set()
+    current = None
+    for line in save_text.splitlines():
+        if line.startswith("*"):
+            current = line[1:].strip()
+        elif line.startswith(":") and current == table:
+            out.add(line[1:].split(" ", 1)[0])
+    return out

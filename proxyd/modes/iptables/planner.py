@@ -1,0 +1,613 @@
+"""Pure planner of iptables mode: ProxyState -> iptables-restore input for the filter and nat tables.
+
+A port of kube-proxy's ``syncProxyRules`` (pkg/proxy/iptables/proxier.go):
+the same chains (KUBE-SERVICES, KUBE-SVC-*, KUBE-SVL-*, KUBE-EXT-*, KUBE-FW-*,
+KUBE-SEP-*, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES, KUBE-POSTROUTING,
+KUBE-MARK-MASQ, KUBE-PROXY-FIREWALL, KUBE-FORWARD) with the same rule text,
+so that operators' tools, dashboards and habits carry over and a node can
+switch between kube-proxy and proxyd without a flush. Endpoint selection is
+``proxyd.policy.categorize``'s; nothing here re-implements it.
+
+Only addresses of the planner's family (4 or 6) are used: a service port
+whose ClusterIP is of the other family is skipped, and external IPs, LB IPs,
+source ranges and endpoints of the other family are dropped.
+
+Determinism: services are rendered in sorted ServicePortName order and every
+output line is a pure function of the state, so equal states give equal
+text (golden tests rely on it).
+
+Partial syncs (cost proportional to the change): every service port's
+rendering is cached. A full plan declares (and so flushes) every chain proxyd
+owns and rewrites it, and deletes service chains that exist but are not
+wanted. A partial plan re-renders only the ports of changed services; it
+declares and rewrites their own chains, deletes their chains that went away,
+and patches KUBE-SERVICES / KUBE-NODEPORTS in the nat table with ``-D`` of
+the lines that disappeared and ``-I ... 1`` of the new ones instead of
+rewriting them (rules of different service ports in those chains match
+disjoint destinations, so their order does not matter; the NodePort tail
+rule stays last because new lines are inserted at the top). This is where
+proxyd goes beyond kube-proxy's MinimizeIPTablesRestore, which rewrites both
+chains on every sync: at 10,000 services that rewrite alone costs more than
+the whole change. If the kernel does not hold what the cache says, a ``-D``
+fails, iptables-restore rejects the whole transaction (nothing changes) and
+the caller falls back to a full sync. The filter table is small and always
+rewritten, as kube-proxy does.
+
+A plan is computed without touching the planner; ``commit(plan)`` adopts
+its cache only once the kernel accepted it, so a failed apply never leaves
+the cache describing rules the kernel does not hold.
+
+Text safety: the only text derived from object names is the
+``ns/name:port`` in ``-m comment --comment`` (names are validated DNS labels
+already; ``_comment`` still replaces anything outside a safe alphabet, so a
+quote or newline can never reach iptables-restore). Addresses and CIDRs are
+re-parsed with ``ipaddress`` before use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.modes.iptables import chains as ch
+from proxyd.policy import categorize, uses_cluster_endpoints, uses_local_endpoints
+
+# kube-proxy: above this many endpoints in total, comments are left out of
+# the per-endpoint rules (40% less restore input).
+LARGE_CLUSTER_ENDPOINTS = 1000
+
+NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+
+# Service port names are DNS labels, "/" and ":"; nothing else may reach the
+# restore input (some comments are unquoted, as kube-proxy writes them).
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-./:_")
+
+
+def compute_probability(n: int) -> str:
+    """kube-proxy's computeProbability: 1/n formatted with %0.10f."""
+    return f"{1.0 / n:0.10f}"
+
+
+def _comment(text: str) -> str:
+    """``text`` made safe for a quoted iptables-restore argument (max 256 bytes in xt_comment)."""
+    return "".join(c if c in _SAFE else "_" for c in text)[:240]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerOptions:
+    """The node-wide settings a plan depends on.
+
+    ``nodeport_addresses`` are --nodeport-addresses CIDRs (empty: every local
+    address, matched with ``-m addrtype --dst-type LOCAL``); ``node_ips`` are
+    this node's addresses inside them (used only when CIDRs are given).
+    ``node_ip`` is the primary node address (LB source ranges that contain it
+    also admit the LB IPs as sources, as kube-proxy does).
+    """
+
+    family: int = 4
+    cluster_cidrs: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    nodeport_addresses: tuple[str, ...] = ()
+    node_ips: tuple[str, ...] = ()
+    node_ip: str | None = None
+    random_fully: bool = True
+    conntrack_liberal: bool = False
+    large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
+
+    def __post_init__(self) -> None:
+        if self.family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, got {self.family!r}")
+        if not 0 <= self.masquerade_bit <= 31:
+            raise ValueError(f"masquerade_bit must be in 0..31, got {self.masquerade_bit!r}")
+
+    @property
+    def mark(self) -> str:
+        return f"{1 << self.masquerade_bit:#x}"
+
+    @property
+    def local_cidr(self) -> str | None:
+        """kube-proxy's LocalTrafficDetector by cluster CIDR: the first CIDR of this family."""
+        for cidr in self.cluster_cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            if net.version == self.family:
+                return str(net)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PortRender:
+    """Everything one service port contributes to the ruleset."""
+
+    filter_services: tuple[str, ...] = ()
+    filter_external: tuple[str, ...] = ()
+    filter_firewall: tuple[str, ...] = ()
+    filter_nodeports: tuple[str, ...] = ()
+    nat_services: tuple[str, ...] = ()
+    nat_nodeports: tuple[str, ...] = ()
+    chains: tuple[str, ...] = ()  # own nat chains, declaration order
+    chain_rules: tuple[str, ...] = ()  # "-A <own chain> ..." lines
+    # For conntrack cleanup: every endpoint this node may DNAT to, and
+    # whether the port currently has usable endpoints at all.
+    reachable: tuple[Endpoint, ...] = ()
+    has_endpoints: bool = False
+
+
+@dataclass(slots=True)
+class Plan:
+    """One iptables-restore transaction and the cache to adopt once it is applied."""
+
+    text: str
+    full: bool
+    cache: dict[ServicePortName, PortRender]
+    order: list[ServicePortName]
+    chains: set[str]
+    large: bool
+    tail: tuple[str, ...]
+    rerendered: frozenset[ServicePortName] = frozenset()
+    removed: dict[ServicePortName, PortRender] = field(default_factory=dict)
+    deleted_chains: tuple[str, ...] = ()
+    filter_rules: int = 0
+    nat_rules: int = 0
+
+
+class Planner:
+    """Renders ProxyStates into restore input, caching per service port for partial syncs."""
+
+    def __init__(self, options: PlannerOptions) -> None:
+        self.options = options
+        self._cache: dict[ServicePortName, PortRender] = {}
+        self._order: list[ServicePortName] = []
+        self._chains: set[str] = set()  # nat service chains the kernel holds (as far as we know)
+        self._large: bool | None = None
+        self._tail: tuple[str, ...] = ()
+        self._valid = False  # False until a full plan was committed
+
+    @property
+    def needs_full(self) -> bool:
+        return not self._valid
+
+    @property
+    def cache(self) -> Mapping[ServicePortName, PortRender]:
+        return self._cache
+
+    def invalidate(self) -> None:
+        """Forget what the kernel holds: the next plan is full."""
+        self._valid = False
+
+    def set_node_ips(self, node_ips: Iterable[str]) -> None:
+        """Update this node's NodePort addresses (only the KUBE-SERVICES tail depends on them)."""
+        ips = tuple(node_ips)
+        if ips != self.options.node_ips:
+            fields = {f: getattr(self.options, f) for f in PlannerOptions.__dataclass_fields__}
+            fields["node_ips"] = ips
+            self.options = PlannerOptions(**fields)
+
+    # -- planning ---------------------------------------------------------
+
+    def plan(self, state: ProxyState, changed: frozenset[ServiceName] | None, *,
+             existing_chains: Iterable[str] = ()) -> Plan:
+        """The restore input taking the kernel from the committed state to ``state``.
+
+        ``changed`` None (or no committed full plan yet) gives a full plan;
+        ``existing_chains`` are nat chains found in the kernel (iptables-save),
+        so a full plan also deletes service chains a previous run left.
+        """
+        opts = self.options
+        ports = {name: sp for name, sp in state.services.items() if ch_family(sp.cluster_ip) == opts.family}
+        total = sum(len(state.endpoints.get(name, ())) for name in ports)
+        large = total > opts.large_cluster_endpoints
+        tail = self._tail_rules()
+        full = (changed is None or not self._valid or large != self._large or tail != self._tail)
+        if full:
+            return self._plan_full(state, ports, large, tail, existing_chains)
+        return self._plan_partial(state, ports, changed or frozenset(), large, tail)
+
+    def commit(self, plan: Plan) -> None:
+        """Adopt ``plan``'s cache: the kernel now holds what it describes."""
+        self._cache = plan.cache
+        self._order = plan.order
+        self._chains = plan.chains
+        self._large = plan.large
+        self._tail = plan.tail
+        self._valid = True
+
+    def _render_all(self, state: ProxyState, ports: Mapping[ServicePortName, ServicePort],
+                    names: Iterable[ServicePortName], large: bool) -> dict[ServicePortName, PortRender]:
+        zone = state.node_zone
+        return {name: render_port(ports[name], state.endpoints.get(name, ()), options=self.options,
+                                  node_name=state.node_name, node_zone=zone, large=large)
+                for name in names}
+
+    def _plan_full(self, state: ProxyState, ports: Mapping[ServicePortName, ServicePort], large: bool,
+                   tail: tuple[str, ...], existing_chains: Iterable[str]) -> Plan:
+        order = sorted(ports)
+        cache = self._render_all(state, ports, order, large)
+        wanted: set[str] = set()
+        for r in cache.values():
+            wanted.update(r.chains)
+        stale = sorted(c for c in set(existing_chains) | self._chains
+                       if ch.is_service_chain(c) and c not in wanted)
+        filt = self._filter_section(cache, order)
+        nat: list[str] = ["*nat"]
+        nat.extend(f":{c} - [0:0]" for c in ch.NAT_TOP_CHAINS)
+        for name in order:
+            nat.extend(f":{c} - [0:0]" for c in cache[name].chains)
+        nat.extend(f":{c} - [0:0]" for c in stale)
+        nat.extend(self._fixed_nat_rules())
+        for name in order:
+            nat.extend(cache[name].nat_services)
+        nat.extend(tail)
+        for name in order:
+            nat.extend(cache[name].nat_nodeports)
+        for name in order:
+            nat.extend(cache[name].chain_rules)
+        nat.extend(f"-X {c}" for c in stale)
+        nat.append("COMMIT")
+        nat_rules = sum(1 for line in nat if line.startswith("-A "))
+        return Plan(text="\n".join(filt + nat) + "\n", full=True, cache=cache, order=order, chains=wanted,
+                    large=large, tail=tail, rerendered=frozenset(order), deleted_chains=tuple(stale),
+                    filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules)
+
+    def _plan_partial(self, state: ProxyState, ports: Mapping[ServicePortName, ServicePort],
+                      changed: frozenset[ServiceName], large: bool, tail: tuple[str, ...]) -> Plan:
+        old = self._cache
+        touched = [name for name in ports if name.service in changed or name not in old]
+        removed = {name: r for name, r in old.items() if name not in ports}
+        fresh = self._render_all(state, ports, touched, large)
+        cache = dict(old)
+        for name in removed:
+            del cache[name]
+        cache.update(fresh)
+        order = self._order if not removed and len(cache) == len(old) else sorted(cache)
+
+        chains = set(self._chains)
+        declare: list[str] = []
+        delete_lines: list[str] = []
+        insert_lines: list[str] = []
+        dead: set[str] = set()
+        for name in sorted(touched):
+            new = fresh[name]
+            prev = old.get(name)
+            if prev == new:
+                # A changed service can have unchanged ports: leave them be.
+                del fresh[name]
+                continue
+            declare.extend(new.chains)
+            chains.update(new.chains)
+            if prev is not None:
+                dead.update(c for c in prev.chains if c not in new.chains)
+                _delta(prev.nat_services + prev.nat_nodeports, new.nat_services + new.nat_nodeports,
+                       delete_lines, insert_lines)
+            else:
+                _delta((), new.nat_services + new.nat_nodeports, delete_lines, insert_lines)
+        for name in sorted(removed):
+            prev = removed[name]
+            dead.update(prev.chains)
+            _delta(prev.nat_services + prev.nat_nodeports, (), delete_lines, insert_lines)
+        # Chain names hash the port name, so a chain dead for one port is
+        # never wanted by another.
+        stale = sorted(dead)
+        chains.difference_update(stale)
+
+        filt = self._filter_section(cache, order)
+        nat: list[str] = ["*nat"]
+        nat.extend(f":{c} - [0:0]" for c in declare)
+        nat.extend(f":{c} - [0:0]" for c in stale)
+        nat.extend(delete_lines)
+        nat.extend(insert_lines)
+        for name in sorted(fresh):
+            nat.extend(fresh[name].chain_rules)
+        nat.extend(f"-X {c}" for c in stale)
+        nat.append("COMMIT")
+        return Plan(text="\n".join(filt + nat) + "\n", full=False, cache=cache, order=order, chains=chains,
+                    large=large, tail=tail, rerendered=frozenset(fresh), removed=removed,
+                    deleted_chains=tuple(stale),
+                    filter_rules=sum(1 for line in filt if line.startswith("-A ")),
+                    nat_rules=sum(1 for line in nat if line.startswith(("-A ", "-I "))))
+
+    # -- fixed parts ------------------------------------------------------
+
+    def _filter_section(self, cache: Mapping[ServicePortName, PortRender],
+                        order: list[ServicePortName]) -> list[str]:
+        out = ["*filter"]
+        out.extend(f":{c} - [0:0]" for c in ch.FILTER_TOP_CHAINS)
+        # Most ports contribute nothing to filter; skip them cheaply.
+        busy = [cache[n] for n in order if (cache[n].filter_services or cache[n].filter_external
+                                            or cache[n].filter_firewall or cache[n].filter_nodeports)]
+        for r in busy:
+            out.extend(r.filter_nodeports)
+        for r in busy:
+            out.extend(r.filter_services)
+        for r in busy:
+            out.extend(r.filter_external)
+        for r in busy:
+            out.extend(r.filter_firewall)
+        mark = self.options.mark
+        if not self.options.conntrack_liberal:
+            out.append(f"-A {ch.KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
+        out.append(f'-A {ch.KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" '
+                   f"-m mark --mark {mark}/{mark} -j ACCEPT")
+        out.append(f'-A {ch.KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
+                   f"-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+        out.append("COMMIT")
+        return out
+
+    def _fixed_nat_rules(self) -> list[str]:
+        mark = self.options.mark
+        masq = (f'-A {ch.KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" '
+                f"-j MASQUERADE")
+        if self.options.random_fully:
+            masq += " --random-fully"
+        return [
+            f"-A {ch.KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+            # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
+            f"-A {ch.KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
+            masq,
+            f"-A {ch.KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
+        ]
+
+    def _tail_rules(self) -> tuple[str, ...]:
+        """The KUBE-SERVICES -> KUBE-NODEPORTS jump(s), which must stay last."""
+        opts = self.options
+        head = f"-A {ch.KUBE_SERVICES} -m comment --comment {NODEPORTS_COMMENT}"
+        if not opts.nodeport_addresses:
+            # proxyd never sets route_localnet, so localhost NodePorts are off
+            # (kube-proxy with --iptables-localhost-nodeports=false).
+            loop = "::1/128" if opts.family == 6 else "127.0.0.0/8"
+            return (f"{head} -m addrtype --dst-type LOCAL ! -d {loop} -j {ch.KUBE_NODEPORTS}",)
+        out = []
+        for ip in opts.node_ips:
+            addr = ipaddress.ip_address(ip)
+            if addr.version != opts.family or addr.is_loopback:
+                continue
+            out.append(f"{head} -d {addr} -j {ch.KUBE_NODEPORTS}")
+        return tuple(out)
+
+
+def _delta(old: tuple[str, ...], new: tuple[str, ...], deletes: list[str], inserts: list[str]) -> None:
+    """-D lines for rules that went away, -I ... 1 lines for new ones (top-level chains only)."""
+    new_set = set(new)
+    old_set = set(old)
+    for line in old:
+        if line not in new_set:
+            deletes.append("-D" + line[2:])
+    for line in new:
+        if line not in old_set:
+            chain, _, rest = line[3:].partition(" ")
+            inserts.append(f"-I {chain} 1 {rest}")
+
+
+def ch_family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+def _addresses(values: Iterable[str], family: int) -> list[str]:
+    out = []
+    for v in values:
+        a = ipaddress.ip_address(v)
+        if a.version == family:
+            out.append(str(a))
+    return out
+
+
+def _networks(values: Iterable[str], family: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    out = []
+    for v in values:
+        n = ipaddress.ip_network(v, strict=False)
+        if n.version == family:
+            out.append(n)
+    return out
+
+
+_PROTO = {Protocol.TCP: "tcp", Protocol.UDP: "udp", Protocol.SCTP: "sctp"}
+
+
+def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: PlannerOptions,
+                node_name: str, node_zone: str | None, large: bool) -> PortRender:
+    """One iteration of kube-proxy's per-service-port loop in syncProxyRules."""
+    fam = options.family
+    name = svc.name
+    proto = _PROTO[svc.protocol]
+    spn = _comment(str(name))
+    mark_masq = ch.KUBE_MARK_MASQ
+    eps = tuple(ep for ep in endpoints if ch_family(ep.ip) == fam)
+    cat = categorize(svc, eps, node_name=node_name, node_zone=node_zone)
+    cluster_ip = str(ipaddress.ip_address(svc.cluster_ip))
+    external_ips = _addresses(svc.external_ips, fam)
+    lb_ips = _addresses(svc.load_balancer_ips, fam)
+    source_ranges = _networks(svc.load_balancer_source_ranges, fam)
+    port = svc.port
+
+    cluster_chain = ch.svc_chain(name)
+    uses_cluster_chain = bool(cat.cluster) and uses_cluster_endpoints(svc)
+    local_chain = ch.svl_chain(name)
+    uses_local_chain = bool(cat.local) and uses_local_endpoints(svc)
+    has_endpoints = cat.has_any
+
+    internal_chain = cluster_chain
+    has_internal = has_endpoints
+    if svc.internal_policy_local:
+        internal_chain = local_chain
+        if not cat.local:
+            has_internal = False
+    external_local = svc.uses_local_external
+    external_policy_chain = cluster_chain
+    has_external = has_endpoints
+    if external_local:
+        external_policy_chain = local_chain
+        if not cat.local:
+            has_external = False
+    external_chain = ch.ext_chain(name)
+    uses_external_chain = has_endpoints and svc.has_external
+    lb_chain = external_chain
+    fw = ch.fw_chain(name)
+    uses_fw = has_endpoints and bool(lb_ips) and bool(source_ranges)
+    if uses_fw:
+        lb_chain = fw
+
+    internal_target = external_target = ""
+    internal_comment = external_comment = ""
+    if not has_endpoints:
+        internal_target = external_target = "REJECT"
+        internal_comment = external_comment = f'"{spn} has no endpoints"'
+    else:
+        if not has_internal:
+            internal_target = "DROP"
+            internal_comment = f'"{spn} has no local endpoints"'
+        if not has_external:
+            external_target = "DROP"
+            external_comment = f'"{spn} has no local endpoints"'
+
+    f_services: list[str] = []
+    f_external: list[str] = []
+    f_firewall: list[str] = []
+    f_nodeports: list[str] = []
+    n_services: list[str] = []
+    n_nodeports: list[str] = []
+    own: list[str] = []
+    rules: list[str] = []
+    match = f"-m {proto} -p {proto}"
+
+    # Capture the ClusterIP.
+    if has_internal:
+        n_services.append(f'-A {ch.KUBE_SERVICES} -m comment --comment "{spn} cluster IP" {match} '
+                          f"-d {cluster_ip} --dport {port} -j {internal_chain}")
+    else:
+        f_services.append(f"-A {ch.KUBE_SERVICES} -m comment --comment {internal_comment} {match} "
+                          f"-d {cluster_ip} --dport {port} -j {internal_target}")
+
+    for ip in external_ips:
+        if has_endpoints:
+            n_services.append(f'-A {ch.KUBE_SERVICES} -m comment --comment "{spn} external IP" {match} '
+                              f"-d {ip} --dport {port} -j {external_chain}")
+        if not has_external:
+            f_external.append(f"-A {ch.KUBE_EXTERNAL_SERVICES} -m comment --comment {external_comment} "
+                              f"{match} -d {ip} --dport {port} -j {external_target}")
+
+    for ip in lb_ips:
+        if has_endpoints:
+            n_services.append(f'-A {ch.KUBE_SERVICES} -m comment --comment "{spn} loadbalancer IP" {match} '
+                              f"-d {ip} --dport {port} -j {lb_chain}")
+        if uses_fw:
+            f_firewall.append(f'-A {ch.KUBE_PROXY_FIREWALL} -m comment --comment "{spn} traffic not accepted '
+                              f'by {fw}" {match} -d {ip} --dport {port} -j DROP')
+    if not has_external:
+        for ip in lb_ips:
+            f_external.append(f"-A {ch.KUBE_EXTERNAL_SERVICES} -m comment --comment {external_comment} "
+                              f"{match} -d {ip} --dport {port} -j {external_target}")
+
+    if svc.node_port:
+        if has_endpoints:
+            n_nodeports.append(f"-A {ch.KUBE_NODEPORTS} -m comment --comment {spn} {match} "
+                               f"--dport {svc.node_port} -j {external_chain}")
+        if not has_external:
+            f_external.append(f"-A {ch.KUBE_EXTERNAL_SERVICES} -m comment --comment {external_comment} "
+                              f"-m addrtype --dst-type LOCAL {match} --dport {svc.node_port} "
+                              f"-j {external_target}")
+
+    if svc.health_check_node_port:
+        f_nodeports.append(f'-A {ch.KUBE_NODEPORTS} -m comment --comment "{spn} health check node port" '
+                           f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT")
+
+    local_cidr = options.local_cidr
+    if has_internal:
+        head = (f'-A {internal_chain} -m comment --comment "{spn} cluster IP" {match} '
+                f"-d {cluster_ip} --dport {port}")
+        if options.masquerade_all:
+            rules.append(f"{head} -j {mark_masq}")
+        elif local_cidr is not None:
+            # Off-cluster traffic to a ClusterIP may bounce off-node: masquerade it.
+            rules.append(f"{head} ! -s {local_cidr} -j {mark_masq}")
+
+    if uses_external_chain:
+        own.append(external_chain)
+        if not external_local:
+            rules.append(f'-A {external_chain} -m comment --comment "masquerade traffic for {spn} '
+                         f'external destinations" -j {mark_masq}')
+        else:
+            if local_cidr is not None:
+                # Pods on this node reaching an external address act as if they
+                # went out to the LB and back in: Cluster policy.
+                rules.append(f'-A {external_chain} -m comment --comment "pod traffic for {spn} external '
+                             f'destinations" -s {local_cidr} -j {cluster_chain}')
+            rules.append(f'-A {external_chain} -m comment --comment "masquerade LOCAL traffic for {spn} '
+                         f'external destinations" -m addrtype --src-type LOCAL -j {mark_masq}')
+            rules.append(f'-A {external_chain} -m comment --comment "route LOCAL traffic for {spn} '
+                         f'external destinations" -m addrtype --src-type LOCAL -j {cluster_chain}')
+        if has_external:
+            rules.append(f"-A {external_chain} -j {external_policy_chain}")
+
+    if uses_fw:
+        own.append(fw)
+        head = f'-A {fw} -m comment --comment "{spn} loadbalancer IP"'
+        allow_from_node = False
+        node_ip = ipaddress.ip_address(options.node_ip) if options.node_ip else None
+        for net in source_ranges:
+            rules.append(f"{head} -s {net} -j {external_chain}")
+            if node_ip is not None and node_ip.version == net.version and node_ip in net:
+                allow_from_node = True
+        if allow_from_node:
+            for ip in lb_ips:
+                rules.append(f"{head} -s {ip} -j {external_chain}")
+        rules.append(f'-A {fw} -m comment --comment "other traffic to {spn} will be dropped by '
+                     f'KUBE-PROXY-FIREWALL"')
+
+    affinity = svc.affinity_timeout > 0
+    if uses_cluster_chain:
+        own.append(cluster_chain)
+        _service_to_endpoints(rules, spn=spn, svc=svc, chain=cluster_chain, endpoints=cat.cluster,
+                              large=large)
+    if uses_local_chain:
+        own.append(local_chain)
+        _service_to_endpoints(rules, spn=spn, svc=svc, chain=local_chain, endpoints=cat.local, large=large)
+
+    for ep in cat.all_reachable:
+        sep = ch.sep_chain(name, ep)
+        own.append(sep)
+        head = f"-A {sep}" if large else f"-A {sep} -m comment --comment {spn}"
+        ep_ip = str(ipaddress.ip_address(ep.ip))
+        # Hairpin: an endpoint reaching itself through the service must be SNATed.
+        rules.append(f"{head} -s {ep_ip} -j {mark_masq}")
+        recent = f" -m recent --name {sep} --set" if affinity else ""
+        rules.append(f"{head}{recent} {match} -j DNAT --to-destination {ep}")
+
+    return PortRender(
+        filter_services=tuple(f_services), filter_external=tuple(f_external),
+        filter_firewall=tuple(f_firewall), filter_nodeports=tuple(f_nodeports),
+        nat_services=tuple(n_services), nat_nodeports=tuple(n_nodeports),
+        chains=tuple(own), chain_rules=tuple(rules), reachable=cat.all_reachable,
+        has_endpoints=has_endpoints)
+
+
+def _service_to_endpoints(rules: list[str], *, spn: str, svc: ServicePort, chain: str,
+                          endpoints: tuple[Endpoint, ...], large: bool) -> None:
+    """kube-proxy's writeServiceToEndpointRules: affinity checks, then a random spread."""
+    name = svc.name
+    if svc.affinity_timeout > 0:
+        for ep in endpoints:
+            sep = ch.sep_chain(name, ep)
+            head = f"-A {chain}" if large else f'-A {chain} -m comment --comment "{spn} -> {ep}"'
+            rules.append(f"{head} -m recent --name {sep} --rcheck --seconds {svc.affinity_timeout} "
+                         f"--reap -j {sep}")
+    n = len(endpoints)
+    for i, ep in enumerate(endpoints):
+        sep = ch.sep_chain(name, ep)
+        head = f"-A {chain}" if large else f'-A {chain} -m comment --comment "{spn} -> {ep}"'
+        if i < n - 1:
+            rules.append(f"{head} -m statistic --mode random --probability {_probability(n - i)} -j {sep}")
+        else:
+            rules.append(f"{head} -j {sep}")
+
+
+_PROBABILITIES: dict[int, str] = {}
+
+
+def _probability(n: int) -> str:
+    # Formatting floats is a measurable part of rendering 100k endpoints.
+    p = _PROBABILITIES.get(n)
+    if p is None:
+        p = _PROBABILITIES[n] = compute_probability(n)
+    return p

@@ -1,0 +1,69 @@
+"""Fixtures for the reliability suite (helpers live in ``harness.py``).
+
+Every test here runs the real ``proxyd`` in a fresh ``Topology`` (see
+``tests/netns/topology.py``), so the directory is marked ``netns`` and
+skipped without root, like ``tests/netns``. Long tests are also marked
+``slow``; they still run in CI (the whole directory stays under ~8 minutes).
+``figures`` collects numbers for ``docs/reliability.md``: printed at the end
+of the run, and written as JSON to ``$PROXYD_RELIABILITY_FIGURES`` when set
+(``bench/reliability_figures.py`` runs the suite that way and renders them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns.topology import Topology, netns_available
+
+_UNAVAILABLE = netns_available()
+_FIGURES: dict[str, dict[str, Any]] = {}
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/reliability/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.netns)
+            if _UNAVAILABLE:
+                item.add_marker(pytest.mark.skip(reason=f"netns tests: {_UNAVAILABLE}"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # The client side of the load tests holds thousands of sockets in this process.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for test, values in sorted(_FIGURES.items()):
+        terminalreporter.write_line(f"{test}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    target = os.environ.get("PROXYD_RELIABILITY_FIGURES")
+    if target:
+        Path(target).write_text(json.dumps(_FIGURES, indent=2, sort_keys=True, default=str))
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A dict whose content is reported under this test's node id."""
+    values: dict[str, Any] = {}
+    _FIGURES[request.node.nodeid] = values
+    return values
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    with Topology() as topo:
+        yield topo
+
+

@@ -1,0 +1,258 @@
+"""Lifecycle under traffic: stop, crash and restart the real daemon while connections are open.
+
+Kernel mode (iptables): the rules are the data path, so SIGTERM leaves them
+(traffic keeps flowing while proxyd is down), a restart adopts them without
+a gap in service, and neither a clean stop nor a crash (SIGKILL) and
+restart loses an established connection — counted over 10,000 held ones.
+
+userspace mode: proxyd is the data path, so SIGTERM closes the listeners at
+once (new clients are refused, not left hanging), lets open connections
+finish for ``SHUTDOWN_GRACE`` seconds, exits as soon as the last one ends,
+and resets whatever is still open when the grace period is over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.netns.topology import Topology, endpoint, endpoint_slice, port, service, wait_until
+from tests.reliability.harness import (
+    close_all,
+    echo_all,
+    healthz,
+    open_many,
+    read_lines,
+    require_mode,
+    start_daemon,
+    start_load_server,
+)
+
+CLUSTER_IP = "10.96.0.10"
+HELD = 10_000
+
+
+def web(*ips: str) -> list[dict]:
+    return [service("web", cluster_ip=CLUSTER_IP, ports=[port(80, target_port=8080)]),
+            endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint(ip) for ip in ips])]
+
+
+def nat_rules(topo: Topology) -> str:
+    """proxyd's nat rules in whichever back end holds them."""
+    out = []
+    for tool in ("iptables-nft-save", "iptables-legacy-save"):
+        result = topo.ns_run(topo.node, [tool, "-t", "nat"], check=False)
+        if result.returncode == 0:
+            out.append(result.stdout)
+    return "\n".join(out)
+
+
+class Prober(threading.Thread):
+    """A new connection to the service every 20 ms; counts answers and failures."""
+
+    def __init__(self, topo: Topology, ns: str) -> None:
+        super().__init__(daemon=True)
+        self.topo, self.ns = topo, ns
+        self.ok = 0
+        self.failed: list[str] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        # Ends by itself once the topology is gone, should the test fail before stop().
+        while not self._halt.is_set() and os.path.exists(f"/run/netns/{self.ns}"):
+            try:
+                self.topo.hello(self.ns, CLUSTER_IP, 80, timeout=2)
+                self.ok += 1
+            except OSError as err:
+                self.failed.append(f"{time.strftime('%X')} {err!r}")
+            self._halt.wait(0.02)
+
+    def stop(self) -> tuple[int, list[str]]:
+        self._halt.set()
+        self.join(timeout=10)
+        return self.ok, self.failed
+
+
+class Streamer(threading.Thread):
+    """Round trips on a few established connections without pause; any error is a lost connection."""
+
+    def __init__(self, socks: list[socket.socket]) -> None:
+        super().__init__(daemon=True)
+        self.socks = socks
+        self.trips = 0
+        self.errors: list[str] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        for sock in self.socks:
+            sock.setblocking(True)
+            sock.settimeout(5)
+        while not self._halt.is_set():
+            for i, sock in enumerate(self.socks):
+                try:
+                    sock.sendall(b"stream\n")
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = sock.recv(64)
+                        if not chunk:
+                            raise ConnectionError("EOF")
+                        data += chunk
+                    assert data == b"stream\n", data
+                    self.trips += 1
+                except (OSError, AssertionError) as err:
+                    self.errors.append(f"connection {i}: {err!r}")
+                    return
+
+    def stop(self) -> tuple[int, list[str]]:
+        self._halt.set()
+        self.join(timeout=10)
+        return self.trips, self.errors
+
+
+# --- iptables -----------------------------------------------------------------------------------
+
+def test_iptables_sigterm_leaves_rules_and_restart_adopts_them(topology: Topology, figures: dict) -> None:
+    require_mode("iptables")
+    topology.start_tcp_server("pod1", 8080)
+    topology.write_manifest("web.yaml", web("10.244.1.11"))
+    proc = start_daemon(topology, "iptables")
+    rules_before = nat_rules(topology)
+    assert "KUBE-SERVICES" in rules_before
+    prober = Prober(topology, topology.client)
+    prober.start()
+    try:
+        wait_until(lambda: prober.ok >= 5, timeout=5, what="traffic through the rules")
+        assert topology.stop_proxyd(proc) == 0, topology.log_of(proc)[-2000:]
+        down_from = prober.ok
+        time.sleep(3)  # proxyd is down: the kernel keeps serving
+        while_down = prober.ok - down_from
+        assert "KUBE-SERVICES" in nat_rules(topology)
+        start_daemon(topology, "iptables")
+        time.sleep(2)
+    finally:
+        ok, failed = prober.stop()
+    assert while_down > 10 and not failed, failed[:5]
+    after = nat_rules(topology)
+    # Adopted, not duplicated: one jump per built-in chain, as before.
+    assert after.count("-j KUBE-SERVICES") == rules_before.count("-j KUBE-SERVICES")
+    figures.update(probes_total=ok, probes_while_down=while_down, probes_failed=len(failed))
+
+
+@pytest.mark.slow
+def test_iptables_restart_under_load_loses_no_connection(topology: Topology, figures: dict) -> None:
+    require_mode("iptables")
+    for pod in ("pod1", "pod2"):
+        start_load_server(topology, pod, 8080)
+    topology.write_manifest("web.yaml", web("10.244.1.11", "10.244.1.12"))
+    proc = start_daemon(topology, "iptables")
+    socks = open_many(topology.client, CLUSTER_IP, 80, HELD, timeout=10)
+    streamer = Streamer(socks[:8])
+    prober = Prober(topology, topology.client)
+    try:
+        greeted = read_lines(socks, timeout=60)
+        assert sum(1 for g in greeted if g) == HELD
+        streamer.start()
+        prober.start()
+        # A crash, then a clean stop; each followed by a restart that adopts the rules.
+        topology.kill(proc)
+        time.sleep(1)
+        proc = start_daemon(topology, "iptables")
+        time.sleep(1)
+        assert topology.stop_proxyd(proc) == 0
+        time.sleep(1)
+        start_daemon(topology, "iptables")
+        time.sleep(2)
+        trips, errors = streamer.stop()
+        probes, failed = prober.stop()
+        alive = echo_all(socks[8:], timeout=60) + (8 if not errors else 0)
+        assert healthz(topology) == 200
+    finally:
+        streamer.stop()
+        prober.stop()
+        close_all(socks)
+    figures.update(connections_held=HELD, connections_alive_after=alive, connections_lost=HELD - alive,
+                   restarts=2, stream_round_trips=trips, new_connections_ok=probes,
+                   new_connections_failed=len(failed))
+    print(f"iptables: {HELD} connections held over a crash and a restart: {alive} alive; "
+          f"{trips} round trips during the restarts; {probes} new connections, {len(failed)} failed")
+    assert not errors, errors[:5]
+    assert alive == HELD
+    assert not failed, failed[:5]
+
+
+# --- userspace ----------------------------------------------------------------------------------
+
+def _grace() -> float:
+    from proxyd.modes.userspace import SHUTDOWN_GRACE
+
+    return float(SHUTDOWN_GRACE)
+
+
+def _refused_now(topo: Topology, ns: str) -> bool:
+    try:
+        with topo.connect(ns, CLUSTER_IP, 80, timeout=1) as sock:
+            return sock.recv(64) == b""
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except OSError:
+        return False  # a timeout: the client was left hanging
+
+
+def _userspace_with_connections(topo: Topology, count: int) -> tuple[object, list[socket.socket]]:
+    start_load_server(topo, "pod1", 8080)
+    topo.write_manifest("web.yaml", web("10.244.1.11"))
+    proc = start_daemon(topo, "userspace")
+    socks = open_many(topo.pod("pod3").ns, CLUSTER_IP, 80, count)
+    assert all(read_lines(socks, timeout=5))
+    return proc, socks
+
+
+def test_userspace_sigterm_drains_then_exits_when_connections_end(topology: Topology, figures: dict) -> None:
+    proc, socks = _userspace_with_connections(topology, 50)
+    ns = topology.pod("pod3").ns
+    try:
+        stopped_at = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        # Listeners go at once: a new client is refused, never left hanging.
+        wait_until(lambda: _refused_now(topology, ns), timeout=2, what="new connections refused")
+        # Open connections keep working during the grace period.
+        time.sleep(1)
+        assert proc.poll() is None, "exited although connections were open"
+        assert echo_all(socks, timeout=5) == len(socks)
+    finally:
+        close_all(socks)
+    code = proc.wait(timeout=_grace() + 5)
+    exited_after = time.monotonic() - stopped_at
+    figures.update(drained=len(socks), exit_seconds=round(exited_after, 2), grace=_grace())
+    assert code == 0, topology.log_of(proc)[-2000:]
+    # It left as soon as the last connection ended, not at the end of the grace period.
+    assert exited_after < _grace() - 1, f"exited {exited_after:.1f}s after SIGTERM (grace {_grace()}s)"
+
+
+def test_userspace_sigterm_resets_what_is_left_after_grace(topology: Topology, figures: dict) -> None:
+    proc, socks = _userspace_with_connections(topology, 50)
+    try:
+        stopped_at = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=_grace() + 10)
+        exited_after = time.monotonic() - stopped_at
+        ended = 0
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(2)
+            with contextlib.suppress(ConnectionResetError):
+                if sock.recv(64) != b"":
+                    continue
+            ended += 1
+    finally:
+        close_all(socks)
+    figures.update(held_through_grace=len(socks), reset_at_end=ended, exit_seconds=round(exited_after, 2))
+    assert code == 0, topology.log_of(proc)[-2000:]
+    assert _grace() - 0.5 <= exited_after <= _grace() + 5, f"exited after {exited_after:.1f}s"
+    assert ended == len(socks), "a client was left open after the daemon exited"

@@ -1,0 +1,107 @@
+"""The daemon as an attack surface, end to end: what it listens on, and how its HTTP servers take abuse.
+
+``tests/unit/test_httpserve.py`` covers the HTTP responder alone; here the
+real daemon's /healthz server and a healthCheckNodePort server (which listen
+where clients and load balancers can reach them) get unknown paths, path
+traversal, other methods, oversized heads, a slowloris and a flood of idle
+connections, while a service keeps carrying traffic. The listening sockets
+of the daemon are audited: only what the configuration asks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from proxyd.httpserve import HEAD_TIMEOUT, MAX_CLIENTS
+from tests.netns.topology import NODE_IP, Topology, endpoint, endpoint_slice, port, service, wait_until
+from tests.reliability.harness import close_all, healthz, start_daemon
+
+CLUSTER_IP = "10.96.0.10"
+HCNP = 32100
+
+
+def demo(topo: Topology) -> object:
+    topo.start_tcp_server("pod1", 8080)
+    topo.write_manifest("web.yaml", [
+        service("web", cluster_ip=CLUSTER_IP, type_="LoadBalancer", external_local=True,
+                health_check_node_port=HCNP, ports=[port(80, target_port=8080, node_port=30080)]),
+        endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint("10.244.1.11")]),
+    ])
+    return start_daemon(topo, "userspace", extra_args=["--healthz-bind-address", f"0.0.0.0:{10256}"])
+
+
+def raw(topo: Topology, ns: str, ip: str, port_: int, request: bytes, *, timeout: float = 3.0) -> str:
+    """Send raw bytes; the status code as text, or "closed" when the server hung up without one."""
+    with topo.connect(ns, ip, port_, timeout=timeout) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(request)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    if not data.startswith(b"HTTP/"):
+        return "closed"
+    return data.split()[1].decode()
+
+
+def test_health_servers_answer_only_their_paths_and_bound_requests(topology: Topology, figures: dict) -> None:
+    proc = demo(topology)
+    tried = 0
+    for ip, port_ in ((NODE_IP, 10256), (NODE_IP, HCNP)):
+        for request, allowed in (
+            (b"GET /metrics HTTP/1.0\r\n\r\n", {"404"}),
+            (b"GET /../../etc/passwd HTTP/1.0\r\n\r\n", {"404", "400"}),
+            (b"GET /healthz/../metrics HTTP/1.0\r\n\r\n", {"404", "400"}),
+            (b"POST /healthz HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello", {"405"}),
+            (b"GET /healthz HTTP/1.0\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n", {"431", "400", "closed"}),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)), {"400", "closed"}),
+            (b"GET /healthz HTTP/1.0\r\n\r\n", {"200"}),
+        ):
+            got = raw(topology, topology.client, ip, port_, request)
+            tried += 1
+            assert got in allowed, f"{ip}:{port_} {request[:40]!r} -> {got}"
+
+    # Slowloris: a head that never ends is cut after the head timeout.
+    with topology.connect(topology.client, NODE_IP, 10256, timeout=HEAD_TIMEOUT + 5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: 1\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while sock.recv(4096):
+                pass
+        cut_after = time.monotonic() - started
+    assert cut_after <= HEAD_TIMEOUT + 2, f"a stalled request was held {cut_after:.1f}s"
+
+    # A flood of idle connections: bounded, shed, and the server answers again afterwards.
+    idle = []
+    try:
+        for _ in range(MAX_CLIENTS * 2):
+            idle.append(topology.connect(topology.client, NODE_IP, 10256, timeout=2))
+        # The data path does not care.
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        wait_until(lambda: raw(topology, topology.client, NODE_IP, 10256,
+                               b"GET /healthz HTTP/1.0\r\n\r\n", timeout=2) == "200",
+                   timeout=HEAD_TIMEOUT + 5, what="/healthz answers again after the idle flood")
+    finally:
+        close_all(idle)
+    assert proc.poll() is None and healthz(topology) == 200  # type: ignore[attr-defined]
+    figures.update(requests_tried=tried + 1 + len(idle), slowloris_cut_seconds=round(cut_after, 2))
+
+
+def test_listening_sockets_are_only_the_configured_ones(topology: Topology) -> None:
+    proc = demo(topology)
+    pid = proc.pid  # type: ignore[attr-defined]
+    out = topology.ns_run(topology.node, ["ss", "-lntupH"]).stdout
+    mine = sorted({line.split()[4] for line in out.splitlines() if f"pid={pid}," in line})
+    expected = {
+        "0.0.0.0:10256",  # /healthz (as configured here)
+        "127.0.0.1:10249",  # /metrics: loopback only
+        f"0.0.0.0:{HCNP}",  # healthCheckNodePort
+        f"{CLUSTER_IP}:80",  # the service
+    }
+    # NodePort listeners: one per node address (all addresses by default) or the wildcard.
+    extra = [addr for addr in mine if addr not in expected and not addr.endswith(":30080")]
+    assert not extra, f"unexpected listening sockets: {extra}\n{out}"
+    assert expected <= set(mine), f"missing listeners: {expected - set(mine)}\n{out}"
+    assert not any(addr.startswith(("0.0.0.0:10249", "*:10249", "[::]:10249")) for addr in mine)
+    assert healthz(topology) == 200

@@ -1,0 +1,423 @@
+"""iptables planner: golden rule text (kube-proxy's), partial syncs, hostile input, helpers around it."""
+
+# Golden rule text and flow tables read best one entry per line.
+# ruff: noqa: E501
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from proxyd.model import (
+    Endpoint,
+    Protocol,
+    ProxyState,
+    ServiceName,
+    ServicePort,
+    ServicePortName,
+    ServiceType,
+)
+from proxyd.modes.iptables import chains as ch
+from proxyd.modes.iptables.backend import Backend, chains_of, choose
+from proxyd.modes.iptables.conntrack import Flow, stale_flows
+from proxyd.modes.iptables.planner import Planner, PlannerOptions, compute_probability, render_port
+from proxyd.modes.iptables.tracer import parse
+
+NODE = "node1"
+
+
+def sp(ns: str, name: str, ip: str, *, port_name: str = "p80", port: int = 80,
+       protocol: Protocol = Protocol.TCP, **kw: object) -> ServicePort:
+    n = ServicePortName(ns, name, port_name, protocol)
+    return ServicePort(name=n, type=kw.pop("type", ServiceType.CLUSTER_IP), cluster_ip=ip, port=port,
+                       protocol=protocol, **kw)  # type: ignore[arg-type]
+
+
+def state(*entries: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
+    return ProxyState(services={s.name: s for s, _ in entries}, endpoints={s.name: e for s, e in entries},
+                      node_name=NODE)
+
+
+OPTS = PlannerOptions(cluster_cidrs=("10.0.0.0/8",), node_ip="192.168.0.2", random_fully=False)
+
+SVC1 = sp("ns1", "svc1", "172.30.0.41")
+SVC2 = sp("ns2", "svc2", "172.30.0.42", type=ServiceType.LOAD_BALANCER, node_port=3001,
+          external_ips=("192.168.99.22",), load_balancer_ips=("1.2.3.4",),
+          load_balancer_source_ranges=("203.0.113.0/25",), external_policy_local=True,
+          health_check_node_port=30000)
+SVC3 = sp("ns3", "svc3", "172.30.0.43", node_port=3003, type=ServiceType.NODE_PORT)
+GOLDEN_STATE = state(
+    (SVC1, (Endpoint("10.180.0.1", 80),)),
+    (SVC2, (Endpoint("10.180.0.2", 80, node_name=NODE), Endpoint("10.180.0.3", 80, node_name="node2"))),
+    (SVC3, ()),
+)
+
+GOLDEN = """\
+*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j REJECT
+-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3003 -j REJECT
+-A KUBE-PROXY-FIREWALL -m comment --comment "ns2/svc2:p80 traffic not accepted by KUBE-FW-GNZBNJ2PO5MGZ6GT" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+:KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+:KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-FW-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SVL-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
+:KUBE-SEP-2GOKER2KF7NAANZN - [0:0]
+:KUBE-SEP-STALE0000000000 - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-FW-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -j KUBE-SVL-GNZBNJ2PO5MGZ6GT
+-A KUBE-FW-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-FW-GNZBNJ2PO5MGZ6GT -m comment --comment "other traffic to ns2/svc2:p80 will be dropped by KUBE-PROXY-FIREWALL"
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.3:80" -j KUBE-SEP-2GOKER2KF7NAANZN
+-A KUBE-SVL-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
+-A KUBE-SEP-2GOKER2KF7NAANZN -m comment --comment ns2/svc2:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+-A KUBE-SEP-2GOKER2KF7NAANZN -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+-X KUBE-SEP-STALE0000000000
+COMMIT
+"""
+
+
+def test_golden_full_plan() -> None:
+    plan = Planner(OPTS).plan(GOLDEN_STATE, None,
+                              existing_chains=["KUBE-SEP-STALE0000000000", "CNI-FOO", "KUBE-SERVICES"])
+    assert plan.text == GOLDEN
+    assert plan.full and plan.deleted_chains == ("KUBE-SEP-STALE0000000000",)
+
+
+def test_plan_is_deterministic_whatever_the_insertion_order() -> None:
+    entries = [(SVC3, ()), (SVC1, (Endpoint("10.180.0.1", 80),)),
+               (SVC2, GOLDEN_STATE.endpoints[SVC2.name])]
+    reordered = state(*entries)
+    assert Planner(OPTS).plan(reordered, None).text == Planner(OPTS).plan(GOLDEN_STATE, None).text
+
+
+def test_kube_proxy_chain_names() -> None:
+    # Values from kube-proxy's proxier_test.go.
+    name = ServicePortName("ns1", "svc1", "p80", Protocol.TCP)
+    assert ch.svc_chain(name) == "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert ch.sep_chain(name, Endpoint("10.180.0.1", 80)) == "KUBE-SEP-SXIVWICOYRO3J4NJ"
+    assert ch.ext_chain(name) == "KUBE-EXT-XPGD46QRK7WJZT7O"
+    assert ch.fw_chain(name) == "KUBE-FW-XPGD46QRK7WJZT7O"
+    assert ch.svl_chain(name) == "KUBE-SVL-XPGD46QRK7WJZT7O"
+    udp = ServicePortName("ns1", "svc1", "p80", Protocol.UDP)
+    assert ch.svc_chain(udp) != ch.svc_chain(name)
+    unnamed = ServicePortName("ns1", "svc1", "", Protocol.TCP)
+    assert ch.svc_chain(unnamed) == ch.SVC_PREFIX + ch._hash16("ns1/svc1tcp")
+    assert all(len(ch.sep_chain(name, f"10.0.0.{i}:80")) <= 28 for i in range(50))
+
+
+def test_probability_formatting() -> None:
+    assert compute_probability(2) == "0.5000000000"
+    assert compute_probability(3) == "0.3333333333"
+    assert compute_probability(1000) == "0.0010000000"
+
+
+def test_random_spread_over_n_endpoints() -> None:
+    eps = tuple(Endpoint(f"10.180.0.{i}", 80) for i in range(1, 5))
+    r = render_port(SVC1, eps, options=OPTS, node_name=NODE, node_zone=None, large=False)
+    probs = [re.search(r"--probability (\S+)", line) for line in r.chain_rules if "-> " in line]
+    assert [m.group(1) if m else None for m in probs] == ["0.2500000000", "0.3333333333", "0.5000000000", None]
+
+
+def test_session_affinity_rules() -> None:
+    svc = sp("ns1", "svc1", "172.30.0.41", affinity_timeout=10800)
+    r = render_port(svc, (Endpoint("10.180.0.1", 80),), options=OPTS, node_name=NODE, node_zone=None,
+                    large=False)
+    assert ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m recent '
+            "--name KUBE-SEP-SXIVWICOYRO3J4NJ --rcheck --seconds 10800 --reap -j KUBE-SEP-SXIVWICOYRO3J4NJ"
+            ) in r.chain_rules
+    assert ("-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m recent --name "
+            "KUBE-SEP-SXIVWICOYRO3J4NJ --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80"
+            ) in r.chain_rules
+
+
+def test_masquerade_all_and_no_cluster_cidr() -> None:
+    eps = (Endpoint("10.180.0.1", 80),)
+    r = render_port(SVC1, eps, options=PlannerOptions(masquerade_all=True), node_name=NODE, node_zone=None,
+                    large=False)
+    assert r.chain_rules[0].endswith("--dport 80 -j KUBE-MARK-MASQ")
+    r = render_port(SVC1, eps, options=PlannerOptions(), node_name=NODE, node_zone=None, large=False)
+    assert not any("cluster IP" in line and "MARK-MASQ" in line for line in r.chain_rules)
+
+
+def test_masquerade_bit() -> None:
+    text = Planner(PlannerOptions(masquerade_bit=3)).plan(GOLDEN_STATE, None).text
+    assert "-A KUBE-MARK-MASQ -j MARK --or-mark 0x8\n" in text
+    assert "--mark 0x8/0x8 -j ACCEPT" in text
+    with pytest.raises(ValueError):
+        PlannerOptions(masquerade_bit=32)
+
+
+def test_nodeport_addresses_give_one_tail_rule_per_node_ip() -> None:
+    opts = PlannerOptions(nodeport_addresses=("192.168.0.0/16",), node_ips=("192.168.0.2", "127.0.0.1"))
+    text = Planner(opts).plan(GOLDEN_STATE, None).text
+    tails = [line for line in text.splitlines() if "-j KUBE-NODEPORTS" in line]
+    assert tails == ['-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be '
+                     'the last rule in this chain" -d 192.168.0.2 -j KUBE-NODEPORTS']
+
+
+def test_conntrack_liberal_drops_invalid_rule() -> None:
+    text = Planner(PlannerOptions(conntrack_liberal=True)).plan(GOLDEN_STATE, None).text
+    assert "INVALID" not in text
+
+
+def test_large_cluster_mode_drops_endpoint_comments() -> None:
+    eps = tuple(Endpoint(f"10.{i // 250}.{i % 250}.1", 80) for i in range(1001))
+    plan = Planner(OPTS).plan(state((SVC1, eps)), None)
+    assert plan.large
+    sep = [line for line in plan.text.splitlines() if line.startswith("-A KUBE-SEP-")]
+    assert len(sep) == 2002 and not any("comment" in line for line in sep)
+    assert "-m statistic --mode random --probability 0.0009990010" in plan.text
+
+
+def test_family_filter() -> None:
+    v6 = sp("ns6", "v6", "fd00::41")
+    svc = sp("ns1", "svc1", "172.30.0.41", external_ips=("192.168.99.1", "fd00::99"))
+    st = state((svc, (Endpoint("10.180.0.1", 80), Endpoint("fd00::1", 80))), (v6, (Endpoint("fd00::2", 80),)))
+    text4 = Planner(OPTS).plan(st, None).text
+    assert "fd00" not in text4 and "192.168.99.1" in text4
+    text6 = Planner(PlannerOptions(family=6)).plan(st, None).text
+    assert "172.30" not in text6 and "--to-destination [fd00::2]:80" in text6
+    assert "! -d ::1/128" in text6
+    with pytest.raises(ValueError):
+        PlannerOptions(family=5)
+
+
+def test_hostile_names_cannot_escape_the_comment() -> None:
+    bad = ServicePortName('ns"; -j ACCEPT', "a\nb\r-A INPUT -j DROP", "p\x00", Protocol.TCP)
+    svc = ServicePort(name=bad, type=ServiceType.CLUSTER_IP, cluster_ip="172.30.0.9", port=80,
+                      protocol=Protocol.TCP)
+    text = Planner(OPTS).plan(state((svc, ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text
+    for line in text.splitlines():
+        assert "\r" not in line and "\x00" not in line
+        assert line.count('"') % 2 == 0
+    for line in text.splitlines():
+        argv = shlex.split(line)
+        assert "INPUT" not in argv and argv.count("-j") <= 1 and argv.count("-A") <= 1
+    assert len(text.splitlines()) == len(Planner(OPTS).plan(state(
+        (sp("x", "y", "172.30.0.9"), ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text.splitlines())
+
+
+@pytest.mark.parametrize("field,value", [("cluster_ip", "1.2.3.4 -j ACCEPT"), ("external_ips", ("1.2.3.4/0",)),
+                                         ("load_balancer_source_ranges", ("0.0.0.0/0 -j ACCEPT",))])
+def test_hostile_addresses_are_refused(field: str, value: object) -> None:
+    kwargs = {"external_ips": ("192.168.99.1",), "load_balancer_ips": ("1.2.3.4",)}
+    kwargs[field] = value
+    svc = ServicePort(name=SVC1.name, type=ServiceType.LOAD_BALANCER,
+                      cluster_ip=kwargs.pop("cluster_ip", "172.30.0.41"), port=80, protocol=Protocol.TCP,
+                      **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Planner(OPTS).plan(state((svc, (Endpoint("10.180.0.1", 80),))), None)
+
+
+def _simulate(*texts: str) -> dict[str, dict[str, list]]:
+    return parse("".join(texts))
+
+
+def _normalise(tables: dict[str, dict[str, list]]) -> dict[tuple[str, str], list]:
+    out = {}
+    for table, chains in tables.items():
+        for chain, rules in chains.items():
+            if chain in (ch.KUBE_SERVICES, ch.KUBE_NODEPORTS) and table == "nat":
+                tail = [r for r in rules if r.target == ch.KUBE_NODEPORTS]
+                assert not tail or rules[-1] == tail[-1], "nodeport jump must stay last"
+                out[(table, chain)] = sorted(map(repr, rules))
+            else:
+                out[(table, chain)] = list(map(repr, rules))
+    return out
+
+
+def _bump(st: ProxyState, **changes: tuple[ServicePort, tuple[Endpoint, ...]] | None) -> ProxyState:
+    services = dict(st.services)
+    endpoints = dict(st.endpoints)
+    for key, val in changes.items():
+        name = {"svc1": SVC1.name, "svc2": SVC2.name, "svc3": SVC3.name}.get(key)
+        if val is None:
+            services.pop(name, None)
+            endpoints.pop(name, None)
+        else:
+            services[val[0].name] = val[0]
+            endpoints[val[0].name] = val[1]
+    return ProxyState(services=services, endpoints=endpoints, node_name=NODE)
+
+
+PARTIAL_CASES = {
+    "endpoint added": ({"svc1": (SVC1, (Endpoint("10.180.0.1", 80), Endpoint("10.180.0.9", 80)))}, {"ns1"}),
+    "endpoint removed": ({"svc2": (SVC2, (Endpoint("10.180.0.3", 80, node_name="node2"),))}, {"ns2"}),
+    "service removed": ({"svc1": None}, {"ns1"}),
+    "first endpoint": ({"svc3": (SVC3, (Endpoint("10.180.0.7", 80),))}, {"ns3"}),
+    "new service": ({"new": (sp("ns4", "svc4", "172.30.0.44", node_port=3004), (Endpoint("10.1.1.1", 80),))},
+                    {"ns4"}),
+    "ip changed": ({"svc1": (sp("ns1", "svc1", "172.30.0.99"), (Endpoint("10.180.0.1", 80),))}, {"ns1"}),
+    "nothing really changed": ({}, {"ns1", "ns2"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARTIAL_CASES))
+def test_partial_plan_reaches_the_same_rules_as_a_full_one(case: str) -> None:
+    changes, namespaces = PARTIAL_CASES[case]
+    planner = Planner(OPTS)
+    first = planner.plan(GOLDEN_STATE, None)
+    planner.commit(first)
+    new_state = _bump(GOLDEN_STATE, **changes)
+    changed = frozenset(n.service for n in set(new_state.services) | set(GOLDEN_STATE.services)
+                        if n.namespace in namespaces)
+    partial = planner.plan(new_state, changed)
+    assert not partial.full
+    full = Planner(OPTS).plan(new_state, None)
+    assert _normalise(_simulate(first.text, partial.text)) == _normalise(_simulate(full.text))
+    # Declaring a chain flushes it: unchanged services' chains must not appear.
+    unchanged = [c for n, r in first.cache.items() if n.namespace not in namespaces for c in r.chains]
+    assert not any(f":{c} " in partial.text for c in unchanged)
+    planner.commit(partial)
+    # And a second partial sync from there still agrees.
+    again = planner.plan(GOLDEN_STATE, changed)
+    assert _normalise(_simulate(first.text, partial.text, again.text)) == _normalise(_simulate(first.text))
+
+
+def test_partial_cost_is_proportional_to_the_change() -> None:
+    entries = [(sp("ns", f"s{i}", f"172.30.{i // 250}.{i % 250}"), (Endpoint(f"10.1.{i // 250}.{i % 250}", 80),))
+               for i in range(2000)]
+    st = state(*entries)
+    planner = Planner(OPTS)
+    planner.commit(planner.plan(st, None))
+    svc, _ = entries[7]
+    st2 = ProxyState(services=st.services, endpoints={**st.endpoints, svc.name: (Endpoint("10.9.9.9", 80),)},
+                     node_name=NODE)
+    plan = planner.plan(st2, frozenset({svc.name.service}))
+    assert len(plan.text.splitlines()) < 40
+    assert plan.rerendered == frozenset({svc.name})
+
+
+def test_uncommitted_plan_leaves_the_cache_alone_and_invalidate_forces_full() -> None:
+    planner = Planner(OPTS)
+    assert planner.needs_full
+    planner.commit(planner.plan(GOLDEN_STATE, None))
+    assert not planner.needs_full
+    before = dict(planner.cache)
+    planner.plan(_bump(GOLDEN_STATE, svc1=None), frozenset({SVC1.name.service}))  # never committed
+    assert dict(planner.cache) == before
+    planner.invalidate()
+    assert planner.plan(GOLDEN_STATE, frozenset()).full
+
+
+def test_changing_large_mode_or_tail_forces_full() -> None:
+    planner = Planner(OPTS)
+    planner.commit(planner.plan(GOLDEN_STATE, None))
+    planner.set_node_ips(["192.168.0.2"])  # no effect without --nodeport-addresses
+    assert not planner.plan(GOLDEN_STATE, frozenset()).full
+    eps = tuple(Endpoint(f"10.{i // 250}.{i % 250}.1", 80) for i in range(1001))
+    assert planner.plan(_bump(GOLDEN_STATE, svc1=(SVC1, eps)), frozenset({SVC1.name.service})).full
+
+
+def test_jump_rules_match_kube_proxy() -> None:
+    assert ch.jump_rules_text("nat") == [
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+    ]
+    assert len(ch.jump_rules_text("filter")) == 9
+    assert ch.jump_rule_args((), "x y", "T") == ["-m", "comment", "--comment", "x y", "-j", "T"]
+
+
+def test_backend_choice_follows_iptables_wrapper() -> None:
+    hint = ":KUBE-IPTABLES-HINT - [0:0]\n"
+    many = "*nat\n" + "-A X -j Y\n" * 20
+    assert choose(nft_mangle=hint, legacy_save=many, nft_save="") == "nft"
+    assert choose(nft_mangle="", legacy_save="*mangle\n:KUBE-KUBELET-CANARY - [0:0]\n", nft_save=many) == "legacy"
+    assert choose(nft_mangle="", legacy_save=many, nft_save="-A X\n") == "legacy"
+    assert choose(nft_mangle="", legacy_save="-A X\n", nft_save="-A X\n") == "nft"
+    assert choose(nft_mangle="garbage\x00\n" * 100, legacy_save="", nft_save="") == "nft"
+    assert Backend("legacy").restore[:3] == ["iptables-legacy-restore", "--noflush", "--counters"]
+    assert Backend("nft", 6).save == ["ip6tables-nft-save"]
+    with pytest.raises(ValueError):
+        Backend("ebtables")
+
+
+def test_backend_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxyd.modes.iptables.backend import detect
+
+    assert detect(environ={"PROXYD_IPTABLES_BACKEND": "legacy"}).name == "legacy"
+    assert detect(environ={"PROXYD_IPTABLES_BACKEND": " NFT "}).name == "nft"
+    with pytest.raises(ValueError):
+        detect(environ={"PROXYD_IPTABLES_BACKEND": "pf"})
+
+
+def test_chains_of_save_output() -> None:
+    text = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SVC-X - [1:2]\n:junk\nCOMMIT\n"
+    assert chains_of(text, "nat") == {"KUBE-SVC-X", "junk"}
+    assert chains_of(text, "filter") == {"INPUT", "KUBE-SERVICES"}
+    assert chains_of("\x00" * 1000 + "\n:::\n", "nat") == set()
+
+
+def test_stale_udp_flows() -> None:
+    udp = sp("ns1", "dns", "172.30.0.10", port_name="dns", port=53, protocol=Protocol.UDP, node_port=30053,
+             external_ips=("192.168.99.10",))
+    tcp = sp("ns1", "dns", "172.30.0.10", port_name="dns-tcp", port=53, protocol=Protocol.TCP)
+    e1, e2 = Endpoint("10.180.0.1", 53), Endpoint("10.180.0.2", 53)
+
+    def rendered(svc: ServicePort, eps: tuple[Endpoint, ...]):
+        return render_port(svc, eps, options=OPTS, node_name=NODE, node_zone=None, large=False)
+
+    old_ports = {udp.name: udp, tcp.name: tcp}
+    old = {udp.name: rendered(udp, (e1, e2)), tcp.name: rendered(tcp, (e1, e2))}
+    new = {udp.name: rendered(udp, (e2,)), tcp.name: rendered(tcp, (e2,))}
+    flows = stale_flows([udp.name, tcp.name], old_ports=old_ports, old_renders=old, new_ports=old_ports,
+                        new_renders=new)
+    assert flows == [Flow(None, 30053, "10.180.0.1"), Flow("172.30.0.10", 53, "10.180.0.1"),
+                     Flow("192.168.99.10", 53, "10.180.0.1")]
+    # First endpoint after rejecting: entries towards the service go, whatever their target.
+    empty = {udp.name: rendered(udp, ())}
+    flows = stale_flows([udp.name], old_ports=old_ports, old_renders=empty, new_ports=old_ports,
+                        new_renders={udp.name: rendered(udp, (e1,))})
+    assert Flow("172.30.0.10", 53, None) in flows and Flow(None, 30053, None) in flows
+    # Service removed: every endpoint it had is stale.
+    flows = stale_flows([udp.name], old_ports=old_ports, old_renders=old, new_ports={}, new_renders={})
+    assert {f.nat_ip for f in flows} == {"10.180.0.1", "10.180.0.2"}
+    assert Flow("172.30.0.10", 53, "10.180.0.1").matches("172.30.0.10", 53, "10.180.0.1")
+    assert not Flow("172.30.0.10", 53, "10.180.0.1").matches("172.30.0.10", 54, "10.180.0.1")
+    assert Flow(None, 30053, None).matches("1.1.1.1", 30053, "9.9.9.9")
+
+
+def test_service_name_key_is_kube_proxy_string() -> None:
+    assert str(ServicePortName("a", "b", "", Protocol.TCP)) == "a/b"
+    assert ServiceName("a", "b") == SVC1.name.service.__class__("a", "b")

@@ -1,0 +1,163 @@
+"""ipvs mode against the real daemon and a real IPVS kernel (run inside the QEMU guest).
+
+The shared behaviour suite (``tests/netns/behaviour.py``) runs in ipvs mode,
+plus what only this mode does: the ``sh`` scheduler, the client source IP
+seen by a local endpoint under externalTrafficPolicy Local, graceful
+removal of real servers (weight 0 while connections last), adoption of the
+kernel's state across a restart without cutting connections, and the
+kernel objects the mode owns. The kernel's view is read from
+``/proc/net/ip_vs`` inside the node namespace.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.netns.behaviour import (
+    CLUSTER_IP,
+    POD1,
+    POD2,
+    POD3,
+    REMOTE_POD,
+    ServiceBehaviour,
+    local_eps,
+    web,
+)
+from tests.netns.topology import CLIENT_IP, NODE_IP, Topology, endpoint, read_line, wait_until
+
+pytestmark = pytest.mark.ipvs
+
+
+def _hex_addr(text: str) -> tuple[str, int]:
+    ip_hex, port_hex = text.split(":")
+    raw = int(ip_hex, 16)
+    return ".".join(str((raw >> s) & 0xFF) for s in (24, 16, 8, 0)), int(port_hex, 16)
+
+
+def ipvs_table(topo: Topology) -> dict[tuple[str, int, str], dict]:
+    """Virtual servers in the node namespace: {(ip, port, proto): {"sched", "flags", "dests": {...}}}."""
+    text = topo.ns_run(topo.node, ["cat", "/proc/net/ip_vs"]).stdout
+    table: dict[tuple[str, int, str], dict] = {}
+    current: dict | None = None
+    for line in text.splitlines()[3:]:
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0] in ("TCP", "UDP", "SCTP"):
+            ip, port_ = _hex_addr(fields[1])
+            current = {"sched": fields[2], "flags": fields[3:], "dests": {}}
+            table[(ip, port_, fields[0])] = current
+        elif fields[0] == "->" and current is not None:
+            ip, port_ = _hex_addr(fields[1])
+            current["dests"][(ip, port_)] = {"forward": fields[2], "weight": int(fields[3]),
+                                             "active": int(fields[4]), "inactive": int(fields[5])}
+    return table
+
+
+def ipsets(topo: Topology) -> str:
+    return topo.ns_run(topo.node, ["ipset", "list", "-n"]).stdout
+
+
+class TestIpvs(ServiceBehaviour):
+    mode = "ipvs"
+
+    def assert_clean(self, topo: Topology) -> None:
+        links = topo.ns_run(topo.node, ["ip", "-o", "link", "show"]).stdout
+        assert "kube-ipvs0" not in links
+        assert ipvs_table(topo) == {}
+        assert "KUBE-" not in ipsets(topo)
+        for table in ("nat", "filter"):
+            rules = topo.ns_run(topo.node, ["iptables", "-t", table, "-S"]).stdout
+            assert "KUBE-" not in rules, rules
+
+    def test_kernel_objects(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2), type_="NodePort", node_port=30090))
+        table = ipvs_table(topology)
+        vs = table[(CLUSTER_IP, 80, "TCP")]
+        assert vs["sched"] == "rr"
+        assert set(vs["dests"]) == {(POD1, 8080), (POD2, 8080)}
+        assert {d["forward"] for d in vs["dests"].values()} == {"Masq"}
+        assert set(table[(NODE_IP, 30090, "TCP")]["dests"]) == {(POD1, 8080), (POD2, 8080)}
+        addrs = topology.ns_run(topology.node, ["ip", "-o", "-4", "addr", "show", "dev", "kube-ipvs0"]).stdout
+        assert f"{CLUSTER_IP}/32" in addrs
+        assert "KUBE-CLUSTER-IP" in ipsets(topology)
+        members = topology.ns_run(topology.node, ["ipset", "list", "KUBE-NODE-PORT-TCP"]).stdout
+        assert "30090" in members
+        # another port of a service IP is rejected by KUBE-IPVS-FILTER, not left to hang
+        from tests.netns.behaviour import refused
+        assert refused(topology, topology.pod("pod3").ns, CLUSTER_IP, 81)
+
+    def test_source_hash_scheduler(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)), extra=("--ipvs-scheduler", "sh"))
+        assert ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["sched"] == "sh"
+        for pod in ("pod1", "pod2", "pod3"):
+            seen = self.pods_seen(topology, topology.pod(pod).ns, CLUSTER_IP, 80, 6)
+            assert len(seen) == 1, (pod, seen)
+
+    def test_affinity_is_persistence(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2), affinity_timeout=120))
+        flags = ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["flags"]
+        assert flags[:2] == ["persistent", "120"], flags
+
+    def test_external_local_preserves_client_ip(self, topology: Topology) -> None:
+        docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], type_="NodePort",
+                   node_port=30083, external_local=True)
+        self.start(topology, docs, tcp=("pod1",))
+        greeting = topology.hello(topology.client, NODE_IP, 30083)
+        assert (greeting.pod, greeting.peer_ip) == ("pod1", CLIENT_IP)
+        # policy Cluster: masqueraded, the endpoint sees the node
+        topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1), type_="NodePort",
+                                                     node_port=30083))
+        wait_until(lambda: topology.hello(topology.client, NODE_IP, 30083).peer_ip != CLIENT_IP,
+                   timeout=5, what="masquerade under policy Cluster")
+
+    def test_graceful_removal(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)), extra=("--ipvs-scheduler", "rr"))
+        ns = topology.pod("pod3").ns
+        held = None
+        for _ in range(6):  # rr: one of the first connections lands on pod1
+            sock = topology.connect(ns, CLUSTER_IP, 80)
+            if read_line(sock).startswith(b"pod1 "):
+                held = sock
+                break
+            sock.close()
+        assert held is not None
+        with held:
+            topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
+
+            def drained() -> bool:
+                dests = ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["dests"]
+                # pod3 never had a connection: deleted; pod1 still serves one: weight 0, kept
+                return (POD3, 8080) not in dests and dests.get((POD1, 8080), {}).get("weight") == 0
+
+            wait_until(drained, timeout=15, what="pod1 draining and pod3 deleted")
+            assert ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["dests"][(POD1, 8080)]["active"] == 1
+            assert self.pods_seen(topology, ns, CLUSTER_IP, 80, 4) == Counter({"pod2": 4})
+            held.sendall(b"draining\n")
+            assert read_line(held) == b"draining\n"
+            # pod1 comes back before it was deleted: weight 1 again, same real server
+            topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1, POD2)))
+            wait_until(lambda: ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["dests"][(POD1, 8080)]["weight"]
+                       == 1, timeout=5, what="pod1 weight restored")
+            held.sendall(b"back\n")
+            assert read_line(held) == b"back\n"
+
+    def test_restart_adopts_without_cutting(self, topology: Topology) -> None:
+        proc = self.start(topology, web(endpoints=local_eps(POD1)))
+        ns = topology.pod("pod3").ns
+        with topology.connect(ns, CLUSTER_IP, 80) as held:
+            assert read_line(held).startswith(b"pod1 ")
+            assert topology.stop_proxyd(proc) == 0
+            # stopped: the kernel keeps serving
+            assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
+            topology.start_proxyd(self.mode, extra_args=self.extra_args)
+            dest = ipvs_table(topology)[(CLUSTER_IP, 80, "TCP")]["dests"][(POD1, 8080)]
+            # the same real server still carries the held connection: nothing was recreated
+            assert dest["active"] == 1 and dest["weight"] == 1
+            held.sendall(b"after restart\n")
+            assert read_line(held) == b"after restart\n"
+        # and the adopted state follows changes
+        topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=5, what="change after restart")
