@@ -49,9 +49,9 @@ def _failed(metric: str, error: str) -> dict[str, Any]:
     return {"metric": metric, "error": error}
 
 
-def bulk(topo: Topology, *, target: tuple[str, int], seconds: float, meter: CpuMeter) -> dict[str, Any]:
+def bulk(topo: Topology, *, target: tuple[str, int], seconds: int, meter: CpuMeter) -> dict[str, Any]:
     ip, port = target
-    argv = pinned(LOAD_CPU, ["iperf3", "-c", ip, "-p", str(port), "-t", f"{seconds:g}", "-J",
+    argv = pinned(LOAD_CPU, ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J",
                              "--connect-timeout", "3000"])
     meter.start()
     try:
@@ -68,12 +68,12 @@ def bulk(topo: Topology, *, target: tuple[str, int], seconds: float, meter: CpuM
             "cpu_s": cpu, "cpu_per_gb": cpu / gigabytes}
 
 
-def http(topo: Topology, *, target: tuple[str, int], seconds: float, connections: int, close: bool,
+def http(topo: Topology, *, target: tuple[str, int], seconds: int, connections: int, close: bool,
          meter: CpuMeter, script: Path) -> dict[str, Any]:
     """``keepalive`` (close=False) or ``newconn`` (close=True) sample."""
     metric = "newconn" if close else "keepalive"
     ip, port = target
-    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "5s",
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
             "-s", str(script)]
     if close:
         argv += ["-H", "Connection: close"]

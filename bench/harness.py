@@ -53,7 +53,7 @@ NEEDED_TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "taskset", "ss", "ip")
 @dataclass(frozen=True, slots=True)
 class Plan:
     rounds: int
-    seconds: float  # per load-generator run
+    seconds: int  # per load-generator run (wrk takes whole seconds only)
     connections: int  # wrk connections
     sync_services: tuple[int, ...]
     programming_samples: int
@@ -61,9 +61,9 @@ class Plan:
     total_budget: float  # seconds into the run after which no sync-scale point starts or runs on
 
 
-QUICK = Plan(rounds=2, seconds=1.5, connections=16, sync_services=(1000,), programming_samples=3,
+QUICK = Plan(rounds=2, seconds=1, connections=16, sync_services=(1000,), programming_samples=3,
              data_budget=60.0, total_budget=112.0)
-FULL = Plan(rounds=5, seconds=5.0, connections=16, sync_services=(1000, 10000, 30000), programming_samples=10,
+FULL = Plan(rounds=5, seconds=5, connections=16, sync_services=(1000, 10000, 30000), programming_samples=10,
             data_budget=480.0, total_budget=870.0)
 
 
@@ -205,7 +205,9 @@ def meta(plan: Plan, quick: bool) -> dict[str, Any]:
             "run": "quick" if quick else "full",
             "kernel": platform.release(), "cpu": f"{cpu_model} × {os.cpu_count()}",
             "rounds": plan.rounds, "seconds per run": plan.seconds, "wrk connections": plan.connections,
-            "pinning": "load+backends CPU 0, proxy CPU 1"}
+            "pinning": "load+backends CPU 0, proxy CPU 1",
+            # The machines are shared: a high load average means noisy numbers.
+            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 def write_outputs(results: dict[str, Any], *, out_dir: Path, stem: str) -> list[Path]:
@@ -233,7 +235,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="CI smoke: 2 short rounds, 1k services (< 2 min)")
     parser.add_argument("--modes", default=",".join(MODES), help="proxyd modes to include (comma separated)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
-    parser.add_argument("--seconds", type=float, help="override seconds per load-generator run")
+    parser.add_argument("--seconds", type=int, help="override whole seconds per load-generator run")
     parser.add_argument("--no-sync-scale", action="store_true", help="skip the control-plane scale runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"output directory (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -243,8 +245,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if args.rounds is not None and not 1 <= args.rounds <= 50:
         parser.error("--rounds must be 1..50")
-    if args.seconds is not None and not 0.5 <= args.seconds <= 120:
-        parser.error("--seconds must be 0.5..120")
+    if args.seconds is not None and not 1 <= args.seconds <= 120:
+        parser.error("--seconds must be 1..120")
     args.modes = modes
     return args
 
@@ -267,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     plan = replace(plan, rounds=args.rounds or plan.rounds, seconds=args.seconds or plan.seconds)
     signal.signal(signal.SIGTERM, _terminate)
+    # Also when started from a script with SIGINT ignored (``cmd &``): Ctrl-C/SIGINT must always clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     results: dict[str, Any] = {"meta": meta(plan, args.quick), "plan": asdict(plan), "paths": [],
                                "skipped": {}, "cpu_notes": {}, "samples": [], "notes": [], "control": {}}
@@ -297,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"run failed: {failure}; namespaces and processes removed; writing partial results")
     results["cpu_notes"] = {p: paths.CPU_NOTES[p] for p in results["paths"] if p in paths.CPU_NOTES}
     results["meta"]["elapsed"] = f"{time.monotonic() - started:.0f}s"
+    results["meta"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     stem = "quick" if args.quick else "full"
     written = write_outputs(results, out_dir=args.out, stem=stem)
     print(report.markdown(results))

@@ -51,9 +51,7 @@ from proxyd.model import (  # noqa: E402
     ServicePortName,
     ServiceType,
 )
-from proxyd.model import (
-    Protocol as L4,
-)
+from proxyd.model import Protocol as L4  # noqa: E402
 from proxyd.modes.base import SyncRequest  # noqa: E402
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
@@ -69,9 +67,12 @@ def build_state(services: int, endpoints: int) -> ProxyState:
                                   cluster_ip=f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}",
                                   port=80, protocol=L4.TCP)
         base = i * endpoints
-        eps[name] = tuple(Endpoint(f"10.{128 + (base + j) // 65536}.{((base + j) // 256) % 256}.{(base + j) % 256}",
-                                   8080) for j in range(endpoints))
+        eps[name] = tuple(Endpoint(_ip(128, base + j), 8080) for j in range(endpoints))
     return ProxyState(services=ports, endpoints=eps, node_name="bench-node")
+
+
+def _ip(first: int, n: int) -> str:
+    return f"10.{first + n // 65536}.{(n // 256) % 256}.{n % 256}"
 
 
 class Driver(Protocol):
@@ -117,7 +118,8 @@ class IptablesDriver:
 
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
         out = await self._sync(SyncRequest(state, changed))
-        assert self.mode.last_plan is not None and not self.mode.last_plan.full, "partial sync was not partial"
+        plan = self.mode.last_plan
+        assert plan is not None and not plan.full, "partial sync was not partial"
         return out
 
     def rules(self) -> int:
@@ -179,7 +181,7 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Each point in a fresh child so memory and rules do not carry over.
             argv = [sys.executable, __file__, "--mode", args.mode, "--services", str(count), "--endpoints",
                     str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point"]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False,
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False,
                                   env={**os.environ, INSIDE_ENV: "1"})
             if proc.returncode != 0:
                 results.append({"mode": args.mode, "backend": backend, "services": count,
@@ -229,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return in_netns(raw)
     if args.point:
-        result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints, args.repeat))
+        result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
+                                     args.repeat))
         print(json.dumps(result))
         return 0
     results = inside(args)
     for r in results:
         if "error" in r:
-            print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc  ERROR {r['error']}", file=sys.stderr)
+            print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc  ERROR {r['error']}",
+                  file=sys.stderr)
         else:
             print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc x {r['endpoints']} ep: "
                   f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "

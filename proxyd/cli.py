@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, NoReturn
 
 from proxyd import __version__
-from proxyd.config import Config, HostPort
+from proxyd.config import Config, ConfigError, HostPort
 
 log = logging.getLogger("proxyd")
 
@@ -29,10 +29,6 @@ IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed",
 CONFIG_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 CONFIG_KIND = "KubeProxyConfiguration"
 MAX_CONFIG_BYTES = 1 << 20
-
-
-class ConfigError(Exception):
-    """A bad flag or configuration value; ``str()`` names the flag."""
 
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,

@@ -11,6 +11,10 @@ import socket
 from dataclasses import dataclass, field
 
 
+class ConfigError(Exception):
+    """A bad flag, configuration file or kubeconfig: exit code 2; ``str()`` names the flag."""
+
+
 @dataclass(frozen=True, slots=True)
 class HostPort:
     host: str

@@ -24,10 +24,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 
 from proxyd import metrics, nodeaddrs
-from proxyd.config import Config, HostPort
+from proxyd.config import Config, ConfigError, HostPort
 from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, metrics_routes
 from proxyd.httpserve import HttpServer
 from proxyd.modes.base import MODES, SyncRequest, mode_class
@@ -185,6 +186,10 @@ def run(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
     try:
         return _run_loop(lambda: Daemon(config).serve())
+    except ConfigError as err:
+        log.error("configuration: %s", err)
+        print(f"proxyd: error: {err}", file=sys.stderr)
+        return 2
     except FatalError as err:
         log.error("fatal: %s", err)
         return 1

@@ -31,10 +31,12 @@ machine, kopf/client-go style::
   history: go back to LIST (immediately the first time) and replace.
 * **Errors** (401, 403, 5xx, connection refused, timeouts) back off
   exponentially with jitter (0.5 s doubling to a 30 s cap), then retry the
-  step that failed (a failed watch resumes, a failed list lists again).
-  A 401 rebuilds the API client, re-reading the kubeconfig or the
-  service-account token (tokens rotate). A healthy stream (one that delivered
-  an event or a bookmark) resets the backoff.
+  step that failed (a failed watch resumes, a failed list lists again); so
+  does an in-stream ERROR event with any code but 410. A 401 re-reads the
+  credentials (kubeconfig or service-account token: tokens rotate) into the
+  live client. A healthy stream (one that delivered an event or a bookmark,
+  or stayed open ``QUIET_WATCH_OK`` seconds) resets the backoff, so a drop
+  after hours of service is resumed at once, not after 30 s.
 * **During an outage nothing is removed**: the tracker keeps the last known
   content, so the rules stay as they are, exactly like kube-proxy.
   ``proxyd_source_connected`` drops to 0 and
@@ -83,7 +85,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from proxyd import metrics
-from proxyd.config import Config
+from proxyd.config import Config, ConfigError
 from proxyd.model import ServiceName
 from proxyd.sources.convert import (
     InvalidObject,
@@ -108,6 +110,8 @@ CONNECT_TIMEOUT = 15.0
 # client-go's reflector: a server-side watch timeout of 5-10 min (random, so
 # a fleet of nodes does not reconnect in step).
 MIN_WATCH_TIMEOUT = 300
+# A watch that stayed open this long before ending cleanly counts as healthy.
+QUIET_WATCH_OK = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,7 @@ REQUIRED_ACCESS: tuple[Access, ...] = (
 )
 
 
-class KubeConfigError(Exception):
+class KubeConfigError(ConfigError):
     """No usable cluster configuration (the message says which and why)."""
 
 
@@ -316,6 +320,8 @@ class KubeSource:
         self._listed: set[str] = set()
         self._node_tried = False
         self._watching: set[str] = set()
+        # Kinds whose current watch has delivered an event or a bookmark.
+        self._delivered: set[str] = set()
         self._client: k8s_client.ApiClient | None = None
         # key → reason last logged for objects currently rejected (log once).
         self._bad: dict[tuple[str, Hashable], str] = {}
@@ -365,11 +371,11 @@ class KubeSource:
                                       "(KUBERNETES_SERVICE_HOST unset)")
         except k8s_config.ConfigException as err:
             where = f"--kubeconfig {self.config.kubeconfig}" if self.config.kubeconfig else "in-cluster"
-            raise KubeConfigError(f"{where}: {err}") from None
+            raise KubeConfigError(f"{where}: {_one_line(err)}") from None
         except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as err:
             # A kubeconfig that is YAML but not a kubeconfig fails deep inside the loader.
             raise KubeConfigError(f"--kubeconfig {self.config.kubeconfig}: unusable "
-                                  f"({type(err).__name__}: {err})") from None
+                                  f"({type(err).__name__}: {_one_line(err)})") from None
         return configuration
 
     async def _reload_credentials(self) -> None:
@@ -402,6 +408,7 @@ class KubeSource:
         # and bookmark moves it, even on a stream that later breaks.
         failures = 0
         while True:
+            self._delivered.discard(kind.name)
             try:
                 rv = self.resource_versions.get(kind.name)
                 if rv is None:
@@ -420,6 +427,10 @@ class KubeSource:
                 self._watching.discard(kind.name)
                 metrics.SOURCE_CONNECTED.set(0)
                 reason, detail, relist = self._classify(err)
+                if kind.name in self._delivered:
+                    # The stream worked before it broke: a fresh failure, not
+                    # one more of a series (else backoff would creep up over days).
+                    failures = 0
                 if relist:
                     self.resource_versions[kind.name] = None
                 if isinstance(err, _HttpError) and err.status == 401:
@@ -556,7 +567,7 @@ class KubeSource:
             timeout_seconds=self._watch_timeout(), _preload_content=False,
             _request_timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT,
                                                    sock_connect=CONNECT_TIMEOUT))
-        healthy = False
+        started = time.monotonic()
         try:
             await _check_status(resp)
             self._watching.add(kind.name)
@@ -568,13 +579,15 @@ class KubeSource:
                         continue
                     new_rv = self._event(kind, line)
                     if new_rv:
-                        healthy = True
+                        self._delivered.add(kind.name)
                         self.resource_versions[kind.name] = new_rv
         finally:
             resp.close()
             self._watching.discard(kind.name)
             metrics.SOURCE_CONNECTED.set(0)
-        return healthy
+        # A quiet watch that ran its course (no events, no bookmarks from an
+        # older server) is as healthy as a busy one.
+        return kind.name in self._delivered or time.monotonic() - started >= QUIET_WATCH_OK
 
     def _event(self, kind: _Kind, line: bytes) -> str | None:
         """Apply one watch event; the resourceVersion it carries (None if none)."""
@@ -643,6 +656,10 @@ class KubeSource:
     def _accepted(self, kind: _Kind, key: Hashable) -> None:
         if self._bad and self._bad.pop((kind.name, key), None) is not None:
             log.info("kube %s %s: valid again", kind.name, _show_key(key))
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def _show_key(key: Hashable | None) -> str:

@@ -69,6 +69,18 @@ async def test_first_sync_only_after_complete_paginated_lists(fake, start_source
     assert run.tracker.node_labels["topology.kubernetes.io/zone"] == "zone-a"
 
 
+async def test_node_list_forbidden_does_not_block_the_first_sync(fake, start_source):
+    seed(fake)
+    fake.fail(403, resource="nodes", times=1000)
+    run = await start_source()
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    assert run.tracker.service(SVC_A) is not None
+    assert dict(run.tracker.node_labels) == {}
+    fake.fail_next.clear()
+    await wait_for(lambda: run.tracker.node_labels.get("topology.kubernetes.io/zone") == "zone-a",
+                   what="node labels once allowed")
+
+
 async def test_expired_continue_token_restarts_the_list(fake, start_source):
     seed(fake, 30)
     run = await start_source(page_limit=10)
@@ -98,6 +110,7 @@ async def test_watch_events_reach_the_tracker(fake, start_source):
     await wait_for(lambda: run.tracker.node_labels.get("topology.kubernetes.io/zone") == "zone-b",
                    what="zone change")
     assert run.changes, "on_change never called"
+    assert time.time() - sample("proxyd_source_last_event_timestamp_seconds") < 30
     assert not fake.requests_for("services", "list")[1:], "a relist happened"
 
 
@@ -125,6 +138,22 @@ async def test_dropped_stream_resumes_without_relist(fake, start_source, truncat
     assert len(fake.requests_for("services", "list")) == 1, "a dropped stream must not relist"
     if truncate:
         assert sample("proxyd_source_reconnects_total", kind="services", reason="dropped") > before
+
+
+async def test_backoff_does_not_creep_over_healthy_streams(fake, start_source):
+    """Each drop after a working stream is a first failure: resumed at once, every time."""
+    seed(fake)
+    run = await start_source()
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    for i in range(5):
+        await wait_for(lambda: fake.watch_count("services") >= 1, what="watch")
+        fake.apply("services", service(f"d{i}", f"10.96.6.{i + 1}"))
+        name = ServiceName("default", f"d{i}")
+        await wait_for(lambda n=name: run.tracker.service(n) is not None, what="event")
+        watches = len(fake.requests_for("services", "watch"))
+        fake.drop_watches("services", truncate=True)
+        await wait_for(lambda w=watches: len(fake.requests_for("services", "watch")) > w, what="resume")
+    assert run.sleeps and all(d == 0.0 for d in run.sleeps), run.sleeps
 
 
 @pytest.mark.parametrize("as_status", [False, True], ids=["in-stream-error", "http-410"])
@@ -388,7 +417,7 @@ async def test_broken_kubeconfig_is_a_clear_error(tmp_path, content):
 # ---------------------------------------------------------------- scale
 
 
-async def test_10000_services_listed_and_watched(fake, start_source):
+async def test_10000_services_listed_and_watched(fake, start_source, capsys):
     count = 10_000
     seed(fake, count)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -411,5 +440,26 @@ async def test_10000_services_listed_and_watched(fake, start_source):
     changed = run.tracker.take().changed
     assert len(changed) == count - 1
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"\n10k services + 10k slices: list+convert {listed:.2f}s, 10k slice events {watched:.2f}s, "
-          f"max RSS {rss / 1024:.0f} MiB (before {rss_before / 1024:.0f} MiB, includes the fake server)")
+    with capsys.disabled():  # shown in CI logs even under -q
+        print(f"\n10k services + 10k slices: list+convert {listed:.2f}s, 10k slice events {watched:.2f}s, "
+              f"max RSS {rss / 1024:.0f} MiB (before {rss_before / 1024:.0f} MiB, includes the fake server)")
+
+
+def test_fake_label_selectors_match_like_the_api_server():
+    from tests.api.fake_apiserver import label_matches, parse_label_selector
+
+    def obj(**labels: str) -> dict:
+        return {"metadata": {"labels": labels}}
+
+    kube_proxy = parse_label_selector(PROXY_LABEL_SELECTOR)
+    assert label_matches(kube_proxy, obj(app="x"))
+    assert not label_matches(kube_proxy, obj(**{"service.kubernetes.io/headless": ""}))
+    assert not label_matches(kube_proxy, obj(**{"service.kubernetes.io/service-proxy-name": "other"}))
+    reqs = parse_label_selector("app!=web,tier in (a, b),env,!skip,ver==2")
+    assert label_matches(reqs, obj(app="db", tier="a", env="p", ver="2"))
+    assert not label_matches(reqs, obj(app="web", tier="a", env="p", ver="2"))
+    assert not label_matches(reqs, obj(app="db", tier="c", env="p", ver="2"))
+    assert not label_matches(reqs, obj(app="db", tier="a", ver="2"))
+    assert not label_matches(reqs, obj(app="db", tier="a", env="p", ver="2", skip="1"))
+    with pytest.raises(ValueError):
+        parse_label_selector("bad key=1")

@@ -77,7 +77,7 @@ def test_health_check_node_port_follows_local_endpoints(topology):
     assert topology.http_get(topology.client, NODE_IP, 32100, "/other")[0] == 404
     # The only endpoint moves to another node: this node must stop attracting LB traffic.
     demo_manifests(topology, node="node2")
-    status, body = wait_until(
+    _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
         timeout=3, what="healthCheckNodePort 503")
     assert json.loads(body)["localEndpoints"] == 0

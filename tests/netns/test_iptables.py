@@ -31,6 +31,7 @@ from tests.netns.topology import (
     Topology,
     endpoint,
     endpoint_slice,
+    in_netns,
     port,
     read_line,
     service,
@@ -92,7 +93,8 @@ class _IptablesBehaviour(ServiceBehaviour):
 
     def test_load_balancer_source_ranges(self, topology: Topology) -> None:
         docs = [service("web", cluster_ip=CLUSTER_IP, type_="LoadBalancer", lb_ips=[LB_IP],
-                        ports=[port(80, target_port=8080, node_port=30085)], source_ranges=["198.51.100.0/24"]),
+                        ports=[port(80, target_port=8080, node_port=30085)],
+                        source_ranges=["198.51.100.0/24"]),
                 endpoint_slice("web", ports=[{"port": 8080}], endpoints=local_eps(POD1))]
         self.start(topology, docs, tcp=("pod1",))
         sock = topology.tcp_socket(topology.client)
@@ -108,7 +110,8 @@ class _IptablesBehaviour(ServiceBehaviour):
 
     def start_source_range_allowed(self, topology: Topology) -> None:
         docs = [service("web", cluster_ip=CLUSTER_IP, type_="LoadBalancer", lb_ips=[LB_IP],
-                        ports=[port(80, target_port=8080, node_port=30085)], source_ranges=["203.0.113.0/24"]),
+                        ports=[port(80, target_port=8080, node_port=30085)],
+                        source_ranges=["203.0.113.0/24"]),
                 endpoint_slice("web", ports=[{"port": 8080}], endpoints=local_eps(POD1))]
         topology.write_manifest("services.yaml", docs)
         wait_until(lambda: _reachable(topology, topology.client, LB_IP, 80), timeout=DEADLINE,
@@ -137,10 +140,6 @@ class _IptablesBehaviour(ServiceBehaviour):
             assert _kube_lines(self.save(topology)) == _kube_lines(before)
 
     def test_stale_udp_conntrack_is_cleared(self, topology: Topology) -> None:
-        def dns(*ips: str) -> list[dict]:
-            return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
-                    endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(*ips))]
-
         self.start(topology, dns(POD1), tcp=(), udp=("pod1", "pod2"))
         ns = topology.pod("pod3").ns
         sock = topology.udp_socket(ns)
@@ -155,10 +154,6 @@ class _IptablesBehaviour(ServiceBehaviour):
             wait_until(moved, timeout=DEADLINE, what="UDP flow moved to the new endpoint")
 
     def test_udp_service_gaining_its_first_endpoint(self, topology: Topology) -> None:
-        def dns(*ips: str) -> list[dict]:
-            return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
-                    endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(*ips))]
-
         self.start(topology, dns(), tcp=(), udp=("pod1",))
         ns = topology.pod("pod3").ns
         sock = topology.udp_socket(ns)
@@ -193,6 +188,12 @@ class _IptablesBehaviour(ServiceBehaviour):
         assert "KUBE-PROXY-CANARY" in self.save(topology)
 
 
+def dns(*ips: str) -> list[dict]:
+    """A UDP service 53 -> 5353 with the given node1 endpoints."""
+    return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+            endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(*ips))]
+
+
 def _kube_lines(text: str) -> list[str]:
     return sorted(line for line in text.splitlines() if "KUBE-" in line and not line.startswith("#"))
 
@@ -212,4 +213,21 @@ class TestIptablesNft(_IptablesBehaviour):
 class TestIptablesLegacy(_IptablesBehaviour):
     backend = "legacy"
     env = {"PROXYD_IPTABLES_BACKEND": "legacy"}
+
+    def test_live_ruleset_through_python_iptables(self, topology: Topology) -> None:
+        # libiptc reads the kernel's x_tables directly: an independent check of
+        # what iptables-restore committed, without parsing iptables-save text.
+        import iptc
+
+        self.start(topology, web(endpoints=local_eps(POD1, POD2)))
+        name = ServicePortName("default", "web", "", Protocol.TCP)
+        with in_netns(topology.node):
+            table = iptc.Table(iptc.Table.NAT)
+            table.refresh()
+            chains = {chain.name: chain for chain in table.chains}
+            targets = [rule.target.name for rule in chains[ch.svc_chain(name)].rules]
+            canary = ch.KUBE_PROXY_CANARY in chains
+        assert canary
+        assert sorted(t for t in targets if t.startswith("KUBE-SEP-")) == sorted(
+            ch.sep_chain(name, f"{ip}:8080") for ip in (POD1, POD2))
 

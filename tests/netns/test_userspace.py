@@ -7,6 +7,8 @@ own), and holds service addresses on ``proxyd0``.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -70,6 +72,33 @@ class TestUserspace(ServiceBehaviour):
         assert max(timings) < 2.0, timings
         retries = topology.metric("proxyd_connect_retries_total", {"service": "default/web"})
         assert retries is not None and retries >= 1
+
+    def test_affinity_expires_after_timeout(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=1))
+        ns = topology.pod("pod1").ns
+        first = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
+        assert len(first) == 1, first
+        time.sleep(1.5)
+        # the entry expired: round robin resumes where it stopped, at another endpoint
+        second = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
+        assert len(second) == 1 and second.keys() != first.keys(), (first, second)
+
+    def test_shutdown_drains_open_connections(self, topology: Topology) -> None:
+        proc = self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        ns = topology.pod("pod2").ns
+        held = topology.connect(ns, CLUSTER_IP, 80)
+        with held:
+            read_line(held)
+            os.kill(proc.pid, signal.SIGTERM)
+            # new connections are refused at once; the open one keeps working
+            wait_until(lambda: refused(topology, ns, CLUSTER_IP, 80), timeout=3, what="listener closed")
+            held.sendall(b"during shutdown\n")
+            assert read_line(held) == b"during shutdown\n"
+            assert proc.poll() is None
+        # once the last connection ends the daemon exits cleanly, well before the grace period
+        started = time.monotonic()
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 3
 
     def test_round_robin_is_exact(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)))
@@ -207,11 +236,13 @@ class TestUserspaceDataPath:
             assert topology.metric("proxyd_active_connections", labels) == 1
         wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=3,
                    what="connection closed in metrics")
-        assert topology.metric("proxyd_connections_total", labels) == 1
+        # counters are flushed every second, off the data path
+        wait_until(lambda: topology.metric("proxyd_connections_total", labels) == 1, timeout=3,
+                   what="connection counted")
         web_bytes = {"service": "default/web"}
-        to_endpoint = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
+        wait_until(lambda: topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
+                   == 1000, timeout=3, what="bytes to the endpoint counted")
         to_client = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_client"})
-        assert to_endpoint == 1000
         assert to_client is not None and to_client >= 1000 + len(b"pod1 x y 8080\n")
 
     def test_udp_flow_expires_when_idle(self, topology: Topology) -> None:
@@ -233,3 +264,13 @@ class TestUserspaceDataPath:
                    extra=("--nodeport-addresses", "203.0.113.0/24"))
         assert topology.hello(topology.client, "203.0.113.1", 30080).pod == "pod1"
         assert refused(topology, topology.node2, "198.51.100.1", 30080)
+
+    def test_holder_device_recreated_when_deleted(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        topology.ns_run(topology.node, ["ip", "link", "del", "proxyd0"])
+        # the next sync (any change) notices and puts every address back
+        topology.write_manifest("other.yaml", web(name="other", cluster_ip="10.96.0.12",
+                                                  endpoints=local_eps(POD1)))
+        wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=5,
+                   what="proxyd0 recreated")
+        assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).pod == "pod1"

@@ -197,3 +197,43 @@ def test_restore_fault_keeps_rules_backs_off_and_recovers(topology: Topology, re
                    gaps=[round(g, 2) for g in gaps[:8]])
     print(f"{fault}: {len(calls)} restore calls, gaps {[round(g, 2) for g in gaps[:8]]}, 503 after "
           f"{first_503:.2f}s, recovered in {recovery:.2f}s, {prober.ok} probes ok, 0 failed")
+
+
+def _outage(topo: Topology, ip: str, pod: str, *, timeout: float) -> float:
+    """Seconds until ``ip`` serves ``pod`` again (polled every 100 ms)."""
+    started = time.monotonic()
+    ns = topo.pod("pod3").ns
+    wait_until(lambda: topo.hello(ns, ip, 80, timeout=0.5).pod == pod, timeout=timeout, interval=0.1,
+               what=f"{ip} served again")
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["iptables", "userspace"])
+def test_kernel_state_removed_by_someone_else_is_restored(topology: Topology, figures: dict,
+                                                           mode: str) -> None:
+    """A firewall reload flushing every table (iptables), or the holder device deleted (userspace).
+
+    kube-proxy notices a flush through its canary chains and resyncs in full;
+    proxyd must repair within about one ``--sync-period`` without a restart.
+    """
+    require_mode(mode)
+    topology.start_tcp_server("pod1", 8080)
+    two_services(topology, with_second=False)
+    proc = start_daemon(topology, mode, extra_args=["--sync-period", f"{SYNC_PERIOD:g}s"])
+    ns = topology.pod("pod3").ns
+    assert topology.hello(ns, "10.96.0.10", 80).pod == "pod1"
+    if mode == "iptables":
+        for tool in ("iptables-nft", "iptables-legacy"):
+            if shutil.which(tool) is None:
+                continue
+            for table in ("nat", "filter", "mangle"):
+                topology.ns_run(topology.node, [tool, "-t", table, "-F"], check=False)
+                topology.ns_run(topology.node, [tool, "-t", table, "-X"], check=False)
+        assert "KUBE-SERVICES" not in topology.ns_run(topology.node, ["iptables-nft-save"]).stdout
+    else:
+        topology.ns_run(topology.node, ["ip", "link", "del", "proxyd0"])
+    outage = _outage(topology, "10.96.0.10", "pod1", timeout=3 * SYNC_PERIOD + 5)
+    assert proc.poll() is None and healthz(topology) == 200
+    figures.update(mode=mode, repaired_after_seconds=round(outage, 2), sync_period=SYNC_PERIOD)
+    print(f"{mode}: kernel state removed from outside, repaired after {outage:.2f}s")
+    assert outage <= 2 * SYNC_PERIOD + 2

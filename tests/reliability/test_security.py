@@ -15,7 +15,7 @@ import time
 
 from proxyd.httpserve import HEAD_TIMEOUT, MAX_CLIENTS
 from tests.netns.topology import NODE_IP, Topology, endpoint, endpoint_slice, port, service, wait_until
-from tests.reliability.harness import close_all, healthz, start_daemon
+from tests.reliability.harness import close_all, healthz, metric_sum, require_mode, start_daemon
 
 CLUSTER_IP = "10.96.0.10"
 HCNP = 32100
@@ -105,3 +105,48 @@ def test_listening_sockets_are_only_the_configured_ones(topology: Topology) -> N
     assert expected <= set(mine), f"missing listeners: {expected - set(mine)}\n{out}"
     assert not any(addr.startswith(("0.0.0.0:10249", "*:10249", "[::]:10249")) for addr in mine)
     assert healthz(topology) == 200
+
+
+def test_crafted_names_cannot_inject_into_iptables_rules(topology: Topology, figures: dict) -> None:
+    """Names, labels and annotations built to break out of iptables-restore input, end to end.
+
+    Invalid names are refused (counted); a valid service carrying hostile
+    labels and annotations is served, and none of that text reaches the
+    kernel's ruleset; no sync fails because of it.
+    """
+    require_mode("iptables")
+    topology.start_tcp_server("pod1", 8080)
+    payload = '" -j ACCEPT\n-A INPUT -j DROP-INJECTED\nCOMMIT\n# '
+    hostile_names = [f"web{payload}", "web -j ACCEPT", "web\x00nul", "WEB", "-A", "a" * 300, "web;reboot"]
+    docs = []
+    for i, name in enumerate(hostile_names):
+        docs.append(service(name, cluster_ip=f"10.96.1.{i + 1}", ports=[port(80, target_port=8080)]))
+        docs.append(endpoint_slice(name, name=f"hostile-{i}", ports=[{"port": 8080}],
+                                   endpoints=[endpoint("10.244.1.11")]))
+    ok = service("web", cluster_ip=CLUSTER_IP, ports=[port(80, name="http", target_port=8080)],
+                 labels={"app": "web"})
+    ok["metadata"]["annotations"] = {"note": payload, "x": "\x1b[31m"}
+    docs += [ok, endpoint_slice("web", ports=[{"name": "http", "port": 8080}],
+                                endpoints=[endpoint("10.244.1.11")])]
+    # A hostile port name and namespace on otherwise valid objects.
+    docs.append(service("svc2", cluster_ip="10.96.0.20", namespace=f"ns{payload}",
+                        ports=[port(80, target_port=8080)]))
+    docs.append(service("svc3", cluster_ip="10.96.0.21",
+                        ports=[port(80, name=f"p{payload}", target_port=8080)]))
+    topology.write_manifest("hostile.yaml", docs)
+    proc = start_daemon(topology, "iptables")
+    assert topology.hello(topology.client, CLUSTER_IP, 80).pod == "pod1"
+    rules = "\n".join(topology.ns_run(topology.node, [tool], check=False).stdout
+                      for tool in ("iptables-nft-save", "iptables-legacy-save"))
+    for marker in ("DROP-INJECTED", "-A INPUT -j DROP", "reboot", "\x1b", "web -j ACCEPT"):
+        assert marker not in rules, f"{marker!r} reached the ruleset"
+    for i in range(len(hostile_names)):
+        assert f"10.96.1.{i + 1}" not in rules, f"hostile service #{i} was programmed"
+    rejected = metric_sum(topology, "proxyd_rejected_objects_total")
+    failures = metric_sum(topology, "proxyd_sync_failures_total")
+    log = topology.log_of(proc)  # type: ignore[arg-type]
+    assert "\x1b" not in log and "\nCOMMIT" not in log
+    assert proc.poll() is None and healthz(topology) == 200  # type: ignore[attr-defined]
+    figures.update(hostile_objects=len(hostile_names) * 2 + 2, rejected=rejected, sync_failures=failures)
+    assert failures == 0, "a crafted object made iptables-restore fail"
+    assert rejected >= len(hostile_names)

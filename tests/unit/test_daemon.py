@@ -65,8 +65,8 @@ async def test_first_sync_is_full_then_partial(made):
     await made._sync()
     request = made.mode.requests[-1]
     assert request.changed == frozenset({ServiceName("default", "a")})
-    assert [str(ep) for ep in request.state.endpoints_of(ServicePortName("default", "a", "", Protocol.TCP))] == [
-        "10.244.1.2:8080"]
+    served = request.state.endpoints_of(ServicePortName("default", "a", "", Protocol.TCP))
+    assert [str(ep) for ep in served] == ["10.244.1.2:8080"]
 
 
 async def test_failure_makes_the_retry_full_and_keeps_health_waiting(made):

@@ -421,3 +421,77 @@ def test_stale_udp_flows() -> None:
 def test_service_name_key_is_kube_proxy_string() -> None:
     assert str(ServicePortName("a", "b", "", Protocol.TCP)) == "a/b"
     assert ServiceName("a", "b") == SVC1.name.service.__class__("a", "b")
+
+
+class FakeApplier:
+    """Records restores; fails them on demand. Stands in for the kernel in mode-level tests."""
+
+    def __init__(self) -> None:
+        self.restored: list[str] = []
+        self.fail = False
+        self.canary = True
+        self.jumps = 0
+
+    async def ensure_canaries(self) -> None:
+        self.canary = True
+
+    async def ensure_jumps(self) -> None:
+        self.jumps += 1
+
+    async def canary_present(self) -> bool:
+        return self.canary
+
+    async def chains(self, table: str) -> set[str]:
+        return {"KUBE-SEP-LEFTOVER0000000"} if table == "nat" else set()
+
+    async def restore(self, text: str) -> None:
+        if self.fail:
+            from proxyd.modes.iptables.backend import IptablesError
+
+            raise IptablesError(["iptables-restore"], 1, "line 7 failed")
+        self.restored.append(text)
+
+
+def _mode_with(fake: FakeApplier):
+    from proxyd.config import Config
+    from proxyd.modes.iptables import IptablesMode
+
+    mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
+    mode.applier = fake  # type: ignore[assignment]
+    return mode
+
+
+def test_mode_full_then_partial_then_failure_then_full() -> None:
+    import asyncio
+
+    from proxyd import metrics
+    from proxyd.modes.base import SyncRequest
+
+    fake = FakeApplier()
+    mode = _mode_with(fake)
+    failures = metrics.IPTABLES_RESTORE_FAILURES._value.get()
+    partial_failures = metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get()
+
+    async def scenario() -> None:
+        await mode.sync(SyncRequest(GOLDEN_STATE, None))
+        assert "-X KUBE-SEP-LEFTOVER0000000" in fake.restored[-1] and fake.jumps == 1
+        changed = _bump(GOLDEN_STATE, svc1=(SVC1, (Endpoint("10.180.0.9", 80),)))
+        await mode.sync(SyncRequest(changed, frozenset({SVC1.name.service})))
+        assert mode.last_plan is not None and not mode.last_plan.full and fake.jumps == 1
+        good_cache = dict(mode.planner.cache)
+        fake.fail = True
+        with pytest.raises(RuntimeError):
+            await mode.sync(SyncRequest(GOLDEN_STATE, frozenset({SVC1.name.service})))
+        # the kernel still holds what the cache says, and the next sync is full
+        assert dict(mode.planner.cache) == good_cache and mode.planner.needs_full
+        fake.fail = False
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset({SVC1.name.service})))
+        assert mode.last_plan is not None and mode.last_plan.full and fake.jumps == 2
+        # the canary vanishing turns a partial sync into a full one
+        fake.canary = False
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert mode.last_plan.full and fake.jumps == 3
+
+    asyncio.run(scenario())
+    assert metrics.IPTABLES_RESTORE_FAILURES._value.get() == failures + 1
+    assert metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get() == partial_failures + 1

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 ENV_OVERRIDE = "PROXYD_IPTABLES_BACKEND"
 BACKENDS = ("legacy", "nft")
 HINT_CHAINS = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)\b", re.M)
-DEFAULT_TIMEOUT = 60.0
+# A full restore of 100k endpoints through iptables-nft takes minutes here
+# (docs/iptables.md); killing it halfway would only make the retry start over.
+DEFAULT_TIMEOUT = 900.0
 # kube-proxy's restore wait flags; also given to iptables for the xtables lock.
 WAIT = ("-w", "5")
 

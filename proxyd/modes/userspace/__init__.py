@@ -41,7 +41,7 @@ from proxyd.conntable import NATIVE, ConnTable
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
-from proxyd.modes.userspace.listeners import open_socket
+from proxyd.modes.userspace.listeners import SourceFilter, open_socket
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Plan,
@@ -145,6 +145,10 @@ class UserspaceMode(ProxyMode):
                 log.warning("userspace: %s; not serving it twice", text)
         self._conflicts = set(plan.conflicts)
 
+        if request.changed is None:
+            await self.holder.ensure()  # full sync: re-read what the kernel really holds
+        else:
+            await self.holder.check()
         # New addresses first, so new listeners have them; old ones go last.
         await self.holder.apply(self.holder.current | plan.addresses)
         self._update_tables(plan)
@@ -195,6 +199,12 @@ class UserspaceMode(ProxyMode):
                 self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
         for key in [k for k in self._bind_errors if k not in plan.listeners]:
             del self._bind_errors[key]
+        for current in (self.tcp_listeners, self.udp_listeners):
+            for key, listener in current.items():
+                ranges = plan.source_ranges.get(key)
+                have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
+                if ranges != have:
+                    listener.admits = SourceFilter(ranges) if ranges else None
 
     def _bind_failed(self, key: ListenerKey, why: str) -> None:
         if self._bind_errors.get(key) != why:

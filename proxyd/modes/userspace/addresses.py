@@ -50,6 +50,7 @@ class AddressHolder:
         self.current: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._index: int | None = None
+        self.failed: dict[str, int] = {}  # address -> errno of its last failed add
 
     async def _call(self, func: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func)
@@ -60,6 +61,18 @@ class AddressHolder:
         if self.current:
             log.info("adopted %d service addresses on %s", len(self.current), self.device)
         return set(self.current)
+
+    async def check(self) -> bool:
+        """Re-create and re-adopt the device if someone removed it; True when it was intact."""
+        def lookup() -> list[int]:
+            with IPRoute() as ipr:
+                return list(ipr.link_lookup(ifname=self.device))
+
+        if self._index is not None and await self._call(lookup) == [self._index]:
+            return True
+        log.warning("%s was missing; recreating it", self.device)
+        await self.ensure()
+        return False
 
     def _ensure_sync(self) -> tuple[int, set[str]]:
         with IPRoute() as ipr:
@@ -76,15 +89,26 @@ class AddressHolder:
             return index, _service_addresses(ipr, index)
 
     async def apply(self, desired: Iterable[str]) -> tuple[int, int]:
-        """Add what is missing and remove what is extra; (added, removed). Raises on a netlink error."""
+        """Add what is missing and remove what is extra; (added, removed).
+
+        An address the kernel refuses is logged and left out (``failed``); a
+        vanished device or a failed removal raises, failing the sync.
+        """
         want = {str(ipaddress.ip_address(ip)) for ip in desired}
+        for ip in [ip for ip in self.failed if ip not in want]:
+            del self.failed[ip]
+        if self._index is None:
+            await self.ensure()  # (re)creates the device and re-reads what it holds
         add = want - self.current
         remove = self.current - want
         if not add and not remove:
             return 0, 0
-        if self._index is None:
-            await self.ensure()
-        await self._call(lambda: self._apply_sync(add, remove))
+        try:
+            await self._call(lambda: self._apply_sync(add, remove))
+        except NetlinkError as err:
+            if err.code == ENODEV:
+                self._index = None  # recreate the device at the next apply
+            raise
         return len(add), len(remove)
 
     def _apply_sync(self, add: set[str], remove: set[str]) -> None:
@@ -104,8 +128,16 @@ class AddressHolder:
                 try:
                     ipr.addr("add", index=self._index, address=ip, prefixlen=_host_prefix(ip), **extra)
                 except NetlinkError as err:
+                    if err.code == ENODEV:
+                        raise  # the device went away: the sync fails and the retry recreates it
                     if err.code != EEXIST:
-                        raise
+                        # One address the kernel refuses (IPv6 disabled, say) must
+                        # not stop every other service: log it once, retry next sync.
+                        if self.failed.get(ip) != err.code:
+                            log.error("cannot add %s to %s: %s", ip, self.device, err)
+                        self.failed[ip] = err.code
+                        continue
+                self.failed.pop(ip, None)
                 self.current.add(ip)
 
     def close(self) -> None:

@@ -11,7 +11,9 @@ stops the rest of a sync.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from collections.abc import Sequence
 
 from proxyd.model import Protocol
 from proxyd.modes.userspace.planner import ListenerKey
@@ -61,3 +63,20 @@ def open_socket(key: ListenerKey) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class SourceFilter:
+    """Which client addresses a listener admits (``loadBalancerSourceRanges``)."""
+
+    __slots__ = ("_networks", "ranges")
+
+    def __init__(self, ranges: Sequence[str]) -> None:
+        self.ranges = tuple(ranges)
+        self._networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
+
+    def __call__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._networks if net.version == addr.version)

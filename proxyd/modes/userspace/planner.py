@@ -8,6 +8,7 @@ No I/O here. For every service port the planner decides:
 * which sockets to listen on: ``(ip, port, protocol)`` for the ClusterIP,
   the externalIPs and LB IPs, and ``(node ip, nodePort, protocol)`` for each
   node address accepting NodePorts (``0.0.0.0`` when every address does);
+* which LB-IP listeners admit only ``loadBalancerSourceRanges`` sources;
 * which endpoints each kind of traffic may reach, as ``proxyd.policy``
   categorises them: ClusterIP traffic uses ``internal``, traffic to a
   NodePort / externalIP / LB IP uses ``external`` (only local endpoints under
@@ -83,6 +84,8 @@ class PortPlan:
     addresses: tuple[str, ...]
     listeners: tuple[tuple[ListenerKey, TableKey], ...]
     tables: tuple[tuple[TableKey, TableEntry], ...]
+    # Listeners that admit only some sources (LB IPs with loadBalancerSourceRanges).
+    source_ranges: tuple[tuple[ListenerKey, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class Plan:
     listeners: Mapping[ListenerKey, TableKey] = field(default_factory=dict)
     tables: Mapping[TableKey, TableEntry] = field(default_factory=dict)
     conflicts: tuple[str, ...] = ()
+    source_ranges: Mapping[ListenerKey, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _pairs(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
@@ -110,6 +114,7 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
     address for all of them); only those of the service's family are used.
     """
     fam = family(svc.cluster_ip)
+    filters: tuple[tuple[ListenerKey, tuple[str, ...]], ...] = ()
     cat = categorize(svc, endpoints, node_name=node_name, node_zone=node_zone)
     internal = TableKey(svc.name, external=False)
     tables = [(internal, TableEntry(_pairs(cat.internal), svc.affinity_timeout))]
@@ -121,12 +126,18 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
         for ip in svc.external_addresses:
             addresses.append(ip)
             listeners.append((ListenerKey(ip, svc.port, svc.protocol), external))
+        if svc.load_balancer_source_ranges:
+            # kube-proxy filters only traffic to the LB IPs, not NodePorts or externalIPs.
+            ranges = tuple(r for r in svc.load_balancer_source_ranges if family(r) == fam)
+            if ranges:
+                filters = tuple((ListenerKey(ip, svc.port, svc.protocol), ranges)
+                                for ip in svc.load_balancer_ips)
         if svc.node_port:
             for ip in nodeport_ips:
                 if family(ip) == fam:
                     listeners.append((ListenerKey(ip, svc.node_port, svc.protocol), external))
     return PortPlan(addresses=tuple(dict.fromkeys(addresses)), listeners=tuple(listeners),
-                    tables=tuple(tables))
+                    tables=tuple(tables), source_ranges=filters)
 
 
 def merge(ports: Mapping[ServicePortName, PortPlan]) -> Plan:
@@ -135,20 +146,24 @@ def merge(ports: Mapping[ServicePortName, PortPlan]) -> Plan:
     listeners: dict[ListenerKey, TableKey] = {}
     tables: dict[TableKey, TableEntry] = {}
     conflicts: list[str] = []
+    ranges: dict[ListenerKey, tuple[str, ...]] = {}
     for name in sorted(ports):
         plan = ports[name]
         addresses.update(plan.addresses)
         tables.update(plan.tables)
+        own = dict(plan.source_ranges)
         for key, table in plan.listeners:
             owner = listeners.get(key)
             if owner is None:
                 listeners[key] = table
+                if key in own:
+                    ranges[key] = own[key]
             elif owner.name != table.name:
                 conflicts.append(f"{key} wanted by {table.name} is already served by {owner.name}")
             # The same port serving itself twice (an externalIP equal to the
             # ClusterIP) keeps its first, more specific use.
     return Plan(addresses=frozenset(addresses), listeners=listeners, tables=tables,
-                conflicts=tuple(conflicts))
+                conflicts=tuple(conflicts), source_ranges=ranges)
 
 
 class Planner:

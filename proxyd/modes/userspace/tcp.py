@@ -337,6 +337,7 @@ class TcpListener:
         self.key = key
         self.loop = proxy.loop
         self.reading = False
+        self.admits: Callable[[str], bool] | None = None
         self._fd = sock.fileno()
         proxy.listeners.add(self)
         if proxy.accepting:
@@ -373,6 +374,10 @@ class TcpListener:
                 else:
                     log.warning("accept on %s failed: %s", self.sock.getsockname(), err)
                 return
+            if self.admits is not None and not self.admits(addr[0]):
+                proxy.stats_of(key).reject("source range")
+                abort(client)
+                continue
             client.setblocking(False)
             proxy.handle(client, addr[0], key)
             if not proxy.accepting:

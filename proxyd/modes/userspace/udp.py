@@ -178,6 +178,7 @@ class UdpListener:
         self.sock = sock
         self.key = key
         self.key_id = key.id
+        self.admits: Callable[[str], bool] | None = None
         self.wildcard = sock.getsockname()[0] in ("0.0.0.0", "::")
         if self.wildcard and sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -207,6 +208,8 @@ class UdpListener:
                 if err.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     log.debug("udp %s: recv failed: %s", self.key, err)
                 continue
+            if self.admits is not None and not self.admits(client[0]):
+                continue  # outside loadBalancerSourceRanges: dropped, as the kernel modes do
             forward(self, client[:2], data, local)
 
     def reply(self, flow: Flow, data: bytes) -> None:
