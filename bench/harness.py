@@ -128,7 +128,11 @@ def measure_path(topo: Topology, *, name: str, running: paths.Running, plan: Pla
     ]
     samples = []
     for metric, fn in runs:
-        sample = {"round": round_, "path": name, **fn(), "meter": running.meter.describe()}
+        try:
+            measured = fn()
+        except OSError as err:  # e.g. the metered proxy died: /proc/<pid>/stat is gone
+            measured = {"metric": metric, "error": f"{type(err).__name__}: {err}"}
+        sample = {"round": round_, "path": name, **measured, "meter": running.meter.describe()}
         if sample.get("error"):
             _log(f"  {name} {metric}: FAILED {sample['error'][:200]}")
         samples.append(sample)

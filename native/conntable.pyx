@@ -475,7 +475,7 @@ cdef class ConnTable:
                 return [(key, client, old_ep, old_value)]
         evicted = []
         while self.udp_n >= self.max_udp:
-            victim = self.head.next
+            victim = self.head.prev
             vflows = <dict>self.udp_keys[victim.key]
             del vflows[victim.client]
             if not vflows:

@@ -196,6 +196,16 @@ class ServiceBehaviour:
         seen = self.pods_seen(topology, topology.client, LB_IP, 80, 12)
         assert set(seen) == {"pod1", "pod2"}
 
+    def test_load_balancer_source_ranges(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1), type_="LoadBalancer", node_port=30083,
+                                 lb_ips=[LB_IP], source_ranges=["198.51.100.0/24"]), tcp=("pod1",))
+        # node2 (198.51.100.2) is inside the ranges, the client (203.0.113.2) is not
+        assert topology.hello(topology.node2, LB_IP, 80).pod == "pod1"
+        with pytest.raises(OSError):  # refused, reset or timed out: never served
+            topology.hello(topology.client, LB_IP, 80, timeout=1.5)
+        # the ranges guard the LB IP only; the NodePort stays open to everyone
+        assert topology.hello(topology.client, NODE_IP, 30083).pod == "pod1"
+
     def test_endpoint_changes_keep_established_connections(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1)))
         ns = topology.pod("pod3").ns

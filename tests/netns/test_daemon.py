@@ -105,3 +105,12 @@ def test_invalid_object_is_counted_and_others_keep_working(topology):
     assert proc.poll() is None
     assert topology.http_get(topology.node, *HEALTHZ, "/healthz")[0] == 200
     topology.stop_proxyd(proc)
+
+
+def test_unusable_kubeconfig_exits_2_naming_it(topology, tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: 7\n")
+    result = topology.run_proxyd(["--proxy-mode", "userspace", "--kubeconfig", str(kubeconfig),
+                                  "--healthz-bind-address", "127.0.0.1:10256"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--kubeconfig" in result.stderr.strip().splitlines()[-1]

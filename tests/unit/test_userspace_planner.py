@@ -15,6 +15,7 @@ from proxyd.model import (
     ServicePortName,
     ServiceType,
 )
+from proxyd.modes.userspace.listeners import SourceFilter
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Planner,
@@ -82,6 +83,21 @@ def test_node_port_external_ips_and_lb_ips() -> None:
         ListenerKey("192.0.2.20", 80, TCP): ext,
         ListenerKey("203.0.113.1", 30080, TCP): ext,  # the v6 node address is skipped for a v4 service
     }
+
+
+def test_source_ranges_guard_lb_ips_only() -> None:
+    name = spn()
+    port = svc(name, type=ServiceType.LOAD_BALANCER, node_port=30080, external_ips=("192.0.2.10",),
+               load_balancer_ips=("192.0.2.20",), load_balancer_source_ranges=("198.51.100.0/24", "fd00::/8"))
+    plan = plan_one(port, (ep("10.244.1.11"),))
+    assert plan.source_ranges == ((ListenerKey("192.0.2.20", 80, TCP), ("198.51.100.0/24",)),)
+    assert merge({name: plan}).source_ranges == {ListenerKey("192.0.2.20", 80, TCP): ("198.51.100.0/24",)}
+
+
+def test_source_filter() -> None:
+    admits = SourceFilter(["198.51.100.0/24", "fd00::/8"])
+    assert admits("198.51.100.7") and admits("fd00::1")
+    assert not admits("203.0.113.2") and not admits("not an ip") and not admits("")
 
 
 def test_affinity_timeout_is_carried() -> None:
