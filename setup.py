@@ -5,6 +5,10 @@ twin of ``proxyd/_conntable_py.py``. The build is optional, as aiohttp's is:
 without Cython or a C compiler the pure-Python package installs and
 ``proxyd.conntable`` falls back to the twin. The build says which one it made.
 
+An editable install (``pip install -e .``) compiles the extension in place
+(``proxyd/_conntable*.so``); after editing ``native/`` run it again, or
+``python setup.py build_ext --inplace`` (the unit tests flag a stale build).
+
 Environment:
   PROXYD_REQUIRE_EXTENSIONS=1  a failed extension build fails the install (CI sets this)
   PROXYD_NO_EXTENSIONS=1       do not build the extension at all (the runtime also

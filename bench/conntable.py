@@ -5,6 +5,12 @@ pick+open+close (round robin, and with ClientIP affinity) and for UDP flow
 lookup with each implementation and the native/pure ratio. ``bench_table(impl)``
 returns the same numbers for one implementation, for other benchmarks to call.
 
+Run as root, it then measures how much of that reaches the proxy: new
+connections per second (and proxyd CPU per connection) through the real
+userspace proxy, once with the extension and once with the twin forced by
+``PROXYD_NO_EXTENSIONS=1``, in network namespaces (``bench/smoke.py``'s
+``measure``). ``--no-proxy`` skips that part.
+
 The workload keeps a window of connections open (closed 64 picks later), so
 ``close`` does not always see the endpoint ``pick`` just returned, and spreads
 picks over many service ports and client IPs as a node would see them.
@@ -19,6 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from proxyd.conntable import ConnTableNative, ConnTablePy
 
@@ -51,7 +58,7 @@ def _pick_open_close(impl: type | None, ops: int, *, affinity: float) -> float:
     pick, open_, close = table.pick, table.open, table.close
     gc.collect()
     if impl is None:
-        start = time.perf_counter()
+        start = time.process_time()
         for batch in batches:
             opened = []
             for key, client, _now in batch:
@@ -59,8 +66,8 @@ def _pick_open_close(impl: type | None, ops: int, *, affinity: float) -> float:
                 opened.append((key, ep))
             for _key, _ep in opened:
                 pass
-        return time.perf_counter() - start
-    start = time.perf_counter()
+        return time.process_time() - start
+    start = time.process_time()
     for batch in batches:
         opened = []
         for key, client, now in batch:
@@ -69,7 +76,7 @@ def _pick_open_close(impl: type | None, ops: int, *, affinity: float) -> float:
             opened.append((key, ep))
         for key, ep in opened:
             close(key, ep)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     if table.total_active() != 0 or (table.affinity_count() > 0) != (affinity > 0):
         raise AssertionError("benchmark bookkeeping is off")
     return elapsed
@@ -88,14 +95,14 @@ def _udp_lookup(impl: type | None, ops: int) -> float:
     lookups = [flows[(i * 7919) % len(flows)] for i in range(ops)]
     get = table.udp_get
     gc.collect()
-    start = time.perf_counter()
+    start = time.process_time()
     if impl is None:
         for _key, _client in lookups:
             pass
     else:
         for key, client in lookups:
             get(key, client, 1.0)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     if impl is not None and table.udp_count() != UDP_FLOWS:
         raise AssertionError("flows lost")
     return elapsed
@@ -109,12 +116,13 @@ def _workloads(ops: int) -> dict[str, Callable[[type | None], float]]:
     }
 
 
-def compare(impls: dict[str, type], *, ops: int = 200_000, repeat: int = 5) -> dict[str, dict[str, float]]:
+def compare(impls: dict[str, type], *, ops: int = 100_000, repeat: int = 7) -> dict[str, dict[str, float]]:
     """Table operations per second of each implementation on each workload.
 
     Runs are interleaved (harness, then each implementation, ``repeat``
     times) and the best run of each is kept, so drift in the load of a
-    shared machine hits every implementation alike. The cost of the
+    shared machine hits every implementation alike; time is the process's
+    CPU time, so time spent descheduled by other load does not count. The cost of the
     benchmark's own loop (the harness run: the same loop without the table
     calls) is subtracted: the numbers are what the table costs a caller,
     call overhead included.
@@ -131,23 +139,27 @@ def compare(impls: dict[str, type], *, ops: int = 200_000, repeat: int = 5) -> d
     return out
 
 
-def bench_table(impl: type, *, ops: int = 200_000, repeat: int = 5) -> dict[str, float]:
+def bench_table(impl: type, *, ops: int = 100_000, repeat: int = 7) -> dict[str, float]:
     """Table operations per second of ``impl`` (a ConnTable class) on each workload; see ``compare``."""
     return compare({"impl": impl}, ops=ops, repeat=repeat)["impl"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", type=int, default=200_000, help="operations per measurement")
-    parser.add_argument("--repeat", type=int, default=5, help="measurements per workload (best is kept)")
+    parser.add_argument("--ops", type=int, default=100_000, help="operations per measurement")
+    parser.add_argument("--repeat", type=int, default=7, help="measurements per workload (best is kept)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--no-proxy", action="store_true",
+                        help="skip the connection-rate comparison through the real proxy (needs root)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each proxy measurement")
     args = parser.parse_args(argv)
     impls: dict[str, type] = {"pure": ConnTablePy}
     if ConnTableNative is not None:
         impls["native"] = ConnTableNative
-    results = compare(impls, ops=args.ops, repeat=args.repeat)
+    results: dict = compare(impls, ops=args.ops, repeat=args.repeat)
+    proxy = None if args.no_proxy or ConnTableNative is None else proxy_rates(args.seconds)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({**results, "proxy": proxy}, indent=2))
         return 0
     print(f"{'workload':<26}{'pure ops/s':>14}{'native ops/s':>14}{'ratio':>8}")
     for workload, pure in results["pure"].items():
@@ -156,7 +168,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{workload:<26}{pure:>14,.0f}{native:>14,.0f}{native / pure:>7.1f}x")
         else:
             print(f"{workload:<26}{pure:>14,.0f}{'(not built)':>14}{'-':>8}")
+    if proxy:
+        pure, native = proxy["pure"], proxy["native"]
+        print("\nthrough the userspace proxy (new connections, wrk Connection: close, one run each):")
+        print(f"{'':<26}{'pure':>14}{'native':>14}{'ratio':>8}")
+        for key in ("conn_proxyd_per_s", "proxyd_cpu_us_per_conn"):
+            print(f"{key:<26}{pure[key]:>14,.1f}{native[key]:>14,.1f}{native[key] / pure[key]:>7.2f}x")
+        print(f"{'conn_direct_per_s':<26}{pure['conn_direct_per_s']:>14,.1f}"
+              f"{native['conn_direct_per_s']:>14,.1f}")
     return 0
+
+
+def proxy_rates(seconds: float) -> dict[str, dict[str, float]] | None:
+    """New-connection rate through the real proxy with each twin; None without root/netns."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.smoke import measure
+    from tests.netns.topology import netns_available
+
+    why = netns_available()
+    if why:
+        print(f"(proxy-level comparison skipped: {why})", file=sys.stderr)
+        return None
+    return {"pure": measure(seconds, bulk=False, proxyd_env={"PROXYD_NO_EXTENSIONS": "1"}),
+            "native": measure(seconds, bulk=False)}
 
 
 if __name__ == "__main__":

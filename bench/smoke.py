@@ -83,16 +83,9 @@ def wrk_close(topo: Topology, ip: str, port_: int, seconds: float) -> float:
     return float(match.group(1))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    why = netns_available()
-    if why:
-        print(f"cannot run: {why}", file=sys.stderr)
-        return 2
-    started = time.monotonic()
+def measure(seconds: float, *, bulk: bool = True,
+            proxyd_env: dict[str, str] | None = None) -> dict[str, float]:
+    """Direct path and proxyd userspace in one topology: MB/s, connections/s, proxyd CPU."""
     results: dict[str, float] = {}
     with Topology(pods=1, pods2=0) as topo:
         pod = topo.pod("pod1")
@@ -110,23 +103,38 @@ def main() -> int:
                                            {"name": "http", "port": NGINX_PORT}],
                            endpoints=[endpoint(POD_IP)]),
         ])
-        proxyd = topo.start_proxyd("userspace")
+        proxyd = topo.start_proxyd("userspace", env=proxyd_env)
         if (os.cpu_count() or 1) >= 2:
             topo.ns_run(topo.node, ["taskset", "-a", "-p", "-c", "1", str(proxyd.pid)])
         time.sleep(0.3)  # let iperf3 and nginx finish starting
 
-        results["bulk_direct_MBps"] = iperf(topo, POD_IP, IPERF_PORT, args.seconds)
-        cpu0 = cpu_seconds(proxyd.pid)
-        results["bulk_proxyd_MBps"] = iperf(topo, NODE_IP, IPERF_NODEPORT, args.seconds)
-        moved_gb = results["bulk_proxyd_MBps"] * args.seconds / 1e3
-        results["proxyd_cpu_s_per_GB"] = (cpu_seconds(proxyd.pid) - cpu0) / moved_gb
+        if bulk:
+            results["bulk_direct_MBps"] = iperf(topo, POD_IP, IPERF_PORT, seconds)
+            cpu0 = cpu_seconds(proxyd.pid)
+            results["bulk_proxyd_MBps"] = iperf(topo, NODE_IP, IPERF_NODEPORT, seconds)
+            moved_gb = results["bulk_proxyd_MBps"] * seconds / 1e3
+            results["proxyd_cpu_s_per_GB"] = (cpu_seconds(proxyd.pid) - cpu0) / moved_gb
 
-        results["conn_direct_per_s"] = wrk_close(topo, POD_IP, NGINX_PORT, args.seconds)
+        results["conn_direct_per_s"] = wrk_close(topo, POD_IP, NGINX_PORT, seconds)
         cpu0 = cpu_seconds(proxyd.pid)
-        results["conn_proxyd_per_s"] = wrk_close(topo, NODE_IP, NGINX_NODEPORT, args.seconds)
-        conns = results["conn_proxyd_per_s"] * args.seconds
+        results["conn_proxyd_per_s"] = wrk_close(topo, NODE_IP, NGINX_NODEPORT, seconds)
+        conns = results["conn_proxyd_per_s"] * seconds
         results["proxyd_cpu_us_per_conn"] = (cpu_seconds(proxyd.pid) - cpu0) / conns * 1e6
         topo.stop_proxyd(proxyd)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    why = netns_available()
+    if why:
+        print(f"cannot run: {why}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    results = measure(args.seconds)
 
     width = max(len(k) for k in results)
     print(f"{'metric':<{width}}  value")

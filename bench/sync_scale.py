@@ -3,6 +3,8 @@
     python bench/sync_scale.py --mode iptables --services 1000,10000 [--endpoints 10]
                                [--backend nft,legacy] [--repeat 5] [--json]
 
+``--backend`` defaults to the back end proxyd would pick on this host.
+
 For each service count it builds a ProxyState of N ClusterIP services × E
 endpoints, then, inside a throw-away network namespace (so the host's rules
 are never touched; the script re-executes itself there with ``ip netns
@@ -133,7 +135,13 @@ class IptablesDriver:
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
 }
-BACKENDS: dict[str, tuple[str, ...]] = {"iptables": ("nft", "legacy")}
+def default_backend(mode: str) -> str:
+    """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
+    if mode == "iptables":
+        from proxyd.modes.iptables.backend import detect
+
+        return detect().name
+    return "default"
 
 
 def rss_mib() -> float:
@@ -224,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(raw)
-    args.backend = args.backend or list(BACKENDS.get(args.mode, ("default",)))
+    if not args.backend:
+        args.backend = [default_backend(args.mode)]
     if os.environ.get(INSIDE_ENV) != "1":
         if os.geteuid() != 0:
             print("sync_scale: needs root (network namespaces)", file=sys.stderr)
             return 2
-        return in_netns(raw)
+        # Detected here, on the host: the namespace's own tables are empty.
+        return in_netns([*raw, "--backend", ",".join(args.backend)] if "--backend" not in raw else raw)
     if args.point:
         result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
                                      args.repeat))

@@ -6,16 +6,23 @@ The twin of ``proxyd/_conntable_py.py`` with identical observable behaviour;
 ``proxyd/conntable.py`` documents the contract. What differs is the layout,
 chosen for the per-connection hot path (pick, open, close):
 
-* each key maps to one ``_Key`` object (one dict lookup on an interned ``str``,
-  whose hash is cached) holding the endpoint list and a C array of active
-  counts aligned with it, so open/close are pointer compares plus an integer
-  increment when the caller hands back the tuple ``pick`` returned;
+* each key maps to one ``_Key`` object: one dict lookup on a ``str`` whose
+  hash is cached, skipped altogether when the same key object comes again (a
+  connection's pick and open usually follow each other). It holds the endpoint
+  list and a C array of active counts aligned with it, so open/close are a
+  pointer compare plus an integer increment when the caller hands back the
+  tuple ``pick`` returned (equality through a dict is the fallback);
 * counts of endpoints that left the list (connections still draining) move to
   a small per-key dict and back if the endpoint returns;
-* UDP flows live in a per-key dict plus one intrusive doubly linked LRU ring,
-  so a lookup does not build a ``(key, client)`` tuple and a refresh moves two
-  pointers instead of re-inserting into a dict. The ring order equals the
-  insertion order of the twin's LRU dict, so evictions and expiries match.
+* ClientIP affinity entries and UDP flows each sit in a dict plus an
+  intrusive doubly linked LRU ring (one per key for affinity, one per table for
+  flows): a refresh moves pointers instead of deleting and re-inserting a dict
+  entry, and a UDP lookup does not build a ``(key, client)`` tuple. A ring's
+  order equals the insertion order of the twin's LRU dict, so evictions,
+  expiries and sweeps remove the same entries in the same order.
+
+Methods take ``str`` keys and client IPs and a float ``now`` (C-typed); the
+twin is more lenient with other hashable keys, which callers must not rely on.
 """
 
 cimport cython
@@ -475,7 +482,7 @@ cdef class ConnTable:
                 return [(key, client, old_ep, old_value)]
         evicted = []
         while self.udp_n >= self.max_udp:
-            victim = self.head.prev
+            victim = self.head.next
             vflows = <dict>self.udp_keys[victim.key]
             del vflows[victim.client]
             if not vflows:

@@ -7,11 +7,17 @@ connection or datagram. Two implementations share one contract:
 ``native/conntable.pyx``). ``ConnTable`` is the extension when it imports and
 the twin otherwise; ``PROXYD_NO_EXTENSIONS=1`` in the environment forces the
 twin (as ``AIOHTTP_NO_EXTENSIONS`` does). ``NATIVE`` says which one is in use.
+The extension is built by ``setup.py`` on ``pip install .``/``pip install -e .``;
+without a compiler the pure package installs, unless
+``PROXYD_REQUIRE_EXTENSIONS=1`` (set in CI) makes a failed build fatal.
 
 Semantics (identical in both; the property tests compare them step by step):
 
-* Keys are opaque strings naming a service port (e.g. ``"ns/svc:80/TCP"``).
-  Endpoints are ``(ip: str, port: int)`` tuples. Time is whatever clock the
+* Keys are opaque strings naming a service port (e.g. ``"ns/svc:80/TCP"``);
+  client IPs are strings; UDP clients are any hashable address (the
+  ``recvfrom`` tuple). Endpoints are ``(ip: str, port: int)`` tuples; ``pick``
+  returns the stored tuple, and handing that same object back to
+  ``open``/``close`` is the extension's fast path. Time is whatever clock the
   caller passes as ``now`` (seconds, float); it must not go backwards, since
   expiry walks entries in least-recently-used order and stops at the first
   live one (that is what makes expiry O(expired) instead of O(table)).

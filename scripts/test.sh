@@ -19,7 +19,9 @@ stage() { printf '\n=== %s ===\n' "$*"; }
 stage "ruff"
 .venv/bin/ruff check . || status=1
 
-stage "pytest (host kernel: unit, api, netns)"
+stage "pytest (host kernel: unit, api, netns, reliability)"
+# The suite must exercise the Cython connection table, not silently the twin.
+export PROXYD_REQUIRE_EXTENSIONS=${PROXYD_REQUIRE_EXTENSIONS:-1}
 .venv/bin/python -c 'import proxyd.conntable as c; assert c.NATIVE, "Cython extension not built"; print("conntable: native extension in use")' || status=1
 .venv/bin/pytest -m "not ipvs" -p no:cacheprovider -q -rfEs --junitxml="$results/host.xml" "$@"
 rc=$?

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -114,3 +115,18 @@ def test_unusable_kubeconfig_exits_2_naming_it(topology, tmp_path):
                                   "--healthz-bind-address", "127.0.0.1:10256"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--kubeconfig" in result.stderr.strip().splitlines()[-1]
+
+
+def test_userspace_uses_the_native_connection_table(topology):
+    """The daemon says which connection table it runs; with the extension built it must be the native one."""
+    import proxyd.conntable
+
+    demo_manifests(topology)
+    proc = topology.start_proxyd("userspace")
+    topology.stop_proxyd(proc)
+    line = next(line for line in topology.log_of(proc).splitlines() if "connection table:" in line)
+    print(line)
+    expected = "native (Cython extension)" if proxyd.conntable.NATIVE else "pure-Python twin"
+    assert expected in line
+    if os.environ.get("PROXYD_REQUIRE_EXTENSIONS") == "1":
+        assert proxyd.conntable.NATIVE, "the Cython extension is required but not built"

@@ -235,6 +235,7 @@ def test_userspace_sigterm_drains_then_exits_when_connections_end(topology: Topo
     assert exited_after < _grace() - 1, f"exited {exited_after:.1f}s after SIGTERM (grace {_grace()}s)"
 
 
+@pytest.mark.slow
 def test_userspace_sigterm_resets_what_is_left_after_grace(topology: Topology, figures: dict) -> None:
     proc, socks = _userspace_with_connections(topology, 50)
     try:

@@ -13,8 +13,19 @@ from __future__ import annotations
 import contextlib
 import time
 
+import pytest
+
 from proxyd.httpserve import HEAD_TIMEOUT, MAX_CLIENTS
-from tests.netns.topology import NODE_IP, Topology, endpoint, endpoint_slice, port, service, wait_until
+from tests.netns.topology import (
+    NODE_IP,
+    NODE_IP_TO_NODE2,
+    Topology,
+    endpoint,
+    endpoint_slice,
+    port,
+    service,
+    wait_until,
+)
 from tests.reliability.harness import close_all, healthz, metric_sum, require_mode, start_daemon
 
 CLUSTER_IP = "10.96.0.10"
@@ -45,6 +56,7 @@ def raw(topo: Topology, ns: str, ip: str, port_: int, request: bytes, *, timeout
     return data.split()[1].decode()
 
 
+@pytest.mark.slow
 def test_health_servers_answer_only_their_paths_and_bound_requests(topology: Topology, figures: dict) -> None:
     proc = demo(topology)
     tried = 0
@@ -150,3 +162,27 @@ def test_crafted_names_cannot_inject_into_iptables_rules(topology: Topology, fig
     figures.update(hostile_objects=len(hostile_names) * 2 + 2, rejected=rejected, sync_failures=failures)
     assert failures == 0, "a crafted object made iptables-restore fail"
     assert rejected >= len(hostile_names)
+
+
+def test_idle_connection_flood_from_one_source_does_not_take_health_down(topology: Topology) -> None:
+    """One client holding idle connections must not make /healthz or a healthCheckNodePort fail for others.
+
+    Both listen on every node address. The kubelet's probe (from the node)
+    and a cloud load balancer's check (from elsewhere) decide whether the
+    node gets restarted or gets traffic; an unauthenticated peer with a few
+    hundred sockets must not be able to decide that for them.
+    """
+    demo(topology)
+    idle = []
+    try:
+        for port_ in (10256, HCNP):
+            for _ in range(MAX_CLIENTS * 2):
+                idle.append(topology.connect(topology.client, NODE_IP, port_, timeout=2))
+        time.sleep(0.2)
+        kubelet = raw(topology, topology.node, "127.0.0.1", 10256, b"GET /healthz HTTP/1.0\r\n\r\n")
+        balancer = raw(topology, topology.node2, NODE_IP_TO_NODE2, HCNP, b"GET / HTTP/1.0\r\n\r\n")
+    finally:
+        close_all(idle)
+    assert (kubelet, balancer) == ("200", "200"), (
+        f"while one client held {len(idle)} idle connections: /healthz -> {kubelet}, "
+        f"healthCheckNodePort -> {balancer}")

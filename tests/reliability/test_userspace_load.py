@@ -10,7 +10,7 @@ What each test proves (numbers go to ``figures`` for ``docs/reliability.md``):
 * clients that never read do not make the daemon's memory grow with the
   bytes waiting: backpressure keeps it per connection, not per byte;
 * half-closed connections finish cleanly, a vanished endpoint closes its
-  clients, and nothing leaks; proxied sockets carry TCP keepalive so peers
+  clients, and nothing leaks; proxied sockets carry TCP keepalive so clients
   that vanish silently are reaped (kube-proxy userspace's Go sockets had it);
 * storms of resets from clients (before and after accept) and from
   endpoints leave no connection, descriptor or memory behind;
@@ -80,6 +80,7 @@ def settle_fds(pid: int, ceiling: int, *, timeout: float = 10.0) -> int:
     return fd_count(pid)
 
 
+@pytest.mark.slow
 def test_concurrent_connections_within_descriptor_budget(topology: Topology, figures: dict) -> None:
     """Open connections (up to 10,000) until the daemon's descriptor budget stops it; all stay usable.
 
@@ -182,6 +183,7 @@ def test_descriptor_exhaustion_pauses_accept_and_resumes(topology: Topology, fig
     assert len(reset) <= 4, f"{len(reset)} clients were reset instead of waiting"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copy", [False, True], ids=["splice", "copy"])
 def test_slow_readers_keep_memory_bounded(topology: Topology, figures: dict, copy: bool) -> None:
     """Endpoints that send forever to clients that never read: daemon memory stays per connection."""
@@ -273,27 +275,42 @@ def test_half_closed_and_vanished_endpoints_leave_nothing(topology: Topology, fi
     figures.update(half_closed=300, endpoint_died_under=300, fds_before=fds_before, fds_after=fds_after)
 
 
-def test_proxied_sockets_use_tcp_keepalive(topology: Topology) -> None:
-    """A peer that vanishes without FIN or RST (power loss, a lost route) must not pin a connection forever.
+@pytest.mark.slow
+def test_half_open_clients_are_reaped_by_keepalive(topology: Topology, figures: dict) -> None:
+    """Clients that vanish without FIN or RST (power loss, a lost route) must not pin connections forever.
 
-    Without keepalive the daemon holds both sockets of such a connection until
-    it restarts; kube-proxy's userspace proxy (Go) had 15 s keepalive on both.
+    Both proxied sockets carry keepalive (15 s idle, 15 s interval, as
+    kube-proxy userspace's Go sockets). To see the reaping in CI time the
+    node namespace's ``tcp_keepalive_probes`` is lowered to 1, so a dead
+    peer is found after 15 s + 15 s instead of 15 s + 9 x 15 s.
     """
     start_load_server(topology, "pod1", 8080)
     topology.write_manifest("web.yaml", web("pod1"))
-    start_daemon(topology, "userspace")
+    topology.sysctl(topology.node, "net.ipv4.tcp_keepalive_probes", "1")
+    proc = start_daemon(topology, "userspace")
+    pid = proc.pid
+    fds_before = fd_count(pid)
     client_ns = topology.pod("pod3").ns
-    socks = open_many(client_ns, CLUSTER_IP, 80, 3)
+    socks = open_many(client_ns, CLUSTER_IP, 80, 20)
     try:
         assert all(read_lines(socks, timeout=5))
         out = topology.ns_run(topology.node, ["ss", "-tnoH", "state", "established"]).stdout
-        # proxyd's own sockets: towards the client (local CLUSTER_IP:80) and the endpoint (peer :8080).
         mine = [line for line in out.splitlines() if f"{CLUSTER_IP}:80 " in line or ":8080 " in line]
-        assert len(mine) >= 6, out
-        without = [line for line in mine if "keepalive" not in line]
-        assert not without, "proxied sockets without TCP keepalive:\n" + "\n".join(without)
+        assert len(mine) == 40, out
+        assert all("keepalive" in line for line in mine), "proxied sockets without TCP keepalive:\n" + out
+        # The client vanishes: every packet to or from it is dropped from now on.
+        for chain in ("INPUT", "OUTPUT"):
+            topology.ns_run(client_ns, ["iptables-nft", "-A", chain, "-j", "DROP"])
+        vanished = time.monotonic()
+        wait_until(lambda: active(topology) == 0, timeout=45, interval=0.5,
+                   what="half-open connections reaped by keepalive")
+        reaped_after = time.monotonic() - vanished
+        settle_fds(pid, fds_before + POOL_FDS)
+        assert proc.poll() is None
     finally:
         close_all(socks)
+    figures.update(half_open=len(socks), reaped_after_seconds=round(reaped_after, 1))
+    print(f"{len(socks)} half-open connections reaped {reaped_after:.1f}s after their client vanished")
 
 
 def test_reset_storms_leave_nothing_behind(topology: Topology, figures: dict) -> None:
@@ -401,3 +418,54 @@ def test_udp_flood_keeps_flow_table_bounded_and_evicts_oldest(topology: Topology
     assert fds_full <= fds_before + bound + 8
     assert rss_full - rss_before < 10 * 1024
 
+
+
+def test_blackholed_endpoints_are_skipped_and_never_hang_clients(topology: Topology, figures: dict) -> None:
+    """Endpoints that drop SYNs (a dead node, a firewall): connects time out and move on, bounded.
+
+    kube-proxy userspace's per-attempt timeouts (250 ms, 500 ms, ...) apply:
+    a client is served by a live endpoint after one timed-out attempt, and
+    is refused (RST) once every endpoint timed out — never left hanging.
+    """
+    for pod in ("pod1", "pod2"):
+        start_load_server(topology, pod, 8080)
+    topology.write_manifest("web.yaml", web("pod1", "pod2") + web("pod1", "pod2", name="dead",
+                                                                 cluster_ip="10.96.0.11"))
+    proc = start_daemon(topology, "userspace")
+    pid = proc.pid
+    fds_before = fd_count(pid)
+    client_ns = topology.pod("pod3").ns
+    topology.ns_run(topology.pod("pod1").ns, ["iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "8080",
+                                               "-j", "DROP"])
+    # Half the picks hit the black hole; every client still reaches pod2.
+    socks = open_many(client_ns, CLUSTER_IP, 80, 200)
+    started = time.monotonic()
+    lines = read_lines(socks, timeout=10)
+    served_in = time.monotonic() - started
+    close_all(socks)
+    assert all(line and line.startswith(b"pod2") for line in lines), set(lines)
+    assert served_in < 2.0, f"200 clients took {served_in:.1f}s"
+    # Every endpoint black-holed: refused after the attempts, never hanging.
+    topology.ns_run(topology.pod("pod2").ns, ["iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "8080",
+                                               "-j", "DROP"])
+    socks = open_many(client_ns, "10.96.0.11", 80, 300)
+    started = time.monotonic()
+    ends = read_lines(socks, timeout=10)
+    refused_in = time.monotonic() - started
+    close_all(socks)
+    assert all(end == b"" for end in ends), "a client hung or was served by a black hole"
+    assert refused_in < 3.0, f"clients of a dead service waited {refused_in:.1f}s"
+    retries = metric_sum(topology, "proxyd_connect_retries_total")
+    deadline = time.monotonic() + 10
+    while active(topology) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gauges = [x for x in topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")[1].splitlines()
+              if x.startswith(("proxyd_active", "proxyd_connections_total", "proxyd_connections_rejected_total"))]
+    ss = topology.ns_run(topology.node, ["ss", "-tanH"]).stdout
+    states = sorted({line.split()[0] for line in ss.splitlines()})
+    assert active(topology) == 0, (f"connections left open: {gauges}; daemon holds {fd_count(pid)} fds "
+                                   f"(started with {fds_before}); socket states {states}\n{ss[:2500]}")
+    fds_after = settle_fds(pid, fds_before + POOL_FDS)
+    assert proc.poll() is None and healthz(topology) == 200
+    figures.update(served_past_black_hole=200, refused_dead_service=300, connect_retries=retries,
+                   refused_within_seconds=round(refused_in, 2), fds_before=fds_before, fds_after=fds_after)

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -67,6 +68,20 @@ def test_default_is_native_when_built() -> None:
     else:
         assert conntable.NATIVE is False
         assert conntable.ConnTable is ConnTablePy
+
+
+def test_extension_is_not_stale() -> None:
+    """An in-place build older than its sources would test yesterday's code: rebuild with pip install -e ."""
+    if ConnTableNative is None:
+        pytest.skip("the Cython extension is not built")
+    import proxyd._conntable as ext
+
+    native = Path(__file__).resolve().parents[2] / "native"
+    built = Path(ext.__file__)
+    if not (native / "conntable.pyx").exists() or built.parent.parent != native.parent:
+        pytest.skip("not an in-place build of this checkout")
+    newest = max(p.stat().st_mtime for pattern in ("*.pyx", "*.pxd") for p in native.rglob(pattern))
+    assert built.stat().st_mtime >= newest, f"{built.name} is older than native/: run pip install -e ."
 
 
 def test_no_extensions_env_forces_the_twin() -> None:

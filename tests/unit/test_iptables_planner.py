@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 
@@ -495,3 +496,24 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
     asyncio.run(scenario())
     assert metrics.IPTABLES_RESTORE_FAILURES._value.get() == failures + 1
     assert metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get() == partial_failures + 1
+
+
+def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions() -> None:
+    entries = [(sp("ns", f"s{i}", f"172.30.0.{i}", node_port=30000 + i, type=ServiceType.NODE_PORT),
+                tuple(Endpoint(f"10.1.{i}.{j}", 80) for j in range(1, 4))) for i in range(1, 40)]
+    st = state(*entries, (SVC3, ()))
+    opts = dataclasses.replace(OPTS, chunk_rules=30)
+    chunked = Planner(opts).plan(st, None, existing_chains=["KUBE-SVC-GONE000000000000"])
+    whole = Planner(OPTS).plan(st, None, existing_chains=["KUBE-SVC-GONE000000000000"])
+    assert len(chunked.chunks) > 5 and whole.chunks == [whole.text]
+    assert _normalise(parse(chunked.text)) == _normalise(parse(whole.text))
+    # Each service's chains are declared (flushed) and refilled in one transaction.
+    for name, r in chunked.cache.items():
+        if not r.chains:
+            continue
+        holders = [c for c in chunked.chunks if f":{r.chains[0]} " in c]
+        assert len(holders) == 1 and all(rule in holders[0] for rule in r.chain_rules), name
+    # The jumps into them, and the deletes of stale chains, come last; KUBE-MARK-MASQ first.
+    assert "-A KUBE-SERVICES" in chunked.chunks[-1] and "-X KUBE-SVC-GONE000000000000" in chunked.chunks[-1]
+    assert not any("-A KUBE-SERVICES" in c or "-X " in c for c in chunked.chunks[:-1])
+    assert chunked.chunks[0].startswith("*nat\n:KUBE-MARK-MASQ - [0:0]\n")

@@ -36,11 +36,16 @@ from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier
 from proxyd.modes.iptables.backend import BACKENDS, Backend, detect
-from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, ch_family
+from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions
 
 log = logging.getLogger(__name__)
 
 __all__ = ["IptablesMode"]
+
+# Service-chain rules per iptables-nft-restore transaction in a full sync
+# (see PlannerOptions.chunk_rules): 4k costs ~0.2 s each here, one 32k-rule
+# input ~8 s.
+NFT_CHUNK_RULES = 4000
 
 
 def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str | None]:
@@ -81,7 +86,8 @@ class IptablesMode(ProxyMode):
         node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
                                                     self.family)
         fields = {f: getattr(self.planner.options, f) for f in PlannerOptions.__dataclass_fields__}
-        fields.update(node_ips=tuple(node_ips), node_ip=primary)
+        fields.update(node_ips=tuple(node_ips), node_ip=primary,
+                      chunk_rules=NFT_CHUNK_RULES if backend.name == "nft" else 0)
         self.planner = Planner(PlannerOptions(**fields))
         await self.applier.ensure_canaries()
 
@@ -103,29 +109,35 @@ class IptablesMode(ProxyMode):
         if full:
             await applier.ensure_canaries()
             await applier.ensure_jumps()
-            existing = await applier.chains("nat")
+            if self.planner.needs_full:
+                # After a start, a failure or a flush the planner does not know
+                # which chains the kernel holds: ask (iptables-save of a big nat
+                # table takes seconds on nft, so not on every full sync).
+                existing = await applier.chains("nat")
         plan = self.planner.plan(request.state, None if full else request.changed, existing_chains=existing)
         try:
-            await applier.restore(plan.text)
+            for chunk in plan.chunks:
+                await applier.restore(chunk)
         except Exception:
             metrics.IPTABLES_RESTORE_FAILURES.inc()
             if not plan.full:
                 metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
-            # The transaction changed nothing; the cache still describes the
-            # kernel, but the next sync rewrites everything anyway.
+            # A failed transaction changed nothing, so the cache still
+            # describes the kernel; with a chunked full plan, earlier chunks
+            # may have rewritten some services (each one whole). Either way
+            # the next sync is full and re-reads which chains exist.
             self.planner.invalidate()
             raise
         old_renders = self.planner.cache
         old_ports = self._ports
         self.planner.commit(plan)
         self.last_plan = plan
-        new_ports = {n: p for n, p in request.state.services.items()
-                     if ch_family(p.cluster_ip) == self.family}
+        # Other-family ports have no rendering, so conntrack cleanup never
+        # looks at them: no need to filter (which would cost O(services)).
+        new_ports = request.state.services
         self._ports = new_ports
         metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
-        metrics.IPTABLES_TOTAL_RULES.labels("nat").set(sum(len(r.chain_rules) + len(r.nat_services)
-                                                          + len(r.nat_nodeports)
-                                                          for r in plan.cache.values()))
+        metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)
         if self._synced:
             # On the first sync after a start nothing is known about what
             # conntrack holds; clearing every UDP service would break flows

@@ -96,6 +96,11 @@ class PlannerOptions:
     node_ip: str | None = None
     random_fully: bool = True
     conntrack_liberal: bool = False
+    # Split full plans into transactions of about this many service-chain
+    # rules (0: one transaction). iptables-nft-restore --noflush is quadratic
+    # in the size of one input (docs/iptables.md); legacy is not, and pays a
+    # whole-table copy per transaction, so only the nft back end sets this.
+    chunk_rules: int = 0
     large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
 
     def __post_init__(self) -> None:
@@ -134,6 +139,16 @@ class PortRender:
     # whether the port currently has usable endpoints at all.
     reachable: tuple[Endpoint, ...] = ()
     has_endpoints: bool = False
+    n_endpoints: int = 0  # as given (before family filtering): for large-cluster mode
+
+    @property
+    def busy_filter(self) -> bool:
+        return bool(self.filter_services or self.filter_external or self.filter_firewall
+                    or self.filter_nodeports)
+
+    @property
+    def nat_total(self) -> int:
+        return len(self.nat_services) + len(self.nat_nodeports) + len(self.chain_rules)
 
 
 @dataclass(slots=True)
@@ -143,15 +158,21 @@ class Plan:
     text: str
     full: bool
     cache: dict[ServicePortName, PortRender]
-    order: list[ServicePortName]
-    chains: set[str]
+    chains: set[str]  # full plans: every service chain; partial: the chains added
     large: bool
     tail: tuple[str, ...]
     rerendered: frozenset[ServicePortName] = frozenset()
     removed: dict[ServicePortName, PortRender] = field(default_factory=dict)
     deleted_chains: tuple[str, ...] = ()
     filter_rules: int = 0
-    nat_rules: int = 0
+    nat_rules: int = 0  # nat rules the kernel holds once applied
+    endpoints: int = 0  # endpoints of the planned ports (large-cluster mode)
+    busy: frozenset[ServicePortName] = frozenset()  # ports with filter rules
+    # The transactions to apply in order; one (== [text]) unless chunking.
+    # Each keeps every service self-consistent: a service's chains are
+    # flushed and refilled in one transaction, KUBE-SERVICES and the deletes
+    # of stale chains come last.
+    chunks: list[str] = field(default_factory=list)
 
 
 class Planner:
@@ -160,8 +181,11 @@ class Planner:
     def __init__(self, options: PlannerOptions) -> None:
         self.options = options
         self._cache: dict[ServicePortName, PortRender] = {}
-        self._order: list[ServicePortName] = []
+        self._by_service: dict[ServiceName, set[ServicePortName]] = {}
         self._chains: set[str] = set()  # nat service chains the kernel holds (as far as we know)
+        self._endpoints = 0
+        self._nat_total = 0
+        self._busy: frozenset[ServicePortName] = frozenset()
         self._large: bool | None = None
         self._tail: tuple[str, ...] = ()
         self._valid = False  # False until a full plan was committed
@@ -197,20 +221,38 @@ class Planner:
         so a full plan also deletes service chains a previous run left.
         """
         opts = self.options
+        tail = self._tail_rules()
+        if changed is not None and self._valid and tail == self._tail:
+            plan = self._plan_partial(state, changed, tail)
+            if plan is not None:
+                return plan
         ports = {name: sp for name, sp in state.services.items() if ch_family(sp.cluster_ip) == opts.family}
         total = sum(len(state.endpoints.get(name, ())) for name in ports)
         large = total > opts.large_cluster_endpoints
-        tail = self._tail_rules()
-        full = (changed is None or not self._valid or large != self._large or tail != self._tail)
-        if full:
-            return self._plan_full(state, ports, large, tail, existing_chains)
-        return self._plan_partial(state, ports, changed or frozenset(), large, tail)
+        return self._plan_full(state, ports, large, tail, existing_chains, total)
 
     def commit(self, plan: Plan) -> None:
         """Adopt ``plan``'s cache: the kernel now holds what it describes."""
+        if plan.full:
+            self._chains = set(plan.chains)
+            self._by_service = {}
+            for name in plan.cache:
+                self._by_service.setdefault(name.service, set()).add(name)
+        else:
+            self._chains.difference_update(plan.deleted_chains)
+            self._chains.update(plan.chains)
+            for name in plan.removed:
+                names = self._by_service.get(name.service)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self._by_service[name.service]
+            for name in plan.rerendered:
+                self._by_service.setdefault(name.service, set()).add(name)
         self._cache = plan.cache
-        self._order = plan.order
-        self._chains = plan.chains
+        self._endpoints = plan.endpoints
+        self._nat_total = plan.nat_rules
+        self._busy = plan.busy
         self._large = plan.large
         self._tail = plan.tail
         self._valid = True
@@ -223,7 +265,7 @@ class Planner:
                 for name in names}
 
     def _plan_full(self, state: ProxyState, ports: Mapping[ServicePortName, ServicePort], large: bool,
-                   tail: tuple[str, ...], existing_chains: Iterable[str]) -> Plan:
+                   tail: tuple[str, ...], existing_chains: Iterable[str], total: int) -> Plan:
         order = sorted(ports)
         cache = self._render_all(state, ports, order, large)
         wanted: set[str] = set()
@@ -231,7 +273,10 @@ class Planner:
             wanted.update(r.chains)
         stale = sorted(c for c in set(existing_chains) | self._chains
                        if ch.is_service_chain(c) and c not in wanted)
-        filt = self._filter_section(cache, order)
+        busy = frozenset(n for n in order if cache[n].busy_filter)
+        if self.options.chunk_rules > 0:
+            return self._plan_full_chunked(cache, order, wanted, stale, large, tail, total, busy)
+        filt = self._filter_section(cache, busy)
         nat: list[str] = ["*nat"]
         nat.extend(f":{c} - [0:0]" for c in ch.NAT_TOP_CHAINS)
         for name in order:
@@ -249,27 +294,92 @@ class Planner:
         nat.append("COMMIT")
         nat_rules = 4 + len(tail) + sum(len(r.nat_services) + len(r.nat_nodeports) + len(r.chain_rules)
                                         for r in cache.values())
-        return Plan(text="\n".join(filt + nat) + "\n", full=True, cache=cache, order=order, chains=wanted,
+        text = "\n".join(filt + nat) + "\n"
+        return Plan(text=text, full=True, cache=cache, chains=wanted,
                     large=large, tail=tail, rerendered=frozenset(order), deleted_chains=tuple(stale),
-                    filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules)
+                    filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules,
+                    endpoints=total, busy=busy, chunks=[text])
 
-    def _plan_partial(self, state: ProxyState, ports: Mapping[ServicePortName, ServicePort],
-                      changed: frozenset[ServiceName], large: bool, tail: tuple[str, ...]) -> Plan:
+    def _plan_full_chunked(self, cache: dict[ServicePortName, PortRender], order: list[ServicePortName],
+                           wanted: set[str], stale: list[str], large: bool, tail: tuple[str, ...], total: int,
+                           busy: frozenset[ServicePortName]) -> Plan:
+        limit = self.options.chunk_rules
+        fixed = self._fixed_nat_rules()
+        chunks: list[str] = []
+        decl: list[str] = [f":{ch.KUBE_MARK_MASQ} - [0:0]"]  # service rules jump to it: make sure it exists
+        rules: list[str] = [line for line in fixed if line.startswith(f"-A {ch.KUBE_MARK_MASQ} ")]
+        for name in order:
+            r = cache[name]
+            decl.extend(f":{c} - [0:0]" for c in r.chains)
+            rules.extend(r.chain_rules)
+            if len(rules) >= limit:
+                chunks.append("\n".join(["*nat", *decl, *rules, "COMMIT", ""]))
+                decl, rules = [], []
+        if rules or decl:
+            chunks.append("\n".join(["*nat", *decl, *rules, "COMMIT", ""]))
+        filt = self._filter_section(cache, busy)
+        nat: list[str] = ["*nat"]
+        nat.extend(f":{c} - [0:0]" for c in ch.NAT_TOP_CHAINS)
+        nat.extend(f":{c} - [0:0]" for c in stale)
+        nat.extend(fixed)
+        for name in order:
+            nat.extend(cache[name].nat_services)
+        nat.extend(tail)
+        for name in order:
+            nat.extend(cache[name].nat_nodeports)
+        nat.extend(f"-X {c}" for c in stale)
+        nat.append("COMMIT")
+        chunks.append("\n".join(filt + nat) + "\n")
+        nat_rules = 4 + len(tail) + sum(len(r.nat_services) + len(r.nat_nodeports) + len(r.chain_rules)
+                                        for r in cache.values())
+        return Plan(text="".join(chunks), full=True, cache=cache, chains=wanted, large=large,
+                    tail=tail, rerendered=frozenset(order), deleted_chains=tuple(stale),
+                    filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules,
+                    endpoints=total, busy=busy, chunks=chunks)
+
+    def _plan_partial(self, state: ProxyState, changed: frozenset[ServiceName],
+                      tail: tuple[str, ...]) -> Plan | None:
+        """A partial plan, or None when only a full one will do (large-cluster mode flips).
+
+        Work is proportional to the ports of ``changed`` services (plus set
+        differences of the port names, done in C): nothing iterates over
+        every service.
+        """
         old = self._cache
-        touched = [name for name in ports if name.service in changed or name not in old]
-        removed = {name: r for name, r in old.items() if name not in ports}
-        fresh = self._render_all(state, ports, touched, large)
+        fam = self.options.family
+        candidates: set[ServicePortName] = set()
+        for svc in changed:
+            candidates.update(self._by_service.get(svc, ()))
+        # Ports the tracker did not name but that appeared or vanished anyway.
+        candidates.update(state.services.keys() - old.keys())
+        candidates.update(old.keys() - state.services.keys())
+        touched: list[ServicePortName] = []
+        removed: dict[ServicePortName, PortRender] = {}
+        for name in candidates:
+            sp = state.services.get(name)
+            if sp is not None and ch_family(sp.cluster_ip) == fam:
+                touched.append(name)
+            elif name in old:
+                removed[name] = old[name]
+        total = self._endpoints
+        total -= sum(old[n].n_endpoints for n in touched if n in old)
+        total -= sum(r.n_endpoints for r in removed.values())
+        total += sum(len(state.endpoints.get(n, ())) for n in touched)
+        large = total > self.options.large_cluster_endpoints
+        if large != self._large:
+            return None
+        fresh = self._render_all(state, state.services, touched, large)
         cache = dict(old)
         for name in removed:
             del cache[name]
         cache.update(fresh)
-        order = self._order if not removed and len(cache) == len(old) else sorted(cache)
 
-        chains = set(self._chains)
+        added: set[str] = set()
         declare: list[str] = []
         delete_lines: list[str] = []
         insert_lines: list[str] = []
         dead: set[str] = set()
+        nat_total = self._nat_total
         for name in sorted(touched):
             new = fresh[name]
             prev = old.get(name)
@@ -278,8 +388,10 @@ class Planner:
                 del fresh[name]
                 continue
             declare.extend(new.chains)
-            chains.update(new.chains)
+            added.update(new.chains)
+            nat_total += new.nat_total
             if prev is not None:
+                nat_total -= prev.nat_total
                 dead.update(c for c in prev.chains if c not in new.chains)
                 _delta(prev.nat_services + prev.nat_nodeports, new.nat_services + new.nat_nodeports,
                        delete_lines, insert_lines)
@@ -288,13 +400,20 @@ class Planner:
         for name in sorted(removed):
             prev = removed[name]
             dead.update(prev.chains)
+            nat_total -= prev.nat_total
             _delta(prev.nat_services + prev.nat_nodeports, (), delete_lines, insert_lines)
         # Chain names hash the port name, so a chain dead for one port is
         # never wanted by another.
         stale = sorted(dead)
-        chains.difference_update(stale)
+        busy = set(self._busy)
+        busy.difference_update(removed)
+        for name in touched:
+            if cache[name].busy_filter:
+                busy.add(name)
+            else:
+                busy.discard(name)
 
-        filt = self._filter_section(cache, order)
+        filt = self._filter_section(cache, busy)
         nat: list[str] = ["*nat"]
         nat.extend(f":{c} - [0:0]" for c in declare)
         nat.extend(f":{c} - [0:0]" for c in stale)
@@ -304,21 +423,22 @@ class Planner:
             nat.extend(fresh[name].chain_rules)
         nat.extend(f"-X {c}" for c in stale)
         nat.append("COMMIT")
-        return Plan(text="\n".join(filt + nat) + "\n", full=False, cache=cache, order=order, chains=chains,
+        text = "\n".join(filt + nat) + "\n"
+        return Plan(text=text, full=False, cache=cache, chains=added,
                     large=large, tail=tail, rerendered=frozenset(fresh), removed=removed,
-                    deleted_chains=tuple(stale),
+                    deleted_chains=tuple(stale), chunks=[text],
                     filter_rules=sum(1 for line in filt if line.startswith("-A ")),
-                    nat_rules=sum(1 for line in nat if line.startswith(("-A ", "-I "))))
+                    nat_rules=nat_total, endpoints=total, busy=frozenset(busy))
 
     # -- fixed parts ------------------------------------------------------
 
     def _filter_section(self, cache: Mapping[ServicePortName, PortRender],
-                        order: list[ServicePortName]) -> list[str]:
+                        busy_names: Iterable[ServicePortName]) -> list[str]:
         out = ["*filter"]
         out.extend(f":{c} - [0:0]" for c in ch.FILTER_TOP_CHAINS)
-        # Most ports contribute nothing to filter; skip them cheaply.
-        busy = [cache[n] for n in order if (cache[n].filter_services or cache[n].filter_external
-                                            or cache[n].filter_firewall or cache[n].filter_nodeports)]
+        # Only the few ports with filter rules (no endpoints, Local without
+        # local endpoints, source ranges, health checks) are visited.
+        busy = [cache[n] for n in sorted(busy_names)]
         for r in busy:
             out.extend(r.filter_nodeports)
         for r in busy:
@@ -603,7 +723,7 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
         filter_firewall=tuple(f_firewall), filter_nodeports=tuple(f_nodeports),
         nat_services=tuple(n_services), nat_nodeports=tuple(n_nodeports),
         chains=tuple(own), chain_rules=tuple(rules), reachable=cat.all_reachable,
-        has_endpoints=has_endpoints)
+        has_endpoints=has_endpoints, n_endpoints=len(endpoints))
 
 
 def _service_to_endpoints(rules: list[str], *, spn: str, svc: ServicePort, chain: str,

@@ -108,6 +108,8 @@ class UserspaceMode(ProxyMode):
         max_flows = max(64, min(65536, limit // 4))
         self.table = ConnTable(max_udp_flows=max_flows)
         metrics.CONNTABLE_IMPLEMENTATION.set(1 if NATIVE else 0)
+        log.info("userspace: connection table: %s", "native (Cython extension)" if NATIVE
+                 else "pure-Python twin")
         self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
                             other_fds=self._udp_fds)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
