@@ -517,3 +517,23 @@ def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions(
     assert "-A KUBE-SERVICES" in chunked.chunks[-1] and "-X KUBE-SVC-GONE000000000000" in chunked.chunks[-1]
     assert not any("-A KUBE-SERVICES" in c or "-X " in c for c in chunked.chunks[:-1])
     assert chunked.chunks[0].startswith("*nat\n:KUBE-MARK-MASQ - [0:0]\n")
+
+
+def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
+    import asyncio
+
+    from proxyd.modes.iptables.backend import IptablesError, run
+
+    async def scenario() -> None:
+        big = "x" * (8 << 20)  # a restore input of 10k services is ~30 MB
+        assert len(await run(["cat"], stdin=big)) == len(big)
+        assert await run(["echo", "a b; rm -rf /"]) == "a b; rm -rf /\n"  # argv, never a shell
+        with pytest.raises(IptablesError) as err:
+            await run(["sh", "-c", "echo oops >&2; exit 3"])
+        assert err.value.returncode == 3 and "oops" in err.value.stderr
+        with pytest.raises(IptablesError, match="timed out"):
+            await run(["sleep", "5"], time_limit=0.2)
+        with pytest.raises(OSError):
+            await run(["/nonexistent/iptables-restore"])
+
+    asyncio.run(scenario())
