@@ -64,7 +64,7 @@ class Plan:
 QUICK = Plan(rounds=2, seconds=1, connections=16, sync_services=(1000,), programming_samples=3,
              data_budget=60.0, total_budget=112.0)
 FULL = Plan(rounds=5, seconds=5, connections=16, sync_services=(1000, 10000, 30000), programming_samples=10,
-            data_budget=480.0, total_budget=870.0)
+            data_budget=480.0, total_budget=840.0)
 
 
 def _log(message: str) -> None:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Figure keys that count "inputs tried" and "connections held" across tests.
 _HELD = ("connections_held", "slow_readers", "half_closed", "endpoint_died_under", "drained",
-         "held_through_grace")
+         "held_through_grace", "half_open", "served_past_black_hole", "refused_dead_service")
 _INPUTS = ("requests_tried", "resets", "source_ports", "replaces", "partial_writes", "huge_bytes",
            "hostile_names", "escapes_refused", "loops_refused")
 _LOST = ("connections_lost", "probes_failed", "new_connections_failed", "long_lived_connections_lost")

@@ -223,7 +223,7 @@ def markdown(results: Mapping[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for verdict in judge(summary, skipped):
         target = verdict.target
-        ratio = "–" if verdict.ratio is None else f"{verdict.ratio:.2f}×"
+        ratio = "–" if verdict.ratio is None else f"{verdict.ratio:.3f}×"
         status = verdict.status + (f" ({_escape(verdict.why)})" if verdict.why else "")
         lines.append(f"| {target.path} | {target.baseline} | {METRIC_BY_KEY[target.metric].label} | {ratio} "
                      f"| {target.op} {target.threshold:g}× | {status} |")
@@ -280,7 +280,7 @@ def verdict_lines(results: Mapping[str, Any]) -> list[str]:
     out = []
     for verdict in judge(summary, results.get("skipped", {})):
         target = verdict.target
-        ratio = "n/a" if verdict.ratio is None else f"{verdict.ratio:.2f}x"
+        ratio = "n/a" if verdict.ratio is None else f"{verdict.ratio:.3f}x"
         extra = f" ({verdict.why})" if verdict.why else ""
         out.append(f"{target.path} vs {target.baseline}: {METRIC_BY_KEY[target.metric].label} = {ratio} "
                    f"(target {target.op} {target.threshold:g}x): {verdict.status}{extra}")

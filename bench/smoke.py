@@ -78,8 +78,14 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def iperf(topo: Topology, ip: str, port_: int, seconds: float) -> float:
@@ -134,10 +140,12 @@ def measure_proxy(topo: Topology, name: str, pid: int, ports: tuple[int, int], s
         rate = iperf(topo, NODE_IP, bulk_port, seconds)
         add(f"bulk_{name}_MBps", rate)
         add(f"{name}_cpu_s_per_GB", (cpu_seconds(pid) - cpu0) / (rate * seconds / 1e3))
-    cpu0 = cpu_seconds(pid)
+    user0, sys0 = cpu_split(pid)
     rate, p99 = wrk(topo, NODE_IP, http_port, seconds, close=True)
+    user1, sys1 = cpu_split(pid)
     add(f"conn_{name}_per_s", rate)
-    add(f"{name}_cpu_us_per_conn", (cpu_seconds(pid) - cpu0) / (rate * seconds) * 1e6)
+    add(f"{name}_cpu_us_per_conn", (user1 + sys1 - user0 - sys0) / (rate * seconds) * 1e6)
+    add(f"{name}_user_us_per_conn", (user1 - user0) / (rate * seconds) * 1e6)
     add(f"conn_{name}_p99_us", p99)
     cpu0 = cpu_seconds(pid)
     rate, _ = wrk(topo, NODE_IP, http_port, seconds, close=False)
@@ -208,7 +216,7 @@ def main() -> int:
     width = max(len(k) for k in results)
     print(f"{'metric':<{width}}  value")
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:,.1f}")
+        print(f"{key:<{width}}  {value:,.3g}" if value < 100 else f"{key:<{width}}  {value:,.1f}")
     print(f"(bulk: proxyd/direct = {results['bulk_proxyd_MBps'] / results['bulk_direct_MBps']:.2f}; "
           f"new connections: proxyd/direct = "
           f"{results['conn_proxyd_per_s'] / results['conn_direct_per_s']:.2f}; "

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -175,19 +176,18 @@ _IGNORED_CONFIG_KEYS = {
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Config attributes set by a KubeProxyConfiguration file."""
-    import yaml
+    # The manifests parser's guards (no aliases, bounded nesting) protect this file too.
+    from proxyd.sources.manifests import parse_documents
 
+    data = _read_regular_file(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"--config: cannot read {path!r}: {err.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"--config: {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.YAMLError as err:
+        docs = parse_documents(data, is_json=False)
+    except Exception as err:  # the parser's own error carries the reason
         raise ConfigError(f"--config: {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    docs = [doc for doc in docs if doc is not None]
+    if len(docs) != 1:
+        raise ConfigError(f"--config: {path!r} holds {len(docs)} documents, want one KubeProxyConfiguration")
+    doc = docs[0]
     if not isinstance(doc, Mapping):
         raise ConfigError(f"--config: {path!r} does not hold a KubeProxyConfiguration object")
     if doc.get("kind") != CONFIG_KIND or doc.get("apiVersion") != CONFIG_API_VERSION:
@@ -209,6 +209,25 @@ def load_config_file(path: str) -> dict[str, Any]:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"--config: field {'.'.join(field_path)}: {err}") from None
     return values
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of a regular file, refusing FIFOs, devices and directories without blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {path!r}: {err.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"--config: {path!r} is not a regular file")
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {path!r}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config: {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
+    return data
 
 
 class _Parser(argparse.ArgumentParser):

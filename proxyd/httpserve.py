@@ -3,10 +3,15 @@
 These endpoints are probed by kubelets, load balancers and Prometheus, and
 some listen on every node address, so the server is deliberately tiny:
 GET/HEAD only, fixed routes, one request per connection, the request head
-capped at ``MAX_HEAD`` bytes and ``HEAD_TIMEOUT`` seconds, and at most
-``MAX_CLIENTS`` connections at once (beyond that, new connections are closed
-at once). Handlers are synchronous functions that must not block: they read
-state the daemon already holds.
+capped at ``MAX_HEAD`` bytes and ``HEAD_TIMEOUT`` seconds.
+
+One peer cannot starve the others (the kubelet's probe and a load
+balancer's check decide whether the node is restarted or gets traffic):
+each peer address may hold at most ``MAX_PER_PEER`` connections (a further
+one from it is closed at once), and when ``MAX_CLIENTS`` connections are
+open, the oldest one still sending its request head is dropped to make
+room, so idle sockets cannot hold every slot. Handlers are synchronous
+functions that must not block: they read state the daemon already holds.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8192
 HEAD_TIMEOUT = 5.0
-MAX_CLIENTS = 128
+MAX_CLIENTS = 1024
+MAX_PER_PEER = 8
 
 Response = tuple[int, str, bytes]  # status, content type, body
 Handler = Callable[[], Response]
@@ -38,6 +45,9 @@ class HttpServer:
         self.name = name
         self._server: asyncio.Server | None = None
         self._clients = 0
+        self._per_peer: Counter[str] = Counter()
+        # Connections still reading their request head, oldest first: the ones to drop when full.
+        self._reading: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
 
     async def start(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -58,12 +68,23 @@ class HttpServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if peername else ""
+        if self._per_peer[peer] >= MAX_PER_PEER:
             writer.transport.abort()
             return
+        if self._clients >= MAX_CLIENTS:
+            if not self._reading:
+                writer.transport.abort()
+                return
+            oldest, _ = self._reading.popitem(last=False)
+            oldest.transport.abort()
         self._clients += 1
+        self._per_peer[peer] += 1
+        self._reading[writer] = None
         try:
             status, ctype, body, head_only = await self._respond(reader)
+            self._reading.pop(writer, None)
             reason = _REASONS.get(status, "")
             head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
@@ -74,6 +95,10 @@ class HttpServer:
             pass
         finally:
             self._clients -= 1
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+            self._reading.pop(writer, None)
             writer.close()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:

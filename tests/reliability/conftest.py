@@ -26,6 +26,7 @@ from tests.netns.topology import Topology, netns_available
 _UNAVAILABLE = netns_available()
 _FIGURES: dict[str, dict[str, Any]] = {}
 
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/reliability/" in str(item.fspath).replace("\\", "/"):
@@ -34,12 +35,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=f"netns tests: {_UNAVAILABLE}"))
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # The client side of the load tests holds thousands of sockets in this process.
+def _raise_own_descriptor_limit() -> None:
+    """The client side of the load tests holds thousands of sockets in this process."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# At import, not in pytest_sessionstart: that hook only runs for the
+# conftests pytest loads first, which this one is not under `pytest tests`.
+_raise_own_descriptor_limit()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -12,6 +12,8 @@ What each test proves (numbers go to ``figures`` for ``docs/reliability.md``):
 * half-closed connections finish cleanly, a vanished endpoint closes its
   clients, and nothing leaks; proxied sockets carry TCP keepalive so clients
   that vanish silently are reaped (kube-proxy userspace's Go sockets had it);
+* endpoints that drop SYNs cost one connect timeout each, never a hanging
+  client;
 * storms of resets from clients (before and after accept) and from
   endpoints leave no connection, descriptor or memory behind;
 * a UDP flood from many source ports keeps the flow table at its bound and

@@ -178,8 +178,8 @@ def test_markdown_table_ratios_skips_failures_and_control() -> None:
     assert "| metric | unit | direct | haproxy | proxyd-userspace | proxyd-iptables | proxyd-ipvs |" in md
     # Medians with min–max whiskers, the failed sample left out (haproxy bulk median stays 8).
     assert "| bulk throughput, 1 TCP stream | Gbit/s | 14.0 (12.6–15.4) | 8.00 (7.20–8.80) |" in md
-    assert "| proxyd-userspace | haproxy | bulk throughput, 1 TCP stream | 1.12× | >= 1× | met |" in md
-    assert "| proxyd-iptables | direct | new-connection rate | 0.75× | >= 0.8× | not met |" in md
+    assert "| proxyd-userspace | haproxy | bulk throughput, 1 TCP stream | 1.125× | >= 1× | met |" in md
+    assert "| proxyd-iptables | direct | new-connection rate | 0.750× | >= 0.8× | not met |" in md
     assert "kernel lacks IP_VS: /proc/net/ip_vs absent" in md
     assert "connection \\| refused" in md  # pipes escaped, table not broken
     assert "Note: time budget reached" in md
@@ -395,6 +395,12 @@ def test_run_all_respects_deadline_and_skips(tmp_path, monkeypatch) -> None:
     got = syncscale.run_all(modes=["iptables"], services=[1000, 10000], skipped={},
                             deadline=time.monotonic() + 1, log=lambda _: None)
     assert [p["error"] for p in got["iptables"]["points"]] == ["not run: time budget exhausted"] * 2
+    (tmp_path / "sync_scale.py").write_text("import time\ntime.sleep(30)\n")
+    monkeypatch.setattr(syncscale, "POINT_CAP", {1000: 0.5})
+    got = syncscale.run_all(modes=["iptables"], services=[1000, 30000], skipped={},
+                            deadline=time.monotonic() + 100, log=lambda _: None)
+    errors = [p["error"] for p in got["iptables"]["points"]]
+    assert errors == ["timed out after 0s", "not run: 1000 services already timed out"]
 
 
 def test_script_for_prefers_the_mode_specific_script(tmp_path) -> None:

@@ -75,8 +75,8 @@ async def test_slow_client_times_out(server, monkeypatch):
     assert answer.startswith(b"HTTP/1.1 408")
 
 
-async def test_connection_cap(server, monkeypatch):
-    monkeypatch.setattr(httpserve, "MAX_CLIENTS", 2)
+async def test_per_peer_cap(server, monkeypatch):
+    monkeypatch.setattr(httpserve, "MAX_PER_PEER", 2)
     idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
     await asyncio.sleep(0.05)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -89,5 +89,20 @@ async def test_connection_cap(server, monkeypatch):
     for _, w in idle:
         w.close()
     await asyncio.sleep(0.05)
-    # Capacity comes back once the idle ones are gone.
+    # Its slots come back once the idle ones are gone.
     assert (await exchange(server.port, b"GET /ok HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+
+
+async def test_full_server_drops_the_oldest_idle_connection(server, monkeypatch):
+    monkeypatch.setattr(httpserve, "MAX_CLIENTS", 2)
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert (await exchange(server.port, b"GET /ok HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    oldest_reader = idle[0][0]
+    try:
+        dropped = await asyncio.wait_for(oldest_reader.read(), 5)
+    except ConnectionResetError:
+        dropped = b""
+    assert dropped == b""  # evicted without an answer
+    for _, w in idle:
+        w.close()

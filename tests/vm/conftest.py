@@ -7,7 +7,9 @@ when the kernel has no IPVS or namespaces are not usable.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -35,7 +37,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"ipvs tests: {reason} (run tests/vm/run-in-vm.sh)"))
 
 
+class GuestTopology(Topology):
+    """The shared topology with start-up waits fit for software emulation (the daemon takes ~15 s)."""
+
+    def start_proxyd(self, *args: Any, timeout: float = 120.0, **kwargs: Any) -> subprocess.Popen[str]:
+        return super().start_proxyd(*args, timeout=timeout, **kwargs)
+
+
 @pytest.fixture
 def topology() -> Iterator[Topology]:
-    with Topology() as topo:
+    with GuestTopology() as topo:
         yield topo

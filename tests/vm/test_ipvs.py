@@ -160,4 +160,5 @@ class TestIpvs(ServiceBehaviour):
             assert read_line(held) == b"after restart\n"
         # and the adopted state follows changes
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
-        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=5, what="change after restart")
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=5, what="change after "
+                                                                     "restart")

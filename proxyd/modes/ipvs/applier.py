@@ -145,12 +145,14 @@ def key_service(key: VSKey) -> IPVSService:
 class IpvsApplier:
     """Blocking kernel operations, run one at a time on a private worker thread."""
 
-    def __init__(self, *, iptables_restore: str = "iptables-restore", iptables: str = "iptables") -> None:
+    def __init__(self, *, iptables_restore: str = "iptables-restore", iptables_save: str = "iptables-save",
+                 iptables: str = "iptables") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-kernel")
         self._ipvs: IPVS | None = None
         self._ipset: IPSet | None = None
         self._ipr: IPRoute | None = None
         self.iptables_restore = iptables_restore
+        self.iptables_save = iptables_save
         self.iptables = iptables
         self._device_index: int | None = None
 
@@ -191,8 +193,15 @@ class IpvsApplier:
 
     @staticmethod
     def load_modules(scheduler: str) -> None:
-        """Load ip_vs and the scheduler's module; failures are left to the first netlink call to report."""
-        for module in ("ip_vs", f"ip_vs_{scheduler}", "nf_conntrack"):
+        """Load ip_vs when it is not loaded yet; failures are left to the first netlink call to report.
+
+        Scheduler modules (``ip_vs_rr``, ``ip_vs_sh``, ...) are loaded by the
+        kernel itself when a virtual server first names them.
+        """
+        del scheduler
+        if os.path.exists("/proc/net/ip_vs"):
+            return
+        for module in ("ip_vs", "nf_conntrack"):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(["modprobe", module], capture_output=True, timeout=30, check=False)
 
@@ -257,7 +266,8 @@ class IpvsApplier:
         for msg in self.ipvs.service("dump"):
             attrs = _attrs(msg, "IPVS_CMD_ATTR_SERVICE")
             proto = _NUM_PROTO.get(attrs.get("IPVS_SVC_ATTR_PROTOCOL", 0))
-            if attrs.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or proto is None or "IPVS_SVC_ATTR_ADDR" not in attrs:
+            if (attrs.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or proto is None
+                    or "IPVS_SVC_ATTR_ADDR" not in attrs):
                 continue  # fwmark or IPv6 services: not proxyd's
             key = VSKey(attrs["IPVS_SVC_ATTR_ADDR"], attrs["IPVS_SVC_ATTR_PORT"], proto)
             flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0) & ~FLAG_HASHED
@@ -374,24 +384,43 @@ class IpvsApplier:
 
     # -- iptables --------------------------------------------------------------------------
 
-    def restore(self, rules: str) -> None:
+    def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
+        """Apply ``rules`` in one ``iptables-restore --noflush`` transaction.
+
+        With ``ensure_jumps`` the jumps from built-in chains into proxyd's
+        chains that ``iptables-save`` does not show are inserted first in the
+        same transaction (kube-proxy's EnsureRule, two processes in all).
+        """
+        if ensure_jumps:
+            rules = self._with_missing_jumps(rules)
         proc = subprocess.run([self.iptables_restore, "--noflush", "-w", "5"], input=rules, text=True,
                               capture_output=True, timeout=IPTABLES_TIMEOUT, check=False)
         if proc.returncode != 0:
             raise ApplyError(f"iptables-restore failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
 
+    def _with_missing_jumps(self, rules: str) -> str:
+        proc = subprocess.run([self.iptables_save], capture_output=True, text=True,
+                              timeout=IPTABLES_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            raise ApplyError(f"iptables-save failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+        present = saved_jumps(proc.stdout)
+        out: list[str] = []
+        table = ""
+        for line in rules.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line == "COMMIT":
+                # After the chain declarations: the targets must exist. -I puts them first anyway.
+                for jump in JUMPS:
+                    found = (jump.table, jump.source, jump.target, jump.comment) in present
+                    if jump.table == table and not found:
+                        out.append(f'-I {jump.source} -m comment --comment "{jump.comment}" -j {jump.target}')
+            out.append(line)
+        return "\n".join(out) + "\n"
+
     def _iptables(self, table: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([self.iptables, "-w", "5", "-t", table, *args], capture_output=True, text=True,
                               timeout=IPTABLES_TIMEOUT, check=False)
-
-    def ensure_jumps(self) -> None:
-        """Jumps from built-in chains into proxyd's chains, inserted first when missing (kube-proxy's EnsureRule)."""
-        for jump in JUMPS:
-            if self._iptables(jump.table, "-C", jump.source, *jump.rule()).returncode == 0:
-                continue
-            proc = self._iptables(jump.table, "-I", jump.source, *jump.rule())
-            if proc.returncode != 0:
-                raise ApplyError(f"cannot link {jump.table}/{jump.source} -> {jump.target}: {proc.stderr.strip()}")
 
     def remove_rules(self) -> list[str]:
         """Unlink and delete proxyd's ipvs chains; return errors (missing things are not errors)."""
@@ -437,6 +466,27 @@ class IpvsApplier:
         except (NetlinkError, OSError) as err:
             log.debug("ipset not available for cleanup: %s", err)
         return failed
+
+
+def saved_jumps(saved: str) -> set[tuple[str, str, str, str]]:
+    """(table, chain, target, comment) of the comment-carrying jumps in ``iptables-save`` output."""
+    found = set()
+    table = ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        if not line.startswith("-A ") or " -j " not in line:
+            continue
+        chain = line.split()[1]
+        target = line.rsplit(" -j ", 1)[1].split()[0]
+        comment = ""
+        if '--comment "' in line:
+            comment = line.split('--comment "', 1)[1].split('"', 1)[0]
+        elif "--comment " in line:
+            comment = line.split("--comment ", 1)[1].split()[0]
+        found.add((table, chain, target, comment))
+    return found
 
 
 def ipvs_available() -> str | None:

@@ -106,8 +106,8 @@ class GracefulTerminator:
                     log.debug("graceful termination: deleted %s from %s", server, key)
         return deleted
 
-    def start(self, lock: asyncio.Lock, on_deleted: Callable[[list[tuple[VSKey, RealServer]]], Awaitable[None]]
-              | None = None) -> None:
+    def start(self, lock: asyncio.Lock,
+              on_deleted: Callable[[list[tuple[VSKey, RealServer]]], Awaitable[None]] | None = None) -> None:
         """Run ``check`` every ``interval`` seconds under ``lock`` until ``stop``."""
         if self._task is None:
             self._task = asyncio.create_task(self._loop(lock, on_deleted), name="ipvs-graceful")

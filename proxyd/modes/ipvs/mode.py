@@ -110,7 +110,8 @@ class IpvsMode(ProxyMode):
         failed = await self.applier.call(
             self.applier.set_sysctls, ipvs_sysctls(strict_arp=self.config.ipvs_strict_arp))
         if "net/ipv4/vs/conntrack" in failed:
-            raise RuntimeError("cannot set net.ipv4.vs.conntrack=1: is IPVS (ip_vs) available in this kernel?")
+            raise RuntimeError("cannot set net.ipv4.vs.conntrack=1: is IPVS (ip_vs) available in this "
+                               "kernel?")
         await self.applier.call(self.applier.ensure_device)
         self.graceful.start(self._lock, self._on_graceful_deleted)
 
@@ -234,13 +235,11 @@ class IpvsMode(ProxyMode):
                                masquerade_bit=self.config.masquerade_bit)
         if full or rules != self._rules:
             try:
-                await a.call(a.restore, rules)
+                await a.call(lambda: a.restore(rules, ensure_jumps=full))
             except Exception:
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 raise
             self._rules = rules
-        if full:
-            await a.call(a.ensure_jumps)
         # 5. real servers that left, gracefully.
         for key, have in self._dests.items():
             if key not in plan.servers:

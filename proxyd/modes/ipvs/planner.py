@@ -83,13 +83,16 @@ class SetInfo:
 
 
 IPSETS: tuple[SetInfo, ...] = (
-    SetInfo(LOOP_BACK, "hash:ip,port,ip", "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"),
+    SetInfo(LOOP_BACK, "hash:ip,port,ip", "Kubernetes endpoints dst ip:port, source ip for solving hairpin "
+                       "purpose"),
     SetInfo(CLUSTER_IP, "hash:ip,port", "Kubernetes service cluster ip + port for masquerade purpose"),
-    SetInfo(EXTERNAL_IP, "hash:ip,port", "Kubernetes service external ip + port for masquerade and filter purpose"),
+    SetInfo(EXTERNAL_IP, "hash:ip,port", "Kubernetes service external ip + port for masquerade and filter "
+                         "purpose"),
     SetInfo(EXTERNAL_IP_LOCAL, "hash:ip,port",
             "Kubernetes service external ip + port with externalTrafficPolicy=local"),
     SetInfo(LOAD_BALANCER, "hash:ip,port", "Kubernetes service lb portal"),
-    SetInfo(LOAD_BALANCER_FW, "hash:ip,port", "Kubernetes service load balancer ip + port for load balancer with sourceRange"),
+    SetInfo(LOAD_BALANCER_FW, "hash:ip,port", "Kubernetes service load balancer ip + port for load balancer "
+                              "with sourceRange"),
     SetInfo(LOAD_BALANCER_LOCAL, "hash:ip,port",
             "Kubernetes service load balancer ip + port with externalTrafficPolicy=local"),
     SetInfo(LOAD_BALANCER_SOURCE_IP, "hash:ip,port,ip",
@@ -97,10 +100,13 @@ IPSETS: tuple[SetInfo, ...] = (
     SetInfo(LOAD_BALANCER_SOURCE_CIDR, "hash:ip,port,net",
             "Kubernetes service load balancer ip + port + source cidr for packet filter purpose"),
     SetInfo(NODE_PORT_TCP, "bitmap:port", "Kubernetes nodeport TCP port for masquerade purpose"),
-    SetInfo(NODE_PORT_LOCAL_TCP, "bitmap:port", "Kubernetes nodeport TCP port with externalTrafficPolicy=local"),
+    SetInfo(NODE_PORT_LOCAL_TCP, "bitmap:port", "Kubernetes nodeport TCP port with "
+                                 "externalTrafficPolicy=local"),
     SetInfo(NODE_PORT_UDP, "bitmap:port", "Kubernetes nodeport UDP port for masquerade purpose"),
-    SetInfo(NODE_PORT_LOCAL_UDP, "bitmap:port", "Kubernetes nodeport UDP port with externalTrafficPolicy=local"),
-    SetInfo(NODE_PORT_SCTP, "hash:ip,port", "Kubernetes nodeport SCTP port for masquerade purpose with type 'hash ip:port'"),
+    SetInfo(NODE_PORT_LOCAL_UDP, "bitmap:port", "Kubernetes nodeport UDP port with "
+                                 "externalTrafficPolicy=local"),
+    SetInfo(NODE_PORT_SCTP, "hash:ip,port", "Kubernetes nodeport SCTP port for masquerade purpose with type "
+                            "'hash ip:port'"),
     SetInfo(NODE_PORT_LOCAL_SCTP, "hash:ip,port",
             "Kubernetes nodeport SCTP port with externalTrafficPolicy=local with type 'hash ip:port'"),
     SetInfo(HEALTH_CHECK_NODE_PORT, "bitmap:port", "Kubernetes health check node port"),
@@ -269,7 +275,8 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
     for ip in svc.external_ips:
         if not _ipv4(ip):
             continue
-        entries.append((EXTERNAL_IP_LOCAL if svc.external_policy_local else EXTERNAL_IP, f"{ip},{proto}:{svc.port}"))
+        ext_set = EXTERNAL_IP_LOCAL if svc.external_policy_local else EXTERNAL_IP
+        entries.append((ext_set, f"{ip},{proto}:{svc.port}"))
         server(ip, svc.port, external)
         if ip not in ctx.local_addresses:
             bind.append(ip)
@@ -372,11 +379,14 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
 
     nat.append("-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN")
     if LOOP_BACK in nonempty:
-        nat.append(f"-A KUBE-POSTROUTING {comment(LOOP_BACK)} {setmatch(LOOP_BACK, 'dst,dst,src')} -j MASQUERADE")
+        nat.append(f"-A KUBE-POSTROUTING {comment(LOOP_BACK)} {setmatch(LOOP_BACK, 'dst,dst,src')} -j "
+                   f"MASQUERADE")
     if LOAD_BALANCER in nonempty:
-        nat.append(f"-A KUBE-SERVICES {comment(LOAD_BALANCER)} {setmatch(LOAD_BALANCER)} -j KUBE-LOAD-BALANCER")
+        nat.append(f"-A KUBE-SERVICES {comment(LOAD_BALANCER)} {setmatch(LOAD_BALANCER)} -j "
+                   f"KUBE-LOAD-BALANCER")
     if LOAD_BALANCER_LOCAL in nonempty:
-        nat.append(f"-A KUBE-LOAD-BALANCER {comment(LOAD_BALANCER_LOCAL)} {setmatch(LOAD_BALANCER_LOCAL)} -j RETURN")
+        nat.append(f"-A KUBE-LOAD-BALANCER {comment(LOAD_BALANCER_LOCAL)} {setmatch(LOAD_BALANCER_LOCAL)} "
+                   f"-j RETURN")
     for proto, (np_set, np_local) in (("tcp", (NODE_PORT_TCP, NODE_PORT_LOCAL_TCP)),
                                       ("udp", (NODE_PORT_UDP, NODE_PORT_LOCAL_UDP)),
                                       ("sctp", (NODE_PORT_SCTP, NODE_PORT_LOCAL_SCTP))):
@@ -389,7 +399,8 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
                    "-j KUBE-SOURCE-RANGES-FIREWALL")
     for name in (LOAD_BALANCER_SOURCE_CIDR, LOAD_BALANCER_SOURCE_IP):
         if name in nonempty:
-            flt.append(f"-A KUBE-SOURCE-RANGES-FIREWALL {comment(name)} {setmatch(name, 'dst,dst,src')} -j RETURN")
+            flt.append(f"-A KUBE-SOURCE-RANGES-FIREWALL {comment(name)} {setmatch(name, 'dst,dst,src')} -j "
+                       f"RETURN")
 
     if CLUSTER_IP in nonempty:
         base = f"-A KUBE-SERVICES {comment(CLUSTER_IP)} {setmatch(CLUSTER_IP)}"
@@ -415,7 +426,8 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
     nat.append("-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ")
     flt.append("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
     for ip, proto, port in plan.no_node_access:
-        flt.append(f"-A KUBE-IPVS-OUT-FILTER -s {ip} -m ipvs --vaddr {ip} --vproto {proto} --vport {port} -j DROP")
+        flt.append(f"-A KUBE-IPVS-OUT-FILTER -s {ip} -m ipvs --vaddr {ip} --vproto {proto} --vport {port} "
+                   f"-j DROP")
     # Accept what IPVS will handle, in case later rules of other software would drop it.
     for name in (CLUSTER_IP, LOAD_BALANCER):
         if name in nonempty:
@@ -424,14 +436,16 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
                f"-m mark --mark {mark}/{mark} -j ACCEPT")
     flt.append('-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-    flt.append(f"-A KUBE-NODE-PORT {comment(HEALTH_CHECK_NODE_PORT)} {setmatch(HEALTH_CHECK_NODE_PORT)} -j ACCEPT")
+    flt.append(f"-A KUBE-NODE-PORT {comment(HEALTH_CHECK_NODE_PORT)} {setmatch(HEALTH_CHECK_NODE_PORT)} -j "
+               f"ACCEPT")
     for name in (LOAD_BALANCER, CLUSTER_IP, EXTERNAL_IP, EXTERNAL_IP_LOCAL, HEALTH_CHECK_NODE_PORT):
         flt.append(f"-A KUBE-IPVS-FILTER {setmatch(name)} -j RETURN")
     flt.append(f"-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW {setmatch(IPVS_IPS)} -j REJECT")
 
     nat.append(f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN")
     nat.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}")
-    masq = '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+    masq = ('-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j '
+            'MASQUERADE')
     nat.append(masq + (" --random-fully" if random_fully else ""))
     nat.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
     nat.append("COMMIT")

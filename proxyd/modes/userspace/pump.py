@@ -2,9 +2,9 @@
 
 Each direction (``Half``) reads its source socket into a kernel pipe and
 splices the pipe into the destination socket, so payload never enters
-Python. Sockets are raw, non-blocking, and driven by ``loop.add_reader`` /
-``add_writer`` (this works on uvloop and asyncio alike; uvloop transports
-cannot splice).
+Python. Sockets are raw, non-blocking, and driven by a ``Poller``
+(``poller.py``: proxyd's own epoll set, watched by the loop as one fd; this
+works on uvloop and asyncio alike; uvloop transports cannot splice).
 
 Backpressure: a direction reads only while its pipe is empty. When the
 destination cannot take everything, the direction stops reading its source
@@ -37,6 +37,8 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+
+from proxyd.modes.userspace.poller import Poller
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 256 * 1024
@@ -117,11 +119,12 @@ class Half:
     """
 
     __slots__ = ("buffered", "capacity", "conn", "dfd", "dst", "eof", "finished", "loop", "nbytes", "pipe",
-                 "pool", "reading", "retry", "sfd", "src", "writing")
+                 "poller", "pool", "reading", "retry", "sfd", "src", "writing")
 
     def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
         self.conn = conn
         self.loop = conn.loop
+        self.poller = conn.poller
         self.pool = conn.pool
         self.src = src
         self.dst = dst
@@ -139,15 +142,22 @@ class Half:
 
     def start(self) -> None:
         self.reading = True
-        self.loop.add_reader(self.sfd, self.on_readable)
+        self.poller.add_reader(self.sfd, self.on_readable)
 
     def stop(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.sfd)
+            self.poller.remove_reader(self.sfd)
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.dfd)
+            self.poller.remove_writer(self.dfd)
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+
+    def detach(self) -> None:
+        """Stop without touching the poller: the connection forgets both descriptors and closes them."""
+        self.reading = self.writing = False
         if self.retry is not None:
             self.retry.cancel()
             self.retry = None
@@ -185,7 +195,7 @@ class Half:
     def _starved(self, err: OSError) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.sfd)
+            self.poller.remove_reader(self.sfd)
         self.retry = self.loop.call_later(STARVED_RETRY, self._retry)
         self.conn.starved(err)
 
@@ -193,7 +203,7 @@ class Half:
         self.retry = None
         if not self.conn.closed and not self.eof and not self.reading and not self.buffered:
             self.reading = True
-            self.loop.add_reader(self.sfd, self.on_readable)
+            self.poller.add_reader(self.sfd, self.on_readable)
 
     def on_writable(self) -> None:
         self.flush()
@@ -217,21 +227,21 @@ class Half:
             # Destination full: stop reading until it drains (backpressure).
             if self.reading:
                 self.reading = False
-                self.loop.remove_reader(self.sfd)
+                self.poller.remove_reader(self.sfd)
             if not self.writing:
                 self.writing = True
-                self.loop.add_writer(self.dfd, self.on_writable)
+                self.poller.add_writer(self.dfd, self.on_writable)
             return
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.dfd)
+            self.poller.remove_writer(self.dfd)
         if self.pipe is not None:
             self.release()
         if self.eof:
             self._finish()
         elif not self.reading:
             self.reading = True
-            self.loop.add_reader(self.sfd, self.on_readable)
+            self.poller.add_reader(self.sfd, self.on_readable)
 
     def _on_eof(self) -> None:
         self.eof = True
@@ -239,7 +249,11 @@ class Half:
             self.release()
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.sfd)
+            if self.buffered or not self.conn.done_halves:
+                self.poller.remove_reader(self.sfd)
+            else:
+                # The other direction is done and this one is about to be: the close unregisters the fd.
+                self.poller.drop_reader(self.sfd)
         if not self.buffered:
             self._finish()
 
@@ -247,11 +261,13 @@ class Half:
         if self.finished:
             return
         self.finished = True
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            # The destination is gone already; nothing more to pass on.
-            pass
+        if not self.conn.done_halves:
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                # The destination is gone already; nothing more to pass on.
+                pass
+        # else: both directions are done and the close right after sends the FIN (nothing is left unread).
         self.conn.half_done()
 
 
@@ -304,13 +320,14 @@ class Connection:
     """
 
     __slots__ = ("backend", "client", "closed", "done_halves", "endpoint", "flushed_in", "flushed_out", "key",
-                 "loop", "on_close", "on_starved", "pool", "to_client", "to_endpoint")
+                 "loop", "on_close", "on_starved", "poller", "pool", "stats", "to_client", "to_endpoint")
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
-                 key: object, endpoint: tuple[str, int], pool: PipePool | None,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, poller: Poller, client: socket.socket,
+                 backend: socket.socket, key: object, endpoint: tuple[str, int], pool: PipePool | None,
                  on_close: Callable[[Connection], None],
-                 on_starved: Callable[[OSError], None] | None = None) -> None:
+                 on_starved: Callable[[OSError], None] | None = None, stats: object = None) -> None:
         self.loop = loop
+        self.poller = poller
         self.client = client
         self.backend = backend
         self.key = key
@@ -318,6 +335,7 @@ class Connection:
         self.pool = pool
         self.on_close = on_close
         self.on_starved = on_starved
+        self.stats = stats  # the owner's per-service record, kept here to save a lookup at close
         self.closed = False
         self.done_halves = 0
         self.flushed_in = 0
@@ -360,8 +378,10 @@ class Connection:
             return
         self.closed = True
         for half in (self.to_endpoint, self.to_client):
-            half.stop()
+            half.detach()
             half.release()
+        self.poller.forget(self.to_endpoint.sfd)
+        self.poller.forget(self.to_client.sfd)
         if reset:
             abort(self.client)
             abort(self.backend)
@@ -369,6 +389,8 @@ class Connection:
             self.client.close()
             self.backend.close()
         self.on_close(self)
+        # Break the connection <-> direction cycle so refcounting frees both now, not the cyclic GC later.
+        del self.to_endpoint, self.to_client
 
 
 def is_fd_exhaustion(err: OSError) -> bool:

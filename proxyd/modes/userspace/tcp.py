@@ -20,7 +20,11 @@ running. ``drain()`` waits for them at shutdown.
 
 Per-connection work is kept small: no task or future per connection, one
 timer per connect attempt, metric children bound once per service, byte
-counters flushed in bulk every few seconds.
+counters flushed in bulk every few seconds. Sockets are the C-level
+``_socket.socket`` (accepted through ``_accept()``), which skips the Python
+wrapper's constructor and enum conversions, and readiness goes through the
+``Poller`` (one epoll set of our own) instead of one loop registration per
+socket.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ import logging
 import os
 import socket
 import time
+from _socket import socket as raw_socket
 from collections.abc import Callable, Collection
 from typing import Protocol
 
 from proxyd import metrics
 from proxyd.modes.userspace.listeners import tune_tcp
 from proxyd.modes.userspace.planner import TableKey
+from proxyd.modes.userspace.poller import Poller
 from proxyd.modes.userspace.pump import (
     PIPE_POOL_MAX,
     USE_SPLICE,
@@ -57,6 +63,12 @@ RESUME_AFTER = 1.0  # longest accept pause when no connection ends to free descr
 FD_RESERVE = 16  # descriptors kept free for HTTP servers, netlink, manifests and the like
 BYTES_FLUSH_INTERVAL = 5.0
 
+_AF_INET, _AF_INET6 = socket.AF_INET.value, socket.AF_INET6.value
+_STREAM = socket.SOCK_STREAM.value
+_STREAM_NONBLOCK = socket.SOCK_STREAM.value | socket.SOCK_NONBLOCK.value
+_SOL_SOCKET, _SO_ERROR = socket.SOL_SOCKET, socket.SO_ERROR
+_EINPROGRESS, _EAGAIN = errno.EINPROGRESS, errno.EAGAIN
+
 
 class EndpointTable(Protocol):
     """The part of ``proxyd.conntable.ConnTable`` the TCP path uses."""
@@ -70,9 +82,9 @@ class EndpointTable(Protocol):
 class _Dial:
     """One client connection while its endpoint connect is in progress."""
 
-    __slots__ = ("attempt", "backend", "client", "client_ip", "key", "proxy", "stats", "timer", "tried")
+    __slots__ = ("attempt", "backend", "client", "client_ip", "ep", "key", "proxy", "stats", "timer", "tried")
 
-    def __init__(self, proxy: TcpProxy, client: socket.socket, client_ip: str, key: TableKey,
+    def __init__(self, proxy: TcpProxy, client: raw_socket, client_ip: str, key: TableKey,
                  stats: Stats) -> None:
         self.proxy = proxy
         self.client = client
@@ -81,7 +93,8 @@ class _Dial:
         self.stats = stats
         self.attempt = 0
         self.tried: list[tuple[str, int]] = []
-        self.backend: socket.socket | None = None
+        self.backend: raw_socket | None = None
+        self.ep: tuple[str, int] | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def next(self) -> None:
@@ -93,16 +106,16 @@ class _Dial:
             self.tried.append(ep)
             timeout = DIAL_TIMEOUTS[self.attempt]
             self.attempt += 1
-            family = socket.AF_INET6 if ":" in ep[0] else socket.AF_INET
+            family = _AF_INET6 if ":" in ep[0] else _AF_INET
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock = raw_socket(family, _STREAM_NONBLOCK)
             except OSError as err:
                 # Pooled pipes hold descriptors: give them back and try once more.
                 if not (is_fd_exhaustion(err) and proxy.trim_pool()):
                     self._out_of_resources(err)
                     return
                 try:
-                    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                    sock = raw_socket(family, _STREAM_NONBLOCK)
                 except OSError as again:
                     self._out_of_resources(again)
                     return
@@ -111,10 +124,11 @@ class _Dial:
                 self.backend = sock
                 self._connected(ep)
                 return
-            if code in (errno.EINPROGRESS, errno.EAGAIN):
+            if code == _EINPROGRESS or code == _EAGAIN:
                 self.backend = sock
+                self.ep = ep
                 proxy.dialing.add(self)
-                proxy.loop.add_writer(sock.fileno(), self._on_writable, ep)
+                proxy.poller.add_writer(sock.fileno(), self._on_writable)
                 self.timer = proxy.loop.call_later(timeout, self._failed, ep, "timeout")
                 return
             sock.close()
@@ -125,24 +139,29 @@ class _Dial:
         self.stats.retries.inc()
         log.debug("%s: connect to %s:%d failed (%s)", self.key, ep[0], ep[1], why)
 
-    def _on_writable(self, ep: tuple[str, int]) -> None:
+    def _on_writable(self) -> None:
         sock = self.backend
-        assert sock is not None
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code in (errno.EINPROGRESS, errno.EAGAIN):
+        ep = self.ep
+        assert sock is not None and ep is not None
+        code = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+        if code == _EINPROGRESS or code == _EAGAIN:
             return
-        self._stop_waiting()
+        self._stop_waiting(connected=not code)
         if code:
             self._failed(ep, errno.errorcode.get(code, str(code)), stopped=True)
             return
         self._connected(ep)
 
-    def _stop_waiting(self) -> None:
+    def _stop_waiting(self, *, connected: bool = False) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.backend is not None:
-            self.proxy.loop.remove_writer(self.backend.fileno())
+            if connected:
+                # The pump registers the socket for reading right away: one epoll_ctl for both changes.
+                self.proxy.poller.drop_writer(self.backend.fileno())
+            else:
+                self.proxy.poller.forget(self.backend.fileno())
         self.proxy.dialing.discard(self)
 
     def _failed(self, ep: tuple[str, int], why: str, *, stopped: bool = False) -> None:
@@ -171,7 +190,7 @@ class _Dial:
         abort(self.client)
 
     def cancel(self) -> None:
-        self._stop_waiting()
+        self._stop_waiting()  # forgets the backend fd in the poller
         if self.backend is not None:
             self.backend.close()
         abort(self.client)
@@ -209,6 +228,8 @@ class TcpProxy:
         self._last_pause_log = 0.0
         self._flusher: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
+        self.poller = Poller(loop)
+        self._check_at = 0  # open connections + dials at which the descriptor budget is next computed
 
     def fds_in_use(self) -> int:
         """Estimated descriptors held by the process."""
@@ -244,6 +265,7 @@ class TcpProxy:
             self._resume_timer = self.loop.call_later(RESUME_AFTER, self.resume)
             return
         self.accepting = True
+        self._check_at = 0
         for listener in self.listeners:
             listener.start_reading()
 
@@ -251,23 +273,38 @@ class TcpProxy:
         """Free the pooled pipes' descriptors; True when there were any."""
         return self.pool is not None and self.pool.trim() > 0
 
-    def handle(self, client: socket.socket, client_ip: str, key: TableKey) -> None:
-        stats = self.stats_of(key)
+    def handle(self, client: raw_socket, client_ip: str, key: TableKey, stats: Stats) -> None:
         _Dial(self, client, client_ip, key, stats).next()
-        if self._full():
-            self.pause("descriptor limit near")
+        if len(self.connections) + len(self.dialing) >= self._check_at:
+            self._check_budget()
 
-    def established(self, client: socket.socket, backend: socket.socket, key: TableKey,
+    def _check_budget(self) -> None:
+        """Pause when the descriptor estimate is near the limit; else plan when to look again.
+
+        Computing the estimate at every accept costs more than the accept's Python work: far from the
+        limit it is done again only after a fraction of the headroom could have been used (a connection
+        holds at most six descriptors: two sockets, two pipes). EMFILE at accept or socket() still pauses.
+        """
+        if self._full():
+            self._check_at = 0
+            self.pause("descriptor limit near")
+            return
+        headroom = self.fd_limit - FD_RESERVE - self.fds_in_use()
+        self._check_at = len(self.connections) + len(self.dialing) + max(0, headroom // 24)
+
+    def established(self, client: raw_socket, backend: raw_socket, key: TableKey,
                     ep: tuple[str, int], stats: Stats) -> None:
         try:
             # The client socket inherited the same options from its listener.
             tune_tcp(backend)
-            conn = Connection(loop=self.loop, client=client, backend=backend, key=key, endpoint=ep,
-                              pool=self.pool, on_close=self._closed, on_starved=self._starved)
+            conn = Connection(loop=self.loop, poller=self.poller, client=client, backend=backend, key=key,
+                              endpoint=ep, pool=self.pool, on_close=self._closed, on_starved=self._starved,
+                              stats=stats)
         except OSError as err:
             # Out of descriptors for pipes, or the client already reset.
             log.debug("%s: cannot start pumping: %s", key, err)
             stats.reject("resources" if is_fd_exhaustion(err) else "client gone")
+            self.poller.forget(backend.fileno())
             abort(client)
             abort(backend)
             return
@@ -288,14 +325,14 @@ class TcpProxy:
         if self._drained is not None and not self.connections:
             self._drained.set()
         key: TableKey = conn.key  # type: ignore[assignment]
-        stats = self.stats_of(key)
+        stats: Stats = conn.stats  # type: ignore[assignment]
         stats.closed(*conn.take_bytes())
         self.table.close(key.id, conn.endpoint)
 
     def _flush_bytes(self) -> None:
         self._flusher = None
         for conn in self.connections:
-            self.stats_of(conn.key).add_bytes(*conn.take_bytes())  # type: ignore[arg-type]
+            conn.stats.add_bytes(*conn.take_bytes())  # type: ignore[attr-defined]
         if self.connections:
             self._flusher = self.loop.call_later(BYTES_FLUSH_INTERVAL, self._flush_bytes)
 
@@ -318,6 +355,7 @@ class TcpProxy:
             self._flusher = None
         if self.pool is not None:
             self.pool.close()
+        self.poller.close()
         return len(left)
 
 
@@ -338,7 +376,9 @@ class TcpListener:
         self.loop = proxy.loop
         self.reading = False
         self.admits: Callable[[str], bool] | None = None
+        self._stats: Stats | None = None  # the key's metrics, looked up on first use
         self._fd = sock.fileno()
+        self._family = int(sock.family)
         proxy.listeners.add(self)
         if proxy.accepting:
             self.start_reading()
@@ -346,6 +386,7 @@ class TcpListener:
     def retarget(self, key: TableKey) -> None:
         """Serve another table key from now on (the listener changed owner)."""
         self.key = key
+        self._stats = None
 
     def start_reading(self) -> None:
         if not self.reading:
@@ -358,12 +399,17 @@ class TcpListener:
             self.loop.remove_reader(self._fd)
 
     def _on_accept(self) -> None:
-        accept = self.sock.accept
+        # The C-level accept returns a bare fd: no Python socket constructor, no family/type enum lookups.
+        accept = self.sock._accept
+        family = self._family
         proxy = self.proxy
         key = self.key
+        stats = self._stats
+        if stats is None:
+            stats = self._stats = proxy.stats_of(key)
         for _ in range(ACCEPT_BATCH):
             try:
-                client, addr = accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -374,12 +420,13 @@ class TcpListener:
                 else:
                     log.warning("accept on %s failed: %s", self.sock.getsockname(), err)
                 return
+            client = raw_socket(family, _STREAM, 0, fd)
             if self.admits is not None and not self.admits(addr[0]):
-                proxy.stats_of(key).reject("source range")
+                stats.reject("source range")
                 abort(client)
                 continue
             client.setblocking(False)
-            proxy.handle(client, addr[0], key)
+            proxy.handle(client, addr[0], key, stats)
             if not proxy.accepting:
                 return
 
