@@ -7,7 +7,9 @@ every add and remove: a measurable share of the CPU per new connection.
 ``Poller`` keeps the same add/remove reader/writer contract on a plain
 ``select.epoll`` (level-triggered, one ``epoll_ctl`` per change) and the loop
 only watches the epoll descriptor; each loop wake-up dispatches a batch of
-ready sockets to their callbacks.
+ready sockets to their callbacks. Readers get the event mask, so one that
+sees ``RDHUP`` can read the EOF right after the data instead of waiting for
+another wake-up.
 
 Closing a descriptor removes it from the epoll set in the kernel, so sockets
 are not unregistered before they close: ``forget(fd)`` right before the
@@ -28,13 +30,16 @@ from collections.abc import Callable
 
 BATCH = 256
 
-_IN = select.EPOLLIN
+RDHUP = select.EPOLLRDHUP
+# RDHUP (the peer shut down writing) tells a reader that the EOF is already there behind the data.
+_IN = select.EPOLLIN | RDHUP
 _OUT = select.EPOLLOUT
 # Hang-up and error are reported whatever the mask: both callbacks get to see them (their syscall then fails).
-_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_READ_EVENTS = select.EPOLLIN | RDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 Callback = Callable[[], None]
+ReadCallback = Callable[[int], None]  # gets the epoll event mask
 
 
 class Poller:
@@ -45,13 +50,13 @@ class Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._ep = select.epoll()
-        self._readers: dict[int, Callback] = {}
+        self._readers: dict[int, ReadCallback] = {}
         self._writers: dict[int, Callback] = {}
         self._masks: dict[int, int] = {}  # what the kernel has, per registered fd
         self._dead: set[int] | None = None  # fds forgotten during the batch being dispatched
         loop.add_reader(self._ep.fileno(), self._dispatch)
 
-    def add_reader(self, fd: int, callback: Callback) -> None:
+    def add_reader(self, fd: int, callback: ReadCallback) -> None:
         self._readers[fd] = callback
         self._update(fd)
 
@@ -126,13 +131,13 @@ class Poller:
                     continue
                 try:
                     if ev & _READ_EVENTS:
-                        callback = readers.get(fd)
-                        if callback is not None:
-                            callback()
+                        reader = readers.get(fd)
+                        if reader is not None:
+                            reader(ev)
                     if ev & _WRITE_EVENTS and fd not in dead:
-                        callback = writers.get(fd)
-                        if callback is not None:
-                            callback()
+                        writer = writers.get(fd)
+                        if writer is not None:
+                            writer()
                 except Exception as exc:  # one broken connection must not stop the others
                     self._loop.call_exception_handler({
                         "message": "exception in a userspace data-path callback", "exception": exc})

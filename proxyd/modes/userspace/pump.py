@@ -38,7 +38,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from proxyd.modes.userspace.poller import Poller
+from proxyd.modes.userspace.poller import RDHUP, Poller
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 256 * 1024
@@ -168,7 +168,7 @@ class Half:
             self.pool.put(self.pipe, empty=self.buffered == 0)  # type: ignore[union-attr]
             self.pipe = None
 
-    def on_readable(self) -> None:
+    def on_readable(self, events: int = 0) -> None:
         pipe = self.pipe
         if pipe is None:
             try:
@@ -191,6 +191,9 @@ class Half:
             return
         self.buffered += n
         self.flush()
+        if events & RDHUP and self.reading and not self.buffered:
+            # The peer shut down writing after these bytes: take the EOF now, not at the next wake-up.
+            self.on_readable()
 
     def _starved(self, err: OSError) -> None:
         if self.reading:
@@ -282,7 +285,7 @@ class CopyHalf(Half):
         self.view = memoryview(self.buf)
         self.offset = 0
 
-    def on_readable(self) -> None:
+    def on_readable(self, events: int = 0) -> None:
         try:
             n = self.src.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
@@ -296,6 +299,8 @@ class CopyHalf(Half):
         self.buffered = n
         self.offset = 0
         self.flush()
+        if events & RDHUP and self.reading and not self.buffered:
+            self.on_readable()
 
     def flush(self) -> None:
         while self.buffered:
@@ -347,9 +352,16 @@ class Connection:
             self.to_endpoint = CopyHalf(self, client, backend)
             self.to_client = CopyHalf(self, backend, client)
 
-    def start(self) -> None:
+    def start(self, *, client_first: bool = False) -> None:
+        """Start pumping; ``client_first``: the client has likely sent already, read it now.
+
+        The speculative read saves a trip through the poller for protocols where the client speaks
+        first (HTTP); when nothing is there it costs one splice that fails with EAGAIN.
+        """
         self.to_endpoint.start()
         self.to_client.start()
+        if client_first:
+            self.to_endpoint.on_readable()
 
     def starved(self, err: OSError) -> None:
         if self.on_starved is not None:
