@@ -68,7 +68,7 @@ def test_sigterm_and_sigint_exit_zero(topology):
 def test_health_check_node_port_follows_local_endpoints(topology):
     demo_manifests(topology)
     proc = topology.start_proxyd("userspace")
-    status, body = wait_until(
+    _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
         timeout=5, what="healthCheckNodePort 200")
     answer = json.loads(body)
