@@ -18,8 +18,9 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 
 Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
-a ``Driver`` (async ``start``/``full``/``partial``/``close``); the ipvs
-helper adds its own there. Output: a table on stderr; with ``--json`` one
+a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
+ipvs`` uses ``bench/sync_scale_ipvs.py``'s (run it inside the QEMU guest:
+``tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'``). Output: a table on stderr; with ``--json`` one
 JSON object on the last stdout line (flat when one count and one back end,
 else ``{"points": [...]}``).
 """
@@ -132,8 +133,16 @@ class IptablesDriver:
         await self.mode.shutdown()
 
 
+def _ipvs_driver(backend: str) -> Driver:
+    # Needs a kernel with IPVS (the QEMU guest): imported only when asked for.
+    from bench.sync_scale_ipvs import IpvsDriver
+
+    return IpvsDriver(backend)
+
+
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
+    "ipvs": _ipvs_driver,
 }
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""

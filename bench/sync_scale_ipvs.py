@@ -2,17 +2,15 @@
 
 Needs a kernel with IPVS, so run it inside the QEMU guest:
 
-    tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale_ipvs.py --services 1000,10000 --endpoints 2'
+    tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs --services 1000,10000'
 
 (software emulation: absolute times are several times those of real
 hardware; compare modes on the same kernel, not with the host's numbers).
 
 ``IpvsDriver`` has the ``Driver`` interface of ``bench/sync_scale.py``
-(``start``/``full``/``partial``/``rules``/``close``); sync_scale can
-register it with ``DRIVERS["ipvs"] = IpvsDriver``. Run as a script, this
-module registers it itself and hands over to sync_scale's ``main`` with
-``--mode ipvs`` (its re-executions inside the throw-away namespace come
-back here, so the registration holds there too).
+(``start``/``full``/``partial``/``rules``/``close``), which registers it as
+``--mode ipvs``; run as a script, this module is a shorthand for
+``bench/sync_scale.py --mode ipvs``.
 
 ``plan`` times are the pure planner's share (``plan_port`` + ``assemble``);
 the rest is diffing and kernel calls (netlink per virtual/real server, one
@@ -83,12 +81,8 @@ class IpvsDriver:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import sync_scale  # type: ignore[import-not-found]
+    from bench import sync_scale
 
-    sync_scale.DRIVERS["ipvs"] = IpvsDriver
-    # sync_scale re-executes its own file inside the namespace and per point: make it this file.
-    sync_scale.__file__ = __file__
     raw = list(sys.argv[1:] if argv is None else argv)
     if "--mode" not in raw:
         raw = ["--mode", "ipvs", *raw]
