@@ -1,4 +1,4 @@
-"""Control-plane scale of a kernel proxy mode: full and incremental sync time and memory.
+"""Control-plane scale of a proxy mode: full and incremental sync time and memory.
 
     python bench/sync_scale.py --mode iptables --services 1000,10000 [--endpoints 10]
                                [--backend nft,legacy] [--repeat 5] [--json]
@@ -19,9 +19,10 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
-ipvs`` uses ``bench/sync_scale_ipvs.py``'s (run it inside the QEMU guest:
-``tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'``). Output: a table on stderr; with ``--json`` one
-JSON object on the last stdout line (flat when one count and one back end,
+ipvs`` needs IPVS, so run it inside the QEMU guest:
+``tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'``.
+Output: a table on stderr; with ``--json`` one JSON object on the last
+stdout line (flat when one count and one back end,
 else ``{"points": [...]}``).
 """
 
@@ -86,41 +87,57 @@ class Driver(Protocol):
     async def close(self) -> None: ...
 
 
-class IptablesDriver:
-    """Drives proxyd.modes.iptables.IptablesMode and splits planner time from apply time."""
+class PlannerTimedDriver:
+    """Drives a mode's ``sync`` and times its pure planning apart from the rest."""
 
-    def __init__(self, backend: str) -> None:
-        from proxyd.modes.iptables import IptablesMode
-        from proxyd.modes.iptables.backend import Backend
+    mode: Any
 
-        self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
+    def __init__(self) -> None:
         self._plan_time = 0.0
+
+    def timed(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """``func``, its run time added to the current sync's planning time."""
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._plan_time += time.perf_counter() - t
+        return wrapper
 
     async def start(self) -> None:
         await self.mode.start()
-        # start() builds the planner; time its plan() from then on.
-        planner_plan = self.mode.planner.plan
-
-        def timed_plan(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return planner_plan(*args, **kwargs)
-            finally:
-                self._plan_time = time.perf_counter() - t
-
-        self.mode.planner.plan = timed_plan  # type: ignore[method-assign]
+        # start() may build the planner: time its plan() from then on.
+        self.mode.planner.plan = self.timed(self.mode.planner.plan)
 
     async def _sync(self, request: SyncRequest) -> dict[str, float]:
+        self._plan_time = 0.0
         t = time.perf_counter()
         await self.mode.sync(request)
-        total = time.perf_counter() - t
-        return {"total": total, "plan": self._plan_time}
+        return {"total": time.perf_counter() - t, "plan": self._plan_time}
 
     async def full(self, state: ProxyState) -> dict[str, float]:
         return await self._sync(SyncRequest(state, None))
 
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        out = await self._sync(SyncRequest(state, changed))
+        return await self._sync(SyncRequest(state, changed))
+
+    async def close(self) -> None:
+        await self.mode.shutdown()
+
+
+class IptablesDriver(PlannerTimedDriver):
+    """proxyd.modes.iptables.IptablesMode on the given back end; ``rules``: nat rules held."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        from proxyd.modes.iptables import IptablesMode
+        from proxyd.modes.iptables.backend import Backend
+
+        self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
+
+    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
+        out = await super().partial(state, changed)
         plan = self.mode.last_plan
         assert plan is not None and not plan.full, "partial sync was not partial"
         return out
@@ -129,20 +146,57 @@ class IptablesDriver:
         plan = self.mode.last_plan
         return sum(len(r.chain_rules) + len(r.nat_services) for r in plan.cache.values()) if plan else 0
 
-    async def close(self) -> None:
-        await self.mode.shutdown()
+
+class IpvsDriver(PlannerTimedDriver):
+    """proxyd.modes.ipvs.IpvsMode (needs a kernel with IPVS: run it inside the QEMU guest).
+
+    ``plan`` is ``plan_port`` + ``assemble``; the rest is diffing and kernel calls (netlink per
+    virtual/real server, one iptables-restore when the ruleset text changes). ``rules``: virtual
+    servers held.
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        del backend  # one back end: netlink + iptables-restore
+        from proxyd.modes.ipvs.mode import IpvsMode
+
+        self.mode = IpvsMode(Config(proxy_mode="ipvs", cluster_cidrs=("10.0.0.0/8",), node_name="bench-node"))
+
+    async def start(self) -> None:
+        from proxyd.modes.ipvs import mode as ipvs_mode
+
+        await self.mode.start()
+        # The mode module looks these up at call time: time them where they are used.
+        ipvs_mode.plan_port = self.timed(ipvs_mode.plan_port)  # type: ignore[assignment]
+        ipvs_mode.assemble = self.timed(ipvs_mode.assemble)  # type: ignore[assignment]
+
+    def rules(self) -> int:
+        plan = self.mode.last_plan
+        return len(plan.servers) if plan else 0
 
 
-def _ipvs_driver(backend: str) -> Driver:
-    # Needs a kernel with IPVS (the QEMU guest): imported only when asked for.
-    from bench.sync_scale_ipvs import IpvsDriver
+class UserspaceDriver(PlannerTimedDriver):
+    """proxyd.modes.userspace.UserspaceMode: addresses on ``proxyd0``, one listener per service port.
 
-    return IpvsDriver(backend)
+    ``rules``: listeners open. Each listener is a descriptor, so the service count is bounded by
+    ``ulimit -n`` (the mode lifts its soft limit to the hard one).
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        del backend  # one way to realise it
+        from proxyd.modes.userspace import UserspaceMode
+
+        self.mode = UserspaceMode(Config(proxy_mode="userspace", node_name="bench-node"))
+
+    def rules(self) -> int:
+        return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
-    "ipvs": _ipvs_driver,
+    "ipvs": IpvsDriver,
+    "userspace": UserspaceDriver,
 }
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
@@ -171,6 +225,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
     partials = []
     for gen in range(1, repeat + 1):
         partials.append(await driver.partial(_shift(state, gen), changed))
+    rules = driver.rules()
     await driver.close()
     return {
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
@@ -180,7 +235,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         "incremental_max_s": round(max(p["total"] for p in partials), 4),
         "rss_mib": round(rss_mib(), 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rules": driver.rules(),
+        "rules": rules,
     }
 
 
