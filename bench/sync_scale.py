@@ -189,6 +189,13 @@ class UserspaceDriver(PlannerTimedDriver):
 
         self.mode = UserspaceMode(Config(proxy_mode="userspace", node_name="bench-node"))
 
+    async def full(self, state: ProxyState) -> dict[str, float]:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if len(state.services) > hard:
+            raise SystemExit(f"userspace: {len(state.services)} listeners need as many descriptors; "
+                             f"the hard limit here is {hard}")
+        return await super().full(state)
+
     def rules(self) -> int:
         return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
 

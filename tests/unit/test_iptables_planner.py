@@ -537,3 +537,21 @@ def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
             await run(["/nonexistent/iptables-restore"])
 
     asyncio.run(scenario())
+
+
+def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:
+    from proxyd.modes.iptables.applier import cleanup_inputs
+
+    victims = [f"KUBE-SEP-{i:04d}" for i in range(10)]
+    (single,) = cleanup_inputs("nat", victims, 0)
+    lines = single.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT"
+    assert lines[1:-1] == [f":{c} - [0:0]" for c in victims] + [f"-X {c}" for c in victims]
+
+    chunks = cleanup_inputs("nat", victims, 4)
+    assert len(chunks) == 6  # 10 flushes and 10 deletes, four lines a transaction
+    bodies = [c.splitlines() for c in chunks]
+    assert all(b[0] == "*nat" and b[-1] == "COMMIT" and len(b) - 2 <= 4 for b in bodies)
+    order = [line for b in bodies for line in b[1:-1]]
+    assert order == lines[1:-1]
+    assert cleanup_inputs("nat", [], 4) == []

@@ -42,12 +42,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["IptablesMode"]
 
-# Service-chain rules per iptables-nft-restore transaction in a full sync
-# (see PlannerOptions.chunk_rules): 4k costs ~0.2 s each here, one 32k-rule
-# input ~8 s.
-NFT_CHUNK_RULES = 4000
-
-
 def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str | None]:
     """(addresses accepting NodePorts, primary node address) — blocking netlink dump."""
     from proxyd.nodeaddrs import filter_addresses, local_addresses
@@ -87,7 +81,7 @@ class IptablesMode(ProxyMode):
                                                     self.family)
         fields = {f: getattr(self.planner.options, f) for f in PlannerOptions.__dataclass_fields__}
         fields.update(node_ips=tuple(node_ips), node_ip=primary,
-                      chunk_rules=NFT_CHUNK_RULES if backend.name == "nft" else 0)
+                      chunk_rules=backend.chunk_lines)
         self.planner = Planner(PlannerOptions(**fields))
         await self.applier.ensure_canaries()
 

@@ -121,10 +121,9 @@ class Applier:
                               if ch.is_service_chain(c) or c.startswith(ch.LEGACY_CHAIN_PREFIXES))
             if not victims:
                 continue
-            text = "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in victims),
-                              *(f"-X {c}" for c in victims), "COMMIT", ""])
             try:
-                await self.restore(text)
+                for text in cleanup_inputs(table, victims, self.backend.chunk_lines):
+                    await self.restore(text)
             except (IptablesError, OSError) as err:
                 # Something else still references one of them: delete one by one
                 # so everything that can go does go.
@@ -136,6 +135,20 @@ class Applier:
                         except IptablesError as e:
                             problems.append(f"{self.backend.name} {table} {op} {c}: {e.stderr.strip()}")
         return problems
+
+
+def cleanup_inputs(table: str, victims: list[str], chunk: int) -> list[str]:
+    """iptables-restore inputs that flush, then delete, ``victims`` of ``table``.
+
+    ``chunk`` 0: one transaction (legacy copies the whole table per transaction anyway). Otherwise
+    transactions of at most ``chunk`` lines: every chain is flushed before any is deleted, so no
+    deletion meets a jump from a chain not yet flushed, whatever the order.
+    """
+    flushes = [f":{c} - [0:0]" for c in victims]
+    deletes = [f"-X {c}" for c in victims]
+    groups = [flushes + deletes] if not chunk else [
+        lines[i:i + chunk] for lines in (flushes, deletes) for i in range(0, len(lines), chunk)]
+    return ["\n".join([f"*{table}", *group, "COMMIT", ""]) for group in groups]
 
 
 def _iptc_has_chains(tables: tuple[str, ...], chain: str) -> bool:
