@@ -59,6 +59,7 @@ from proxyd.model import Protocol as L4  # noqa: E402
 from proxyd.modes.base import SyncRequest  # noqa: E402
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
+POINT_TIMEOUT = 1800.0  # seconds for one (mode, back end, service count) point
 
 
 def build_state(services: int, endpoints: int) -> ProxyState:
@@ -260,8 +261,14 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Each point in a fresh child so memory and rules do not carry over.
             argv = [sys.executable, __file__, "--mode", args.mode, "--services", str(count), "--endpoints",
                     str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point"]
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False,
-                                  env={**os.environ, INSIDE_ENV: "1"})
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=POINT_TIMEOUT,
+                                      check=False, env={**os.environ, INSIDE_ENV: "1"})
+            except subprocess.TimeoutExpired:
+                results.append({"mode": args.mode, "backend": backend, "services": count,
+                                "error": f"timed out after {POINT_TIMEOUT:.0f}s"})
+                asyncio.run(_cleanup(args.mode))
+                break  # a bigger point would only take longer
             if proc.returncode != 0:
                 results.append({"mode": args.mode, "backend": backend, "services": count,
                                 "error": proc.stderr.strip()[-400:]})
