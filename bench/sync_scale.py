@@ -254,8 +254,20 @@ def _shift(state: ProxyState, gen: int) -> ProxyState:
     return ProxyState(services=state.services, endpoints=eps, node_name=state.node_name)
 
 
+def report(r: dict[str, Any]) -> None:
+    """One point's line on stderr, as soon as it is measured (a long run shows its progress)."""
+    if "error" in r:
+        print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc  ERROR {r['error']}", file=sys.stderr,
+              flush=True)
+    else:
+        print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc x {r['endpoints']} ep: "
+              f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
+              f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
+              f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
+
+
 def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
-    results = []
+    results: list[dict[str, Any]] = []
     for backend in args.backend:
         for count in args.services:
             # Each point in a fresh child so memory and rules do not carry over.
@@ -267,13 +279,16 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
             except subprocess.TimeoutExpired:
                 results.append({"mode": args.mode, "backend": backend, "services": count,
                                 "error": f"timed out after {POINT_TIMEOUT:.0f}s"})
+                report(results[-1])
                 asyncio.run(_cleanup(args.mode))
                 break  # a bigger point would only take longer
             if proc.returncode != 0:
                 results.append({"mode": args.mode, "backend": backend, "services": count,
                                 "error": proc.stderr.strip()[-400:]})
+                report(results[-1])
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            report(results[-1])
             # Leave the namespace clean for the next point.
             asyncio.run(_cleanup(args.mode))
     return results
@@ -324,15 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     results = inside(args)
-    for r in results:
-        if "error" in r:
-            print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc  ERROR {r['error']}",
-                  file=sys.stderr)
-        else:
-            print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc x {r['endpoints']} ep: "
-                  f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
-                  f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
-                  f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr)
     if args.json:
         out: dict[str, Any] = dict(results[0]) if len(results) == 1 else {"points": results}
         print(json.dumps(out))
