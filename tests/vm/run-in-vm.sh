@@ -10,7 +10,8 @@
 #                                         # any command (run from the repo, .venv/bin first in PATH)
 #
 # Env: RESULTS_DIR (default build/test-results; the guest writes to
-# $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default 900),
+# $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default
+# 1500: the suite takes ~8 min on a quiet host, more on a busy one),
 # VM_MEMORY (default 2G), PROXYD_VM_DIR (kernel location, see
 # scripts/ipvs-vm-setup.sh, which is run here when the kernel is missing).
 #
@@ -25,7 +26,7 @@ repo=$PWD
 vm_dir=${PROXYD_VM_DIR:-/var/cache/proxyd-vm}
 results=${RESULTS_DIR:-$repo/build/test-results}
 out="$results/vm"
-timeout_s=${VM_TIMEOUT:-900}
+timeout_s=${VM_TIMEOUT:-1500}
 memory=${VM_MEMORY:-2G}
 
 command=""
