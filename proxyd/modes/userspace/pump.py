@@ -142,7 +142,7 @@ class Half:
 
     def start(self) -> None:
         self.reading = True
-        self.poller.add_reader(self.sfd, self.on_readable)
+        self.poller.add_reader(self.sfd, self.on_events)
 
     def stop(self) -> None:
         if self.reading:
@@ -168,7 +168,14 @@ class Half:
             self.pool.put(self.pipe, empty=self.buffered == 0)  # type: ignore[union-attr]
             self.pipe = None
 
-    def on_readable(self, events: int = 0) -> None:
+    def on_events(self, events: int) -> None:
+        """The poller's callback: read; if the peer has also shut down writing (``RDHUP``) and this
+        read left nothing buffered, take the EOF in the same wake-up instead of the next one."""
+        self.on_readable()
+        if events & RDHUP and self.reading and not self.buffered:
+            self.on_readable()
+
+    def on_readable(self) -> None:
         pipe = self.pipe
         if pipe is None:
             try:
@@ -191,9 +198,6 @@ class Half:
             return
         self.buffered += n
         self.flush()
-        if events & RDHUP and self.reading and not self.buffered:
-            # The peer shut down writing after these bytes: take the EOF now, not at the next wake-up.
-            self.on_readable()
 
     def _starved(self, err: OSError) -> None:
         if self.reading:
@@ -206,7 +210,7 @@ class Half:
         self.retry = None
         if not self.conn.closed and not self.eof and not self.reading and not self.buffered:
             self.reading = True
-            self.poller.add_reader(self.sfd, self.on_readable)
+            self.poller.add_reader(self.sfd, self.on_events)
 
     def on_writable(self) -> None:
         self.flush()
@@ -244,7 +248,7 @@ class Half:
             self._finish()
         elif not self.reading:
             self.reading = True
-            self.poller.add_reader(self.sfd, self.on_readable)
+            self.poller.add_reader(self.sfd, self.on_events)
 
     def _on_eof(self) -> None:
         self.eof = True
@@ -285,7 +289,7 @@ class CopyHalf(Half):
         self.view = memoryview(self.buf)
         self.offset = 0
 
-    def on_readable(self, events: int = 0) -> None:
+    def on_readable(self) -> None:
         try:
             n = self.src.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
@@ -299,8 +303,6 @@ class CopyHalf(Half):
         self.buffered = n
         self.offset = 0
         self.flush()
-        if events & RDHUP and self.reading and not self.buffered:
-            self.on_readable()
 
     def flush(self) -> None:
         while self.buffered:

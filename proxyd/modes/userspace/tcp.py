@@ -120,22 +120,10 @@ class _Dial:
                     self._out_of_resources(again)
                     return
             code = sock.connect_ex(ep)
-            if code == 0:
+            if code == 0 or (code == _EINPROGRESS and _handshake_done(sock)):
                 self.backend = sock
                 self._connected(ep)
                 return
-            if code == _EINPROGRESS:
-                # To an endpoint behind a veth on this node the handshake usually completes inside
-                # connect() itself: one getpeername() then saves the epoll registration, the timer and
-                # the wake-up. A remote endpoint pays this one failing syscall.
-                try:
-                    sock.getpeername()
-                except OSError:
-                    pass
-                else:
-                    self.backend = sock
-                    self._connected(ep)
-                    return
             if code == _EINPROGRESS or code == _EAGAIN:
                 self.backend = sock
                 self.ep = ep
@@ -370,6 +358,20 @@ class TcpProxy:
             self.pool.close()
         self.poller.close()
         return len(left)
+
+
+def _handshake_done(sock: raw_socket) -> bool:
+    """Whether a non-blocking connect that said EINPROGRESS has completed already.
+
+    To an endpoint behind a veth on this node the handshake usually completes inside connect()
+    itself: one getpeername() then saves the epoll registration, the timer and the wake-up. A
+    remote endpoint pays this one failing syscall.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def _open_fds() -> int:
