@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from proxyd import metrics
 from proxyd.httpserve import HttpServer, Response
 from proxyd.model import ProxyState, ServiceName
-from proxyd.policy import local_endpoint_count
+from proxyd.policy import local_endpoint_counts
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ class ServiceHealthServers:
         return (200 if count > 0 and proxy_healthy else 503), "application/json", body
 
     async def update(self, state: ProxyState) -> None:
+        # kube-proxy's LocalReadyEndpoints: distinct local ready IPs per service, over all its ports
+        # (two pods behind two ports are 2, not 4).
+        counts = local_endpoint_counts(state)
         wanted: dict[int, tuple[ServiceName, int]] = {}
         for name, svc in state.services.items():
             if not svc.health_check_node_port or not svc.uses_local_external:
                 continue
-            count = local_endpoint_count(svc, state.endpoints_of(name), node_name=state.node_name)
-            port = svc.health_check_node_port
-            _, previous = wanted.get(port, (name.service, 0))
-            wanted[port] = (name.service, previous + count)
+            wanted[svc.health_check_node_port] = (name.service, counts.get(name.service, 0))
         self._answers = wanted
         for port in set(self._servers) - set(wanted):
             for server in self._servers.pop(port):
