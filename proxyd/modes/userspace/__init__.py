@@ -131,17 +131,18 @@ class UserspaceMode(ProxyMode):
         self.table.sweep(time.monotonic())
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
-    async def _nodeport_ips(self) -> list[str]:
+    async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
+        """Where NodePorts listen (a wildcard when unrestricted), and the node addresses behind that."""
         cidrs = self.config.nodeport_addresses
-        if not cidrs:
-            return nodeport_listen_ips(cidrs, [])
-        return nodeport_listen_ips(cidrs, await nodeaddrs.node_addresses_async(cidrs))
+        node_ips = await nodeaddrs.node_addresses_async(cidrs)
+        return nodeport_listen_ips(cidrs, node_ips), node_ips
 
     async def sync(self, request: SyncRequest) -> None:
         if not self._started:
             await self.start()
-        nodeport_ips = await self._nodeport_ips()
-        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips)
+        nodeport_ips, node_ips = await self._nodeport_ips()
+        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
+                                 local_ips=node_ips)
         for text in plan.conflicts:
             if text not in self._conflicts:
                 log.warning("userspace: %s; not serving it twice", text)

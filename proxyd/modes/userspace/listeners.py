@@ -1,12 +1,19 @@
 """Opening the listening sockets of userspace mode.
 
-Every socket is non-blocking and bound with ``SO_REUSEADDR`` and
-``SO_REUSEPORT``: a NodePort listening on the wildcard address and a
-service address with the same port number (say ClusterIP 10.96.0.10:30080)
-can then coexist, and the kernel hands each packet to the most specific
-socket. ``IP_FREEBIND`` lets a socket bind a service address even when the
-address is still being added (or could not be), so one failed address never
-stops the rest of a sync.
+Every socket is non-blocking. No ``SO_REUSEPORT``: with it, any other
+process of the same user (root, in the DaemonSet) could bind the same
+address and port and take a share of the service's traffic. TCP listeners
+set ``SO_REUSEADDR`` only, so a restart can bind while old connections sit
+in TIME_WAIT; Linux still refuses a second bind of a listening TCP
+address (and a specific address under a listening wildcard). UDP sockets set
+nothing: for UDP, ``SO_REUSEADDR`` on both sides lets any process bind the
+very same address and port and steal datagrams, and UDP has no TIME_WAIT to
+wait for. A wildcard NodePort and a service address with the same port
+number (say ClusterIP 10.96.0.10:30080) therefore cannot both be bound;
+the planner gives such a NodePort one listener per node address instead
+(``planner.merge``). ``IP_FREEBIND`` lets a socket bind a service address
+even when the address is still being added (or could not be), so one failed
+address never stops the rest of a sync.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ def open_socket(key: ListenerKey) -> socket.socket:
         raise OSError(f"userspace mode cannot serve {key.protocol}")
     sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
