@@ -33,6 +33,7 @@ from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, me
 from proxyd.httpserve import HttpServer
 from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
+from proxyd.selfloop import SelfEndpoints
 from proxyd.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Daemon:
         self._needs_full = True
         self._last_full = 0.0
         self._unapplied_since: float | None = None
+        self.self_endpoints = SelfEndpoints(source="manifests" if config.manifests is not None else "kube")
 
     def _make_source(self):
         if self.config.manifests is not None:
@@ -83,9 +85,13 @@ class Daemon:
             self._unapplied_since = snapshot.oldest_change
         now = time.monotonic()
         full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
-        request = SyncRequest(snapshot.state, None if full else snapshot.changed)
         started = time.perf_counter()
         try:
+            node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses)
+            # Endpoints that are proxyd's own addresses would loop: no mode ever sees them.
+            state, changed = self.self_endpoints.filter(snapshot.state, None if full else snapshot.changed,
+                                                        node_ips)
+            request = SyncRequest(state, changed)
             await self.mode.sync(request)
         except Exception:
             # What the tracker handed over is no longer "pending" there, so the
@@ -105,10 +111,10 @@ class Daemon:
             self._unapplied_since = None
         self.health.updated()
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
-                  len(snapshot.state.services), "full" if full else f"{len(snapshot.changed)} changed",
+                  len(snapshot.state.services), "full" if changed is None else f"{len(changed)} changed",
                   elapsed)
         try:
-            await self.service_health.update(snapshot.state)
+            await self.service_health.update(request.state)
         except Exception:
             log.exception("healthCheckNodePort servers: update failed")
 

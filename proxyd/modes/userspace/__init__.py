@@ -41,7 +41,7 @@ from proxyd.conntable import NATIVE, ConnTable
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
-from proxyd.modes.userspace.listeners import SourceFilter, open_socket
+from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, open_socket
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Plan,
@@ -156,6 +156,10 @@ class UserspaceMode(ProxyMode):
         await self.holder.apply(self.holder.current | plan.addresses)
         self._update_tables(plan)
         self._update_listeners(plan)
+        assert self.tcp is not None and self.udp is not None
+        local = [*node_ips, *self.holder.current, *plan.addresses]
+        self.tcp.own = OwnListeners(list(self.tcp_listeners), local)
+        self.udp.own = OwnListeners(list(self.udp_listeners), local)
         self._remove_tables(plan)
         await self.holder.apply(plan.addresses)
 

@@ -87,3 +87,34 @@ class SourceFilter:
         except ValueError:
             return False
         return any(addr in net for net in self._networks if net.version == addr.version)
+
+
+_ANY_LOCAL = ("0.0.0.0", "::", "::1")
+
+
+class OwnListeners:
+    """What proxyd's own listeners of one protocol accept: the data path never connects there.
+
+    An endpoint that is one of them would be accepted by proxyd again and
+    proxied again, without end. The desired state is filtered of such
+    endpoints already (``proxyd.selfloop``); this guard holds whatever the
+    state says, between syncs too: an endpoint ``(ip, port)`` is ours when a
+    listener is bound to exactly it, or when a wildcard listener has the port
+    and ``ip`` is local (a node or service address known at the last sync,
+    loopback, or unspecified).
+    """
+
+    __slots__ = ("local_ips", "specific", "wildcard_ports")
+
+    def __init__(self, keys: Sequence[ListenerKey] = (), local_ips: Sequence[str] = ()) -> None:
+        self.specific = {(k.ip, k.port) for k in keys if k.ip not in ("0.0.0.0", "::")}
+        self.wildcard_ports = {k.port for k in keys if k.ip in ("0.0.0.0", "::")}
+        self.local_ips = frozenset(local_ips)
+
+    def __contains__(self, endpoint: tuple[str, int]) -> bool:
+        if endpoint in self.specific:
+            return True
+        if endpoint[1] not in self.wildcard_ports:
+            return False
+        ip = endpoint[0]
+        return ip in self.local_ips or ip.startswith("127.") or ip in _ANY_LOCAL

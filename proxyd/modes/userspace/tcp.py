@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection
 from typing import Protocol
 
 from proxyd import metrics
-from proxyd.modes.userspace.listeners import tune_tcp
+from proxyd.modes.userspace.listeners import OwnListeners, tune_tcp
 from proxyd.modes.userspace.planner import TableKey
 from proxyd.modes.userspace.poller import Poller
 from proxyd.modes.userspace.pump import (
@@ -104,6 +104,11 @@ class _Dial:
             if ep is None:
                 break
             self.tried.append(ep)
+            if ep in proxy.own:
+                # Our own listener: connecting would proxy this connection to ourselves, again and again.
+                proxy.refuse_own(self.key, ep)
+                self._count_retry(ep, "own listener")
+                continue
             timeout = DIAL_TIMEOUTS[self.attempt]
             self.attempt += 1
             family = _AF_INET6 if ":" in ep[0] else _AF_INET
@@ -229,6 +234,8 @@ class TcpProxy:
         self._flusher: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
         self.poller = Poller(loop)
+        self.own = OwnListeners()  # set by the mode after every sync
+        self._own_logged: set[tuple[str, tuple[str, int]]] = set()
         self._check_at = 0  # open connections + dials at which the descriptor budget is next computed
 
     def fds_in_use(self) -> int:
@@ -268,6 +275,12 @@ class TcpProxy:
         self._check_at = 0
         for listener in self.listeners:
             listener.start_reading()
+
+    def refuse_own(self, key: TableKey, ep: tuple[str, int]) -> None:
+        """Log (once per service and endpoint) that ``ep`` is one of our own listeners."""
+        if (key.id, ep) not in self._own_logged and len(self._own_logged) < 1024:
+            self._own_logged.add((key.id, ep))
+            log.warning("%s: endpoint %s:%d is one of proxyd's own listeners; never connected to", key, *ep)
 
     def trim_pool(self) -> bool:
         """Free the pooled pipes' descriptors; True when there were any."""
