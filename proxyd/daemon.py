@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 import time
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft descriptor limit to the hard one, as Go programs (kube-proxy) get by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, err)
+    return soft
+
+
 class FatalError(Exception):
     """Start-up cannot continue; the message says what and why."""
 
@@ -50,7 +63,7 @@ class Daemon:
         self.config = config
         self.tracker = Tracker(config.node_name)
         self.mode = mode_class(config.proxy_mode)(config)
-        self.health = ProxierHealth(timeout=2 * config.sync_period)
+        self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures)
         self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,
                                  max_interval=config.sync_period, name=config.proxy_mode)
         self.source = self._make_source()
@@ -130,6 +143,7 @@ class Daemon:
         self._servers.append(server)
 
     async def serve(self) -> int:
+        limit = raise_fd_limit()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,8 +151,9 @@ class Daemon:
         await self._serve_http(self.config.healthz_bind_address, health_routes(self.health), "healthz")
         await self._serve_http(self.config.metrics_bind_address,
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
-        log.info("proxyd starting: mode=%s node=%s source=%s", self.config.proxy_mode, self.config.node_name,
-                 f"manifests {self.config.manifests}" if self.config.manifests else "API server")
+        log.info("proxyd starting: mode=%s node=%s source=%s descriptors=%d", self.config.proxy_mode,
+                 self.config.node_name,
+                 f"manifests {self.config.manifests}" if self.config.manifests else "API server", limit)
         source_task: asyncio.Task | None = None
         try:
             await self.mode.start()

@@ -83,3 +83,15 @@ async def test_health_check_node_port_counts_distinct_local_ips_over_ports():
     await servers.update(_lb_local_state(3, ("10.244.1.11",)))
     assert json.loads(servers._answer(32100)[2])["localEndpoints"] == 1
     await servers.close()
+
+
+def test_healthz_body_names_listen_failures_keeping_the_status():
+    failures = {"10.96.0.10:53/UDP": "Permission denied", "10.96.0.10:53/TCP": "Permission denied"}
+    health = ProxierHealth(timeout=60, listen_failures=lambda: failures)
+    health.updated()
+    status, _, body = health.healthz()
+    answer = json.loads(body)
+    assert status == 200
+    assert answer["listenFailures"] == failures and answer["listenFailuresTotal"] == 2
+    failures.clear()
+    assert "listenFailures" not in json.loads(health.healthz()[2])

@@ -30,9 +30,11 @@ with it every address.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import time
+from collections import Counter
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
@@ -59,7 +61,20 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
+BUDGET_REFUSAL = "no room in the descriptor budget"
+
 __all__ = ["UserspaceMode"]
+
+
+def _reason(err: OSError) -> str:
+    """The ``proxyd_listen_failures`` reason of a failed bind or listen."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission"
+    if err.errno == errno.EADDRINUSE:
+        return "address_in_use"
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return "descriptors"
+    return "other"
 
 
 def _raise_fd_limit() -> int:
@@ -90,7 +105,9 @@ class UserspaceMode(ProxyMode):
         self.tcp_listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.tables: dict[TableKey, TableEntry] = {}
-        self._bind_errors: dict[ListenerKey, str] = {}
+        self._bind_errors: dict[ListenerKey, tuple[str, str]] = {}  # key -> (metric reason, text)
+        self._over_budget = 0
+        self._failure_reasons: set[str] = set()
         self._conflicts: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
@@ -184,6 +201,10 @@ class UserspaceMode(ProxyMode):
         for current in (self.tcp_listeners, self.udp_listeners):
             for key in [k for k in current if k not in plan.listeners]:
                 current.pop(key).close()
+        # Listeners share the descriptor budget with connections; /healthz, /metrics, the source and
+        # netlink keep a reserve neither may take. Ports that do not fit wait for room (next syncs).
+        room = self.tcp.listener_room(len(self.tcp_listeners) + len(self.udp_listeners))
+        over: list[ListenerKey] = []
         for key, table_key in plan.listeners.items():
             current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
             listener = current.get(key)
@@ -192,13 +213,18 @@ class UserspaceMode(ProxyMode):
                     listener.retarget(table_key)
                 continue
             if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                self._bind_failed(key, "userspace mode serves only TCP and UDP")
+                self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol")
+                continue
+            if room <= 0:
+                over.append(key)
+                self._bind_errors[key] = ("descriptors", BUDGET_REFUSAL)
                 continue
             try:
                 sock = open_socket(key)
             except OSError as err:
-                self._bind_failed(key, err.strerror or str(err))
+                self._bind_failed(key, err.strerror or str(err), _reason(err))
                 continue
+            room -= 1
             self._bind_errors.pop(key, None)
             if key.protocol == Protocol.TCP:
                 self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
@@ -206,6 +232,17 @@ class UserspaceMode(ProxyMode):
                 self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
         for key in [k for k in self._bind_errors if k not in plan.listeners]:
             del self._bind_errors[key]
+        if len(over) != self._over_budget:
+            if over:
+                log.error("userspace: descriptor budget (limit %d) full: %d listeners not opened (first %s); "
+                          "retried at every sync", self.tcp.fd_limit, len(over), over[0])
+            elif self._over_budget:
+                log.info("userspace: every listener fits the descriptor budget again")
+            self._over_budget = len(over)
+        reasons = Counter(reason for reason, _ in self._bind_errors.values())
+        for reason in {*reasons, *self._failure_reasons}:
+            metrics.LISTEN_FAILURES.labels(reason).set(reasons.get(reason, 0))
+        self._failure_reasons = set(reasons)
         for current in (self.tcp_listeners, self.udp_listeners):
             for key, listener in current.items():
                 ranges = plan.source_ranges.get(key)
@@ -213,10 +250,14 @@ class UserspaceMode(ProxyMode):
                 if ranges != have:
                     listener.admits = SourceFilter(ranges) if ranges else None
 
-    def _bind_failed(self, key: ListenerKey, why: str) -> None:
-        if self._bind_errors.get(key) != why:
+    def _bind_failed(self, key: ListenerKey, why: str, reason: str) -> None:
+        if self._bind_errors.get(key) != (reason, why):
             log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why)
-        self._bind_errors[key] = why
+        self._bind_errors[key] = (reason, why)
+
+    def listen_failures(self) -> dict[str, str]:
+        """Service listeners that are not open, and why (for /healthz)."""
+        return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
 
     async def shutdown(self) -> None:
         if not self._started:

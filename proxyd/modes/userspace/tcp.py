@@ -60,7 +60,17 @@ log = logging.getLogger(__name__)
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
 RESUME_AFTER = 1.0  # longest accept pause when no connection ends to free descriptors
-FD_RESERVE = 16  # descriptors kept free for HTTP servers, netlink, manifests and the like
+FD_RESERVE = 16  # fewest descriptors kept free for HTTP servers, netlink, manifests and the like
+FD_RESERVE_MAX = 256
+
+
+def fd_reserve(limit: int) -> int:
+    """Descriptors neither listeners nor connections may take: /healthz, /metrics, the source, netlink.
+
+    A sixteenth of the limit, between ``FD_RESERVE`` and ``FD_RESERVE_MAX`` (the HTTP servers alone may
+    hold a few dozen clients at once).
+    """
+    return max(FD_RESERVE, min(FD_RESERVE_MAX, limit // 16))
 BYTES_FLUSH_INTERVAL = 5.0
 
 _AF_INET, _AF_INET6 = socket.AF_INET.value, socket.AF_INET6.value
@@ -207,7 +217,7 @@ class TcpProxy:
     Descriptor budget: the proxy keeps an estimate of the descriptors the
     process holds (those open at start, listeners, two sockets per
     connection, pipes lent or pooled, and ``other_fds()`` for UDP). When
-    another connection would leave fewer than ``FD_RESERVE`` free, or the
+    another connection would leave fewer than ``reserve`` free, or the
     kernel says EMFILE/ENFILE anyway, accepting pauses on every listener at
     once; it resumes when a connection ends (or ``RESUME_AFTER`` later) and
     the estimate allows. Clients meanwhile wait in the listen backlog
@@ -221,6 +231,7 @@ class TcpProxy:
         self.table = table
         self.stats_of = stats_of
         self.fd_limit = fd_limit
+        self.reserve = fd_reserve(fd_limit)
         self.other_fds = other_fds
         self.base_fds = _open_fds()
         # Pooled pipes keep two descriptors each: a small share of the budget.
@@ -244,8 +255,18 @@ class TcpProxy:
         return (self.base_fds + len(self.listeners) + 2 * (len(self.connections) + len(self.dialing))
                 + pipes + self.other_fds())
 
+    def listener_room(self, listeners: int) -> int:
+        """How many more listening sockets may open now, with ``listeners`` open (TCP and UDP).
+
+        Listeners may take at most half of what the reserve and the descriptors held at start leave,
+        so connections always keep the other half; and never what connections already hold.
+        """
+        cap = (self.fd_limit - self.base_fds - self.reserve) // 2
+        free = self.fd_limit - self.reserve - self.fds_in_use()
+        return max(0, min(cap - listeners, free))
+
     def _full(self) -> bool:
-        return self.fds_in_use() + 2 + FD_RESERVE > self.fd_limit
+        return self.fds_in_use() + 2 + self.reserve > self.fd_limit
 
     def pause(self, why: str) -> None:
         """Stop accepting on every listener until a connection ends (or ``RESUME_AFTER``)."""
@@ -302,7 +323,7 @@ class TcpProxy:
             self._check_at = 0
             self.pause("descriptor limit near")
             return
-        headroom = self.fd_limit - FD_RESERVE - self.fds_in_use()
+        headroom = self.fd_limit - self.reserve - self.fds_in_use()
         self._check_at = len(self.connections) + len(self.dialing) + max(0, headroom // 24)
 
     def established(self, client: raw_socket, backend: raw_socket, key: TableKey,
