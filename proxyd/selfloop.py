@@ -18,12 +18,14 @@ Each refused endpoint is logged once (until it stops being refused) and
 counted in ``proxyd_rejected_objects_total{kind="EndpointSlice",
 reason="self_endpoint"}``. The rest of the slice is kept.
 
-Work is proportional to what changed: served addresses are kept per service
-port and endpoints are indexed by address, so a partial sync re-checks the
-changed services and the services whose endpoints hit an address that just
-started or stopped being served (those are added to ``changed``, so the
-mode re-plans them). A full sync or a change of node addresses re-checks
-everything. With nothing refused the state passes through untouched.
+Work follows what changed: served addresses are counted per service port,
+so a partial sync re-checks the changed services, the services with a
+refused endpoint (few), and — only when some address started being served
+(a new service, a new IP or port) — the endpoints of every service, looking
+for the new addresses by IP (one pass over the endpoint tuples, no index
+kept: an index of every endpoint would cost tens of MB at 30k services). A
+full sync or a change of node addresses re-checks everything. With nothing
+refused the state passes through untouched.
 
 The userspace data path has its own, independent guard (it never connects
 to one of its own listening sockets): see ``modes/userspace/tcp.py``.
@@ -37,19 +39,21 @@ from collections.abc import Iterable, Sequence
 from types import MappingProxyType
 
 from proxyd import metrics
-from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
 
 log = logging.getLogger(__name__)
 
 REASON = "self_endpoint"
 
-Key = tuple[str, int, str]  # (ip, port, protocol)
+Key = tuple[str, int, Protocol]  # (ip, port, protocol)
 
 
-def _served_keys(svc: ServicePort) -> tuple[frozenset[Key], tuple[int, str] | None]:
-    proto = str(svc.protocol)
-    keys = {(ip, svc.port, proto) for ip in (svc.cluster_ip, *svc.external_addresses) if ip}
-    return frozenset(keys), ((svc.node_port, proto) if svc.node_port else None)
+def _served_keys(svc: ServicePort) -> tuple[tuple[Key, ...], tuple[int, Protocol] | None]:
+    proto, number = svc.protocol, svc.port
+    keys: tuple[Key, ...] = ((svc.cluster_ip, number, proto),) if svc.cluster_ip else ()
+    if svc.external_ips or svc.load_balancer_ips:
+        keys += tuple((ip, number, proto) for ip in svc.external_addresses)
+    return keys, ((svc.node_port, proto) if svc.node_port else None)
 
 
 class SelfEndpoints:
@@ -58,13 +62,12 @@ class SelfEndpoints:
     def __init__(self, *, source: str) -> None:
         self._source = source
         self._served: Counter[Key] = Counter()
-        self._nodeports: Counter[tuple[int, str]] = Counter()
-        self._by_port: dict[ServicePortName, tuple[frozenset[Key], tuple[int, str] | None]] = {}
-        # Endpoint address -> service ports that have an endpoint there.
-        self._index: dict[Key, set[ServicePortName]] = {}
-        self._indexed: dict[ServicePortName, frozenset[Key]] = {}
+        self._served_ips: Counter[str] = Counter()
+        self._nodeports: Counter[tuple[int, Protocol]] = Counter()
+        self._by_port: dict[ServicePortName, tuple[tuple[Key, ...], tuple[int, Protocol] | None]] = {}
         self._refused: dict[ServicePortName, frozenset[tuple[str, int]]] = {}
-        self._node_ips: frozenset[str] | None = None
+        self._node_ips: frozenset[str] = frozenset()
+        self._started = False
 
     @property
     def refused(self) -> dict[ServicePortName, frozenset[tuple[str, int]]]:
@@ -74,16 +77,15 @@ class SelfEndpoints:
                node_ips: Sequence[str]) -> tuple[ProxyState, frozenset[ServiceName] | None]:
         """The state without self endpoints, and ``changed`` plus services whose refusals changed."""
         ips = frozenset(node_ips)
-        if changed is None or ips != self._node_ips:
+        if changed is None or ips != self._node_ips or not self._started:
             self._rebuild(state, ips)
-            affected: Iterable[ServicePortName] = list(state.services)
-            gone = [n for n in self._refused if n not in state.services]
+            affected: Iterable[ServicePortName] = state.services
         else:
-            affected, gone = self._update(state, changed)
+            affected = self._update(state, changed)
         more: set[ServiceName] = set()
-        for name in gone:
-            if self._refused.pop(name, None):
-                more.add(name.service)
+        for name in [n for n in self._refused if n not in state.services]:
+            del self._refused[name]
+            more.add(name.service)
         for name in affected:
             if self._check(state, name):
                 more.add(name.service)
@@ -100,95 +102,73 @@ class SelfEndpoints:
     # ---- bookkeeping -----------------------------------------------------------------------------
 
     def _rebuild(self, state: ProxyState, ips: frozenset[str]) -> None:
+        self._started = True
         self._node_ips = ips
         self._served.clear()
+        self._served_ips.clear()
         self._nodeports.clear()
         self._by_port.clear()
-        self._index.clear()
-        self._indexed.clear()
         for name, svc in state.services.items():
             self._add_port(name, svc)
-            self._reindex(name, state.endpoints_of(name))
 
     def _add_port(self, name: ServicePortName, svc: ServicePort) -> None:
         keys, nodeport = _served_keys(svc)
         self._by_port[name] = (keys, nodeport)
-        self._served.update(keys)
+        served, served_ips = self._served, self._served_ips
+        for key in keys:
+            served[key] = served.get(key, 0) + 1
+            served_ips[key[0]] = served_ips.get(key[0], 0) + 1
         if nodeport is not None:
             self._nodeports[nodeport] += 1
 
-    def _remove_port(self, name: ServicePortName) -> tuple[frozenset[Key], tuple[int, str] | None]:
-        keys, nodeport = self._by_port.pop(name, (frozenset(), None))
-        self._served.subtract(keys)
+    def _remove_port(self, name: ServicePortName) -> tuple[tuple[Key, ...], tuple[int, Protocol] | None]:
+        keys, nodeport = self._by_port.pop(name, ((), None))
         for key in keys:
-            if self._served[key] <= 0:
-                del self._served[key]
+            _decrement(self._served, key)
+            _decrement(self._served_ips, key[0])
         if nodeport is not None:
-            self._nodeports[nodeport] -= 1
-            if self._nodeports[nodeport] <= 0:
-                del self._nodeports[nodeport]
+            _decrement(self._nodeports, nodeport)
         return keys, nodeport
 
-    def _reindex(self, name: ServicePortName, endpoints: Iterable[Endpoint]) -> None:
-        proto = str(name.protocol)
-        new = frozenset((ep.ip, ep.port, proto) for ep in endpoints)
-        old = self._indexed.get(name, frozenset())
-        for key in old - new:
-            owners = self._index.get(key)
-            if owners is not None:
-                owners.discard(name)
-                if not owners:
-                    del self._index[key]
-        for key in new - old:
-            self._index.setdefault(key, set()).add(name)
-        if new:
-            self._indexed[name] = new
-        else:
-            self._indexed.pop(name, None)
-
-    def _update(self, state: ProxyState,
-                changed: frozenset[ServiceName]) -> tuple[set[ServicePortName], list[ServicePortName]]:
-        """Apply the changed services; the service ports to re-check and those that are gone."""
-        moved_keys: set[Key] = set()
-        moved_nodeports: set[tuple[int, str]] = set()
-        affected: set[ServicePortName] = set()
-        gone: list[ServicePortName] = []
-        touched = [n for n in self._by_port if n.service in changed]
-        touched += [n for n in state.services if n.service in changed and n not in self._by_port]
+    def _update(self, state: ProxyState, changed: frozenset[ServiceName]) -> set[ServicePortName]:
+        """Apply the changed services' addresses; the service ports to re-check."""
+        added_ips: set[str] = set()
+        affected: set[ServicePortName] = set(self._refused)
+        # Plain tuples: building a ServiceName per port would cost more than the rest of the sync here.
+        wanted = {(c.namespace, c.name) for c in changed}
+        touched = [n for n in self._by_port if (n.namespace, n.name) in wanted]
+        touched += [n for n in state.services if (n.namespace, n.name) in wanted and n not in self._by_port]
         for name in touched:
             keys, nodeport = self._remove_port(name)
             svc = state.services.get(name)
-            if svc is not None:
-                self._add_port(name, svc)
-                new_keys, new_nodeport = self._by_port[name]
-                moved_keys |= keys ^ new_keys
-                if nodeport != new_nodeport:
-                    moved_nodeports.update(p for p in (nodeport, new_nodeport) if p is not None)
-                affected.add(name)
-            else:
-                moved_keys |= keys
-                if nodeport is not None:
-                    moved_nodeports.add(nodeport)
-                gone.append(name)
-            self._reindex(name, state.endpoints_of(name))
-        for key in moved_keys:
-            affected.update(self._index.get(key, ()))
-        for port, proto in moved_nodeports:
-            for ip in self._node_ips or ():
-                affected.update(self._index.get((ip, port, proto), ()))
-        return {n for n in affected if n in state.services}, gone
-
-    def _is_self(self, ip: str, port: int, proto: str) -> bool:
-        if (ip, port, proto) in self._served:
-            return True
-        return (port, proto) in self._nodeports and ip in (self._node_ips or ())
+            if svc is None:
+                continue
+            self._add_port(name, svc)
+            new_keys, new_nodeport = self._by_port[name]
+            added_ips.update(ip for ip, _, _ in set(new_keys) - set(keys))
+            if new_nodeport is not None and new_nodeport != nodeport:
+                added_ips |= self._node_ips
+            affected.add(name)
+        if added_ips:
+            # Some address started being served: find the endpoints already pointing at it.
+            for name, eps in state.endpoints.items():
+                if name not in affected and any(ep.ip in added_ips for ep in eps):
+                    affected.add(name)
+        return {n for n in affected if n in state.services}
 
     def _check(self, state: ProxyState, name: ServicePortName) -> bool:
         """Recompute the refused endpoints of one service port; True when they changed."""
-        proto = str(name.protocol)
-        bad = frozenset((ep.ip, ep.port) for ep in state.endpoints_of(name)
-                        if self._is_self(ep.ip, ep.port, proto))
+        eps = state.endpoints_of(name)
         old = self._refused.get(name, frozenset())
+        if not old:
+            served_ips, node_ips = self._served_ips, self._node_ips
+            for ep in eps:
+                if ep.ip in served_ips or ep.ip in node_ips:
+                    break
+            else:
+                return False  # the common case, without building anything
+        proto = name.protocol
+        bad = frozenset((ep.ip, ep.port) for ep in eps if self._is_self(ep.ip, ep.port, proto))
         if bad == old:
             return False
         for ip, port in sorted(bad - old):
@@ -201,3 +181,16 @@ class SelfEndpoints:
         else:
             self._refused.pop(name, None)
         return True
+
+    def _is_self(self, ip: str, port: int, proto: Protocol) -> bool:
+        if (ip, port, proto) in self._served:
+            return True
+        return (port, proto) in self._nodeports and ip in self._node_ips
+
+
+def _decrement(counter: Counter, key: object) -> None:
+    left = counter[key] - 1
+    if left > 0:
+        counter[key] = left
+    else:
+        del counter[key]
