@@ -33,6 +33,16 @@ def test_own_listeners_specific_and_wildcard() -> None:
     assert ("10.244.1.11", 8080) not in OwnListeners()
 
 
+def test_an_address_added_since_the_last_sync_is_found_local_by_the_kernel() -> None:
+    """A wildcard NodePort and an endpoint on a local address nobody told us about: still ours."""
+    own = OwnListeners([ListenerKey("0.0.0.0", 30080, TCP)], local_ips=())
+    assert ("127.3.4.5", 30080) in own  # local (127/8), not in local_ips: found by the bind check
+    assert ("192.0.2.1", 30080) not in own  # TEST-NET-1: not an address here
+    # Where any address binds (ip_nonlocal_bind), only the known ones count.
+    loose = OwnListeners([ListenerKey("0.0.0.0", 30080, TCP)], local_ips=("203.0.113.1",), nonlocal_bind=True)
+    assert ("203.0.113.1", 30080) in loose and ("192.0.2.1", 30080) not in loose
+
+
 class OneEndpoint:
     """A connection table whose only endpoint is ``ep``."""
 

@@ -43,7 +43,7 @@ from proxyd.conntable import NATIVE, ConnTable
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
-from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, open_socket
+from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Plan,
@@ -175,8 +175,9 @@ class UserspaceMode(ProxyMode):
         self._update_listeners(plan)
         assert self.tcp is not None and self.udp is not None
         local = [*node_ips, *self.holder.current, *plan.addresses]
-        self.tcp.own = OwnListeners(list(self.tcp_listeners), local)
-        self.udp.own = OwnListeners(list(self.udp_listeners), local)
+        loose = nonlocal_bind()
+        self.tcp.own = OwnListeners(list(self.tcp_listeners), local, nonlocal_bind=loose)
+        self.udp.own = OwnListeners(list(self.udp_listeners), local, nonlocal_bind=loose)
         self._remove_tables(plan)
         await self.holder.apply(plan.addresses)
 

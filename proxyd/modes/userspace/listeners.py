@@ -89,7 +89,7 @@ class SourceFilter:
         return any(addr in net for net in self._networks if net.version == addr.version)
 
 
-_ANY_LOCAL = ("0.0.0.0", "::", "::1")
+_UNSPECIFIED = ("0.0.0.0", "::")
 
 
 class OwnListeners:
@@ -100,16 +100,22 @@ class OwnListeners:
     endpoints already (``proxyd.selfloop``); this guard holds whatever the
     state says, between syncs too: an endpoint ``(ip, port)`` is ours when a
     listener is bound to exactly it, or when a wildcard listener has the port
-    and ``ip`` is local (a node or service address known at the last sync,
-    loopback, or unspecified).
+    and ``ip`` is local — a node or service address known at the last sync,
+    the unspecified address, or (for an address added since) one the kernel
+    lets a socket bind, which only a local address allows. That last check
+    costs a socket and a bind, and only endpoints on a wildcard listener's
+    port (a NodePort) that are not known local ever pay it.
     """
 
-    __slots__ = ("local_ips", "specific", "wildcard_ports")
+    __slots__ = ("local_ips", "nonlocal_bind", "specific", "wildcard_ports")
 
-    def __init__(self, keys: Sequence[ListenerKey] = (), local_ips: Sequence[str] = ()) -> None:
-        self.specific = {(k.ip, k.port) for k in keys if k.ip not in ("0.0.0.0", "::")}
-        self.wildcard_ports = {k.port for k in keys if k.ip in ("0.0.0.0", "::")}
+    def __init__(self, keys: Sequence[ListenerKey] = (), local_ips: Sequence[str] = (), *,
+                 nonlocal_bind: bool = False) -> None:
+        self.specific = {(k.ip, k.port) for k in keys if k.ip not in _UNSPECIFIED}
+        self.wildcard_ports = {k.port for k in keys if k.ip in _UNSPECIFIED}
         self.local_ips = frozenset(local_ips)
+        # With net.ipv4.ip_nonlocal_bind every address binds: the bind check would refuse remote endpoints.
+        self.nonlocal_bind = nonlocal_bind
 
     def __contains__(self, endpoint: tuple[str, int]) -> bool:
         if endpoint in self.specific:
@@ -117,4 +123,25 @@ class OwnListeners:
         if endpoint[1] not in self.wildcard_ports:
             return False
         ip = endpoint[0]
-        return ip in self.local_ips or ip.startswith("127.") or ip in _ANY_LOCAL
+        if ip in self.local_ips or ip in _UNSPECIFIED:
+            return True
+        return not self.nonlocal_bind and _bindable(ip)
+
+
+def _bindable(ip: str) -> bool:
+    """Whether ``ip`` is an address of this namespace (a socket can bind it without IP_FREEBIND)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def nonlocal_bind() -> bool:
+    """net.ipv4.ip_nonlocal_bind of this namespace (read at each sync)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
