@@ -11,6 +11,7 @@ import asyncio
 import socket
 import time
 
+from proxyd import metrics
 from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.userspace.listeners import OwnListeners, open_socket
 from proxyd.modes.userspace.planner import ListenerKey, TableKey
@@ -124,6 +125,26 @@ async def test_udp_never_sends_to_its_own_socket() -> None:
         await asyncio.sleep(0.3)
         assert table.picks <= 6  # two per datagram: the own address, then nothing; no circulation
         client.close()
+    finally:
+        listener.close()
+        proxy.close()
+
+
+async def test_udp_flow_is_not_opened_when_the_descriptor_budget_is_full() -> None:
+    """New UDP flows leave the reserve of /healthz, /metrics, the source and netlink alone."""
+    loop = asyncio.get_running_loop()
+    sock = open_socket(ListenerKey("127.0.0.1", 0, UDP))
+    table = OneEndpoint(("192.0.2.1", 53))
+    stats = StatsCache()
+    name = ServicePortName("default", "full", "", UDP)
+    proxy = UdpProxy(loop=loop, table=table, stats_of=lambda key: stats.get(key.name), idle_timeout=30,
+                     has_room=lambda: False)
+    listener = UdpListener(proxy=proxy, sock=sock, key=TableKey(name))
+    try:
+        proxy.forward(listener, ("127.0.0.1", 40000), b"ping", None)
+        assert table.flows == []
+        assert metrics.REGISTRY.get_sample_value(
+            "proxyd_connections_rejected_total", {"service": "default/full", "reason": "resources"}) == 1
     finally:
         listener.close()
         proxy.close()

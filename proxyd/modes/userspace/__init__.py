@@ -130,7 +130,7 @@ class UserspaceMode(ProxyMode):
         self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
                             other_fds=self._udp_fds)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
-                            idle_timeout=self.config.udp_idle_timeout)
+                            idle_timeout=self.config.udp_idle_timeout, has_room=self.tcp.has_room)
         await self.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)

@@ -265,6 +265,10 @@ class TcpProxy:
         free = self.fd_limit - self.reserve - self.fds_in_use()
         return max(0, min(cap - listeners, free))
 
+    def has_room(self) -> bool:
+        """Whether one more socket fits the budget without touching the reserve (UDP flows ask)."""
+        return self.fds_in_use() + 1 + self.reserve <= self.fd_limit
+
     def _full(self) -> bool:
         return self.fds_in_use() + 2 + self.reserve > self.fd_limit
 

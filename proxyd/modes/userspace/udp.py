@@ -82,8 +82,10 @@ class UdpProxy:
     """Flows of every UDP listener, kept in the connection table."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, table: Any, stats_of: Callable[[TableKey], Stats],
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, has_room: Callable[[], bool] = lambda: True) -> None:
         self.loop = loop
+        # Whether the descriptor budget has room for one more socket (the reserve stays untouched).
+        self.has_room = has_room
         self.table = table
         self.stats_of = stats_of
         self.idle_timeout = max(idle_timeout, 0.01)
@@ -124,6 +126,9 @@ class UdpProxy:
             ep = self.table.pick(listener.key_id, client[0], now, tried)
         if ep is None:
             stats.reject("no endpoint")
+            return None
+        if not self.has_room():
+            stats.reject("resources")
             return None
         try:
             sock = socket.socket(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET,
