@@ -14,8 +14,19 @@ order that never leaves a listener without its address: add new
 addresses, open new listeners, install endpoint lists, close removed
 listeners, remove old addresses. Closing a listener or changing endpoints
 never touches established connections. A listener that cannot be opened
-(port taken by another program) is logged once and retried at every sync;
-it does not fail the sync, like kube-proxy userspace's per-port errors.
+(port taken by another program, no NET_BIND_SERVICE) is logged once and
+retried at every sync; it does not fail the sync, like kube-proxy
+userspace's per-port errors, and it is named in /healthz
+(``listen_failures``) and counted in ``proxyd_listen_failures``.
+
+Descriptors: listeners, connections and UDP flows share one budget
+(``TcpProxy``): listeners get at most half of what the start-up
+descriptors and the control reserve (``tcp.fd_reserve``: /healthz,
+/metrics, the source, netlink) leave; ports beyond that are refused with
+one log line per change and counted, and open as soon as room appears. The
+data path never connects to its own listeners (``OwnListeners``), and the
+desired state never holds endpoints that are proxyd's own addresses
+(``proxyd.selfloop``).
 
 Shutdown (SIGTERM): listeners close at once (new connections are refused),
 open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
