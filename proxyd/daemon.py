@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 import time
@@ -33,11 +34,24 @@ from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, me
 from proxyd.httpserve import HttpServer
 from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
+from proxyd.selfloop import SelfEndpoints
 from proxyd.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft descriptor limit to the hard one, as Go programs (kube-proxy) get by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, err)
+    return soft
 
 
 class FatalError(Exception):
@@ -49,7 +63,7 @@ class Daemon:
         self.config = config
         self.tracker = Tracker(config.node_name)
         self.mode = mode_class(config.proxy_mode)(config)
-        self.health = ProxierHealth(timeout=2 * config.sync_period)
+        self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures)
         self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,
                                  max_interval=config.sync_period, name=config.proxy_mode)
         self.source = self._make_source()
@@ -58,6 +72,7 @@ class Daemon:
         self._needs_full = True
         self._last_full = 0.0
         self._unapplied_since: float | None = None
+        self.self_endpoints = SelfEndpoints(source="manifests" if config.manifests is not None else "kube")
 
     def _make_source(self):
         if self.config.manifests is not None:
@@ -83,9 +98,13 @@ class Daemon:
             self._unapplied_since = snapshot.oldest_change
         now = time.monotonic()
         full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
-        request = SyncRequest(snapshot.state, None if full else snapshot.changed)
         started = time.perf_counter()
         try:
+            node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses)
+            # Endpoints that are proxyd's own addresses would loop: no mode ever sees them.
+            state, changed = self.self_endpoints.filter(snapshot.state, None if full else snapshot.changed,
+                                                        node_ips)
+            request = SyncRequest(state, changed)
             await self.mode.sync(request)
         except Exception:
             # What the tracker handed over is no longer "pending" there, so the
@@ -105,10 +124,10 @@ class Daemon:
             self._unapplied_since = None
         self.health.updated()
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
-                  len(snapshot.state.services), "full" if full else f"{len(snapshot.changed)} changed",
+                  len(snapshot.state.services), "full" if changed is None else f"{len(changed)} changed",
                   elapsed)
         try:
-            await self.service_health.update(snapshot.state)
+            await self.service_health.update(request.state)
         except Exception:
             log.exception("healthCheckNodePort servers: update failed")
 
@@ -124,6 +143,7 @@ class Daemon:
         self._servers.append(server)
 
     async def serve(self) -> int:
+        limit = raise_fd_limit()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,8 +151,9 @@ class Daemon:
         await self._serve_http(self.config.healthz_bind_address, health_routes(self.health), "healthz")
         await self._serve_http(self.config.metrics_bind_address,
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
-        log.info("proxyd starting: mode=%s node=%s source=%s", self.config.proxy_mode, self.config.node_name,
-                 f"manifests {self.config.manifests}" if self.config.manifests else "API server")
+        log.info("proxyd starting: mode=%s node=%s source=%s descriptors=%d", self.config.proxy_mode,
+                 self.config.node_name,
+                 f"manifests {self.config.manifests}" if self.config.manifests else "API server", limit)
         source_task: asyncio.Task | None = None
         try:
             await self.mode.start()

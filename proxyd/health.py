@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from proxyd import metrics
 from proxyd.httpserve import HttpServer, Response
 from proxyd.model import ProxyState, ServiceName
-from proxyd.policy import local_endpoint_count
+from proxyd.policy import local_endpoint_counts
 
 log = logging.getLogger(__name__)
+
+MAX_FAILURES_SHOWN = 20  # listen failures named in the /healthz body (the total is given too)
 
 
 def _rfc3339(wall: float | None) -> str:
@@ -37,8 +39,10 @@ class ProxierHealth:
     """Timestamps that say whether the proxier keeps up with its changes."""
 
     def __init__(self, *, timeout: float, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 listen_failures: Callable[[], Mapping[str, str]] = dict) -> None:
         self.timeout = timeout
+        self._listen_failures = listen_failures
         self._clock = clock
         self._wall = wall
         self.last_updated: float | None = None  # wall time of the last successful sync
@@ -61,9 +65,18 @@ class ProxierHealth:
         return self._oldest_queued is None or self._clock() - self._oldest_queued < self.timeout
 
     def healthz(self) -> Response:
-        body = json.dumps({"lastUpdated": _rfc3339(self.last_updated),
-                           "currentTime": _rfc3339(self._wall()),
-                           "nodeEligible": True}).encode()
+        answer: dict[str, object] = {"lastUpdated": _rfc3339(self.last_updated),
+                                     "currentTime": _rfc3339(self._wall()),
+                                     "nodeEligible": True}
+        failures = self._listen_failures()
+        if failures:
+            # A port that cannot be listened on (taken, no NET_BIND_SERVICE, no descriptor) is named
+            # here and in proxyd_listen_failures; the status stays: /healthz also steers load balancers
+            # for every other service of the node, which one bad port must not take away.
+            names = sorted(failures)
+            answer["listenFailures"] = {name: failures[name] for name in names[:MAX_FAILURES_SHOWN]}
+            answer["listenFailuresTotal"] = len(names)
+        body = json.dumps(answer).encode()
         return (200 if self.healthy() else 503), "application/json", body
 
 
@@ -101,14 +114,14 @@ class ServiceHealthServers:
         return (200 if count > 0 and proxy_healthy else 503), "application/json", body
 
     async def update(self, state: ProxyState) -> None:
+        # kube-proxy's LocalReadyEndpoints: distinct local ready IPs per service, over all its ports
+        # (two pods behind two ports are 2, not 4).
+        counts = local_endpoint_counts(state)
         wanted: dict[int, tuple[ServiceName, int]] = {}
         for name, svc in state.services.items():
             if not svc.health_check_node_port or not svc.uses_local_external:
                 continue
-            count = local_endpoint_count(svc, state.endpoints_of(name), node_name=state.node_name)
-            port = svc.health_check_node_port
-            _, previous = wanted.get(port, (name.service, 0))
-            wanted[port] = (name.service, previous + count)
+            wanted[svc.health_check_node_port] = (name.service, counts.get(name.service, 0))
         self._answers = wanted
         for port in set(self._servers) - set(wanted):
             for server in self._servers.pop(port):

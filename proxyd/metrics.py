@@ -109,6 +109,10 @@ ACCEPT_PAUSES = Counter(
 UDP_FLOWS_EVICTED = Counter(
     "proxyd_udp_flows_evicted_total", "UDP flows evicted because the flow table was full",
     registry=REGISTRY)
+LISTEN_FAILURES = Gauge(
+    "proxyd_listen_failures",
+    "Service listeners (userspace) not open now: descriptors (budget), permission, address_in_use, other",
+    ["reason"], registry=REGISTRY)
 CONNTABLE_IMPLEMENTATION = Gauge(
     "proxyd_conntable_native", "1 when the Cython connection table is in use",
     registry=REGISTRY)

@@ -54,6 +54,10 @@ class ProxyMode(abc.ABC):
         sync.
         """
 
+    def listen_failures(self) -> dict[str, str]:
+        """Sockets the mode should listen on but cannot (``ip:port/proto`` -> why), named in /healthz."""
+        return {}
+
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop. Kernel modes leave their rules so traffic keeps flowing."""
 

@@ -109,6 +109,26 @@ def container() -> dict[str, Any]:
     return containers[0]
 
 
+# What each mode needs, as measured by tests/netns/test_capabilities.py (ipvs: netlink, ipset, sysctls
+# under /proc/sys/net as the other modes, modules preloaded; nftables: NET_ADMIN like iptables-nft).
+MODE_CAPABILITIES = {
+    "userspace": {"NET_ADMIN", "NET_BIND_SERVICE"},  # proxyd0 and its addresses; service ports < 1024
+    "iptables": {"NET_ADMIN", "NET_RAW"},  # NET_RAW only for the legacy back end
+    "ipvs": {"NET_ADMIN", "NET_RAW"},
+    "nftables": {"NET_ADMIN"},
+}
+
+
+def test_daemonset_grants_what_every_mode_the_configmap_offers_needs():
+    """The ConfigMap offers every mode: the DaemonSet grants each what it needs (userspace: ports < 1024)."""
+    sc = container()["securityContext"]
+    granted = set(sc["capabilities"]["add"])
+    for mode, needs in MODE_CAPABILITIES.items():
+        assert needs <= granted, f"{mode} mode needs {sorted(needs - granted)}"
+    assert "SYS_ADMIN" not in granted and "ALL" not in granted
+    assert "userspace" in one("ConfigMap")["data"]["config.conf"]
+
+
 def test_daemonset_runs_like_kube_proxy():
     spec = one("DaemonSet")["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
@@ -118,7 +138,7 @@ def test_daemonset_runs_like_kube_proxy():
     sc = c["securityContext"]
     assert sc.get("privileged") is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_RAW"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(set().union(*MODE_CAPABILITIES.values()))
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 10256}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
     env = {e["name"]: e for e in c["env"]}
@@ -249,8 +269,13 @@ def test_unit_is_hardened():
     assert "--manifests /etc/proxyd/manifests" in service["ExecStart"][0]
     assert service["Restart"] == ["on-failure"]
     caps = set(service["CapabilityBoundingSet"][0].split())
-    assert caps == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
-    assert set(service["AmbientCapabilities"][0].split()) <= caps
+    assert caps == {f"CAP_{c}" for c in set().union(*MODE_CAPABILITIES.values())}
+    # A dedicated non-root user: the capabilities must be ambient to reach it (and the tools it runs).
+    assert service["User"] == ["proxyd"] and service["Group"] == ["proxyd"]
+    assert set(service["AmbientCapabilities"][0].split()) == caps
+    sysusers = (ROOT / "systemd/proxyd.sysusers").read_text().split("\n")
+    assert any(line.split()[:2] == ["u", "proxyd"] for line in sysusers if line.strip()), sysusers
+    assert int(service["LimitNOFILE"][0]) >= 1 << 20
     assert service["NoNewPrivileges"] == ["yes"]
     assert service["ProtectSystem"] == ["strict"]
     assert service["ProtectHome"] == ["yes"]

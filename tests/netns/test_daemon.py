@@ -130,3 +130,22 @@ def test_userspace_uses_the_native_connection_table(topology):
     assert expected in line
     if os.environ.get("PROXYD_REQUIRE_EXTENSIONS") == "1":
         assert proxyd.conntable.NATIVE, "the Cython extension is required but not built"
+
+
+def test_health_check_node_port_counts_distinct_local_pods_over_ports(topology):
+    """Two local pods behind two ports: kube-proxy's LocalReadyEndpoints answers 2, not 4."""
+    pods = [p.ip for p in topology.pod_list[:2]]
+    topology.write_manifest("two.yaml", [
+        service("web", cluster_ip="10.96.0.10", type_="LoadBalancer", external_local=True,
+                health_check_node_port=32100,
+                ports=[port(80, name="http", target_port=8080, node_port=30080),
+                       port(443, name="https", target_port=8443, node_port=30443)]),
+        endpoint_slice("web", ports=[{"name": "http", "port": 8080}, {"name": "https", "port": 8443}],
+                       endpoints=[endpoint(ip) for ip in pods]),
+    ])
+    proc = topology.start_proxyd("userspace")
+    _, body = wait_until(
+        lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
+        timeout=10, what="healthCheckNodePort 200")
+    assert json.loads(body)["localEndpoints"] == 2
+    topology.stop_proxyd(proc)

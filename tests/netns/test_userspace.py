@@ -274,3 +274,30 @@ class TestUserspaceDataPath:
         wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=5,
                    what="proxyd0 recreated")
         assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).pod == "pod1"
+
+    def test_nodeport_and_service_address_sharing_a_port_both_serve(self, topology: Topology) -> None:
+        """No SO_REUSEPORT: a wildcard NodePort 30080 and a ClusterIP on port 30080 still both serve.
+
+        The NodePort then listens on each node address, the ClusterIP on its own (TCP and UDP).
+        """
+        docs = [
+            service("np", cluster_ip="10.96.0.11", type_="NodePort",
+                    ports=[port(80, name="t", target_port=8080, node_port=30080),
+                           port(53, name="u", protocol="UDP", target_port=5353, node_port=30080)]),
+            endpoint_slice("np", ports=[{"name": "t", "port": 8080},
+                                        {"name": "u", "port": 5353, "protocol": "UDP"}],
+                           endpoints=local_eps(POD1)),
+            service("cip", cluster_ip=CLUSTER_IP,
+                    ports=[port(30080, name="t", target_port=8080),
+                           port(30080, name="u", protocol="UDP", target_port=5353)]),
+            endpoint_slice("cip", ports=[{"name": "t", "port": 8080},
+                                         {"name": "u", "port": 5353, "protocol": "UDP"}],
+                           endpoints=local_eps(POD2)),
+        ]
+        self.start(topology, docs, tcp=("pod1", "pod2"), udp=("pod1", "pod2"))
+        ns = topology.pod("pod3").ns
+        assert topology.hello(topology.client, "203.0.113.1", 30080).pod == "pod1"
+        assert topology.hello(topology.node, "127.0.0.1", 30080).pod == "pod1"
+        assert topology.hello(ns, CLUSTER_IP, 30080).pod == "pod2"
+        assert topology.udp_hello(topology.client, "203.0.113.1", 30080)[0].pod == "pod1"
+        assert topology.udp_hello(ns, CLUSTER_IP, 30080)[0].pod == "pod2"

@@ -11,6 +11,8 @@ of the daemon are audited: only what the configuration asks for.
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 import time
 
 import pytest
@@ -186,3 +188,59 @@ def test_idle_connection_flood_from_one_source_does_not_take_health_down(topolog
     assert (kubelet, balancer) == ("200", "200"), (
         f"while one client held {len(idle)} idle connections: /healthz -> {kubelet}, "
         f"healthCheckNodePort -> {balancer}")
+
+
+_HIJACK = r"""
+import json, re, socket, sys
+caps = re.search(r"^CapEff:\s*(\S+)$", open("/proc/self/status").read(), re.M).group(1)
+out = {"caps": caps, "binds": []}
+for proto, ip, port in json.loads(sys.argv[1]):
+    for reuseport in (True, False):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((ip, port))
+            if proto == "TCP":
+                sock.listen(8)
+            got = "bound"
+        except OSError as err:
+            got = err.strerror
+        out["binds"].append([proto, ip, port, reuseport, got])
+        sock.close()
+print(json.dumps(out))
+"""
+
+
+def test_nobody_else_can_bind_proxyds_listeners(topology: Topology, figures: dict) -> None:
+    """A capability-less root process cannot join proxyd's ClusterIP or NodePort sockets (issue 14.6).
+
+    With ``SO_REUSEPORT`` on proxyd's listeners any process of the same user (root) could bind the
+    same address and port and receive a share of the connections; with ``SO_REUSEADDR`` on a UDP
+    socket any process at all could. Tried here with both options, from the node's namespace.
+    """
+    topology.start_tcp_server("pod1", 8080)
+    topology.start_udp_server("pod1", 5353)
+    topology.write_manifest("web.yaml", [
+        service("web", cluster_ip=CLUSTER_IP, type_="NodePort",
+                ports=[port(5000, name="tcp", target_port=8080, node_port=30080),
+                       port(5001, name="udp", protocol="UDP", target_port=5353, node_port=30053)]),
+        endpoint_slice("web", ports=[{"name": "tcp", "port": 8080},
+                                     {"name": "udp", "port": 5353, "protocol": "UDP"}],
+                       endpoints=[endpoint("10.244.1.11")]),
+    ])
+    start_daemon(topology, "userspace")
+    assert topology.hello(topology.client, NODE_IP, 30080).pod == "pod1"
+    targets = [["TCP", CLUSTER_IP, 5000], ["UDP", CLUSTER_IP, 5001], ["TCP", "0.0.0.0", 30080],
+               ["TCP", NODE_IP, 30080], ["UDP", "0.0.0.0", 30053], ["UDP", NODE_IP, 30053]]
+    result = topology.ns_run(topology.node, ["capsh", "--drop=all", f"--shell={sys.executable}", "--",
+                                             "-c", _HIJACK, json.dumps(targets)])
+    report = json.loads(result.stdout)
+    assert int(report["caps"], 16) == 0, report
+    bound = [b for b in report["binds"] if b[4] == "bound"]
+    figures.update(bind_attempts=len(report["binds"]), bound=len(bound))
+    assert not bound, f"another process joined proxyd's listeners: {bound}"
+    # Still proxyd's: every client reaches the service.
+    assert topology.hello(topology.client, NODE_IP, 30080).pod == "pod1"
+    assert topology.udp_hello(topology.client, NODE_IP, 30053)[0].pod == "pod1"

@@ -53,3 +53,45 @@ def test_failed_syncs_keep_oldest_queue_time():
         health.queued()
         clock.now += 3
     assert not health.healthy()
+
+
+def _lb_local_state(ports: int, pods: tuple[str, ...]):
+    from proxyd.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName, ServiceType
+
+    services = {}
+    endpoints = {}
+    for i in range(ports):
+        name = ServicePortName("default", "web", f"p{i}", Protocol.TCP)
+        services[name] = ServicePort(name=name, type=ServiceType.LOAD_BALANCER, cluster_ip="10.96.0.10",
+                                     port=80 + i, protocol=Protocol.TCP, node_port=30080 + i,
+                                     external_policy_local=True, health_check_node_port=32100)
+        endpoints[name] = tuple(Endpoint(ip=ip, port=8080 + i, node_name="node1") for ip in pods)
+    return ProxyState(services=services, endpoints=endpoints, node_name="node1")
+
+
+async def test_health_check_node_port_counts_distinct_local_ips_over_ports():
+    """Two local pods behind two ports are 2 local endpoints (kube-proxy's LocalReadyEndpoints), not 4."""
+    from proxyd.health import ServiceHealthServers
+
+    health, _ = make()
+    health.updated()
+    servers = ServiceHealthServers(addresses=list, health=health)  # no address: answers only
+    await servers.update(_lb_local_state(2, ("10.244.1.11", "10.244.1.12")))
+    status, _, body = servers._answer(32100)
+    assert status == 200
+    assert json.loads(body)["localEndpoints"] == 2
+    await servers.update(_lb_local_state(3, ("10.244.1.11",)))
+    assert json.loads(servers._answer(32100)[2])["localEndpoints"] == 1
+    await servers.close()
+
+
+def test_healthz_body_names_listen_failures_keeping_the_status():
+    failures = {"10.96.0.10:53/UDP": "Permission denied", "10.96.0.10:53/TCP": "Permission denied"}
+    health = ProxierHealth(timeout=60, listen_failures=lambda: failures)
+    health.updated()
+    status, _, body = health.healthz()
+    answer = json.loads(body)
+    assert status == 200
+    assert answer["listenFailures"] == failures and answer["listenFailuresTotal"] == 2
+    failures.clear()
+    assert "listenFailures" not in json.loads(health.healthz()[2])

@@ -240,3 +240,21 @@ def test_filter_addresses_rejects_garbage(bad) -> None:
 def test_filter_addresses_rejects_bad_cidr() -> None:
     with pytest.raises(ValueError):
         filter_addresses(["10.0.0.1"], ["10.0.0.0/99"])
+
+
+def test_wildcard_nodeport_sharing_a_port_with_a_service_address_splits_per_node_address() -> None:
+    """Without SO_REUSEPORT 0.0.0.0:30080 and 10.96.0.2:30080 cannot both be bound: the NodePort
+    listens on each node address instead, the ClusterIP keeps its own listener."""
+    a = ServicePortName("default", "a", "", TCP)
+    b = ServicePortName("default", "b", "", TCP)
+    plans = {a: plan_one(svc(a, cluster_ip="10.96.0.1", node_port=30080), ()),
+             b: plan_one(svc(b, cluster_ip="10.96.0.2", port=30080), ())}
+    merged = merge(plans, ["127.0.0.1", "203.0.113.1", "fd00::1"])
+    assert ListenerKey("0.0.0.0", 30080, TCP) not in merged.listeners
+    assert merged.listeners[ListenerKey("10.96.0.2", 30080, TCP)].name == b
+    assert merged.listeners[ListenerKey("203.0.113.1", 30080, TCP)] == TableKey(a, external=True)
+    assert merged.listeners[ListenerKey("127.0.0.1", 30080, TCP)] == TableKey(a, external=True)
+    assert not any(k.ip == "fd00::1" for k in merged.listeners)
+    # No collision: the wildcard stays.
+    alone = merge({a: plans[a]}, ["203.0.113.1"])
+    assert ListenerKey("0.0.0.0", 30080, TCP) in alone.listeners

@@ -14,8 +14,19 @@ order that never leaves a listener without its address: add new
 addresses, open new listeners, install endpoint lists, close removed
 listeners, remove old addresses. Closing a listener or changing endpoints
 never touches established connections. A listener that cannot be opened
-(port taken by another program) is logged once and retried at every sync;
-it does not fail the sync, like kube-proxy userspace's per-port errors.
+(port taken by another program, no NET_BIND_SERVICE) is logged once and
+retried at every sync; it does not fail the sync, like kube-proxy
+userspace's per-port errors, and it is named in /healthz
+(``listen_failures``) and counted in ``proxyd_listen_failures``.
+
+Descriptors: listeners, connections and UDP flows share one budget
+(``TcpProxy``): listeners get at most half of what the start-up
+descriptors and the control reserve (``tcp.fd_reserve``: /healthz,
+/metrics, the source, netlink) leave; ports beyond that are refused with
+one log line per change and counted, and open as soon as room appears. The
+data path never connects to its own listeners (``OwnListeners``), and the
+desired state never holds endpoints that are proxyd's own addresses
+(``proxyd.selfloop``).
 
 Shutdown (SIGTERM): listeners close at once (new connections are refused),
 open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
@@ -30,9 +41,11 @@ with it every address.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import time
+from collections import Counter
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
@@ -41,7 +54,7 @@ from proxyd.conntable import NATIVE, ConnTable
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
-from proxyd.modes.userspace.listeners import SourceFilter, open_socket
+from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
 from proxyd.modes.userspace.planner import (
     ListenerKey,
     Plan,
@@ -59,7 +72,20 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
+BUDGET_REFUSAL = "no room in the descriptor budget"
+
 __all__ = ["UserspaceMode"]
+
+
+def _reason(err: OSError) -> str:
+    """The ``proxyd_listen_failures`` reason of a failed bind or listen."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission"
+    if err.errno == errno.EADDRINUSE:
+        return "address_in_use"
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return "descriptors"
+    return "other"
 
 
 def _raise_fd_limit() -> int:
@@ -90,7 +116,9 @@ class UserspaceMode(ProxyMode):
         self.tcp_listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.tables: dict[TableKey, TableEntry] = {}
-        self._bind_errors: dict[ListenerKey, str] = {}
+        self._bind_errors: dict[ListenerKey, tuple[str, str]] = {}  # key -> (metric reason, text)
+        self._over_budget = 0
+        self._failure_reasons: set[str] = set()
         self._conflicts: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
@@ -113,7 +141,7 @@ class UserspaceMode(ProxyMode):
         self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
                             other_fds=self._udp_fds)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
-                            idle_timeout=self.config.udp_idle_timeout)
+                            idle_timeout=self.config.udp_idle_timeout, has_room=self.tcp.has_room)
         await self.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
@@ -131,17 +159,18 @@ class UserspaceMode(ProxyMode):
         self.table.sweep(time.monotonic())
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
-    async def _nodeport_ips(self) -> list[str]:
+    async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
+        """Where NodePorts listen (a wildcard when unrestricted), and the node addresses behind that."""
         cidrs = self.config.nodeport_addresses
-        if not cidrs:
-            return nodeport_listen_ips(cidrs, [])
-        return nodeport_listen_ips(cidrs, await nodeaddrs.node_addresses_async(cidrs))
+        node_ips = await nodeaddrs.node_addresses_async(cidrs)
+        return nodeport_listen_ips(cidrs, node_ips), node_ips
 
     async def sync(self, request: SyncRequest) -> None:
         if not self._started:
             await self.start()
-        nodeport_ips = await self._nodeport_ips()
-        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips)
+        nodeport_ips, node_ips = await self._nodeport_ips()
+        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
+                                 local_ips=node_ips)
         for text in plan.conflicts:
             if text not in self._conflicts:
                 log.warning("userspace: %s; not serving it twice", text)
@@ -155,6 +184,11 @@ class UserspaceMode(ProxyMode):
         await self.holder.apply(self.holder.current | plan.addresses)
         self._update_tables(plan)
         self._update_listeners(plan)
+        assert self.tcp is not None and self.udp is not None
+        local = [*node_ips, *self.holder.current, *plan.addresses]
+        loose = nonlocal_bind()
+        self.tcp.own = OwnListeners(list(self.tcp_listeners), local, nonlocal_bind=loose)
+        self.udp.own = OwnListeners(list(self.udp_listeners), local, nonlocal_bind=loose)
         self._remove_tables(plan)
         await self.holder.apply(plan.addresses)
 
@@ -179,6 +213,10 @@ class UserspaceMode(ProxyMode):
         for current in (self.tcp_listeners, self.udp_listeners):
             for key in [k for k in current if k not in plan.listeners]:
                 current.pop(key).close()
+        # Listeners share the descriptor budget with connections; /healthz, /metrics, the source and
+        # netlink keep a reserve neither may take. Ports that do not fit wait for room (next syncs).
+        room = self.tcp.listener_room(len(self.tcp_listeners) + len(self.udp_listeners))
+        over: list[ListenerKey] = []
         for key, table_key in plan.listeners.items():
             current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
             listener = current.get(key)
@@ -187,13 +225,18 @@ class UserspaceMode(ProxyMode):
                     listener.retarget(table_key)
                 continue
             if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                self._bind_failed(key, "userspace mode serves only TCP and UDP")
+                self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol")
+                continue
+            if room <= 0:
+                over.append(key)
+                self._bind_errors[key] = ("descriptors", BUDGET_REFUSAL)
                 continue
             try:
                 sock = open_socket(key)
             except OSError as err:
-                self._bind_failed(key, err.strerror or str(err))
+                self._bind_failed(key, err.strerror or str(err), _reason(err))
                 continue
+            room -= 1
             self._bind_errors.pop(key, None)
             if key.protocol == Protocol.TCP:
                 self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
@@ -201,6 +244,17 @@ class UserspaceMode(ProxyMode):
                 self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
         for key in [k for k in self._bind_errors if k not in plan.listeners]:
             del self._bind_errors[key]
+        if len(over) != self._over_budget:
+            if over:
+                log.error("userspace: descriptor budget (limit %d) full: %d listeners not opened (first %s); "
+                          "retried at every sync", self.tcp.fd_limit, len(over), over[0])
+            elif self._over_budget:
+                log.info("userspace: every listener fits the descriptor budget again")
+            self._over_budget = len(over)
+        reasons = Counter(reason for reason, _ in self._bind_errors.values())
+        for reason in {*reasons, *self._failure_reasons}:
+            metrics.LISTEN_FAILURES.labels(reason).set(reasons.get(reason, 0))
+        self._failure_reasons = set(reasons)
         for current in (self.tcp_listeners, self.udp_listeners):
             for key, listener in current.items():
                 ranges = plan.source_ranges.get(key)
@@ -208,10 +262,14 @@ class UserspaceMode(ProxyMode):
                 if ranges != have:
                     listener.admits = SourceFilter(ranges) if ranges else None
 
-    def _bind_failed(self, key: ListenerKey, why: str) -> None:
-        if self._bind_errors.get(key) != why:
+    def _bind_failed(self, key: ListenerKey, why: str, reason: str) -> None:
+        if self._bind_errors.get(key) != (reason, why):
             log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why)
-        self._bind_errors[key] = why
+        self._bind_errors[key] = (reason, why)
+
+    def listen_failures(self) -> dict[str, str]:
+        """Service listeners that are not open, and why (for /healthz)."""
+        return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
 
     async def shutdown(self) -> None:
         if not self._started:

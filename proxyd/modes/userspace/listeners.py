@@ -1,12 +1,19 @@
 """Opening the listening sockets of userspace mode.
 
-Every socket is non-blocking and bound with ``SO_REUSEADDR`` and
-``SO_REUSEPORT``: a NodePort listening on the wildcard address and a
-service address with the same port number (say ClusterIP 10.96.0.10:30080)
-can then coexist, and the kernel hands each packet to the most specific
-socket. ``IP_FREEBIND`` lets a socket bind a service address even when the
-address is still being added (or could not be), so one failed address never
-stops the rest of a sync.
+Every socket is non-blocking. No ``SO_REUSEPORT``: with it, any other
+process of the same user (root, in the DaemonSet) could bind the same
+address and port and take a share of the service's traffic. TCP listeners
+set ``SO_REUSEADDR`` only, so a restart can bind while old connections sit
+in TIME_WAIT; Linux still refuses a second bind of a listening TCP
+address (and a specific address under a listening wildcard). UDP sockets set
+nothing: for UDP, ``SO_REUSEADDR`` on both sides lets any process bind the
+very same address and port and steal datagrams, and UDP has no TIME_WAIT to
+wait for. A wildcard NodePort and a service address with the same port
+number (say ClusterIP 10.96.0.10:30080) therefore cannot both be bound;
+the planner gives such a NodePort one listener per node address instead
+(``planner.merge``). ``IP_FREEBIND`` lets a socket bind a service address
+even when the address is still being added (or could not be), so one failed
+address never stops the rest of a sync.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ def open_socket(key: ListenerKey) -> socket.socket:
         raise OSError(f"userspace mode cannot serve {key.protocol}")
     sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
@@ -80,3 +87,61 @@ class SourceFilter:
         except ValueError:
             return False
         return any(addr in net for net in self._networks if net.version == addr.version)
+
+
+_UNSPECIFIED = ("0.0.0.0", "::")
+
+
+class OwnListeners:
+    """What proxyd's own listeners of one protocol accept: the data path never connects there.
+
+    An endpoint that is one of them would be accepted by proxyd again and
+    proxied again, without end. The desired state is filtered of such
+    endpoints already (``proxyd.selfloop``); this guard holds whatever the
+    state says, between syncs too: an endpoint ``(ip, port)`` is ours when a
+    listener is bound to exactly it, or when a wildcard listener has the port
+    and ``ip`` is local — a node or service address known at the last sync,
+    the unspecified address, or (for an address added since) one the kernel
+    lets a socket bind, which only a local address allows. That last check
+    costs a socket and a bind, and only endpoints on a wildcard listener's
+    port (a NodePort) that are not known local ever pay it.
+    """
+
+    __slots__ = ("local_ips", "nonlocal_bind", "specific", "wildcard_ports")
+
+    def __init__(self, keys: Sequence[ListenerKey] = (), local_ips: Sequence[str] = (), *,
+                 nonlocal_bind: bool = False) -> None:
+        self.specific = {(k.ip, k.port) for k in keys if k.ip not in _UNSPECIFIED}
+        self.wildcard_ports = {k.port for k in keys if k.ip in _UNSPECIFIED}
+        self.local_ips = frozenset(local_ips)
+        # With net.ipv4.ip_nonlocal_bind every address binds: the bind check would refuse remote endpoints.
+        self.nonlocal_bind = nonlocal_bind
+
+    def __contains__(self, endpoint: tuple[str, int]) -> bool:
+        if endpoint in self.specific:
+            return True
+        if endpoint[1] not in self.wildcard_ports:
+            return False
+        ip = endpoint[0]
+        if ip in self.local_ips or ip in _UNSPECIFIED:
+            return True
+        return not self.nonlocal_bind and _bindable(ip)
+
+
+def _bindable(ip: str) -> bool:
+    """Whether ``ip`` is an address of this namespace (a socket can bind it without IP_FREEBIND)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def nonlocal_bind() -> bool:
+    """net.ipv4.ip_nonlocal_bind of this namespace (read at each sync)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False

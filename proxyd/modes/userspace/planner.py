@@ -21,6 +21,13 @@ services with one externalIP and port) cannot both have it: the first in
 sorted order keeps it and the conflict is reported, like kube-proxy
 userspace failing to open the second port.
 
+Without ``SO_REUSEPORT`` (see ``listeners.py``) a wildcard NodePort
+listener and a service address with the same port and protocol cannot both
+be bound; when that happens the NodePort listens on each node address
+(``local_ips``) instead of the wildcard, and the service address keeps its
+own, more specific listener — the split the kernel made when both shared
+the port.
+
 Planning is per service port (``plan_port``) so a sync can re-plan only the
 services that changed and reuse the rest (``Planner``).
 """
@@ -140,8 +147,13 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
                     tables=tuple(tables), source_ranges=filters)
 
 
-def merge(ports: Mapping[ServicePortName, PortPlan]) -> Plan:
-    """Combine per-port plans; the first service port (sorted) keeps a contested listener."""
+def merge(ports: Mapping[ServicePortName, PortPlan], local_ips: Sequence[str] = ()) -> Plan:
+    """Combine per-port plans; the first service port (sorted) keeps a contested listener.
+
+    A wildcard listener whose port and protocol some specific address also
+    listens on is replaced by one listener per address of ``local_ips`` of
+    its family (an address already listened on keeps its own listener).
+    """
     addresses: set[str] = set()
     listeners: dict[ListenerKey, TableKey] = {}
     tables: dict[TableKey, TableEntry] = {}
@@ -162,8 +174,27 @@ def merge(ports: Mapping[ServicePortName, PortPlan]) -> Plan:
                 conflicts.append(f"{key} wanted by {table.name} is already served by {owner.name}")
             # The same port serving itself twice (an externalIP equal to the
             # ClusterIP) keeps its first, more specific use.
+    _split_wildcards(listeners, local_ips)
     return Plan(addresses=frozenset(addresses), listeners=listeners, tables=tables,
                 conflicts=tuple(conflicts), source_ranges=ranges)
+
+
+def _split_wildcards(listeners: dict[ListenerKey, TableKey], local_ips: Sequence[str]) -> None:
+    wildcards = [k for k in listeners if k.ip in _WILDCARDS]
+    if not wildcards:
+        return
+    specific = {(k.port, k.protocol, family(k.ip)) for k in listeners if k.ip not in _WILDCARDS}
+    for key in wildcards:
+        fam = family(key.ip)
+        if (key.port, key.protocol, fam) not in specific:
+            continue
+        table = listeners.pop(key)
+        for ip in local_ips:
+            if family(ip) == fam:
+                listeners.setdefault(ListenerKey(ip, key.port, key.protocol), table)
+
+
+_WILDCARDS = frozenset(WILDCARD.values())
 
 
 class Planner:
@@ -175,7 +206,8 @@ class Planner:
         self._context: tuple[str, str | None, tuple[str, ...]] | None = None
 
     def plan(self, state: ProxyState, *, changed: frozenset[ServiceName] | None,
-             nodeport_ips: Sequence[str]) -> Plan:
+             nodeport_ips: Sequence[str], local_ips: Sequence[str] = ()) -> Plan:
+        """The node's plan; ``local_ips`` (the node's addresses) stand in for a contested wildcard."""
         context = (state.node_name, state.node_zone, tuple(nodeport_ips))
         if context != self._context:
             # Node name, zone or addresses moved: every port may plan differently.
@@ -201,7 +233,7 @@ class Planner:
             self._inputs[name] = (svc, eps)
             self._ports[name] = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
                                           nodeport_ips=nodeport_ips)
-        return merge(self._ports)
+        return merge(self._ports, local_ips)
 
 
 def nodeport_listen_ips(cidrs: Sequence[str], node_ips: Sequence[str]) -> list[str]:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection
 from typing import Protocol
 
 from proxyd import metrics
-from proxyd.modes.userspace.listeners import tune_tcp
+from proxyd.modes.userspace.listeners import OwnListeners, tune_tcp
 from proxyd.modes.userspace.planner import TableKey
 from proxyd.modes.userspace.poller import Poller
 from proxyd.modes.userspace.pump import (
@@ -60,7 +60,17 @@ log = logging.getLogger(__name__)
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
 RESUME_AFTER = 1.0  # longest accept pause when no connection ends to free descriptors
-FD_RESERVE = 16  # descriptors kept free for HTTP servers, netlink, manifests and the like
+FD_RESERVE = 16  # fewest descriptors kept free for HTTP servers, netlink, manifests and the like
+FD_RESERVE_MAX = 256
+
+
+def fd_reserve(limit: int) -> int:
+    """Descriptors neither listeners nor connections may take: /healthz, /metrics, the source, netlink.
+
+    A sixteenth of the limit, between ``FD_RESERVE`` and ``FD_RESERVE_MAX`` (the HTTP servers alone may
+    hold a few dozen clients at once).
+    """
+    return max(FD_RESERVE, min(FD_RESERVE_MAX, limit // 16))
 BYTES_FLUSH_INTERVAL = 5.0
 
 _AF_INET, _AF_INET6 = socket.AF_INET.value, socket.AF_INET6.value
@@ -104,6 +114,11 @@ class _Dial:
             if ep is None:
                 break
             self.tried.append(ep)
+            if ep in proxy.own:
+                # Our own listener: connecting would proxy this connection to ourselves, again and again.
+                proxy.refuse_own(self.key, ep)
+                self._count_retry(ep, "own listener")
+                continue
             timeout = DIAL_TIMEOUTS[self.attempt]
             self.attempt += 1
             family = _AF_INET6 if ":" in ep[0] else _AF_INET
@@ -202,7 +217,7 @@ class TcpProxy:
     Descriptor budget: the proxy keeps an estimate of the descriptors the
     process holds (those open at start, listeners, two sockets per
     connection, pipes lent or pooled, and ``other_fds()`` for UDP). When
-    another connection would leave fewer than ``FD_RESERVE`` free, or the
+    another connection would leave fewer than ``reserve`` free, or the
     kernel says EMFILE/ENFILE anyway, accepting pauses on every listener at
     once; it resumes when a connection ends (or ``RESUME_AFTER`` later) and
     the estimate allows. Clients meanwhile wait in the listen backlog
@@ -216,6 +231,7 @@ class TcpProxy:
         self.table = table
         self.stats_of = stats_of
         self.fd_limit = fd_limit
+        self.reserve = fd_reserve(fd_limit)
         self.other_fds = other_fds
         self.base_fds = _open_fds()
         # Pooled pipes keep two descriptors each: a small share of the budget.
@@ -229,6 +245,8 @@ class TcpProxy:
         self._flusher: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
         self.poller = Poller(loop)
+        self.own = OwnListeners()  # set by the mode after every sync
+        self._own_logged: set[tuple[str, tuple[str, int]]] = set()
         self._check_at = 0  # open connections + dials at which the descriptor budget is next computed
 
     def fds_in_use(self) -> int:
@@ -237,8 +255,22 @@ class TcpProxy:
         return (self.base_fds + len(self.listeners) + 2 * (len(self.connections) + len(self.dialing))
                 + pipes + self.other_fds())
 
+    def listener_room(self, listeners: int) -> int:
+        """How many more listening sockets may open now, with ``listeners`` open (TCP and UDP).
+
+        Listeners may take at most half of what the reserve and the descriptors held at start leave,
+        so connections always keep the other half; and never what connections already hold.
+        """
+        cap = (self.fd_limit - self.base_fds - self.reserve) // 2
+        free = self.fd_limit - self.reserve - self.fds_in_use()
+        return max(0, min(cap - listeners, free))
+
+    def has_room(self) -> bool:
+        """Whether one more socket fits the budget without touching the reserve (UDP flows ask)."""
+        return self.fds_in_use() + 1 + self.reserve <= self.fd_limit
+
     def _full(self) -> bool:
-        return self.fds_in_use() + 2 + FD_RESERVE > self.fd_limit
+        return self.fds_in_use() + 2 + self.reserve > self.fd_limit
 
     def pause(self, why: str) -> None:
         """Stop accepting on every listener until a connection ends (or ``RESUME_AFTER``)."""
@@ -269,6 +301,12 @@ class TcpProxy:
         for listener in self.listeners:
             listener.start_reading()
 
+    def refuse_own(self, key: TableKey, ep: tuple[str, int]) -> None:
+        """Log (once per service and endpoint) that ``ep`` is one of our own listeners."""
+        if (key.id, ep) not in self._own_logged and len(self._own_logged) < 1024:
+            self._own_logged.add((key.id, ep))
+            log.warning("%s: endpoint %s:%d is one of proxyd's own listeners; never connected to", key, *ep)
+
     def trim_pool(self) -> bool:
         """Free the pooled pipes' descriptors; True when there were any."""
         return self.pool is not None and self.pool.trim() > 0
@@ -289,7 +327,7 @@ class TcpProxy:
             self._check_at = 0
             self.pause("descriptor limit near")
             return
-        headroom = self.fd_limit - FD_RESERVE - self.fds_in_use()
+        headroom = self.fd_limit - self.reserve - self.fds_in_use()
         self._check_at = len(self.connections) + len(self.dialing) + max(0, headroom // 24)
 
     def established(self, client: raw_socket, backend: raw_socket, key: TableKey,

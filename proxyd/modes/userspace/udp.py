@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from proxyd import metrics
+from proxyd.modes.userspace.listeners import OwnListeners
 from proxyd.modes.userspace.planner import TableKey
 from proxyd.modes.userspace.stats import Stats
 
@@ -81,12 +82,16 @@ class UdpProxy:
     """Flows of every UDP listener, kept in the connection table."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, table: Any, stats_of: Callable[[TableKey], Stats],
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, has_room: Callable[[], bool] = lambda: True) -> None:
         self.loop = loop
+        # Whether the descriptor budget has room for one more socket (the reserve stays untouched).
+        self.has_room = has_room
         self.table = table
         self.stats_of = stats_of
         self.idle_timeout = max(idle_timeout, 0.01)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.own = OwnListeners()  # set by the mode after every sync
+        self._own_logged: set[tuple[str, tuple[str, int]]] = set()
 
     def forward(self, listener: UdpListener, client: tuple[str, int], data: bytes,
                 local: bytes | None) -> None:
@@ -110,8 +115,20 @@ class UdpProxy:
         key = listener.key
         stats = self.stats_of(key)
         ep = self.table.pick(listener.key_id, client[0], now, ())
+        tried: list[tuple[str, int]] = []
+        while ep is not None and ep in self.own:
+            # One of our own sockets: the datagram would come back to us and circulate.
+            if (key.id, ep) not in self._own_logged and len(self._own_logged) < 1024:
+                self._own_logged.add((key.id, ep))
+                log.warning("udp %s: endpoint %s:%d is one of proxyd's own listeners; never sent to",
+                            key, *ep)
+            tried.append(ep)
+            ep = self.table.pick(listener.key_id, client[0], now, tried)
         if ep is None:
             stats.reject("no endpoint")
+            return None
+        if not self.has_room():
+            stats.reject("resources")
             return None
         try:
             sock = socket.socket(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET,
