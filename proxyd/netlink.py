@@ -49,6 +49,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+
 from proxyd import metrics
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,14 @@ class BatchSocket:
         while index < len(pending) and len(by_seq) < limit:
             req = pending[index]
             seq = self._next_seq()
-            data = encode(req, seq)
+            try:
+                data = encode(req, seq)
+            except (ValueError, OSError, TypeError, KeyError, struct.error) as err:
+                # An object pyroute2 cannot encode (bad address text...) fails alone.
+                self._seq -= 1
+                result.failures.append(Failure(req.subject, errno.EINVAL, f"cannot encode: {err}"))
+                index += 1
+                continue
             if by_seq and size + len(data) > self.chunk_bytes:
                 self._seq -= 1  # not sent in this chunk: its number is reused by the next
                 break
@@ -250,6 +259,8 @@ class BatchSocket:
             by_seq[seq] = req
             size += len(data)
             index += 1
+        if not parts:
+            return index
         payload = b"".join(parts)
         try:
             self.sock.send(payload)
@@ -367,7 +378,7 @@ def _ext_ack_reason(data: bytes, payload_off: int, end: int, flags: int) -> str:
 
 
 def parse_attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(type, value) of each netlink attribute in ``data[off:end]`` (flags bits stripped); stops at garbage."""
+    """(type, value) of each attribute in ``data[off:end]`` (flag bits stripped); stops at garbage."""
     while off + _NLA.size <= end:
         length, atype = _NLA.unpack_from(data, off)
         if length < _NLA.size or off + length > end:
@@ -390,8 +401,6 @@ _IFADDRMSG = struct.Struct("=BBBBI")
 
 def address_request(add: bool, index: int, ip: str, *, subject: object = None) -> Request:
     """Add (or delete) host address ``ip`` (/32 or /128) on link ``index``; an IPv6 add skips DAD."""
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-
     v6 = ":" in ip
     msg = ifaddrmsg()
     msg["family"] = socket.AF_INET6 if v6 else socket.AF_INET
@@ -409,8 +418,6 @@ def address_request(add: bool, index: int, ip: str, *, subject: object = None) -
 def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNSPEC
                    ) -> list[tuple[int, int, str]]:
     """(family, prefixlen, address) of every address on link ``index``, parsed in one pass."""
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-
     req = ifaddrmsg()
     req["family"] = family
     out: list[tuple[int, int, str]] = []

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPRoute, IPSet, IPVSDest, IPVSService
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
+from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
 
 from proxyd.model import Protocol
 from proxyd.modes.ipvs.planner import (
@@ -45,6 +47,7 @@ from proxyd.modes.ipvs.planner import (
     VirtualServer,
     VSKey,
 )
+from proxyd.netlink import Request
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,45 @@ def entry_args(set_type: str, entry: str) -> tuple[Any, str]:
     if set_type == "hash:ip,port,net" and len(parts) == 3:
         return (parts[0], _port_entry(parts[1]), parts[2]), "ip,port,net"
     raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
+
+
+IPSET_PROTOCOL = 6  # the oldest protocol revision every kernel with ipset accepts
+
+
+def _ip_attr(ip: str) -> dict[str, Any]:
+    return {"attrs": [("IPSET_ATTR_IPADDR_IPV4", ip)]}
+
+
+def ipset_data(set_type: str, entry: str) -> list[tuple[str, Any]]:
+    """IPSET_ATTR_DATA attributes of an entry in ``ipset save`` text; ValueError when it does not fit."""
+    parts = entry.split(",")
+    if set_type == "bitmap:port" and len(parts) == 1 and parts[0].isdigit():
+        return [("IPSET_ATTR_PORT_FROM", int(parts[0]))]
+    if set_type == "hash:ip" and len(parts) == 1:
+        return [("IPSET_ATTR_IP_FROM", _ip_attr(parts[0]))]
+    tuple_types = ("hash:ip,port", "hash:ip,port,ip", "hash:ip,port,net")
+    if set_type in tuple_types and len(parts) == set_type.count(",") + 1:
+        port = _port_entry(parts[1])
+        data: list[tuple[str, Any]] = [("IPSET_ATTR_IP_FROM", _ip_attr(parts[0])),
+                                       ("IPSET_ATTR_PORT_FROM", port.port),
+                                       ("IPSET_ATTR_PROTO", port.protocol)]
+        if len(parts) == 3:
+            ip2, _, cidr = parts[2].partition("/")
+            data.append(("IPSET_ATTR_IP2", _ip_attr(ip2)))
+            if set_type == "hash:ip,port,net":
+                data.append(("IPSET_ATTR_CIDR2", int(cidr) if cidr else 32))
+        return data
+    raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
+
+
+def ipset_request(add: bool, name: str, set_type: str, entry: str) -> Request:
+    """Add (or delete) one entry of set ``name``; an entry already there (or already gone) is harmless."""
+    msg = ipset_msg()
+    msg["nfgen_family"] = socket.AF_INET
+    msg["attrs"] = [("IPSET_ATTR_PROTOCOL", IPSET_PROTOCOL), ("IPSET_ATTR_SETNAME", name),
+                    ("IPSET_ATTR_DATA", {"attrs": ipset_data(set_type, entry)})]
+    cmd = IPSET_CMD_ADD if add else IPSET_CMD_DEL
+    return Request(msg, cmd | (NFNL_SUBSYS_IPSET << 8), 0, f"{name} {entry}", frozenset({IPSET_EXIST}))
 
 
 def _nested_ip(value: Any) -> str:
