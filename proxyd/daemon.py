@@ -83,7 +83,8 @@ class Daemon:
             self._unapplied_since = snapshot.oldest_change
         now = time.monotonic()
         full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
-        request = SyncRequest(snapshot.state, None if full else snapshot.changed)
+        request = SyncRequest(snapshot.state, None if full else snapshot.changed,
+                              None if full else snapshot.changed_ports)
         started = time.perf_counter()
         try:
             await self.mode.sync(request)

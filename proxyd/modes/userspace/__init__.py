@@ -33,6 +33,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
@@ -141,72 +142,87 @@ class UserspaceMode(ProxyMode):
         if not self._started:
             await self.start()
         nodeport_ips = await self._nodeport_ips()
-        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips)
+        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
+                                 changed_ports=request.changed_ports)
         for text in plan.conflicts:
             if text not in self._conflicts:
                 log.warning("userspace: %s; not serving it twice", text)
         self._conflicts = set(plan.conflicts)
 
-        if request.changed is None:
+        changes = plan.changes
+        if changes is None:
             await self.holder.ensure()  # full sync: re-read what the kernel really holds
-        else:
-            await self.holder.check()
-        # New addresses first, so new listeners have them; old ones go last.
-        await self.holder.apply(self.holder.current | plan.addresses)
-        self._update_tables(plan)
-        self._update_listeners(plan)
-        self._remove_tables(plan)
-        await self.holder.apply(plan.addresses)
+            # New addresses first, so new listeners have them; old ones go last.
+            await self.holder.apply(self.holder.current | plan.addresses)
+            self._update_tables(plan, plan.tables)
+            every = [*self.tcp_listeners, *self.udp_listeners, *self._bind_errors, *plan.listeners]
+            self._update_listeners(plan, dict.fromkeys(every))
+            self._remove_tables(plan, list(self.tables))
+            await self.holder.apply(plan.addresses)
+            return
+        # Partial: only what the planner says changed (plus earlier refusals, retried).
+        await self.holder.check()
+        retry = [ip for ip in self.holder.failed if ip in plan.addresses]
+        await self.holder.update(add=[*changes.added_addresses, *retry], remove=())
+        self._update_tables(plan, changes.tables)
+        self._update_listeners(plan, [*changes.listeners, *self._bind_errors])
+        self._remove_tables(plan, changes.tables)
+        await self.holder.update(add=(), remove=changes.removed_addresses)
 
-    def _update_tables(self, plan: Plan) -> None:
+    def _update_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
         assert self.table is not None and self.udp is not None
         now = time.monotonic()
-        for key, entry in plan.tables.items():
-            if self.tables.get(key) == entry:
+        for key in keys:
+            entry = plan.tables.get(key)
+            if entry is None or self.tables.get(key) == entry:
                 continue
             dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
             self.udp.closed_by_table(dropped)
             self.tables[key] = entry
 
-    def _remove_tables(self, plan: Plan) -> None:
+    def _remove_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
         assert self.table is not None and self.udp is not None
-        for key in [k for k in self.tables if k not in plan.tables]:
+        for key in [k for k in keys if k not in plan.tables and k in self.tables]:
             self.udp.closed_by_table(self.table.remove_service(key.id))
             del self.tables[key]
 
-    def _update_listeners(self, plan: Plan) -> None:
+    def _update_listeners(self, plan: Plan, keys: Iterable[ListenerKey]) -> None:
+        """Open, retarget, re-filter or close the listeners ``keys`` as ``plan`` wants them."""
         assert self.tcp is not None and self.udp is not None
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key in [k for k in current if k not in plan.listeners]:
-                current.pop(key).close()
-        for key, table_key in plan.listeners.items():
+        keys = list(keys)
+        for key in keys:
+            if key not in plan.listeners:
+                current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
+                gone = current.pop(key, None)
+                if gone is not None:
+                    gone.close()
+                self._bind_errors.pop(key, None)
+        for key in keys:
+            table_key = plan.listeners.get(key)
+            if table_key is None:
+                continue
             current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
             listener = current.get(key)
-            if listener is not None:
-                if listener.key != table_key:
-                    listener.retarget(table_key)
-                continue
-            if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                self._bind_failed(key, "userspace mode serves only TCP and UDP")
-                continue
-            try:
-                sock = open_socket(key)
-            except OSError as err:
-                self._bind_failed(key, err.strerror or str(err))
-                continue
-            self._bind_errors.pop(key, None)
-            if key.protocol == Protocol.TCP:
-                self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
-            else:
-                self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
-        for key in [k for k in self._bind_errors if k not in plan.listeners]:
-            del self._bind_errors[key]
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key, listener in current.items():
-                ranges = plan.source_ranges.get(key)
-                have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
-                if ranges != have:
-                    listener.admits = SourceFilter(ranges) if ranges else None
+            if listener is None:
+                if key.protocol not in (Protocol.TCP, Protocol.UDP):
+                    self._bind_failed(key, "userspace mode serves only TCP and UDP")
+                    continue
+                try:
+                    sock = open_socket(key)
+                except OSError as err:
+                    self._bind_failed(key, err.strerror or str(err))
+                    continue
+                self._bind_errors.pop(key, None)
+                if key.protocol == Protocol.TCP:
+                    listener = self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
+                else:
+                    listener = self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
+            elif listener.key != table_key:
+                listener.retarget(table_key)
+            ranges = plan.source_ranges.get(key)
+            have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
+            if ranges != have:
+                listener.admits = SourceFilter(ranges) if ranges else None
 
     def _bind_failed(self, key: ListenerKey, why: str) -> None:
         if self._bind_errors.get(key) != why:

@@ -119,6 +119,29 @@ class AddressHolder:
             raise
         return len(add), len(remove)
 
+    async def update(self, *, add: Iterable[str], remove: Iterable[str]) -> tuple[int, int]:
+        """Add and remove just these addresses (a partial sync); (added, removed).
+
+        Costs what is passed, not what is held. Errors as ``apply``.
+        """
+        current = self.current
+        add_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in add} - current
+        remove_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in remove} & current
+        remove_set -= add_set
+        if self._index is None:
+            await self.ensure()
+            add_set -= self.current
+            remove_set &= self.current
+        if not add_set and not remove_set:
+            return 0, 0
+        try:
+            await self._call(lambda: self._apply_sync(add_set, remove_set))
+        except NetlinkError as err:
+            if err.code == ENODEV:
+                self._index = None
+            raise
+        return len(add_set), len(remove_set)
+
     def _apply_sync(self, add: set[str], remove: set[str]) -> None:
         assert self._index is not None
         index = self._index

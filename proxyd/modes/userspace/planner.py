@@ -21,8 +21,10 @@ services with one externalIP and port) cannot both have it: the first in
 sorted order keeps it and the conflict is reported, like kube-proxy
 userspace failing to open the second port.
 
-Planning is per service port (``plan_port``) so a sync can re-plan only the
-services that changed and reuse the rest (``Planner``).
+Planning is per service port (``plan_port``) and the per-port plans are
+merged incrementally (``Merged``), so a partial sync re-plans and re-merges
+only the ports the tracker names as changed and hands the mode only what
+differs (``Plan.changes``): its cost follows the change, not the cluster.
 """
 
 from __future__ import annotations
@@ -89,14 +91,29 @@ class PortPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanChanges:
+    """What a partial plan changed since the previous plan: only these need applying."""
+
+    tables: frozenset[TableKey] = frozenset()  # added, changed or removed
+    listeners: frozenset[ListenerKey] = frozenset()  # added, removed, retargeted or re-filtered
+    added_addresses: frozenset[str] = frozenset()
+    removed_addresses: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """The whole node: addresses to hold, listeners (→ the table key they serve), tables."""
+    """The whole node: addresses to hold, listeners (→ the table key they serve), tables.
+
+    ``changes`` is None for a full plan (apply everything); a partial plan
+    says what differs from the previous one.
+    """
 
     addresses: frozenset[str] = frozenset()
     listeners: Mapping[ListenerKey, TableKey] = field(default_factory=dict)
     tables: Mapping[TableKey, TableEntry] = field(default_factory=dict)
     conflicts: tuple[str, ...] = ()
     source_ranges: Mapping[ListenerKey, tuple[str, ...]] = field(default_factory=dict)
+    changes: PlanChanges | None = field(default=None, compare=False)
 
 
 def _pairs(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
@@ -140,68 +157,182 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
                     tables=tuple(tables), source_ranges=filters)
 
 
+class Merged:
+    """Per-port plans combined into the node's plan, kept up to date one port at a time.
+
+    Putting (or dropping) one port costs only that port's addresses,
+    listeners and tables: address reference counts, and for each listener
+    the ports claiming it, so the first claimant in sorted order keeps it
+    and the others are reported as conflicts. What changed since the last
+    ``take_changes`` is recorded for a partial apply.
+    """
+
+    def __init__(self) -> None:
+        self.ports: dict[ServicePortName, PortPlan] = {}
+        self.addresses: dict[str, int] = {}  # address -> how many ports want it
+        self.claims: dict[ListenerKey, dict[ServicePortName, TableKey]] = {}
+        self.listeners: dict[ListenerKey, TableKey] = {}
+        self.ranges: dict[ListenerKey, tuple[str, ...]] = {}
+        self.conflicts: dict[ListenerKey, tuple[str, ...]] = {}
+        self.tables: dict[TableKey, TableEntry] = {}
+        self._tables_changed: set[TableKey] = set()
+        self._listeners_changed: set[ListenerKey] = set()
+        self._added: set[str] = set()
+        self._removed: set[str] = set()
+
+    def put(self, name: ServicePortName, plan: PortPlan | None) -> None:
+        """Set (or with None drop) one service port's plan."""
+        touched: set[ListenerKey] = set()
+        old = self.ports.pop(name, None)
+        if old is not None:
+            for ip in old.addresses:
+                left = self.addresses[ip] - 1
+                if left:
+                    self.addresses[ip] = left
+                else:
+                    del self.addresses[ip]
+                    if ip in self._added:
+                        self._added.discard(ip)
+                    else:
+                        self._removed.add(ip)
+            for key, _table in old.listeners:
+                self.claims[key].pop(name, None)
+                touched.add(key)
+            for tkey, _entry in old.tables:
+                del self.tables[tkey]
+                self._tables_changed.add(tkey)
+        if plan is not None:
+            self.ports[name] = plan
+            for ip in plan.addresses:
+                count = self.addresses.get(ip, 0)
+                self.addresses[ip] = count + 1
+                if not count:
+                    if ip in self._removed:
+                        self._removed.discard(ip)
+                    else:
+                        self._added.add(ip)
+            for key, table in plan.listeners:
+                # The same port serving itself twice (an externalIP equal to
+                # the ClusterIP) keeps its first, more specific use.
+                self.claims.setdefault(key, {}).setdefault(name, table)
+                touched.add(key)
+            for tkey, entry in plan.tables:
+                if self.tables.get(tkey) != entry or old is None:
+                    self._tables_changed.add(tkey)
+                self.tables[tkey] = entry
+        for key in touched:
+            self._settle(key)
+
+    def _settle(self, key: ListenerKey) -> None:
+        claims = self.claims.get(key)
+        if not claims:
+            self.claims.pop(key, None)
+            self.conflicts.pop(key, None)
+            self.ranges.pop(key, None)
+            if self.listeners.pop(key, None) is not None:
+                self._listeners_changed.add(key)
+            return
+        winner = min(claims)
+        table = claims[winner]
+        if self.listeners.get(key) != table:
+            self.listeners[key] = table
+            self._listeners_changed.add(key)
+        ranges = dict(self.ports[winner].source_ranges).get(key)
+        if ranges != self.ranges.get(key):
+            if ranges:
+                self.ranges[key] = ranges
+            else:
+                del self.ranges[key]
+            self._listeners_changed.add(key)
+        lost = tuple(f"{key} wanted by {claims[n].name} is already served by {table.name}"
+                     for n in sorted(claims) if n != winner)
+        if lost:
+            self.conflicts[key] = lost
+        else:
+            self.conflicts.pop(key, None)
+
+    def take_changes(self) -> PlanChanges:
+        changes = PlanChanges(tables=frozenset(self._tables_changed),
+                              listeners=frozenset(self._listeners_changed),
+                              added_addresses=frozenset(self._added),
+                              removed_addresses=frozenset(self._removed))
+        self._tables_changed.clear()
+        self._listeners_changed.clear()
+        self._added.clear()
+        self._removed.clear()
+        return changes
+
+    def plan(self, changes: PlanChanges | None = None) -> Plan:
+        return Plan(addresses=frozenset(self.addresses), listeners=dict(self.listeners),
+                    tables=dict(self.tables),
+                    conflicts=tuple(sorted(c for texts in self.conflicts.values() for c in texts)),
+                    source_ranges=dict(self.ranges), changes=changes)
+
+
 def merge(ports: Mapping[ServicePortName, PortPlan]) -> Plan:
     """Combine per-port plans; the first service port (sorted) keeps a contested listener."""
-    addresses: set[str] = set()
-    listeners: dict[ListenerKey, TableKey] = {}
-    tables: dict[TableKey, TableEntry] = {}
-    conflicts: list[str] = []
-    ranges: dict[ListenerKey, tuple[str, ...]] = {}
-    for name in sorted(ports):
-        plan = ports[name]
-        addresses.update(plan.addresses)
-        tables.update(plan.tables)
-        own = dict(plan.source_ranges)
-        for key, table in plan.listeners:
-            owner = listeners.get(key)
-            if owner is None:
-                listeners[key] = table
-                if key in own:
-                    ranges[key] = own[key]
-            elif owner.name != table.name:
-                conflicts.append(f"{key} wanted by {table.name} is already served by {owner.name}")
-            # The same port serving itself twice (an externalIP equal to the
-            # ClusterIP) keeps its first, more specific use.
-    return Plan(addresses=frozenset(addresses), listeners=listeners, tables=tables,
-                conflicts=tuple(conflicts), source_ranges=ranges)
+    merged = Merged()
+    for name, plan in ports.items():
+        merged.put(name, plan)
+    return merged.plan()
 
 
 class Planner:
-    """Re-plans only the service ports of changed services; merges the rest from its cache."""
+    """Re-plans only the changed service ports; keeps the rest (and their merge) from the last plan."""
 
     def __init__(self) -> None:
-        self._ports: dict[ServicePortName, PortPlan] = {}
+        self._merged = Merged()
         self._inputs: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
         self._context: tuple[str, str | None, tuple[str, ...]] | None = None
 
     def plan(self, state: ProxyState, *, changed: frozenset[ServiceName] | None,
-             nodeport_ips: Sequence[str]) -> Plan:
+             nodeport_ips: Sequence[str], changed_ports: Iterable[ServicePortName] | None = None) -> Plan:
+        """The node's plan; a partial one (``changes`` set) when ``changed`` is not None.
+
+        ``changed_ports`` (the tracker's index) names the ports to re-plan;
+        without it the ports of ``changed`` services are looked up by a scan.
+        """
         context = (state.node_name, state.node_zone, tuple(nodeport_ips))
         if context != self._context:
             # Node name, zone or addresses moved: every port may plan differently.
             changed = None
             self._context = context
-            self._ports.clear()
             self._inputs.clear()
         if changed is None:
-            names: Iterable[ServicePortName] = list(state.services)
-            for gone in set(self._ports) - set(state.services):
-                del self._ports[gone]
-                del self._inputs[gone]
+            old_inputs = self._inputs
+            old_ports = self._merged.ports
+            self._merged = Merged()
+            self._inputs = {}
+            for name, svc in state.services.items():
+                eps = state.endpoints_of(name)
+                part = old_ports.get(name)
+                if part is None or old_inputs.get(name) != (svc, eps):
+                    part = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
+                                     nodeport_ips=nodeport_ips)
+                self._inputs[name] = (svc, eps)
+                self._merged.put(name, part)
+            self._merged.take_changes()
+            return self._merged.plan()
+        if changed_ports is None:
+            names: Iterable[ServicePortName] = (
+                {n for n in state.services if n.service in changed}
+                | {n for n in self._merged.ports if n.service in changed})
         else:
-            names = [n for n in state.services if n.service in changed or n not in self._ports]
-            for gone in [n for n in self._ports if n.service in changed and n not in state.services]:
-                del self._ports[gone]
-                del self._inputs[gone]
+            names = changed_ports
         for name in names:
-            svc = state.services[name]
-            eps = state.endpoints_of(name)
-            if self._inputs.get(name) == (svc, eps):
+            svc_port = state.services.get(name)
+            if svc_port is None:
+                if name in self._merged.ports:
+                    self._merged.put(name, None)
+                self._inputs.pop(name, None)
                 continue
-            self._inputs[name] = (svc, eps)
-            self._ports[name] = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
-                                          nodeport_ips=nodeport_ips)
-        return merge(self._ports)
+            eps = state.endpoints_of(name)
+            if self._inputs.get(name) == (svc_port, eps):
+                continue
+            self._inputs[name] = (svc_port, eps)
+            self._merged.put(name, plan_port(svc_port, eps, node_name=state.node_name,
+                                             node_zone=state.node_zone, nodeport_ips=nodeport_ips))
+        return self._merged.plan(self._merged.take_changes())
 
 
 def nodeport_listen_ips(cidrs: Sequence[str], node_ips: Sequence[str]) -> list[str]:
