@@ -121,7 +121,9 @@ class PlannerTimedDriver:
         return await self._sync(SyncRequest(state, None))
 
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        return await self._sync(SyncRequest(state, changed))
+        # As the daemon does: the services and the tracker's index of their changed ports.
+        ports = frozenset(n for n in (BENCH_PORT,) if n.service in changed)
+        return await self._sync(SyncRequest(state, changed, ports))
 
     async def close(self) -> None:
         await self.mode.shutdown()
@@ -247,8 +249,11 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
     }
 
 
+BENCH_PORT = ServicePortName("bench", "svc-0", "http", L4.TCP)  # the port the incremental syncs change
+
+
 def _shift(state: ProxyState, gen: int) -> ProxyState:
-    first = ServicePortName("bench", "svc-0", "http", L4.TCP)
+    first = BENCH_PORT
     eps = dict(state.endpoints)
     eps[first] = (*eps[first][:-1], Endpoint(f"10.250.{gen // 256 % 256}.{gen % 256}", 8080))
     return ProxyState(services=state.services, endpoints=eps, node_name=state.node_name)

@@ -42,6 +42,7 @@ from proxyd.modes.ipvs.planner import (
     NODE_PORT_SCTP,
     NODE_PORT_TCP,
     NODE_PORT_UDP,
+    Op,
     PlanContext,
     RealServer,
     VirtualServer,
@@ -329,6 +330,7 @@ class FakeApplier:
         self.sets: dict[str, set[str]] = {}
         self.bound: set[str] = set()
         self.rules = ""
+        self.refuse: set[Op] = set()  # operations the fake kernel refuses
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)
@@ -403,6 +405,23 @@ class FakeApplier:
     def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
         self.log("restore", ensure_jumps)
         self.rules = rules
+
+    def apply(self, ops: Any) -> set[Op]:
+        """The real applier's entry point: each operation becomes one call above; refused ones returned."""
+        failed = set()
+        for op in ops:
+            if op in self.refuse:
+                failed.add(op)
+                continue
+            if op.kind in ("set_add", "set_del"):
+                name, entry = op.args
+                adding = op.kind == "set_add"
+                self.change_set(name, (entry,) if adding else (), () if adding else (entry,))
+            elif op.kind in ("bind", "unbind"):
+                self.bind(op.args if op.kind == "bind" else (), op.args if op.kind == "unbind" else ())
+            else:
+                getattr(self, op.kind)(*op.args)
+        return failed
 
 
 KEY = VSKey("10.96.0.10", 80, TCP)
@@ -527,4 +546,4 @@ def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier])
     with pytest.raises(RuntimeError):
         changed = svc(type=ServiceType.NODE_PORT, node_port=30080)  # new set in use: the rules change
         run(m.sync(SyncRequest(state_of((changed, (LOCAL1,))), frozenset({ServiceName("default", "web")}))))
-    assert m._servers is None  # the next sync re-reads the kernel whatever it is asked
+    assert m._held is None  # the next sync re-reads the kernel whatever it is asked

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,11 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPRoute, IPSet, IPVSDest, IPVSService
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import ipvs as genl_ipvs
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
 from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
 
+from proxyd import metrics
 from proxyd.model import Protocol
 from proxyd.modes.ipvs.planner import (
     DEVICE,
@@ -43,11 +46,19 @@ from proxyd.modes.ipvs.planner import (
     IPSETS,
     JUMPS,
     NAT_CHAINS,
+    Op,
     RealServer,
     VirtualServer,
     VSKey,
 )
-from proxyd.netlink import Request
+from proxyd.netlink import (
+    NETLINK_GENERIC,
+    NETLINK_NETFILTER,
+    NETLINK_ROUTE,
+    BatchSocket,
+    Request,
+    address_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +195,60 @@ def key_service(key: VSKey) -> IPVSService:
     return IPVSService(addr=key.ip, port=key.port, protocol=_PROTO_NUM[key.protocol])
 
 
+def _key_attrs(key: VSKey) -> list[tuple[str, Any]]:
+    return [("IPVS_SVC_ATTR_AF", socket.AF_INET), ("IPVS_SVC_ATTR_PROTOCOL", _PROTO_NUM[key.protocol]),
+            ("IPVS_SVC_ATTR_ADDR", key.ip), ("IPVS_SVC_ATTR_PORT", key.port)]
+
+
+def _ipvs_msg(cmd: int, attrs: list[tuple[str, Any]]) -> Any:
+    msg = genl_ipvs.ipvsmsg()
+    msg["cmd"] = cmd
+    msg["version"] = genl_ipvs.GENL_VERSION
+    msg["attrs"] = attrs
+    return msg
+
+
+def server_request(family_id: int, op: Op) -> Request:
+    """The IPVS generic-netlink request of a virtual-server ``op`` (add/update/delete_server)."""
+    if op.kind == "delete_server":
+        key: VSKey = op.args[0]
+        service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+        msg = _ipvs_msg(genl_ipvs.IPVS_CMD_DEL_SERVICE, [service])
+        return Request(msg, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
+    vs: VirtualServer = op.args[0]
+    attrs = [*_key_attrs(vs.key), ("IPVS_SVC_ATTR_SCHED_NAME", vs.scheduler),
+             ("IPVS_SVC_ATTR_FLAGS", {"flags": vs.flags, "mask": 0xFFFFFFFF}),
+             ("IPVS_SVC_ATTR_TIMEOUT", vs.timeout), ("IPVS_SVC_ATTR_NETMASK", "255.255.255.255")]
+    cmd = genl_ipvs.IPVS_CMD_NEW_SERVICE if op.kind == "add_server" else genl_ipvs.IPVS_CMD_SET_SERVICE
+    return Request(_ipvs_msg(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": attrs})]), family_id, 0, op)
+
+
+def dest_request(family_id: int, op: Op) -> Request:
+    """The IPVS generic-netlink request of a real-server ``op`` (add_dest/set_weight/delete_dest)."""
+    key: VSKey = op.args[0]
+    server: RealServer = op.args[1]
+    service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+    if op.kind == "delete_dest":
+        dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
+                          ("IPVS_DEST_ATTR_PORT", server.port)]}
+        msg = _ipvs_msg(genl_ipvs.IPVS_CMD_DEL_DEST, [service, ("IPVS_CMD_ATTR_DEST", dest)])
+        return Request(msg, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
+    dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
+                      ("IPVS_DEST_ATTR_PORT", server.port), ("IPVS_DEST_ATTR_FWD_METHOD", FWD_MASQ),
+                      ("IPVS_DEST_ATTR_WEIGHT", op.args[2]), ("IPVS_DEST_ATTR_U_THRESH", 0),
+                      ("IPVS_DEST_ATTR_L_THRESH", 0)]}
+    cmd = genl_ipvs.IPVS_CMD_NEW_DEST if op.kind == "add_dest" else genl_ipvs.IPVS_CMD_SET_DEST
+    return Request(_ipvs_msg(cmd, [service, ("IPVS_CMD_ATTR_DEST", dest)]), family_id, 0, op)
+
+
+_SOCKET_OF = {"set_add": "ipset", "set_del": "ipset", "bind": "address", "unbind": "address",
+              "add_server": "ipvs", "update_server": "ipvs", "delete_server": "ipvs",
+              "add_dest": "ipvs", "set_weight": "ipvs", "delete_dest": "ipvs"}
+_PROTOCOL_OF = {"ipset": NETLINK_NETFILTER, "address": NETLINK_ROUTE, "ipvs": NETLINK_GENERIC}
+# An add that finds its object there (a race with another writer) becomes an update.
+_AS_UPDATE = {"add_server": "update_server", "add_dest": "set_weight"}
+
+
 class IpvsApplier:
     """Blocking kernel operations, run one at a time on a private worker thread."""
 
@@ -197,6 +262,7 @@ class IpvsApplier:
         self.iptables_save = iptables_save
         self.iptables = iptables
         self._device_index: int | None = None
+        self._batch: dict[str, BatchSocket] = {}
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
@@ -211,6 +277,63 @@ class IpvsApplier:
                 with contextlib.suppress(Exception):
                     sock.close()
         self._ipvs = self._ipset = self._ipr = None
+        for batch in self._batch.values():
+            batch.close()
+        self._batch.clear()
+
+    def _batch_socket(self, kind: str) -> BatchSocket:
+        sock = self._batch.get(kind)
+        if sock is None:
+            sock = self._batch[kind] = BatchSocket(_PROTOCOL_OF[kind], kind=kind)
+        return sock
+
+    # -- operations (the mode's diff), in batches ----------------------------------------
+
+    def apply(self, ops: Sequence[Op]) -> set[Op]:
+        """Run ``ops`` in order, one netlink batch per run of the same kind; return the ones refused.
+
+        A refused operation is logged and counted
+        (``proxyd_netlink_failures_total``) and fails only itself: the rest
+        of its batch applies. Operations of different kinds keep their
+        order (set entries before the addresses before the servers).
+        """
+        failed: set[Op] = set()
+        for kind, group in itertools.groupby(ops, key=lambda op: _SOCKET_OF[op.kind]):
+            batch = list(group)
+            requests: list[Request] = []
+            for op in batch:
+                try:
+                    requests.append(self._request(op))
+                except (ValueError, KeyError) as err:
+                    log.error("ipvs: cannot apply %s: %s", op, err)
+                    metrics.NETLINK_FAILURES.labels(kind=kind).inc()
+                    failed.add(op)
+            sock = self._batch_socket(kind)
+            result = sock.run(requests, log_failures=False)
+            refused = result.failures
+            again = [f for f in refused if f.code == errno.EEXIST and f.subject.kind in _AS_UPDATE]
+            if again:
+                updates = {Op(_AS_UPDATE[f.subject.kind], f.subject.args): f.subject for f in again}
+                retry = sock.run([self._request(op) for op in updates], log_failures=False)
+                refused = [f for f in refused if f not in again]
+                refused += [type(f)(updates[f.subject], f.code, f.reason) for f in retry.failures]
+            for failure in refused:
+                log.error("ipvs: cannot apply %s", failure)
+                metrics.NETLINK_FAILURES.labels(kind=kind).inc()
+                failed.add(failure.subject)
+        return failed
+
+    def _request(self, op: Op) -> Request:
+        kind = op.kind
+        if kind in ("set_add", "set_del"):
+            name, entry = op.args
+            return ipset_request(kind == "set_add", name, IPSET_BY_NAME[name].type, entry)
+        if kind in ("bind", "unbind"):
+            index = self._device_index if self._device_index is not None else self.ensure_device()
+            return address_request(kind == "bind", index, op.args[0], subject=op)
+        if kind in ("add_server", "update_server", "delete_server"):
+            return server_request(self.ipvs.prid, op)
+        return dest_request(self.ipvs.prid, op)
 
     # Sockets are opened lazily in the worker thread and kept open.
     @property

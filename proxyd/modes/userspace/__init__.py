@@ -9,10 +9,12 @@ UDP per client flow (``udp.py``); endpoints are chosen by the connection
 table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
 allows (``planner.py``).
 
-A sync re-plans the changed services, then applies the difference in an
-order that never leaves a listener without its address: add new
-addresses, open new listeners, install endpoint lists, close removed
-listeners, remove old addresses. Closing a listener or changing endpoints
+A sync re-plans the changed service ports (the tracker's index), then
+applies the difference: add new addresses (a full sync does this in the
+netlink thread while the listeners open: they bind with IP_FREEBIND, and
+no packet reaches a listener before its address exists), open new
+listeners, install endpoint lists, close removed listeners, remove old
+addresses (only after their listeners closed). Closing a listener or changing endpoints
 never touches established connections. A listener that cannot be opened
 (port taken by another program) is logged once and retried at every sync;
 it does not fail the sync, like kube-proxy userspace's per-port errors.
@@ -152,12 +154,18 @@ class UserspaceMode(ProxyMode):
         changes = plan.changes
         if changes is None:
             await self.holder.ensure()  # full sync: re-read what the kernel really holds
-            # New addresses first, so new listeners have them; old ones go last.
-            await self.holder.apply(self.holder.current | plan.addresses)
-            self._update_tables(plan, plan.tables)
-            every = [*self.tcp_listeners, *self.udp_listeners, *self._bind_errors, *plan.listeners]
-            self._update_listeners(plan, dict.fromkeys(every))
-            self._remove_tables(plan, list(self.tables))
+            # New addresses are added by the netlink thread while listeners
+            # open here (they bind with IP_FREEBIND, and no packet reaches a
+            # listener before its address exists); old addresses go last,
+            # after their listeners closed.
+            adding = asyncio.ensure_future(self.holder.apply(self.holder.current | plan.addresses))
+            try:
+                self._update_tables(plan, plan.tables)
+                every = [*self.tcp_listeners, *self.udp_listeners, *self._bind_errors, *plan.listeners]
+                self._update_listeners(plan, dict.fromkeys(every))
+                self._remove_tables(plan, list(self.tables))
+            finally:
+                await adding
             await self.holder.apply(plan.addresses)
             return
         # Partial: only what the planner says changed (plus earlier refusals, retried).
