@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,6 +86,26 @@ class Driver(Protocol):
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]: ...
     def rules(self) -> int: ...
     async def close(self) -> None: ...
+    def c_tools(self, repeat: int) -> dict[str, float]: ...
+
+
+def timed_tool(argv: list[str], text: str) -> float:
+    """Seconds one C tool takes to apply ``text`` (its stdin or batch file); raises when it fails."""
+    t = time.perf_counter()
+    proc = subprocess.run(argv, input=text, text=True, capture_output=True, timeout=POINT_TIMEOUT,
+                          check=False)
+    took = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:400]}")
+    return took
+
+
+def address_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
+    """``ip -batch`` input adding (or deleting) host addresses on ``device``."""
+    return "".join(f"addr {verb} {ip}/{128 if ':' in ip else 32} dev {device}\n" for ip in ips)
+
+
+COMPARE_DEVICE = "pxdcmp0"  # where the C tools put the same addresses, after proxyd's own are gone
 
 
 class PlannerTimedDriver:
@@ -149,6 +169,10 @@ class IptablesDriver(PlannerTimedDriver):
         plan = self.mode.last_plan
         return sum(len(r.chain_rules) + len(r.nat_services) for r in plan.cache.values()) if plan else 0
 
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        del repeat
+        return {}  # the restore tools' own figures: bench/iptables_tools.py
+
 
 class IpvsDriver(PlannerTimedDriver):
     """proxyd.modes.ipvs.IpvsMode (needs a kernel with IPVS: run it inside the QEMU guest).
@@ -177,6 +201,56 @@ class IpvsDriver(PlannerTimedDriver):
         plan = self.mode.last_plan
         return len(plan.servers) if plan else 0
 
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        """The same objects through ip -batch, ipset restore, ipvsadm-restore and iptables-restore.
+
+        Run after proxyd's own objects were removed (``--cleanup``), on an
+        empty IPVS table, as proxyd's full sync was. The incremental figure
+        is the equivalent of proxyd's partial sync: one real server added and
+        the one it replaces set to weight 0, through ``ipvsadm-restore``.
+        """
+        from proxyd.modes.ipvs.planner import IPSETS
+
+        plan = self.mode.last_plan
+        rules = self.mode._rules
+        assert plan is not None and rules is not None
+        out: dict[str, float] = {}
+        subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "dummy"], check=True, timeout=30)
+        try:
+            batch = address_batch(sorted(plan.bind), COMPARE_DEVICE)
+            out["c_ip_batch_s"] = timed_tool(["ip", "-batch", "-"], batch)
+            lines = []
+            for info in IPSETS:
+                extra = ("range 0-65535" if info.type == "bitmap:port"
+                         else "family inet hashsize 1024 maxelem 65536")
+                lines.append(f"create {info.name} {info.type} {extra}")
+                lines.extend(f"add {info.name} {e}" for e in sorted(plan.ipsets.get(info.name, ())))
+            out["c_ipset_restore_s"] = timed_tool(["ipset", "restore", "-exist"], "\n".join(lines) + "\n")
+            vs_lines = []
+            for key, vs in plan.servers.items():
+                flag = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[key.protocol.value]
+                vs_lines.append(f"-A {flag} {key.ip}:{key.port} -s {vs.scheduler}")
+                vs_lines.extend(f"-a {flag} {key.ip}:{key.port} -r {d.ip}:{d.port} -m -w 1"
+                                for d in plan.destinations.get(key, ()))
+            out["c_ipvsadm_restore_s"] = timed_tool(["ipvsadm-restore"], "\n".join(vs_lines) + "\n")
+            out["c_iptables_restore_s"] = timed_tool(["iptables-restore", "--noflush", "-w", "5"], rules)
+            out["c_full_s"] = sum(out.values())
+            first = next(iter(plan.servers))
+            old = plan.destinations[first][-1]
+            times = []
+            for gen in range(1, repeat + 1):
+                new = f"10.251.{gen // 256 % 256}.{gen % 256}"
+                text = (f"-a -t {first.ip}:{first.port} -r {new}:{old.port} -m -w 1\n"
+                        f"-e -t {first.ip}:{first.port} -r {old.ip}:{old.port} -m -w 0\n")
+                times.append(timed_tool(["ipvsadm-restore"], text))
+            out["c_incremental_s"] = statistics.median(times)
+        finally:
+            subprocess.run(["ipvsadm", "-C"], check=False, timeout=120, capture_output=True)
+            for info in IPSETS:
+                subprocess.run(["ipset", "destroy", info.name], check=False, timeout=60, capture_output=True)
+            subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=60)
+        return out
+
 
 class UserspaceDriver(PlannerTimedDriver):
     """proxyd.modes.userspace.UserspaceMode: addresses on ``proxyd0``, one listener per service port.
@@ -192,15 +266,48 @@ class UserspaceDriver(PlannerTimedDriver):
 
         self.mode = UserspaceMode(Config(proxy_mode="userspace", node_name="bench-node"))
 
-    async def full(self, state: ProxyState) -> dict[str, float]:
+    async def _full_checked(self, state: ProxyState) -> dict[str, float]:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         if len(state.services) > hard:
             raise SystemExit(f"userspace: {len(state.services)} listeners need as many descriptors; "
                              f"the hard limit here is {hard}")
         return await super().full(state)
 
+    async def start(self) -> None:
+        await super().start()
+        holder = self.mode.holder
+        apply_sync = holder._apply_sync
+        self.address_s = 0.0
+
+        def timed_apply(add: set[str], remove: set[str]) -> None:
+            t = time.perf_counter()
+            try:
+                apply_sync(add, remove)
+            finally:
+                self.address_s += time.perf_counter() - t
+                self.addresses = sorted(add) if add else getattr(self, "addresses", [])
+
+        holder._apply_sync = timed_apply  # type: ignore[method-assign]
+
+    async def full(self, state: ProxyState) -> dict[str, float]:
+        self.address_s = 0.0
+        out = await self._full_checked(state)
+        out["addresses"] = self.address_s
+        return out
+
     def rules(self) -> int:
         return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        """The full sync's addresses through ``ip -batch``, on a fresh bridge, after proxyd's are gone."""
+        del repeat
+        subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "bridge"], check=True, timeout=30)
+        try:
+            subprocess.run(["ip", "link", "set", COMPARE_DEVICE, "up"], check=True, timeout=30)
+            took = timed_tool(["ip", "-batch", "-"], address_batch(self.addresses, COMPARE_DEVICE))
+        finally:
+            subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=120)
+        return {"c_addresses_s": took}
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
@@ -225,7 +332,8 @@ def rss_mib() -> float:
     return float("nan")
 
 
-async def measure(mode: str, backend: str, services: int, endpoints: int, repeat: int) -> dict[str, Any]:
+async def measure(mode: str, backend: str, services: int, endpoints: int, repeat: int,
+                  compare: bool = True) -> dict[str, Any]:
     driver = DRIVERS[mode](backend)
     await driver.start()
     state = build_state(services, endpoints)
@@ -237,7 +345,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         partials.append(await driver.partial(_shift(state, gen), changed))
     rules = driver.rules()
     await driver.close()
-    return {
+    out: dict[str, Any] = {
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
         "full_s": round(full["total"], 4), "plan_full_s": round(full["plan"], 4),
         "incremental_s": round(statistics.median(p["total"] for p in partials), 4),
@@ -247,6 +355,19 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rules": rules,
     }
+    if "addresses" in full:
+        out["addresses_s"] = round(full["addresses"], 4)
+    if compare:
+        # The same objects through the C tools, in this run, once proxyd's own are removed.
+        await _cleanup(mode)
+        tools = driver.c_tools(repeat)
+        out.update({k: round(v, 4) for k, v in tools.items()})
+        for mine, theirs, ratio in (("full_s", "c_full_s", "full_ratio"),
+                                    ("incremental_s", "c_incremental_s", "incremental_ratio"),
+                                    ("addresses_s", "c_addresses_s", "addresses_ratio")):
+            if mine in out and out.get(theirs):
+                out[ratio] = round(out[mine] / out[theirs], 2)
+    return out
 
 
 BENCH_PORT = ServicePortName("bench", "svc-0", "http", L4.TCP)  # the port the incremental syncs change
@@ -269,6 +390,16 @@ def report(r: dict[str, Any]) -> None:
               f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
               f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
+        if "c_addresses_s" in r:
+            print(f"{'':8} {'':7} {'':>6}     addresses: proxyd {r['addresses_s']:.3f}s, ip -batch "
+                  f"{r['c_addresses_s']:.3f}s (ratio {r.get('addresses_ratio', float('nan')):.2f})",
+                  file=sys.stderr, flush=True)
+        if "c_full_s" in r:
+            print(f"{'':8} {'':7} {'':>6}     C tools: full {r['c_full_s']:.3f}s (ip -batch "
+                  f"{r['c_ip_batch_s']:.3f}, ipset restore {r['c_ipset_restore_s']:.3f}, ipvsadm-restore "
+                  f"{r['c_ipvsadm_restore_s']:.3f}, iptables-restore {r['c_iptables_restore_s']:.3f}) ratio "
+                  f"{r.get('full_ratio', float('nan')):.2f}; incremental {r['c_incremental_s'] * 1000:.1f}ms "
+                  f"ratio {r.get('incremental_ratio', float('nan')):.2f}", file=sys.stderr, flush=True)
 
 
 def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -277,7 +408,8 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
         for count in args.services:
             # Each point in a fresh child so memory and rules do not carry over.
             argv = [sys.executable, __file__, "--mode", args.mode, "--services", str(count), "--endpoints",
-                    str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point"]
+                    str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point",
+                    *(["--no-compare"] if args.no_compare else [])]
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=POINT_TIMEOUT,
                                       check=False, env={**os.environ, INSIDE_ENV: "1"})
@@ -328,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the C tools (userspace: ip -batch; ipvs: ip -batch, ipset restore, "
+                             "ipvsadm-restore, iptables-restore) that time the same objects after each point")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(raw)
     if not args.backend:
@@ -340,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return in_netns([*raw, "--backend", ",".join(args.backend)] if "--backend" not in raw else raw)
     if args.point:
         result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
-                                     args.repeat))
+                                     args.repeat, compare=not args.no_compare))
         print(json.dumps(result))
         return 0
     results = inside(args)

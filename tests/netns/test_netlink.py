@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from proxyd import metrics
-from proxyd.modes.ipvs.applier import ipset_request
+from proxyd.modes.ipvs.applier import IpvsApplier, ipset_request
+from proxyd.modes.ipvs.planner import CLUSTER_IP, Op
 from proxyd.netlink import (
     NETLINK_NETFILTER,
     NETLINK_ROUTE,
@@ -132,3 +133,21 @@ def test_ipset_batch_with_a_refused_entry(ns: str, caplog: pytest.LogCaptureFixt
     assert members == set(entries[10:])
     ports = run(["ip", "netns", "exec", ns, "ipset", "list", "PXD-T-PORTS"]).stdout
     assert ports.split("Members:", 1)[1].split() == ["443"]
+
+
+def test_ipvs_applier_runs_set_operations_as_one_batch(ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The ipvs applier's operations on proxyd's own sets (IPVS itself needs the guest)."""
+    applier = IpvsApplier()
+    try:
+        with in_netns(ns):
+            applier.ensure_sets()
+            good = [Op("set_add", (CLUSTER_IP, f"10.96.0.{i},tcp:80")) for i in range(1, 101)]
+            bad = Op("set_add", (CLUSTER_IP, "10.96.0.1,icmp:80"))  # not a protocol the set takes
+            with caplog.at_level(logging.ERROR):
+                failed = applier.apply([*good[:50], bad, *good[50:]])
+            assert failed == {bad} and "icmp" in caplog.text
+            assert applier.read_sets()[CLUSTER_IP] == {op.args[1] for op in good}
+            assert applier.apply([Op("set_del", op.args) for op in good[:10]]) == set()
+            assert len(applier.read_sets()[CLUSTER_IP]) == 90
+    finally:
+        applier._close_sockets()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pyroute2.netlink.generic import ipvs as genl_ipvs
+from pyroute2.netlink.nfnetlink.ipset import ipset_msg
 
 from proxyd.config import Config
 from proxyd.model import (
@@ -21,7 +23,15 @@ from proxyd.model import (
 )
 from proxyd.modes.base import SyncRequest
 from proxyd.modes.ipvs import mode as mode_module
-from proxyd.modes.ipvs.applier import KernelDest, entry_args, entry_text, saved_jumps
+from proxyd.modes.ipvs.applier import (
+    KernelDest,
+    dest_request,
+    entry_args,
+    entry_text,
+    ipset_request,
+    saved_jumps,
+    server_request,
+)
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.mode import IpvsMode, ipvs_sysctls
 from proxyd.modes.ipvs.planner import (
@@ -52,6 +62,7 @@ from proxyd.modes.ipvs.planner import (
     plan_port,
     validate_scheduler,
 )
+from proxyd.netlink import encode
 
 NODE = "node1"
 CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.51.100.1"),
@@ -547,3 +558,45 @@ def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier])
         changed = svc(type=ServiceType.NODE_PORT, node_port=30080)  # new set in use: the rules change
         run(m.sync(SyncRequest(state_of((changed, (LOCAL1,))), frozenset({ServiceName("default", "web")}))))
     assert m._held is None  # the next sync re-reads the kernel whatever it is asked
+
+
+def test_ipvs_requests_encode_what_the_kernel_expects() -> None:
+    """The batched IPVS requests decode (with pyroute2's own parser) to the attributes the kernel reads."""
+    vs = VirtualServer(KEY, "rr", FLAG_PERSISTENT, 10800)
+    for op, cmd in ((Op("add_server", (vs,)), genl_ipvs.IPVS_CMD_NEW_SERVICE),
+                    (Op("update_server", (vs,)), genl_ipvs.IPVS_CMD_SET_SERVICE),
+                    (Op("delete_server", (KEY,)), genl_ipvs.IPVS_CMD_DEL_SERVICE),
+                    (Op("add_dest", (KEY, S1, 1)), genl_ipvs.IPVS_CMD_NEW_DEST),
+                    (Op("set_weight", (KEY, S1, 0)), genl_ipvs.IPVS_CMD_SET_DEST),
+                    (Op("delete_dest", (KEY, S1)), genl_ipvs.IPVS_CMD_DEL_DEST)):
+        build = server_request if "server" in op.kind else dest_request
+        req = build(42, op)
+        msg = genl_ipvs.ipvsmsg(encode(req, 7))
+        msg.decode()
+        assert (msg["header"]["type"], msg["header"]["sequence_number"], msg["cmd"]) == (42, 7, cmd)
+        svc_attrs = dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])
+        assert (svc_attrs["IPVS_SVC_ATTR_ADDR"], svc_attrs["IPVS_SVC_ATTR_PORT"],
+                svc_attrs["IPVS_SVC_ATTR_PROTOCOL"]) == ("10.96.0.10", 80, 6)
+        if op.kind in ("add_server", "update_server"):
+            assert svc_attrs["IPVS_SVC_ATTR_SCHED_NAME"] == "rr"
+            assert svc_attrs["IPVS_SVC_ATTR_TIMEOUT"] == 10800
+            assert svc_attrs["IPVS_SVC_ATTR_FLAGS"]["flags"] == FLAG_PERSISTENT
+        if "dest" in op.kind or op.kind == "set_weight":
+            dest = dict(msg.get_attr("IPVS_CMD_ATTR_DEST")["attrs"])
+            assert (dest["IPVS_DEST_ATTR_ADDR"], dest["IPVS_DEST_ATTR_PORT"]) == ("10.244.1.11", 8080)
+            if op.kind != "delete_dest":
+                assert (dest["IPVS_DEST_ATTR_WEIGHT"], dest["IPVS_DEST_ATTR_FWD_METHOD"]) == (op.args[2], 0)
+
+
+def test_ipset_entries_encode_for_every_set_type() -> None:
+    for set_type, entry in (("bitmap:port", "30080"), ("hash:ip", "10.96.0.1"),
+                            ("hash:ip,port", "10.96.0.1,udp:53"),
+                            ("hash:ip,port,ip", "10.244.1.2,tcp:80,10.244.1.2"),
+                            ("hash:ip,port,net", "10.96.0.1,tcp:80,192.0.2.0/24")):
+        msg = ipset_msg(encode(ipset_request(True, "S", set_type, entry), 1))
+        msg.decode()
+        assert msg.get_attr("IPSET_ATTR_SETNAME") == "S"
+    for set_type, entry in (("bitmap:port", "http"), ("hash:ip,port", "10.96.0.1"),
+                            ("hash:ip,port", "10.96.0.1,gre:1"), ("hash:ip", "a,b,c"), ("list:set", "x")):
+        with pytest.raises(ValueError):
+            ipset_request(True, "S", set_type, entry)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPRoute, IPSet, IPVSDest, IPVSService
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic import ipvs as genl_ipvs
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
 from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
@@ -263,6 +264,7 @@ class IpvsApplier:
         self.iptables = iptables
         self._device_index: int | None = None
         self._batch: dict[str, BatchSocket] = {}
+        self._family_id: int | None = None
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
@@ -332,8 +334,16 @@ class IpvsApplier:
             index = self._device_index if self._device_index is not None else self.ensure_device()
             return address_request(kind == "bind", index, op.args[0], subject=op)
         if kind in ("add_server", "update_server", "delete_server"):
-            return server_request(self.ipvs.prid, op)
-        return dest_request(self.ipvs.prid, op)
+            return server_request(self._ipvs_family(), op)
+        return dest_request(self._ipvs_family(), op)
+
+    def _ipvs_family(self) -> int:
+        """IPVS's generic-netlink family id (the kernel assigns it when ip_vs loads)."""
+        if self._family_id is None:
+            with GenericNetlinkSocket() as ctrl:
+                ctrl.bind(genl_ipvs.GENL_NAME, genl_ipvs.ipvsmsg)
+                self._family_id = int(ctrl.prid)
+        return self._family_id
 
     # Sockets are opened lazily in the worker thread and kept open.
     @property
