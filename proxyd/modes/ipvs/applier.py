@@ -1,7 +1,11 @@
 """ipvs mode's applier: the only code of the mode that talks to the kernel.
 
-IPVS virtual and real servers, ipsets and the ``kube-ipvs0`` dummy device
-go through pyroute2 (generic netlink, nfnetlink, rtnetlink); the small fixed
+Changes to IPVS virtual and real servers, ipset entries and the addresses
+on the ``kube-ipvs0`` dummy device are the mode's operations (``Op``, from
+the pure ``planner.diff``), run by ``apply`` as netlink batches
+(``proxyd.netlink``: requests encoded with pyroute2's message classes,
+many per send, one bad object failing alone). Reads, set creation and the
+graceful-termination checks use pyroute2's sockets; the small fixed
 iptables ruleset goes through ``iptables-restore --noflush`` (argv, no
 shell); sysctls through /proc/sys. Every method here is blocking and is
 called from one dedicated worker thread (``IpvsApplier.call``), so the event
@@ -23,7 +27,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +63,7 @@ from proxyd.netlink import (
     BatchSocket,
     Request,
     address_request,
+    dump_addresses,
 )
 
 log = logging.getLogger(__name__)
@@ -96,22 +101,6 @@ def _port_entry(text: str) -> PortEntry:
     if proto not in _PROTO_BY_NAME or not port.isdigit():
         raise ValueError(f"bad proto:port {text!r}")
     return PortEntry(int(port), _PROTO_BY_NAME[proto])
-
-
-def entry_args(set_type: str, entry: str) -> tuple[Any, str]:
-    """(entry, etype) for pyroute2's IPSet.add/delete from ``ipset save`` text."""
-    parts = entry.split(",")
-    if set_type == "bitmap:port" and len(parts) == 1 and parts[0].isdigit():
-        return int(parts[0]), "port"
-    if set_type == "hash:ip" and len(parts) == 1:
-        return parts[0], "ip"
-    if set_type == "hash:ip,port" and len(parts) == 2:
-        return (parts[0], _port_entry(parts[1])), "ip,port"
-    if set_type == "hash:ip,port,ip" and len(parts) == 3:
-        return (parts[0], _port_entry(parts[1]), parts[2]), "ip,port,ip"
-    if set_type == "hash:ip,port,net" and len(parts) == 3:
-        return (parts[0], _port_entry(parts[1]), parts[2]), "ip,port,net"
-    raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
 
 
 IPSET_PROTOCOL = 6  # the oldest protocol revision every kernel with ipset accepts
@@ -184,12 +173,6 @@ def entry_text(set_type: str, data: Any) -> str:
 def _attrs(msg: Any, outer: str) -> dict[str, Any]:
     inner = msg.get_attr(outer)
     return {item[0]: item[1] for item in inner["attrs"]} if inner else {}
-
-
-def service_of(vs: VirtualServer) -> IPVSService:
-    return IPVSService(addr=vs.key.ip, port=vs.key.port, protocol=_PROTO_NUM[vs.key.protocol],
-                       sched_name=vs.scheduler, flags={"flags": vs.flags, "mask": 0xFFFFFFFF},
-                       timeout=vs.timeout)
 
 
 def key_service(key: VSKey) -> IPVSService:
@@ -411,27 +394,9 @@ class IpvsApplier:
 
     def read_bound(self) -> set[str]:
         index = self._device_index if self._device_index is not None else self.ensure_device()
-        out = set()
-        for msg in self.ipr.get_addr(index=index, family=socket.AF_INET):
-            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if addr:
-                out.add(addr)
-        return out
-
-    def bind(self, add: Iterable[str], remove: Iterable[str]) -> None:
-        index = self._device_index if self._device_index is not None else self.ensure_device()
-        for ip in add:
-            try:
-                self.ipr.addr("add", index=index, address=ip, prefixlen=32)
-            except NetlinkError as err:
-                if err.code != errno.EEXIST:
-                    raise
-        for ip in remove:
-            try:
-                self.ipr.addr("del", index=index, address=ip, prefixlen=32)
-            except NetlinkError as err:
-                if err.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
-                    raise
+        # One dump, each reply parsed once for just its address.
+        return {ip for _fam, _plen, ip in dump_addresses(self._batch_socket("address"), index,
+                                                          family=socket.AF_INET)}
 
     # -- IPVS ------------------------------------------------------------------------------
 
@@ -468,32 +433,12 @@ class IpvsApplier:
                                        d.get("IPVS_DEST_ATTR_INACT_CONNS", 0))
         return dests
 
-    def add_server(self, vs: VirtualServer) -> None:
-        try:
-            self.ipvs.service("add", service=service_of(vs))
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise
-            self.ipvs.service("set", service=service_of(vs))
-
-    def update_server(self, vs: VirtualServer) -> None:
-        self.ipvs.service("set", service=service_of(vs))
-
     def delete_server(self, key: VSKey) -> None:
         try:
             self.ipvs.service("del", service=key_service(key))
         except NetlinkError as err:
             if err.code not in (errno.ESRCH, errno.ENOENT):
                 raise
-
-    def add_dest(self, key: VSKey, server: RealServer, weight: int = 1) -> None:
-        dest = IPVSDest(addr=server.ip, port=server.port, fwd_method=FWD_MASQ, weight=weight)
-        try:
-            self.ipvs.dest("add", service=key_service(key), dest=dest)
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise
-            self.ipvs.dest("set", service=key_service(key), dest=dest)
 
     def set_weight(self, key: VSKey, server: RealServer, weight: int) -> None:
         dest = IPVSDest(addr=server.ip, port=server.port, fwd_method=FWD_MASQ, weight=weight)
@@ -533,19 +478,6 @@ class IpvsApplier:
                 except (KeyError, ValueError) as err:
                     log.warning("unreadable element in ipset %s: %s", name, err)
         return out
-
-    def change_set(self, name: str, add: Iterable[str], remove: Iterable[str]) -> None:
-        set_type = IPSET_BY_NAME[name].type
-        for entry in remove:
-            value, etype = entry_args(set_type, entry)
-            try:
-                self.ipset.delete(name, value, etype=etype)
-            except NetlinkError as err:
-                if err.code != IPSET_EXIST:
-                    raise
-        for entry in add:
-            value, etype = entry_args(set_type, entry)
-            self.ipset.add(name, value, etype=etype, exclusive=False)
 
     def destroy_sets(self) -> list[str]:
         failed = []
