@@ -400,8 +400,9 @@ class IpvsApplier:
 
     # -- IPVS ------------------------------------------------------------------------------
 
-    def read_servers(self) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
-        """Every IPv4 virtual server in the kernel with its real servers."""
+    def read_servers(self, *, with_dests: bool = True
+                     ) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
+        """Every IPv4 virtual server in the kernel with its real servers (unread without ``with_dests``)."""
         out: dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]] = {}
         for msg in self.ipvs.service("dump"):
             attrs = _attrs(msg, "IPVS_CMD_ATTR_SERVICE")
@@ -413,7 +414,7 @@ class IpvsApplier:
             flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0) & ~FLAG_HASHED
             vs = VirtualServer(key, attrs.get("IPVS_SVC_ATTR_SCHED_NAME", ""), flags,
                                attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0))
-            out[key] = (vs, self.read_dests(key))
+            out[key] = (vs, self.read_dests(key) if with_dests else {})
         return out
 
     def read_dests(self, key: VSKey) -> dict[RealServer, KernelDest]:
@@ -556,8 +557,10 @@ class IpvsApplier:
         """Remove kube-ipvs0, every IPv4 virtual server, proxyd's ipvs rules and ipsets; return errors."""
         failed: list[str] = []
         try:
-            for key in list(self.read_servers()):
-                self.delete_server(key)
+            # One dump of the virtual servers (their real servers go with them), one batch of deletions.
+            gone = [Op("delete_server", (key,)) for key in self.read_servers(with_dests=False)]
+            refused = self.apply(gone)
+            failed.extend(f"cannot delete virtual server {op.args[0]}" for op in gone if op in refused)
         except (NetlinkError, OSError) as err:
             # No IPVS in this kernel (the family does not resolve): nothing to remove.
             log.debug("IPVS not available for cleanup: %s", err)
