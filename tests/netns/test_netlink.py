@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxyd import metrics
+from proxyd.modes.iptables.conntrack import delete_request
 from proxyd.modes.ipvs.applier import IpvsApplier, ipset_request
 from proxyd.modes.ipvs.planner import CLUSTER_IP, Op
 from proxyd.netlink import (
@@ -151,3 +152,17 @@ def test_ipvs_applier_runs_set_operations_as_one_batch(ns: str, caplog: pytest.L
             assert len(applier.read_sets()[CLUSTER_IP]) == 90
     finally:
         applier._close_sockets()
+
+
+def test_conntrack_deletions_in_one_batch(ns: str) -> None:
+    """Many stale UDP entries go in one batch; one already gone is not an error."""
+    for sport in range(1000, 1200):
+        run(["ip", "netns", "exec", ns, "conntrack", "-I", "-s", "192.0.2.1", "-d", "192.0.2.2", "-p", "udp",
+             "--sport", str(sport), "--dport", "53", "--timeout", "300"])
+    requests = [delete_request(socket.AF_INET, "192.0.2.1", sport, "192.0.2.2", 53)
+                for sport in range(1000, 1201)]
+    with batch_socket(ns, NETLINK_NETFILTER, "conntrack") as sock:
+        result = sock.run(requests)
+    assert result.applied == 201 and not result.failures  # 1200 never existed: ENOENT is harmless
+    left = run(["ip", "netns", "exec", ns, "conntrack", "-L", "-p", "udp"], check=False)
+    assert "192.0.2.1" not in left.stdout
