@@ -177,9 +177,9 @@ class IptablesDriver(PlannerTimedDriver):
 class IpvsDriver(PlannerTimedDriver):
     """proxyd.modes.ipvs.IpvsMode (needs a kernel with IPVS: run it inside the QEMU guest).
 
-    ``plan`` is ``plan_port`` + ``assemble``; the rest is diffing and kernel calls (netlink per
-    virtual/real server, one iptables-restore when the ruleset text changes). ``rules``: virtual
-    servers held.
+    ``plan`` is ``plan_port`` + merging (``Assembly``); the rest is the diff and the kernel work
+    (netlink batches for addresses, set entries, virtual and real servers; one iptables-restore
+    when the ruleset text changes). ``rules``: virtual servers held.
     """
 
     def __init__(self, backend: str) -> None:
@@ -195,7 +195,8 @@ class IpvsDriver(PlannerTimedDriver):
         await self.mode.start()
         # The mode module looks these up at call time: time them where they are used.
         ipvs_mode.plan_port = self.timed(ipvs_mode.plan_port)  # type: ignore[assignment]
-        ipvs_mode.assemble = self.timed(ipvs_mode.assemble)  # type: ignore[assignment]
+        ipvs_mode.Assembly.put = self.timed(ipvs_mode.Assembly.put)  # type: ignore[method-assign]
+        ipvs_mode.Assembly.plan = self.timed(ipvs_mode.Assembly.plan)  # type: ignore[method-assign]
 
     def rules(self) -> int:
         plan = self.mode.last_plan

@@ -1,6 +1,7 @@
 """IpvsMode: realise the desired state with the kernel's IP Virtual Server, as kube-proxy's IPVS proxier.
 
-Sync = plan (``planner.plan_port`` per service port, ``assemble``), then
+Sync = plan (``planner.plan_port`` per service port, merged by
+``planner.Assembly``), then
 ``planner.diff`` (pure) against what the kernel holds (``Held``) gives the
 operations, which the applier runs in netlink batches
 (``proxyd.netlink``): only the differences are applied.
@@ -50,14 +51,13 @@ from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.planner import (
     IPSETS,
     WEIGHT,
+    Assembly,
     Held,
     Op,
     Plan,
     PlanContext,
-    PortPlan,
     RealServer,
     VSKey,
-    assemble,
     diff,
     iptables_rules,
     plan_port,
@@ -100,7 +100,7 @@ class IpvsMode(ProxyMode):
         self.graceful = GracefulTerminator(self.applier, interval=graceful_interval)
         self._lock = asyncio.Lock()
         self._ctx = PlanContext(scheduler=self.scheduler, node_name=config.node_name)
-        self._parts: dict[ServicePortName, PortPlan] = {}
+        self._assembly = Assembly()  # the per-port plans, merged
         # What the kernel holds, as of the last sync (None: unknown, re-read at the next sync).
         self._held: Held | None = None
         self._rules: str | None = None
@@ -150,32 +150,31 @@ class IpvsMode(ProxyMode):
         if full:
             await self._read_kernel()
             await self._refresh_context(state.node_name or self.config.node_name, state.node_zone)
-            self._parts = {}
+            self._assembly = Assembly()
             names: Iterable[ServicePortName] = state.services
         elif state.node_zone != self._ctx.node_zone:
             # Topology depends on the node's zone: every port must be re-planned.
             self._ctx = PlanContext(scheduler=self._ctx.scheduler, node_name=self._ctx.node_name,
                                     node_zone=state.node_zone, node_ips=self._ctx.node_ips,
                                     local_addresses=self._ctx.local_addresses)
-            self._parts = {}
+            self._assembly = Assembly()
             names = state.services
         else:
-            # The tracker's index: work proportional to the changed ports.
-            ports = request.ports_to_plan(self._parts) or set()
+            # The tracker's index: planning, merging and diffing follow the changed ports.
+            ports = request.ports_to_plan(self._assembly.parts) or set()
             keys = set()
             for name in ports:
-                old = self._parts.pop(name, None)
-                if old is not None:
-                    keys.update(vs.key for vs in old.servers)
+                if name not in state.services:
+                    keys |= self._assembly.put(name, None)
             names = [n for n in ports if n in state.services]
         for name in names:
             part = plan_port(state.services[name], state.endpoints_of(name), self._ctx)
-            if part.skipped and name not in self._parts:
+            if part.skipped and name not in self._assembly.parts:
                 log.warning("ipvs: %s", part.skipped)
-            self._parts[name] = part
+            touched = self._assembly.put(name, part)
             if keys is not None:
-                keys.update(vs.key for vs in part.servers)
-        plan = assemble(self._parts.values())
+                keys |= touched
+        plan = self._assembly.plan()
         for conflict in plan.conflicts:
             log.warning("ipvs: virtual server %s wanted by two service ports; the first keeps it", conflict)
         await self._apply(plan, full=full, keys=keys)

@@ -28,7 +28,8 @@ No I/O here; it follows kube-proxy's IPVS proxier (pkg/proxy/ipvs/proxier.go):
   new connections to service addresses on ports that are no service.
 
 Planning is per service port (``plan_port``) so that a partial sync
-re-plans only the services that changed; ``assemble`` merges the pieces.
+re-plans only the services that changed; ``Assembly`` merges the pieces
+incrementally (``assemble`` in one go).
 ``diff`` compares a plan with what the kernel holds (``Held``) and returns
 the operations (``Op``) that the applier runs, in batches.
 Only IPv4 is planned: IPv6 service ports are skipped (and reported).
@@ -471,33 +472,103 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
                     bind=tuple(bind), no_node_access=tuple(no_node))
 
 
+class Assembly:
+    """Per-port plans merged into the node's plan, kept up to date one port at a time.
+
+    Putting (or dropping) one port costs only what that port contributes:
+    reference counts for set entries, addresses and no-node-access triples,
+    and for each virtual server the ports claiming it, of which the first
+    (by ``order``: the service port name, or the position for ``assemble``)
+    keeps it; the others are reported as conflicts when they want it
+    differently. A partial sync thus re-merges only the changed ports.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[Any, PortPlan] = {}
+        self._claims: dict[VSKey, dict[Any, tuple[VirtualServer, tuple[RealServer, ...] | None]]] = {}
+        self.servers: dict[VSKey, VirtualServer] = {}
+        self.destinations: dict[VSKey, tuple[RealServer, ...]] = {}
+        self._conflicts: dict[VSKey, int] = {}
+        self._entries: dict[str, dict[str, int]] = {info.name: {} for info in IPSETS}
+        self._bind: dict[str, int] = {}
+        self._no_node: dict[tuple[str, str, int], int] = {}
+
+    def put(self, order: Any, part: PortPlan | None) -> set[VSKey]:
+        """Set (or with None drop) one port's plan; returns the virtual servers it touched."""
+        touched: set[VSKey] = set()
+        old = self.parts.pop(order, None)
+        if old is not None:
+            for vs in old.servers:
+                self._claims[vs.key].pop(order, None)
+                touched.add(vs.key)
+            for name, entry in old.entries:
+                _unref(self._entries[name], entry)
+            for ip in old.bind:
+                _unref(self._bind, ip)
+            for item in old.no_node_access:
+                _unref(self._no_node, item)
+        if part is not None:
+            self.parts[order] = part
+            dests = dict(part.destinations)
+            for vs in part.servers:
+                self._claims.setdefault(vs.key, {})[order] = (vs, dests.get(vs.key))
+                touched.add(vs.key)
+            for name, entry in part.entries:
+                refs = self._entries[name]
+                refs[entry] = refs.get(entry, 0) + 1
+            for ip in part.bind:
+                self._bind[ip] = self._bind.get(ip, 0) + 1
+            for item in part.no_node_access:
+                self._no_node[item] = self._no_node.get(item, 0) + 1
+        for key in touched:
+            self._settle(key)
+        return touched
+
+    def _settle(self, key: VSKey) -> None:
+        claims = self._claims.get(key)
+        if not claims:
+            self._claims.pop(key, None)
+            self.servers.pop(key, None)
+            self.destinations.pop(key, None)
+            self._conflicts.pop(key, None)
+            return
+        winner = min(claims)
+        vs, dests = claims[winner]
+        self.servers[key] = vs
+        if dests is None:
+            self.destinations.pop(key, None)
+        else:
+            self.destinations[key] = dests
+        differing = sum(1 for other, _ in claims.values() if other != vs)
+        if differing:
+            self._conflicts[key] = differing
+        else:
+            self._conflicts.pop(key, None)
+
+    def plan(self) -> Plan:
+        sets = {name: frozenset(refs) for name, refs in self._entries.items()}
+        # Bound addresses are service IPs: the set lets KUBE-IPVS-FILTER reject their other ports.
+        sets[IPVS_IPS] = frozenset(self._bind)
+        conflicts = tuple(str(key) for key in sorted(self._conflicts) for _ in range(self._conflicts[key]))
+        return Plan(servers=dict(self.servers), destinations=dict(self.destinations), ipsets=sets,
+                    bind=frozenset(self._bind), no_node_access=tuple(sorted(self._no_node)),
+                    conflicts=conflicts)
+
+
+def _unref(refs: dict[Any, int], item: Any) -> None:
+    left = refs[item] - 1
+    if left:
+        refs[item] = left
+    else:
+        del refs[item]
+
+
 def assemble(parts: Iterable[PortPlan]) -> Plan:
     """Merge per-port plans. Two ports wanting one virtual server: the first keeps it (conflict noted)."""
-    servers: dict[VSKey, VirtualServer] = {}
-    destinations: dict[VSKey, tuple[RealServer, ...]] = {}
-    sets: dict[str, set[str]] = {info.name: set() for info in IPSETS}
-    bind: set[str] = set()
-    no_node: set[tuple[str, str, int]] = set()
-    conflicts: list[str] = []
-    for part in parts:
-        for vs in part.servers:
-            if vs.key in servers:
-                if servers[vs.key] != vs:
-                    conflicts.append(str(vs.key))
-                continue
-            servers[vs.key] = vs
-        for key, real in part.destinations:
-            if key not in destinations:
-                destinations[key] = real
-        for name, entry in part.entries:
-            sets[name].add(entry)
-        bind.update(part.bind)
-        no_node.update(part.no_node_access)
-    # Bound addresses are service IPs: the set lets KUBE-IPVS-FILTER reject their other ports.
-    sets[IPVS_IPS] = set(bind)
-    return Plan(servers=servers, destinations=destinations,
-                ipsets={name: frozenset(entries) for name, entries in sets.items()},
-                bind=frozenset(bind), no_node_access=tuple(sorted(no_node)), conflicts=tuple(conflicts))
+    merged = Assembly()
+    for index, part in enumerate(parts):
+        merged.put(index, part)
+    return merged.plan()
 
 
 def _q(text: str) -> str:
