@@ -29,6 +29,8 @@ from proxyd.modes.ipvs.applier import (
     entry_text,
     ipset_data,
     ipset_request,
+    parse_dest,
+    parse_service,
     saved_jumps,
     server_request,
 )
@@ -600,3 +602,62 @@ def test_ipset_entries_encode_for_every_set_type() -> None:
                             ("hash:ip,port", "10.96.0.1,gre:1"), ("hash:ip", "a,b,c"), ("list:set", "x")):
         with pytest.raises(ValueError):
             ipset_request(True, "S", set_type, entry)
+
+
+def _reply(cmd_attrs: list) -> bytes:
+    """A dump reply: pyroute2 encodes the attributes as the kernel lays them out."""
+    msg = genl_ipvs.ipvsmsg()
+    msg["cmd"] = genl_ipvs.IPVS_CMD_NEW_SERVICE
+    msg["version"] = 1
+    msg["attrs"] = cmd_attrs
+    msg["header"]["type"] = 42
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_dump_replies_parse_to_what_the_mode_compares() -> None:
+    svc = _reply([("IPVS_CMD_ATTR_SERVICE", {"attrs": [
+        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 17), ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"),
+        ("IPVS_SVC_ATTR_PORT", 53), ("IPVS_SVC_ATTR_SCHED_NAME", "rr"),
+        ("IPVS_SVC_ATTR_FLAGS", {"flags": FLAG_PERSISTENT | 0x0002, "mask": 0xFFFFFFFF}),
+        ("IPVS_SVC_ATTR_TIMEOUT", 10800)]})])
+    want = VirtualServer(VSKey("10.96.0.10", 53, Protocol.UDP), "rr", FLAG_PERSISTENT, 10800)
+    assert parse_service(svc) == want
+    dest = _reply([("IPVS_CMD_ATTR_DEST", {"attrs": [
+        ("IPVS_DEST_ATTR_ADDR", "10.244.1.11"), ("IPVS_DEST_ATTR_PORT", 8080),
+        ("IPVS_DEST_ATTR_FWD_METHOD", 0), ("IPVS_DEST_ATTR_WEIGHT", 1), ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3), ("IPVS_DEST_ATTR_INACT_CONNS", 4),
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", 2)]})])
+    assert parse_dest(dest) == KernelDest(S1, 1, 0, 3, 4)
+    # the kernel's 16-byte address form (nf_inet_addr) reads the same
+    assert parse_dest(_padded(dest)) == KernelDest(S1, 1, 0, 3, 4)
+    fwmark = _reply([("IPVS_CMD_ATTR_SERVICE",
+                      {"attrs": [("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_FWMARK", 7)]})])
+    v6 = _reply([("IPVS_CMD_ATTR_SERVICE",
+                  {"attrs": [("IPVS_SVC_ATTR_AF", 10), ("IPVS_SVC_ATTR_PROTOCOL", 6)]})])
+    assert parse_service(fwmark) is None and parse_service(v6) is None
+
+
+def _padded(reply: bytes) -> bytes:
+    """``reply`` with its IPVS_DEST_ATTR_ADDR widened to the kernel's 16 bytes (lengths fixed up)."""
+    import struct
+
+    hdr = 20
+    outer_len = struct.unpack_from("=H", reply, hdr)[0]
+    inner = reply[hdr + 4:hdr + outer_len]
+    addr_len = struct.unpack_from("=H", inner, 0)[0]
+    assert addr_len == 8  # 4-byte header + 4-byte IPv4 address
+    addr_type = struct.unpack_from("=H", inner, 2)[0]
+    widened = struct.pack("=HH", 20, addr_type) + inner[4:8] + bytes(12) + inner[8:]
+    outer = struct.pack("=HH", 4 + len(widened), struct.unpack_from("=H", reply, hdr + 2)[0]) + widened
+    body = reply[16:hdr] + outer
+    return struct.pack("=IHHII", 16 + len(body), *struct.unpack_from("=HHII", reply, 4)) + body
+
+
+@pytest.mark.parametrize("cut", [0, 3, 16, 20, 24, 31, 47])
+def test_truncated_or_garbage_dump_replies_are_skipped(cut: int) -> None:
+    svc = _reply([("IPVS_CMD_ATTR_SERVICE", {"attrs": [
+        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 6), ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"),
+        ("IPVS_SVC_ATTR_PORT", 80)]})])
+    assert parse_service(svc[:cut]) is None
+    assert parse_dest(svc[:cut]) is None
+    assert parse_service(b"\xff" * 64) is None and parse_dest(bytes(200)) is None

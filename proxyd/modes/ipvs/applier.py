@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,9 +62,11 @@ from proxyd.netlink import (
     NETLINK_NETFILTER,
     NETLINK_ROUTE,
     BatchSocket,
+    NetlinkBatchError,
     Request,
     address_request,
     dump_addresses,
+    parse_attrs,
 )
 
 log = logging.getLogger(__name__)
@@ -223,6 +226,54 @@ def dest_request(family_id: int, op: Op) -> Request:
                       ("IPVS_DEST_ATTR_L_THRESH", 0)]}
     cmd = genl_ipvs.IPVS_CMD_NEW_DEST if op.kind == "add_dest" else genl_ipvs.IPVS_CMD_SET_DEST
     return Request(_ipvs_msg(cmd, [service, ("IPVS_CMD_ATTR_DEST", dest)]), family_id, 0, op)
+
+
+# IPVS attribute numbers (include/uapi/linux/ip_vs.h), for parsing dump replies.
+_CMD_ATTR_SERVICE, _CMD_ATTR_DEST = 1, 2
+_SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT, _SVC_SCHED, _SVC_FLAGS, _SVC_TIMEOUT = 1, 2, 3, 4, 6, 7, 8
+_DEST_ADDR, _DEST_PORT, _DEST_FWD, _DEST_WEIGHT, _DEST_ACTIVE, _DEST_INACTIVE, _DEST_AF = 1, 2, 3, 4, 7, 8, 11
+_GENL_HDR = 20  # nlmsghdr + genlmsghdr
+
+
+def _nested(data: bytes, outer: int) -> dict[int, bytes]:
+    """The attributes inside attribute ``outer`` of a generic-netlink message (empty when absent)."""
+    for atype, value in parse_attrs(data, _GENL_HDR, len(data)):
+        if atype == outer:
+            return dict(parse_attrs(value, 0, len(value)))
+    return {}
+
+
+def _u32(value: bytes | None) -> int:
+    return int.from_bytes(value[:4], sys.byteorder) if value is not None and len(value) >= 4 else 0
+
+
+def parse_service(data: bytes) -> VirtualServer | None:
+    """The IPv4 virtual server of one IPVS service dump reply; None for others and for garbage."""
+    attrs = _nested(data, _CMD_ATTR_SERVICE)
+    af, proto = attrs.get(_SVC_AF), attrs.get(_SVC_PROTOCOL)
+    addr, port = attrs.get(_SVC_ADDR), attrs.get(_SVC_PORT)
+    if af is None or len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET:
+        return None
+    protocol = _NUM_PROTO.get(int.from_bytes(proto[:2], sys.byteorder)) if proto and len(proto) >= 2 else None
+    if protocol is None or addr is None or len(addr) < 4 or port is None or len(port) < 2:
+        return None
+    key = VSKey(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"), protocol)
+    sched = attrs.get(_SVC_SCHED, b"").split(b"\0", 1)[0].decode("ascii", "replace")
+    flags = _u32(attrs.get(_SVC_FLAGS)) & ~FLAG_HASHED
+    return VirtualServer(key, sched, flags, _u32(attrs.get(_SVC_TIMEOUT)))
+
+
+def parse_dest(data: bytes) -> KernelDest | None:
+    """The IPv4 real server of one IPVS destination dump reply; None for others and for garbage."""
+    attrs = _nested(data, _CMD_ATTR_DEST)
+    addr, port, af = attrs.get(_DEST_ADDR), attrs.get(_DEST_PORT), attrs.get(_DEST_AF)
+    if af is not None and (len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET):
+        return None
+    if addr is None or len(addr) < 4 or port is None or len(port) < 2:
+        return None
+    server = RealServer(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"))
+    return KernelDest(server, _u32(attrs.get(_DEST_WEIGHT)), _u32(attrs.get(_DEST_FWD)),
+                      _u32(attrs.get(_DEST_ACTIVE)), _u32(attrs.get(_DEST_INACTIVE)))
 
 
 _SOCKET_OF = {"set_add": "ipset", "set_del": "ipset", "bind": "address", "unbind": "address",
@@ -402,36 +453,35 @@ class IpvsApplier:
 
     def read_servers(self, *, with_dests: bool = True
                      ) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
-        """Every IPv4 virtual server in the kernel with its real servers (unread without ``with_dests``)."""
+        """Every IPv4 virtual server in the kernel with its real servers (unread without ``with_dests``).
+
+        One dump of the virtual servers and one per virtual server of its
+        real servers (the kernel dumps real servers per service), each reply
+        parsed once for the few attributes compared (``parse_service``,
+        ``parse_dest``), not decoded whole.
+        """
         out: dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]] = {}
-        for msg in self.ipvs.service("dump"):
-            attrs = _attrs(msg, "IPVS_CMD_ATTR_SERVICE")
-            proto = _NUM_PROTO.get(attrs.get("IPVS_SVC_ATTR_PROTOCOL", 0))
-            if (attrs.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or proto is None
-                    or "IPVS_SVC_ATTR_ADDR" not in attrs):
-                continue  # fwmark or IPv6 services: not proxyd's
-            key = VSKey(attrs["IPVS_SVC_ATTR_ADDR"], attrs["IPVS_SVC_ATTR_PORT"], proto)
-            flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0) & ~FLAG_HASHED
-            vs = VirtualServer(key, attrs.get("IPVS_SVC_ATTR_SCHED_NAME", ""), flags,
-                               attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0))
-            out[key] = (vs, self.read_dests(key) if with_dests else {})
+        sock = self._batch_socket("ipvs")
+        for _type, data in sock.dump(_ipvs_msg(genl_ipvs.IPVS_CMD_GET_SERVICE, []), self._ipvs_family()):
+            vs = parse_service(data)
+            if vs is not None:  # fwmark or IPv6 services are not proxyd's
+                out[vs.key] = (vs, self.read_dests(vs.key) if with_dests else {})
         return out
 
     def read_dests(self, key: VSKey) -> dict[RealServer, KernelDest]:
-        dests: dict[RealServer, KernelDest] = {}
+        service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+        request = _ipvs_msg(genl_ipvs.IPVS_CMD_GET_DEST, [service])
         try:
-            messages = list(self.ipvs.dest("dump", service=key_service(key)))
-        except NetlinkError as err:
-            if err.code in (errno.ESRCH, errno.ENOENT):
-                return dests
+            replies = self._batch_socket("ipvs").dump(request, self._ipvs_family())
+        except NetlinkBatchError as err:
+            if err.errno in (errno.ESRCH, errno.ENOENT):
+                return {}
             raise
-        for msg in messages:
-            d = _attrs(msg, "IPVS_CMD_ATTR_DEST")
-            server = RealServer(d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-            dests[server] = KernelDest(server, d.get("IPVS_DEST_ATTR_WEIGHT", 0),
-                                       d.get("IPVS_DEST_ATTR_FWD_METHOD", 0),
-                                       d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
-                                       d.get("IPVS_DEST_ATTR_INACT_CONNS", 0))
+        dests: dict[RealServer, KernelDest] = {}
+        for _type, data in replies:
+            dest = parse_dest(data)
+            if dest is not None:
+                dests[dest.server] = dest
         return dests
 
     def delete_server(self, key: VSKey) -> None:
