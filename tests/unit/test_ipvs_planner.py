@@ -625,7 +625,8 @@ def test_dump_replies_parse_to_what_the_mode_compares() -> None:
     assert parse_service(svc) == want
     dest = _reply([("IPVS_CMD_ATTR_DEST", {"attrs": [
         ("IPVS_DEST_ATTR_ADDR", "10.244.1.11"), ("IPVS_DEST_ATTR_PORT", 8080),
-        ("IPVS_DEST_ATTR_FWD_METHOD", 0), ("IPVS_DEST_ATTR_WEIGHT", 1), ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3), ("IPVS_DEST_ATTR_INACT_CONNS", 4),
+        ("IPVS_DEST_ATTR_FWD_METHOD", 0), ("IPVS_DEST_ATTR_WEIGHT", 1),
+        ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3), ("IPVS_DEST_ATTR_INACT_CONNS", 4),
         ("IPVS_DEST_ATTR_ADDR_FAMILY", 2)]})])
     assert parse_dest(dest) == KernelDest(S1, 1, 0, 3, 4)
     # the kernel's 16-byte address form (nf_inet_addr) reads the same
