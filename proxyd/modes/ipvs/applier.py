@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPVS, IPRoute, IPSet, IPVSDest, IPVSService
+from pyroute2 import IPRoute, IPSet
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FWD_MASQ = 0  # IP_VS_CONN_F_MASQ; pyroute2's IPVSDest defaults to 3 (direct routing)
+FWD_MASQ = 0  # IP_VS_CONN_F_MASQ (pyroute2's IPVSDest would default to 3, direct routing)
 IPSET_EXIST = 4103  # IPSET_ERR_EXIST: element already added / not added
 _PROTO_NUM = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP, Protocol.SCTP: 132}
 _NUM_PROTO = {v: k for k, v in _PROTO_NUM.items()}
@@ -172,15 +172,6 @@ def entry_text(set_type: str, data: Any) -> str:
 
 
 # --- virtual servers -----------------------------------------------------------------------
-
-def _attrs(msg: Any, outer: str) -> dict[str, Any]:
-    inner = msg.get_attr(outer)
-    return {item[0]: item[1] for item in inner["attrs"]} if inner else {}
-
-
-def key_service(key: VSKey) -> IPVSService:
-    return IPVSService(addr=key.ip, port=key.port, protocol=_PROTO_NUM[key.protocol])
-
 
 def _key_attrs(key: VSKey) -> list[tuple[str, Any]]:
     return [("IPVS_SVC_ATTR_AF", socket.AF_INET), ("IPVS_SVC_ATTR_PROTOCOL", _PROTO_NUM[key.protocol]),
@@ -290,7 +281,6 @@ class IpvsApplier:
     def __init__(self, *, iptables_restore: str = "iptables-restore", iptables_save: str = "iptables-save",
                  iptables: str = "iptables") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-kernel")
-        self._ipvs: IPVS | None = None
         self._ipset: IPSet | None = None
         self._ipr: IPRoute | None = None
         self.iptables_restore = iptables_restore
@@ -308,11 +298,11 @@ class IpvsApplier:
         self._pool.shutdown(wait=False)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipset, self._ipr):
+        for sock in (self._ipset, self._ipr):
             if sock is not None:
                 with contextlib.suppress(Exception):
                     sock.close()
-        self._ipvs = self._ipset = self._ipr = None
+        self._ipset = self._ipr = None
         for batch in self._batch.values():
             batch.close()
         self._batch.clear()
@@ -380,12 +370,6 @@ class IpvsApplier:
         return self._family_id
 
     # Sockets are opened lazily in the worker thread and kept open.
-    @property
-    def ipvs(self) -> IPVS:
-        if self._ipvs is None:
-            self._ipvs = IPVS()
-        return self._ipvs
-
     @property
     def ipset(self) -> IPSet:
         if self._ipset is None:
@@ -483,24 +467,6 @@ class IpvsApplier:
             if dest is not None:
                 dests[dest.server] = dest
         return dests
-
-    def delete_server(self, key: VSKey) -> None:
-        try:
-            self.ipvs.service("del", service=key_service(key))
-        except NetlinkError as err:
-            if err.code not in (errno.ESRCH, errno.ENOENT):
-                raise
-
-    def set_weight(self, key: VSKey, server: RealServer, weight: int) -> None:
-        dest = IPVSDest(addr=server.ip, port=server.port, fwd_method=FWD_MASQ, weight=weight)
-        self.ipvs.dest("set", service=key_service(key), dest=dest)
-
-    def delete_dest(self, key: VSKey, server: RealServer) -> None:
-        try:
-            self.ipvs.dest("del", service=key_service(key), dest=IPVSDest(addr=server.ip, port=server.port))
-        except NetlinkError as err:
-            if err.code not in (errno.ESRCH, errno.ENOENT):
-                raise
 
     # -- ipsets ----------------------------------------------------------------------------
 
