@@ -169,9 +169,12 @@ class UserspaceMode(ProxyMode):
             await self.holder.apply(plan.addresses)
             return
         # Partial: only what the planner says changed (plus earlier refusals, retried).
-        await self.holder.check()
-        retry = [ip for ip in self.holder.failed if ip in plan.addresses]
-        await self.holder.update(add=[*changes.added_addresses, *retry], remove=())
+        if await self.holder.check():
+            retry = [ip for ip in self.holder.failed if ip in plan.addresses]
+            await self.holder.update(add=[*changes.added_addresses, *retry], remove=())
+        else:
+            # The device was gone and is back empty: every address goes on again.
+            await self.holder.apply(self.holder.current | plan.addresses)
         self._update_tables(plan, changes.tables)
         self._update_listeners(plan, [*changes.listeners, *self._bind_errors])
         self._remove_tables(plan, changes.tables)
