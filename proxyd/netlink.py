@@ -115,7 +115,6 @@ class Request:
     flags: int
     subject: object
     ok: frozenset[int] = frozenset()
-    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
