@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pyroute2 import IPRoute, IPSet
 from pyroute2.ipset import PortEntry
@@ -336,17 +336,17 @@ class IpvsApplier:
                     failed.add(op)
             sock = self._batch_socket(kind)
             result = sock.run(requests, log_failures=False)
-            refused = result.failures
-            again = [f for f in refused if f.code == errno.EEXIST and f.subject.kind in _AS_UPDATE]
-            if again:
-                updates = {Op(_AS_UPDATE[f.subject.kind], f.subject.args): f.subject for f in again}
-                retry = sock.run([self._request(op) for op in updates], log_failures=False)
-                refused = [f for f in refused if f not in again]
-                refused += [type(f)(updates[f.subject], f.code, f.reason) for f in retry.failures]
-            for failure in refused:
+            refused = [(cast(Op, f.subject), f) for f in result.failures]
+            exists = [op for op, f in refused if f.code == errno.EEXIST and op.kind in _AS_UPDATE]
+            if exists:
+                updates = {Op(_AS_UPDATE[op.kind], op.args): op for op in exists}
+                retry = sock.run([self._request(update) for update in updates], log_failures=False)
+                refused = [(op, f) for op, f in refused if op not in exists]
+                refused += [(updates[cast(Op, f.subject)], f) for f in retry.failures]
+            for op, failure in refused:
                 log.error("ipvs: cannot apply %s", failure)
                 metrics.NETLINK_FAILURES.labels(kind=kind).inc()
-                failed.add(failure.subject)
+                failed.add(op)
         return failed
 
     def _request(self, op: Op) -> Request:

@@ -52,7 +52,7 @@ class GracefulTerminator:
         self.pending: dict[tuple[VSKey, RealServer], _Pending] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def __contains__(self, item: tuple[VSKey, RealServer]) -> bool:
+    def __contains__(self, item: object) -> bool:
         return item in self.pending
 
     def __len__(self) -> int:
