@@ -144,9 +144,10 @@ def test_ipvs_applier_runs_set_operations_as_one_batch(ns: str, caplog: pytest.L
             applier.ensure_sets()
             good = [Op("set_add", (CLUSTER_IP, f"10.96.0.{i},tcp:80")) for i in range(1, 101)]
             bad = Op("set_add", (CLUSTER_IP, "10.96.0.1,icmp:80"))  # not a protocol the set takes
+            too_big = Op("set_add", (CLUSTER_IP, "10.96.0.1,tcp:70000"))  # fails inside the batch
             with caplog.at_level(logging.ERROR):
-                failed = applier.apply([*good[:50], bad, *good[50:]])
-            assert failed == {bad} and "icmp" in caplog.text
+                failed = applier.apply([*good[:50], bad, too_big, *good[50:]])
+            assert failed == {bad, too_big} and "icmp" in caplog.text and "70000" in caplog.text
             assert applier.read_sets()[CLUSTER_IP] == {op.args[1] for op in good}
             assert applier.apply([Op("set_del", op.args) for op in good[:10]]) == set()
             assert len(applier.read_sets()[CLUSTER_IP]) == 90

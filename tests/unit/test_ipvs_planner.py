@@ -4,6 +4,7 @@ mode's diff logic (against a fake applier that records every kernel call). No ro
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from proxyd.model import (
 from proxyd.modes.base import SyncRequest
 from proxyd.modes.ipvs import mode as mode_module
 from proxyd.modes.ipvs.applier import (
+    IpvsApplier,
     KernelDest,
     dest_request,
     entry_text,
@@ -662,3 +664,44 @@ def test_truncated_or_garbage_dump_replies_are_skipped(cut: int) -> None:
     assert parse_service(svc[:cut]) is None
     assert parse_dest(svc[:cut]) is None
     assert parse_service(b"\xff" * 64) is None and parse_dest(bytes(200)) is None
+
+
+class _RecordingSocket:
+    """A BatchSocket stand-in: records each batch's operations, refuses the ones it is told to."""
+
+    def __init__(self, kind: str, refuse: dict[str, int], batches: list[tuple[str, list[Op]]]) -> None:
+        self.kind, self.refuse, self.batches = kind, refuse, batches
+
+    def run(self, requests: list, *, log_failures: bool = True) -> Any:
+        from proxyd.netlink import BatchResult, Failure
+
+        ops = [r.subject for r in requests]
+        self.batches.append((self.kind, ops))
+        result = BatchResult()
+        for op in ops:
+            code = self.refuse.get(op.kind, 0)
+            if code:
+                result.failures.append(Failure(op, code))
+            else:
+                result.applied += 1
+        return result
+
+
+def test_applier_batches_by_kind_in_order_and_turns_an_existing_add_into_an_update(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    applier = IpvsApplier()
+    batches: list[tuple[str, list[Op]]] = []
+    refuse = {"add_server": errno.EEXIST, "add_dest": errno.ENOMEM}
+    monkeypatch.setattr(applier, "_batch_socket", lambda kind: _RecordingSocket(kind, refuse, batches))
+    monkeypatch.setattr(applier, "_ipvs_family", lambda: 42)
+    applier._device_index = 7
+    vs = VirtualServer(KEY, "rr")
+    ops = [Op("set_add", (CLUSTER_IP, "10.96.0.10,tcp:80")), Op("bind", ("10.96.0.10",)),
+           Op("add_server", (vs,)), Op("add_dest", (KEY, S1, 1))]
+    with caplog.at_level("ERROR"):
+        failed = applier.apply(ops)
+    assert [(kind, [op.kind for op in batch]) for kind, batch in batches] == [
+        ("ipset", ["set_add"]), ("address", ["bind"]), ("ipvs", ["add_server", "add_dest"]),
+        ("ipvs", ["update_server"])]  # the server existed: updated in a second batch
+    assert failed == {Op("add_dest", (KEY, S1, 1))} and "Cannot allocate memory" in caplog.text
+    applier._pool.shutdown(wait=False)

@@ -135,14 +135,15 @@ def ipset_data(set_type: str, entry: str) -> list[tuple[str, Any]]:
     raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
 
 
-def ipset_request(add: bool, name: str, set_type: str, entry: str) -> Request:
+def ipset_request(add: bool, name: str, set_type: str, entry: str, *, subject: object = None) -> Request:
     """Add (or delete) one entry of set ``name``; an entry already there (or already gone) is harmless."""
     msg = ipset_msg()
     msg["nfgen_family"] = socket.AF_INET
     msg["attrs"] = [("IPSET_ATTR_PROTOCOL", IPSET_PROTOCOL), ("IPSET_ATTR_SETNAME", name),
                     ("IPSET_ATTR_DATA", {"attrs": ipset_data(set_type, entry)})]
     cmd = IPSET_CMD_ADD if add else IPSET_CMD_DEL
-    return Request(msg, cmd | (NFNL_SUBSYS_IPSET << 8), 0, f"{name} {entry}", frozenset({IPSET_EXIST}))
+    named = subject if subject is not None else f"{name} {entry}"
+    return Request(msg, cmd | (NFNL_SUBSYS_IPSET << 8), 0, named, frozenset({IPSET_EXIST}))
 
 
 def _nested_ip(value: Any) -> str:
@@ -353,7 +354,7 @@ class IpvsApplier:
         kind = op.kind
         if kind in ("set_add", "set_del"):
             name, entry = op.args
-            return ipset_request(kind == "set_add", name, IPSET_BY_NAME[name].type, entry)
+            return ipset_request(kind == "set_add", name, IPSET_BY_NAME[name].type, entry, subject=op)
         if kind in ("bind", "unbind"):
             index = self._device_index if self._device_index is not None else self.ensure_device()
             return address_request(kind == "bind", index, op.args[0], subject=op)
