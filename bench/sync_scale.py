@@ -16,6 +16,18 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 * ``plan_full_s`` / ``plan_incremental_s``: the pure planner's share;
 * ``rss_mib``: resident memory after the syncs; ``rules``: nat rules held.
 
+After each point the same objects go through the C tools that do the same
+work, in the same run and namespace, once proxyd's own objects are removed
+(``--no-compare`` skips this): userspace — ``ip -batch`` adding the full
+sync's addresses (``addresses_s`` is proxyd's share of its full sync for
+them, ``c_addresses_s`` the tool's, ``addresses_ratio`` the quotient);
+ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
+``ipvsadm-restore`` (virtual and real servers) and ``iptables-restore``
+(the same ruleset), summed as ``c_full_s`` against ``full_s``
+(``full_ratio``), and ``ipvsadm-restore`` of the incremental change (one
+real server added, the replaced one set to weight 0) as
+``c_incremental_s`` (``incremental_ratio``).
+
 Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
