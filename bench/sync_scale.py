@@ -99,6 +99,7 @@ class Driver(Protocol):
     def rules(self) -> int: ...
     async def close(self) -> None: ...
     def c_tools(self, repeat: int) -> dict[str, float]: ...
+    compares: bool
 
 
 def timed_tool(argv: list[str], text: str) -> float:
@@ -124,6 +125,7 @@ class PlannerTimedDriver:
     """Drives a mode's ``sync`` and times its pure planning apart from the rest."""
 
     mode: Any
+    compares = True  # c_tools times the same objects through the C tools
 
     def __init__(self) -> None:
         self._plan_time = 0.0
@@ -181,9 +183,11 @@ class IptablesDriver(PlannerTimedDriver):
         plan = self.mode.last_plan
         return sum(len(r.chain_rules) + len(r.nat_services) for r in plan.cache.values()) if plan else 0
 
+    compares = False  # the restore tools' own figures: bench/iptables_tools.py
+
     def c_tools(self, repeat: int) -> dict[str, float]:
         del repeat
-        return {}  # the restore tools' own figures: bench/iptables_tools.py
+        return {}
 
 
 class IpvsDriver(PlannerTimedDriver):
@@ -370,7 +374,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
     }
     if "addresses" in full:
         out["addresses_s"] = round(full["addresses"], 4)
-    if compare:
+    if compare and driver.compares:
         # The same objects through the C tools, in this run, once proxyd's own are removed.
         await _cleanup(mode)
         tools = driver.c_tools(repeat)
