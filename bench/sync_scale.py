@@ -16,6 +16,18 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 * ``plan_full_s`` / ``plan_incremental_s``: the pure planner's share;
 * ``rss_mib``: resident memory after the syncs; ``rules``: nat rules held.
 
+After each point the same objects go through the C tools that do the same
+work, in the same run and namespace, once proxyd's own objects are removed
+(``--no-compare`` skips this): userspace — ``ip -batch`` adding the full
+sync's addresses (``addresses_s`` is proxyd's share of its full sync for
+them, ``c_addresses_s`` the tool's, ``addresses_ratio`` the quotient);
+ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
+``ipvsadm-restore`` (virtual and real servers) and ``iptables-restore``
+(the same ruleset), summed as ``c_full_s`` against ``full_s``
+(``full_ratio``), and ``ipvsadm-restore`` of the incremental change (one
+real server added, the replaced one set to weight 0) as
+``c_incremental_s`` (``incremental_ratio``).
+
 Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
@@ -39,7 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,12 +98,34 @@ class Driver(Protocol):
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]: ...
     def rules(self) -> int: ...
     async def close(self) -> None: ...
+    def c_tools(self, repeat: int) -> dict[str, float]: ...
+    compares: bool
+
+
+def timed_tool(argv: list[str], text: str) -> float:
+    """Seconds one C tool takes to apply ``text`` (its stdin or batch file); raises when it fails."""
+    t = time.perf_counter()
+    proc = subprocess.run(argv, input=text, text=True, capture_output=True, timeout=POINT_TIMEOUT,
+                          check=False)
+    took = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()[:400]}")
+    return took
+
+
+def address_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
+    """``ip -batch`` input adding (or deleting) host addresses on ``device``."""
+    return "".join(f"addr {verb} {ip}/{128 if ':' in ip else 32} dev {device}\n" for ip in ips)
+
+
+COMPARE_DEVICE = "pxdcmp0"  # where the C tools put the same addresses, after proxyd's own are gone
 
 
 class PlannerTimedDriver:
     """Drives a mode's ``sync`` and times its pure planning apart from the rest."""
 
     mode: Any
+    compares = True  # c_tools times the same objects through the C tools
 
     def __init__(self) -> None:
         self._plan_time = 0.0
@@ -121,7 +155,9 @@ class PlannerTimedDriver:
         return await self._sync(SyncRequest(state, None))
 
     async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        return await self._sync(SyncRequest(state, changed))
+        # As the daemon does: the services and the tracker's index of their changed ports.
+        ports = frozenset(n for n in (BENCH_PORT,) if n.service in changed)
+        return await self._sync(SyncRequest(state, changed, ports))
 
     async def close(self) -> None:
         await self.mode.shutdown()
@@ -147,13 +183,19 @@ class IptablesDriver(PlannerTimedDriver):
         plan = self.mode.last_plan
         return sum(len(r.chain_rules) + len(r.nat_services) for r in plan.cache.values()) if plan else 0
 
+    compares = False  # the restore tools' own figures: bench/iptables_tools.py
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        del repeat
+        return {}
+
 
 class IpvsDriver(PlannerTimedDriver):
     """proxyd.modes.ipvs.IpvsMode (needs a kernel with IPVS: run it inside the QEMU guest).
 
-    ``plan`` is ``plan_port`` + ``assemble``; the rest is diffing and kernel calls (netlink per
-    virtual/real server, one iptables-restore when the ruleset text changes). ``rules``: virtual
-    servers held.
+    ``plan`` is ``plan_port`` + merging (``Assembly``); the rest is the diff and the kernel work
+    (netlink batches for addresses, set entries, virtual and real servers; one iptables-restore
+    when the ruleset text changes). ``rules``: virtual servers held.
     """
 
     def __init__(self, backend: str) -> None:
@@ -169,11 +211,62 @@ class IpvsDriver(PlannerTimedDriver):
         await self.mode.start()
         # The mode module looks these up at call time: time them where they are used.
         ipvs_mode.plan_port = self.timed(ipvs_mode.plan_port)  # type: ignore[assignment]
-        ipvs_mode.assemble = self.timed(ipvs_mode.assemble)  # type: ignore[assignment]
+        ipvs_mode.Assembly.put = self.timed(ipvs_mode.Assembly.put)  # type: ignore[method-assign]
+        ipvs_mode.Assembly.plan = self.timed(ipvs_mode.Assembly.plan)  # type: ignore[method-assign]
 
     def rules(self) -> int:
         plan = self.mode.last_plan
         return len(plan.servers) if plan else 0
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        """The same objects through ip -batch, ipset restore, ipvsadm-restore and iptables-restore.
+
+        Run after proxyd's own objects were removed (``--cleanup``), on an
+        empty IPVS table, as proxyd's full sync was. The incremental figure
+        is the equivalent of proxyd's partial sync: one real server added and
+        the one it replaces set to weight 0, through ``ipvsadm-restore``.
+        """
+        from proxyd.modes.ipvs.planner import IPSETS
+
+        plan = self.mode.last_plan
+        rules = self.mode._rules
+        assert plan is not None and rules is not None
+        out: dict[str, float] = {}
+        subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "dummy"], check=True, timeout=30)
+        try:
+            batch = address_batch(sorted(plan.bind), COMPARE_DEVICE)
+            out["c_ip_batch_s"] = timed_tool(["ip", "-batch", "-"], batch)
+            lines = []
+            for info in IPSETS:
+                extra = ("range 0-65535" if info.type == "bitmap:port"
+                         else "family inet hashsize 1024 maxelem 65536")
+                lines.append(f"create {info.name} {info.type} {extra}")
+                lines.extend(f"add {info.name} {e}" for e in sorted(plan.ipsets.get(info.name, ())))
+            out["c_ipset_restore_s"] = timed_tool(["ipset", "restore", "-exist"], "\n".join(lines) + "\n")
+            vs_lines = []
+            for key, vs in plan.servers.items():
+                flag = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[key.protocol.value]
+                vs_lines.append(f"-A {flag} {key.ip}:{key.port} -s {vs.scheduler}")
+                vs_lines.extend(f"-a {flag} {key.ip}:{key.port} -r {d.ip}:{d.port} -m -w 1"
+                                for d in plan.destinations.get(key, ()))
+            out["c_ipvsadm_restore_s"] = timed_tool(["ipvsadm-restore"], "\n".join(vs_lines) + "\n")
+            out["c_iptables_restore_s"] = timed_tool(["iptables-restore", "--noflush", "-w", "5"], rules)
+            out["c_full_s"] = sum(out.values())
+            first = next(iter(plan.servers))
+            old = plan.destinations[first][-1]
+            times = []
+            for gen in range(1, repeat + 1):
+                new = f"10.251.{gen // 256 % 256}.{gen % 256}"
+                text = (f"-a -t {first.ip}:{first.port} -r {new}:{old.port} -m -w 1\n"
+                        f"-e -t {first.ip}:{first.port} -r {old.ip}:{old.port} -m -w 0\n")
+                times.append(timed_tool(["ipvsadm-restore"], text))
+            out["c_incremental_s"] = statistics.median(times)
+        finally:
+            subprocess.run(["ipvsadm", "-C"], check=False, timeout=120, capture_output=True)
+            for info in IPSETS:
+                subprocess.run(["ipset", "destroy", info.name], check=False, timeout=60, capture_output=True)
+            subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=60)
+        return out
 
 
 class UserspaceDriver(PlannerTimedDriver):
@@ -190,15 +283,48 @@ class UserspaceDriver(PlannerTimedDriver):
 
         self.mode = UserspaceMode(Config(proxy_mode="userspace", node_name="bench-node"))
 
-    async def full(self, state: ProxyState) -> dict[str, float]:
+    async def _full_checked(self, state: ProxyState) -> dict[str, float]:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         if len(state.services) > hard:
             raise SystemExit(f"userspace: {len(state.services)} listeners need as many descriptors; "
                              f"the hard limit here is {hard}")
         return await super().full(state)
 
+    async def start(self) -> None:
+        await super().start()
+        holder = self.mode.holder
+        apply_sync = holder._apply_sync
+        self.address_s = 0.0
+
+        def timed_apply(add: set[str], remove: set[str]) -> None:
+            t = time.perf_counter()
+            try:
+                apply_sync(add, remove)
+            finally:
+                self.address_s += time.perf_counter() - t
+                self.addresses = sorted(add) if add else getattr(self, "addresses", [])
+
+        holder._apply_sync = timed_apply  # type: ignore[method-assign]
+
+    async def full(self, state: ProxyState) -> dict[str, float]:
+        self.address_s = 0.0
+        out = await self._full_checked(state)
+        out["addresses"] = self.address_s
+        return out
+
     def rules(self) -> int:
         return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        """The full sync's addresses through ``ip -batch``, on a fresh bridge, after proxyd's are gone."""
+        del repeat
+        subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "bridge"], check=True, timeout=30)
+        try:
+            subprocess.run(["ip", "link", "set", COMPARE_DEVICE, "up"], check=True, timeout=30)
+            took = timed_tool(["ip", "-batch", "-"], address_batch(self.addresses, COMPARE_DEVICE))
+        finally:
+            subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=120)
+        return {"c_addresses_s": took}
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
@@ -223,7 +349,8 @@ def rss_mib() -> float:
     return float("nan")
 
 
-async def measure(mode: str, backend: str, services: int, endpoints: int, repeat: int) -> dict[str, Any]:
+async def measure(mode: str, backend: str, services: int, endpoints: int, repeat: int,
+                  compare: bool = True) -> dict[str, Any]:
     driver = DRIVERS[mode](backend)
     await driver.start()
     state = build_state(services, endpoints)
@@ -235,7 +362,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         partials.append(await driver.partial(_shift(state, gen), changed))
     rules = driver.rules()
     await driver.close()
-    return {
+    out: dict[str, Any] = {
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
         "full_s": round(full["total"], 4), "plan_full_s": round(full["plan"], 4),
         "incremental_s": round(statistics.median(p["total"] for p in partials), 4),
@@ -245,10 +372,26 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rules": rules,
     }
+    if "addresses" in full:
+        out["addresses_s"] = round(full["addresses"], 4)
+    if compare and driver.compares:
+        # The same objects through the C tools, in this run, once proxyd's own are removed.
+        await _cleanup(mode)
+        tools = driver.c_tools(repeat)
+        out.update({k: round(v, 4) for k, v in tools.items()})
+        for mine, theirs, ratio in (("full_s", "c_full_s", "full_ratio"),
+                                    ("incremental_s", "c_incremental_s", "incremental_ratio"),
+                                    ("addresses_s", "c_addresses_s", "addresses_ratio")):
+            if mine in out and out.get(theirs):
+                out[ratio] = round(out[mine] / out[theirs], 2)
+    return out
+
+
+BENCH_PORT = ServicePortName("bench", "svc-0", "http", L4.TCP)  # the port the incremental syncs change
 
 
 def _shift(state: ProxyState, gen: int) -> ProxyState:
-    first = ServicePortName("bench", "svc-0", "http", L4.TCP)
+    first = BENCH_PORT
     eps = dict(state.endpoints)
     eps[first] = (*eps[first][:-1], Endpoint(f"10.250.{gen // 256 % 256}.{gen % 256}", 8080))
     return ProxyState(services=state.services, endpoints=eps, node_name=state.node_name)
@@ -264,6 +407,16 @@ def report(r: dict[str, Any]) -> None:
               f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
               f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
+        if "c_addresses_s" in r:
+            print(f"{'':8} {'':7} {'':>6}     addresses: proxyd {r['addresses_s']:.3f}s, ip -batch "
+                  f"{r['c_addresses_s']:.3f}s (ratio {r.get('addresses_ratio', float('nan')):.2f})",
+                  file=sys.stderr, flush=True)
+        if "c_full_s" in r:
+            print(f"{'':8} {'':7} {'':>6}     C tools: full {r['c_full_s']:.3f}s (ip -batch "
+                  f"{r['c_ip_batch_s']:.3f}, ipset restore {r['c_ipset_restore_s']:.3f}, ipvsadm-restore "
+                  f"{r['c_ipvsadm_restore_s']:.3f}, iptables-restore {r['c_iptables_restore_s']:.3f}) ratio "
+                  f"{r.get('full_ratio', float('nan')):.2f}; incremental {r['c_incremental_s'] * 1000:.1f}ms "
+                  f"ratio {r.get('incremental_ratio', float('nan')):.2f}", file=sys.stderr, flush=True)
 
 
 def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -272,7 +425,8 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
         for count in args.services:
             # Each point in a fresh child so memory and rules do not carry over.
             argv = [sys.executable, __file__, "--mode", args.mode, "--services", str(count), "--endpoints",
-                    str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point"]
+                    str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point",
+                    *(["--no-compare"] if args.no_compare else [])]
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=POINT_TIMEOUT,
                                       check=False, env={**os.environ, INSIDE_ENV: "1"})
@@ -323,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the C tools (userspace: ip -batch; ipvs: ip -batch, ipset restore, "
+                             "ipvsadm-restore, iptables-restore) that time the same objects after each point")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(raw)
     if not args.backend:
@@ -335,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return in_netns([*raw, "--backend", ",".join(args.backend)] if "--backend" not in raw else raw)
     if args.point:
         result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
-                                     args.repeat))
+                                     args.repeat, compare=not args.no_compare))
         print(json.dumps(result))
         return 0
     results = inside(args)

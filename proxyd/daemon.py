@@ -102,9 +102,9 @@ class Daemon:
         try:
             node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses)
             # Endpoints that are proxyd's own addresses would loop: no mode ever sees them.
-            state, changed = self.self_endpoints.filter(snapshot.state, None if full else snapshot.changed,
-                                                        node_ips)
-            request = SyncRequest(state, changed)
+            request = self.self_endpoints.filter(
+                SyncRequest(snapshot.state, None if full else snapshot.changed,
+                            None if full else snapshot.changed_ports), node_ips)
             await self.mode.sync(request)
         except Exception:
             # What the tracker handed over is no longer "pending" there, so the
@@ -124,8 +124,8 @@ class Daemon:
             self._unapplied_since = None
         self.health.updated()
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
-                  len(snapshot.state.services), "full" if changed is None else f"{len(changed)} changed",
-                  elapsed)
+                  len(request.state.services),
+                  "full" if request.changed is None else f"{len(request.changed)} changed", elapsed)
         try:
             await self.service_health.update(request.state)
         except Exception:

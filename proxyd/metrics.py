@@ -120,3 +120,8 @@ CONNTABLE_IMPLEMENTATION = Gauge(
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+# proxyd's own: kernel objects refused inside a netlink batch (the rest of the batch applied).
+NETLINK_FAILURES = Counter(
+    "proxyd_netlink_failures_total", "Objects the kernel refused in a netlink batch", ["kind"],
+    registry=REGISTRY)

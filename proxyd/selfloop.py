@@ -40,6 +40,7 @@ from types import MappingProxyType
 
 from proxyd import metrics
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.modes.base import SyncRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +74,35 @@ class SelfEndpoints:
     def refused(self) -> dict[ServicePortName, frozenset[tuple[str, int]]]:
         return dict(self._refused)
 
-    def filter(self, state: ProxyState, changed: frozenset[ServiceName] | None,
-               node_ips: Sequence[str]) -> tuple[ProxyState, frozenset[ServiceName] | None]:
-        """The state without self endpoints, and ``changed`` plus services whose refusals changed."""
+    def filter(self, request: SyncRequest, node_ips: Sequence[str]) -> SyncRequest:
+        """``request`` without self endpoints, its change index grown by ports whose refusals changed."""
+        state, changed, changed_ports = request.state, request.changed, request.changed_ports
         ips = frozenset(node_ips)
         if changed is None or ips != self._node_ips or not self._started:
             self._rebuild(state, ips)
             affected: Iterable[ServicePortName] = state.services
         else:
             affected = self._update(state, changed)
-        more: set[ServiceName] = set()
+        more: set[ServicePortName] = set()
         for name in [n for n in self._refused if n not in state.services]:
             del self._refused[name]
-            more.add(name.service)
+            more.add(name)
         for name in affected:
             if self._check(state, name):
-                more.add(name.service)
-        if changed is not None and not more <= changed:
-            changed = changed | more
-        if not self._refused:
-            return state, changed
-        endpoints = dict(state.endpoints)
-        for name, bad in self._refused.items():
-            endpoints[name] = tuple(ep for ep in endpoints.get(name, ()) if (ep.ip, ep.port) not in bad)
-        return ProxyState(services=state.services, endpoints=MappingProxyType(endpoints),
-                          node_name=state.node_name, node_labels=state.node_labels), changed
+                more.add(name)
+        if changed is not None:
+            services = {n.service for n in more}
+            if not services <= changed:
+                changed = changed | services
+            if changed_ports is not None and not more <= changed_ports:
+                changed_ports = changed_ports | more
+        if self._refused:
+            endpoints = dict(state.endpoints)
+            for name, bad in self._refused.items():
+                endpoints[name] = tuple(ep for ep in endpoints.get(name, ()) if (ep.ip, ep.port) not in bad)
+            state = ProxyState(services=state.services, endpoints=MappingProxyType(endpoints),
+                               node_name=state.node_name, node_labels=state.node_labels)
+        return SyncRequest(state, changed, changed_ports)
 
     # ---- bookkeeping -----------------------------------------------------------------------------
 

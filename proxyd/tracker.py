@@ -62,7 +62,11 @@ class TrackerSnapshot:
     """What ``Tracker.take()`` returns.
 
     ``changed``: services whose ports or endpoints differ from the previous
-    snapshot (all of them after a node label change). ``oldest_change``: the
+    snapshot (all of them after a node label change). ``changed_ports``: the
+    index of the same change by service port — every port that appeared,
+    vanished, or whose ServicePort or endpoints differ (every port after a
+    node label change) — so a mode plans a partial sync from it in time
+    proportional to the change. ``oldest_change``: the
     monotonic time of the first change recorded since the previous take
     (None when nothing was pending), for network-programming latency.
     """
@@ -70,6 +74,7 @@ class TrackerSnapshot:
     state: ProxyState
     changed: frozenset[ServiceName]
     oldest_change: float | None
+    changed_ports: frozenset[ServicePortName] = frozenset()
 
 
 def merge_endpoints(
@@ -303,11 +308,13 @@ class Tracker:
         dirty: set[ServiceName] = set(self._svc_base)
         dirty.update(self._owner_refs)
         changed: set[ServiceName] = set()
+        changed_ports: set[ServicePortName] = set()
         for name in dirty:
-            if self._recompute(name):
+            if self._recompute(name, changed_ports):
                 changed.add(name)
         if self._labels_base is not None:
             changed.update(self._port_names)
+            changed_ports.update(self._ports)
         self._svc_base.clear()
         self._slice_base.clear()
         self._slice_owners.clear()
@@ -322,12 +329,17 @@ class Tracker:
             node_name=self.node_name,
             node_labels=self._node_labels,
         )
-        return TrackerSnapshot(state=state, changed=frozenset(changed), oldest_change=oldest)
+        return TrackerSnapshot(state=state, changed=frozenset(changed), oldest_change=oldest,
+                               changed_ports=frozenset(changed_ports))
 
     # ---- internals -----------------------------------------------------
 
-    def _recompute(self, name: ServiceName) -> bool:
-        """Rebuild one service's ports and endpoints; True if they changed."""
+    def _recompute(self, name: ServiceName, changed_ports: set[ServicePortName]) -> bool:
+        """Rebuild one service's ports and endpoints; True if they changed.
+
+        The names of its ports that appeared, vanished or differ are added to
+        ``changed_ports``.
+        """
         svc = self._services.get(name)
         old_names = self._port_names.get(name, ())
         new_ports = service_ports(svc) if svc is not None else {}
@@ -339,12 +351,14 @@ class Tracker:
         for pn in old_names:
             if pn not in new_ports:
                 changed = True
+                changed_ports.add(pn)
                 del self._ports[pn]
                 del self._endpoints[pn]
         for pn, port in new_ports.items():
             eps = new_eps[pn]
-            if not changed and (self._ports.get(pn) != port or self._endpoints.get(pn) != eps):
+            if self._ports.get(pn) != port or self._endpoints.get(pn) != eps:
                 changed = True
+                changed_ports.add(pn)
             self._ports[pn] = port
             self._endpoints[pn] = eps
         if new_ports:

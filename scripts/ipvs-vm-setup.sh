@@ -32,6 +32,7 @@ command -v depmod >/dev/null || need_apt+=(kmod)
 command -v ipset >/dev/null || need_apt+=(ipset)
 command -v iptables-restore >/dev/null || need_apt+=(iptables)
 command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ipvsadm-restore >/dev/null || need_apt+=(ipvsadm)  # the C tools bench/sync_scale.py compares with
 if [ "${#need_apt[@]}" -gt 0 ] || [ ! -f "$vm_dir/kver" ]; then
   apt-get update -qq
 fi

@@ -23,6 +23,7 @@ packages=(python3 python3-venv python3-dev gcc iproute2 iptables nftables ipset 
 if [ "$want_test" = 1 ]; then
   packages+=(iperf3 wrk haproxy nginx-light libnginx-mod-stream socat libcap2-bin systemd
              qemu-system-x86 busybox-static)
+  packages+=(ipvsadm)  # bench/sync_scale.py --mode ipvs: ipvsadm-restore, the C tool it compares with
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

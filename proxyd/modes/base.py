@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxyd.config import Config
-    from proxyd.model import ProxyState, ServiceName
+    from proxyd.model import ProxyState, ServiceName, ServicePortName
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,32 @@ class SyncRequest:
     ``changed`` is None for a full sync (first sync, periodic resync, after a
     failure): the mode must then rewrite everything it owns. Otherwise it
     names the services whose ports or endpoints changed, and the mode may
-    limit its work to them.
+    limit its work to them. ``changed_ports`` (when not None, only with
+    ``changed``) indexes the same change by service port: every port that
+    appeared, vanished or differs since the previous request. Modes read both
+    through ``ports_to_plan``.
     """
 
     state: ProxyState
     changed: frozenset[ServiceName] | None
+    changed_ports: frozenset[ServicePortName] | None = None
+
+    def ports_to_plan(self, known: Iterable[ServicePortName] = ()) -> set[ServicePortName] | None:
+        """The service ports a partial sync must re-plan (None for a full sync).
+
+        From the tracker's index (``changed_ports``) when the request has
+        it: work proportional to the change. A request naming only services
+        (older callers) falls back to scanning the state's ports and
+        ``known`` (the ports the mode planned before) for those services.
+        """
+        if self.changed is None:
+            return None
+        if self.changed_ports is not None:
+            return set(self.changed_ports)
+        changed = self.changed
+        ports = {n for n in self.state.services if n.service in changed}
+        ports.update(n for n in known if n.service in changed)
+        return ports
 
 
 class ProxyMode(abc.ABC):

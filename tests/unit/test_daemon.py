@@ -60,11 +60,14 @@ async def test_first_sync_is_full_then_partial(made):
     made.tracker.update_service(ServiceName("default", "a"), service("a", "10.96.0.1"))
     await made._sync()
     assert made.mode.requests[-1].changed is None
+    assert made.mode.requests[-1].changed_ports is None
     assert made.health.healthy()
     made.tracker.update_slice(("default", "a-1"), endpoints("a", "10.244.1.2"))
     await made._sync()
     request = made.mode.requests[-1]
     assert request.changed == frozenset({ServiceName("default", "a")})
+    # the tracker's port index travels with the partial request
+    assert request.changed_ports == frozenset({ServicePortName("default", "a", "", Protocol.TCP)})
     served = request.state.endpoints_of(ServicePortName("default", "a", "", Protocol.TCP))
     assert [str(ep) for ep in served] == ["10.244.1.2:8080"]
 

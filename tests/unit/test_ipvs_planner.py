@@ -4,10 +4,13 @@ mode's diff logic (against a fake applier that records every kernel call). No ro
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pyroute2.netlink.generic import ipvs as genl_ipvs
+from pyroute2.netlink.nfnetlink.ipset import ipset_msg
 
 from proxyd.config import Config
 from proxyd.model import (
@@ -21,7 +24,18 @@ from proxyd.model import (
 )
 from proxyd.modes.base import SyncRequest
 from proxyd.modes.ipvs import mode as mode_module
-from proxyd.modes.ipvs.applier import KernelDest, entry_args, entry_text, saved_jumps
+from proxyd.modes.ipvs.applier import (
+    IpvsApplier,
+    KernelDest,
+    dest_request,
+    entry_text,
+    ipset_data,
+    ipset_request,
+    parse_dest,
+    parse_service,
+    saved_jumps,
+    server_request,
+)
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.mode import IpvsMode, ipvs_sysctls
 from proxyd.modes.ipvs.planner import (
@@ -42,6 +56,7 @@ from proxyd.modes.ipvs.planner import (
     NODE_PORT_SCTP,
     NODE_PORT_TCP,
     NODE_PORT_UDP,
+    Op,
     PlanContext,
     RealServer,
     VirtualServer,
@@ -51,6 +66,7 @@ from proxyd.modes.ipvs.planner import (
     plan_port,
     validate_scheduler,
 )
+from proxyd.netlink import encode
 
 NODE = "node1"
 CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.51.100.1"),
@@ -270,8 +286,7 @@ def test_rules_only_for_sets_in_use() -> None:
     ("hash:ip", "10.96.0.10"),
 ])
 def test_entry_round_trip(set_type: str, entry: str) -> None:
-    value, etype = entry_args(set_type, entry)
-    assert etype.count(",") == entry.count(",")
+    data = dict(ipset_data(set_type, entry))
     # what the kernel lists for that element reads back as the same text
     attrs: list = []
     parts = entry.split(",")
@@ -280,7 +295,8 @@ def test_entry_round_trip(set_type: str, entry: str) -> None:
     else:
         attrs.append(("IPSET_ATTR_IP_FROM", {"attrs": [("IPSET_ATTR_IPADDR_IPV4", parts[0])]}))
     if len(parts) > 1:
-        attrs += [("IPSET_ATTR_PORT_FROM", value[1].port), ("IPSET_ATTR_PROTO", value[1].protocol)]
+        attrs += [("IPSET_ATTR_PORT_FROM", data["IPSET_ATTR_PORT_FROM"]),
+                  ("IPSET_ATTR_PROTO", data["IPSET_ATTR_PROTO"])]
     if len(parts) > 2:
         ip2, _, cidr = parts[2].partition("/")
         attrs.append(("IPSET_ATTR_IP2", {"attrs": [("IPSET_ATTR_IPADDR_IPV4", ip2)]}))
@@ -296,7 +312,7 @@ def test_entry_round_trip(set_type: str, entry: str) -> None:
 ])
 def test_bad_entries_rejected(set_type: str, entry: str) -> None:
     with pytest.raises(ValueError):
-        entry_args(set_type, entry)
+        ipset_data(set_type, entry)
 
 
 def test_saved_jumps() -> None:
@@ -329,6 +345,7 @@ class FakeApplier:
         self.sets: dict[str, set[str]] = {}
         self.bound: set[str] = set()
         self.rules = ""
+        self.refuse: set[Op] = set()  # operations the fake kernel refuses
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)
@@ -403,6 +420,23 @@ class FakeApplier:
     def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
         self.log("restore", ensure_jumps)
         self.rules = rules
+
+    def apply(self, ops: Any) -> set[Op]:
+        """The real applier's entry point: each operation becomes one call above; refused ones returned."""
+        failed = set()
+        for op in ops:
+            if op in self.refuse:
+                failed.add(op)
+                continue
+            if op.kind in ("set_add", "set_del"):
+                name, entry = op.args
+                adding = op.kind == "set_add"
+                self.change_set(name, (entry,) if adding else (), () if adding else (entry,))
+            elif op.kind in ("bind", "unbind"):
+                self.bind(op.args if op.kind == "bind" else (), op.args if op.kind == "unbind" else ())
+            else:
+                getattr(self, op.kind)(*op.args)
+        return failed
 
 
 KEY = VSKey("10.96.0.10", 80, TCP)
@@ -527,4 +561,147 @@ def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier])
     with pytest.raises(RuntimeError):
         changed = svc(type=ServiceType.NODE_PORT, node_port=30080)  # new set in use: the rules change
         run(m.sync(SyncRequest(state_of((changed, (LOCAL1,))), frozenset({ServiceName("default", "web")}))))
-    assert m._servers is None  # the next sync re-reads the kernel whatever it is asked
+    assert m._held is None  # the next sync re-reads the kernel whatever it is asked
+
+
+def test_ipvs_requests_encode_what_the_kernel_expects() -> None:
+    """The batched IPVS requests decode (with pyroute2's own parser) to the attributes the kernel reads."""
+    vs = VirtualServer(KEY, "rr", FLAG_PERSISTENT, 10800)
+    for op, cmd in ((Op("add_server", (vs,)), genl_ipvs.IPVS_CMD_NEW_SERVICE),
+                    (Op("update_server", (vs,)), genl_ipvs.IPVS_CMD_SET_SERVICE),
+                    (Op("delete_server", (KEY,)), genl_ipvs.IPVS_CMD_DEL_SERVICE),
+                    (Op("add_dest", (KEY, S1, 1)), genl_ipvs.IPVS_CMD_NEW_DEST),
+                    (Op("set_weight", (KEY, S1, 0)), genl_ipvs.IPVS_CMD_SET_DEST),
+                    (Op("delete_dest", (KEY, S1)), genl_ipvs.IPVS_CMD_DEL_DEST)):
+        build = server_request if "server" in op.kind else dest_request
+        req = build(42, op)
+        msg = genl_ipvs.ipvsmsg(encode(req, 7))
+        msg.decode()
+        assert (msg["header"]["type"], msg["header"]["sequence_number"], msg["cmd"]) == (42, 7, cmd)
+        svc_attrs = dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE")["attrs"])
+        assert (svc_attrs["IPVS_SVC_ATTR_ADDR"], svc_attrs["IPVS_SVC_ATTR_PORT"],
+                svc_attrs["IPVS_SVC_ATTR_PROTOCOL"]) == ("10.96.0.10", 80, 6)
+        if op.kind in ("add_server", "update_server"):
+            assert svc_attrs["IPVS_SVC_ATTR_SCHED_NAME"] == "rr"
+            assert svc_attrs["IPVS_SVC_ATTR_TIMEOUT"] == 10800
+            assert svc_attrs["IPVS_SVC_ATTR_FLAGS"]["flags"] == FLAG_PERSISTENT
+        if "dest" in op.kind or op.kind == "set_weight":
+            dest = dict(msg.get_attr("IPVS_CMD_ATTR_DEST")["attrs"])
+            assert (dest["IPVS_DEST_ATTR_ADDR"], dest["IPVS_DEST_ATTR_PORT"]) == ("10.244.1.11", 8080)
+            if op.kind != "delete_dest":
+                assert (dest["IPVS_DEST_ATTR_WEIGHT"], dest["IPVS_DEST_ATTR_FWD_METHOD"]) == (op.args[2], 0)
+
+
+def test_ipset_entries_encode_for_every_set_type() -> None:
+    for set_type, entry in (("bitmap:port", "30080"), ("hash:ip", "10.96.0.1"),
+                            ("hash:ip,port", "10.96.0.1,udp:53"),
+                            ("hash:ip,port,ip", "10.244.1.2,tcp:80,10.244.1.2"),
+                            ("hash:ip,port,net", "10.96.0.1,tcp:80,192.0.2.0/24")):
+        msg = ipset_msg(encode(ipset_request(True, "S", set_type, entry), 1))
+        msg.decode()
+        assert msg.get_attr("IPSET_ATTR_SETNAME") == "S"
+    for set_type, entry in (("bitmap:port", "http"), ("hash:ip,port", "10.96.0.1"),
+                            ("hash:ip,port", "10.96.0.1,gre:1"), ("hash:ip", "a,b,c"), ("list:set", "x")):
+        with pytest.raises(ValueError):
+            ipset_request(True, "S", set_type, entry)
+
+
+def _reply(cmd_attrs: list) -> bytes:
+    """A dump reply: pyroute2 encodes the attributes as the kernel lays them out."""
+    msg = genl_ipvs.ipvsmsg()
+    msg["cmd"] = genl_ipvs.IPVS_CMD_NEW_SERVICE
+    msg["version"] = 1
+    msg["attrs"] = cmd_attrs
+    msg["header"]["type"] = 42
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_dump_replies_parse_to_what_the_mode_compares() -> None:
+    svc = _reply([("IPVS_CMD_ATTR_SERVICE", {"attrs": [
+        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 17), ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"),
+        ("IPVS_SVC_ATTR_PORT", 53), ("IPVS_SVC_ATTR_SCHED_NAME", "rr"),
+        ("IPVS_SVC_ATTR_FLAGS", {"flags": FLAG_PERSISTENT | 0x0002, "mask": 0xFFFFFFFF}),
+        ("IPVS_SVC_ATTR_TIMEOUT", 10800)]})])
+    want = VirtualServer(VSKey("10.96.0.10", 53, Protocol.UDP), "rr", FLAG_PERSISTENT, 10800)
+    assert parse_service(svc) == want
+    dest = _reply([("IPVS_CMD_ATTR_DEST", {"attrs": [
+        ("IPVS_DEST_ATTR_ADDR", "10.244.1.11"), ("IPVS_DEST_ATTR_PORT", 8080),
+        ("IPVS_DEST_ATTR_FWD_METHOD", 0), ("IPVS_DEST_ATTR_WEIGHT", 1),
+        ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3), ("IPVS_DEST_ATTR_INACT_CONNS", 4),
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", 2)]})])
+    assert parse_dest(dest) == KernelDest(S1, 1, 0, 3, 4)
+    # the kernel's 16-byte address form (nf_inet_addr) reads the same
+    assert parse_dest(_padded(dest)) == KernelDest(S1, 1, 0, 3, 4)
+    fwmark = _reply([("IPVS_CMD_ATTR_SERVICE",
+                      {"attrs": [("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_FWMARK", 7)]})])
+    v6 = _reply([("IPVS_CMD_ATTR_SERVICE",
+                  {"attrs": [("IPVS_SVC_ATTR_AF", 10), ("IPVS_SVC_ATTR_PROTOCOL", 6)]})])
+    assert parse_service(fwmark) is None and parse_service(v6) is None
+
+
+def _padded(reply: bytes) -> bytes:
+    """``reply`` with its IPVS_DEST_ATTR_ADDR widened to the kernel's 16 bytes (lengths fixed up)."""
+    import struct
+
+    hdr = 20
+    outer_len = struct.unpack_from("=H", reply, hdr)[0]
+    inner = reply[hdr + 4:hdr + outer_len]
+    addr_len = struct.unpack_from("=H", inner, 0)[0]
+    assert addr_len == 8  # 4-byte header + 4-byte IPv4 address
+    addr_type = struct.unpack_from("=H", inner, 2)[0]
+    widened = struct.pack("=HH", 20, addr_type) + inner[4:8] + bytes(12) + inner[8:]
+    outer = struct.pack("=HH", 4 + len(widened), struct.unpack_from("=H", reply, hdr + 2)[0]) + widened
+    body = reply[16:hdr] + outer
+    return struct.pack("=IHHII", 16 + len(body), *struct.unpack_from("=HHII", reply, 4)) + body
+
+
+@pytest.mark.parametrize("cut", [0, 3, 16, 20, 24, 31, 47])
+def test_truncated_or_garbage_dump_replies_are_skipped(cut: int) -> None:
+    svc = _reply([("IPVS_CMD_ATTR_SERVICE", {"attrs": [
+        ("IPVS_SVC_ATTR_AF", 2), ("IPVS_SVC_ATTR_PROTOCOL", 6), ("IPVS_SVC_ATTR_ADDR", "10.96.0.10"),
+        ("IPVS_SVC_ATTR_PORT", 80)]})])
+    assert parse_service(svc[:cut]) is None
+    assert parse_dest(svc[:cut]) is None
+    assert parse_service(b"\xff" * 64) is None and parse_dest(bytes(200)) is None
+
+
+class _RecordingSocket:
+    """A BatchSocket stand-in: records each batch's operations, refuses the ones it is told to."""
+
+    def __init__(self, kind: str, refuse: dict[str, int], batches: list[tuple[str, list[Op]]]) -> None:
+        self.kind, self.refuse, self.batches = kind, refuse, batches
+
+    def run(self, requests: list, *, log_failures: bool = True) -> Any:
+        from proxyd.netlink import BatchResult, Failure
+
+        ops = [r.subject for r in requests]
+        self.batches.append((self.kind, ops))
+        result = BatchResult()
+        for op in ops:
+            code = self.refuse.get(op.kind, 0)
+            if code:
+                result.failures.append(Failure(op, code))
+            else:
+                result.applied += 1
+        return result
+
+
+def test_applier_batches_by_kind_in_order_and_turns_an_existing_add_into_an_update(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    applier = IpvsApplier()
+    batches: list[tuple[str, list[Op]]] = []
+    refuse = {"add_server": errno.EEXIST, "add_dest": errno.ENOMEM}
+    monkeypatch.setattr(applier, "_batch_socket", lambda kind: _RecordingSocket(kind, refuse, batches))
+    monkeypatch.setattr(applier, "_ipvs_family", lambda: 42)
+    applier._device_index = 7
+    vs = VirtualServer(KEY, "rr")
+    ops = [Op("set_add", (CLUSTER_IP, "10.96.0.10,tcp:80")), Op("bind", ("10.96.0.10",)),
+           Op("add_server", (vs,)), Op("add_dest", (KEY, S1, 1))]
+    with caplog.at_level("ERROR"):
+        failed = applier.apply(ops)
+    assert [(kind, [op.kind for op in batch]) for kind, batch in batches] == [
+        ("ipset", ["set_add"]), ("address", ["bind"]), ("ipvs", ["add_server", "add_dest"]),
+        ("ipvs", ["update_server"])]  # the server existed: updated in a second batch
+    assert failed == {Op("add_dest", (KEY, S1, 1))} and "Cannot allocate memory" in caplog.text
+    applier._pool.shutdown(wait=False)

@@ -14,6 +14,7 @@ from proxyd.model import (
     ServicePortName,
     ServiceType,
 )
+from proxyd.modes.base import SyncRequest
 from proxyd.selfloop import SelfEndpoints
 
 NODE_IPS = ["127.0.0.1", "203.0.113.1"]
@@ -38,6 +39,12 @@ def state(ports: list[ServicePort], eps: dict[str, list[tuple[str, int]]]) -> Pr
                       node_name="node1")
 
 
+def run(f: SelfEndpoints, st: ProxyState, changed: frozenset[ServiceName] | None,
+        node_ips: list[str]) -> tuple[ProxyState, frozenset[ServiceName] | None]:
+    out = f.filter(SyncRequest(st, changed), node_ips)
+    return out.state, out.changed
+
+
 def kept(st: ProxyState, svc: str, proto: Protocol = Protocol.TCP) -> list[tuple[str, int]]:
     return [(e.ip, e.port) for e in st.endpoints_of(name(svc, proto))]
 
@@ -58,7 +65,7 @@ def test_own_cluster_ip_external_ip_and_nodeport_are_refused_the_rest_kept(caplo
         "d": [("10.96.0.13", 53), ("10.96.0.13", 80)],  # UDP: own address; TCP-only port of another service
     })
     f = SelfEndpoints(source="test")
-    out, changed = f.filter(st, None, NODE_IPS)
+    out, changed = run(f, st, None, NODE_IPS)
     assert changed is None
     assert kept(out, "a") == [("10.244.1.11", 8080), ("10.96.0.10", 81)]
     assert kept(out, "b") == []
@@ -67,14 +74,14 @@ def test_own_cluster_ip_external_ip_and_nodeport_are_refused_the_rest_kept(caplo
     assert rejected() - before == 5
     # Logged once: the same state again adds nothing.
     caplog.clear()
-    again, changed = f.filter(st, frozenset(), NODE_IPS)
+    again, changed = run(f, st, frozenset(), NODE_IPS)
     assert again.endpoints == out.endpoints and changed == frozenset()
     assert rejected() - before == 5 and not caplog.records
 
 
 def test_clean_state_passes_through_untouched() -> None:
     st = state([port("a", "10.96.0.10")], {"a": [("10.244.1.11", 8080)]})
-    out, changed = SelfEndpoints(source="test").filter(st, None, NODE_IPS)
+    out, changed = run(SelfEndpoints(source="test"), st, None, NODE_IPS)
     assert out is st and changed is None
 
 
@@ -82,24 +89,42 @@ def test_partial_sync_rechecks_services_hit_by_a_new_or_removed_address() -> Non
     f = SelfEndpoints(source="test")
     # b points at 10.96.0.20:80, which nobody serves yet.
     st1 = state([port("b", "10.96.0.11")], {"b": [("10.96.0.20", 80), ("10.244.1.11", 8080)]})
-    out, _ = f.filter(st1, None, NODE_IPS)
+    out, _ = run(f, st1, None, NODE_IPS)
     assert kept(out, "b") == [("10.96.0.20", 80), ("10.244.1.11", 8080)]
     # Service a appears with that ClusterIP: b, unchanged itself, must lose the endpoint and be re-planned.
     st2 = state([port("a", "10.96.0.20"), port("b", "10.96.0.11")],
                 {"b": [("10.96.0.20", 80), ("10.244.1.11", 8080)]})
-    out, changed = f.filter(st2, frozenset({ServiceName("default", "a")}), NODE_IPS)
+    out, changed = run(f, st2, frozenset({ServiceName("default", "a")}), NODE_IPS)
     assert kept(out, "b") == [("10.244.1.11", 8080)]
     assert changed == {ServiceName("default", "a"), ServiceName("default", "b")}
     # a goes away: b gets its endpoint back.
-    out, changed = f.filter(st1, frozenset({ServiceName("default", "a")}), NODE_IPS)
+    out, changed = run(f, st1, frozenset({ServiceName("default", "a")}), NODE_IPS)
     assert kept(out, "b") == [("10.96.0.20", 80), ("10.244.1.11", 8080)]
     assert ServiceName("default", "b") in changed
     # A NodePort appearing on 30081 catches b's hostNetwork endpoint on that port.
     st3 = state([port("b", "10.96.0.11"), port("n", "10.96.0.30", node_port=30081)],
                 {"b": [("203.0.113.1", 30081)]})
-    f.filter(state([port("b", "10.96.0.11")], {"b": [("203.0.113.1", 30081)]}), None, NODE_IPS)
-    out, changed = f.filter(st3, frozenset({ServiceName("default", "n")}), NODE_IPS)
+    run(f, state([port("b", "10.96.0.11")], {"b": [("203.0.113.1", 30081)]}), None, NODE_IPS)
+    out, changed = run(f, st3, frozenset({ServiceName("default", "n")}), NODE_IPS)
     assert kept(out, "b") == [] and ServiceName("default", "b") in changed
     # Node addresses change (the address is no longer the node's): everything is re-checked.
-    out, _ = f.filter(st3, frozenset(), ["127.0.0.1"])
+    out, _ = run(f, st3, frozenset(), ["127.0.0.1"])
     assert kept(out, "b") == [("203.0.113.1", 30081)]
+
+
+def test_ports_whose_refusal_changed_join_the_port_index() -> None:
+    f = SelfEndpoints(source="test")
+    st1 = state([port("a", "10.96.0.10"), port("b", "10.96.0.11")], {"b": [("10.244.1.11", 80)]})
+    f.filter(SyncRequest(st1, None), NODE_IPS)
+    # b's endpoint becomes a's ClusterIP while only a is reported changed: b joins both indexes.
+    st2 = state([port("a", "10.96.0.10"), port("b", "10.96.0.11")], {"b": [("10.96.0.10", 80)]})
+    out = f.filter(SyncRequest(st2, frozenset({ServiceName("default", "b")}),
+                               frozenset({name("b")})), NODE_IPS)
+    assert out.changed_ports == frozenset({name("b")})
+    assert kept(out.state, "b") == []
+    st3 = state([port("a", "10.96.0.12"), port("b", "10.96.0.11")], {"b": [("10.96.0.10", 80)]})
+    out = f.filter(SyncRequest(st3, frozenset({ServiceName("default", "a")}),
+                               frozenset({name("a")})), NODE_IPS)
+    assert out.changed == frozenset({ServiceName("default", "a"), ServiceName("default", "b")})
+    assert out.changed_ports == frozenset({name("a"), name("b")})
+    assert kept(out.state, "b") == [("10.96.0.10", 80)]

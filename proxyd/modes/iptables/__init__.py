@@ -108,7 +108,8 @@ class IptablesMode(ProxyMode):
                 # which chains the kernel holds: ask (iptables-save of a big nat
                 # table takes seconds on nft, so not on every full sync).
                 existing = await applier.chains("nat")
-        plan = self.planner.plan(request.state, None if full else request.changed, existing_chains=existing)
+        plan = self.planner.plan(request.state, None if full else request.changed, existing_chains=existing,
+                                 changed_ports=None if full else request.changed_ports)
         try:
             for chunk in plan.chunks:
                 await applier.restore(chunk)

@@ -10,19 +10,23 @@ it rejected must go so the next datagram is DNATed. TCP needs none of this
 
 ``stale_flows`` (pure) decides what to delete from the previous and new
 renderings; ``clear`` dumps UDP entries once over NETLINK_NETFILTER and
-deletes the matching ones. Both are blocking: call ``clear`` in a worker
+deletes the matching ones in netlink batches. Both are blocking: call ``clear`` in a worker
 thread. Errors are the caller's to log: a failed cleanup must never fail
 a sync whose rules were applied.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+
 from proxyd.model import Protocol, ServicePort, ServicePortName
 from proxyd.modes.iptables.planner import PortRender
+from proxyd.netlink import NETLINK_NETFILTER, BatchSocket, Request
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -78,29 +82,39 @@ def stale_flows(names: Iterable[ServicePortName], *,
 
 
 def clear(flows: list[Flow], *, family: int = 4) -> int:
-    """Delete every UDP conntrack entry matching one of ``flows``; returns how many. Blocking."""
+    """Delete every UDP conntrack entry matching one of ``flows``; returns how many. Blocking.
+
+    One dump, then every deletion in netlink batches (``proxyd.netlink``):
+    after an endpoint of a busy UDP service goes there can be thousands. An
+    entry already gone is not an error; one the kernel refuses otherwise is
+    logged and counted and does not stop the others.
+    """
     if not flows:
         return 0
     from pyroute2 import Conntrack
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
     af = socket.AF_INET6 if family == 6 else socket.AF_INET
-    deleted = 0
+    requests: list[Request] = []
     with Conntrack() as ct:
-        victims = []
         for entry in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=socket.IPPROTO_UDP)):
             o, r = entry.tuple_orig, entry.tuple_reply
             if o.proto != socket.IPPROTO_UDP:
                 continue
             if any(f.matches(o.daddr, o.dport, r.saddr) for f in flows):
-                victims.append(o)
-        for o in victims:
-            try:
-                ct.entry("del", tuple_orig=NFCTAttrTuple(family=af, saddr=o.saddr, daddr=o.daddr,
-                                                         proto=socket.IPPROTO_UDP, sport=o.sport,
-                                                         dport=o.dport))
-                deleted += 1
-            except Exception as exc:
-                if getattr(exc, "code", None) != 2:  # ENOENT
-                    raise
-    return deleted
+                requests.append(delete_request(af, o.saddr, o.sport, o.daddr, o.dport))
+    if not requests:
+        return 0
+    with BatchSocket(NETLINK_NETFILTER, kind="conntrack") as sock:
+        return sock.run(requests).applied
+
+
+def delete_request(af: int, saddr: str, sport: int, daddr: str, dport: int) -> Request:
+    """Delete the UDP conntrack entry whose original tuple is this; an entry already gone is harmless."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_DELETE, NFCTAttrTuple, nfct_msg
+
+    msg = nfct_msg.create_from(tuple_orig=NFCTAttrTuple(family=af, saddr=saddr, daddr=daddr,
+                                                        proto=socket.IPPROTO_UDP, sport=sport, dport=dport))
+    msg["nfgen_family"] = af
+    return Request(msg, IPCTNL_MSG_CT_DELETE | (NFNL_SUBSYS_CTNETLINK << 8), 0,
+                   f"udp {saddr}:{sport} -> {daddr}:{dport}", frozenset({errno.ENOENT}))

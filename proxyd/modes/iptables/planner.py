@@ -213,17 +213,20 @@ class Planner:
     # -- planning ---------------------------------------------------------
 
     def plan(self, state: ProxyState, changed: frozenset[ServiceName] | None, *,
-             existing_chains: Iterable[str] = ()) -> Plan:
+             existing_chains: Iterable[str] = (),
+             changed_ports: frozenset[ServicePortName] | None = None) -> Plan:
         """The restore input taking the kernel from the committed state to ``state``.
 
         ``changed`` None (or no committed full plan yet) gives a full plan;
+        ``changed_ports``, the tracker's index of the change by port, spares
+        the partial plan any look-up over every port;
         ``existing_chains`` are nat chains found in the kernel (iptables-save),
         so a full plan also deletes service chains a previous run left.
         """
         opts = self.options
         tail = self._tail_rules()
         if changed is not None and self._valid and tail == self._tail:
-            plan = self._plan_partial(state, changed, tail)
+            plan = self._plan_partial(state, changed, tail, changed_ports)
             if plan is not None:
                 return plan
         ports = {name: sp for name, sp in state.services.items() if ch_family(sp.cluster_ip) == opts.family}
@@ -338,7 +341,8 @@ class Planner:
                     endpoints=total, busy=busy, chunks=chunks)
 
     def _plan_partial(self, state: ProxyState, changed: frozenset[ServiceName],
-                      tail: tuple[str, ...]) -> Plan | None:
+                      tail: tuple[str, ...],
+                      changed_ports: frozenset[ServicePortName] | None = None) -> Plan | None:
         """A partial plan, or None when only a full one will do (large-cluster mode flips).
 
         Work is proportional to the ports of ``changed`` services (plus set
@@ -348,11 +352,15 @@ class Planner:
         old = self._cache
         fam = self.options.family
         candidates: set[ServicePortName] = set()
-        for svc in changed:
-            candidates.update(self._by_service.get(svc, ()))
-        # Ports the tracker did not name but that appeared or vanished anyway.
-        candidates.update(state.services.keys() - old.keys())
-        candidates.update(old.keys() - state.services.keys())
+        if changed_ports is not None:
+            # The tracker's index names every port that appeared, vanished or differs.
+            candidates.update(changed_ports)
+        else:
+            for svc in changed:
+                candidates.update(self._by_service.get(svc, ()))
+            # Ports the tracker did not name but that appeared or vanished anyway.
+            candidates.update(state.services.keys() - old.keys())
+            candidates.update(old.keys() - state.services.keys())
         touched: list[ServicePortName] = []
         removed: dict[ServicePortName, PortRender] = {}
         for name in candidates:

@@ -1,7 +1,11 @@
 """ipvs mode's applier: the only code of the mode that talks to the kernel.
 
-IPVS virtual and real servers, ipsets and the ``kube-ipvs0`` dummy device
-go through pyroute2 (generic netlink, nfnetlink, rtnetlink); the small fixed
+Changes to IPVS virtual and real servers, ipset entries and the addresses
+on the ``kube-ipvs0`` dummy device are the mode's operations (``Op``, from
+the pure ``planner.diff``), run by ``apply`` as netlink batches
+(``proxyd.netlink``: requests encoded with pyroute2's message classes,
+many per send, one bad object failing alone). Reads, set creation and the
+graceful-termination checks use pyroute2's sockets; the small fixed
 iptables ruleset goes through ``iptables-restore --noflush`` (argv, no
 shell); sysctls through /proc/sys. Every method here is blocking and is
 called from one dedicated worker thread (``IpvsApplier.call``), so the event
@@ -18,20 +22,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from pyroute2 import IPVS, IPRoute, IPSet, IPVSDest, IPVSService
+from pyroute2 import IPRoute, IPSet
 from pyroute2.ipset import PortEntry
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import GenericNetlinkSocket
+from pyroute2.netlink.generic import ipvs as genl_ipvs
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
+from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset_msg
 
+from proxyd import metrics
 from proxyd.model import Protocol
 from proxyd.modes.ipvs.planner import (
     DEVICE,
@@ -41,16 +52,28 @@ from proxyd.modes.ipvs.planner import (
     IPSETS,
     JUMPS,
     NAT_CHAINS,
+    Op,
     RealServer,
     VirtualServer,
     VSKey,
+)
+from proxyd.netlink import (
+    NETLINK_GENERIC,
+    NETLINK_NETFILTER,
+    NETLINK_ROUTE,
+    BatchSocket,
+    NetlinkBatchError,
+    Request,
+    address_request,
+    dump_addresses,
+    parse_attrs,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FWD_MASQ = 0  # IP_VS_CONN_F_MASQ; pyroute2's IPVSDest defaults to 3 (direct routing)
+FWD_MASQ = 0  # IP_VS_CONN_F_MASQ (pyroute2's IPVSDest would default to 3, direct routing)
 IPSET_EXIST = 4103  # IPSET_ERR_EXIST: element already added / not added
 _PROTO_NUM = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP, Protocol.SCTP: 132}
 _NUM_PROTO = {v: k for k, v in _PROTO_NUM.items()}
@@ -83,20 +106,44 @@ def _port_entry(text: str) -> PortEntry:
     return PortEntry(int(port), _PROTO_BY_NAME[proto])
 
 
-def entry_args(set_type: str, entry: str) -> tuple[Any, str]:
-    """(entry, etype) for pyroute2's IPSet.add/delete from ``ipset save`` text."""
+IPSET_PROTOCOL = 6  # the oldest protocol revision every kernel with ipset accepts
+
+
+def _ip_attr(ip: str) -> dict[str, Any]:
+    return {"attrs": [("IPSET_ATTR_IPADDR_IPV4", ip)]}
+
+
+def ipset_data(set_type: str, entry: str) -> list[tuple[str, Any]]:
+    """IPSET_ATTR_DATA attributes of an entry in ``ipset save`` text; ValueError when it does not fit."""
     parts = entry.split(",")
     if set_type == "bitmap:port" and len(parts) == 1 and parts[0].isdigit():
-        return int(parts[0]), "port"
+        return [("IPSET_ATTR_PORT_FROM", int(parts[0]))]
     if set_type == "hash:ip" and len(parts) == 1:
-        return parts[0], "ip"
-    if set_type == "hash:ip,port" and len(parts) == 2:
-        return (parts[0], _port_entry(parts[1])), "ip,port"
-    if set_type == "hash:ip,port,ip" and len(parts) == 3:
-        return (parts[0], _port_entry(parts[1]), parts[2]), "ip,port,ip"
-    if set_type == "hash:ip,port,net" and len(parts) == 3:
-        return (parts[0], _port_entry(parts[1]), parts[2]), "ip,port,net"
+        return [("IPSET_ATTR_IP_FROM", _ip_attr(parts[0]))]
+    tuple_types = ("hash:ip,port", "hash:ip,port,ip", "hash:ip,port,net")
+    if set_type in tuple_types and len(parts) == set_type.count(",") + 1:
+        port = _port_entry(parts[1])
+        data: list[tuple[str, Any]] = [("IPSET_ATTR_IP_FROM", _ip_attr(parts[0])),
+                                       ("IPSET_ATTR_PORT_FROM", port.port),
+                                       ("IPSET_ATTR_PROTO", port.protocol)]
+        if len(parts) == 3:
+            ip2, _, cidr = parts[2].partition("/")
+            data.append(("IPSET_ATTR_IP2", _ip_attr(ip2)))
+            if set_type == "hash:ip,port,net":
+                data.append(("IPSET_ATTR_CIDR2", int(cidr) if cidr else 32))
+        return data
     raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
+
+
+def ipset_request(add: bool, name: str, set_type: str, entry: str, *, subject: object = None) -> Request:
+    """Add (or delete) one entry of set ``name``; an entry already there (or already gone) is harmless."""
+    msg = ipset_msg()
+    msg["nfgen_family"] = socket.AF_INET
+    msg["attrs"] = [("IPSET_ATTR_PROTOCOL", IPSET_PROTOCOL), ("IPSET_ATTR_SETNAME", name),
+                    ("IPSET_ATTR_DATA", {"attrs": ipset_data(set_type, entry)})]
+    cmd = IPSET_CMD_ADD if add else IPSET_CMD_DEL
+    named = subject if subject is not None else f"{name} {entry}"
+    return Request(msg, cmd | (NFNL_SUBSYS_IPSET << 8), 0, named, frozenset({IPSET_EXIST}))
 
 
 def _nested_ip(value: Any) -> str:
@@ -127,19 +174,106 @@ def entry_text(set_type: str, data: Any) -> str:
 
 # --- virtual servers -----------------------------------------------------------------------
 
-def _attrs(msg: Any, outer: str) -> dict[str, Any]:
-    inner = msg.get_attr(outer)
-    return {item[0]: item[1] for item in inner["attrs"]} if inner else {}
+def _key_attrs(key: VSKey) -> list[tuple[str, Any]]:
+    return [("IPVS_SVC_ATTR_AF", socket.AF_INET), ("IPVS_SVC_ATTR_PROTOCOL", _PROTO_NUM[key.protocol]),
+            ("IPVS_SVC_ATTR_ADDR", key.ip), ("IPVS_SVC_ATTR_PORT", key.port)]
 
 
-def service_of(vs: VirtualServer) -> IPVSService:
-    return IPVSService(addr=vs.key.ip, port=vs.key.port, protocol=_PROTO_NUM[vs.key.protocol],
-                       sched_name=vs.scheduler, flags={"flags": vs.flags, "mask": 0xFFFFFFFF},
-                       timeout=vs.timeout)
+def _ipvs_msg(cmd: int, attrs: list[tuple[str, Any]]) -> Any:
+    msg = genl_ipvs.ipvsmsg()
+    msg["cmd"] = cmd
+    msg["version"] = genl_ipvs.GENL_VERSION
+    msg["attrs"] = attrs
+    return msg
 
 
-def key_service(key: VSKey) -> IPVSService:
-    return IPVSService(addr=key.ip, port=key.port, protocol=_PROTO_NUM[key.protocol])
+def server_request(family_id: int, op: Op) -> Request:
+    """The IPVS generic-netlink request of a virtual-server ``op`` (add/update/delete_server)."""
+    if op.kind == "delete_server":
+        key: VSKey = op.args[0]
+        service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+        msg = _ipvs_msg(genl_ipvs.IPVS_CMD_DEL_SERVICE, [service])
+        return Request(msg, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
+    vs: VirtualServer = op.args[0]
+    attrs = [*_key_attrs(vs.key), ("IPVS_SVC_ATTR_SCHED_NAME", vs.scheduler),
+             ("IPVS_SVC_ATTR_FLAGS", {"flags": vs.flags, "mask": 0xFFFFFFFF}),
+             ("IPVS_SVC_ATTR_TIMEOUT", vs.timeout), ("IPVS_SVC_ATTR_NETMASK", "255.255.255.255")]
+    cmd = genl_ipvs.IPVS_CMD_NEW_SERVICE if op.kind == "add_server" else genl_ipvs.IPVS_CMD_SET_SERVICE
+    return Request(_ipvs_msg(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": attrs})]), family_id, 0, op)
+
+
+def dest_request(family_id: int, op: Op) -> Request:
+    """The IPVS generic-netlink request of a real-server ``op`` (add_dest/set_weight/delete_dest)."""
+    key: VSKey = op.args[0]
+    server: RealServer = op.args[1]
+    service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+    if op.kind == "delete_dest":
+        dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
+                          ("IPVS_DEST_ATTR_PORT", server.port)]}
+        msg = _ipvs_msg(genl_ipvs.IPVS_CMD_DEL_DEST, [service, ("IPVS_CMD_ATTR_DEST", dest)])
+        return Request(msg, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
+    dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
+                      ("IPVS_DEST_ATTR_PORT", server.port), ("IPVS_DEST_ATTR_FWD_METHOD", FWD_MASQ),
+                      ("IPVS_DEST_ATTR_WEIGHT", op.args[2]), ("IPVS_DEST_ATTR_U_THRESH", 0),
+                      ("IPVS_DEST_ATTR_L_THRESH", 0)]}
+    cmd = genl_ipvs.IPVS_CMD_NEW_DEST if op.kind == "add_dest" else genl_ipvs.IPVS_CMD_SET_DEST
+    return Request(_ipvs_msg(cmd, [service, ("IPVS_CMD_ATTR_DEST", dest)]), family_id, 0, op)
+
+
+# IPVS attribute numbers (include/uapi/linux/ip_vs.h), for parsing dump replies.
+_CMD_ATTR_SERVICE, _CMD_ATTR_DEST = 1, 2
+_SVC_AF, _SVC_PROTOCOL, _SVC_ADDR, _SVC_PORT, _SVC_SCHED, _SVC_FLAGS, _SVC_TIMEOUT = 1, 2, 3, 4, 6, 7, 8
+_DEST_ADDR, _DEST_PORT, _DEST_FWD, _DEST_WEIGHT, _DEST_ACTIVE, _DEST_INACTIVE, _DEST_AF = 1, 2, 3, 4, 7, 8, 11
+_GENL_HDR = 20  # nlmsghdr + genlmsghdr
+
+
+def _nested(data: bytes, outer: int) -> dict[int, bytes]:
+    """The attributes inside attribute ``outer`` of a generic-netlink message (empty when absent)."""
+    for atype, value in parse_attrs(data, _GENL_HDR, len(data)):
+        if atype == outer:
+            return dict(parse_attrs(value, 0, len(value)))
+    return {}
+
+
+def _u32(value: bytes | None) -> int:
+    return int.from_bytes(value[:4], sys.byteorder) if value is not None and len(value) >= 4 else 0
+
+
+def parse_service(data: bytes) -> VirtualServer | None:
+    """The IPv4 virtual server of one IPVS service dump reply; None for others and for garbage."""
+    attrs = _nested(data, _CMD_ATTR_SERVICE)
+    af, proto = attrs.get(_SVC_AF), attrs.get(_SVC_PROTOCOL)
+    addr, port = attrs.get(_SVC_ADDR), attrs.get(_SVC_PORT)
+    if af is None or len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET:
+        return None
+    protocol = _NUM_PROTO.get(int.from_bytes(proto[:2], sys.byteorder)) if proto and len(proto) >= 2 else None
+    if protocol is None or addr is None or len(addr) < 4 or port is None or len(port) < 2:
+        return None
+    key = VSKey(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"), protocol)
+    sched = attrs.get(_SVC_SCHED, b"").split(b"\0", 1)[0].decode("ascii", "replace")
+    flags = _u32(attrs.get(_SVC_FLAGS)) & ~FLAG_HASHED
+    return VirtualServer(key, sched, flags, _u32(attrs.get(_SVC_TIMEOUT)))
+
+
+def parse_dest(data: bytes) -> KernelDest | None:
+    """The IPv4 real server of one IPVS destination dump reply; None for others and for garbage."""
+    attrs = _nested(data, _CMD_ATTR_DEST)
+    addr, port, af = attrs.get(_DEST_ADDR), attrs.get(_DEST_PORT), attrs.get(_DEST_AF)
+    if af is not None and (len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET):
+        return None
+    if addr is None or len(addr) < 4 or port is None or len(port) < 2:
+        return None
+    server = RealServer(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"))
+    return KernelDest(server, _u32(attrs.get(_DEST_WEIGHT)), _u32(attrs.get(_DEST_FWD)),
+                      _u32(attrs.get(_DEST_ACTIVE)), _u32(attrs.get(_DEST_INACTIVE)))
+
+
+_SOCKET_OF = {"set_add": "ipset", "set_del": "ipset", "bind": "address", "unbind": "address",
+              "add_server": "ipvs", "update_server": "ipvs", "delete_server": "ipvs",
+              "add_dest": "ipvs", "set_weight": "ipvs", "delete_dest": "ipvs"}
+_PROTOCOL_OF = {"ipset": NETLINK_NETFILTER, "address": NETLINK_ROUTE, "ipvs": NETLINK_GENERIC}
+# An add that finds its object there (a race with another writer) becomes an update.
+_AS_UPDATE = {"add_server": "update_server", "add_dest": "set_weight"}
 
 
 class IpvsApplier:
@@ -148,13 +282,14 @@ class IpvsApplier:
     def __init__(self, *, iptables_restore: str = "iptables-restore", iptables_save: str = "iptables-save",
                  iptables: str = "iptables") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-kernel")
-        self._ipvs: IPVS | None = None
         self._ipset: IPSet | None = None
         self._ipr: IPRoute | None = None
         self.iptables_restore = iptables_restore
         self.iptables_save = iptables_save
         self.iptables = iptables
         self._device_index: int | None = None
+        self._batch: dict[str, BatchSocket] = {}
+        self._family_id: int | None = None
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
@@ -164,19 +299,78 @@ class IpvsApplier:
         self._pool.shutdown(wait=False)
 
     def _close_sockets(self) -> None:
-        for sock in (self._ipvs, self._ipset, self._ipr):
+        for sock in (self._ipset, self._ipr):
             if sock is not None:
                 with contextlib.suppress(Exception):
                     sock.close()
-        self._ipvs = self._ipset = self._ipr = None
+        self._ipset = self._ipr = None
+        for batch in self._batch.values():
+            batch.close()
+        self._batch.clear()
+
+    def _batch_socket(self, kind: str) -> BatchSocket:
+        sock = self._batch.get(kind)
+        if sock is None:
+            sock = self._batch[kind] = BatchSocket(_PROTOCOL_OF[kind], kind=kind)
+        return sock
+
+    # -- operations (the mode's diff), in batches ----------------------------------------
+
+    def apply(self, ops: Sequence[Op]) -> set[Op]:
+        """Run ``ops`` in order, one netlink batch per run of the same kind; return the ones refused.
+
+        A refused operation is logged and counted
+        (``proxyd_netlink_failures_total``) and fails only itself: the rest
+        of its batch applies. Operations of different kinds keep their
+        order (set entries before the addresses before the servers).
+        """
+        failed: set[Op] = set()
+        for kind, group in itertools.groupby(ops, key=lambda op: _SOCKET_OF[op.kind]):
+            batch = list(group)
+            requests: list[Request] = []
+            for op in batch:
+                try:
+                    requests.append(self._request(op))
+                except (ValueError, KeyError) as err:
+                    log.error("ipvs: cannot apply %s: %s", op, err)
+                    metrics.NETLINK_FAILURES.labels(kind=kind).inc()
+                    failed.add(op)
+            sock = self._batch_socket(kind)
+            result = sock.run(requests, log_failures=False)
+            refused = [(cast(Op, f.subject), f) for f in result.failures]
+            exists = [op for op, f in refused if f.code == errno.EEXIST and op.kind in _AS_UPDATE]
+            if exists:
+                updates = {Op(_AS_UPDATE[op.kind], op.args): op for op in exists}
+                retry = sock.run([self._request(update) for update in updates], log_failures=False)
+                refused = [(op, f) for op, f in refused if op not in exists]
+                refused += [(updates[cast(Op, f.subject)], f) for f in retry.failures]
+            for op, failure in refused:
+                log.error("ipvs: cannot apply %s", failure)
+                metrics.NETLINK_FAILURES.labels(kind=kind).inc()
+                failed.add(op)
+        return failed
+
+    def _request(self, op: Op) -> Request:
+        kind = op.kind
+        if kind in ("set_add", "set_del"):
+            name, entry = op.args
+            return ipset_request(kind == "set_add", name, IPSET_BY_NAME[name].type, entry, subject=op)
+        if kind in ("bind", "unbind"):
+            index = self._device_index if self._device_index is not None else self.ensure_device()
+            return address_request(kind == "bind", index, op.args[0], subject=op)
+        if kind in ("add_server", "update_server", "delete_server"):
+            return server_request(self._ipvs_family(), op)
+        return dest_request(self._ipvs_family(), op)
+
+    def _ipvs_family(self) -> int:
+        """IPVS's generic-netlink family id (the kernel assigns it when ip_vs loads)."""
+        if self._family_id is None:
+            with GenericNetlinkSocket() as ctrl:
+                ctrl.bind(genl_ipvs.GENL_NAME, genl_ipvs.ipvsmsg)
+                self._family_id = int(ctrl.prid)
+        return self._family_id
 
     # Sockets are opened lazily in the worker thread and kept open.
-    @property
-    def ipvs(self) -> IPVS:
-        if self._ipvs is None:
-            self._ipvs = IPVS()
-        return self._ipvs
-
     @property
     def ipset(self) -> IPSet:
         if self._ipset is None:
@@ -236,100 +430,44 @@ class IpvsApplier:
 
     def read_bound(self) -> set[str]:
         index = self._device_index if self._device_index is not None else self.ensure_device()
-        out = set()
-        for msg in self.ipr.get_addr(index=index, family=socket.AF_INET):
-            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if addr:
-                out.add(addr)
-        return out
-
-    def bind(self, add: Iterable[str], remove: Iterable[str]) -> None:
-        index = self._device_index if self._device_index is not None else self.ensure_device()
-        for ip in add:
-            try:
-                self.ipr.addr("add", index=index, address=ip, prefixlen=32)
-            except NetlinkError as err:
-                if err.code != errno.EEXIST:
-                    raise
-        for ip in remove:
-            try:
-                self.ipr.addr("del", index=index, address=ip, prefixlen=32)
-            except NetlinkError as err:
-                if err.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
-                    raise
+        # One dump, each reply parsed once for just its address.
+        return {ip for _fam, _plen, ip in dump_addresses(self._batch_socket("address"), index,
+                                                          family=socket.AF_INET)}
 
     # -- IPVS ------------------------------------------------------------------------------
 
-    def read_servers(self) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
-        """Every IPv4 virtual server in the kernel with its real servers."""
+    def read_servers(self, *, with_dests: bool = True
+                     ) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
+        """Every IPv4 virtual server in the kernel with its real servers (unread without ``with_dests``).
+
+        One dump of the virtual servers and one per virtual server of its
+        real servers (the kernel dumps real servers per service), each reply
+        parsed once for the few attributes compared (``parse_service``,
+        ``parse_dest``), not decoded whole.
+        """
         out: dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]] = {}
-        for msg in self.ipvs.service("dump"):
-            attrs = _attrs(msg, "IPVS_CMD_ATTR_SERVICE")
-            proto = _NUM_PROTO.get(attrs.get("IPVS_SVC_ATTR_PROTOCOL", 0))
-            if (attrs.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or proto is None
-                    or "IPVS_SVC_ATTR_ADDR" not in attrs):
-                continue  # fwmark or IPv6 services: not proxyd's
-            key = VSKey(attrs["IPVS_SVC_ATTR_ADDR"], attrs["IPVS_SVC_ATTR_PORT"], proto)
-            flags = attrs.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0) & ~FLAG_HASHED
-            vs = VirtualServer(key, attrs.get("IPVS_SVC_ATTR_SCHED_NAME", ""), flags,
-                               attrs.get("IPVS_SVC_ATTR_TIMEOUT", 0))
-            out[key] = (vs, self.read_dests(key))
+        sock = self._batch_socket("ipvs")
+        for _type, data in sock.dump(_ipvs_msg(genl_ipvs.IPVS_CMD_GET_SERVICE, []), self._ipvs_family()):
+            vs = parse_service(data)
+            if vs is not None:  # fwmark or IPv6 services are not proxyd's
+                out[vs.key] = (vs, self.read_dests(vs.key) if with_dests else {})
         return out
 
     def read_dests(self, key: VSKey) -> dict[RealServer, KernelDest]:
-        dests: dict[RealServer, KernelDest] = {}
+        service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
+        request = _ipvs_msg(genl_ipvs.IPVS_CMD_GET_DEST, [service])
         try:
-            messages = list(self.ipvs.dest("dump", service=key_service(key)))
-        except NetlinkError as err:
-            if err.code in (errno.ESRCH, errno.ENOENT):
-                return dests
+            replies = self._batch_socket("ipvs").dump(request, self._ipvs_family())
+        except NetlinkBatchError as err:
+            if err.errno in (errno.ESRCH, errno.ENOENT):
+                return {}
             raise
-        for msg in messages:
-            d = _attrs(msg, "IPVS_CMD_ATTR_DEST")
-            server = RealServer(d["IPVS_DEST_ATTR_ADDR"], d["IPVS_DEST_ATTR_PORT"])
-            dests[server] = KernelDest(server, d.get("IPVS_DEST_ATTR_WEIGHT", 0),
-                                       d.get("IPVS_DEST_ATTR_FWD_METHOD", 0),
-                                       d.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
-                                       d.get("IPVS_DEST_ATTR_INACT_CONNS", 0))
+        dests: dict[RealServer, KernelDest] = {}
+        for _type, data in replies:
+            dest = parse_dest(data)
+            if dest is not None:
+                dests[dest.server] = dest
         return dests
-
-    def add_server(self, vs: VirtualServer) -> None:
-        try:
-            self.ipvs.service("add", service=service_of(vs))
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise
-            self.ipvs.service("set", service=service_of(vs))
-
-    def update_server(self, vs: VirtualServer) -> None:
-        self.ipvs.service("set", service=service_of(vs))
-
-    def delete_server(self, key: VSKey) -> None:
-        try:
-            self.ipvs.service("del", service=key_service(key))
-        except NetlinkError as err:
-            if err.code not in (errno.ESRCH, errno.ENOENT):
-                raise
-
-    def add_dest(self, key: VSKey, server: RealServer, weight: int = 1) -> None:
-        dest = IPVSDest(addr=server.ip, port=server.port, fwd_method=FWD_MASQ, weight=weight)
-        try:
-            self.ipvs.dest("add", service=key_service(key), dest=dest)
-        except NetlinkError as err:
-            if err.code != errno.EEXIST:
-                raise
-            self.ipvs.dest("set", service=key_service(key), dest=dest)
-
-    def set_weight(self, key: VSKey, server: RealServer, weight: int) -> None:
-        dest = IPVSDest(addr=server.ip, port=server.port, fwd_method=FWD_MASQ, weight=weight)
-        self.ipvs.dest("set", service=key_service(key), dest=dest)
-
-    def delete_dest(self, key: VSKey, server: RealServer) -> None:
-        try:
-            self.ipvs.dest("del", service=key_service(key), dest=IPVSDest(addr=server.ip, port=server.port))
-        except NetlinkError as err:
-            if err.code not in (errno.ESRCH, errno.ENOENT):
-                raise
 
     # -- ipsets ----------------------------------------------------------------------------
 
@@ -358,19 +496,6 @@ class IpvsApplier:
                 except (KeyError, ValueError) as err:
                     log.warning("unreadable element in ipset %s: %s", name, err)
         return out
-
-    def change_set(self, name: str, add: Iterable[str], remove: Iterable[str]) -> None:
-        set_type = IPSET_BY_NAME[name].type
-        for entry in remove:
-            value, etype = entry_args(set_type, entry)
-            try:
-                self.ipset.delete(name, value, etype=etype)
-            except NetlinkError as err:
-                if err.code != IPSET_EXIST:
-                    raise
-        for entry in add:
-            value, etype = entry_args(set_type, entry)
-            self.ipset.add(name, value, etype=etype, exclusive=False)
 
     def destroy_sets(self) -> list[str]:
         failed = []
@@ -449,8 +574,10 @@ class IpvsApplier:
         """Remove kube-ipvs0, every IPv4 virtual server, proxyd's ipvs rules and ipsets; return errors."""
         failed: list[str] = []
         try:
-            for key in list(self.read_servers()):
-                self.delete_server(key)
+            # One dump of the virtual servers (their real servers go with them), one batch of deletions.
+            gone = [Op("delete_server", (key,)) for key in self.read_servers(with_dests=False)]
+            refused = self.apply(gone)
+            failed.extend(f"cannot delete virtual server {op.args[0]}" for op in gone if op in refused)
         except (NetlinkError, OSError) as err:
             # No IPVS in this kernel (the family does not resolve): nothing to remove.
             log.debug("IPVS not available for cleanup: %s", err)

@@ -12,7 +12,8 @@ UDP and SCTP real servers are deleted at once, as kube-proxy does: with
 the next packet, so a flow moves to a live endpoint.
 
 The check is bounded: it runs every ``interval`` seconds, looks at most at
-``batch`` queued servers per round (one kernel dump per virtual server), and
+``batch`` queued servers per round (one kernel dump per virtual server, the
+deletions in one netlink batch), and
 a server still busy after ``max_wait`` seconds is deleted anyway (0 = wait
 for ever, kube-proxy's behaviour). All kernel calls go through the
 applier's worker thread; callers serialise with the mode's lock.
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from proxyd.model import Protocol
 from proxyd.modes.ipvs.applier import IpvsApplier
-from proxyd.modes.ipvs.planner import RealServer, VSKey
+from proxyd.modes.ipvs.planner import Op, RealServer, VSKey
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class GracefulTerminator:
         self.pending: dict[tuple[VSKey, RealServer], _Pending] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def __contains__(self, item: tuple[VSKey, RealServer]) -> bool:
+    def __contains__(self, item: object) -> bool:
         return item in self.pending
 
     def __len__(self) -> int:
@@ -60,13 +61,17 @@ class GracefulTerminator:
     async def remove(self, key: VSKey, server: RealServer) -> bool:
         """Start removing ``server`` from ``key``; True when it was deleted at once."""
         if key.protocol is not Protocol.TCP:
-            await self.applier.call(self.applier.delete_dest, key, server)
+            await self._run(Op("delete_dest", (key, server)))
             self.pending.pop((key, server), None)
             return True
         if (key, server) not in self.pending:
-            await self.applier.call(self.applier.set_weight, key, server, 0)
+            await self._run(Op("set_weight", (key, server, 0)))
             self.pending[(key, server)] = _Pending(self.clock())
         return False
+
+    async def _run(self, *ops: Op) -> set[Op]:
+        """Have the applier run ``ops`` (one batch); the refused ones (logged and counted there)."""
+        return await self.applier.call(self.applier.apply, list(ops))
 
     def adopt(self, key: VSKey, server: RealServer) -> None:
         """Queue a real server already at weight 0 (found in the kernel after a restart)."""
@@ -90,6 +95,7 @@ class GracefulTerminator:
         by_server: dict[VSKey, list[RealServer]] = {}
         for key, server in list(self.pending)[: self.batch]:
             by_server.setdefault(key, []).append(server)
+        done: list[tuple[VSKey, RealServer]] = []
         for key, servers in by_server.items():
             dests = await self.applier.call(self.applier.read_dests, key)
             for server in servers:
@@ -99,11 +105,15 @@ class GracefulTerminator:
                     continue
                 overdue = self.max_wait > 0 and now - pending.since >= self.max_wait
                 if dest is None or dest.active + dest.inactive == 0 or overdue:
-                    if dest is not None:
-                        await self.applier.call(self.applier.delete_dest, key, server)
-                    del self.pending[(key, server)]
-                    deleted.append((key, server))
-                    log.debug("graceful termination: deleted %s from %s", server, key)
+                    done.append((key, server))
+        # Every idle one in one batch; a refused deletion stays queued for the next round.
+        refused = await self._run(*(Op("delete_dest", item) for item in done)) if done else set()
+        for key, server in done:
+            if Op("delete_dest", (key, server)) in refused:
+                continue
+            del self.pending[(key, server)]
+            deleted.append((key, server))
+            log.debug("graceful termination: deleted %s from %s", server, key)
         return deleted
 
     def start(self, lock: asyncio.Lock,

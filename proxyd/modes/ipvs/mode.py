@@ -1,7 +1,10 @@
 """IpvsMode: realise the desired state with the kernel's IP Virtual Server, as kube-proxy's IPVS proxier.
 
-Sync = plan (``planner.plan_port`` per service port, ``assemble``) then
-diff against what the kernel holds and apply only the differences:
+Sync = plan (``planner.plan_port`` per service port, merged by
+``planner.Assembly``), then
+``planner.diff`` (pure) against what the kernel holds (``Held``) gives the
+operations, which the applier runs in netlink batches
+(``proxyd.netlink``): only the differences are applied.
 
 * a **full** sync (first sync, periodic resync, retry after a failure)
   first re-reads the kernel — virtual servers with their real servers,
@@ -10,10 +13,13 @@ diff against what the kernel holds and apply only the differences:
   restart this is the adoption: whatever a previous proxyd left is kept
   where it is still wanted and only the differences are changed; nothing
   is flushed, so traffic keeps flowing.
-* a **partial** sync re-plans only the changed services and diffs against
-  the state cached from the previous sync (kept equal to the kernel's by
-  applying every change to it), so its cost grows with the change, not the
-  cluster. Any error drops the cache: the runner's retry is a full sync.
+* a **partial** sync re-plans only the changed service ports (the
+  tracker's index, ``SyncRequest.changed_ports``) and diffs only their
+  virtual servers against the state cached from the previous sync (kept
+  equal to the kernel's by recording every applied operation), so its
+  cost grows with the change, not the cluster. An object the kernel
+  refuses is logged and counted and retried at the next sync that looks at
+  it; any other error drops the cache: the runner's retry is a full sync.
 
 Apply order, chosen so that no packet meets a half-built service: create
 sets and add their new entries, bind new addresses, add/update virtual
@@ -44,21 +50,21 @@ from proxyd.modes.ipvs.applier import IpvsApplier
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.planner import (
     IPSETS,
+    WEIGHT,
+    Assembly,
+    Held,
+    Op,
     Plan,
     PlanContext,
-    PortPlan,
     RealServer,
-    VirtualServer,
     VSKey,
-    assemble,
+    diff,
     iptables_rules,
     plan_port,
     validate_scheduler,
 )
 
 log = logging.getLogger(__name__)
-
-WEIGHT = 1
 
 
 def ipvs_sysctls(*, strict_arp: bool, kernel_release: str | None = None) -> dict[str, int]:
@@ -94,12 +100,9 @@ class IpvsMode(ProxyMode):
         self.graceful = GracefulTerminator(self.applier, interval=graceful_interval)
         self._lock = asyncio.Lock()
         self._ctx = PlanContext(scheduler=self.scheduler, node_name=config.node_name)
-        self._parts: dict[ServicePortName, PortPlan] = {}
+        self._assembly = Assembly()  # the per-port plans, merged
         # What the kernel holds, as of the last sync (None: unknown, re-read at the next sync).
-        self._servers: dict[VSKey, VirtualServer] | None = None
-        self._dests: dict[VSKey, dict[RealServer, int]] = {}
-        self._sets: dict[str, set[str]] = {}
-        self._bound: set[str] = set()
+        self._held: Held | None = None
         self._rules: str | None = None
         self.last_plan: Plan | None = None
 
@@ -137,40 +140,44 @@ class IpvsMode(ProxyMode):
             try:
                 await self._sync(request)
             except BaseException:
-                self._servers = None  # the kernel may hold a half-applied change: re-read it
+                self._held = None  # the kernel may hold a half-applied change: re-read it
                 raise
 
     async def _sync(self, request: SyncRequest) -> None:
         state = request.state
-        full = request.changed is None or self._servers is None
+        full = request.changed is None or self._held is None
+        keys: set[VSKey] | None = None
         if full:
             await self._read_kernel()
             await self._refresh_context(state.node_name or self.config.node_name, state.node_zone)
-            self._parts = {}
+            self._assembly = Assembly()
             names: Iterable[ServicePortName] = state.services
+        elif state.node_zone != self._ctx.node_zone:
+            # Topology depends on the node's zone: every port must be re-planned.
+            self._ctx = PlanContext(scheduler=self._ctx.scheduler, node_name=self._ctx.node_name,
+                                    node_zone=state.node_zone, node_ips=self._ctx.node_ips,
+                                    local_addresses=self._ctx.local_addresses)
+            self._assembly = Assembly()
+            names = state.services
         else:
-            changed = request.changed or frozenset()
-            zone = state.node_zone
-            if zone != self._ctx.node_zone:
-                # Topology depends on the node's zone: every port must be re-planned.
-                self._ctx = PlanContext(scheduler=self._ctx.scheduler, node_name=self._ctx.node_name,
-                                        node_zone=zone, node_ips=self._ctx.node_ips,
-                                        local_addresses=self._ctx.local_addresses)
-                self._parts = {}
-                names = state.services
-            else:
-                for name in [n for n in self._parts if n.service in changed]:
-                    del self._parts[name]
-                names = [n for n in state.services if n.service in changed]
+            # The tracker's index: planning, merging and diffing follow the changed ports.
+            ports = request.ports_to_plan(self._assembly.parts) or set()
+            keys = set()
+            for name in ports:
+                if name not in state.services:
+                    keys |= self._assembly.put(name, None)
+            names = [n for n in ports if n in state.services]
         for name in names:
             part = plan_port(state.services[name], state.endpoints_of(name), self._ctx)
-            if part.skipped and name not in self._parts:
+            if part.skipped and name not in self._assembly.parts:
                 log.warning("ipvs: %s", part.skipped)
-            self._parts[name] = part
-        plan = assemble(self._parts.values())
+            touched = self._assembly.put(name, part)
+            if keys is not None:
+                keys |= touched
+        plan = self._assembly.plan()
         for conflict in plan.conflicts:
             log.warning("ipvs: virtual server %s wanted by two service ports; the first keeps it", conflict)
-        await self._apply(plan, full=full)
+        await self._apply(plan, full=full, keys=keys)
         self.last_plan = plan
 
     async def _refresh_context(self, node_name: str, zone: str | None) -> None:
@@ -186,49 +193,32 @@ class IpvsMode(ProxyMode):
         await a.call(a.ensure_device)
         await a.call(a.ensure_sets)
         kernel = await a.call(a.read_servers)
-        self._servers = {key: vs for key, (vs, _) in kernel.items()}
-        self._dests = {key: {srv: d.weight for srv, d in dests.items()} for key, (_, dests) in kernel.items()}
         sets = await a.call(a.read_sets)
-        self._sets = {info.name: set(sets.get(info.name, ())) for info in IPSETS}
-        self._bound = await a.call(a.read_bound)
+        self._held = Held(
+            servers={key: vs for key, (vs, _) in kernel.items()},
+            dests={key: {srv: d.weight for srv, d in dests.items()} for key, (_, dests) in kernel.items()},
+            sets={info.name: set(sets.get(info.name, ())) for info in IPSETS},
+            bound=await a.call(a.read_bound))
         self._rules = None
 
-    async def _apply(self, plan: Plan, *, full: bool) -> None:
+    async def _apply(self, plan: Plan, *, full: bool, keys: set[VSKey] | None) -> None:
+        """Diff (pure) against what the kernel holds, then have the applier run the operations.
+
+        An operation the kernel refuses is logged and counted by the applier
+        and left out of ``_held``, so the next sync that looks at it tries
+        again; the sync itself goes on (one bad object does not stop the rest).
+        """
         a = self.applier
-        assert self._servers is not None
-        # 1. set entries that rules and packets will need.
-        for name, want in plan.ipsets.items():
-            have = self._sets.setdefault(name, set())
-            add = want - have
-            if add:
-                await a.call(a.change_set, name, sorted(add), ())
-                have |= add
-        # 2. addresses.
-        bind = plan.bind - self._bound
-        if bind:
-            await a.call(a.bind, sorted(bind), ())
-            self._bound |= bind
-        # 3. virtual servers and their real servers.
-        for key, vs in plan.servers.items():
-            current = self._servers.get(key)
-            if current is None:
-                await a.call(a.add_server, vs)
-                self._servers[key] = vs
-                self._dests[key] = {}
-            elif current != vs:
-                await a.call(a.update_server, vs)
-                self._servers[key] = vs
-            have = self._dests.setdefault(key, {})
-            for server in plan.destinations.get(key, ()):
-                weight = have.get(server)
-                if weight is None:
-                    await a.call(a.add_dest, key, server, WEIGHT)
-                elif weight != WEIGHT:
-                    await a.call(a.set_weight, key, server, WEIGHT)
-                else:
-                    continue
+        held = self._held
+        assert held is not None
+        changes = diff(plan, held, keys=keys, draining=self.graceful)
+        # 1-3. set entries, addresses, virtual and real servers the rules and packets need.
+        failed = await a.call(a.apply, changes.before) if changes.before else set()
+        self._record(changes.before, failed)
+        for key, server in changes.restored:
+            if Op("add_dest", (key, server, WEIGHT)) not in failed and \
+                    Op("set_weight", (key, server, WEIGHT)) not in failed:
                 self.graceful.cancel(key, server)
-                have[server] = WEIGHT
         # 4. the fixed iptables ruleset.
         rules = iptables_rules(plan, cluster_cidrs=self.config.cluster_cidrs,
                                masquerade_all=self.config.masquerade_all,
@@ -240,42 +230,29 @@ class IpvsMode(ProxyMode):
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 raise
             self._rules = rules
-        # 5. real servers that left, gracefully.
-        for key, have in self._dests.items():
-            if key not in plan.servers:
-                continue
-            want = set(plan.destinations.get(key, ()))
-            for server in [s for s in have if s not in want]:
-                if (key, server) in self.graceful:
-                    continue
-                if have[server] == 0 and key.protocol.value == "TCP":
-                    self.graceful.adopt(key, server)  # already draining (left by a previous run)
-                    continue
-                if await self.graceful.remove(key, server):
-                    del have[server]
-                else:
-                    have[server] = 0
-        # 6. virtual servers no longer wanted.
-        for key in [k for k in self._servers if k not in plan.servers]:
-            await a.call(a.delete_server, key)
-            self.graceful.forget_server(key)
-            del self._servers[key]
-            self._dests.pop(key, None)
-        # 7. surplus addresses and set entries.
-        unbind = self._bound - plan.bind
-        if unbind:
-            await a.call(a.bind, (), sorted(unbind))
-            self._bound -= unbind
-        for name, want in plan.ipsets.items():
-            have = self._sets[name]
-            remove = have - want
-            if remove:
-                await a.call(a.change_set, name, (), sorted(remove))
-                have -= remove
+        # 5-7. what goes away: real servers (TCP ones drained), virtual servers, addresses, entries.
+        failed = await a.call(a.apply, changes.after) if changes.after else set()
+        self._record(changes.after, failed)
+        for key, server in changes.drain:
+            if Op("set_weight", (key, server, 0)) not in failed:
+                self.graceful.adopt(key, server)
+        for key, server in changes.adopt:
+            self.graceful.adopt(key, server)
+        for op in changes.after:
+            if op.kind == "delete_server" and op not in failed:
+                self.graceful.forget_server(op.args[0])
         nat, _, flt = rules.partition("*filter")
         metrics.IPTABLES_TOTAL_RULES.labels(table="nat").set(nat.count("\n-A "))
         metrics.IPTABLES_TOTAL_RULES.labels(table="filter").set(flt.count("\n-A "))
 
+    def _record(self, ops: Iterable[Op], failed: set[Op]) -> None:
+        assert self._held is not None
+        for op in ops:
+            if op not in failed:
+                self._held.record(op)
+
     async def _on_graceful_deleted(self, deleted: list[tuple[VSKey, RealServer]]) -> None:
+        if self._held is None:
+            return
         for key, server in deleted:
-            self._dests.get(key, {}).pop(server, None)
+            self._held.dests.get(key, {}).pop(server, None)

@@ -28,15 +28,19 @@ No I/O here; it follows kube-proxy's IPVS proxier (pkg/proxy/ipvs/proxier.go):
   new connections to service addresses on ports that are no service.
 
 Planning is per service port (``plan_port``) so that a partial sync
-re-plans only the services that changed; ``assemble`` merges the pieces.
+re-plans only the services that changed; ``Assembly`` merges the pieces
+incrementally (``assemble`` in one go).
+``diff`` compares a plan with what the kernel holds (``Held``) and returns
+the operations (``Op``) that the applier runs, in batches.
 Only IPv4 is planned: IPv6 service ports are skipped (and reported).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxyd.model import Endpoint, Protocol, ServicePort, family
 from proxyd.policy import categorize
@@ -222,6 +226,149 @@ class Plan:
     conflicts: tuple[str, ...] = ()
 
 
+# --- the kernel diff: what the kernel holds + the plan -> operations -----------------------------
+
+WEIGHT = 1  # every wanted real server's weight; 0 marks one draining (graceful termination)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One kernel change for the applier. ``kind`` is one of ``OP_KINDS``; ``args`` as listed there."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {' '.join(map(str, self.args))}"
+
+
+OP_KINDS = {
+    "set_add": "(set name, entry)", "set_del": "(set name, entry)",
+    "bind": "(ip,)", "unbind": "(ip,)",
+    "add_server": "(VirtualServer,)", "update_server": "(VirtualServer,)", "delete_server": "(VSKey,)",
+    "add_dest": "(VSKey, RealServer, weight)", "set_weight": "(VSKey, RealServer, weight)",
+    "delete_dest": "(VSKey, RealServer)",
+}
+
+
+@dataclass(slots=True)
+class Held:
+    """What the kernel holds, as far as the mode knows (read at a full sync, then kept by ``record``)."""
+
+    servers: dict[VSKey, VirtualServer] = field(default_factory=dict)
+    dests: dict[VSKey, dict[RealServer, int]] = field(default_factory=dict)  # real server -> weight
+    sets: dict[str, set[str]] = field(default_factory=dict)
+    bound: set[str] = field(default_factory=set)
+
+    def record(self, op: Op) -> None:
+        """The kernel applied ``op``."""
+        kind, args = op.kind, op.args
+        if kind == "set_add":
+            self.sets.setdefault(args[0], set()).add(args[1])
+        elif kind == "set_del":
+            self.sets.get(args[0], set()).discard(args[1])
+        elif kind == "bind":
+            self.bound.add(args[0])
+        elif kind == "unbind":
+            self.bound.discard(args[0])
+        elif kind in ("add_server", "update_server"):
+            self.servers[args[0].key] = args[0]
+            self.dests.setdefault(args[0].key, {})
+        elif kind == "delete_server":
+            self.servers.pop(args[0], None)
+            self.dests.pop(args[0], None)
+        elif kind in ("add_dest", "set_weight"):
+            self.dests.setdefault(args[0], {})[args[1]] = args[2]
+        elif kind == "delete_dest":
+            self.dests.get(args[0], {}).pop(args[1], None)
+        else:
+            raise ValueError(f"unknown operation {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Diff:
+    """The operations taking the kernel from ``Held`` to a plan, in two phases around the iptables rules.
+
+    ``before``: set entries, addresses, virtual servers and real servers the
+    rules and packets will need. ``after``: what goes away — TCP real
+    servers drained (weight 0, then ``drain`` queues them for graceful
+    termination), other real servers deleted, virtual servers, addresses and
+    set entries no longer wanted. ``adopt``: real servers a previous run
+    left draining (weight 0), to queue without a kernel change.
+    ``restored``: real servers wanted again (added or back to weight 1),
+    whose draining, if any, must stop.
+    """
+
+    before: tuple[Op, ...] = ()
+    after: tuple[Op, ...] = ()
+    drain: tuple[tuple[VSKey, RealServer], ...] = ()
+    adopt: tuple[tuple[VSKey, RealServer], ...] = ()
+    restored: tuple[tuple[VSKey, RealServer], ...] = ()
+
+
+def diff(plan: Plan, held: Held, *, keys: Iterable[VSKey] | None = None,
+         draining: Container[tuple[VSKey, RealServer]] = ()) -> Diff:
+    """The operations that make the kernel (``held``) match ``plan``. Pure.
+
+    ``keys`` limits the virtual/real server part to those virtual servers
+    (a partial sync: the servers of the changed ports, before and after);
+    None compares every one. Set entries and addresses are compared whole
+    (set differences, done in C). ``draining``: real servers already queued
+    for graceful termination, left alone.
+    """
+    before: list[Op] = []
+    after: list[Op] = []
+    drain: list[tuple[VSKey, RealServer]] = []
+    adopt: list[tuple[VSKey, RealServer]] = []
+    restored: list[tuple[VSKey, RealServer]] = []
+    for name, want in plan.ipsets.items():
+        before.extend(Op("set_add", (name, e)) for e in sorted(want - held.sets.get(name, set())))
+    before.extend(Op("bind", (ip,)) for ip in sorted(plan.bind - held.bound))
+    if keys is None:
+        wanted: Iterable[VSKey] = plan.servers
+        gone: Iterable[VSKey] = [k for k in held.servers if k not in plan.servers]
+    else:
+        keys = sorted(set(keys))
+        wanted = [k for k in keys if k in plan.servers]
+        gone = [k for k in keys if k in held.servers and k not in plan.servers]
+    for key in wanted:
+        vs = plan.servers[key]
+        current = held.servers.get(key)
+        if current is None:
+            before.append(Op("add_server", (vs,)))
+        elif current != vs:
+            before.append(Op("update_server", (vs,)))
+        have = held.dests.get(key, {}) if current is not None else {}
+        want_dests = plan.destinations.get(key, ())
+        for server in want_dests:
+            weight = have.get(server)
+            if weight is None:
+                before.append(Op("add_dest", (key, server, WEIGHT)))
+            elif weight != WEIGHT:
+                before.append(Op("set_weight", (key, server, WEIGHT)))
+            else:
+                continue
+            restored.append((key, server))
+        keep = set(want_dests)
+        for server, weight in have.items():
+            if server in keep or (key, server) in draining:
+                continue
+            if key.protocol is not Protocol.TCP:
+                # UDP/SCTP: deleted at once; expire_nodest_conn moves their flows.
+                after.append(Op("delete_dest", (key, server)))
+            elif weight == 0:
+                adopt.append((key, server))  # already draining (left by a previous run)
+            else:
+                after.append(Op("set_weight", (key, server, 0)))
+                drain.append((key, server))
+    after.extend(Op("delete_server", (key,)) for key in gone)
+    after.extend(Op("unbind", (ip,)) for ip in sorted(held.bound - plan.bind))
+    for name, want in plan.ipsets.items():
+        after.extend(Op("set_del", (name, e)) for e in sorted(held.sets.get(name, set()) - want))
+    return Diff(before=tuple(before), after=tuple(after), drain=tuple(drain), adopt=tuple(adopt),
+                restored=tuple(restored))
+
+
 def proto_name(protocol: Protocol) -> str:
     return protocol.value.lower()
 
@@ -325,33 +472,103 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
                     bind=tuple(bind), no_node_access=tuple(no_node))
 
 
+class Assembly:
+    """Per-port plans merged into the node's plan, kept up to date one port at a time.
+
+    Putting (or dropping) one port costs only what that port contributes:
+    reference counts for set entries, addresses and no-node-access triples,
+    and for each virtual server the ports claiming it, of which the first
+    (by ``order``: the service port name, or the position for ``assemble``)
+    keeps it; the others are reported as conflicts when they want it
+    differently. A partial sync thus re-merges only the changed ports.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[Any, PortPlan] = {}
+        self._claims: dict[VSKey, dict[Any, tuple[VirtualServer, tuple[RealServer, ...] | None]]] = {}
+        self.servers: dict[VSKey, VirtualServer] = {}
+        self.destinations: dict[VSKey, tuple[RealServer, ...]] = {}
+        self._conflicts: dict[VSKey, int] = {}
+        self._entries: dict[str, dict[str, int]] = {info.name: {} for info in IPSETS}
+        self._bind: dict[str, int] = {}
+        self._no_node: dict[tuple[str, str, int], int] = {}
+
+    def put(self, order: Any, part: PortPlan | None) -> set[VSKey]:
+        """Set (or with None drop) one port's plan; returns the virtual servers it touched."""
+        touched: set[VSKey] = set()
+        old = self.parts.pop(order, None)
+        if old is not None:
+            for vs in old.servers:
+                self._claims[vs.key].pop(order, None)
+                touched.add(vs.key)
+            for name, entry in old.entries:
+                _unref(self._entries[name], entry)
+            for ip in old.bind:
+                _unref(self._bind, ip)
+            for item in old.no_node_access:
+                _unref(self._no_node, item)
+        if part is not None:
+            self.parts[order] = part
+            dests = dict(part.destinations)
+            for vs in part.servers:
+                self._claims.setdefault(vs.key, {})[order] = (vs, dests.get(vs.key))
+                touched.add(vs.key)
+            for name, entry in part.entries:
+                refs = self._entries[name]
+                refs[entry] = refs.get(entry, 0) + 1
+            for ip in part.bind:
+                self._bind[ip] = self._bind.get(ip, 0) + 1
+            for item in part.no_node_access:
+                self._no_node[item] = self._no_node.get(item, 0) + 1
+        for key in touched:
+            self._settle(key)
+        return touched
+
+    def _settle(self, key: VSKey) -> None:
+        claims = self._claims.get(key)
+        if not claims:
+            self._claims.pop(key, None)
+            self.servers.pop(key, None)
+            self.destinations.pop(key, None)
+            self._conflicts.pop(key, None)
+            return
+        winner = min(claims)
+        vs, dests = claims[winner]
+        self.servers[key] = vs
+        if dests is None:
+            self.destinations.pop(key, None)
+        else:
+            self.destinations[key] = dests
+        differing = sum(1 for other, _ in claims.values() if other != vs)
+        if differing:
+            self._conflicts[key] = differing
+        else:
+            self._conflicts.pop(key, None)
+
+    def plan(self) -> Plan:
+        sets = {name: frozenset(refs) for name, refs in self._entries.items()}
+        # Bound addresses are service IPs: the set lets KUBE-IPVS-FILTER reject their other ports.
+        sets[IPVS_IPS] = frozenset(self._bind)
+        conflicts = tuple(str(key) for key in sorted(self._conflicts) for _ in range(self._conflicts[key]))
+        return Plan(servers=dict(self.servers), destinations=dict(self.destinations), ipsets=sets,
+                    bind=frozenset(self._bind), no_node_access=tuple(sorted(self._no_node)),
+                    conflicts=conflicts)
+
+
+def _unref(refs: dict[Any, int], item: Any) -> None:
+    left = refs[item] - 1
+    if left:
+        refs[item] = left
+    else:
+        del refs[item]
+
+
 def assemble(parts: Iterable[PortPlan]) -> Plan:
     """Merge per-port plans. Two ports wanting one virtual server: the first keeps it (conflict noted)."""
-    servers: dict[VSKey, VirtualServer] = {}
-    destinations: dict[VSKey, tuple[RealServer, ...]] = {}
-    sets: dict[str, set[str]] = {info.name: set() for info in IPSETS}
-    bind: set[str] = set()
-    no_node: set[tuple[str, str, int]] = set()
-    conflicts: list[str] = []
-    for part in parts:
-        for vs in part.servers:
-            if vs.key in servers:
-                if servers[vs.key] != vs:
-                    conflicts.append(str(vs.key))
-                continue
-            servers[vs.key] = vs
-        for key, real in part.destinations:
-            if key not in destinations:
-                destinations[key] = real
-        for name, entry in part.entries:
-            sets[name].add(entry)
-        bind.update(part.bind)
-        no_node.update(part.no_node_access)
-    # Bound addresses are service IPs: the set lets KUBE-IPVS-FILTER reject their other ports.
-    sets[IPVS_IPS] = set(bind)
-    return Plan(servers=servers, destinations=destinations,
-                ipsets={name: frozenset(entries) for name, entries in sets.items()},
-                bind=frozenset(bind), no_node_access=tuple(sorted(no_node)), conflicts=tuple(conflicts))
+    merged = Assembly()
+    for index, part in enumerate(parts):
+        merged.put(index, part)
+    return merged.plan()
 
 
 def _q(text: str) -> str:

@@ -9,10 +9,12 @@ UDP per client flow (``udp.py``); endpoints are chosen by the connection
 table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
 allows (``planner.py``).
 
-A sync re-plans the changed services, then applies the difference in an
-order that never leaves a listener without its address: add new
-addresses, open new listeners, install endpoint lists, close removed
-listeners, remove old addresses. Closing a listener or changing endpoints
+A sync re-plans the changed service ports (the tracker's index), then
+applies the difference: add new addresses (a full sync does this in the
+netlink thread while the listeners open: they bind with IP_FREEBIND, and
+no packet reaches a listener before its address exists), open new
+listeners, install endpoint lists, close removed listeners, remove old
+addresses (only after their listeners closed). Closing a listener or changing endpoints
 never touches established connections. A listener that cannot be opened
 (port taken by another program, no NET_BIND_SERVICE) is logged once and
 retried at every sync; it does not fail the sync, like kube-proxy
@@ -46,6 +48,7 @@ import logging
 import resource
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
@@ -170,80 +173,114 @@ class UserspaceMode(ProxyMode):
             await self.start()
         nodeport_ips, node_ips = await self._nodeport_ips()
         plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
-                                 local_ips=node_ips)
+                                 local_ips=node_ips, changed_ports=request.changed_ports)
         for text in plan.conflicts:
             if text not in self._conflicts:
                 log.warning("userspace: %s; not serving it twice", text)
         self._conflicts = set(plan.conflicts)
 
-        if request.changed is None:
+        changes = plan.changes
+        if changes is None:
             await self.holder.ensure()  # full sync: re-read what the kernel really holds
+            # New addresses are added by the netlink thread while listeners
+            # open here (they bind with IP_FREEBIND, and no packet reaches a
+            # listener before its address exists); old addresses go last,
+            # after their listeners closed.
+            adding = asyncio.ensure_future(self.holder.apply(self.holder.current | plan.addresses))
+            try:
+                self._update_tables(plan, plan.tables)
+                every = [*self.tcp_listeners, *self.udp_listeners, *self._bind_errors, *plan.listeners]
+                self._update_listeners(plan, dict.fromkeys(every))
+                self._remove_tables(plan, list(self.tables))
+            finally:
+                await adding
+            self._guard_own_listeners(plan, node_ips)
+            await self.holder.apply(plan.addresses)
+            return
+        # Partial: only what the planner says changed (plus earlier refusals, retried).
+        if await self.holder.check():
+            retry = [ip for ip in self.holder.failed if ip in plan.addresses]
+            await self.holder.update(add=[*changes.added_addresses, *retry], remove=())
         else:
-            await self.holder.check()
-        # New addresses first, so new listeners have them; old ones go last.
-        await self.holder.apply(self.holder.current | plan.addresses)
-        self._update_tables(plan)
-        self._update_listeners(plan)
+            # The device was gone and is back empty: every address goes on again.
+            await self.holder.apply(self.holder.current | plan.addresses)
+        self._update_tables(plan, changes.tables)
+        self._update_listeners(plan, [*changes.listeners, *self._bind_errors])
+        self._guard_own_listeners(plan, node_ips)
+        self._remove_tables(plan, changes.tables)
+        await self.holder.update(add=(), remove=changes.removed_addresses)
+
+    def _guard_own_listeners(self, plan: Plan, node_ips: list[str]) -> None:
+        """Tell the data path which sockets are its own, so it never connects or sends to them."""
         assert self.tcp is not None and self.udp is not None
         local = [*node_ips, *self.holder.current, *plan.addresses]
         loose = nonlocal_bind()
         self.tcp.own = OwnListeners(list(self.tcp_listeners), local, nonlocal_bind=loose)
         self.udp.own = OwnListeners(list(self.udp_listeners), local, nonlocal_bind=loose)
-        self._remove_tables(plan)
-        await self.holder.apply(plan.addresses)
 
-    def _update_tables(self, plan: Plan) -> None:
+    def _update_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
         assert self.table is not None and self.udp is not None
         now = time.monotonic()
-        for key, entry in plan.tables.items():
-            if self.tables.get(key) == entry:
+        for key in keys:
+            entry = plan.tables.get(key)
+            if entry is None or self.tables.get(key) == entry:
                 continue
             dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
             self.udp.closed_by_table(dropped)
             self.tables[key] = entry
 
-    def _remove_tables(self, plan: Plan) -> None:
+    def _remove_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
         assert self.table is not None and self.udp is not None
-        for key in [k for k in self.tables if k not in plan.tables]:
+        for key in [k for k in keys if k not in plan.tables and k in self.tables]:
             self.udp.closed_by_table(self.table.remove_service(key.id))
             del self.tables[key]
 
-    def _update_listeners(self, plan: Plan) -> None:
+    def _update_listeners(self, plan: Plan, keys: Iterable[ListenerKey]) -> None:
+        """Open, retarget, re-filter or close the listeners ``keys`` as ``plan`` wants them."""
         assert self.tcp is not None and self.udp is not None
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key in [k for k in current if k not in plan.listeners]:
-                current.pop(key).close()
+        keys = list(keys)
+        for key in keys:
+            if key not in plan.listeners:
+                current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
+                gone = current.pop(key, None)
+                if gone is not None:
+                    gone.close()
+                self._bind_errors.pop(key, None)
         # Listeners share the descriptor budget with connections; /healthz, /metrics, the source and
         # netlink keep a reserve neither may take. Ports that do not fit wait for room (next syncs).
         room = self.tcp.listener_room(len(self.tcp_listeners) + len(self.udp_listeners))
         over: list[ListenerKey] = []
-        for key, table_key in plan.listeners.items():
+        for key in keys:
+            table_key = plan.listeners.get(key)
+            if table_key is None:
+                continue
             current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
             listener = current.get(key)
-            if listener is not None:
-                if listener.key != table_key:
-                    listener.retarget(table_key)
-                continue
-            if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol")
-                continue
-            if room <= 0:
-                over.append(key)
-                self._bind_errors[key] = ("descriptors", BUDGET_REFUSAL)
-                continue
-            try:
-                sock = open_socket(key)
-            except OSError as err:
-                self._bind_failed(key, err.strerror or str(err), _reason(err))
-                continue
-            room -= 1
-            self._bind_errors.pop(key, None)
-            if key.protocol == Protocol.TCP:
-                self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
-            else:
-                self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
-        for key in [k for k in self._bind_errors if k not in plan.listeners]:
-            del self._bind_errors[key]
+            if listener is None:
+                if key.protocol not in (Protocol.TCP, Protocol.UDP):
+                    self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol")
+                    continue
+                if room <= 0:
+                    over.append(key)
+                    self._bind_errors[key] = ("descriptors", BUDGET_REFUSAL)
+                    continue
+                try:
+                    sock = open_socket(key)
+                except OSError as err:
+                    self._bind_failed(key, err.strerror or str(err), _reason(err))
+                    continue
+                room -= 1
+                self._bind_errors.pop(key, None)
+                if key.protocol == Protocol.TCP:
+                    listener = self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
+                else:
+                    listener = self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
+            elif listener.key != table_key:
+                listener.retarget(table_key)
+            ranges = plan.source_ranges.get(key)
+            have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
+            if ranges != have:
+                listener.admits = SourceFilter(ranges) if ranges else None
         if len(over) != self._over_budget:
             if over:
                 log.error("userspace: descriptor budget (limit %d) full: %d listeners not opened (first %s); "
@@ -255,12 +292,6 @@ class UserspaceMode(ProxyMode):
         for reason in {*reasons, *self._failure_reasons}:
             metrics.LISTEN_FAILURES.labels(reason).set(reasons.get(reason, 0))
         self._failure_reasons = set(reasons)
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key, listener in current.items():
-                ranges = plan.source_ranges.get(key)
-                have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
-                if ranges != have:
-                    listener.admits = SourceFilter(ranges) if ranges else None
 
     def _bind_failed(self, key: ListenerKey, why: str, reason: str) -> None:
         if self._bind_errors.get(key) != (reason, why):

@@ -13,8 +13,11 @@ Only addresses on ``proxyd0`` are touched; on start the holder adopts what a
 previous run left there and afterwards adds or removes only the difference.
 Link-local addresses the kernel puts on the bridge itself are ignored.
 
-Every netlink call is blocking and runs in one dedicated worker thread, so
-the event loop never waits on the kernel and calls never interleave.
+Additions and removals go to the kernel in batches (``proxyd.netlink``):
+10,000 addresses are a few dozen ``send`` calls, not 10,000 round trips,
+and one refused address fails only itself. Every netlink call is blocking
+and runs in one dedicated worker thread, so the event loop never waits on
+the kernel and calls never interleave.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from proxyd import metrics
+from proxyd.netlink import NETLINK_ROUTE, BatchSocket, address_request, dump_addresses
+
 log = logging.getLogger(__name__)
 
 DEVICE = "proxyd0"
-IFA_F_NODAD = 0x02
 ENOENT, EEXIST, EADDRNOTAVAIL, ENODEV = 2, 17, 99, 19
 
 T = TypeVar("T")
@@ -51,6 +56,7 @@ class AddressHolder:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._index: int | None = None
         self.failed: dict[str, int] = {}  # address -> errno of its last failed add
+        self._sock: BatchSocket | None = None  # opened and used in the worker thread only
 
     async def _call(self, func: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func)
@@ -86,7 +92,7 @@ class AddressHolder:
                 found = ipr.link_lookup(ifname=self.device)
             index = found[0]
             ipr.link("set", index=index, state="up")
-            return index, _service_addresses(ipr, index)
+            return index, _service_addresses(self._batch_socket(), index)
 
     async def apply(self, desired: Iterable[str]) -> tuple[int, int]:
         """Add what is missing and remove what is extra; (added, removed).
@@ -113,36 +119,75 @@ class AddressHolder:
             raise
         return len(add), len(remove)
 
+    async def update(self, *, add: Iterable[str], remove: Iterable[str]) -> tuple[int, int]:
+        """Add and remove just these addresses (a partial sync); (added, removed).
+
+        Costs what is passed, not what is held. Errors as ``apply``.
+        """
+        current = self.current
+        add_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in add} - current
+        remove_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in remove} & current
+        remove_set -= add_set
+        if self._index is None:
+            await self.ensure()
+            add_set -= self.current
+            remove_set &= self.current
+        if not add_set and not remove_set:
+            return 0, 0
+        try:
+            await self._call(lambda: self._apply_sync(add_set, remove_set))
+        except NetlinkError as err:
+            if err.code == ENODEV:
+                self._index = None
+            raise
+        return len(add_set), len(remove_set)
+
     def _apply_sync(self, add: set[str], remove: set[str]) -> None:
         assert self._index is not None
-        with IPRoute() as ipr:
-            # Removal first: an address moving between services is then
-            # never held twice, and a failure part-way keeps ``current`` exact.
-            for ip in sorted(remove):
-                try:
-                    ipr.addr("del", index=self._index, address=ip, prefixlen=_host_prefix(ip))
-                except NetlinkError as err:
-                    if err.code not in (EADDRNOTAVAIL, ENOENT):
-                        raise
-                self.current.discard(ip)
-            for ip in sorted(add):
-                extra = {"IFA_FLAGS": IFA_F_NODAD} if ":" in ip else {}
-                try:
-                    ipr.addr("add", index=self._index, address=ip, prefixlen=_host_prefix(ip), **extra)
-                except NetlinkError as err:
-                    if err.code == ENODEV:
-                        raise  # the device went away: the sync fails and the retry recreates it
-                    if err.code != EEXIST:
-                        # One address the kernel refuses (IPv6 disabled, say) must
-                        # not stop every other service: log it once, retry next sync.
-                        if self.failed.get(ip) != err.code:
-                            log.error("cannot add %s to %s: %s", ip, self.device, err)
-                        self.failed[ip] = err.code
-                        continue
-                self.failed.pop(ip, None)
-                self.current.add(ip)
+        index = self._index
+        sock = self._batch_socket()
+        # Removal first: an address moving between services is then never
+        # held twice. One batch each way; a refused address fails only itself.
+        if remove:
+            requests = [address_request(False, index, ip) for ip in sorted(remove)]
+            result = sock.run(requests, log_failures=False)
+            failed = {f.subject: f for f in result.failures}
+            self.current.difference_update(ip for ip in remove if ip not in failed)
+            if failed:
+                first = next(iter(failed.values()))
+                raise NetlinkError(first.code, f"cannot remove {len(failed)} addresses from {self.device}: "
+                                               f"{first}")
+        if add:
+            result = sock.run([address_request(True, index, ip) for ip in sorted(add)], log_failures=False)
+            refused = {str(f.subject): f for f in result.failures}
+            gone = [f for f in refused.values() if f.code == ENODEV]
+            for ip in add:
+                failure = refused.get(ip)
+                if failure is None:
+                    self.failed.pop(ip, None)
+                    self.current.add(ip)
+                elif failure.code != ENODEV:
+                    # One address the kernel refuses (IPv6 disabled, say) must
+                    # not stop every other service: log it once, retry next sync.
+                    if self.failed.get(ip) != failure.code:
+                        log.error("cannot add %s to %s: %s", ip, self.device, failure)
+                        metrics.NETLINK_FAILURES.labels(kind="address").inc()
+                    self.failed[ip] = failure.code
+            if gone:
+                raise NetlinkError(ENODEV, f"{self.device} went away")  # the retry recreates it
+
+    def _batch_socket(self) -> BatchSocket:
+        if self._sock is None:
+            self._sock = BatchSocket(NETLINK_ROUTE, kind="address")
+        return self._sock
 
     def close(self) -> None:
+        def close_socket() -> None:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+        self._pool.submit(close_socket)
         self._pool.shutdown(wait=False)
 
     @staticmethod
@@ -161,14 +206,11 @@ class AddressHolder:
             return True
 
 
-def _service_addresses(ipr: IPRoute, index: int) -> set[str]:
+def _service_addresses(sock: BatchSocket, index: int) -> set[str]:
     out = set()
-    for msg in ipr.get_addr(index=index):
-        addr = msg.get("IFA_ADDRESS")
-        if not addr:
-            continue
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-        if ip.is_link_local or msg["prefixlen"] != ip.max_prefixlen:
+    for _family, prefixlen, addr in dump_addresses(sock, index):
+        ip = ipaddress.ip_address(addr)
+        if ip.is_link_local or prefixlen != ip.max_prefixlen:
             continue
         out.add(str(ip))
     return out

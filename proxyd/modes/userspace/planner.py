@@ -28,8 +28,10 @@ be bound; when that happens the NodePort listens on each node address
 own, more specific listener — the split the kernel made when both shared
 the port.
 
-Planning is per service port (``plan_port``) so a sync can re-plan only the
-services that changed and reuse the rest (``Planner``).
+Planning is per service port (``plan_port``) and the per-port plans are
+merged incrementally (``Merged``), so a partial sync re-plans and re-merges
+only the ports the tracker names as changed and hands the mode only what
+differs (``Plan.changes``): its cost follows the change, not the cluster.
 """
 
 from __future__ import annotations
@@ -96,14 +98,29 @@ class PortPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanChanges:
+    """What a partial plan changed since the previous plan: only these need applying."""
+
+    tables: frozenset[TableKey] = frozenset()  # added, changed or removed
+    listeners: frozenset[ListenerKey] = frozenset()  # added, removed, retargeted or re-filtered
+    added_addresses: frozenset[str] = frozenset()
+    removed_addresses: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """The whole node: addresses to hold, listeners (→ the table key they serve), tables."""
+    """The whole node: addresses to hold, listeners (→ the table key they serve), tables.
+
+    ``changes`` is None for a full plan (apply everything); a partial plan
+    says what differs from the previous one.
+    """
 
     addresses: frozenset[str] = frozenset()
     listeners: Mapping[ListenerKey, TableKey] = field(default_factory=dict)
     tables: Mapping[TableKey, TableEntry] = field(default_factory=dict)
     conflicts: tuple[str, ...] = ()
     source_ranges: Mapping[ListenerKey, tuple[str, ...]] = field(default_factory=dict)
+    changes: PlanChanges | None = field(default=None, compare=False)
 
 
 def _pairs(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
@@ -147,6 +164,171 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
                     tables=tuple(tables), source_ranges=filters)
 
 
+class Merged:
+    """Per-port plans combined into the node's plan, kept up to date one port at a time.
+
+    Putting (or dropping) one port costs only that port's addresses,
+    listeners and tables: address reference counts, and for each listener
+    the ports claiming it, so the first claimant in sorted order keeps it
+    and the others are reported as conflicts. What changed since the last
+    ``take_changes`` is recorded for a partial apply.
+    """
+
+    def __init__(self, local_ips: Sequence[str] = ()) -> None:
+        self.local_ips = tuple(local_ips)
+        self.ports: dict[ServicePortName, PortPlan] = {}
+        self.addresses: dict[str, int] = {}  # address -> how many ports want it
+        self.claims: dict[ListenerKey, dict[ServicePortName, TableKey]] = {}
+        # The claims' winners as planned, then as listened on (a contested wildcard split per local IP).
+        self.wanted: dict[ListenerKey, TableKey] = {}
+        self.wanted_ranges: dict[ListenerKey, tuple[str, ...]] = {}
+        self.listeners: dict[ListenerKey, TableKey] = {}
+        self.ranges: dict[ListenerKey, tuple[str, ...]] = {}
+        self._specific: dict[tuple[int, Protocol, int], int] = {}  # (port, protocol, family) -> count
+        self._counted: set[ListenerKey] = set()  # the specific keys counted there
+        self._expanded: dict[ListenerKey, tuple[ListenerKey, ...]] = {}  # wildcard -> keys it stands on
+        self.conflicts: dict[ListenerKey, tuple[str, ...]] = {}
+        self.tables: dict[TableKey, TableEntry] = {}
+        self._tables_changed: set[TableKey] = set()
+        self._listeners_changed: set[ListenerKey] = set()
+        self._added: set[str] = set()
+        self._removed: set[str] = set()
+
+    def put(self, name: ServicePortName, plan: PortPlan | None) -> None:
+        """Set (or with None drop) one service port's plan."""
+        touched: set[ListenerKey] = set()
+        old = self.ports.pop(name, None)
+        if old is not None:
+            for ip in old.addresses:
+                left = self.addresses[ip] - 1
+                if left:
+                    self.addresses[ip] = left
+                else:
+                    del self.addresses[ip]
+                    if ip in self._added:
+                        self._added.discard(ip)
+                    else:
+                        self._removed.add(ip)
+            for key, _table in old.listeners:
+                self.claims[key].pop(name, None)
+                touched.add(key)
+            for tkey, _entry in old.tables:
+                del self.tables[tkey]
+                self._tables_changed.add(tkey)
+        if plan is not None:
+            self.ports[name] = plan
+            for ip in plan.addresses:
+                count = self.addresses.get(ip, 0)
+                self.addresses[ip] = count + 1
+                if not count:
+                    if ip in self._removed:
+                        self._removed.discard(ip)
+                    else:
+                        self._added.add(ip)
+            for key, table in plan.listeners:
+                # The same port serving itself twice (an externalIP equal to
+                # the ClusterIP) keeps its first, more specific use.
+                self.claims.setdefault(key, {}).setdefault(name, table)
+                touched.add(key)
+            for tkey, entry in plan.tables:
+                if self.tables.get(tkey) != entry or old is None:
+                    self._tables_changed.add(tkey)
+                self.tables[tkey] = entry
+        for key in touched:
+            self._settle(key)
+
+    def _settle(self, key: ListenerKey) -> None:
+        claims = self.claims.get(key)
+        if not claims:
+            self.claims.pop(key, None)
+            self.conflicts.pop(key, None)
+            self.wanted.pop(key, None)
+            self.wanted_ranges.pop(key, None)
+        else:
+            winner = min(claims)
+            table = claims[winner]
+            self.wanted[key] = table
+            ranges = dict(self.ports[winner].source_ranges).get(key)
+            if ranges:
+                self.wanted_ranges[key] = ranges
+            else:
+                self.wanted_ranges.pop(key, None)
+            lost = tuple(f"{key} wanted by {claims[n].name} is already served by {table.name}"
+                         for n in sorted(claims) if n != winner)
+            if lost:
+                self.conflicts[key] = lost
+            else:
+                self.conflicts.pop(key, None)
+        self._project(key)
+
+    def _project(self, key: ListenerKey) -> None:
+        """Carry one planned listener into ``listeners``, splitting a contested wildcard."""
+        fam = family(key.ip)
+        group = (key.port, key.protocol, fam)
+        if key.ip not in _WILDCARDS:
+            counted = key in self._counted
+            if (key in self.wanted) != counted:
+                left = self._specific.get(group, 0) + (-1 if counted else 1)
+                if left:
+                    self._specific[group] = left
+                else:
+                    del self._specific[group]
+                if counted:
+                    self._counted.discard(key)
+                else:
+                    self._counted.add(key)
+            self._show(key, self.wanted.get(key), self.wanted_ranges.get(key))
+        wildcard = ListenerKey(WILDCARD[fam], key.port, key.protocol)
+        table = self.wanted.get(wildcard)
+        shown: dict[ListenerKey, TableKey] = {}
+        if table is not None:
+            if group in self._specific:
+                for ip in self.local_ips:
+                    split = ListenerKey(ip, key.port, key.protocol)
+                    if family(ip) == fam and split not in self.wanted:
+                        shown[split] = table
+            else:
+                shown[wildcard] = table
+        for old in self._expanded.get(wildcard, ()):
+            if old not in shown and (old == wildcard or old not in self.wanted):
+                self._show(old, None, None)
+        for split, split_table in shown.items():
+            self._show(split, split_table, self.wanted_ranges.get(wildcard))
+        if table is None:
+            self._expanded.pop(wildcard, None)
+        else:
+            self._expanded[wildcard] = tuple(shown)
+
+    def _show(self, key: ListenerKey, table: TableKey | None, ranges: tuple[str, ...] | None) -> None:
+        if self.listeners.get(key) != table or self.ranges.get(key) != ranges:
+            self._listeners_changed.add(key)
+        if table is None:
+            self.listeners.pop(key, None)
+        else:
+            self.listeners[key] = table
+        if ranges:
+            self.ranges[key] = ranges
+        else:
+            self.ranges.pop(key, None)
+
+    def take_changes(self) -> PlanChanges:
+        changes = PlanChanges(tables=frozenset(self._tables_changed),
+                              listeners=frozenset(self._listeners_changed),
+                              added_addresses=frozenset(self._added),
+                              removed_addresses=frozenset(self._removed))
+        self._tables_changed.clear()
+        self._listeners_changed.clear()
+        self._added.clear()
+        self._removed.clear()
+        return changes
+
+    def plan(self, changes: PlanChanges | None = None) -> Plan:
+        return Plan(addresses=frozenset(self.addresses), listeners=dict(self.listeners),
+                    tables=dict(self.tables),
+                    conflicts=tuple(sorted(c for texts in self.conflicts.values() for c in texts)),
+                    source_ranges=dict(self.ranges), changes=changes)
+
+
 def merge(ports: Mapping[ServicePortName, PortPlan], local_ips: Sequence[str] = ()) -> Plan:
     """Combine per-port plans; the first service port (sorted) keeps a contested listener.
 
@@ -154,86 +336,73 @@ def merge(ports: Mapping[ServicePortName, PortPlan], local_ips: Sequence[str] = 
     listens on is replaced by one listener per address of ``local_ips`` of
     its family (an address already listened on keeps its own listener).
     """
-    addresses: set[str] = set()
-    listeners: dict[ListenerKey, TableKey] = {}
-    tables: dict[TableKey, TableEntry] = {}
-    conflicts: list[str] = []
-    ranges: dict[ListenerKey, tuple[str, ...]] = {}
-    for name in sorted(ports):
-        plan = ports[name]
-        addresses.update(plan.addresses)
-        tables.update(plan.tables)
-        own = dict(plan.source_ranges)
-        for key, table in plan.listeners:
-            owner = listeners.get(key)
-            if owner is None:
-                listeners[key] = table
-                if key in own:
-                    ranges[key] = own[key]
-            elif owner.name != table.name:
-                conflicts.append(f"{key} wanted by {table.name} is already served by {owner.name}")
-            # The same port serving itself twice (an externalIP equal to the
-            # ClusterIP) keeps its first, more specific use.
-    _split_wildcards(listeners, local_ips)
-    return Plan(addresses=frozenset(addresses), listeners=listeners, tables=tables,
-                conflicts=tuple(conflicts), source_ranges=ranges)
-
-
-def _split_wildcards(listeners: dict[ListenerKey, TableKey], local_ips: Sequence[str]) -> None:
-    wildcards = [k for k in listeners if k.ip in _WILDCARDS]
-    if not wildcards:
-        return
-    specific = {(k.port, k.protocol, family(k.ip)) for k in listeners if k.ip not in _WILDCARDS}
-    for key in wildcards:
-        fam = family(key.ip)
-        if (key.port, key.protocol, fam) not in specific:
-            continue
-        table = listeners.pop(key)
-        for ip in local_ips:
-            if family(ip) == fam:
-                listeners.setdefault(ListenerKey(ip, key.port, key.protocol), table)
-
-
-_WILDCARDS = frozenset(WILDCARD.values())
+    merged = Merged(local_ips)
+    for name, plan in ports.items():
+        merged.put(name, plan)
+    return merged.plan()
 
 
 class Planner:
-    """Re-plans only the service ports of changed services; merges the rest from its cache."""
+    """Re-plans only the changed service ports; keeps the rest (and their merge) from the last plan."""
 
     def __init__(self) -> None:
-        self._ports: dict[ServicePortName, PortPlan] = {}
+        self._merged = Merged()
         self._inputs: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
-        self._context: tuple[str, str | None, tuple[str, ...]] | None = None
+        self._context: tuple[str, str | None, tuple[str, ...], tuple[str, ...]] | None = None
 
     def plan(self, state: ProxyState, *, changed: frozenset[ServiceName] | None,
-             nodeport_ips: Sequence[str], local_ips: Sequence[str] = ()) -> Plan:
-        """The node's plan; ``local_ips`` (the node's addresses) stand in for a contested wildcard."""
-        context = (state.node_name, state.node_zone, tuple(nodeport_ips))
+             nodeport_ips: Sequence[str], local_ips: Sequence[str] = (),
+             changed_ports: Iterable[ServicePortName] | None = None) -> Plan:
+        """The node's plan; a partial one (``changes`` set) when ``changed`` is not None.
+
+        ``changed_ports`` (the tracker's index) names the ports to re-plan;
+        without it the ports of ``changed`` services are looked up by a scan.
+        ``local_ips`` (the node's addresses) stand in for a contested wildcard.
+        """
+        context = (state.node_name, state.node_zone, tuple(nodeport_ips), tuple(local_ips))
         if context != self._context:
             # Node name, zone or addresses moved: every port may plan differently.
             changed = None
             self._context = context
-            self._ports.clear()
             self._inputs.clear()
         if changed is None:
-            names: Iterable[ServicePortName] = list(state.services)
-            for gone in set(self._ports) - set(state.services):
-                del self._ports[gone]
-                del self._inputs[gone]
+            old_inputs = self._inputs
+            old_ports = self._merged.ports
+            self._merged = Merged(local_ips)
+            self._inputs = {}
+            for name, svc in state.services.items():
+                eps = state.endpoints_of(name)
+                part = old_ports.get(name)
+                if part is None or old_inputs.get(name) != (svc, eps):
+                    part = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
+                                     nodeport_ips=nodeport_ips)
+                self._inputs[name] = (svc, eps)
+                self._merged.put(name, part)
+            self._merged.take_changes()
+            return self._merged.plan()
+        if changed_ports is None:
+            names: Iterable[ServicePortName] = (
+                {n for n in state.services if n.service in changed}
+                | {n for n in self._merged.ports if n.service in changed})
         else:
-            names = [n for n in state.services if n.service in changed or n not in self._ports]
-            for gone in [n for n in self._ports if n.service in changed and n not in state.services]:
-                del self._ports[gone]
-                del self._inputs[gone]
+            names = changed_ports
         for name in names:
-            svc = state.services[name]
-            eps = state.endpoints_of(name)
-            if self._inputs.get(name) == (svc, eps):
+            svc_port = state.services.get(name)
+            if svc_port is None:
+                if name in self._merged.ports:
+                    self._merged.put(name, None)
+                self._inputs.pop(name, None)
                 continue
-            self._inputs[name] = (svc, eps)
-            self._ports[name] = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
-                                          nodeport_ips=nodeport_ips)
-        return merge(self._ports, local_ips)
+            eps = state.endpoints_of(name)
+            if self._inputs.get(name) == (svc_port, eps):
+                continue
+            self._inputs[name] = (svc_port, eps)
+            self._merged.put(name, plan_port(svc_port, eps, node_name=state.node_name,
+                                             node_zone=state.node_zone, nodeport_ips=nodeport_ips))
+        return self._merged.plan(self._merged.take_changes())
+
+
+_WILDCARDS = frozenset(WILDCARD.values())
 
 
 def nodeport_listen_ips(cidrs: Sequence[str], node_ips: Sequence[str]) -> list[str]:

@@ -1,0 +1,169 @@
+"""proxyd.netlink against the real kernel in a throw-away namespace: batches of addresses and ipset entries.
+
+A namespace of its own (``pxd-nl-<hex>``) with one port-less bridge; the
+batch sockets are opened inside it (setns on the test thread, then back), so
+nothing touches the host's namespace. IPVS batches need a kernel with IPVS
+and are covered by the guest suite (tests/vm/).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from proxyd import metrics
+from proxyd.modes.iptables.conntrack import delete_request
+from proxyd.modes.ipvs.applier import IpvsApplier, ipset_request
+from proxyd.modes.ipvs.planner import CLUSTER_IP, Op
+from proxyd.netlink import (
+    NETLINK_NETFILTER,
+    NETLINK_ROUTE,
+    BatchSocket,
+    address_request,
+    dump_addresses,
+)
+from tests.netns.topology import in_netns, run
+
+BRIDGE = "pxdnl0"
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = f"pxd-nl-{secrets.token_hex(3)}"
+    run(["ip", "netns", "add", name])
+    try:
+        run(["ip", "-n", name, "link", "add", BRIDGE, "type", "bridge"])
+        run(["ip", "-n", name, "link", "set", BRIDGE, "up"])
+        yield name
+    finally:
+        run(["ip", "netns", "del", name], check=False)
+
+
+def batch_socket(ns: str, protocol: int, kind: str, **kwargs: int) -> BatchSocket:
+    with in_netns(ns):
+        return BatchSocket(protocol, kind=kind, **kwargs)
+
+
+def bridge_index(ns: str) -> int:
+    out = run(["ip", "-n", ns, "-o", "link", "show", BRIDGE]).stdout
+    return int(out.split(":", 1)[0])
+
+
+def held(ns: str) -> set[str]:
+    out = run(["ip", "-n", ns, "-o", "addr", "show", "dev", BRIDGE]).stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines()
+            if line.split()[2] in ("inet", "inet6") and not line.split()[3].startswith("fe80")}
+
+
+def failures_counted(kind: str) -> float:
+    return metrics.REGISTRY.get_sample_value("proxyd_netlink_failures_total", {"kind": kind}) or 0.0
+
+
+def test_one_bad_address_in_the_middle_fails_alone(ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    index = bridge_index(ns)
+    good = [f"192.0.2.{i}" for i in range(1, 41)]
+    bad = address_request(True, index + 1000, "198.51.100.7")  # no such link
+    requests = [address_request(True, index, ip) for ip in good[:20]] + [bad]
+    requests += [address_request(True, index, ip) for ip in good[20:]]
+    before = failures_counted("address")
+    with batch_socket(ns, NETLINK_ROUTE, "address") as sock, caplog.at_level(logging.ERROR):
+        result = sock.run(requests)
+    assert result.applied == 40 and result.chunks == 1
+    assert [(f.subject, f.code) for f in result.failures] == [("198.51.100.7", errno.ENODEV)]
+    assert held(ns) == set(good)
+    assert "198.51.100.7" in caplog.text and "No such device" in caplog.text
+    assert failures_counted("address") == before + 1
+
+
+def test_harmless_errors_count_as_applied(ns: str) -> None:
+    index = bridge_index(ns)
+    with batch_socket(ns, NETLINK_ROUTE, "address") as sock:
+        sock.run([address_request(True, index, "192.0.2.1")])
+        again = sock.run([address_request(True, index, "192.0.2.1"),  # EEXIST
+                          address_request(False, index, "192.0.2.99")])  # EADDRNOTAVAIL
+        assert again.applied == 2 and not again.failures
+        v6 = sock.run([address_request(True, index, "2001:db8::5")])
+        assert v6.applied == 1
+        found = {(fam, plen, ip) for fam, plen, ip in dump_addresses(sock, index)}
+    assert (socket.AF_INET, 32, "192.0.2.1") in found and (socket.AF_INET6, 128, "2001:db8::5") in found
+
+
+def test_batch_bigger_than_the_socket_buffers(ns: str) -> None:
+    """4,000 requests in chunks whose answers overflow a tiny receive buffer: all apply, none twice."""
+    index = bridge_index(ns)
+    ips = [f"10.{20 + i // 65536}.{(i // 256) % 256}.{i % 256}" for i in range(4000)]
+    # 2,000 requests per chunk would be ~1.9 MiB of answers against a few KiB of buffer,
+    # and 64 KiB of requests per send: many chunks, many lost answers.
+    with batch_socket(ns, NETLINK_ROUTE, "address", rcvbuf=4096, chunk_messages=2000) as sock:
+        result = sock.run([address_request(True, index, ip) for ip in ips])
+        assert result.applied == 4000 and not result.failures
+        assert result.resent > 0 and result.chunks > 2
+        assert len(dump_addresses(sock, index)) >= 4000
+        removed = sock.run([address_request(False, index, ip) for ip in ips])
+        assert removed.applied == 4000 and not removed.failures
+    assert held(ns) == set()
+
+
+def test_ipset_batch_with_a_refused_entry(ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    run(["ip", "netns", "exec", ns, "ipset", "create", "PXD-T-IPPORT", "hash:ip,port"])
+    run(["ip", "netns", "exec", ns, "ipset", "create", "PXD-T-PORTS", "bitmap:port", "range", "0-1000"])
+    entries = [f"10.96.{i // 256}.{i % 256},tcp:80" for i in range(1, 301)]
+    requests = [ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", e) for e in entries[:150]]
+    requests.append(ipset_request(True, "PXD-T-PORTS", "bitmap:port", "30080"))  # out of the set's range
+    requests += [ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", e) for e in entries[150:]]
+    requests.append(ipset_request(True, "PXD-T-PORTS", "bitmap:port", "443"))
+    requests.append(ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", "10.96.0.256,tcp:80"))  # not an IP
+    before = failures_counted("ipset")
+    with batch_socket(ns, NETLINK_NETFILTER, "ipset") as sock, caplog.at_level(logging.ERROR):
+        result = sock.run(requests)
+        assert result.applied == 301
+        refused = {f.subject for f in result.failures}
+        assert refused == {"PXD-T-PORTS 30080", "PXD-T-IPPORT 10.96.0.256,tcp:80"}
+        # deleting an absent entry is harmless; deleting present ones works in the same batch
+        removal = sock.run([ipset_request(False, "PXD-T-IPPORT", "hash:ip,port", e) for e in entries[:10]]
+                           + [ipset_request(False, "PXD-T-IPPORT", "hash:ip,port", "10.1.1.1,udp:53")])
+        assert removal.applied == 11 and not removal.failures
+    assert failures_counted("ipset") == before + 2 and "PXD-T-PORTS 30080" in caplog.text
+    listed = run(["ip", "netns", "exec", ns, "ipset", "list", "PXD-T-IPPORT"]).stdout
+    members = {line.strip() for line in listed.split("Members:", 1)[1].splitlines() if line.strip()}
+    assert members == set(entries[10:])
+    ports = run(["ip", "netns", "exec", ns, "ipset", "list", "PXD-T-PORTS"]).stdout
+    assert ports.split("Members:", 1)[1].split() == ["443"]
+
+
+def test_ipvs_applier_runs_set_operations_as_one_batch(ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The ipvs applier's operations on proxyd's own sets (IPVS itself needs the guest)."""
+    applier = IpvsApplier()
+    try:
+        with in_netns(ns):
+            applier.ensure_sets()
+            good = [Op("set_add", (CLUSTER_IP, f"10.96.0.{i},tcp:80")) for i in range(1, 101)]
+            bad = Op("set_add", (CLUSTER_IP, "10.96.0.1,icmp:80"))  # not a protocol the set takes
+            too_big = Op("set_add", (CLUSTER_IP, "10.96.0.1,tcp:70000"))  # fails inside the batch
+            with caplog.at_level(logging.ERROR):
+                failed = applier.apply([*good[:50], bad, too_big, *good[50:]])
+            assert failed == {bad, too_big} and "icmp" in caplog.text and "70000" in caplog.text
+            assert applier.read_sets()[CLUSTER_IP] == {op.args[1] for op in good}
+            assert applier.apply([Op("set_del", op.args) for op in good[:10]]) == set()
+            assert len(applier.read_sets()[CLUSTER_IP]) == 90
+    finally:
+        applier._close_sockets()
+
+
+def test_conntrack_deletions_in_one_batch(ns: str) -> None:
+    """Many stale UDP entries go in one batch; one already gone is not an error."""
+    for sport in range(1000, 1200):
+        run(["ip", "netns", "exec", ns, "conntrack", "-I", "-s", "192.0.2.1", "-d", "192.0.2.2", "-p", "udp",
+             "--sport", str(sport), "--dport", "53", "--timeout", "300"])
+    requests = [delete_request(socket.AF_INET, "192.0.2.1", sport, "192.0.2.2", 53)
+                for sport in range(1000, 1201)]
+    with batch_socket(ns, NETLINK_NETFILTER, "conntrack") as sock:
+        result = sock.run(requests)
+    assert result.applied == 201 and not result.failures  # 1200 never existed: ENOENT is harmless
+    left = run(["ip", "netns", "exec", ns, "conntrack", "-L", "-p", "udp"], check=False)
+    assert "192.0.2.1" not in left.stdout
