@@ -209,8 +209,6 @@ def test_service_without_ports():
     svc({"clusterIP": "None"}),
     svc({"clusterIP": "None", "clusterIPs": ["None"]}),
     svc({"clusterIP": None, "clusterIPs": ["None"]}),
-    svc({"clusterIP": ""}),
-    svc({"clusterIP": None}),
     svc({"type": "ExternalName", "externalName": "example.com", "clusterIP": None}),
     svc(meta={"labels": {"service.kubernetes.io/service-proxy-name": "other"}}),
     svc(meta={"labels": {"service.kubernetes.io/headless": ""}}),
