@@ -581,6 +581,8 @@ class ManifestSource:
         kept = f"keeping its last good content ({len(state.objects)} objects)" if state.objects else "skipped"
         log.error("manifests %s: %s; %s", _printable(name), err.reason, kept)
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind="file", reason=err.category).inc()
+        if self.report is not None:
+            self.report(Finding(name, "the file", f"{err.reason}; {kept}", err.category, True))
 
     def _convert_all(self, name: str, docs: list[Any], previous: dict[ObjKey, Any]) -> dict[ObjKey, Any]:
         objects: dict[ObjKey, Any] = {}
@@ -654,6 +656,9 @@ class ManifestSource:
         for key, loser, winner in sorted(duplicates - self._duplicates):
             log.warning("manifests: %s %s/%s is defined in %s and %s; using %s", key[0], key[1], key[2],
                         _printable(loser), _printable(winner), _printable(winner))
+            if self.report is not None:
+                self.report(Finding(loser, f"{key[0]} {key[1]}/{key[2]}", f"is ignored: also defined in "
+                                    f"{_printable(winner)}, which wins", "duplicate", False))
         self._duplicates = duplicates
 
         specs: list[ServiceSpec] = []
