@@ -149,7 +149,9 @@ def _static_band(size: int) -> int:
     # kube-apiserver's calculateRangeOffset: min(max(16, size/16), 256), none below 16.
     if size < 16:
         return 0
-    return min(max(16, size // 16), 256)
+    band = min(max(16, size // 16), 256)
+    # A range no bigger than its band has no dynamic part: then all of it is.
+    return band if band < size else 0
 
 
 def _probe(start: int, size: int) -> Iterator[int]:

@@ -530,7 +530,7 @@ def test_invalid_nodes(obj, fragment):
     invalid(node_labels_from_dict, obj, fragment)
 
 
-# ------------------------------------------------------------------ addresses the API server refuses (issue 14.5)
+# ------------------------------------------------------------------ addresses the API server refuses
 
 SPECIAL = [
     ("0.0.0.0", "unspecified_ip"), ("::", "unspecified_ip"),
@@ -633,7 +633,8 @@ def test_service_without_cluster_ip_is_refused_for_the_api_source():
 def test_service_spec_keeps_what_allocation_needs():
     spec = service_spec(svc({"clusterIP": None, "type": "LoadBalancer", "externalTrafficPolicy": "Local",
                              "ipFamilies": ["IPv6"], "externalIPs": ["192.0.2.1", "2001:db8::1"],
-                             "ports": [{"port": 80, "name": "a"}, {"port": 81, "name": "b", "nodePort": 30001}]}))
+                             "ports": [{"port": 80, "name": "a"},
+                                       {"port": 81, "name": "b", "nodePort": 30001}]}))
     assert spec is not None and spec.cluster_ips == () and spec.families == (6,)
     assert spec.wanted_family(4) == 6
     assert [spec.needs_node_port(p) for p in spec.ports] == [True, False]
