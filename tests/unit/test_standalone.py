@@ -264,3 +264,46 @@ def test_check_is_a_subcommand_of_the_real_command(tmp_path):
     bad = subprocess.run([proxyd, "--proxy-mode", "bogus", "--manifests", str(tmp_path)], capture_output=True,
                          text=True, timeout=60, env=env, check=False)
     assert bad.returncode == 2 and "--proxy-mode" in bad.stderr
+
+
+# ------------------------------------------------------------------ the flags
+
+
+def test_allocation_flags_parse(tmp_path):
+    from proxyd.cli import parse_args
+
+    config = parse_args(["--manifests", str(tmp_path)], environ={})
+    assert config.service_cluster_ip_range == () and config.service_node_port_range == (30000, 32767)
+    config = parse_args(["--manifests", str(tmp_path), "--service-cluster-ip-range",
+                         "10.96.0.0/12, fd00::/108", "--service-node-port-range", "31000-31999"], environ={})
+    assert config.service_cluster_ip_range == ("10.96.0.0/12", "fd00::/108")
+    assert config.service_node_port_range == (31000, 31999)
+    from proxyd.daemon import allocator_for
+
+    assert allocator_for(config).ranges == Ranges(cluster=(ipaddress.ip_network("10.96.0.0/12"),
+                                                           ipaddress.ip_network("fd00::/108")),
+                                                  node_ports=(31000, 31999))
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--service-cluster-ip-range", "10.96.0.0/33"], "--service-cluster-ip-range"),
+    (["--service-cluster-ip-range", "10.0.0.0/8,10.1.0.0/16"], "--service-cluster-ip-range"),
+    (["--service-node-port-range", "32767-30000"], "--service-node-port-range"),
+    (["--service-node-port-range", "abc"], "--service-node-port-range"),
+])
+def test_bad_allocation_flags_name_the_flag(tmp_path, argv, flag):
+    from proxyd.cli import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=flag):
+        parse_args(["--manifests", str(tmp_path), *argv], environ={})
+
+
+def test_ranges_are_not_kube_proxy_configuration_fields(tmp_path):
+    """kube-proxy has no such field: a KubeProxyConfiguration naming one is refused (strict decoding)."""
+    from proxyd.cli import ConfigError, load_config_file
+
+    path = tmp_path / "config.yaml"
+    path.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+                    "serviceClusterIPRange: 10.96.0.0/12\n")
+    with pytest.raises(ConfigError, match="serviceClusterIPRange"):
+        load_config_file(str(path))
