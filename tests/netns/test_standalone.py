@@ -122,3 +122,50 @@ def test_allocation_is_stable_across_restarts_and_daemons(topology: Topology) ->
         assert topology.hello(topology.node2, cluster_ip, 80).pod in {"pod1", "pod2"}, type_
     assert topology.stop_proxyd(other) == 0
     assert topology.stop_proxyd(again) == 0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+VM_EXAMPLE = ROOT / "examples/standalone/vm"
+
+
+def unit_flags() -> list[str]:
+    """The daemon flags of systemd/proxyd.service's ExecStart (the binary left out)."""
+    for line in (ROOT / "systemd/proxyd.service").read_text().splitlines():
+        if line.startswith("ExecStart="):
+            return line.removeprefix("ExecStart=").split()[1:]
+    raise AssertionError("no ExecStart in the unit")
+
+
+def test_vm_walkthrough_with_the_units_flags(topology: Topology) -> None:
+    """examples/standalone/vm: kubectl output + hand-written endpoints, run with the unit's own flags."""
+    for path in (VM_EXAMPLE / "manifests").glob("*.yaml"):
+        topology.write_manifest(path.name, path.read_text())
+    for pod, port_ in (("pod1", 8080), ("pod2", 8080), ("pod3", 8443)):
+        topology.start_tcp_server(pod, port_)
+    flags = unit_flags()
+    assert flags[:2] == ["--manifests", "/etc/proxyd/manifests"] and "--service-cluster-ip-range" in flags
+    flags[1] = str(topology.manifests)
+    proc = topology.spawn(topology.node, [PROXYD, *flags, "--hostname-override", "node1",
+                                          "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}"],
+                          log_name="proxyd-unit")
+    def up() -> bool:
+        return proc.poll() is not None or topology.http_get(topology.node, *HEALTHZ, "/healthz")[0] == 200
+
+    wait_until(up, timeout=25, what="healthz")
+    assert proc.poll() is None, topology.log_of(proc)[-3000:]
+    # The README's `proxyd check` output, computed from the very files and flag.
+    out = io.StringIO()
+    cluster_range = flags[flags.index("--service-cluster-ip-range") + 1]
+    assert check.main([str(topology.manifests), "--service-cluster-ip-range", cluster_range], out=out) == 0
+    report = out.getvalue()
+    readme = (VM_EXAMPLE / "README.md").read_text()
+    web = re.search(r"default/web:80-8080/TCP .*?clusterIP\s+([\d.]+):80 .*?nodePort\s+(\d+)", report, re.S)
+    api = re.search(r"default/api:443-8443/TCP .*?clusterIP\s+([\d.]+):443", report, re.S)
+    assert web and api, report
+    for address in (web[1], web[2], api[1]):
+        assert address in readme, f"README shows other addresses than {address}"
+    pod3 = topology.pod("pod3").ns
+    assert {topology.hello(pod3, web[1], 80).pod for _ in range(4)} == {"pod1", "pod2"}
+    assert topology.hello(topology.client, NODE_IP, int(web[2])).pod in {"pod1", "pod2"}
+    assert topology.hello(topology.pod("pod1").ns, api[1], 443).pod == "pod3"
+    assert topology.stop_proxyd(proc) == 0
