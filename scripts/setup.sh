@@ -24,6 +24,11 @@ if [ "$want_test" = 1 ]; then
   packages+=(iperf3 wrk haproxy nginx-light libnginx-mod-stream socat libcap2-bin systemd
              qemu-system-x86 busybox-static)
 fi
+# The standalone tests generate manifests with the real kubectl client
+# (Debian's kubernetes-client package); keep a kubectl that is already there.
+if [ "$want_test" = 1 ] && ! command -v kubectl >/dev/null; then
+  packages+=(kubernetes-client)
+fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
