@@ -35,6 +35,7 @@ cluster IP is refused there as incomplete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator
@@ -170,40 +171,55 @@ class _Space:
         self.low = low
         self.size = size
         self.taken = taken
+        self.free = size - sum(1 for v in taken if low <= v < low + size)
 
     def take(self, key: str) -> int | None:
+        if self.free <= 0:
+            return None  # full: say so at once instead of walking the whole range
         # Each probe step either returns or passes a taken value, so this ends
         # after at most len(taken) + 1 steps: cheap even for an IPv6 /64.
         for offset in _probe(_hash(key), self.size):
             value = self.low + offset
             if value not in self.taken:
                 self.taken.add(value)
+                self.free -= 1
                 return value
         return None
 
 
-def _ip_space(net: Network, taken_ips: Iterable[str]) -> _Space:
-    base = int(net.network_address)
+@functools.lru_cache(maxsize=1 << 16)
+def _ip_int(ip: str) -> tuple[int, int]:
+    """(family, integer) of a canonical address; cached: the same explicit addresses come every change."""
+    addr = ipaddress.ip_address(ip)
+    return addr.version, int(addr)
+
+
+def _ip_space(net: Network, taken: set[int]) -> _Space:
     # IPv4: never the network or the broadcast address; IPv6: never the
     # subnet-router anycast (the first).
     size = net.num_addresses - (2 if net.version == 4 else 1)
-    taken = {int(ipaddress.ip_address(ip)) for ip in taken_ips}
-    return _Space(base + 1, size, taken)
+    return _Space(int(net.network_address) + 1, size, taken)
 
 
 def allocate(specs: Iterable[ServiceSpec], ranges: Ranges) -> Allocation:
     """Complete every spec that can be; deterministic in the set of specs, whatever their order."""
-    specs = sorted(specs, key=lambda s: s.name)
     out = Allocation()
-    explicit_ips = [ip for s in specs for ip in s.explicit_ips()]
-    ip_spaces = {r.version: _ip_space(r, (ip for ip in explicit_ips if ipaddress.ip_address(ip).version
-                                           == r.version)) for r in ranges.cluster}
-    low, high = ranges.node_ports
-    ports = _Space(low, high - low + 1, {p for s in specs for p in s.explicit_ports()})
+    pending: list[ServiceSpec] = []
+    taken_ips: dict[int, set[int]] = {4: set(), 6: set()}
+    taken_ports: set[int] = set()
     for spec in specs:
+        for ip in spec.explicit_ips():
+            fam, value = _ip_int(ip)
+            taken_ips[fam].add(value)
+        taken_ports.update(spec.explicit_ports())
         if spec.complete:
             out.specs[spec.name] = spec
-            continue
+        else:
+            pending.append(spec)
+    ip_spaces = {r.version: _ip_space(r, taken_ips[r.version]) for r in ranges.cluster}
+    low, high = ranges.node_ports
+    ports = _Space(low, high - low + 1, taken_ports)
+    for spec in sorted(pending, key=lambda s: (s.name.namespace, s.name.name)):
         if missing(spec, ranges) is not None:
             continue  # refused by the caller when the object was read
         key = f"{spec.name.namespace}/{spec.name.name}"
@@ -251,17 +267,30 @@ class Allocator:
     def __init__(self, ranges: Ranges) -> None:
         self.ranges = ranges
         self.last = Allocation()
-        self._built: dict[ServiceSpec, Service] = {}
+        # id(spec as read) → (that spec, the spec built from, its Service). The
+        # source keeps a spec object for as long as its file is unchanged, so
+        # identity finds it without hashing every spec on every change.
+        self._built: dict[int, tuple[ServiceSpec, ServiceSpec, Service]] = {}
 
     def missing(self, spec: ServiceSpec) -> str | None:
         return missing(spec, self.ranges)
 
     def services(self, specs: Iterable[ServiceSpec]) -> list[Service]:
         """The Services of ``specs`` after allocation; ``last`` holds what was assigned and what failed."""
-        self.last = allocate(specs, self.ranges)
-        built: dict[ServiceSpec, Service] = {}
-        for spec in self.last.specs.values():
-            service = self._built.get(spec)
-            built[spec] = service if service is not None else build_service(spec)
+        specs = list(specs)
+        if all(s.complete for s in specs):
+            # Nothing to allocate (a kubectl dump of a cluster): skip the global pass.
+            self.last = Allocation(specs={s.name: s for s in specs})
+            read = {s.name: s for s in specs}
+        else:
+            self.last = allocate(specs, self.ranges)
+            read = {s.name: s for s in specs if s.name in self.last.specs}
+        built: dict[int, tuple[ServiceSpec, ServiceSpec, Service]] = {}
+        for name, done in self.last.specs.items():
+            original = read[name]
+            entry = self._built.get(id(original))
+            if entry is None or entry[0] is not original or (entry[1] is not done and entry[1] != done):
+                entry = (original, done, build_service(done))
+            built[id(original)] = entry
         self._built = built
-        return list(built.values())
+        return [entry[2] for entry in built.values()]
