@@ -365,7 +365,7 @@ class ServiceSpec:
     """A valid Service whose cluster IP and node ports may still be missing.
 
     Addresses are canonical and of both families (``build_service`` keeps the
-    served family's); refused addresses are already gone (see ``notes``).
+    served family's); refused addresses are already gone (noted by ``service_spec``).
     """
 
     name: ServiceName
@@ -382,7 +382,6 @@ class ServiceSpec:
     health_check_node_port: int = 0
     topology_aware: bool = False
     allocate_lb_node_ports: bool = True
-    notes: tuple[Note, ...] = ()
 
     @property
     def served_ip(self) -> str | None:
@@ -537,7 +536,7 @@ def _service(obj: object, notes: list[Note]) -> ServiceSpec | None:
         name=ServiceName(namespace, name), type=svc_type, cluster_ips=cluster_ips, families=families,
         ports=tuple(ports), external_ips=external_ips, load_balancer_ips=lb_ips, source_ranges=source_ranges,
         affinity_timeout=affinity, external_policy=etp, internal_policy=itp, health_check_node_port=hc_port,
-        topology_aware=topology, allocate_lb_node_ports=allocate_lb is not False, notes=tuple(notes))
+        topology_aware=topology, allocate_lb_node_ports=allocate_lb is not False)
 
 
 def build_service(spec: ServiceSpec) -> Service:

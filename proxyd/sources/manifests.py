@@ -95,6 +95,8 @@ DEBOUNCE = 0.1
 # With inotify, still look every few seconds: a symlinked file whose target
 # changes in place elsewhere produces no event in the directory.
 SAFETY_RESCAN = 5.0
+# A directory of thousands of kubectl-made services logs a summary, not a line each.
+MAX_ALLOCATION_LINES = 50
 
 _SOURCE = "manifests"
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -699,11 +701,18 @@ class ManifestSource:
                 parts.append(f"healthCheckNodePort {got.health_check_node_port}")
             file = merged[("Service", svc.namespace, svc.name)][0]
             lines.add((file, f"Service {svc}|+allocated " + ", ".join(parts)))
-        for file, line in sorted(lines - self._allocation_notes):
+        new = sorted(lines - self._allocation_notes)
+        shown = 0
+        for file, line in new:
             what, _, text = line.partition("|")
             if text.startswith("+"):
-                log.info("manifests %s: %s: %s", _printable(file), what, text[1:])
+                shown += 1
+                if shown <= MAX_ALLOCATION_LINES:
+                    log.info("manifests %s: %s: %s", _printable(file), what, text[1:])
             else:
                 self._report(file, _printable(what), f"is refused: {text}", "range_full", kind="Service",
                              refused=True, level=logging.ERROR)
+        if shown > MAX_ALLOCATION_LINES:
+            log.info("manifests: %d more allocations not logged one by one (proxyd check DIR lists all)",
+                     shown - MAX_ALLOCATION_LINES)
         self._allocation_notes = lines
