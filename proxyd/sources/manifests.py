@@ -72,7 +72,7 @@ from typing import Any, Protocol
 import yaml
 
 from proxyd import metrics
-from proxyd.model import EndpointSlice, Service
+from proxyd.model import EndpointSlice, Service, ServiceName
 from proxyd.sources.allocate import Allocator, Ranges
 from proxyd.sources.convert import (
     InvalidObject,
@@ -390,6 +390,7 @@ class ManifestSource:
         self.allocator = allocator if allocator is not None else Allocator(Ranges())
         self.report = report
         self._allocation_notes: set[tuple[str, str]] = set()
+        self._unmatched: set[tuple[str, str, str, str]] = set()
         self._wake = asyncio.Event()
         self._watch_lost = False
 
@@ -617,8 +618,9 @@ class ManifestSource:
                 category = err.category if isinstance(err, _Refused) else "invalid"
                 self._reject_object(name, index, _printable(what), err.reason, kind=our_kind,
                                     category=category)
-                if key is not None and key in previous:
-                    objects[key] = previous[key]
+                if key is not None:
+                    # The last good version stays; else None: defined, but nothing to serve.
+                    objects[key] = previous.get(key)
                 continue
             what = _printable(f"{our_kind} {key[1]}/{key[2]}" if key[1] else f"{our_kind} {key[2]}")
             for note in notes:
@@ -685,7 +687,43 @@ class ManifestSource:
         slices.extend(s for s in mirrored if s.service_name not in with_slices)
         services = self.allocator.services(specs)
         self._report_allocation(merged)
+        self._report_unmatched(merged, services, slices)
         return services, slices, labels
+
+    def _report_unmatched(self, merged: dict[ObjKey, tuple[str, Any]], services: list[Service],
+                          slices: list[EndpointSlice]) -> None:
+        """Endpoints that reach no service port, the likeliest mistake in hand-written manifests.
+
+        A slice (or Endpoints object) naming a Service the directory does not
+        define serves nothing; a service port whose name no slice of its
+        service carries gets no endpoints (kubectl names ports "80-8080").
+        Each is logged once (a warning) and counted as ignored.
+        """
+        found: set[tuple[str, str, str, str]] = set()
+        ports: dict[ServiceName, set[tuple[str, str]]] = {}
+        for sl in slices:
+            kind, name = ("Endpoints", sl.service) if is_mirror(sl) else ("EndpointSlice", sl.name)
+            key = (kind, sl.namespace, name)
+            ports.setdefault(sl.service_name, set()).update((p.name, p.protocol) for p in sl.ports)
+            if ("Service", sl.namespace, sl.service) not in merged and key in merged:
+                reason = f"is ignored: no Service {sl.service_name} in the directory"
+                found.add((merged[key][0], f"{kind} {sl.namespace}/{name}", reason, "no_service"))
+        for svc in services:
+            have = ports.get(svc.name)
+            if not have:
+                continue
+            file = merged[("Service", svc.name.namespace, svc.name.name)][0]
+            for port in svc.ports:
+                if (port.name.port, port.protocol) not in have:
+                    names = ", ".join(sorted(f"{n or '(unnamed)'}/{p}" for n, p in have))
+                    shown = port.name.port or "(unnamed)"
+                    reason = (f"port {shown}/{port.protocol}: no endpoint port of that name in its "
+                              f"EndpointSlices/Endpoints ({names}), so it has no endpoints")
+                    found.add((file, f"Service {svc.name}", reason, "port_name_mismatch"))
+        for file, what, reason, category in sorted(found - self._unmatched):
+            self._report(file, _printable(what), reason, category, kind="unmatched", refused=False,
+                         level=logging.WARNING)
+        self._unmatched = found
 
     def _report_allocation(self, merged: dict[ObjKey, tuple[str, Any]]) -> None:
         """Log what allocation assigned and what it could not, once each until it changes."""

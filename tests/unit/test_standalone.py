@@ -307,3 +307,23 @@ def test_ranges_are_not_kube_proxy_configuration_fields(tmp_path):
                     "serviceClusterIPRange: 10.96.0.0/12\n")
     with pytest.raises(ConfigError, match="serviceClusterIPRange"):
         load_config_file(str(path))
+
+
+def test_hand_written_endpoints_that_reach_nothing_are_reported(tmp_path, caplog):
+    """The likeliest VM mistakes: a port name that is not kubectl's, a slice for no Service."""
+    (tmp_path / "web.yaml").write_text(kubectl_service("clusterip", "web") + "---\n"
+                                       + yaml.safe_dump(endpoints("web", ["10.244.1.2"], port_name="http")))
+    (tmp_path / "orphan.yaml").write_text(yaml.safe_dump(endpoints("nosuch", ["10.244.1.3"])))
+    tracker, source = scan(tmp_path)
+    state = tracker.take().state
+    (name,) = state.services
+    assert state.endpoints.get(name, ()) == ()
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert ("manifests web.yaml: Service default/web port 80-8080/TCP: no endpoint port of that name in its "
+            "EndpointSlices/Endpoints (http/TCP), so it has no endpoints") in messages
+    assert "manifests orphan.yaml: Endpoints default/nosuch is ignored: no Service default/nosuch in the " \
+           "directory" in messages
+    source._scan()
+    assert len([r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]) == 2
+    code, text = run_check(str(tmp_path), "--service-cluster-ip-range", str(RANGE))
+    assert code == 0 and "[port_name_mismatch]" in text and "[no_service]" in text
