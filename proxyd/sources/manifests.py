@@ -27,12 +27,15 @@ Failure modes, by design:
 * A Service without a cluster IP or node port gets one from
   ``proxyd.sources.allocate`` (the flags name the ranges), or, without a
   ``--service-cluster-ip-range``, is refused naming the flag.
+* A vanished file (or a dangling symlink) is a deletion: its objects go.
+* The directory itself failing to list keeps everything as it was.
 
 Everything reported goes through ``_report``, which also hands a
 ``Finding`` to an optional ``report`` callback: ``proxyd check`` reads the
-directory with this very class and prints those.
-* A vanished file (or a dangling symlink) is a deletion: its objects go.
-* The directory itself failing to list keeps everything as it was.
+directory with this very class and prints those. An object that is invalid
+or refused and has no earlier good version is kept as "defined, nothing to
+serve" (like a headless service): it still wins a name clash as the file
+that sorts last, and its endpoints are not reported as orphans.
 
 Change detection is inotify (through ctypes: no extra dependency) on the
 directory, with a 100 ms debounce and a slow safety rescan, or polling of
