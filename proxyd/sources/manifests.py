@@ -592,6 +592,7 @@ class ManifestSource:
 
     def _convert_all(self, name: str, docs: list[Any], previous: dict[ObjKey, Any]) -> dict[ObjKey, Any]:
         objects: dict[ObjKey, Any] = {}
+        other_kinds: dict[str, list[str]] = {}
         for index, raw in enumerate(_objects(docs)):
             if not isinstance(raw, dict):
                 self._reject_object(name, index, "object", "not a Kubernetes object")
@@ -605,9 +606,8 @@ class ManifestSource:
             our_kind = _KINDS.get((api_version, kind))
             if our_kind is None:
                 key = _identity(kind, raw)
-                what = f"{kind} {key[1]}/{key[2]}" if key else f"{kind} #{index + 1}"
-                self._report(name, _printable(f"{api_version} {what}"), "is ignored: a kind proxyd does not "
-                             "use", "unsupported_kind", kind="other", refused=False, level=logging.INFO)
+                other_kinds.setdefault(f"{api_version} {kind}", []).append(
+                    f"{key[1]}/{key[2]}" if key else f"#{index + 1}")
                 continue
             metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=our_kind).inc()
             notes: list[Note] = []
@@ -631,6 +631,16 @@ class ManifestSource:
                 self._report(name, what, f"{note.path}: {note.reason}", note.category, kind=our_kind,
                              refused=note.refused, level=level)
             objects[key] = value
+        # One line per kind, not per object: `kubectl get all -o yaml` holds hundreds of Pods.
+        for kind_name, names in other_kinds.items():
+            if len(names) == 1:
+                what, verb = f"{kind_name} {names[0]}", "is"
+            else:
+                more = ", …" if len(names) > 3 else ""
+                what, verb = f"{len(names)} {kind_name} objects ({', '.join(names[:3])}{more})", "are"
+            self._report(name, _printable(what), f"{verb} ignored: a kind proxyd does not use",
+                         "unsupported_kind", kind="other", refused=False, level=logging.INFO,
+                         count=len(names))
         return objects
 
     def _reject_object(self, name: str, index: int, what: str, reason: str, *, kind: str = "unknown",
@@ -639,14 +649,14 @@ class ManifestSource:
         self._report(name, what, f"{verb}: {reason}", category, kind=kind, refused=True, level=logging.ERROR)
 
     def _report(self, name: str, what: str, reason: str, category: str, *, kind: str, refused: bool,
-                level: int) -> None:
+                level: int, count: int = 1) -> None:
         """One log line and one count for something not served; the ``report`` callback gets it too.
 
         ``reason`` reads after the object: "is refused: …", "is ignored: …" or "spec.x: …".
         """
         log.log(level, "manifests %s: %s %s", _printable(name), what, _printable(reason))
         counter = metrics.REJECTED_OBJECTS if refused else metrics.IGNORED_OBJECTS
-        counter.labels(source=_SOURCE, kind=kind, reason=category).inc()
+        counter.labels(source=_SOURCE, kind=kind, reason=category).inc(count)
         if self.report is not None:
             self.report(Finding(name, what, reason, category, refused))
 
