@@ -327,3 +327,16 @@ def test_hand_written_endpoints_that_reach_nothing_are_reported(tmp_path, caplog
     assert len([r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]) == 2
     code, text = run_check(str(tmp_path), "--service-cluster-ip-range", str(RANGE))
     assert code == 0 and "[port_name_mismatch]" in text and "[no_service]" in text
+
+
+def test_other_kinds_are_summed_up_per_kind(tmp_path, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"p{i}", "namespace": "web"}}
+            for i in range(500)]
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": pods}))
+    before = sample("proxyd_ignored_objects_total", kind="other", reason="unsupported_kind")
+    scan(tmp_path)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert line == "manifests all.yaml: 500 v1 Pod objects (web/p0, web/p1, web/p2, …) are ignored: a kind " \
+                   "proxyd does not use"
+    assert sample("proxyd_ignored_objects_total", kind="other", reason="unsupported_kind") == before + 500
