@@ -335,7 +335,7 @@ def test_other_kinds_are_summed_up_per_kind(tmp_path, caplog):
             for i in range(500)]
     (tmp_path / "all.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": pods}))
     before = sample("proxyd_ignored_objects_total", kind="other", reason="unsupported_kind")
-    scan(tmp_path)
+    ManifestSource(str(tmp_path), Tracker("node1"), on_change=lambda: None, use_inotify=False)._scan()
     (line,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert line == "manifests all.yaml: 500 v1 Pod objects (web/p0, web/p1, web/p2, …) are ignored: a kind " \
                    "proxyd does not use"
