@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from proxyd.model import Protocol, Service, ServiceName
-from proxyd.sources.convert import PortSpec, ServiceSpec, build_service
+from proxyd.sources.convert import ServiceSpec, build_service
 
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 CLUSTER_RANGE_FLAG = "--service-cluster-ip-range"
@@ -201,9 +201,15 @@ def _ip_space(net: Network, taken: set[int]) -> _Space:
     return _Space(int(net.network_address) + 1, size, taken)
 
 
-def allocate(specs: Iterable[ServiceSpec], ranges: Ranges) -> Allocation:
-    """Complete every spec that can be; deterministic in the set of specs, whatever their order."""
+def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
+             memo: dict[int, tuple[ServiceSpec, Assigned, ServiceSpec]] | None = None) -> Allocation:
+    """Complete every spec that can be; deterministic in the set of specs, whatever their order.
+
+    ``memo`` (owned by the caller, updated here) hands back last time's completed spec when a spec
+    object got the same assignment again, so an unchanged service keeps its identity.
+    """
     out = Allocation()
+    new_memo: dict[int, tuple[ServiceSpec, Assigned, ServiceSpec]] = {}
     pending: list[ServiceSpec] = []
     taken_ips: dict[int, set[int]] = {4: set(), 6: set()}
     taken_ports: set[int] = set()
@@ -243,9 +249,6 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges) -> Allocation:
             out.failures[spec.name] = (f"spec.ports[].nodePort: missing, and {NODE_PORT_RANGE_FLAG} "
                                        f"{low}-{high} is full")
             continue
-        by_port = {(name, proto): value for name, proto, value in given}
-        new_ports: list[PortSpec] = [replace(p, node_port=by_port.get((p.name, p.protocol), p.node_port))
-                                     for p in spec.ports]
         hc_port = 0
         if spec.needs_health_check_node_port:
             value = ports.take(f"{key}/healthCheckNodePort")
@@ -254,11 +257,27 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges) -> Allocation:
                                            f"{low}-{high} is full")
                 continue
             hc_port = value
-        out.specs[spec.name] = replace(
-            spec, cluster_ips=(cluster_ip,) if cluster_ip else spec.cluster_ips, ports=tuple(new_ports),
-            health_check_node_port=hc_port or spec.health_check_node_port)
-        out.assigned[spec.name] = Assigned(cluster_ip, tuple(given), hc_port)
+        got = Assigned(cluster_ip, tuple(given), hc_port)
+        remembered = memo.get(id(spec)) if memo is not None else None
+        if remembered is not None and remembered[0] is spec and remembered[1] == got:
+            done = remembered[2]  # the same assignment as last time: no new objects
+        else:
+            done = _completed(spec, got)
+        if memo is not None:
+            new_memo[id(spec)] = (spec, got, done)
+        out.specs[spec.name] = done
+        out.assigned[spec.name] = got
+    if memo is not None:
+        memo.clear()
+        memo.update(new_memo)
     return out
+
+
+def _completed(spec: ServiceSpec, got: Assigned) -> ServiceSpec:
+    by_port = {(name, proto): value for name, proto, value in got.node_ports}
+    ports = tuple(replace(p, node_port=by_port.get((p.name, p.protocol), p.node_port)) for p in spec.ports)
+    return replace(spec, cluster_ips=(got.cluster_ip,) if got.cluster_ip else spec.cluster_ips, ports=ports,
+                   health_check_node_port=got.health_check_node_port or spec.health_check_node_port)
 
 
 class Allocator:
@@ -271,6 +290,9 @@ class Allocator:
         # source keeps a spec object for as long as its file is unchanged, so
         # identity finds it without hashing every spec on every change.
         self._built: dict[int, tuple[ServiceSpec, ServiceSpec, Service]] = {}
+        self._last_specs: list[ServiceSpec] = []
+        self._memo: dict[int, tuple[ServiceSpec, Assigned, ServiceSpec]] = {}
+        self._last_services: list[Service] = []
 
     def missing(self, spec: ServiceSpec) -> str | None:
         return missing(spec, self.ranges)
@@ -278,19 +300,25 @@ class Allocator:
     def services(self, specs: Iterable[ServiceSpec]) -> list[Service]:
         """The Services of ``specs`` after allocation; ``last`` holds what was assigned and what failed."""
         specs = list(specs)
+        if len(specs) == len(self._last_specs) and all(a is b for a, b in zip(specs, self._last_specs,
+                                                                              strict=True)):
+            # The very same Services as last time (only endpoints changed): the same answer.
+            return list(self._last_services)
         if all(s.complete for s in specs):
             # Nothing to allocate (a kubectl dump of a cluster): skip the global pass.
             self.last = Allocation(specs={s.name: s for s in specs})
             read = {s.name: s for s in specs}
         else:
-            self.last = allocate(specs, self.ranges)
+            self.last = allocate(specs, self.ranges, self._memo)
             read = {s.name: s for s in specs if s.name in self.last.specs}
         built: dict[int, tuple[ServiceSpec, ServiceSpec, Service]] = {}
         for name, done in self.last.specs.items():
             original = read[name]
             entry = self._built.get(id(original))
-            if entry is None or entry[0] is not original or (entry[1] is not done and entry[1] != done):
+            if entry is None or entry[0] is not original or entry[1] is not done:
                 entry = (original, done, build_service(done))
             built[id(original)] = entry
         self._built = built
-        return [entry[2] for entry in built.values()]
+        self._last_specs = specs
+        self._last_services = [entry[2] for entry in built.values()]
+        return list(self._last_services)
