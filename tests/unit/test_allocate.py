@@ -239,3 +239,21 @@ def test_an_addition_moves_others_only_through_collisions(specs, extra):
     holders = set().union(*(_values(after.specs[n]) for n in moved | {first.name} if n in after.specs))
     for name in moved:
         assert _values(before.specs[name]) - _values(after.specs.get(name, before.specs[name])) <= holders
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(directories(), min_size=1, max_size=4))
+def test_the_caching_allocator_answers_as_the_pure_function(steps):
+    """A source re-merging after each change: caches by identity never change the answer."""
+    from proxyd.sources.convert import build_service
+
+    allocator = Allocator(SMALL)
+    kept: dict[ServiceName, ServiceSpec] = {}
+    for specs in steps:
+        # Specs whose content did not change keep their object, as a file that was not re-read does.
+        current = [kept[s.name] if kept.get(s.name) == s else s for s in specs]
+        kept = {s.name: s for s in current}
+        expected = allocate(current, SMALL)
+        got = {s.name: s for s in allocator.services(current)}
+        assert got == {name: build_service(done) for name, done in expected.specs.items()}
+        assert allocator.services(current) == list(got.values())
