@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from proxyd import __version__
 from proxyd.config import Config, ConfigError, HostPort
+from proxyd.sources.allocate import parse_cluster_ranges, parse_port_range
 
 log = logging.getLogger("proxyd")
 
@@ -123,6 +124,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "udp_idle_timeout": parse_duration,
     "masquerade_bit": lambda v: _int_range(v, 0, 31),
     "verbosity": lambda v: _int_range(v, 0, 10),
+    "service_cluster_ip_range": lambda v: tuple(str(n) for n in parse_cluster_ranges(str(v))),
+    "service_node_port_range": lambda v: parse_port_range(str(v)),
 }
 
 
@@ -251,6 +254,8 @@ _FLAG_ATTRS = {
     "--udp-timeout": "udp_idle_timeout",
     "--iptables-masquerade-bit": "masquerade_bit",
     "--v": "verbosity",
+    "--service-cluster-ip-range": "service_cluster_ip_range",
+    "--service-node-port-range": "service_node_port_range",
 }
 
 
@@ -261,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "node from the API server or a directory of manifests.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit codes: 0 after SIGTERM/SIGINT and a clean shutdown, 2 for bad flags or "
-               "configuration, 1 for any other fatal error.")
+               "configuration, 1 for any other fatal error.\n\n"
+               "proxyd check DIR [flags]: read a manifests directory as the daemon would, offline, and "
+               "print what would be served and what is refused (see proxyd check --help).")
     add = parser.add_argument
     add("--proxy-mode", metavar="MODE",
         help="userspace, iptables or ipvs (nftables later) (default: iptables)")
@@ -301,9 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cleanup", action="store_true",
         help="remove every rule, address, interface and set that any mode of proxyd may have created, "
              "then exit 0")
+    add_allocation_flags(parser)
     add("-v", "--v", dest="verbosity_flag", metavar="LEVEL", help="log verbosity, 0..10 (default: 0)")
     add("--version", action="version", version=f"proxyd {__version__}")
     return parser
+
+
+def add_allocation_flags(parser: argparse.ArgumentParser) -> None:
+    """The manifests source's allocation flags (kube-apiserver's names); ``proxyd check`` takes them too."""
+    parser.add_argument(
+        "--service-cluster-ip-range", metavar="CIDR[,CIDR]",
+        help="--manifests: allocate a cluster IP from this range (one per family) to every non-headless "
+             "Service without one; without it such a Service is refused (command line only, not a "
+             "KubeProxyConfiguration field)")
+    parser.add_argument(
+        "--service-node-port-range", metavar="MIN-MAX",
+        help="--manifests: allocate nodePorts (and healthCheckNodePorts) from this range to "
+             "NodePort/LoadBalancer ports without one (default: 30000-32767)")
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -370,6 +391,12 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["check"]:
+        # A subcommand, not a flag: every existing `proxyd --flag …` line keeps its meaning.
+        from proxyd import check
+
+        return check.main(args[1:])
     try:
         config = parse_args(argv)
     except ConfigError as err:

@@ -48,3 +48,7 @@ class Config:
     config_file: str | None = None
     cleanup: bool = False
     verbosity: int = 0
+    # manifests source: where missing cluster IPs and node ports are allocated
+    # from (kube-apiserver's flags; not KubeProxyConfiguration fields).
+    service_cluster_ip_range: tuple[str, ...] = ()
+    service_node_port_range: tuple[int, int] = (30000, 32767)

@@ -78,8 +78,13 @@ class Daemon:
         if self.config.manifests is not None:
             from proxyd.sources.manifests import ManifestSource
 
-            return ManifestSource(self.config.manifests, self.tracker, on_change=self._on_change)
+            return ManifestSource(self.config.manifests, self.tracker, on_change=self._on_change,
+                                  allocator=allocator_for(self.config))
         from proxyd.sources.kube import KubeSource
+
+        if self.config.service_cluster_ip_range:
+            log.info("--service-cluster-ip-range applies to --manifests only: the API server allocates "
+                     "cluster IPs and node ports itself")
 
         return KubeSource(self.tracker, config=self.config, on_change=self._on_change)
 
@@ -193,6 +198,16 @@ class Daemon:
         await self.service_health.close()
         for server in self._servers:
             await server.close()
+
+
+def allocator_for(config: Config):
+    """The manifests source's allocator for the configured ranges."""
+    import ipaddress
+
+    from proxyd.sources.allocate import Allocator, Ranges
+
+    return Allocator(Ranges(cluster=tuple(ipaddress.ip_network(c) for c in config.service_cluster_ip_range),
+                            node_ports=config.service_node_port_range))
 
 
 def _run_loop(coro_factory) -> int:

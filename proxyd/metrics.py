@@ -74,6 +74,10 @@ REJECTED_OBJECTS = Counter(
     "proxyd_rejected_objects_total",
     "Objects or files skipped because they were invalid or unreadable",
     ["source", "kind", "reason"], registry=REGISTRY)
+IGNORED_OBJECTS = Counter(
+    "proxyd_ignored_objects_total",
+    "Objects or parts of objects proxyd leaves alone by design (headless, ExternalName, other kinds, …)",
+    ["source", "kind", "reason"], registry=REGISTRY)
 SOURCE_EVENTS = Counter(
     "proxyd_source_events_total", "Objects received from the source", ["source", "kind"],
     registry=REGISTRY)

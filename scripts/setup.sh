@@ -25,6 +25,11 @@ if [ "$want_test" = 1 ]; then
              qemu-system-x86 busybox-static)
   packages+=(ipvsadm)  # bench/sync_scale.py --mode ipvs: ipvsadm-restore, the C tool it compares with
 fi
+# The standalone tests generate manifests with the real kubectl client
+# (Debian's kubernetes-client package); keep a kubectl that is already there.
+if [ "$want_test" = 1 ] && ! command -v kubectl >/dev/null; then
+  packages+=(kubernetes-client)
+fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

@@ -20,6 +20,22 @@ dual-stack service), external IPs, LB ingress IPs and source ranges filtered
 to that family, LB ingress IPs with ``ipMode: Proxy`` skipped, endpoint
 conditions ``ready``/``serving`` nil meaning true and ``terminating`` nil
 meaning false.
+
+Nothing is dropped silently. What proxyd does not serve in an otherwise
+valid object is described by a ``Note`` appended to the caller's ``notes``
+list: an address the API server would refuse (``ValidateEndpointIP`` /
+``ValidateNonSpecialIP``: unspecified, loopback, link-local, and here also
+any multicast address) in endpoints, externalIPs or LB ingress IPs is
+refused alone and the rest of the object kept; an object proxyd ignores by
+design (headless, ExternalName, another proxy's, a slice without a service)
+gets a note saying why. The sources log each note once and count it.
+
+Services are converted in two steps so that the manifests source can fill
+in what only an API server would (``proxyd.sources.allocate``):
+``service_spec`` validates into a ``ServiceSpec`` whose cluster IP and node
+ports may be missing, ``build_service`` turns a complete spec into the model
+value. ``service_from_dict`` does both, for sources whose objects come
+complete (the API server always allocates).
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from proxyd.model import (
@@ -69,6 +86,21 @@ _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 _SERVICE_TYPES = {"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"}
 _PROTOCOLS = {p.value: p for p in Protocol}
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A part of an object proxyd does not serve, and why: one log line and one metric each.
+
+    ``refused``: the API server would refuse it (a warning, ``proxyd_rejected_objects_total``);
+    otherwise proxyd leaves it alone by design, as kube-proxy does (info,
+    ``proxyd_ignored_objects_total``). ``category`` is the metric's reason label.
+    """
+
+    path: str
+    reason: str
+    category: str
+    refused: bool
 
 
 class InvalidObject(ValueError):
@@ -216,6 +248,41 @@ def _ip(value: object, path: str) -> str:
         raise _fail(path, f"{show(value)} is not a valid IP address") from None
 
 
+def special_address(ip: str) -> tuple[str, str] | None:
+    """(metric reason, message) when ``ip`` is not a usable service or endpoint address, else None.
+
+    kube's ValidateEndpointIP/ValidateNonSpecialIP refuse unspecified,
+    loopback, link-local unicast and link-local multicast addresses in
+    endpoints and externalIPs: served, they let any client reach the node's
+    own loopback-only services (a NodePort to 127.0.0.1:10249 exposes
+    /metrics) or make a listener bind the wildcard address. kube allows
+    other multicast addresses, which its own comment calls a bug; proxyd
+    refuses every multicast address since no connection can be made to one.
+    An IPv4-mapped IPv6 address is judged by its IPv4 address, as Go does.
+    """
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return "unspecified_ip", f"{ip} may not be unspecified"
+    if addr.is_loopback:
+        return "loopback_ip", f"{ip} may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    if addr.is_link_local:
+        return "link_local_ip", f"{ip} may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if addr.is_multicast:
+        return "multicast_ip", f"{ip} may not be multicast (224.0.0.0/4, ff00::/8)"
+    return None
+
+
+def _usable(ip: str, path: str, notes: list[Note]) -> bool:
+    """False (and a refusal noted) for an address the API server would refuse."""
+    special = special_address(ip)
+    if special is None:
+        return True
+    notes.append(Note(path, f"{special[1]}; refused, the rest of the object is kept", special[0], True))
+    return False
+
+
 def _cidr(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise _fail(path, f"must be a string, not {show(value)}")
@@ -282,18 +349,127 @@ def _guard(fn: Callable[[], T]) -> T:
 # ---------------------------------------------------------------- Service
 
 
-def service_from_dict(obj: object) -> Service | None:
-    """A Service v1 as a validated Service, or None when proxyd must ignore it."""
-    return _guard(lambda: _service(obj))
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """One validated ``spec.ports[]`` entry; ``node_port`` 0 when none is set."""
+
+    name: str
+    protocol: Protocol
+    port: int
+    target_port: int | str
+    node_port: int = 0
 
 
-def _service(obj: object) -> Service | None:
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A valid Service whose cluster IP and node ports may still be missing.
+
+    Addresses are canonical and of both families (``build_service`` keeps the
+    served family's); refused addresses are already gone (noted by ``service_spec``).
+    """
+
+    name: ServiceName
+    type: ServiceType
+    cluster_ips: tuple[str, ...]  # () when none is set: to allocate
+    families: tuple[int, ...]  # spec.ipFamilies, in order; () for the cluster's default
+    ports: tuple[PortSpec, ...]
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    source_ranges: tuple[str, ...] = ()
+    affinity_timeout: int = 0
+    external_policy: str = "Cluster"
+    internal_policy: str = "Cluster"
+    health_check_node_port: int = 0
+    topology_aware: bool = False
+    allocate_lb_node_ports: bool = True
+
+    @property
+    def served_ip(self) -> str | None:
+        """The cluster IP proxyd serves: the IPv4 one of a dual-stack service, else the primary."""
+        for ip in self.cluster_ips:
+            if family(ip) == 4:
+                return ip
+        return self.cluster_ips[0] if self.cluster_ips else None
+
+    def wanted_family(self, default: int) -> int:
+        """The family a cluster IP would be allocated in (4 when asked for, as ``served_ip``)."""
+        if not self.families:
+            return default
+        return 4 if 4 in self.families else self.families[0]
+
+    def needs_node_port(self, port: PortSpec) -> bool:
+        """True for a NodePort/LoadBalancer port without one that the API server would allocate."""
+        if port.node_port or self.type is ServiceType.CLUSTER_IP:
+            return False
+        return self.type is ServiceType.NODE_PORT or self.allocate_lb_node_ports
+
+    @property
+    def needs_health_check_node_port(self) -> bool:
+        # apiservice.NeedsHealthCheck: LoadBalancer with externalTrafficPolicy Local.
+        return (self.type is ServiceType.LOAD_BALANCER and self.external_policy == "Local"
+                and not self.health_check_node_port)
+
+    @property
+    def complete(self) -> bool:
+        return (bool(self.cluster_ips) and not self.needs_health_check_node_port
+                and not any(self.needs_node_port(p) for p in self.ports))
+
+    def explicit_ips(self) -> tuple[str, ...]:
+        """Every address this manifest sets itself: never handed out to another service."""
+        return (*self.cluster_ips, *self.external_ips, *self.load_balancer_ips)
+
+    def explicit_ports(self) -> tuple[int, ...]:
+        ports = tuple(p.node_port for p in self.ports if p.node_port)
+        return (*ports, self.health_check_node_port) if self.health_check_node_port else ports
+
+
+def service_from_dict(obj: object, notes: list[Note] | None = None) -> Service | None:
+    """A Service v1 as a validated Service, or None when proxyd must ignore it (a note says why).
+
+    For objects that come complete from an API server: one without a cluster
+    IP is invalid (kube-apiserver always allocates one), a NodePort or
+    LoadBalancer port without a node port is served without one.
+    """
+    spec = service_spec(obj, notes)
+    if spec is None:
+        return None
+    if not spec.cluster_ips:
+        raise _fail("spec.clusterIP", "missing (an API server always allocates one: incomplete object)")
+    return build_service(spec)
+
+
+def service_spec(obj: object, notes: list[Note] | None = None) -> ServiceSpec | None:
+    """A Service v1 validated into a ServiceSpec, or None (and a note) when proxyd ignores it."""
+    return _noted(_service, obj, notes)
+
+
+def _noted(fn: Callable[[object, list[Note]], T], obj: object, notes: list[Note] | None) -> T:
+    """``fn(obj, notes)`` guarded; its notes reach the caller only when the object is valid."""
+    found: list[Note] = []
+    value = _guard(lambda: fn(obj, found))
+    if notes is not None:
+        notes.extend(found)
+    return value
+
+
+def _ignored(notes: list[Note], path: str, reason: str, category: str) -> None:
+    notes.append(Note(path, reason, category, False))
+
+
+def _service(obj: object, notes: list[Note]) -> ServiceSpec | None:
     obj = _mapping(obj, "object")
     namespace, name, meta = _metadata(obj, name_check=_service_name)
     labels = _labels(meta, "labels", "metadata")
     # kube-proxy's informer selects these away: another proxy owns the service,
     # or it is headless by label.
-    if LABEL_SERVICE_PROXY_NAME in labels or LABEL_HEADLESS in labels:
+    if LABEL_SERVICE_PROXY_NAME in labels:
+        owner = show(labels[LABEL_SERVICE_PROXY_NAME])
+        _ignored(notes, "metadata.labels",
+                 f"labelled {LABEL_SERVICE_PROXY_NAME}={owner}: another proxy's", "service_proxy_name")
+        return None
+    if LABEL_HEADLESS in labels:
+        _ignored(notes, "metadata.labels", f"labelled {LABEL_HEADLESS}: headless, nothing to proxy",
+                 "headless_label")
         return None
     spec = _opt_mapping(obj, "spec", "")
     status = _opt_mapping(obj, "status", "")
@@ -304,33 +480,33 @@ def _service(obj: object) -> Service | None:
     if not isinstance(raw_type, str) or raw_type not in _SERVICE_TYPES:
         raise _fail("spec.type", f"unknown service type {show(raw_type)}")
     if raw_type == "ExternalName":
+        _ignored(notes, "spec.type", "ExternalName: a DNS alias, nothing to proxy", "external_name")
         return None
     svc_type = ServiceType(raw_type)
 
-    cluster_ip = _cluster_ip(spec)
-    if cluster_ip is None:
+    cluster_ips = _cluster_ips(spec)
+    if cluster_ips is None:
+        _ignored(notes, "spec.clusterIP", "headless (clusterIP: None): DNS serves it, nothing to proxy",
+                 "headless")
         return None
-    fam = family(cluster_ip)
-    external_ips = _external_ips(spec, fam)
-    lb_ips = _lb_ips(status, fam) if svc_type is ServiceType.LOAD_BALANCER else ()
-    source_ranges = _source_ranges(spec, fam)
+    families = _families(spec)
+    external_ips = _addresses(_opt_list(spec, "externalIPs", "spec"), "spec.externalIPs", notes)
+    lb_ips = _lb_ips(status, notes) if svc_type is ServiceType.LOAD_BALANCER else ()
+    source_ranges = tuple(_cidr(v, f"spec.loadBalancerSourceRanges[{i}]")
+                          for i, v in enumerate(_opt_list(spec, "loadBalancerSourceRanges", "spec")))
     if svc_type is not ServiceType.LOAD_BALANCER:
         source_ranges = ()
     affinity = _affinity(spec)
-
     etp = _policy(spec, "externalTrafficPolicy")
     itp = _policy(spec, "internalTrafficPolicy")
-    # apiservice.ExternalPolicyLocal: Local only matters for a service that is
-    # reachable from outside at all.
-    externally_accessible = svc_type is not ServiceType.CLUSTER_IP or bool(external_ips)
-    external_local = etp == "Local" and externally_accessible
     hc_port = _opt_port(spec, "healthCheckNodePort", "spec")
     # apiservice.NeedsHealthCheck: only LoadBalancer services with policy Local.
     if not (svc_type is ServiceType.LOAD_BALANCER and etp == "Local"):
         hc_port = 0
+    allocate_lb = _opt_bool(spec, "allocateLoadBalancerNodePorts", "spec")
     topology = _topology_aware(meta, spec)
 
-    ports: list[ServicePort] = []
+    ports: list[PortSpec] = []
     seen_names: set[tuple[str, Protocol]] = set()
     seen_ports: set[tuple[int, Protocol]] = set()
     for i, raw_port in enumerate(_opt_list(spec, "ports", "spec")):
@@ -353,31 +529,51 @@ def _service(obj: object) -> Service | None:
             raise _fail(path, f"duplicate port {number}/{protocol}")
         seen_names.add((port_name, protocol))
         seen_ports.add((number, protocol))
-        ports.append(ServicePort(
-            name=ServicePortName(namespace, name, port_name, protocol),
-            type=svc_type,
-            cluster_ip=cluster_ip,
-            port=number,
-            protocol=protocol,
-            target_port=target,
-            node_port=node_port,
-            external_ips=external_ips,
-            load_balancer_ips=lb_ips,
-            load_balancer_source_ranges=source_ranges,
-            affinity_timeout=affinity,
-            external_policy_local=external_local,
-            internal_policy_local=itp == "Local",
-            health_check_node_port=hc_port,
-            topology_aware=topology,
-        ))
-    return Service(ServiceName(namespace, name), tuple(ports))
+        ports.append(PortSpec(port_name, protocol, number, target, node_port))
+    if not ports:
+        _ignored(notes, "spec.ports", "no ports: nothing to serve", "no_ports")
+    return ServiceSpec(
+        name=ServiceName(namespace, name), type=svc_type, cluster_ips=cluster_ips, families=families,
+        ports=tuple(ports), external_ips=external_ips, load_balancer_ips=lb_ips, source_ranges=source_ranges,
+        affinity_timeout=affinity, external_policy=etp, internal_policy=itp, health_check_node_port=hc_port,
+        topology_aware=topology, allocate_lb_node_ports=allocate_lb is not False)
 
 
-def _cluster_ip(spec: Mapping[str, Any]) -> str | None:
-    """The cluster IP proxyd serves: the IPv4 one of a dual-stack service, else the primary.
+def build_service(spec: ServiceSpec) -> Service:
+    """The model value of a spec that has its cluster IP (and, where wanted, its node ports)."""
+    cluster_ip = spec.served_ip
+    if cluster_ip is None:
+        raise ValueError(f"{spec.name}: no cluster IP to build with")
+    fam = family(cluster_ip)
+    external_ips = _family_filtered(spec.external_ips, fam)
+    lb_ips = _family_filtered(spec.load_balancer_ips, fam)
+    source_ranges = _family_filtered(spec.source_ranges, fam)
+    # apiservice.ExternalPolicyLocal: Local only matters for a service that is
+    # reachable from outside at all.
+    externally_accessible = spec.type is not ServiceType.CLUSTER_IP or bool(external_ips)
+    external_local = spec.external_policy == "Local" and externally_accessible
+    ports = tuple(ServicePort(
+        name=ServicePortName(spec.name.namespace, spec.name.name, p.name, p.protocol),
+        type=spec.type,
+        cluster_ip=cluster_ip,
+        port=p.port,
+        protocol=p.protocol,
+        target_port=p.target_port,
+        node_port=p.node_port,
+        external_ips=external_ips,
+        load_balancer_ips=lb_ips,
+        load_balancer_source_ranges=source_ranges,
+        affinity_timeout=spec.affinity_timeout,
+        external_policy_local=external_local,
+        internal_policy_local=spec.internal_policy == "Local",
+        health_check_node_port=spec.health_check_node_port,
+        topology_aware=spec.topology_aware,
+    ) for p in spec.ports)
+    return Service(spec.name, ports)
 
-    None for a headless service or one without a cluster IP.
-    """
+
+def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The canonical cluster IPs, primary first; () when none is set; None for a headless service."""
     primary = _opt_str(spec, "clusterIP", "spec")
     ips = _opt_list(spec, "clusterIPs", "spec", limit=2)
     if primary == "None" or (ips and ips[0] == "None"):
@@ -387,7 +583,7 @@ def _cluster_ip(spec: Mapping[str, Any]) -> str | None:
             raise _fail(f"spec.clusterIPs[{i}]", f"must be a string, not {show(ip)}")
     if not primary:
         if not ips or ips[0] == "":
-            return None
+            return ()
         primary = ips[0]
     primary = _ip(primary, "spec.clusterIP")
     canonical = [_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(ips)]
@@ -395,13 +591,32 @@ def _cluster_ip(spec: Mapping[str, Any]) -> str | None:
         raise _fail("spec.clusterIPs[0]", "must equal spec.clusterIP")
     if len(canonical) == 2 and family(canonical[0]) == family(canonical[1]):
         raise _fail("spec.clusterIPs", "two addresses of the same family")
-    for ip in canonical:
-        if family(ip) == 4:
-            return ip
-    return primary
+    canonical = canonical or [primary]
+    for i, ip in enumerate(canonical):
+        # The API server only hands out addresses of its service range; one of
+        # these would make proxyd capture the node's own or a wildcard address.
+        special = special_address(ip)
+        if special is not None:
+            raise _fail(f"spec.clusterIPs[{i}]" if ips else "spec.clusterIP", special[1])
+    return tuple(canonical)
 
 
-def _family_filtered(values: list[str], fam: int) -> tuple[str, ...]:
+def _families(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    out: list[int] = []
+    for i, value in enumerate(_opt_list(spec, "ipFamilies", "spec", limit=2)):
+        if value not in ("IPv4", "IPv6"):
+            raise _fail(f"spec.ipFamilies[{i}]", f"unknown IP family {show(value)}")
+        fam = 4 if value == "IPv4" else 6
+        if fam in out:
+            raise _fail("spec.ipFamilies", "the same family twice")
+        out.append(fam)
+    policy = spec.get("ipFamilyPolicy")
+    if policy not in (None, "", "SingleStack", "PreferDualStack", "RequireDualStack"):
+        raise _fail("spec.ipFamilyPolicy", f"unknown IP family policy {show(policy)}")
+    return tuple(out)
+
+
+def _family_filtered(values: tuple[str, ...], fam: int) -> tuple[str, ...]:
     out: list[str] = []
     for value in values:
         if family(value) == fam and value not in out:
@@ -409,18 +624,17 @@ def _family_filtered(values: list[str], fam: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _external_ips(spec: Mapping[str, Any], fam: int) -> tuple[str, ...]:
-    raw = _opt_list(spec, "externalIPs", "spec")
-    return _family_filtered([_ip(v, f"spec.externalIPs[{i}]") for i, v in enumerate(raw)], fam)
+def _addresses(raw: list[Any], path: str, notes: list[Note]) -> tuple[str, ...]:
+    """Valid addresses with the ones the API server refuses left out (and noted)."""
+    out: list[str] = []
+    for i, value in enumerate(raw):
+        ip = _ip(value, f"{path}[{i}]")
+        if _usable(ip, f"{path}[{i}]", notes):
+            out.append(ip)
+    return tuple(out)
 
 
-def _source_ranges(spec: Mapping[str, Any], fam: int) -> tuple[str, ...]:
-    raw = _opt_list(spec, "loadBalancerSourceRanges", "spec")
-    cidrs = [_cidr(v, f"spec.loadBalancerSourceRanges[{i}]") for i, v in enumerate(raw)]
-    return _family_filtered(cidrs, fam)
-
-
-def _lb_ips(status: Mapping[str, Any], fam: int) -> tuple[str, ...]:
+def _lb_ips(status: Mapping[str, Any], notes: list[Note]) -> tuple[str, ...]:
     lb = _opt_mapping(status, "loadBalancer", "status")
     ips: list[str] = []
     for i, raw in enumerate(_opt_list(lb, "ingress", "status.loadBalancer")):
@@ -435,8 +649,10 @@ def _lb_ips(status: Mapping[str, Any], fam: int) -> tuple[str, ...]:
         # keep seeing the traffic itself: nothing for the node to capture.
         if not ip or mode == "Proxy":
             continue
-        ips.append(_ip(ip, f"{path}.ip"))
-    return _family_filtered(ips, fam)
+        canonical = _ip(ip, f"{path}.ip")
+        if _usable(canonical, f"{path}.ip", notes):
+            ips.append(canonical)
+    return tuple(ips)
 
 
 def _affinity(spec: Mapping[str, Any]) -> int:
@@ -490,21 +706,24 @@ def _topology_aware(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------- EndpointSlice
 
 
-def slice_from_dict(obj: object) -> EndpointSlice | None:
-    """An EndpointSlice (discovery.k8s.io/v1), or None when it serves no service proxyd handles."""
-    return _guard(lambda: _slice(obj))
+def slice_from_dict(obj: object, notes: list[Note] | None = None) -> EndpointSlice | None:
+    """An EndpointSlice (discovery.k8s.io/v1), or None (and a note) when it serves nothing proxyd handles."""
+    return _noted(_slice, obj, notes)
 
 
-def _slice(obj: object) -> EndpointSlice | None:
+def _slice(obj: object, notes: list[Note]) -> EndpointSlice | None:
     obj = _mapping(obj, "object")
     namespace, name, meta = _metadata(obj, name_check=_subdomain)
     labels = _labels(meta, "labels", "metadata")
     service = labels.get(LABEL_SERVICE_NAME)
     if service is None:
+        _ignored(notes, "metadata.labels", f"no {LABEL_SERVICE_NAME} label: belongs to no service",
+                 "no_service_label")
         return None
     _service_name(service, f"metadata.labels[{LABEL_SERVICE_NAME}]")
     address_type = obj.get("addressType")
     if address_type == "FQDN":
+        _ignored(notes, "addressType", "FQDN endpoints: kube-proxy does not serve them", "fqdn")
         return None
     if address_type not in ("IPv4", "IPv6"):
         raise _fail("addressType", f"unknown address type {show(address_type)}")
@@ -523,19 +742,21 @@ def _slice(obj: object) -> EndpointSlice | None:
         seen.add(port_name)
         protocol = _protocol(entry.get("protocol"), f"{path}.protocol")
         if entry.get("port") is None:
-            continue  # a port with no number serves nothing (kube-proxy skips it)
+            # A port with no number serves nothing (kube-proxy skips it).
+            _ignored(notes, f"{path}.port", "missing: this port serves nothing", "no_port_number")
+            continue
         ports.append(EndpointPort(port_name, _port(entry["port"], f"{path}.port"), protocol))
 
     endpoints: list[SliceEndpoint] = []
     for i, raw in enumerate(_opt_list(obj, "endpoints", "", limit=MAX_SLICE_ENDPOINTS)):
-        endpoint = _slice_endpoint(raw, f"endpoints[{i}]", fam)
+        endpoint = _slice_endpoint(raw, f"endpoints[{i}]", fam, notes)
         if endpoint is not None:
             endpoints.append(endpoint)
     return EndpointSlice(namespace=namespace, name=name, service=service, ports=tuple(ports),
                          endpoints=tuple(endpoints), address_family=fam)
 
 
-def _slice_endpoint(raw: object, path: str, fam: int) -> SliceEndpoint | None:
+def _slice_endpoint(raw: object, path: str, fam: int, notes: list[Note]) -> SliceEndpoint | None:
     entry = _mapping(raw, path)
     addresses = _opt_list(entry, "addresses", path, limit=100)
     canonical = [_ip(a, f"{path}.addresses[{j}]") for j, a in enumerate(addresses)]
@@ -543,7 +764,9 @@ def _slice_endpoint(raw: object, path: str, fam: int) -> SliceEndpoint | None:
         if family(ip) != fam:
             raise _fail(f"{path}.addresses[{j}]", f"{show(ip)} is not an IPv{fam} address")
     if not canonical:
-        return None  # kube-proxy ignores an endpoint without an address
+        _ignored(notes, f"{path}.addresses", "empty: kube-proxy ignores an endpoint without an address",
+                 "no_address")
+        return None
     conditions = _opt_mapping(entry, "conditions", path)
     ready = _opt_bool(conditions, "ready", f"{path}.conditions")
     serving = _opt_bool(conditions, "serving", f"{path}.conditions")
@@ -563,6 +786,9 @@ def _slice_endpoint(raw: object, path: str, fam: int) -> SliceEndpoint | None:
             raise _fail(f"{hint_path}.name", "missing")
         if zone_name not in zones:
             zones.append(zone_name)
+    # kube-proxy uses the first address: the endpoint stands or falls with it.
+    if not _usable(canonical[0], f"{path}.addresses[0]", notes):
+        return None
     return SliceEndpoint(
         ip=canonical[0],
         # kube-proxy's reading of the API: ready and serving nil mean true,
@@ -579,7 +805,7 @@ def _slice_endpoint(raw: object, path: str, fam: int) -> SliceEndpoint | None:
 # ---------------------------------------------------------------- Endpoints (mirroring)
 
 
-def slices_from_endpoints(obj: object) -> list[EndpointSlice]:
+def slices_from_endpoints(obj: object, notes: list[Note] | None = None) -> list[EndpointSlice]:
     """A v1 Endpoints object as the EndpointSlice mirroring controller would slice it.
 
     Subsets with the same ports and address family share a slice; at most
@@ -587,14 +813,16 @@ def slices_from_endpoints(obj: object) -> list[EndpointSlice]:
     controller. Slices are named ``endpoints-mirror:<name>:<n>`` so that they
     never collide with real slices (a real slice name cannot contain ':').
     """
-    return _guard(lambda: _mirror(obj))
+    return _noted(_mirror, obj, notes)
 
 
-def _mirror(obj: object) -> list[EndpointSlice]:
+def _mirror(obj: object, notes: list[Note]) -> list[EndpointSlice]:
     obj = _mapping(obj, "object")
     namespace, name, meta = _metadata(obj, name_check=_service_name)
     labels = _labels(meta, "labels", "metadata")
     if labels.get(LABEL_SKIP_MIRROR) == "true":
+        _ignored(notes, "metadata.labels", f"labelled {LABEL_SKIP_MIRROR}=true: not mirrored into a slice",
+                 "skip_mirror")
         return []
     groups: dict[tuple[int, tuple[EndpointPort, ...]], dict[str, SliceEndpoint]] = {}
     for i, raw_subset in enumerate(_opt_list(obj, "subsets", "")):
@@ -614,7 +842,7 @@ def _mirror(obj: object) -> list[EndpointSlice]:
             ports.append(EndpointPort(port_name, _port(entry.get("port"), f"{port_path}.port"),
                                       _protocol(entry.get("protocol"), f"{port_path}.protocol")))
         key_ports = tuple(sorted(ports, key=lambda p: (p.name, p.protocol, p.port)))
-        added = 0
+        added = over = 0
         for field_name, ready in (("addresses", True), ("notReadyAddresses", False)):
             for j, raw_address in enumerate(_opt_list(subset, field_name, path)):
                 address_path = f"{path}.{field_name}[{j}]"
@@ -623,14 +851,20 @@ def _mirror(obj: object) -> list[EndpointSlice]:
                 node = _opt_str(address, "nodeName", address_path)
                 if node:
                     _subdomain(node, f"{address_path}.nodeName")
+                if not _usable(ip, f"{address_path}.ip", notes):
+                    continue
                 if added >= MAX_MIRRORED_PER_SUBSET:
-                    continue  # validated, but over the controller's per-subset cap
+                    over += 1  # validated, but over the controller's per-subset cap
+                    continue
                 added += 1
                 group = groups.setdefault((family(ip), key_ports), {})
                 # Mirrored slices only carry "ready"; serving is then read
                 # as nil → true and terminating as false, as for any slice.
                 group.setdefault(ip, SliceEndpoint(ip=ip, ready=ready, serving=True, terminating=False,
                                                    node_name=node or None))
+        if over:
+            _ignored(notes, path, f"{over} addresses over the mirroring controller's cap "
+                     f"({MAX_MIRRORED_PER_SUBSET} per subset) left out", "over_mirror_cap")
     slices = []
     for n, ((fam, ports_key), members) in enumerate(groups.items()):
         slices.append(EndpointSlice(namespace=namespace, name=f"{MIRROR_PREFIX}{name}:{n}", service=name,

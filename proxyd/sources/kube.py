@@ -89,6 +89,7 @@ from proxyd.config import Config, ConfigError
 from proxyd.model import ServiceName
 from proxyd.sources.convert import (
     InvalidObject,
+    Note,
     node_labels_from_dict,
     service_from_dict,
     slice_from_dict,
@@ -184,6 +185,7 @@ class _Kind:
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
+        self.notes: list[Note] = []  # what the last convert() did not serve; reported by _accepted
 
     def list_call(self, client: k8s_client.ApiClient) -> Callable[..., Awaitable[Any]]:
         raise NotImplementedError
@@ -221,7 +223,8 @@ class _Services(_Kind):
         return k8s_client.CoreV1Api(client).list_service_for_all_namespaces
 
     def convert(self, raw: dict[str, Any]) -> Any:
-        return service_from_dict(raw)
+        self.notes = []
+        return service_from_dict(raw, self.notes)
 
     def current(self, key: Any) -> Any:
         return self.tracker.service(ServiceName(*key))
@@ -242,7 +245,8 @@ class _Slices(_Kind):
         return k8s_client.DiscoveryV1Api(client).list_endpoint_slice_for_all_namespaces
 
     def convert(self, raw: dict[str, Any]) -> Any:
-        return slice_from_dict(raw)
+        self.notes = []
+        return slice_from_dict(raw, self.notes)
 
     def current(self, key: Any) -> Any:
         return self.tracker.slice(key)
@@ -325,6 +329,7 @@ class KubeSource:
         self._client: k8s_client.ApiClient | None = None
         # key → reason last logged for objects currently rejected (log once).
         self._bad: dict[tuple[str, Hashable], str] = {}
+        self._noted: dict[tuple[str, Hashable], tuple[Note, ...]] = {}
         self.resource_versions: dict[str, str | None] = {}
 
     # ---- lifecycle ------------------------------------------------------
@@ -523,6 +528,7 @@ class KubeSource:
             raise _HttpError(200, "list without a resourceVersion")
         # Objects rejected before and gone now need no "valid again" memory.
         self._bad = {k: v for k, v in self._bad.items() if k[0] != kind.name or k[1] in seen}
+        self._noted = {k: v for k, v in self._noted.items() if k[0] != kind.name or k[1] in seen}
         if kind.replace(values):
             self._changed()
         else:
@@ -656,6 +662,26 @@ class KubeSource:
     def _accepted(self, kind: _Kind, key: Hashable) -> None:
         if self._bad and self._bad.pop((kind.name, key), None) is not None:
             log.info("kube %s %s: valid again", kind.name, _show_key(key))
+        notes, kind.notes = tuple(kind.notes), []
+        self._report_notes(kind, key, notes)
+
+    def _report_notes(self, kind: _Kind, key: Hashable, notes: tuple[Note, ...]) -> None:
+        """What a valid object holds that is not served (refused addresses, ignored by design).
+
+        Logged and counted once per content: a relist or an unrelated update
+        of the object repeats nothing.
+        """
+        if self._noted.get((kind.name, key), ()) == notes:
+            return
+        if notes:
+            self._noted[(kind.name, key)] = notes
+        else:
+            self._noted.pop((kind.name, key), None)
+        for note in notes:
+            counter = metrics.REJECTED_OBJECTS if note.refused else metrics.IGNORED_OBJECTS
+            counter.labels(source=_SOURCE, kind=kind.name, reason=note.category).inc()
+            log.log(logging.WARNING if note.refused else logging.INFO, "kube %s %s: %s: %s", kind.name,
+                    _show_key(key), note.path, note.reason)
 
 
 def _one_line(err: BaseException) -> str:

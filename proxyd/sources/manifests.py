@@ -5,7 +5,8 @@ read (dot files are skipped: editors' lock and swap files). A file may hold
 several YAML documents and ``kind: List`` objects, so the output of
 ``kubectl get svc,endpointslices -A -o yaml`` works as is. Service,
 EndpointSlice, Endpoints (mirrored into slices) and this node's Node object
-are used; other kinds are ignored silently.
+are used; other kinds are ignored, each with one info line and a count in
+``proxyd_ignored_objects_total``.
 
 Failure modes, by design:
 
@@ -19,8 +20,22 @@ Failure modes, by design:
 * "Once" means once per content: nothing is logged again until the file
   changes (a ``touch`` that leaves the bytes alone does not count).
 * The same object in two files: the file that sorts last wins, logged once.
+* What an object holds that proxyd does not serve (``convert.Note``: an
+  address the API server would refuse, a headless service, …) is logged
+  once per content with file, object and reason, and counted with the
+  reason as label; the rest of the object applies.
+* A Service without a cluster IP or node port gets one from
+  ``proxyd.sources.allocate`` (the flags name the ranges), or, without a
+  ``--service-cluster-ip-range``, is refused naming the flag.
 * A vanished file (or a dangling symlink) is a deletion: its objects go.
 * The directory itself failing to list keeps everything as it was.
+
+Everything reported goes through ``_report``, which also hands a
+``Finding`` to an optional ``report`` callback: ``proxyd check`` reads the
+directory with this very class and prints those. An object that is invalid
+or refused and has no earlier good version is kept as "defined, nothing to
+serve" (like a headless service): it still wins a name clash as the file
+that sorts last, and its endpoints are not reported as orphans.
 
 Change detection is inotify (through ctypes: no extra dependency) on the
 directory, with a 100 ms debounce and a slow safety rescan, or polling of
@@ -60,12 +75,15 @@ from typing import Any, Protocol
 import yaml
 
 from proxyd import metrics
-from proxyd.model import EndpointSlice, Service
+from proxyd.model import EndpointSlice, Service, ServiceName
+from proxyd.sources.allocate import Allocator, Ranges
 from proxyd.sources.convert import (
     InvalidObject,
+    Note,
+    ServiceSpec,
     is_mirror,
     node_labels_from_dict,
-    service_from_dict,
+    service_spec,
     slice_from_dict,
     slices_from_endpoints,
 )
@@ -80,6 +98,8 @@ DEBOUNCE = 0.1
 # With inotify, still look every few seconds: a symlinked file whose target
 # changes in place elsewhere produces no event in the directory.
 SAFETY_RESCAN = 5.0
+# A directory of thousands of kubectl-made services logs a summary, not a line each.
+MAX_ALLOCATION_LINES = 50
 
 _SOURCE = "manifests"
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -107,6 +127,14 @@ class ManifestError(Exception):
     """The manifests directory cannot be used at all."""
 
 
+class _Refused(InvalidObject):
+    """A valid object proxyd cannot serve as written (no cluster IP and no range to allocate one)."""
+
+    def __init__(self, reason: str, category: str) -> None:
+        super().__init__(reason)
+        self.category = category
+
+
 class _Unusable(Exception):
     """A file that cannot be read or parsed; ``category`` is the metric's reason label."""
 
@@ -114,6 +142,17 @@ class _Unusable(Exception):
         super().__init__(reason)
         self.reason = reason
         self.category = category
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing reported about the directory: what was refused or ignored, where, and why."""
+
+    file: str
+    what: str  # "Service default/web", "EndpointSlice #3", …
+    reason: str
+    category: str  # the metric's reason label
+    refused: bool  # refused (an error or warning) rather than ignored by design (info)
 
 
 @dataclass
@@ -225,10 +264,10 @@ def _identity(kind: str, raw: dict) -> ObjKey | None:
     return (kind, namespace, name)
 
 
-def _convert(kind: str, raw: dict) -> tuple[ObjKey, Any]:
-    """(key, model value) of one object; InvalidObject when it is invalid."""
+def _convert(kind: str, raw: dict, notes: list[Note]) -> tuple[ObjKey, Any]:
+    """(key, value) of one object, a ServiceSpec for a Service; InvalidObject when it is invalid."""
     if kind == "Service":
-        svc = service_from_dict(raw)
+        svc = service_spec(raw, notes)
         if svc is not None:
             return (kind, svc.name.namespace, svc.name.name), svc
         key = _identity(kind, raw)
@@ -236,7 +275,7 @@ def _convert(kind: str, raw: dict) -> tuple[ObjKey, Any]:
             raise InvalidObject("metadata: missing name")
         return key, None  # defined but ignored (headless, ExternalName, …)
     if kind == "EndpointSlice":
-        sl = slice_from_dict(raw)
+        sl = slice_from_dict(raw, notes)
         if sl is not None:
             return (kind, sl.namespace, sl.name), sl
         key = _identity(kind, raw)
@@ -244,7 +283,7 @@ def _convert(kind: str, raw: dict) -> tuple[ObjKey, Any]:
             raise InvalidObject("metadata: missing name")
         return key, None
     if kind == "Endpoints":
-        mirrored = tuple(slices_from_endpoints(raw))
+        mirrored = tuple(slices_from_endpoints(raw, notes))
         key = _identity(kind, raw)
         if key is None:
             raise InvalidObject("metadata: missing name")
@@ -332,6 +371,8 @@ class ManifestSource:
         poll_interval: float = POLL_INTERVAL,
         max_file_size: int = MAX_FILE_SIZE,
         rescan_interval: float = SAFETY_RESCAN,
+        allocator: Allocator | None = None,
+        report: Callable[[Finding], None] | None = None,
     ) -> None:
         self.directory = str(directory)
         self.tracker = tracker
@@ -347,6 +388,12 @@ class ManifestSource:
         self._dir_error: str | None = None
         self._duplicates: set[tuple[ObjKey, str, str]] = set()
         self._node_labels: dict[str, str] | None = None
+        # Node ports are allocated from the default range even without flags,
+        # as kube-apiserver does; cluster IPs only with a range.
+        self.allocator = allocator if allocator is not None else Allocator(Ranges())
+        self.report = report
+        self._allocation_notes: set[tuple[str, str]] = set()
+        self._unmatched: set[tuple[str, str, str, str]] = set()
         self._wake = asyncio.Event()
         self._watch_lost = False
 
@@ -540,35 +587,78 @@ class ManifestSource:
         kept = f"keeping its last good content ({len(state.objects)} objects)" if state.objects else "skipped"
         log.error("manifests %s: %s; %s", _printable(name), err.reason, kept)
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind="file", reason=err.category).inc()
+        if self.report is not None:
+            self.report(Finding(name, "the file", f"{err.reason}; {kept}", err.category, True))
 
     def _convert_all(self, name: str, docs: list[Any], previous: dict[ObjKey, Any]) -> dict[ObjKey, Any]:
         objects: dict[ObjKey, Any] = {}
+        other_kinds: dict[str, list[str]] = {}
         for index, raw in enumerate(_objects(docs)):
             if not isinstance(raw, dict):
                 self._reject_object(name, index, "object", "not a Kubernetes object")
                 continue
             api_version, kind = raw.get("apiVersion"), raw.get("kind")
             if not isinstance(api_version, str) or not isinstance(kind, str):
+                self._report(name, f"object #{index + 1}", "is ignored: no apiVersion and kind, not a "
+                             "Kubernetes object", "no_kind", kind="unknown", refused=False,
+                             level=logging.WARNING)
                 continue
             our_kind = _KINDS.get((api_version, kind))
             if our_kind is None:
-                continue  # another kind: ignored silently
+                key = _identity(kind, raw)
+                other_kinds.setdefault(f"{api_version} {kind}", []).append(
+                    f"{key[1]}/{key[2]}" if key else f"#{index + 1}")
+                continue
             metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=our_kind).inc()
+            notes: list[Note] = []
             try:
-                key, value = _convert(our_kind, raw)
+                key, value = _convert(our_kind, raw, notes)
+                if isinstance(value, ServiceSpec) and (why := self.allocator.missing(value)) is not None:
+                    raise _Refused(why, "no_cluster_ip")
             except InvalidObject as err:
                 key = _identity(our_kind, raw)
                 what = f"{our_kind} {key[1]}/{key[2]}" if key and key[1] else f"{our_kind} #{index + 1}"
-                self._reject_object(name, index, _printable(what), err.reason, kind=our_kind)
-                if key is not None and key in previous:
-                    objects[key] = previous[key]
+                category = err.category if isinstance(err, _Refused) else "invalid"
+                self._reject_object(name, index, _printable(what), err.reason, kind=our_kind,
+                                    category=category)
+                if key is not None:
+                    # The last good version stays; else None: defined, but nothing to serve.
+                    objects[key] = previous.get(key)
                 continue
+            what = _printable(f"{our_kind} {key[1]}/{key[2]}" if key[1] else f"{our_kind} {key[2]}")
+            for note in notes:
+                level = logging.WARNING if note.refused else logging.INFO
+                self._report(name, what, f"{note.path}: {note.reason}", note.category, kind=our_kind,
+                             refused=note.refused, level=level)
             objects[key] = value
+        # One line per kind, not per object: `kubectl get all -o yaml` holds hundreds of Pods.
+        for kind_name, names in other_kinds.items():
+            if len(names) == 1:
+                what, verb = f"{kind_name} {names[0]}", "is"
+            else:
+                more = ", …" if len(names) > 3 else ""
+                what, verb = f"{len(names)} {kind_name} objects ({', '.join(names[:3])}{more})", "are"
+            self._report(name, _printable(what), f"{verb} ignored: a kind proxyd does not use",
+                         "unsupported_kind", kind="other", refused=False, level=logging.INFO,
+                         count=len(names))
         return objects
 
-    def _reject_object(self, name: str, index: int, what: str, reason: str, *, kind: str = "unknown") -> None:
-        log.error("manifests %s: %s is invalid, skipped: %s", _printable(name), what, _printable(reason))
-        metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind=kind, reason="invalid").inc()
+    def _reject_object(self, name: str, index: int, what: str, reason: str, *, kind: str = "unknown",
+                       category: str = "invalid") -> None:
+        verb = "is invalid, skipped" if category == "invalid" else "is refused"
+        self._report(name, what, f"{verb}: {reason}", category, kind=kind, refused=True, level=logging.ERROR)
+
+    def _report(self, name: str, what: str, reason: str, category: str, *, kind: str, refused: bool,
+                level: int, count: int = 1) -> None:
+        """One log line and one count for something not served; the ``report`` callback gets it too.
+
+        ``reason`` reads after the object: "is refused: …", "is ignored: …" or "spec.x: …".
+        """
+        log.log(level, "manifests %s: %s %s", _printable(name), what, _printable(reason))
+        counter = metrics.REJECTED_OBJECTS if refused else metrics.IGNORED_OBJECTS
+        counter.labels(source=_SOURCE, kind=kind, reason=category).inc(count)
+        if self.report is not None:
+            self.report(Finding(name, what, reason, category, refused))
 
     def _merge(self) -> tuple[list[Service], list[EndpointSlice], dict[str, str]]:
         """Every file's objects merged; the file that sorts last wins a name clash."""
@@ -583,9 +673,12 @@ class ManifestSource:
         for key, loser, winner in sorted(duplicates - self._duplicates):
             log.warning("manifests: %s %s/%s is defined in %s and %s; using %s", key[0], key[1], key[2],
                         _printable(loser), _printable(winner), _printable(winner))
+            if self.report is not None:
+                self.report(Finding(loser, f"{key[0]} {key[1]}/{key[2]}", f"is ignored: also defined in "
+                                    f"{_printable(winner)}, which wins", "duplicate", False))
         self._duplicates = duplicates
 
-        services: list[Service] = []
+        specs: list[ServiceSpec] = []
         slices: list[EndpointSlice] = []
         mirrored: list[EndpointSlice] = []
         labels: dict[str, str] = {}
@@ -594,7 +687,7 @@ class ManifestSource:
             if value is None:
                 continue
             if kind == "Service":
-                services.append(value)
+                specs.append(value)
             elif kind == "EndpointSlice":
                 slices.append(value)
             elif kind == "Endpoints":
@@ -605,4 +698,72 @@ class ManifestSource:
         # (kubectl output often holds both) must not get its endpoints twice.
         with_slices = {s.service_name for s in slices if not is_mirror(s)}
         slices.extend(s for s in mirrored if s.service_name not in with_slices)
+        services = self.allocator.services(specs)
+        self._report_allocation(merged)
+        self._report_unmatched(merged, services, slices)
         return services, slices, labels
+
+    def _report_unmatched(self, merged: dict[ObjKey, tuple[str, Any]], services: list[Service],
+                          slices: list[EndpointSlice]) -> None:
+        """Endpoints that reach no service port, the likeliest mistake in hand-written manifests.
+
+        A slice (or Endpoints object) naming a Service the directory does not
+        define serves nothing; a service port whose name no slice of its
+        service carries gets no endpoints (kubectl names ports "80-8080").
+        Each is logged once (a warning) and counted as ignored.
+        """
+        found: set[tuple[str, str, str, str]] = set()
+        ports: dict[ServiceName, set[tuple[str, str]]] = {}
+        for sl in slices:
+            kind, name = ("Endpoints", sl.service) if is_mirror(sl) else ("EndpointSlice", sl.name)
+            key = (kind, sl.namespace, name)
+            ports.setdefault(sl.service_name, set()).update((p.name, p.protocol) for p in sl.ports)
+            if ("Service", sl.namespace, sl.service) not in merged and key in merged:
+                reason = f"is ignored: no Service {sl.service_name} in the directory"
+                found.add((merged[key][0], f"{kind} {sl.namespace}/{name}", reason, "no_service"))
+        for svc in services:
+            have = ports.get(svc.name)
+            if not have:
+                continue
+            file = merged[("Service", svc.name.namespace, svc.name.name)][0]
+            for port in svc.ports:
+                if (port.name.port, port.protocol) not in have:
+                    names = ", ".join(sorted(f"{n or '(unnamed)'}/{p}" for n, p in have))
+                    shown = port.name.port or "(unnamed)"
+                    reason = (f"port {shown}/{port.protocol}: no endpoint port of that name in its "
+                              f"EndpointSlices/Endpoints ({names}), so it has no endpoints")
+                    found.add((file, f"Service {svc.name}", reason, "port_name_mismatch"))
+        for file, what, reason, category in sorted(found - self._unmatched):
+            self._report(file, _printable(what), reason, category, kind="unmatched", refused=False,
+                         level=logging.WARNING)
+        self._unmatched = found
+
+    def _report_allocation(self, merged: dict[ObjKey, tuple[str, Any]]) -> None:
+        """Log what allocation assigned and what it could not, once each until it changes."""
+        last = self.allocator.last
+        lines: set[tuple[str, str]] = set()
+        for svc, why in last.failures.items():
+            lines.add((merged[("Service", svc.namespace, svc.name)][0], f"Service {svc}|{why}"))
+        for svc, got in last.assigned.items():
+            parts = [f"clusterIP {got.cluster_ip}"] if got.cluster_ip else []
+            parts += [f"nodePort {port} for port {name or '(unnamed)'}/{proto}"
+                      for name, proto, port in got.node_ports]
+            if got.health_check_node_port:
+                parts.append(f"healthCheckNodePort {got.health_check_node_port}")
+            file = merged[("Service", svc.namespace, svc.name)][0]
+            lines.add((file, f"Service {svc}|+allocated " + ", ".join(parts)))
+        new = sorted(lines - self._allocation_notes)
+        shown = 0
+        for file, line in new:
+            what, _, text = line.partition("|")
+            if text.startswith("+"):
+                shown += 1
+                if shown <= MAX_ALLOCATION_LINES:
+                    log.info("manifests %s: %s: %s", _printable(file), what, text[1:])
+            else:
+                self._report(file, _printable(what), f"is refused: {text}", "range_full", kind="Service",
+                             refused=True, level=logging.ERROR)
+        if shown > MAX_ALLOCATION_LINES:
+            log.info("manifests: %d more allocations not logged one by one (proxyd check DIR lists all)",
+                     shown - MAX_ALLOCATION_LINES)
+        self._allocation_notes = lines

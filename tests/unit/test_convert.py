@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 
 import pytest
 
@@ -20,6 +21,7 @@ from proxyd.sources.convert import (
     is_mirror,
     node_labels_from_dict,
     service_from_dict,
+    service_spec,
     slice_from_dict,
     slices_from_endpoints,
 )
@@ -209,8 +211,6 @@ def test_service_without_ports():
     svc({"clusterIP": "None"}),
     svc({"clusterIP": "None", "clusterIPs": ["None"]}),
     svc({"clusterIP": None, "clusterIPs": ["None"]}),
-    svc({"clusterIP": ""}),
-    svc({"clusterIP": None}),
     svc({"type": "ExternalName", "externalName": "example.com", "clusterIP": None}),
     svc(meta={"labels": {"service.kubernetes.io/service-proxy-name": "other"}}),
     svc(meta={"labels": {"service.kubernetes.io/headless": ""}}),
@@ -528,3 +528,118 @@ def test_node_labels():
 ])
 def test_invalid_nodes(obj, fragment):
     invalid(node_labels_from_dict, obj, fragment)
+
+
+# ------------------------------------------------------------------ addresses the API server refuses
+
+SPECIAL = [
+    ("0.0.0.0", "unspecified_ip"), ("::", "unspecified_ip"),
+    ("127.0.0.1", "loopback_ip"), ("127.0.0.2", "loopback_ip"), ("::1", "loopback_ip"),
+    ("::ffff:127.0.0.1", "loopback_ip"),
+    ("169.254.169.254", "link_local_ip"), ("fe80::1", "link_local_ip"),
+    ("224.0.0.1", "multicast_ip"), ("239.1.2.3", "multicast_ip"), ("ff02::1", "multicast_ip"),
+]
+
+
+@pytest.mark.parametrize(("ip", "category"), SPECIAL)
+def test_special_external_ip_is_refused_alone(ip, category):
+    notes: list = []
+    svc_obj = svc({"clusterIP": "10.96.0.10", "externalIPs": ["192.0.2.1", ip, "192.0.2.2"]})
+    service = service_from_dict(svc_obj, notes)
+    assert service is not None
+    assert service.ports[0].external_ips == ("192.0.2.1", "192.0.2.2")
+    (note,) = notes
+    assert note.refused and note.category == category and note.path == "spec.externalIPs[1]"
+    assert ip in note.reason or str(ipaddress.ip_address(ip)) in note.reason
+
+
+@pytest.mark.parametrize(("ip", "category"), SPECIAL)
+def test_special_lb_ingress_ip_is_refused_alone(ip, category):
+    notes: list = []
+    obj = svc({"type": "LoadBalancer"},
+              status={"loadBalancer": {"ingress": [{"ip": ip}, {"ip": "198.51.100.7"}]}})
+    service = service_from_dict(obj, notes)
+    assert service is not None and service.ports[0].load_balancer_ips == ("198.51.100.7",)
+    assert [(n.path, n.category) for n in notes] == [("status.loadBalancer.ingress[0].ip", category)]
+
+
+@pytest.mark.parametrize(("ip", "category"), [s for s in SPECIAL if ":" not in s[0]])
+def test_special_endpoint_address_is_refused_alone(ip, category):
+    notes: list = []
+    obj = eps([{"addresses": ["10.244.1.2"]}, {"addresses": [ip]}, {"addresses": ["10.244.1.3"]}])
+    sl = slice_from_dict(obj, notes)
+    assert sl is not None and [e.ip for e in sl.endpoints] == ["10.244.1.2", "10.244.1.3"]
+    assert [(n.path, n.category, n.refused) for n in notes] == [("endpoints[1].addresses[0]", category, True)]
+
+
+@pytest.mark.parametrize(("ip", "category"), [s for s in SPECIAL if ":" not in s[0]])
+def test_special_endpoints_address_is_not_mirrored(ip, category):
+    notes: list = []
+    obj = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "demo"},
+           "subsets": [{"addresses": [{"ip": "10.244.1.2"}, {"ip": ip}], "ports": [{"port": 10249}]}]}
+    (sl,) = slices_from_endpoints(obj, notes)
+    assert [e.ip for e in sl.endpoints] == ["10.244.1.2"]
+    assert [(n.path, n.category) for n in notes] == [("subsets[0].addresses[1].ip", category)]
+
+
+@pytest.mark.parametrize("ip", ["0.0.0.0", "127.0.0.1", "169.254.1.1", "224.0.0.5", "::1"])
+def test_special_cluster_ip_refuses_the_service(ip):
+    invalid(service_from_dict, svc({"clusterIP": ip, "clusterIPs": None}), "may not be")
+
+
+def test_notes_of_an_invalid_object_are_not_reported():
+    notes: list = []
+    with pytest.raises(InvalidObject):
+        service_from_dict(svc({"externalIPs": ["0.0.0.0"], "ports": [{"port": 70000}]}), notes)
+    assert notes == []
+
+
+# ------------------------------------------------------------------ nothing ignored silently (issue 21)
+
+
+@pytest.mark.parametrize(("obj", "category"), [
+    (svc({"clusterIP": "None"}), "headless"),
+    (svc({"type": "ExternalName", "externalName": "example.com", "clusterIP": None}), "external_name"),
+    (svc(meta={"labels": {"service.kubernetes.io/service-proxy-name": "other"}}), "service_proxy_name"),
+    (svc(meta={"labels": {"service.kubernetes.io/headless": ""}}), "headless_label"),
+])
+def test_ignored_services_say_why(obj, category):
+    notes: list = []
+    assert service_from_dict(obj, notes) is None
+    (note,) = notes
+    assert note.category == category and not note.refused and note.reason
+
+
+def test_ignored_slice_parts_say_why():
+    notes: list = []
+    assert slice_from_dict(eps(labels={}), notes) is None
+    assert [n.category for n in notes] == ["no_service_label"]
+    notes.clear()
+    fqdn = eps()
+    fqdn["addressType"] = "FQDN"
+    assert slice_from_dict(fqdn, notes) is None and [n.category for n in notes] == ["fqdn"]
+    notes.clear()
+    sl = slice_from_dict(eps([{"addresses": []}, {"addresses": ["10.244.1.2"]}],
+                             ports=[{"name": "a"}, {"name": "b", "port": 80}]), notes)
+    assert sl is not None and len(sl.endpoints) == 1 and len(sl.ports) == 1
+    assert sorted(n.category for n in notes) == ["no_address", "no_port_number"]
+
+
+def test_service_without_cluster_ip_is_refused_for_the_api_source():
+    invalid(service_from_dict, svc({"clusterIP": None}), "spec.clusterIP: missing")
+    invalid(service_from_dict, svc({"clusterIP": ""}), "spec.clusterIP: missing")
+
+
+def test_service_spec_keeps_what_allocation_needs():
+    spec = service_spec(svc({"clusterIP": None, "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                             "ipFamilies": ["IPv6"], "externalIPs": ["192.0.2.1", "2001:db8::1"],
+                             "ports": [{"port": 80, "name": "a"},
+                                       {"port": 81, "name": "b", "nodePort": 30001}]}))
+    assert spec is not None and spec.cluster_ips == () and spec.families == (6,)
+    assert spec.wanted_family(4) == 6
+    assert [spec.needs_node_port(p) for p in spec.ports] == [True, False]
+    assert spec.needs_health_check_node_port and not spec.complete
+    assert set(spec.explicit_ips()) == {"192.0.2.1", "2001:db8::1"}
+    assert spec.explicit_ports() == (30001,)
+    no_lb_ports = service_spec(svc({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": False}))
+    assert no_lb_ports is not None and no_lb_ports.complete
