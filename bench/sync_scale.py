@@ -133,7 +133,7 @@ class IptablesDriver(PlannerTimedDriver):
     def __init__(self, backend: str) -> None:
         super().__init__()
         from proxyd.modes.iptables import IptablesMode
-        from proxyd.modes.iptables.backend import Backend
+        from proxyd.netfilter.backend import Backend
 
         self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
 
@@ -209,7 +209,7 @@ DRIVERS: dict[str, Callable[[str], Driver]] = {
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
     if mode == "iptables":
-        from proxyd.modes.iptables.backend import detect
+        from proxyd.netfilter.backend import detect
 
         return detect().name
     return "default"

@@ -1,6 +1,6 @@
 """Kernel faults in iptables mode, end to end: iptables-restore failing or stuck behind the xtables lock.
 
-The daemon finds its tools on ``PATH`` (``proxyd/modes/iptables/backend.py``
+The daemon finds its tools on ``PATH`` (``proxyd/netfilter/backend.py``
 runs ``iptables-<backend>-restore`` by name), so a directory of wrappers
 placed first on the daemon's ``PATH`` stands in for both back ends' restore
 tools. A wrapper logs every call, then, while a flag file exists, fails like

@@ -21,10 +21,11 @@ from proxyd.model import (
     ServiceType,
 )
 from proxyd.modes.iptables import chains as ch
-from proxyd.modes.iptables.backend import Backend, chains_of, choose
 from proxyd.modes.iptables.conntrack import Flow, stale_flows
 from proxyd.modes.iptables.planner import Planner, PlannerOptions, compute_probability, render_port
 from proxyd.modes.iptables.tracer import parse
+from proxyd.netfilter import Jump
+from proxyd.netfilter.backend import Backend, chains_of, choose
 
 NODE = "node1"
 
@@ -357,7 +358,7 @@ def test_jump_rules_match_kube_proxy() -> None:
         '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
     ]
     assert len(ch.jump_rules_text("filter")) == 9
-    assert ch.jump_rule_args((), "x y", "T") == ["-m", "comment", "--comment", "x y", "-j", "T"]
+    assert Jump("nat", "OUTPUT", "T", "x y").args() == ["-m", "comment", "--comment", "x y", "-j", "T"]
 
 
 def test_backend_choice_follows_iptables_wrapper() -> None:
@@ -375,7 +376,7 @@ def test_backend_choice_follows_iptables_wrapper() -> None:
 
 
 def test_backend_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxyd.modes.iptables.backend import detect
+    from proxyd.netfilter.backend import detect
 
     assert detect(environ={"PROXYD_IPTABLES_BACKEND": "legacy"}).name == "legacy"
     assert detect(environ={"PROXYD_IPTABLES_BACKEND": " NFT "}).name == "nft"
@@ -432,6 +433,7 @@ class FakeApplier:
         self.fail = False
         self.canary = True
         self.jumps = 0
+        self.checks = 0
 
     async def ensure_canaries(self) -> None:
         self.canary = True
@@ -439,25 +441,26 @@ class FakeApplier:
     async def ensure_jumps(self) -> None:
         self.jumps += 1
 
-    async def canary_present(self) -> bool:
-        return self.canary
+    async def missing(self) -> list[str]:
+        self.checks += 1
+        return [] if self.canary else ["nat KUBE-PROXY-CANARY"]
 
     async def chains(self, table: str) -> set[str]:
         return {"KUBE-SEP-LEFTOVER0000000"} if table == "nat" else set()
 
     async def restore(self, text: str) -> None:
         if self.fail:
-            from proxyd.modes.iptables.backend import IptablesError
+            from proxyd.netfilter.backend import IptablesError
 
             raise IptablesError(["iptables-restore"], 1, "line 7 failed")
         self.restored.append(text)
 
 
-def _mode_with(fake: FakeApplier):
+def _mode_with(fake: FakeApplier, clock=lambda: 0.0):
     from proxyd.config import Config
     from proxyd.modes.iptables import IptablesMode
 
-    mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
+    mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",), sync_period=30.0), clock=clock)
     mode.applier = fake  # type: ignore[assignment]
     return mode
 
@@ -469,8 +472,10 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
     from proxyd.modes.base import SyncRequest
 
     fake = FakeApplier()
-    mode = _mode_with(fake)
+    now = [0.0]
+    mode = _mode_with(fake, clock=lambda: now[0])
     failures = metrics.IPTABLES_RESTORE_FAILURES._value.get()
+    repairs = metrics.NETFILTER_REPAIRS.labels(mode="iptables")._value.get()
     partial_failures = metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get()
 
     async def scenario() -> None:
@@ -488,14 +493,27 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
         fake.fail = False
         await mode.sync(SyncRequest(GOLDEN_STATE, frozenset({SVC1.name.service})))
         assert mode.last_plan is not None and mode.last_plan.full and fake.jumps == 2
-        # the canary vanishing turns a partial sync into a full one
+        # within a sync period of the last full sync nothing is checked
         fake.canary = False
         await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
-        assert mode.last_plan.full and fake.jumps == 3
+        assert not mode.last_plan.full and fake.checks == 0
+        # a sync period later the check runs: the canary vanishing turns it into a full sync
+        now[0] = 30.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert mode.last_plan.full and fake.jumps == 3 and fake.checks == 1
+        # all present again: checked once per period, partial syncs stay partial
+        fake.canary = True
+        now[0] = 45.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert not mode.last_plan.full and fake.checks == 1
+        now[0] = 61.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert not mode.last_plan.full and fake.checks == 2
 
     asyncio.run(scenario())
     assert metrics.IPTABLES_RESTORE_FAILURES._value.get() == failures + 1
     assert metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get() == partial_failures + 1
+    assert metrics.NETFILTER_REPAIRS.labels(mode="iptables")._value.get() == repairs + 1
 
 
 def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions() -> None:
@@ -522,7 +540,7 @@ def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions(
 def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
     import asyncio
 
-    from proxyd.modes.iptables.backend import IptablesError, run
+    from proxyd.netfilter.backend import IptablesError, run
 
     async def scenario() -> None:
         big = "x" * (8 << 20)  # a restore input of 10k services is ~30 MB
@@ -540,7 +558,7 @@ def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
 
 
 def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:
-    from proxyd.modes.iptables.applier import cleanup_inputs
+    from proxyd.netfilter import cleanup_inputs
 
     victims = [f"KUBE-SEP-{i:04d}" for i in range(10)]
     (single,) = cleanup_inputs("nat", victims, 0)
