@@ -21,7 +21,7 @@ from proxyd.model import (
 )
 from proxyd.modes.base import SyncRequest
 from proxyd.modes.ipvs import mode as mode_module
-from proxyd.modes.ipvs.applier import KernelDest, entry_args, entry_text, saved_jumps
+from proxyd.modes.ipvs.applier import KernelDest, entry_args, entry_text
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.mode import IpvsMode, ipvs_sysctls
 from proxyd.modes.ipvs.planner import (
@@ -51,6 +51,7 @@ from proxyd.modes.ipvs.planner import (
     plan_port,
     validate_scheduler,
 )
+from proxyd.netfilter.jumps import saved_jumps
 
 NODE = "node1"
 CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.51.100.1"),
@@ -400,7 +401,7 @@ class FakeApplier:
         self.sets.setdefault(name, set()).update(add)
         self.sets[name].difference_update(remove)
 
-    def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
+    async def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
         self.log("restore", ensure_jumps)
         self.rules = rules
 
@@ -520,7 +521,7 @@ def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier])
     m, fake = mode
     run(m.sync(SyncRequest(state_of((svc(), (LOCAL1,))), None)))
 
-    def broken(rules: str, *, ensure_jumps: bool = False) -> None:
+    async def broken(rules: str, *, ensure_jumps: bool = False) -> None:
         raise RuntimeError("iptables-restore failed")
 
     fake.restore = broken  # type: ignore[method-assign]

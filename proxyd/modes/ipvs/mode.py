@@ -40,7 +40,7 @@ from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.model import ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
-from proxyd.modes.ipvs.applier import IpvsApplier
+from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.planner import (
     IPSETS,
@@ -125,6 +125,7 @@ class IpvsMode(ProxyMode):
         applier = IpvsApplier()
         try:
             failed = await applier.call(applier.cleanup)
+            failed += await remove_rules()
         finally:
             await applier.aclose()
         if failed:
@@ -235,7 +236,7 @@ class IpvsMode(ProxyMode):
                                masquerade_bit=self.config.masquerade_bit)
         if full or rules != self._rules:
             try:
-                await a.call(lambda: a.restore(rules, ensure_jumps=full))
+                await a.restore(rules, ensure_jumps=full)
             except Exception:
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 raise

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from proxyd.model import Endpoint, Protocol, ServicePort, family
+from proxyd.netfilter.jumps import Jump
 from proxyd.policy import categorize
 
 DEVICE = "kube-ipvs0"
@@ -124,18 +125,6 @@ _NODE_PORT_SETS = {
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ")
 FILTER_CHAINS = ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL",
                  "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER")
-
-
-@dataclass(frozen=True, slots=True)
-class Jump:
-    table: str
-    source: str
-    target: str
-    comment: str
-
-    def rule(self) -> list[str]:
-        """Match and target arguments of the jump (for ``iptables -C/-I/-D``)."""
-        return ["-m", "comment", "--comment", self.comment, "-j", self.target]
 
 
 JUMPS: tuple[Jump, ...] = (
