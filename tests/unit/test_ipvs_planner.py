@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from proxyd import metrics
 from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
@@ -330,6 +331,7 @@ class FakeApplier:
         self.sets: dict[str, set[str]] = {}
         self.bound: set[str] = set()
         self.rules = ""
+        self.gone: list[str] = []
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)
@@ -404,6 +406,13 @@ class FakeApplier:
     async def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
         self.log("restore", ensure_jumps)
         self.rules = rules
+
+    async def netfilter(self) -> FakeApplier:
+        return self
+
+    async def missing(self, jumps: Any, canary_tables: Any = ()) -> list[str]:
+        self.log("missing")
+        return list(self.gone)
 
 
 KEY = VSKey("10.96.0.10", 80, TCP)
@@ -515,6 +524,34 @@ def test_mode_partial_sync_touches_only_the_change(mode: tuple[IpvsMode, FakeApp
     run(m.sync(SyncRequest(state_of((other, (LOCAL2,))), frozenset({ServiceName("default", "web")}))))
     assert ("delete_server", KEY) in fake.calls and KEY not in fake.servers
     assert "10.96.0.10" not in fake.bound and len(m.graceful) == 0
+
+
+def test_mode_repairs_jumps_found_gone_once_per_sync_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def addresses(cidrs: Any, *, family: int | None = None) -> list[str]:
+        return ["203.0.113.1"]
+
+    monkeypatch.setattr(mode_module.nodeaddrs, "node_addresses_async", addresses)
+    now = [100.0]
+    monkeypatch.setattr(mode_module.time, "monotonic", lambda: now[0])
+    fake = FakeApplier()
+    m = IpvsMode(Config(proxy_mode="ipvs", node_name=NODE, sync_period=30.0), applier=fake)  # type: ignore[arg-type]
+    repairs = metrics.NETFILTER_REPAIRS.labels(mode="ipvs")._value.get()
+    state = state_of((svc(), (LOCAL1,)))
+    unchanged = frozenset({ServiceName("default", "web")})
+    run(m.sync(SyncRequest(state, None)))
+    fake.gone = ["nat PREROUTING -> KUBE-SERVICES"]
+    fake.calls.clear()
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == []  # within the period of the full sync: no check
+    now[0] += 30
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == [("missing",), ("restore", True)]
+    assert metrics.NETFILTER_REPAIRS.labels(mode="ipvs")._value.get() == repairs + 1
+    fake.gone = []
+    fake.calls.clear()
+    now[0] += 30
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == [("missing",)]
 
 
 def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier]) -> None:

@@ -18,7 +18,8 @@ diff against what the kernel holds and apply only the differences:
 Apply order, chosen so that no packet meets a half-built service: create
 sets and add their new entries, bind new addresses, add/update virtual
 servers and their real servers, write the iptables ruleset (only when its
-text changed) and the jumps into it, then remove: real servers that left
+text changed, or when the once-per-sync-period check finds a jump from the
+built-in chains gone) and the jumps into it, then remove: real servers that left
 (gracefully, ``graceful.py``), virtual servers no longer wanted, surplus
 addresses, surplus set entries.
 
@@ -34,6 +35,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 from proxyd import metrics, nodeaddrs
@@ -44,6 +46,7 @@ from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.planner import (
     IPSETS,
+    JUMPS,
     Plan,
     PlanContext,
     PortPlan,
@@ -102,6 +105,7 @@ class IpvsMode(ProxyMode):
         self._bound: set[str] = set()
         self._rules: str | None = None
         self.last_plan: Plan | None = None
+        self._verified: float | None = None  # when the jumps were last known present
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -234,13 +238,16 @@ class IpvsMode(ProxyMode):
         rules = iptables_rules(plan, cluster_cidrs=self.config.cluster_cidrs,
                                masquerade_all=self.config.masquerade_all,
                                masquerade_bit=self.config.masquerade_bit)
-        if full or rules != self._rules:
+        repair = not full and await self._jumps_gone()
+        if full or repair or rules != self._rules:
             try:
-                await a.restore(rules, ensure_jumps=full)
+                await a.restore(rules, ensure_jumps=full or repair)
             except Exception:
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 raise
             self._rules = rules
+            if full or repair:
+                self._verified = time.monotonic()  # the jumps have just been ensured
         # 5. real servers that left, gracefully.
         for key, have in self._dests.items():
             if key not in plan.servers:
@@ -276,6 +283,22 @@ class IpvsMode(ProxyMode):
         nat, _, flt = rules.partition("*filter")
         metrics.IPTABLES_TOTAL_RULES.labels(table="nat").set(nat.count("\n-A "))
         metrics.IPTABLES_TOTAL_RULES.labels(table="filter").set(flt.count("\n-A "))
+
+    async def _jumps_gone(self) -> bool:
+        """Once per sync period: has someone deleted a jump into the ruleset (or flushed a table)?
+
+        Lists only the built-in chains; a full sync ensures the jumps anyway.
+        """
+        now = time.monotonic()
+        if self._verified is not None and now - self._verified < self.config.sync_period:
+            return False
+        self._verified = now
+        missing = await (await self.applier.netfilter()).missing(JUMPS, canary_tables=())
+        if missing:
+            log.warning("ipvs: %s gone (tables flushed by someone else?): rewriting the rules",
+                        ", ".join(missing))
+            metrics.NETFILTER_REPAIRS.labels(mode=self.name).inc()
+        return bool(missing)
 
     async def _on_graceful_deleted(self, deleted: list[tuple[VSKey, RealServer]]) -> None:
         for key, server in deleted:
