@@ -4,7 +4,7 @@ The node owns every service address (ClusterIPs, externalIPs, LB ingress
 IPs) as host addresses on the port-less bridge ``proxyd0``
 (``addresses.py``), and proxyd listens on each service ``ip:port`` and on
 each NodePort of the node addresses allowed by ``--nodeport-addresses``
-(``listeners.py``). TCP is relayed with splice(2) (``tcp.py``, ``pump.py``),
+(``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2) (``tcp.py``, ``pump.py``),
 UDP per client flow (``udp.py``); endpoints are chosen by the connection
 table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
 allows (``planner.py``).
@@ -14,8 +14,7 @@ order that never leaves a listener without its address: add new
 addresses, open new listeners, install endpoint lists, close removed
 listeners, remove old addresses. Closing a listener or changing endpoints
 never touches established connections. A listener that cannot be opened
-(port taken by another program) is logged once and retried at every sync;
-it does not fail the sync, like kube-proxy userspace's per-port errors.
+is logged once and retried at every sync (``applier.py``).
 
 Shutdown (SIGTERM): listeners close at once (new connections are refused),
 open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
@@ -38,12 +37,10 @@ from typing import Any
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
-from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
-from proxyd.modes.userspace.listeners import SourceFilter, open_socket
+from proxyd.modes.userspace.applier import Applier
 from proxyd.modes.userspace.planner import (
-    ListenerKey,
     Plan,
     Planner,
     TableEntry,
@@ -51,8 +48,8 @@ from proxyd.modes.userspace.planner import (
     nodeport_listen_ips,
 )
 from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
-from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
-from proxyd.modes.userspace.udp import UdpListener, UdpProxy
+from proxyd.modes.userspace.tcp import TcpProxy
+from proxyd.modes.userspace.udp import UdpProxy
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +78,13 @@ class UserspaceMode(ProxyMode):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.holder = AddressHolder()
+        self.applier = Applier()
         self.planner = Planner()
         self.stats = StatsCache()
         self.table: Any = None
         self.tcp: TcpProxy | None = None
         self.udp: UdpProxy | None = None
-        self.tcp_listeners: dict[ListenerKey, TcpListener] = {}
-        self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.tables: dict[TableKey, TableEntry] = {}
-        self._bind_errors: dict[ListenerKey, str] = {}
         self._conflicts: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
@@ -114,7 +108,7 @@ class UserspaceMode(ProxyMode):
                             other_fds=self._udp_fds)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
                             idle_timeout=self.config.udp_idle_timeout)
-        await self.holder.ensure()
+        await self.applier.start()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
         self._started = True
@@ -124,7 +118,7 @@ class UserspaceMode(ProxyMode):
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
 
     def _udp_fds(self) -> int:
-        return len(self.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
+        return len(self.applier.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
 
     def _sweep_affinity(self) -> None:
         assert self.table is not None
@@ -147,16 +141,14 @@ class UserspaceMode(ProxyMode):
                 log.warning("userspace: %s; not serving it twice", text)
         self._conflicts = set(plan.conflicts)
 
-        if request.changed is None:
-            await self.holder.ensure()  # full sync: re-read what the kernel really holds
-        else:
-            await self.holder.check()
+        await self.applier.check_addresses(full=request.changed is None)
         # New addresses first, so new listeners have them; old ones go last.
-        await self.holder.apply(self.holder.current | plan.addresses)
+        await self.applier.add_addresses(plan.addresses)
         self._update_tables(plan)
-        self._update_listeners(plan)
+        assert self.tcp is not None and self.udp is not None
+        self.applier.update_listeners(plan, self.tcp, self.udp)
         self._remove_tables(plan)
-        await self.holder.apply(plan.addresses)
+        await self.applier.set_addresses(plan.addresses)
 
     def _update_tables(self, plan: Plan) -> None:
         assert self.table is not None and self.udp is not None
@@ -174,52 +166,10 @@ class UserspaceMode(ProxyMode):
             self.udp.closed_by_table(self.table.remove_service(key.id))
             del self.tables[key]
 
-    def _update_listeners(self, plan: Plan) -> None:
-        assert self.tcp is not None and self.udp is not None
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key in [k for k in current if k not in plan.listeners]:
-                current.pop(key).close()
-        for key, table_key in plan.listeners.items():
-            current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
-            listener = current.get(key)
-            if listener is not None:
-                if listener.key != table_key:
-                    listener.retarget(table_key)
-                continue
-            if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                self._bind_failed(key, "userspace mode serves only TCP and UDP")
-                continue
-            try:
-                sock = open_socket(key)
-            except OSError as err:
-                self._bind_failed(key, err.strerror or str(err))
-                continue
-            self._bind_errors.pop(key, None)
-            if key.protocol == Protocol.TCP:
-                self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
-            else:
-                self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
-        for key in [k for k in self._bind_errors if k not in plan.listeners]:
-            del self._bind_errors[key]
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key, listener in current.items():
-                ranges = plan.source_ranges.get(key)
-                have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
-                if ranges != have:
-                    listener.admits = SourceFilter(ranges) if ranges else None
-
-    def _bind_failed(self, key: ListenerKey, why: str) -> None:
-        if self._bind_errors.get(key) != why:
-            log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why)
-        self._bind_errors[key] = why
-
     async def shutdown(self) -> None:
         if not self._started:
             return
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for listener in current.values():
-                listener.close()
-            current.clear()
+        self.applier.close_listeners()
         for timer in (self._sweeper, self._flusher):
             if timer is not None:
                 timer.cancel()
@@ -230,7 +180,7 @@ class UserspaceMode(ProxyMode):
         self.stats.flush()
         if reset:
             log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
-        self.holder.close()
+        self.applier.close()
         self._started = False
 
     @classmethod
