@@ -29,7 +29,8 @@ import time
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config, ConfigError, HostPort
-from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, metrics_routes
+from proxyd.health import ProxierHealth, health_routes, metrics_routes
+from proxyd.healthcheck import ServiceHealthServers
 from proxyd.httpserve import HttpServer
 from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
