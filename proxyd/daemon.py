@@ -26,15 +26,21 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config, ConfigError, HostPort
 from proxyd.health import ProxierHealth, health_routes, metrics_routes
 from proxyd.healthcheck import ServiceHealthServers
-from proxyd.httpserve import HttpServer
+from proxyd.httpserve import HttpServer, Response
 from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
 from proxyd.tracker import Tracker
+
+if TYPE_CHECKING:
+    from proxyd.sources.kube import KubeSource
+    from proxyd.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,7 @@ class Daemon:
         self._last_full = 0.0
         self._unapplied_since: float | None = None
 
-    def _make_source(self):
+    def _make_source(self) -> ManifestSource | KubeSource:
         if self.config.manifests is not None:
             from proxyd.sources.manifests import ManifestSource
 
@@ -69,10 +75,10 @@ class Daemon:
 
         return KubeSource(self.tracker, config=self.config, on_change=self._on_change)
 
-    def _healthcheck_addresses(self) -> list[str]:
+    async def _healthcheck_addresses(self) -> list[str]:
         if not self.config.nodeport_addresses:
             return ["0.0.0.0"]
-        return nodeaddrs.node_addresses(self.config.nodeport_addresses, family=4)
+        return await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, family=4)
 
     def _on_change(self) -> None:
         self.health.queued()
@@ -113,7 +119,8 @@ class Daemon:
         except Exception:
             log.exception("healthCheckNodePort servers: update failed")
 
-    async def _serve_http(self, address: HostPort | None, routes: dict, what: str) -> None:
+    async def _serve_http(self, address: HostPort | None, routes: dict[str, Callable[[], Response]],
+                          what: str) -> None:
         if address is None:
             return
         server = HttpServer(routes, name=what)
@@ -134,7 +141,7 @@ class Daemon:
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
         log.info("proxyd starting: mode=%s node=%s source=%s", self.config.proxy_mode, self.config.node_name,
                  f"manifests {self.config.manifests}" if self.config.manifests else "API server")
-        source_task: asyncio.Task | None = None
+        source_task: asyncio.Task[None] | None = None
         try:
             await self.mode.start()
             source_task = asyncio.create_task(self.source.run(), name="source")
@@ -159,7 +166,7 @@ class Daemon:
         finally:
             await self._shutdown(source_task)
 
-    async def _shutdown(self, source_task: asyncio.Task | None) -> None:
+    async def _shutdown(self, source_task: asyncio.Task[None] | None) -> None:
         with contextlib.suppress(Exception):
             await self.runner.stop()
         if source_task is not None and not source_task.done():
@@ -175,12 +182,13 @@ class Daemon:
             await server.close()
 
 
-def _run_loop(coro_factory) -> int:
+def _run_loop(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         return asyncio.run(coro_factory())
-    return uvloop.run(coro_factory())
+    code: int = uvloop.run(coro_factory())
+    return code
 
 
 def run(config: Config) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from proxyd.health import ProxierHealth
 from proxyd.httpserve import HttpServer, Response
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class ServiceHealthServers:
     """healthCheckNodePort servers, reconciled after every sync."""
 
-    def __init__(self, *, addresses: Callable[[], list[str]], health: ProxierHealth) -> None:
+    def __init__(self, *, addresses: Callable[[], Awaitable[list[str]]], health: ProxierHealth) -> None:
         self._addresses = addresses
         self._health = health
         self._servers: dict[int, list[HttpServer]] = {}
@@ -52,7 +52,7 @@ class ServiceHealthServers:
                 await server.close()
         for port in set(wanted) - set(self._servers):
             servers = []
-            for host in self._addresses():
+            for host in await self._addresses():
                 answer = lambda port=port: self._answer(port)  # noqa: E731
                 # Cloud load balancers probe "/" or "/healthz" (kube-proxy's mux answered both).
                 server = HttpServer({"/": answer, "/healthz": answer}, name=f"healthcheck:{port}")

@@ -72,4 +72,5 @@ MODES: dict[str, str] = {
 
 def mode_class(name: str) -> type[ProxyMode]:
     module_name, _, attr = MODES[name].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    cls: type[ProxyMode] = getattr(importlib.import_module(module_name), attr)
+    return cls

@@ -108,9 +108,9 @@ _Unusable = UnsafeInput
 
 @dataclass
 class _FileState:
-    signature: tuple | None = None
+    signature: tuple[Any, ...] | None = None
     digest: bytes | None = None
-    failure: tuple | None = None  # the last file-level failure logged, to log it once
+    failure: tuple[Any, ...] | None = None  # the last file-level failure logged, to log it once
     objects: dict[ObjKey, Any] = field(default_factory=dict)
 
 
@@ -182,7 +182,7 @@ def _objects(docs: list[Any]) -> Iterator[Any]:
             yield doc
 
 
-def _identity(kind: str, raw: dict) -> ObjKey | None:
+def _identity(kind: str, raw: dict[str, Any]) -> ObjKey | None:
     """The object's key as far as its raw metadata tells, to find its previous version."""
     meta = raw.get("metadata")
     if not isinstance(meta, dict):
@@ -198,7 +198,7 @@ def _identity(kind: str, raw: dict) -> ObjKey | None:
     return (kind, namespace, name)
 
 
-def _convert(kind: str, raw: dict) -> tuple[ObjKey, Any]:
+def _convert(kind: str, raw: dict[str, Any]) -> tuple[ObjKey, Any]:
     """(key, model value) of one object; InvalidObject when it is invalid."""
     if kind == "Service":
         svc = service_from_dict(raw)
@@ -458,7 +458,8 @@ class ManifestSource:
         state.objects = objects
         return True
 
-    def _read(self, path: str, real_dir: str, state: _FileState | None) -> tuple[bytes | None, tuple]:
+    def _read(self, path: str, real_dir: str,
+              state: _FileState | None) -> tuple[bytes | None, tuple[Any, ...]]:
         """(bytes or None when the stat signature is unchanged, signature)."""
         try:
             real = os.path.realpath(path, strict=True)
@@ -505,7 +506,7 @@ class ManifestSource:
                 continue  # another kind: ignored silently
             metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=our_kind).inc()
             try:
-                key, value = _convert(our_kind, raw)
+                found, value = _convert(our_kind, raw)
             except InvalidObject as err:
                 key = _identity(our_kind, raw)
                 what = f"{our_kind} {key[1]}/{key[2]}" if key and key[1] else f"{our_kind} #{index + 1}"
@@ -513,7 +514,7 @@ class ManifestSource:
                 if key is not None and key in previous:
                     objects[key] = previous[key]
                 continue
-            objects[key] = value
+            objects[found] = value
         return objects
 
     def _reject_object(self, name: str, index: int, what: str, reason: str, *, kind: str = "unknown") -> None:

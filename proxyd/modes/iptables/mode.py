@@ -42,7 +42,7 @@ from proxyd.model import ServicePort, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier, cleanup_all
-from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions
+from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
 from proxyd.netfilter import Backend, detect
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class IptablesMode(ProxyMode):
         self.last_plan: Plan | None = None
 
     async def start(self) -> None:
-        backend = self._backend or await asyncio.to_thread(detect, family=self.family)
+        backend = self._backend
+        if backend is None:
+            backend = await asyncio.to_thread(detect, family=self.family)
         self.applier = Applier(backend)
         log.info("iptables: using the %s back end", backend.name)
         node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
@@ -155,7 +157,7 @@ class IptablesMode(ProxyMode):
             self._verified = now  # a full sync has just ensured the canaries and jumps
 
     async def _clear_conntrack(self, plan: Plan, old_ports: Mapping[ServicePortName, ServicePort],
-                               old_renders: Mapping,
+                               old_renders: Mapping[ServicePortName, PortRender],
                                new_ports: Mapping[ServicePortName, ServicePort]) -> None:
         names = set(plan.rerendered) | set(plan.removed)
         if plan.full:

@@ -99,7 +99,7 @@ def entry_args(set_type: str, entry: str) -> tuple[Any, str]:
 def _nested_ip(value: Any) -> str:
     for name, ip in value.get("attrs", ()):  # IPSET_ATTR_IPADDR_IPV4/6
         if name.startswith("IPSET_ATTR_IPADDR"):
-            return ip
+            return str(ip)
     raise ValueError(f"no address in {value!r}")
 
 
@@ -226,8 +226,9 @@ class IpvsApplier:
                 if err.code != errno.EEXIST:
                     raise
             found = self.ipr.link_lookup(ifname=DEVICE)
-        self._device_index = found[0]
-        return found[0]
+        index: int = found[0]
+        self._device_index = index
+        return index
 
     def read_bound(self) -> set[str]:
         index = self._device_index if self._device_index is not None else self.ensure_device()
@@ -382,7 +383,10 @@ class IpvsApplier:
     async def netfilter(self) -> Netfilter:
         """The netfilter layer for IPv4 in the host's back end (detected once)."""
         if self._netfilter is None:
-            self._netfilter = Netfilter(self._backend or await asyncio.to_thread(detect, family=4))
+            backend = self._backend
+            if backend is None:
+                backend = await asyncio.to_thread(detect, family=4)
+            self._netfilter = Netfilter(backend)
         return self._netfilter
 
     async def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:

@@ -203,11 +203,11 @@ class IpvsMode(ProxyMode):
         assert self._servers is not None
         # 1. set entries that rules and packets will need.
         for name, want in plan.ipsets.items():
-            have = self._sets.setdefault(name, set())
-            add = want - have
+            held = self._sets.setdefault(name, set())
+            add = want - held
             if add:
                 await a.call(a.change_set, name, sorted(add), ())
-                have |= add
+                held |= add
         # 2. addresses.
         bind = plan.bind - self._bound
         if bind:
@@ -252,8 +252,8 @@ class IpvsMode(ProxyMode):
         for key, have in self._dests.items():
             if key not in plan.servers:
                 continue
-            want = set(plan.destinations.get(key, ()))
-            for server in [s for s in have if s not in want]:
+            staying = set(plan.destinations.get(key, ()))
+            for server in [s for s in have if s not in staying]:
                 if (key, server) in self.graceful:
                     continue
                 if have[server] == 0 and key.protocol.value == "TCP":
@@ -275,11 +275,11 @@ class IpvsMode(ProxyMode):
             await a.call(a.bind, (), sorted(unbind))
             self._bound -= unbind
         for name, want in plan.ipsets.items():
-            have = self._sets[name]
-            remove = have - want
+            held = self._sets[name]
+            remove = held - want
             if remove:
                 await a.call(a.change_set, name, (), sorted(remove))
-                have -= remove
+                held -= remove
         nat, _, flt = rules.partition("*filter")
         metrics.IPTABLES_TOTAL_RULES.labels(table="nat").set(nat.count("\n-A "))
         metrics.IPTABLES_TOTAL_RULES.labels(table="filter").set(flt.count("\n-A "))

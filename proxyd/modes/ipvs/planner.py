@@ -433,9 +433,9 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
 
     nat.append(f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN")
     nat.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}")
-    masq = ('-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j '
+    snat = ('-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j '
             'MASQUERADE')
-    nat.append(masq + (" --random-fully" if random_fully else ""))
+    nat.append(snat + (" --random-fully" if random_fully else ""))
     nat.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
     nat.append("COMMIT")
     flt.append("COMMIT")

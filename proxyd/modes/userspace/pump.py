@@ -29,6 +29,7 @@ state machine copies through a user-space buffer with recv_into/send.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -101,7 +102,7 @@ class PipePool:
         self.trim()
 
 
-def abort(sock: socket.socket) -> None:
+def abort(sock: _socket.socket) -> None:
     """Close with an RST (SO_LINGER 0) instead of a FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -121,7 +122,7 @@ class Half:
     __slots__ = ("buffered", "capacity", "conn", "dfd", "dst", "eof", "finished", "loop", "nbytes", "pipe",
                  "poller", "pool", "reading", "retry", "sfd", "src", "writing")
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: Connection, src: _socket.socket, dst: _socket.socket) -> None:
         self.conn = conn
         self.loop = conn.loop
         self.poller = conn.poller
@@ -283,7 +284,7 @@ class CopyHalf(Half):
 
     __slots__ = ("buf", "offset", "view")
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: Connection, src: _socket.socket, dst: _socket.socket) -> None:
         super().__init__(conn, src, dst)
         self.buf = bytearray(COPY_BUFFER)
         self.view = memoryview(self.buf)
@@ -329,8 +330,8 @@ class Connection:
     __slots__ = ("backend", "client", "closed", "done_halves", "endpoint", "flushed_in", "flushed_out", "key",
                  "loop", "on_close", "on_starved", "poller", "pool", "stats", "to_client", "to_endpoint")
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, poller: Poller, client: socket.socket,
-                 backend: socket.socket, key: object, endpoint: tuple[str, int], pool: PipePool | None,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, poller: Poller, client: _socket.socket,
+                 backend: _socket.socket, key: object, endpoint: tuple[str, int], pool: PipePool | None,
                  on_close: Callable[[Connection], None],
                  on_starved: Callable[[OSError], None] | None = None, stats: object = None) -> None:
         self.loop = loop
