@@ -73,7 +73,7 @@ def build_state(services: int, endpoints: int) -> ProxyState:
                                   port=80, protocol=L4.TCP)
         base = i * endpoints
         eps[name] = tuple(Endpoint(_ip(128, base + j), 8080) for j in range(endpoints))
-    return ProxyState(services=ports, endpoints=eps, node_name="bench-node")
+    return ProxyState(service_ports=ports, endpoints=eps, node_name="bench-node")
 
 
 def _ip(first: int, n: int) -> str:
@@ -192,8 +192,8 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def full(self, state: ProxyState) -> dict[str, float]:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if len(state.services) > hard:
-            raise SystemExit(f"userspace: {len(state.services)} listeners need as many descriptors; "
+        if len(state.service_ports) > hard:
+            raise SystemExit(f"userspace: {len(state.service_ports)} listeners need as many descriptors; "
                              f"the hard limit here is {hard}")
         return await super().full(state)
 
@@ -251,7 +251,7 @@ def _shift(state: ProxyState, gen: int) -> ProxyState:
     first = ServicePortName("bench", "svc-0", "http", L4.TCP)
     eps = dict(state.endpoints)
     eps[first] = (*eps[first][:-1], Endpoint(f"10.250.{gen // 256 % 256}.{gen % 256}", 8080))
-    return ProxyState(services=state.services, endpoints=eps, node_name=state.node_name)
+    return ProxyState(service_ports=state.service_ports, endpoints=eps, node_name=state.node_name)
 
 
 def report(r: dict[str, Any]) -> None:

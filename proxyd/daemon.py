@@ -112,7 +112,7 @@ class Daemon:
             self._unapplied_since = None
         self.health.updated()
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
-                  len(snapshot.state.services), "full" if full else f"{len(snapshot.changed)} changed",
+                  len(snapshot.state.service_ports), "full" if full else f"{len(snapshot.changed)} changed",
                   elapsed)
         try:
             await self.service_health.update(snapshot.state)

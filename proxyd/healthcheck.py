@@ -39,7 +39,7 @@ class ServiceHealthServers:
 
     async def update(self, state: ProxyState) -> None:
         wanted: dict[int, tuple[ServiceName, int]] = {}
-        for name, svc in state.services.items():
+        for name, svc in state.service_ports.items():
             if not svc.health_check_node_port or not svc.uses_local_external:
                 continue
             count = local_endpoint_count(svc, state.endpoints_of(name), node_name=state.node_name)

@@ -195,13 +195,13 @@ _EMPTY: Mapping[Any, Any] = MappingProxyType({})
 class ProxyState:
     """The desired state handed to a mode at each sync.
 
-    ``services`` holds every ServicePort to serve; ``endpoints`` maps each of
+    ``service_ports`` holds every ServicePort to serve; ``endpoints`` maps each of
     them to its merged endpoints (possibly empty: the port then rejects).
     ``node_name`` and ``node_labels`` are this node's, for Local policies and
     topology.
     """
 
-    services: Mapping[ServicePortName, ServicePort] = field(default_factory=lambda: _EMPTY)
+    service_ports: Mapping[ServicePortName, ServicePort] = field(default_factory=lambda: _EMPTY)
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=lambda: _EMPTY)
     node_name: str = ""
     node_labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)

@@ -317,7 +317,7 @@ class Tracker:
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
         state = ProxyState(
-            services=MappingProxyType(dict(self._ports)),
+            service_ports=MappingProxyType(dict(self._ports)),
             endpoints=MappingProxyType(dict(self._endpoints)),
             node_name=self.node_name,
             node_labels=self._node_labels,

@@ -80,7 +80,7 @@ async def test_failure_makes_the_retry_full_and_keeps_health_waiting(made):
     made.mode.fail = False
     await made._sync()
     assert made.mode.requests[-1].changed is None  # the change taken by the failed sync is not lost
-    assert ServicePortName("default", "b", "", Protocol.TCP) in made.mode.requests[-1].state.services
+    assert ServicePortName("default", "b", "", Protocol.TCP) in made.mode.requests[-1].state.service_ports
     assert made.health.healthy() and made.health._oldest_queued is None
     assert sample(metrics.SYNC_DURATION, "_count") == synced + 1  # only successes are timed
 

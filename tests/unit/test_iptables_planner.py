@@ -38,7 +38,7 @@ def sp(ns: str, name: str, ip: str, *, port_name: str = "p80", port: int = 80,
 
 
 def state(*entries: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(services={s.name: s for s, _ in entries}, endpoints={s.name: e for s, e in entries},
+    return ProxyState(service_ports={s.name: s for s, _ in entries}, endpoints={s.name: e for s, e in entries},
                       node_name=NODE)
 
 
@@ -269,7 +269,7 @@ def _normalise(tables: dict[str, dict[str, list]]) -> dict[tuple[str, str], list
 
 
 def _bump(st: ProxyState, **changes: tuple[ServicePort, tuple[Endpoint, ...]] | None) -> ProxyState:
-    services = dict(st.services)
+    services = dict(st.service_ports)
     endpoints = dict(st.endpoints)
     for key, val in changes.items():
         name = {"svc1": SVC1.name, "svc2": SVC2.name, "svc3": SVC3.name}.get(key)
@@ -279,7 +279,7 @@ def _bump(st: ProxyState, **changes: tuple[ServicePort, tuple[Endpoint, ...]] | 
         else:
             services[val[0].name] = val[0]
             endpoints[val[0].name] = val[1]
-    return ProxyState(services=services, endpoints=endpoints, node_name=NODE)
+    return ProxyState(service_ports=services, endpoints=endpoints, node_name=NODE)
 
 
 PARTIAL_CASES = {
@@ -301,7 +301,7 @@ def test_partial_plan_reaches_the_same_rules_as_a_full_one(case: str) -> None:
     first = planner.plan(GOLDEN_STATE, None)
     planner.commit(first)
     new_state = _bump(GOLDEN_STATE, **changes)
-    changed = frozenset(n.service for n in set(new_state.services) | set(GOLDEN_STATE.services)
+    changed = frozenset(n.service for n in set(new_state.service_ports) | set(GOLDEN_STATE.service_ports)
                         if n.namespace in namespaces)
     partial = planner.plan(new_state, changed)
     assert not partial.full
@@ -323,7 +323,7 @@ def test_partial_cost_is_proportional_to_the_change() -> None:
     planner = Planner(OPTS)
     planner.commit(planner.plan(st, None))
     svc, _ = entries[7]
-    st2 = ProxyState(services=st.services, endpoints={**st.endpoints, svc.name: (Endpoint("10.9.9.9", 80),)},
+    st2 = ProxyState(service_ports=st.service_ports, endpoints={**st.endpoints, svc.name: (Endpoint("10.9.9.9", 80),)},
                      node_name=NODE)
     plan = planner.plan(st2, frozenset({svc.name.service}))
     assert len(plan.text.splitlines()) < 40

@@ -60,7 +60,7 @@ SERVICES = [
 
 
 def build(**opts: object) -> Tracer:
-    st = ProxyState(services={s.name: s for s, _ in SERVICES}, endpoints={s.name: e for s, e in SERVICES},
+    st = ProxyState(service_ports={s.name: s for s, _ in SERVICES}, endpoints={s.name: e for s, e in SERVICES},
                     node_name=NODE)
     options = PlannerOptions(**{"cluster_cidrs": ("10.0.0.0/8",), "node_ip": NODE_IP, **opts})  # type: ignore[arg-type]
     return Tracer(Planner(options).plan(st, None).text, node_ips=[NODE_IP, "172.16.0.1"])

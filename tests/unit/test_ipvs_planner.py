@@ -466,7 +466,7 @@ def test_graceful_max_wait_bounds_the_drain() -> None:
 
 
 def state_of(*ports: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(services={s.name: s for s, _ in ports}, endpoints={s.name: e for s, e in ports},
+    return ProxyState(service_ports={s.name: s for s, _ in ports}, endpoints={s.name: e for s, e in ports},
                       node_name=NODE)
 
 

@@ -286,7 +286,7 @@ def test_local_endpoint_counts_per_service_over_ports() -> None:
                        external_policy_local=True, health_check_node_port=32000)
     b = svc(name="b")
     state = ProxyState(
-        services={a80.name: a80, a443.name: a443, b.name: b},
+        service_ports={a80.name: a80, a443.name: a443, b.name: b},
         endpoints={a80.name: (ep("10.0.0.1:80", local=True),),
                    a443.name: (ep("10.0.0.1:443", local=True), ep("10.0.0.2:443", local=True),
                                ep("10.0.0.3:443")),
@@ -297,7 +297,7 @@ def test_local_endpoint_counts_per_service_over_ports() -> None:
 
 def test_local_endpoint_counts_zero_when_no_endpoints() -> None:
     a = svc(name="a", hc_port=32000, etp_local=True, node_port=30080)
-    state = ProxyState(services={a.name: a}, endpoints={}, node_name=NODE)
+    state = ProxyState(service_ports={a.name: a}, endpoints={}, node_name=NODE)
     assert local_endpoint_counts(state) == {ServiceName("ns", "a"): 0}
 
 

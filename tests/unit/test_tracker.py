@@ -76,7 +76,7 @@ def test_service_without_slices_has_empty_endpoints() -> None:
     t = Tracker(NODE)
     assert t.update_service(SN, service("ns", "web"))
     snap = t.take()
-    assert snap.state.services == {SPN: port("ns", "web")}
+    assert snap.state.service_ports == {SPN: port("ns", "web")}
     assert snap.state.endpoints == {SPN: ()}
     assert snap.changed == {SN}
 
@@ -171,7 +171,7 @@ def test_slice_before_service_applies_when_service_appears() -> None:
     t = Tracker(NODE)
     t.update_slice(("ns", "a"), eslice("ns", "a", "web", [("", 80, TCP)], [sep("10.0.0.1")]))
     snap = t.take()
-    assert snap.state.services == {} and snap.state.endpoints == {}
+    assert snap.state.service_ports == {} and snap.state.endpoints == {}
     assert snap.changed == frozenset()
     t.update_service(SN, service("ns", "web"))
     snap = t.take()
@@ -186,7 +186,7 @@ def test_service_delete_removes_ports_but_keeps_slices() -> None:
     t.take()
     t.update_service(SN, None)
     snap = t.take()
-    assert snap.state.services == {} and snap.state.endpoints == {}
+    assert snap.state.service_ports == {} and snap.state.endpoints == {}
     assert snap.changed == {SN}
     t.update_service(SN, service("ns", "web"))
     assert len(t.take().state.endpoints[SPN]) == 1
@@ -199,7 +199,7 @@ def test_port_removed_from_service_disappears() -> None:
     t.take()
     t.update_service(SN, service("ns", "web", a))
     snap = t.take()
-    assert set(snap.state.services) == {a.name} and set(snap.state.endpoints) == {a.name}
+    assert set(snap.state.service_ports) == {a.name} and set(snap.state.endpoints) == {a.name}
 
 
 def test_port_renamed_with_same_count_is_a_change() -> None:
@@ -209,7 +209,7 @@ def test_port_renamed_with_same_count_is_a_change() -> None:
     t.take()
     t.update_service(SN, service("ns", "web", b))
     snap = t.take()
-    assert snap.changed == {SN} and set(snap.state.services) == {b.name}
+    assert snap.changed == {SN} and set(snap.state.service_ports) == {b.name}
 
 
 def test_endpoints_of_other_family_are_skipped() -> None:
@@ -382,7 +382,7 @@ def test_replace_all_diffs_against_content() -> None:
     assert t.replace_all([web], [sl])
     snap = t.take()
     assert snap.changed == {api.name}
-    assert set(snap.state.services) == {SPN}
+    assert set(snap.state.service_ports) == {SPN}
     # None leaves that kind alone.
     assert not t.replace_all(None, [sl])
     assert t.replace_all([web], None) is False
@@ -393,7 +393,7 @@ def test_replace_all_diffs_against_content() -> None:
 def test_replace_all_last_duplicate_wins() -> None:
     t = Tracker(NODE)
     t.replace_all([service("ns", "web"), service("ns", "web", port("ns", "web", number=99))], [])
-    assert t.take().state.services[SPN].port == 99
+    assert t.take().state.service_ports[SPN].port == 99
 
 
 def test_snapshots_are_immutable_and_independent() -> None:
@@ -403,9 +403,9 @@ def test_snapshots_are_immutable_and_independent() -> None:
     t.update_service(SN, None)
     t.update_service(ServiceName("ns", "api"), service("ns", "api"))
     second = t.take().state
-    assert SPN in first.services and SPN not in second.services
+    assert SPN in first.service_ports and SPN not in second.service_ports
     with pytest.raises(TypeError):
-        first.services[SPN] = None  # type: ignore[index]
+        first.service_ports[SPN] = None  # type: ignore[index]
     with pytest.raises(TypeError):
         first.endpoints[SPN] = ()  # type: ignore[index]
 
@@ -472,7 +472,7 @@ def test_take_recomputes_only_touched_services(monkeypatch: pytest.MonkeyPatch) 
     snap = t.take()
     assert calls == [ServicePortName("ns", "s7", "", TCP)]
     assert snap.changed == {ServiceName("ns", "s7")}
-    assert len(snap.state.services) == 50
+    assert len(snap.state.service_ports) == 50
     calls.clear()
     assert t.take().changed == frozenset() and calls == []
 
@@ -515,8 +515,9 @@ def services_of(ports: Mapping[ServicePortName, object]) -> set[ServiceName]:
 
 def diff_services(old: ProxyState, new: ProxyState) -> set[ServiceName]:
     out = set()
-    for pn in set(old.services) | set(new.services):
-        if old.services.get(pn) != new.services.get(pn) or old.endpoints.get(pn) != new.endpoints.get(pn):
+    for pn in set(old.service_ports) | set(new.service_ports):
+        if (old.service_ports.get(pn) != new.service_ports.get(pn)
+                or old.endpoints.get(pn) != new.endpoints.get(pn)):
             out.add(pn.service)
     return out
 
@@ -596,12 +597,12 @@ def apply(t: Tracker, op: str, arg: object, model: dict) -> None:
 def check_take(t: Tracker, model: dict, prev: TrackerSnapshot, prev_labels: dict) -> TrackerSnapshot:
     snap = t.take()
     ports, eps = reference_state(model["svc"], model["slice"], NODE)
-    assert dict(snap.state.services) == ports
+    assert dict(snap.state.service_ports) == ports
     assert dict(snap.state.endpoints) == eps
     assert dict(snap.state.node_labels) == model["labels"]
     expected = diff_services(prev.state, snap.state)
     if model["labels"] != prev_labels:
-        expected |= services_of(snap.state.services)
+        expected |= services_of(snap.state.service_ports)
     assert snap.changed == expected
     assert not t.pending and t.oldest_pending is None
     return snap

@@ -48,7 +48,7 @@ def ep(ip: str, port: int = 8080, *, node: str | None = "node1", ready: bool = T
 
 
 def state(ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]], node: str = "node1"):
-    return ProxyState(services=MappingProxyType({k: v[0] for k, v in ports.items()}),
+    return ProxyState(service_ports=MappingProxyType({k: v[0] for k, v in ports.items()}),
                       endpoints=MappingProxyType({k: v[1] for k, v in ports.items()}), node_name=node)
 
 

@@ -143,7 +143,7 @@ class IptablesMode(ProxyMode):
         self.last_plan = plan
         # Other-family ports have no rendering, so conntrack cleanup never
         # looks at them: no need to filter (which would cost O(services)).
-        new_ports = request.state.services
+        new_ports = request.state.service_ports
         self._ports = new_ports
         metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
         metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)

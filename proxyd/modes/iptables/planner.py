@@ -225,7 +225,7 @@ class Planner:
             plan = self._plan_partial(state, changed, tail)
             if plan is not None:
                 return plan
-        ports = {name: sp for name, sp in state.services.items() if family(sp.cluster_ip) == opts.family}
+        ports = {name: sp for name, sp in state.service_ports.items() if family(sp.cluster_ip) == opts.family}
         total = sum(len(state.endpoints.get(name, ())) for name in ports)
         large = total > opts.large_cluster_endpoints
         return self._plan_full(state, ports, large, tail, existing_chains, total)
@@ -350,12 +350,12 @@ class Planner:
         for svc in changed:
             candidates.update(self._by_service.get(svc, ()))
         # Ports the tracker did not name but that appeared or vanished anyway.
-        candidates.update(state.services.keys() - old.keys())
-        candidates.update(old.keys() - state.services.keys())
+        candidates.update(state.service_ports.keys() - old.keys())
+        candidates.update(old.keys() - state.service_ports.keys())
         touched: list[ServicePortName] = []
         removed: dict[ServicePortName, PortRender] = {}
         for name in candidates:
-            sp = state.services.get(name)
+            sp = state.service_ports.get(name)
             if sp is not None and family(sp.cluster_ip) == fam:
                 touched.append(name)
             elif name in old:
@@ -367,7 +367,7 @@ class Planner:
         large = total > self.options.large_cluster_endpoints
         if large != self._large:
             return None
-        fresh = self._render_all(state, state.services, touched, large)
+        fresh = self._render_all(state, state.service_ports, touched, large)
         cache = dict(old)
         for name in removed:
             del cache[name]

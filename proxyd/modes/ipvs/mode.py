@@ -152,7 +152,7 @@ class IpvsMode(ProxyMode):
             await self._read_kernel()
             await self._refresh_context(state.node_name or self.config.node_name, state.node_zone)
             self._parts = {}
-            names: Iterable[ServicePortName] = state.services
+            names: Iterable[ServicePortName] = state.service_ports
         else:
             changed = request.changed or frozenset()
             zone = state.node_zone
@@ -162,13 +162,13 @@ class IpvsMode(ProxyMode):
                                         node_zone=zone, node_ips=self._ctx.node_ips,
                                         local_addresses=self._ctx.local_addresses)
                 self._parts = {}
-                names = state.services
+                names = state.service_ports
             else:
                 for name in [n for n in self._parts if n.service in changed]:
                     del self._parts[name]
-                names = [n for n in state.services if n.service in changed]
+                names = [n for n in state.service_ports if n.service in changed]
         for name in names:
-            part = plan_port(state.services[name], state.endpoints_of(name), self._ctx)
+            part = plan_port(state.service_ports[name], state.endpoints_of(name), self._ctx)
             if part.skipped and name not in self._parts:
                 log.warning("ipvs: %s", part.skipped)
             self._parts[name] = part

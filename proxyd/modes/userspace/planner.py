@@ -184,17 +184,17 @@ class Planner:
             self._ports.clear()
             self._inputs.clear()
         if changed is None:
-            names: Iterable[ServicePortName] = list(state.services)
-            for gone in set(self._ports) - set(state.services):
+            names: Iterable[ServicePortName] = list(state.service_ports)
+            for gone in set(self._ports) - set(state.service_ports):
                 del self._ports[gone]
                 del self._inputs[gone]
         else:
-            names = [n for n in state.services if n.service in changed or n not in self._ports]
-            for gone in [n for n in self._ports if n.service in changed and n not in state.services]:
+            names = [n for n in state.service_ports if n.service in changed or n not in self._ports]
+            for gone in [n for n in self._ports if n.service in changed and n not in state.service_ports]:
                 del self._ports[gone]
                 del self._inputs[gone]
         for name in names:
-            svc = state.services[name]
+            svc = state.service_ports[name]
             eps = state.endpoints_of(name)
             if self._inputs.get(name) == (svc, eps):
                 continue
