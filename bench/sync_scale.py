@@ -16,7 +16,7 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 * ``plan_full_s`` / ``plan_incremental_s``: the pure planner's share;
 * ``rss_mib``: resident memory after the syncs; ``rules``: nat rules held.
 
-Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
+Targets (README "Benchmarks"): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:

@@ -9,8 +9,8 @@ up like ``-w 5`` does (exit 4); otherwise it runs the real tool. The real
 lock (``/run/xtables.lock``) is host-wide and would stall every other test
 on the machine, so it is not taken here.
 
-What must hold (SPEC §4, ARCHITECTURE "a failed apply leaves the previous
-rules in force"): services programmed before the fault keep carrying
+What must hold (README "Health and metrics"; a failed apply leaves the
+previous rules in force): services programmed before the fault keep carrying
 traffic; the failure is counted (kube-proxy's
 ``kubeproxy_sync_proxy_rules_iptables_restore_failures_total`` and
 ``proxyd_sync_failures_total``); retries back off instead of spinning;

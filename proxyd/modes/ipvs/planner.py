@@ -15,7 +15,8 @@ No I/O here; it follows kube-proxy's IPVS proxier (pkg/proxy/ipvs/proxier.go):
   answer with ICMP port unreachable, so a client is refused at once.
   Unlike kube-proxy, an external virtual server under
   externalTrafficPolicy Local with no local endpoint gets no real server
-  (the SPEC: no local endpoint, no service) instead of falling back to
+  (proxyd's rule in every mode, docs/ipvs.md: no local endpoint, no
+  service) instead of falling back to
   remote endpoints.
 * **addresses** to hold on ``kube-ipvs0``: every ClusterIP, and every
   externalIP / LB IP that is not already a node address.
