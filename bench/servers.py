@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.netns.topology import Pod, Topology
+from netnstopo.topology import Pod, Topology
 
 LOAD_CPU = 0
 PROXY_CPU = 1
