@@ -177,28 +177,35 @@ class Half:
             self.on_readable()
 
     def on_readable(self) -> None:
+        n = self._read()
+        if n is None:
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self.flush()
+
+    def _read(self) -> int | None:
+        """Move what ``src`` has into the pipe: bytes moved (0 at EOF); None when none came or it failed."""
         pipe = self.pipe
         if pipe is None:
             try:
                 pipe = self.pool.get()  # type: ignore[union-attr]
             except OSError as err:
                 self._starved(err)
-                return
+                return None
             self.pipe = pipe
         try:
             n = os.splice(self.sfd, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             if not self.buffered:
                 self.release()
-            return
+            return None
         except OSError:
             self.conn.abort()
-            return
-        if n == 0:
-            self._on_eof()
-            return
+            return None
         self.buffered += n
-        self.flush()
+        return n
 
     def _starved(self, err: OSError) -> None:
         if self.reading:
@@ -290,20 +297,17 @@ class CopyHalf(Half):
         self.view = memoryview(self.buf)
         self.offset = 0
 
-    def on_readable(self) -> None:
+    def _read(self) -> int | None:
         try:
             n = self.src.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
             self.conn.abort()
-            return
-        if n == 0:
-            self._on_eof()
-            return
+            return None
         self.buffered = n
         self.offset = 0
-        self.flush()
+        return n
 
     def flush(self) -> None:
         while self.buffered:
