@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from functools import partial
 
 import pytest
 
@@ -26,30 +27,22 @@ from proxyd.modes.iptables.planner import Planner, PlannerOptions, compute_proba
 from proxyd.modes.iptables.tracer import parse
 from proxyd.netfilter import Jump
 from proxyd.netfilter.backend import Backend, chains_of, choose
+from tests.builders import service_port, state
 
 NODE = "node1"
 
 
-def sp(ns: str, name: str, ip: str, *, port_name: str = "p80", port: int = 80,
-       protocol: Protocol = Protocol.TCP, **kw: object) -> ServicePort:
-    n = ServicePortName(ns, name, port_name, protocol)
-    return ServicePort(name=n, type=kw.pop("type", ServiceType.CLUSTER_IP), cluster_ip=ip, port=port,
-                       protocol=protocol, **kw)  # type: ignore[arg-type]
-
-
-def state(*entries: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(service_ports={s.name: s for s, _ in entries}, endpoints={s.name: e for s, e in entries},
-                      node_name=NODE)
+sp = partial(service_port, port_name="p80")
 
 
 OPTS = PlannerOptions(cluster_cidrs=("10.0.0.0/8",), node_ip="192.168.0.2", random_fully=False)
 
-SVC1 = sp("ns1", "svc1", "172.30.0.41")
-SVC2 = sp("ns2", "svc2", "172.30.0.42", type=ServiceType.LOAD_BALANCER, node_port=3001,
+SVC1 = sp("svc1", "172.30.0.41", namespace="ns1")
+SVC2 = sp("svc2", "172.30.0.42", namespace="ns2", type=ServiceType.LOAD_BALANCER, node_port=3001,
           external_ips=("192.168.99.22",), load_balancer_ips=("1.2.3.4",),
           load_balancer_source_ranges=("203.0.113.0/25",), external_policy_local=True,
           health_check_node_port=30000)
-SVC3 = sp("ns3", "svc3", "172.30.0.43", node_port=3003, type=ServiceType.NODE_PORT)
+SVC3 = sp("svc3", "172.30.0.43", namespace="ns3", node_port=3003, type=ServiceType.NODE_PORT)
 GOLDEN_STATE = state(
     (SVC1, (Endpoint("10.180.0.1", 80),)),
     (SVC2, (Endpoint("10.180.0.2", 80, node_name=NODE), Endpoint("10.180.0.3", 80, node_name="node2"))),
@@ -161,7 +154,7 @@ def test_random_spread_over_n_endpoints() -> None:
 
 
 def test_session_affinity_rules() -> None:
-    svc = sp("ns1", "svc1", "172.30.0.41", affinity_timeout=10800)
+    svc = sp("svc1", "172.30.0.41", namespace="ns1", affinity_timeout=10800)
     r = render_port(svc, (Endpoint("10.180.0.1", 80),), options=OPTS, node_name=NODE, node_zone=None,
                     large=False)
     assert ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m recent '
@@ -212,8 +205,8 @@ def test_large_cluster_mode_drops_endpoint_comments() -> None:
 
 
 def test_family_filter() -> None:
-    v6 = sp("ns6", "v6", "fd00::41")
-    svc = sp("ns1", "svc1", "172.30.0.41", external_ips=("192.168.99.1", "fd00::99"))
+    v6 = sp("v6", "fd00::41", namespace="ns6")
+    svc = sp("svc1", "172.30.0.41", namespace="ns1", external_ips=("192.168.99.1", "fd00::99"))
     st = state((svc, (Endpoint("10.180.0.1", 80), Endpoint("fd00::1", 80))), (v6, (Endpoint("fd00::2", 80),)))
     text4 = Planner(OPTS).plan(st, None).text
     assert "fd00" not in text4 and "192.168.99.1" in text4
@@ -236,7 +229,7 @@ def test_hostile_names_cannot_escape_the_comment() -> None:
         argv = shlex.split(line)
         assert "INPUT" not in argv and argv.count("-j") <= 1 and argv.count("-A") <= 1
     assert len(text.splitlines()) == len(Planner(OPTS).plan(state(
-        (sp("x", "y", "172.30.0.9"), ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text.splitlines())
+        (sp("y", "172.30.0.9", namespace="x"), ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text.splitlines())
 
 
 @pytest.mark.parametrize("field,value", [("cluster_ip", "1.2.3.4 -j ACCEPT"), ("external_ips", ("1.2.3.4/0",)),
@@ -287,9 +280,9 @@ PARTIAL_CASES = {
     "endpoint removed": ({"svc2": (SVC2, (Endpoint("10.180.0.3", 80, node_name="node2"),))}, {"ns2"}),
     "service removed": ({"svc1": None}, {"ns1"}),
     "first endpoint": ({"svc3": (SVC3, (Endpoint("10.180.0.7", 80),))}, {"ns3"}),
-    "new service": ({"new": (sp("ns4", "svc4", "172.30.0.44", node_port=3004), (Endpoint("10.1.1.1", 80),))},
+    "new service": ({"new": (sp("svc4", "172.30.0.44", namespace="ns4", node_port=3004), (Endpoint("10.1.1.1", 80),))},
                     {"ns4"}),
-    "ip changed": ({"svc1": (sp("ns1", "svc1", "172.30.0.99"), (Endpoint("10.180.0.1", 80),))}, {"ns1"}),
+    "ip changed": ({"svc1": (sp("svc1", "172.30.0.99", namespace="ns1"), (Endpoint("10.180.0.1", 80),))}, {"ns1"}),
     "nothing really changed": ({}, {"ns1", "ns2"}),
 }
 
@@ -317,7 +310,7 @@ def test_partial_plan_reaches_the_same_rules_as_a_full_one(case: str) -> None:
 
 
 def test_partial_cost_is_proportional_to_the_change() -> None:
-    entries = [(sp("ns", f"s{i}", f"172.30.{i // 250}.{i % 250}"), (Endpoint(f"10.1.{i // 250}.{i % 250}", 80),))
+    entries = [(sp(f"s{i}", f"172.30.{i // 250}.{i % 250}", namespace="ns"), (Endpoint(f"10.1.{i // 250}.{i % 250}", 80),))
                for i in range(2000)]
     st = state(*entries)
     planner = Planner(OPTS)
@@ -392,9 +385,9 @@ def test_chains_of_save_output() -> None:
 
 
 def test_stale_udp_flows() -> None:
-    udp = sp("ns1", "dns", "172.30.0.10", port_name="dns", port=53, protocol=Protocol.UDP, node_port=30053,
+    udp = sp("dns", "172.30.0.10", namespace="ns1", port_name="dns", port=53, protocol=Protocol.UDP, node_port=30053,
              external_ips=("192.168.99.10",))
-    tcp = sp("ns1", "dns", "172.30.0.10", port_name="dns-tcp", port=53, protocol=Protocol.TCP)
+    tcp = sp("dns", "172.30.0.10", namespace="ns1", port_name="dns-tcp", port=53, protocol=Protocol.TCP)
     e1, e2 = Endpoint("10.180.0.1", 53), Endpoint("10.180.0.2", 53)
 
     def rendered(svc: ServicePort, eps: tuple[Endpoint, ...]):
@@ -517,7 +510,7 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
 
 
 def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions() -> None:
-    entries = [(sp("ns", f"s{i}", f"172.30.0.{i}", node_port=30000 + i, type=ServiceType.NODE_PORT),
+    entries = [(sp(f"s{i}", f"172.30.0.{i}", namespace="ns", node_port=30000 + i, type=ServiceType.NODE_PORT),
                 tuple(Endpoint(f"10.1.{i}.{j}", 80) for j in range(1, 4))) for i in range(1, 40)]
     st = state(*entries, (SVC3, ()))
     opts = dataclasses.replace(OPTS, chunk_rules=30)

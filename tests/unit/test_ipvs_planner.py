@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -14,10 +15,8 @@ from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
     Protocol,
-    ProxyState,
     ServiceName,
     ServicePort,
-    ServicePortName,
     ServiceType,
 )
 from proxyd.modes.base import SyncRequest
@@ -53,6 +52,8 @@ from proxyd.modes.ipvs.planner import (
     validate_scheduler,
 )
 from proxyd.netfilter.jumps import saved_jumps
+from tests.builders import endpoint, service_port
+from tests.builders import state as state_of
 
 NODE = "node1"
 CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.51.100.1"),
@@ -60,15 +61,8 @@ CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.
 TCP = Protocol.TCP
 
 
-def svc(name: str = "web", *, ip: str = "10.96.0.10", port: int = 80, protocol: Protocol = TCP,
-        **kwargs: Any) -> ServicePort:
-    kwargs.setdefault("type", ServiceType.CLUSTER_IP)
-    return ServicePort(name=ServicePortName("default", name, "", protocol), cluster_ip=ip, port=port,
-                       protocol=protocol, target_port=8080, **kwargs)
-
-
-def ep(ip: str, port: int = 8080, *, node: str | None = NODE, **kwargs: Any) -> Endpoint:
-    return Endpoint(ip, port, node_name=node, **kwargs)
+svc = partial(service_port, target_port=8080)
+ep = partial(endpoint, node=NODE)
 
 
 LOCAL1, LOCAL2, REMOTE = ep("10.244.1.11"), ep("10.244.1.12"), ep("10.244.2.11", node="node2")
@@ -463,11 +457,6 @@ def test_graceful_max_wait_bounds_the_drain() -> None:
     assert run(grace.check()) == []
     now[0] = 60
     assert run(grace.check()) == [(KEY, S1)]
-
-
-def state_of(*ports: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(service_ports={s.name: s for s, _ in ports}, endpoints={s.name: e for s, e in ports},
-                      node_name=NODE)
 
 
 @pytest.fixture
