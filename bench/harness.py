@@ -1,7 +1,7 @@
 """``python -m bench``: one run that compares every proxy mode with HAProxy and the direct path.
 
 Steps, all inside network namespaces made for the run (nothing leaves the
-machine; ``tests.netns.topology`` builds and removes them):
+machine; ``netnstopo.topology`` builds and removes them):
 
 1. topology: client, node (the proxy's home), three backend pods on routed
    veths; nginx (1 KiB file) in every pod, an iperf3 server in the first,
