@@ -1,16 +1,8 @@
 """Benchmarks for proxyd: ``python -m bench`` compares every proxy mode with HAProxy and the direct path.
 
 ``harness`` runs the whole thing; the other modules each do one job (see
-their docstrings). The repository root is put on ``sys.path`` so the
-network-namespace topology of the tests (``tests.netns.topology``) is
-importable however the package is started.
+their docstrings). Run them from the repository root as modules
+(``python -m bench``, ``python -m bench.sync_scale``, ``python -m
+bench.conntable``) so that ``bench``, ``netnstopo`` (the namespace topology
+shared with the tests) and ``proxyd`` import without any path patching.
 """
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)

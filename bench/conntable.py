@@ -1,6 +1,6 @@
 """Micro-benchmark of the userspace connection table: pure twin against the Cython extension.
 
-``python bench/conntable.py`` prints, in one run, operations per second for
+``python -m bench.conntable`` prints, in one run, operations per second for
 pick+open+close (round robin, and with ClientIP affinity) and for UDP flow
 lookup with each implementation and the native/pure ratio. ``bench_table(impl)``
 returns the same numbers for one implementation, for other benchmarks to call.
@@ -8,8 +8,9 @@ returns the same numbers for one implementation, for other benchmarks to call.
 Run as root, it then measures how much of that reaches the proxy: new
 connections per second (and proxyd CPU per connection) through the real
 userspace proxy, once with the extension and once with the twin forced by
-``PROXYD_NO_EXTENSIONS=1``, in network namespaces (``bench/smoke.py``'s
-``measure``). ``--no-proxy`` skips that part.
+``PROXYD_NO_EXTENSIONS=1``, in network namespaces, on the main benchmark's
+stack (``harness.setup`` backends, ``paths.ProxydPath``, ``dataplane.http``
+with ``Connection: close``). ``--no-proxy`` skips that part.
 
 The workload keeps a window of connections open (closed 64 picks later), so
 ``close`` does not always see the endpoint ``pick`` just returned, and spreads
@@ -25,7 +26,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from proxyd.conntable import ConnTableNative, ConnTablePy
 
@@ -174,23 +174,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':<26}{'pure':>14}{'native':>14}{'ratio':>8}")
         for key in ("conn_proxyd_per_s", "proxyd_cpu_us_per_conn"):
             print(f"{key:<26}{pure[key]:>14,.1f}{native[key]:>14,.1f}{native[key] / pure[key]:>7.2f}x")
-        print(f"{'conn_direct_per_s':<26}{pure['conn_direct_per_s']:>14,.1f}"
-              f"{native['conn_direct_per_s']:>14,.1f}")
     return 0
 
 
 def proxy_rates(seconds: float) -> dict[str, dict[str, float]] | None:
     """New-connection rate through the real proxy with each twin; None without root/netns."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.smoke import measure
-    from tests.netns.topology import netns_available
+    from bench import dataplane, harness, paths
+    from netnstopo.topology import Topology, netns_available
 
     why = netns_available()
     if why:
         print(f"(proxy-level comparison skipped: {why})", file=sys.stderr)
         return None
-    return {"pure": measure(seconds, bulk=False, proxyd_env={"PROXYD_NO_EXTENSIONS": "1"}),
-            "native": measure(seconds, bulk=False)}
+    out: dict[str, dict[str, float]] = {}
+    with Topology(pods=3, pods2=0) as topo:
+        harness.setup(topo)
+        script = dataplane.write_wrk_script(topo.manifests.parent)
+        for name, env in (("pure", {"PROXYD_NO_EXTENSIONS": "1"}), ("native", {})):
+            path = paths.ProxydPath(topo, "userspace", env=env)
+            running = path.start()
+            try:
+                sample = dataplane.http(topo, target=running.endpoints.http, seconds=max(1, round(seconds)),
+                                        connections=16, close=True, meter=running.meter, script=script)
+            finally:
+                path.stop()
+            if sample.get("error"):
+                raise RuntimeError(f"{name}: {sample['error']}")
+            out[name] = {"conn_proxyd_per_s": sample["cps"],
+                         "proxyd_cpu_us_per_conn": sample["cpu_per_conn_us"]}
+    return out
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.measure import WRK_SCRIPT, CpuMeter, MeasureError, parse_iperf3, parse_wrk
 from bench.servers import LOAD_CPU, PAYLOAD, pinned
-from tests.netns.topology import Topology
+from netnstopo.topology import Topology
 
 MAX_ERROR_SHARE = 0.01
 WRK_THREADS = 1

@@ -1,7 +1,7 @@
 """``python -m bench``: one run that compares every proxy mode with HAProxy and the direct path.
 
 Steps, all inside network namespaces made for the run (nothing leaves the
-machine; ``tests.netns.topology`` builds and removes them):
+machine; ``netnstopo.topology`` builds and removes them):
 
 1. topology: client, node (the proxy's home), three backend pods on routed
    veths; nginx (1 KiB file) in every pod, an iperf3 server in the first,
@@ -12,8 +12,8 @@ machine; ``tests.netns.topology`` builds and removes them):
    new-connection load (``dataplane.py``); proxyd modes are started for
    their turn and stopped after it;
 3. network-programming latency per available mode (``programming.py``);
-4. sync time vs service count per mode (``syncscale.py``, which runs the
-   modes' own ``bench/sync_scale*.py`` scripts);
+4. sync time vs service count per mode (``sync_scale.py``, one subprocess
+   per point);
 5. JSON with every raw sample, Markdown (``report.py``) and PNG plots
    (``plots.py``) under ``bench/results/``; each target printed met / not met.
 
@@ -40,9 +40,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import dataplane, paths, plots, programming, report, syncscale
+from bench import dataplane, paths, plots, programming, report, sync_scale
 from bench.servers import HTTP_PORT, IPERF_PORT, start_haproxy, start_iperf3, start_nginx
-from tests.netns.topology import NODE_IP, Topology, endpoint, endpoint_slice, netns_available, port, service
+from netnstopo.topology import NODE_IP, Topology, endpoint, endpoint_slice, netns_available, port, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("userspace", "iptables", "ipvs")
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_path(topo, haproxy_proc, plan=plan, modes=args.modes, results=results, started=started)
             programming_latency(topo, plan=plan, modes=args.modes, results=results)
         if not args.no_sync_scale:
-            results["control"]["sync_scale"] = syncscale.run_all(
+            results["control"]["sync_scale"] = sync_scale.run_all(
                 modes=args.modes, services=plan.sync_services, skipped=results["skipped"],
                 deadline=started + plan.total_budget, log=_log)
     except KeyboardInterrupt:

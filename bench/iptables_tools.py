@@ -1,6 +1,6 @@
 """Writing and reading N nat rules three ways: python-iptables, iptables-legacy-restore, iptables-nft-restore.
 
-    python bench/iptables_tools.py [--rules 10000] [--chains 1] [--json]
+    python -m bench.iptables_tools [--rules 10000] [--chains 1] [--json]
 
 Runs inside a throw-away network namespace (re-executes itself there with
 ``ip netns exec``; the host's rules are never touched). For each way it

@@ -23,14 +23,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.dataplane import Endpoints
 from bench.measure import CpuMeter
 from bench.servers import HTTP_PORT, IPERF_PORT, PROXY_CPU, wait_tcp
-from tests.netns.topology import NODE_IP, Topology, run
+from netnstopo.topology import NODE_IP, Topology, run
 
 HTTP_VIP = "10.96.0.10"
 BULK_VIP = "10.96.0.11"
@@ -114,15 +114,15 @@ def _thread_pinned(cpu: int) -> Iterator[None]:
 class ProxydPath:
     """One proxyd mode: ``start()`` → Running, ``stop()``; failures raise RuntimeError with the reason."""
 
-    def __init__(self, topo: Topology, mode: str) -> None:
-        self.topo, self.mode = topo, mode
+    def __init__(self, topo: Topology, mode: str, *, env: Mapping[str, str] | None = None) -> None:
+        self.topo, self.mode, self.env = topo, mode, env
         self.name = f"proxyd-{mode}"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Running:
         with _thread_pinned(PROXY_CPU):
             try:
-                self.proc = self.topo.start_proxyd(self.mode, timeout=20.0)
+                self.proc = self.topo.start_proxyd(self.mode, timeout=20.0, env=self.env)
             except RuntimeError:
                 # start_proxyd leaves an unhealthy daemon running: end it before anything else runs.
                 self._kill_leftovers()

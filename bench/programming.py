@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tests.netns.topology import Pod, Topology, endpoint, endpoint_slice, port, service
+from netnstopo.topology import Pod, Topology, endpoint, endpoint_slice, port, service
 
 SERVICE = "bench-prog"
 VIP = "10.96.0.12"

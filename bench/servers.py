@@ -7,7 +7,7 @@ benchmark's addresses; nothing is read from or written to /etc.
 
 HAProxy runs the way it is tuned for raw TCP relaying: ``mode tcp``,
 round robin, ``option splice-request`` and ``option splice-response``
-(``splice-auto`` barely splices on this kernel, see shared docs/facts.md),
+(``splice-auto`` barely splices on this kernel, see docs/facts.md),
 one thread.
 """
 
@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.netns.topology import Pod, Topology
+from netnstopo.topology import Pod, Topology
 
 LOAD_CPU = 0
 PROXY_CPU = 1

@@ -1,6 +1,6 @@
 """Control-plane scale of a proxy mode: full and incremental sync time and memory.
 
-    python bench/sync_scale.py --mode iptables --services 1000,10000 [--endpoints 10]
+    python -m bench.sync_scale --mode iptables --services 1000,10000 [--endpoints 10]
                                [--backend nft,legacy] [--repeat 5] [--json]
 
 ``--backend`` defaults to the back end proxyd would pick on this host.
@@ -28,38 +28,48 @@ ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
 real server added, the replaced one set to weight 0) as
 ``c_incremental_s`` (``incremental_ratio``).
 
-Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
+Targets (README "Benchmarks"): full ≤ 2 s and incremental ≤ 100 ms at 10,000
 services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
-``tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'``.
+``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs'``.
 Output: a table on stderr; with ``--json`` one JSON object on the last
 stdout line (flat when one count and one back end,
-else ``{"points": [...]}``).
+else ``{"points": [...]}``), whose keys are exactly the figures above.
+
+The harness (``python -m bench``) runs it through ``run_all``: one
+subprocess per (service count, mode), counts in the outer loop and modes in
+the inner one, so a slow mode at 30k services cannot starve the others of
+their small points; once a mode overruns, its bigger points are not
+started. Every point has a timeout bounded by what is left of the run's
+time budget. A point that overruns is stopped the way Ctrl-C would stop it
+(SIGINT to its process group, so its own cleanup deletes the namespace it
+made), then killed; a namespace one of its processes was still in is
+deleted afterwards. Nothing is estimated: a mode without a driver, a
+failure or a timeout is reported as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import resource
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from proxyd.config import Config  # noqa: E402
-from proxyd.model import (  # noqa: E402
+from proxyd.config import Config
+from proxyd.model import (
     Endpoint,
     ProxyState,
     ServiceName,
@@ -67,8 +77,12 @@ from proxyd.model import (  # noqa: E402
     ServicePortName,
     ServiceType,
 )
-from proxyd.model import Protocol as L4  # noqa: E402
-from proxyd.modes.base import SyncRequest  # noqa: E402
+from proxyd.model import Protocol as L4
+from proxyd.modes.base import SyncRequest
+
+REPO = Path(__file__).resolve().parents[1]
+# This module run as a program from the repository root (bench, netnstopo and proxyd import as they are).
+COMMAND = (sys.executable, "-m", "bench.sync_scale")
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
 POINT_TIMEOUT = 1800.0  # seconds for one (mode, back end, service count) point
@@ -85,7 +99,7 @@ def build_state(services: int, endpoints: int) -> ProxyState:
                                   port=80, protocol=L4.TCP)
         base = i * endpoints
         eps[name] = tuple(Endpoint(_ip(128, base + j), 8080) for j in range(endpoints))
-    return ProxyState(services=ports, endpoints=eps, node_name="bench-node")
+    return ProxyState(service_ports=ports, endpoints=eps, node_name="bench-node")
 
 
 def _ip(first: int, n: int) -> str:
@@ -169,7 +183,7 @@ class IptablesDriver(PlannerTimedDriver):
     def __init__(self, backend: str) -> None:
         super().__init__()
         from proxyd.modes.iptables import IptablesMode
-        from proxyd.modes.iptables.backend import Backend
+        from proxyd.netfilter.backend import Backend
 
         self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
 
@@ -285,8 +299,8 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def _full_checked(self, state: ProxyState) -> dict[str, float]:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if len(state.services) > hard:
-            raise SystemExit(f"userspace: {len(state.services)} listeners need as many descriptors; "
+        if len(state.service_ports) > hard:
+            raise SystemExit(f"userspace: {len(state.service_ports)} listeners need as many descriptors; "
                              f"the hard limit here is {hard}")
         return await super().full(state)
 
@@ -313,7 +327,7 @@ class UserspaceDriver(PlannerTimedDriver):
         return out
 
     def rules(self) -> int:
-        return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
+        return len(self.mode.applier.tcp_listeners) + len(self.mode.applier.udp_listeners)
 
     def c_tools(self, repeat: int) -> dict[str, float]:
         """The full sync's addresses through ``ip -batch``, on a fresh bridge, after proxyd's are gone."""
@@ -335,7 +349,7 @@ DRIVERS: dict[str, Callable[[str], Driver]] = {
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
     if mode == "iptables":
-        from proxyd.modes.iptables.backend import detect
+        from proxyd.netfilter.backend import detect
 
         return detect().name
     return "default"
@@ -394,7 +408,7 @@ def _shift(state: ProxyState, gen: int) -> ProxyState:
     first = BENCH_PORT
     eps = dict(state.endpoints)
     eps[first] = (*eps[first][:-1], Endpoint(f"10.250.{gen // 256 % 256}.{gen % 256}", 8080))
-    return ProxyState(services=state.services, endpoints=eps, node_name=state.node_name)
+    return ProxyState(service_ports=state.service_ports, endpoints=eps, node_name=state.node_name)
 
 
 def report(r: dict[str, Any]) -> None:
@@ -424,12 +438,12 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
     for backend in args.backend:
         for count in args.services:
             # Each point in a fresh child so memory and rules do not carry over.
-            argv = [sys.executable, __file__, "--mode", args.mode, "--services", str(count), "--endpoints",
+            argv = [*COMMAND, "--mode", args.mode, "--services", str(count), "--endpoints",
                     str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point",
                     *(["--no-compare"] if args.no_compare else [])]
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=POINT_TIMEOUT,
-                                      check=False, env={**os.environ, INSIDE_ENV: "1"})
+                                      check=False, cwd=REPO, env={**os.environ, INSIDE_ENV: "1"})
             except subprocess.TimeoutExpired:
                 results.append({"mode": args.mode, "backend": backend, "services": count,
                                 "error": f"timed out after {POINT_TIMEOUT:.0f}s"})
@@ -460,8 +474,8 @@ def in_netns(argv: list[str]) -> int:
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, *argv], timeout=3600,
-                              check=False, env={**os.environ, INSIDE_ENV: "1"})
+        proc = subprocess.run(["ip", "netns", "exec", ns, *COMMAND, *argv], timeout=3600,
+                              check=False, cwd=REPO, env={**os.environ, INSIDE_ENV: "1"})
         return proc.returncode
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
@@ -500,6 +514,158 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = dict(results[0]) if len(results) == 1 else {"points": results}
         print(json.dumps(out))
     return 0 if all("error" not in r for r in results) else 1
+
+
+# -- the harness side: one subprocess per point, within a time budget ------------------------------
+
+POINT_CAP = {1000: 90.0, 10000: 180.0, 30000: 240.0}
+DEFAULT_CAP = 240.0
+MIN_POINT_TIME = 10.0
+
+
+def last_json_object(text: str) -> dict[str, Any] | None:
+    """The whole output as one JSON object, else the last line that is one."""
+    text = text.strip()
+    for candidate in (text, *reversed(text.splitlines())):
+        candidate = candidate.strip()
+        if not candidate.startswith("{"):
+            continue
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
+def extract(data: Mapping[str, Any], services: int) -> dict[str, Any]:
+    """A point {services, backend, full_s, incremental_s, rss_mib, raw} from one result object."""
+    point: dict[str, Any] = {
+        "services": services, "backend": str(data.get("backend", "")),
+        "full_s": _number(data.get("full_s")), "incremental_s": _number(data.get("incremental_s")),
+        "rss_mib": _number(data.get("rss_mib")), "raw": dict(data),
+    }
+    if data.get("error"):
+        point["error"] = str(data["error"])[-300:]
+    elif point["full_s"] is None and point["incremental_s"] is None:
+        point["error"] = f"no full_s or incremental_s in the output (keys: {', '.join(sorted(data))[:200]})"
+    return point
+
+
+def points_from(data: Mapping[str, Any], services: int) -> list[dict[str, Any]]:
+    """Every point of one run's output, flat or ``{"points": [...]}``."""
+    raw = data.get("points")
+    if isinstance(raw, list):
+        return [extract(p, services) for p in raw if isinstance(p, Mapping)] or \
+            [{"services": services, "error": "empty points list"}]
+    return [extract(data, services)]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo and len(out) < 10_000:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _namespaces_of(pids: Sequence[int]) -> set[str]:
+    names: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            got = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True,
+                                 timeout=5, check=False)
+            names.update(n for n in got.stdout.split() if n.startswith("pxd-"))
+    return names
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGINT the point's process group (its cleanup runs), then SIGKILL; delete namespaces it left."""
+    leftovers = _namespaces_of([proc.pid, *_descendants(proc.pid)])
+    for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for name in leftovers:
+        if Path(f"/run/netns/{name}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30, check=False)
+
+
+def run_point(*, mode: str, services: int, timeout: float,
+              command: Sequence[str] = COMMAND) -> list[dict[str, Any]]:
+    """One (mode, service count) point as a subprocess of ``command``; its points or the failure."""
+    argv = [*command, "--mode", mode, "--services", str(services), "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        return [{"services": services, "error": f"timed out after {timeout:.0f}s"}]
+    except BaseException:
+        _stop(proc)
+        raise
+    data = last_json_object(out)
+    if data is None:
+        detail = (err.strip() or out.strip())[-300:]
+        return [{"services": services, "error": f"sync_scale exited {proc.returncode}: {detail}"}]
+    return points_from(data, services)
+
+
+def run_all(*, modes: Sequence[str], services: Sequence[int], skipped: Mapping[str, str],
+            deadline: float, log: Callable[[str], None],
+            command: Sequence[str] = COMMAND) -> dict[str, Any]:
+    """{mode: {"points"} or {"skipped"}}; no point starts after ``deadline`` (monotonic)."""
+    out: dict[str, Any] = {}
+    running: list[str] = []
+    for mode in modes:
+        if f"proxyd-{mode}" in skipped:
+            out[mode] = {"skipped": skipped[f"proxyd-{mode}"]}
+        elif mode not in DRIVERS:
+            out[mode] = {"skipped": f"bench/sync_scale.py has no driver for mode {mode}"}
+        else:
+            running.append(mode)
+            out[mode] = {"points": []}
+    timed_out: dict[str, int] = {}
+    for count in services:
+        for mode in running:
+            if mode in timed_out:
+                # A bigger point of a mode that already overran would only burn the budget of the others.
+                why = f"not run: {timed_out[mode]} services already timed out"
+                out[mode]["points"].append({"services": count, "error": why})
+                continue
+            left = deadline - time.monotonic()
+            if left < MIN_POINT_TIME:
+                out[mode]["points"].append({"services": count, "error": "not run: time budget exhausted"})
+                continue
+            timeout = min(POINT_CAP.get(count, DEFAULT_CAP), left)
+            log(f"sync scale: {mode} at {count} services (timeout {timeout:.0f}s)")
+            points = run_point(mode=mode, services=count, timeout=timeout, command=command)
+            out[mode]["points"] += points
+            if any(str(p.get("error", "")).startswith("timed out") for p in points):
+                timed_out[mode] = count
+    return out
 
 
 if __name__ == "__main__":

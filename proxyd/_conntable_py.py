@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+from typing import Any
 
 Endpoint = tuple[str, int]
 Flow = tuple[str, object, Endpoint, object]
@@ -30,7 +31,7 @@ class _Service:
         self.cursor = 0
         self.timeout = 0.0
         # client ip -> [endpoint, last_used], least recently used first
-        self.affinity: dict[str, list] = {}
+        self.affinity: dict[str, list[Any]] = {}
 
 
 class _UdpFlow:
@@ -89,7 +90,7 @@ class ConnTable:
 
     def set_endpoints(
         self, key: str, endpoints: Sequence[tuple[str, int]], affinity_timeout: float, now: float
-    ) -> list:
+    ) -> list[Any]:
         new = _normalise(endpoints)
         timeout = _check_timeout(affinity_timeout)
         svc = self._services.get(key)
@@ -125,7 +126,7 @@ class ConnTable:
         dropped = [f for f in flows.values() if f.endpoint not in index]
         return self._drop_flows(key, flows, dropped)
 
-    def remove_service(self, key: str) -> list:
+    def remove_service(self, key: str) -> list[Any]:
         svc = self._services.pop(key, None)
         if svc is not None:
             self._affinity_count -= len(svc.affinity)
@@ -134,7 +135,7 @@ class ConnTable:
             return []
         return self._drop_flows(key, flows, list(flows.values()))
 
-    def _drop_flows(self, key: str, flows: dict[object, _UdpFlow], dropped: list[_UdpFlow]) -> list:
+    def _drop_flows(self, key: str, flows: dict[object, _UdpFlow], dropped: list[_UdpFlow]) -> list[Any]:
         udp = self._udp
         out = []
         for f in dropped:
@@ -161,7 +162,7 @@ class ConnTable:
         if timeout > 0.0:
             entry = aff.get(client_ip)
             if entry is not None:
-                ep = entry[0]
+                ep: tuple[str, int] = entry[0]
                 if now - entry[1] < timeout:
                     if ep not in exclude:
                         del aff[client_ip]
@@ -234,7 +235,7 @@ class ConnTable:
 
     def udp_set(
         self, key: str, client: tuple[str, int], endpoint: tuple[str, int], value: object, now: float
-    ) -> list:
+    ) -> list[Any]:
         fk = (key, client)
         udp = self._udp
         f = udp.pop(fk, None)
@@ -264,7 +265,7 @@ class ConnTable:
         if not flows:
             del self._udp_by_key[f.key]
 
-    def udp_expire(self, now: float, idle_timeout: float) -> list:
+    def udp_expire(self, now: float, idle_timeout: float) -> list[Any]:
         out = []
         for f in self._udp.values():
             if now - f.last_used < idle_timeout:

@@ -102,10 +102,10 @@ def check(directory: str, *, ranges: Ranges, node_name: str, out: TextIO) -> int
     assigned = allocator.last.assigned
 
     print(f"proxyd check {directory}: {len(source._files)} files, "
-          f"{len(state.services)} service ports to serve", file=out)
+          f"{len(state.service_ports)} service ports to serve", file=out)
     zone = state.node_labels.get("topology.kubernetes.io/zone")
-    for name in sorted(state.services):
-        svc = state.services[name]
+    for name in sorted(state.service_ports):
+        svc = state.service_ports[name]
         key = ("Service", name.namespace, name.name)
         got = assigned.get(name.service, Assigned())
         endpoints = state.endpoints.get(name, ())
@@ -131,8 +131,8 @@ def check(directory: str, *, ranges: Ranges, node_name: str, out: TextIO) -> int
             for f in group:
                 print(f"  {f.file}: {f.what} {f.reason}  [{f.category}]", file=out)
     verdict = "everything is servable" if not refused else f"{len(refused)} refused"
-    print(f"\n{len(state.services)} service ports servable, {len(refused)} refused, {len(ignored)} ignored: "
-          f"{verdict}", file=out)
+    print(f"\n{len(state.service_ports)} service ports servable, {len(refused)} refused, "
+          f"{len(ignored)} ignored: {verdict}", file=out)
     return 1 if refused else 0
 
 

@@ -14,19 +14,21 @@ import ipaddress
 import logging
 import os
 import re
-import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
+import yaml
+
 from proxyd import __version__
 from proxyd.config import Config, ConfigError, HostPort
+from proxyd.modes.base import MODES
 from proxyd.sources.allocate import parse_cluster_ranges, parse_port_range
+from proxyd.sources.safeio import UnsafeInput, load_yaml, read_regular
 
 log = logging.getLogger("proxyd")
 
-MODES = ("userspace", "iptables", "ipvs")
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
 CONFIG_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 CONFIG_KIND = "KubeProxyConfiguration"
@@ -108,7 +110,7 @@ def _bool(value: Any) -> bool:
 
 # Each settable field: (flag, Config attribute, parser of a flag string or config value).
 _PARSERS: dict[str, Callable[[Any], Any]] = {
-    "proxy_mode": lambda v: _choice(v, (*MODES, "nftables")),
+    "proxy_mode": lambda v: _choice(v, tuple(MODES)),
     "kubeconfig": lambda v: str(v) or None,
     "manifests": lambda v: str(v) or None,
     "node_name": _node_name,
@@ -145,49 +147,119 @@ def _int_range(value: Any, low: int, high: int) -> int:
     return number
 
 
-# KubeProxyConfiguration paths → Config attribute. Top-level syncPeriod and
-# minSyncPeriod (1.28+) and the older per-mode ones are all accepted.
-_CONFIG_FIELDS: dict[tuple[str, ...], str] = {
-    ("mode",): "proxy_mode",
-    ("clientConnection", "kubeconfig"): "kubeconfig",
-    ("hostnameOverride",): "node_name",
-    ("clusterCIDR",): "cluster_cidrs",
-    ("nodePortAddresses",): "nodeport_addresses",
-    ("healthzBindAddress",): "healthz_bind_address",
-    ("metricsBindAddress",): "metrics_bind_address",
-    ("syncPeriod",): "sync_period",
-    ("minSyncPeriod",): "min_sync_period",
-    ("iptables", "masqueradeAll"): "masquerade_all",
-    ("iptables", "masqueradeBit"): "masquerade_bit",
-    ("iptables", "syncPeriod"): "sync_period",
-    ("iptables", "minSyncPeriod"): "min_sync_period",
-    ("ipvs", "scheduler"): "ipvs_scheduler",
-    ("ipvs", "strictARP"): "ipvs_strict_arp",
-    ("ipvs", "syncPeriod"): "sync_period",
-    ("ipvs", "minSyncPeriod"): "min_sync_period",
-    ("udpIdleTimeout",): "udp_idle_timeout",
-    ("logging", "verbosity"): "verbosity",
-}
-# Fields kube-proxy knows that have no meaning for proxyd (yet): accepted and ignored.
-_IGNORED_CONFIG_KEYS = {
-    "apiVersion", "kind", "bindAddress", "bindAddressHardFail", "clientConnection", "conntrack",
-    "detectLocal", "detectLocalMode", "enableProfiling", "featureGates", "iptables", "ipvs", "logging",
-    "nftables", "oomScoreAdj", "portRange", "showHiddenMetricsForVersion", "winkernel", "configSyncPeriod",
-    "localhostNodePorts",
-}
+# KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1), every field at
+# every depth: (key path, Config attribute, parser). A None attribute is a
+# field kube-proxy knows that means nothing to proxyd: accepted and ignored.
+# A path ending in ``*`` accepts any key below it (free-form maps). Anything
+# else is refused, as kube-proxy's strict decoding does. When several paths
+# set one attribute the later wins: the per-mode syncPeriod over the older
+# top-level one. Top-level syncPeriod/minSyncPeriod and udpIdleTimeout come
+# from older releases.
+_CONFIG_TABLE: tuple[tuple[str, str | None, Callable[[Any], Any] | None], ...] = (
+    ("apiVersion", None, None),
+    ("kind", None, None),
+    ("featureGates.*", None, None),
+    ("mode", "proxy_mode", _PARSERS["proxy_mode"]),
+    ("clientConnection.kubeconfig", "kubeconfig", _PARSERS["kubeconfig"]),
+    ("clientConnection.acceptContentTypes", None, None),
+    ("clientConnection.contentType", None, None),
+    ("clientConnection.qps", None, None),
+    ("clientConnection.burst", None, None),
+    ("logging.verbosity", "verbosity", _PARSERS["verbosity"]),
+    ("logging.format", None, None),
+    ("logging.flushFrequency", None, None),
+    ("logging.vmodule", None, None),
+    ("logging.options.*", None, None),
+    ("hostnameOverride", "node_name", _PARSERS["node_name"]),
+    ("bindAddress", None, None),
+    ("healthzBindAddress", "healthz_bind_address", _PARSERS["healthz_bind_address"]),
+    ("metricsBindAddress", "metrics_bind_address", _PARSERS["metrics_bind_address"]),
+    ("bindAddressHardFail", None, None),
+    ("enableProfiling", None, None),
+    ("showHiddenMetricsForVersion", None, None),
+    ("syncPeriod", "sync_period", _PARSERS["sync_period"]),
+    ("minSyncPeriod", "min_sync_period", _PARSERS["min_sync_period"]),
+    ("iptables.masqueradeAll", "masquerade_all", _PARSERS["masquerade_all"]),
+    ("iptables.masqueradeBit", "masquerade_bit", _PARSERS["masquerade_bit"]),
+    ("iptables.localhostNodePorts", None, None),
+    ("iptables.snatNodeInternalIP", None, None),
+    ("iptables.syncPeriod", "sync_period", _PARSERS["sync_period"]),
+    ("iptables.minSyncPeriod", "min_sync_period", _PARSERS["min_sync_period"]),
+    ("ipvs.scheduler", "ipvs_scheduler", _PARSERS["ipvs_scheduler"]),
+    ("ipvs.strictARP", "ipvs_strict_arp", _PARSERS["ipvs_strict_arp"]),
+    ("ipvs.syncPeriod", "sync_period", _PARSERS["sync_period"]),
+    ("ipvs.minSyncPeriod", "min_sync_period", _PARSERS["min_sync_period"]),
+    ("ipvs.excludeCIDRs", None, None),
+    ("ipvs.tcpTimeout", None, None),
+    ("ipvs.tcpFinTimeout", None, None),
+    ("ipvs.udpTimeout", None, None),
+    ("nftables.masqueradeAll", None, None),
+    ("nftables.masqueradeBit", None, None),
+    ("nftables.syncPeriod", None, None),
+    ("nftables.minSyncPeriod", None, None),
+    ("winkernel.networkName", None, None),
+    ("winkernel.sourceVip", None, None),
+    ("winkernel.enableDSR", None, None),
+    ("winkernel.rootHnsEndpointName", None, None),
+    ("winkernel.forwardHealthCheckVip", None, None),
+    ("windowsRunAsService", None, None),
+    ("detectLocalMode", None, None),
+    ("detectLocal.bridgeInterface", None, None),
+    ("detectLocal.interfaceNamePrefix", None, None),
+    ("clusterCIDR", "cluster_cidrs", _PARSERS["cluster_cidrs"]),
+    ("nodePortAddresses", "nodeport_addresses", _PARSERS["nodeport_addresses"]),
+    ("oomScoreAdj", None, None),
+    ("conntrack.maxPerCore", None, None),
+    ("conntrack.min", None, None),
+    ("conntrack.tcpEstablishedTimeout", None, None),
+    ("conntrack.tcpCloseWaitTimeout", None, None),
+    ("conntrack.tcpBeLiberal", None, None),
+    ("conntrack.udpTimeout", None, None),
+    ("conntrack.udpStreamTimeout", None, None),
+    ("configSyncPeriod", None, None),
+    ("portRange", None, None),
+    ("udpIdleTimeout", "udp_idle_timeout", _PARSERS["udp_idle_timeout"]),
+)
+_CONFIG_LEAVES = {path for path, _, _ in _CONFIG_TABLE if not path.endswith(".*")}
+_CONFIG_OPEN = {path[:-2] for path, _, _ in _CONFIG_TABLE if path.endswith(".*")}
+_CONFIG_STRUCTS = {path.rsplit(".", i)[0] for path in _CONFIG_LEAVES | _CONFIG_OPEN
+                   for i in range(1, path.count(".") + 1)}
+# Empty strings mean "not set", except where kube-proxy gives "" a meaning (disable the server).
+_EMPTY_MEANS_SOMETHING = {"healthz_bind_address", "metrics_bind_address"}
+
+
+def _check_keys(node: Mapping[Any, Any], prefix: str = "") -> None:
+    """ConfigError naming the first key path (at any depth) the table does not know."""
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if path in _CONFIG_OPEN or path in _CONFIG_LEAVES:
+            continue
+        if path not in _CONFIG_STRUCTS:
+            raise ConfigError(f"--config: unknown field {path!r}")
+        if isinstance(value, Mapping):
+            _check_keys(value, f"{path}.")
+        elif value is not None:
+            raise ConfigError(f"--config: field {path}: want an object, got {type(value).__name__}")
+
+
+def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+    node: Any = doc
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Config attributes set by a KubeProxyConfiguration file."""
-    # The manifests parser's guards (no aliases, bounded nesting) protect this file too.
-    from proxyd.sources.manifests import parse_documents
-
-    data = _read_regular_file(path)
     try:
-        docs = parse_documents(data, is_json=False)
-    except Exception as err:  # the parser's own error carries the reason
+        data = read_regular(path, MAX_CONFIG_BYTES, follow=True)
+        docs = [doc for doc in load_yaml(data.decode("utf-8-sig")) if doc is not None]
+    except FileNotFoundError:
+        raise ConfigError(f"--config: cannot read {path!r}: no such file") from None
+    except UnsafeInput as err:
+        raise ConfigError(f"--config: {path!r}: {err.reason}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:
         raise ConfigError(f"--config: {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-    docs = [doc for doc in docs if doc is not None]
     if len(docs) != 1:
         raise ConfigError(f"--config: {path!r} holds {len(docs)} documents, want one KubeProxyConfiguration")
     doc = docs[0]
@@ -196,41 +268,19 @@ def load_config_file(path: str) -> dict[str, Any]:
     if doc.get("kind") != CONFIG_KIND or doc.get("apiVersion") != CONFIG_API_VERSION:
         raise ConfigError(f"--config: want kind {CONFIG_KIND} apiVersion {CONFIG_API_VERSION}, "
                           f"got kind {doc.get('kind')!r} apiVersion {doc.get('apiVersion')!r}")
-    known_top = {path[0] for path in _CONFIG_FIELDS} | _IGNORED_CONFIG_KEYS
-    for key in doc:
-        if key not in known_top:
-            raise ConfigError(f"--config: unknown field {key!r}")
+    _check_keys(doc)
     values: dict[str, Any] = {}
-    for field_path, attr in _CONFIG_FIELDS.items():
-        node: Any = doc
-        for part in field_path:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is None or (node == "" and attr not in ("healthz_bind_address", "metrics_bind_address")):
+    for field_path, attr, parser in _CONFIG_TABLE:
+        if attr is None or parser is None:
+            continue
+        node = _lookup(doc, field_path)
+        if node is None or (node == "" and attr not in _EMPTY_MEANS_SOMETHING):
             continue
         try:
-            values[attr] = _PARSERS[attr](node)
+            values[attr] = parser(node)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"--config: field {'.'.join(field_path)}: {err}") from None
+            raise ConfigError(f"--config: field {field_path}: {err}") from None
     return values
-
-
-def _read_regular_file(path: str) -> bytes:
-    """The bytes of a regular file, refusing FIFOs, devices and directories without blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        raise ConfigError(f"--config: cannot read {path!r}: {err.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"--config: {path!r} is not a regular file")
-        data = os.read(fd, MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"--config: cannot read {path!r}: {err.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"--config: {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
-    return data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -271,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                "print what would be served and what is refused (see proxyd check --help).")
     add = parser.add_argument
     add("--proxy-mode", metavar="MODE",
-        help="userspace, iptables or ipvs (nftables later) (default: iptables)")
+        help=f"{', '.join(MODES)} (default: iptables)")
     add("--kubeconfig", metavar="PATH",
         help="read the cluster through the API server with this kubeconfig "
              "(default: in-cluster config when KUBERNETES_SERVICE_HOST is set)")
@@ -355,9 +405,6 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
 
 def _validate(config: Config, environ: Mapping[str, str]) -> None:
-    if config.proxy_mode == "nftables":
-        raise ConfigError("--proxy-mode: nftables mode is not available yet "
-                          "(use iptables, ipvs or userspace)")
     if config.sync_period <= 0:
         raise ConfigError("--sync-period: must be greater than 0")
     if config.min_sync_period > config.sync_period:

@@ -72,7 +72,9 @@ from proxyd._conntable_py import ConnTable as ConnTablePy
 
 ConnTableNative: type | None
 try:
-    from proxyd._conntable import ConnTable as ConnTableNative
+    import proxyd._conntable
+
+    ConnTableNative = proxyd._conntable.ConnTable
 except ImportError:  # no compiler at install time: the pure twin serves
     ConnTableNative = None
 

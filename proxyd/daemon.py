@@ -22,20 +22,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config, ConfigError, HostPort
-from proxyd.health import ProxierHealth, ServiceHealthServers, health_routes, metrics_routes
-from proxyd.httpserve import HttpServer
+from proxyd.health import ProxierHealth, health_routes, metrics_routes
+from proxyd.healthcheck import ServiceHealthServers
+from proxyd.httpserve import HttpServer, Response
 from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
 from proxyd.selfloop import SelfEndpoints
+from proxyd.sources.allocate import Allocator, Ranges
 from proxyd.tracker import Tracker
+
+if TYPE_CHECKING:
+    from proxyd.sources.kube import KubeSource
+    from proxyd.sources.manifests import ManifestSource
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ class Daemon:
         self._unapplied_since: float | None = None
         self.self_endpoints = SelfEndpoints(source="manifests" if config.manifests is not None else "kube")
 
-    def _make_source(self):
+    def _make_source(self) -> ManifestSource | KubeSource:
         if self.config.manifests is not None:
             from proxyd.sources.manifests import ManifestSource
 
@@ -88,10 +97,10 @@ class Daemon:
 
         return KubeSource(self.tracker, config=self.config, on_change=self._on_change)
 
-    def _healthcheck_addresses(self) -> list[str]:
+    async def _healthcheck_addresses(self) -> list[str]:
         if not self.config.nodeport_addresses:
             return ["0.0.0.0"]
-        return nodeaddrs.node_addresses(self.config.nodeport_addresses, family=4)
+        return await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, family=4)
 
     def _on_change(self) -> None:
         self.health.queued()
@@ -129,14 +138,15 @@ class Daemon:
             self._unapplied_since = None
         self.health.updated()
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
-                  len(request.state.services),
+                  len(request.state.service_ports),
                   "full" if request.changed is None else f"{len(request.changed)} changed", elapsed)
         try:
             await self.service_health.update(request.state)
         except Exception:
             log.exception("healthCheckNodePort servers: update failed")
 
-    async def _serve_http(self, address: HostPort | None, routes: dict, what: str) -> None:
+    async def _serve_http(self, address: HostPort | None, routes: dict[str, Callable[[], Response]],
+                          what: str) -> None:
         if address is None:
             return
         server = HttpServer(routes, name=what)
@@ -159,7 +169,7 @@ class Daemon:
         log.info("proxyd starting: mode=%s node=%s source=%s descriptors=%d", self.config.proxy_mode,
                  self.config.node_name,
                  f"manifests {self.config.manifests}" if self.config.manifests else "API server", limit)
-        source_task: asyncio.Task | None = None
+        source_task: asyncio.Task[None] | None = None
         try:
             await self.mode.start()
             source_task = asyncio.create_task(self.source.run(), name="source")
@@ -184,7 +194,7 @@ class Daemon:
         finally:
             await self._shutdown(source_task)
 
-    async def _shutdown(self, source_task: asyncio.Task | None) -> None:
+    async def _shutdown(self, source_task: asyncio.Task[None] | None) -> None:
         with contextlib.suppress(Exception):
             await self.runner.stop()
         if source_task is not None and not source_task.done():
@@ -200,22 +210,19 @@ class Daemon:
             await server.close()
 
 
-def allocator_for(config: Config):
+def allocator_for(config: Config) -> Allocator:
     """The manifests source's allocator for the configured ranges."""
-    import ipaddress
-
-    from proxyd.sources.allocate import Allocator, Ranges
-
     return Allocator(Ranges(cluster=tuple(ipaddress.ip_network(c) for c in config.service_cluster_ip_range),
                             node_ports=config.service_node_port_range))
 
 
-def _run_loop(coro_factory) -> int:
+def _run_loop(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
         return asyncio.run(coro_factory())
-    return uvloop.run(coro_factory())
+    code: int = uvloop.run(coro_factory())
+    return code
 
 
 def run(config: Config) -> int:

@@ -68,6 +68,10 @@ SYNC_PARTIAL_DURATION = Histogram(
 SYNC_FAILURES = Counter(
     "proxyd_sync_failures_total", "Syncs that raised and will be retried", ["mode"],
     registry=REGISTRY)
+NETFILTER_REPAIRS = Counter(
+    "proxyd_netfilter_repairs_total",
+    "Sync-period checks that found a canary chain or a base-chain jump gone and forced a full sync",
+    ["mode"], registry=REGISTRY)
 
 # proxyd's own: sources.
 REJECTED_OBJECTS = Counter(

@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds; Kubernetes' default for ClientIP
 
@@ -114,20 +115,29 @@ class ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One backend address:port of one service port, after merging slices."""
+class _EndpointAddress:
+    """What EndpointSlices say of one endpoint address, shared by ``SliceEndpoint`` and ``Endpoint``.
+
+    The conditions are keyword-only so that ``Endpoint(ip, port)`` keeps its order.
+    """
 
     ip: str
-    port: int
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    node_name: str | None = None
-    zone: str | None = None
-    zone_hints: tuple[str, ...] = ()
+    ready: bool = field(default=True, kw_only=True)
+    serving: bool = field(default=True, kw_only=True)
+    terminating: bool = field(default=False, kw_only=True)
+    node_name: str | None = field(default=None, kw_only=True)
+    zone: str | None = field(default=None, kw_only=True)
+    zone_hints: tuple[str, ...] = field(default=(), kw_only=True)
 
     def is_local(self, node_name: str) -> bool:
         return self.node_name is not None and self.node_name == node_name
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint(_EndpointAddress):
+    """One backend address:port of one service port, after merging slices."""
+
+    port: int
 
     def __str__(self) -> str:
         if ":" in self.ip:
@@ -155,16 +165,13 @@ class EndpointPort:
 
 
 @dataclass(frozen=True, slots=True)
-class SliceEndpoint:
+class SliceEndpoint(_EndpointAddress):
     """One entry of an EndpointSlice's ``endpoints`` list (first address)."""
 
-    ip: str
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    node_name: str | None = None
-    zone: str | None = None
-    zone_hints: tuple[str, ...] = ()
+    def at_port(self, port: int) -> Endpoint:
+        """This address as the endpoint of one service port."""
+        return Endpoint(self.ip, port, ready=self.ready, serving=self.serving, terminating=self.terminating,
+                        node_name=self.node_name, zone=self.zone, zone_hints=self.zone_hints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,20 +194,20 @@ class EndpointSlice:
         return ServiceName(self.namespace, self.service)
 
 
-_EMPTY: Mapping = MappingProxyType({})
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyState:
     """The desired state handed to a mode at each sync.
 
-    ``services`` holds every ServicePort to serve; ``endpoints`` maps each of
+    ``service_ports`` holds every ServicePort to serve; ``endpoints`` maps each of
     them to its merged endpoints (possibly empty: the port then rejects).
     ``node_name`` and ``node_labels`` are this node's, for Local policies and
     topology.
     """
 
-    services: Mapping[ServicePortName, ServicePort] = field(default_factory=lambda: _EMPTY)
+    service_ports: Mapping[ServicePortName, ServicePort] = field(default_factory=lambda: _EMPTY)
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=lambda: _EMPTY)
     node_name: str = ""
     node_labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)

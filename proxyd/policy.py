@@ -202,7 +202,7 @@ def local_endpoint_count(svc: ServicePort | None, endpoints: Iterable[Endpoint],
 def local_endpoint_counts(state: ProxyState) -> Mapping[ServiceName, int]:
     """``local_endpoint_count`` for every service that has a healthCheckNodePort."""
     ips: dict[ServiceName, set[str]] = {}
-    for name, port in state.services.items():
+    for name, port in state.service_ports.items():
         if not port.health_check_node_port:
             continue
         bucket = ips.setdefault(name.service, set())

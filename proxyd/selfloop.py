@@ -37,6 +37,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from types import MappingProxyType
+from typing import Any
 
 from proxyd import metrics
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
@@ -80,11 +81,11 @@ class SelfEndpoints:
         ips = frozenset(node_ips)
         if changed is None or ips != self._node_ips or not self._started:
             self._rebuild(state, ips)
-            affected: Iterable[ServicePortName] = state.services
+            affected: Iterable[ServicePortName] = state.service_ports
         else:
             affected = self._update(state, changed)
         more: set[ServicePortName] = set()
-        for name in [n for n in self._refused if n not in state.services]:
+        for name in [n for n in self._refused if n not in state.service_ports]:
             del self._refused[name]
             more.add(name)
         for name in affected:
@@ -100,7 +101,7 @@ class SelfEndpoints:
             endpoints = dict(state.endpoints)
             for name, bad in self._refused.items():
                 endpoints[name] = tuple(ep for ep in endpoints.get(name, ()) if (ep.ip, ep.port) not in bad)
-            state = ProxyState(services=state.services, endpoints=MappingProxyType(endpoints),
+            state = ProxyState(service_ports=state.service_ports, endpoints=MappingProxyType(endpoints),
                                node_name=state.node_name, node_labels=state.node_labels)
         return SyncRequest(state, changed, changed_ports)
 
@@ -113,7 +114,7 @@ class SelfEndpoints:
         self._served_ips.clear()
         self._nodeports.clear()
         self._by_port.clear()
-        for name, svc in state.services.items():
+        for name, svc in state.service_ports.items():
             self._add_port(name, svc)
 
     def _add_port(self, name: ServicePortName, svc: ServicePort) -> None:
@@ -142,10 +143,11 @@ class SelfEndpoints:
         # Plain tuples: building a ServiceName per port would cost more than the rest of the sync here.
         wanted = {(c.namespace, c.name) for c in changed}
         touched = [n for n in self._by_port if (n.namespace, n.name) in wanted]
-        touched += [n for n in state.services if (n.namespace, n.name) in wanted and n not in self._by_port]
+        touched += [n for n in state.service_ports
+                    if (n.namespace, n.name) in wanted and n not in self._by_port]
         for name in touched:
             keys, nodeport = self._remove_port(name)
-            svc = state.services.get(name)
+            svc = state.service_ports.get(name)
             if svc is None:
                 continue
             self._add_port(name, svc)
@@ -159,7 +161,7 @@ class SelfEndpoints:
             for name, eps in state.endpoints.items():
                 if name not in affected and any(ep.ip in added_ips for ep in eps):
                     affected.add(name)
-        return {n for n in affected if n in state.services}
+        return {n for n in affected if n in state.service_ports}
 
     def _check(self, state: ProxyState, name: ServicePortName) -> bool:
         """Recompute the refused endpoints of one service port; True when they changed."""
@@ -193,7 +195,7 @@ class SelfEndpoints:
         return (port, proto) in self._nodeports and ip in self._node_ips
 
 
-def _decrement(counter: Counter, key: object) -> None:
+def _decrement(counter: Counter[Any], key: object) -> None:
     left = counter[key] - 1
     if left > 0:
         counter[key] = left

@@ -104,10 +104,7 @@ def merge_endpoints(
                 old = merged.get(key)
                 if old is not None and not _beats(sep.ready, sep.node_name, old, node_name):
                     continue
-                merged[key] = Endpoint(
-                    ip=sep.ip, port=number, ready=sep.ready, serving=sep.serving,
-                    terminating=sep.terminating, node_name=sep.node_name, zone=sep.zone,
-                    zone_hints=sep.zone_hints)
+                merged[key] = sep.at_port(number)
     if not merged:
         return ()
     return tuple(merged[k] for k in sorted(merged, key=_endpoint_sort_key))
@@ -324,7 +321,7 @@ class Tracker:
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
         state = ProxyState(
-            services=MappingProxyType(dict(self._ports)),
+            service_ports=MappingProxyType(dict(self._ports)),
             endpoints=MappingProxyType(dict(self._endpoints)),
             node_name=self.node_name,
             node_labels=self._node_labels,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole test suite as root after scripts/setup.sh --test:
-#   1. ruff over the tree;
+#   1. ruff over the tree, mypy (strict) over proxyd/;
 #   2. pytest on this kernel: unit, API (fake API server + real kubernetes_asyncio
 #      client) and network-namespace integration tests (userspace and iptables
 #      modes, real daemon, real packets);
@@ -18,6 +18,9 @@ stage() { printf '\n=== %s ===\n' "$*"; }
 
 stage "ruff"
 .venv/bin/ruff check . || status=1
+
+stage "mypy (strict, proxyd/)"
+.venv/bin/mypy || status=1
 
 stage "pytest (host kernel: unit, api, netns, reliability)"
 # The suite must exercise the Cython connection table, not silently the twin.

@@ -53,7 +53,7 @@ ip netns exec $node curl -sf -o /dev/null http://127.0.0.1:10256/healthz || { ec
 url=http://10.96.0.10/
 echo
 echo "proxyd is serving the example. In another terminal, run (answers alternate between pod2 and pod3):"
-echo "  sudo ip netns exec $node curl -s $url"
+echo "  ip netns exec $node curl -s $url    (as root)"
 echo
 if [ "$once" = 1 ]; then
   for _ in 1 2 3 4; do ip netns exec $node curl -s --max-time 5 $url; done

@@ -51,7 +51,7 @@ class SyncRequest:
         if self.changed_ports is not None:
             return set(self.changed_ports)
         changed = self.changed
-        ports = {n for n in self.state.services if n.service in changed}
+        ports = {n for n in self.state.service_ports if n.service in changed}
         ports.update(n for n in known if n.service in changed)
         return ports
 
@@ -98,4 +98,5 @@ MODES: dict[str, str] = {
 
 def mode_class(name: str) -> type[ProxyMode]:
     module_name, _, attr = MODES[name].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    cls: type[ProxyMode] = getattr(importlib.import_module(module_name), attr)
+    return cls

@@ -222,7 +222,7 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
             out.specs[spec.name] = spec
         else:
             pending.append(spec)
-    ip_spaces = {r.version: _ip_space(r, taken_ips[r.version]) for r in ranges.cluster}
+    ip_spaces: dict[int, _Space] = {r.version: _ip_space(r, taken_ips[r.version]) for r in ranges.cluster}
     low, high = ranges.node_ports
     ports = _Space(low, high - low + 1, taken_ports)
     for spec in sorted(pending, key=lambda s: (s.name.namespace, s.name.name)):
@@ -232,31 +232,31 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
         cluster_ip = None
         if not spec.cluster_ips:
             fam = spec.wanted_family(ranges.default_family)
-            value = ip_spaces[fam].take(f"{key}/IPv{fam}")
-            if value is None:
+            address = ip_spaces[fam].take(f"{key}/IPv{fam}")
+            if address is None:
                 out.failures[spec.name] = (f"spec.clusterIP: missing, and {CLUSTER_RANGE_FLAG} "
                                            f"{ranges.for_family(fam)} is full")
                 continue
-            cluster_ip = str(ipaddress.ip_address(value))
+            cluster_ip = str(ipaddress.ip_address(address))
         given: list[tuple[str, Protocol, int]] = []
         for port in sorted(spec.ports, key=lambda p: (p.name, p.protocol)):
             if spec.needs_node_port(port):
-                value = ports.take(f"{key}/{port.name}/{port.protocol}")
-                if value is None:
+                node_port = ports.take(f"{key}/{port.name}/{port.protocol}")
+                if node_port is None:
                     break
-                given.append((port.name, port.protocol, value))
+                given.append((port.name, port.protocol, node_port))
         if len(given) != sum(1 for p in spec.ports if spec.needs_node_port(p)):
             out.failures[spec.name] = (f"spec.ports[].nodePort: missing, and {NODE_PORT_RANGE_FLAG} "
                                        f"{low}-{high} is full")
             continue
         hc_port = 0
         if spec.needs_health_check_node_port:
-            value = ports.take(f"{key}/healthCheckNodePort")
-            if value is None:
+            hc_value = ports.take(f"{key}/healthCheckNodePort")
+            if hc_value is None:
                 out.failures[spec.name] = (f"spec.healthCheckNodePort: missing, and {NODE_PORT_RANGE_FLAG} "
                                            f"{low}-{high} is full")
                 continue
-            hc_port = value
+            hc_port = hc_value
         got = Assigned(cluster_ip, tuple(given), hc_port)
         remembered = memo.get(id(spec)) if memo is not None else None
         if remembered is not None and remembered[0] is spec and remembered[1] == got:

@@ -679,7 +679,7 @@ def _policy(spec: Mapping[str, Any], key: str) -> str:
         return "Cluster"
     if value not in ("Cluster", "Local"):
         raise _fail(f"spec.{key}", f"unknown policy {show(value)}")
-    return value
+    return str(value)
 
 
 def _target_port(value: object, port: int, path: str) -> int | str:

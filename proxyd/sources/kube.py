@@ -75,7 +75,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +165,7 @@ class Backoff:
         self._rng = rng
 
     def delay(self, attempt: int) -> float:
-        base = min(self.cap, self.initial * 2 ** min(attempt - 1, 32))
+        base = min(self.cap, self.initial * 2.0 ** min(attempt - 1, 32))
         return base * (0.5 + 0.5 * self._rng())
 
 
@@ -510,7 +510,8 @@ class KubeSource:
             del body
             if not isinstance(page, dict):
                 raise _HttpError(resp.status, "list page is not an object")
-            meta = page.get("metadata") if isinstance(page.get("metadata"), dict) else {}
+            raw_meta = page.get("metadata")
+            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
             items = page.get("items") or []
             if not isinstance(items, list):
                 raise _HttpError(resp.status, "list items is not a list")
@@ -611,7 +612,8 @@ class KubeSource:
         obj: dict[str, Any] = event["object"]
         if etype == "ERROR":
             code = obj.get("code")
-            message = obj.get("message") if isinstance(obj.get("message"), str) else ""
+            raw_message = obj.get("message")
+            message = raw_message if isinstance(raw_message, str) else ""
             if code == 410:
                 raise _Gone(f"410 Gone in the stream: {message[:200]}")
             raise _StreamBroken("error-event", f"ERROR event {code!r}: {message[:200]}")
@@ -731,7 +733,7 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int, *, truncate: bo
         chunks.append(chunk)
 
 
-async def _lines(resp: aiohttp.ClientResponse, *, idle: float) -> AsyncIterator[bytes | None]:
+async def _lines(resp: aiohttp.ClientResponse, *, idle: float) -> AsyncGenerator[bytes | None, None]:
     """Newline-delimited lines of a watch stream; None stands for a skipped oversize line.
 
     Raises _StreamBroken when nothing arrives for ``idle`` seconds (a

@@ -1,4 +1,4 @@
-"""Standalone source: a directory of Kubernetes manifests, re-read on change (SPEC §2).
+"""Standalone source: a directory of Kubernetes manifests, re-read on change.
 
 Every ``*.yaml``, ``*.yml`` and ``*.json`` file directly in the directory is
 read (dot files are skipped: editors' lock and swap files). A file may hold
@@ -46,11 +46,8 @@ full set then goes to ``tracker.replace_all``, which records only real
 differences. Scans (listing, reading, YAML parsing) run in a worker thread so
 the event loop never blocks on a big file.
 
-YAML is loaded with the libyaml safe loader when available. Two guards run
-first on the event stream, because libyaml's composer recurses in C (a
-document nested 100k deep crashes the process) and aliases can expand
-exponentially: documents deeper than ``MAX_DEPTH`` or using aliases are
-refused.
+Files are read and YAML is loaded through ``safeio`` (regular files only,
+bounded size; no aliases, bounded nesting, libyaml's safe loader).
 """
 
 from __future__ import annotations
@@ -87,12 +84,12 @@ from proxyd.sources.convert import (
     slice_from_dict,
     slices_from_endpoints,
 )
+from proxyd.sources.safeio import UnsafeInput, load_yaml, read_regular
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_SIZE = 16 * 1024 * 1024
-MAX_DEPTH = 100  # Kubernetes objects nest ~15 deep; libyaml crashes at ~100k
 POLL_INTERVAL = 0.5
 DEBOUNCE = 0.1
 # With inotify, still look every few seconds: a symlinked file whose target
@@ -102,7 +99,6 @@ SAFETY_RESCAN = 5.0
 MAX_ALLOCATION_LINES = 50
 
 _SOURCE = "manifests"
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # (kind, namespace, name); Node objects use namespace "".
 ObjKey = tuple[str, str, str]
@@ -135,13 +131,7 @@ class _Refused(InvalidObject):
         self.category = category
 
 
-class _Unusable(Exception):
-    """A file that cannot be read or parsed; ``category`` is the metric's reason label."""
-
-    def __init__(self, reason: str, category: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.category = category
+_Unusable = UnsafeInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +147,9 @@ class Finding:
 
 @dataclass
 class _FileState:
-    signature: tuple | None = None
+    signature: tuple[Any, ...] | None = None
     digest: bytes | None = None
-    failure: tuple | None = None  # the last file-level failure logged, to log it once
+    failure: tuple[Any, ...] | None = None  # the last file-level failure logged, to log it once
     objects: dict[ObjKey, Any] = field(default_factory=dict)
 
 
@@ -171,22 +161,6 @@ def _printable(text: str, limit: int = 300) -> str:
 
 
 # ---------------------------------------------------------------- parsing
-
-
-def _check_yaml_stream(text: str) -> None:
-    """Refuse aliases and deep nesting before libyaml composes anything."""
-    depth = 0
-    starts = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
-    ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, starts):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _Unusable(f"does not parse: nested deeper than {MAX_DEPTH} levels", "parse")
-        elif isinstance(event, ends):
-            depth -= 1
-        elif isinstance(event, yaml.AliasEvent):
-            raise _Unusable("does not parse: YAML aliases are not allowed", "parse")
 
 
 @contextlib.contextmanager
@@ -212,9 +186,8 @@ def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
         text = data.decode("utf-8-sig")
         if is_json:
             return [json.loads(text)]
-        _check_yaml_stream(text)
         with _gc_paused():
-            return list(yaml.load_all(text, Loader=_Loader))
+            return load_yaml(text)
     except _Unusable:
         raise
     except yaml.MarkedYAMLError as err:
@@ -248,7 +221,7 @@ def _objects(docs: list[Any]) -> Iterator[Any]:
             yield doc
 
 
-def _identity(kind: str, raw: dict) -> ObjKey | None:
+def _identity(kind: str, raw: dict[str, Any]) -> ObjKey | None:
     """The object's key as far as its raw metadata tells, to find its previous version."""
     meta = raw.get("metadata")
     if not isinstance(meta, dict):
@@ -264,7 +237,7 @@ def _identity(kind: str, raw: dict) -> ObjKey | None:
     return (kind, namespace, name)
 
 
-def _convert(kind: str, raw: dict, notes: list[Note]) -> tuple[ObjKey, Any]:
+def _convert(kind: str, raw: dict[str, Any], notes: list[Note]) -> tuple[ObjKey, Any]:
     """(key, value) of one object, a ServiceSpec for a Service; InvalidObject when it is invalid."""
     if kind == "Service":
         svc = service_spec(raw, notes)
@@ -532,7 +505,8 @@ class ManifestSource:
         state.objects = objects
         return True
 
-    def _read(self, path: str, real_dir: str, state: _FileState | None) -> tuple[bytes | None, tuple]:
+    def _read(self, path: str, real_dir: str,
+              state: _FileState | None) -> tuple[bytes | None, tuple[Any, ...]]:
         """(bytes or None when the stat signature is unchanged, signature)."""
         try:
             real = os.path.realpath(path, strict=True)
@@ -552,32 +526,9 @@ class ManifestSource:
             raise _Unusable("not a regular file", "not_regular")
         if st.st_size > self.max_file_size:
             raise _Unusable(f"too large ({st.st_size} bytes > {self.max_file_size})", "too_large")
-        # O_NONBLOCK: should the path have become a FIFO since the stat, open
-        # must not hang; O_NOFOLLOW: nor may it have become a symlink.
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            raise _Unusable(f"cannot open ({err.strerror})", "unreadable") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _Unusable("not a regular file", "not_regular")
-            chunks = []
-            total = 0
-            while total <= self.max_file_size:
-                chunk = os.read(fd, min(1 << 20, self.max_file_size + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-        except OSError as err:
-            raise _Unusable(f"cannot read ({err.strerror})", "unreadable") from None
-        finally:
-            os.close(fd)
-        if total > self.max_file_size:
-            raise _Unusable(f"too large (more than {self.max_file_size} bytes)", "too_large")
-        return b"".join(chunks), signature
+        # The path may have become a FIFO or a symlink since the stat: read_regular
+        # neither hangs nor follows.
+        return read_regular(real, self.max_file_size), signature
 
     def _reject_file(self, name: str, state: _FileState, err: _Unusable) -> None:
         failure = (err.reason, state.digest, state.signature)

@@ -263,7 +263,7 @@ async def outage(fake, start_source, seconds: float, *, real_sleep: bool) -> Non
                    timeout=45.0 if real_sleep else 10.0, what="recovery after the outage")
     await wait_for(lambda: sample("proxyd_source_connected") == 1, timeout=45.0, what="reconnected")
     after = run.tracker.take().state
-    assert {k: v for k, v in after.services.items() if k.name != "late"} == dict(before.services)
+    assert {k: v for k, v in after.service_ports.items() if k.name != "late"} == dict(before.service_ports)
     # History survived the outage: resumed, no relist.
     assert len(fake.requests_for("services", "list")) == lists_before
 
@@ -428,7 +428,7 @@ async def test_10000_services_listed_and_watched(fake, start_source, capsys):
     assert len(run.tracker) == count
     await wait_for(lambda: fake.watch_count() == 3, what="watches")
     snapshot = run.tracker.take()
-    assert len(snapshot.state.services) == count
+    assert len(snapshot.state.service_ports) == count
 
     started = time.perf_counter()
     for i in range(1, count):

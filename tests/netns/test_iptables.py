@@ -11,6 +11,9 @@ in either back end.
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.iptables import chains as ch
 from tests.netns.behaviour import (
@@ -186,6 +189,33 @@ class _IptablesBehaviour(ServiceBehaviour):
         assert not _reachable(topology, ns, CLUSTER_IP, 80)
         wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=10.0, what="rules restored")
         assert "KUBE-PROXY-CANARY" in self.save(topology)
+
+    def test_nat_flush_repaired_within_a_sync_period(self, topology: Topology) -> None:
+        proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "2s"))
+        tool = f"iptables-{self.backend}"
+        topology.ns_run(topology.node, [tool, "-t", "nat", "-F"])
+        topology.ns_run(topology.node, [tool, "-t", "nat", "-X"])
+        self._assert_repaired(topology, proc, "nat KUBE-PROXY-CANARY")
+
+    def test_deleted_service_jumps_repaired_within_a_sync_period(self, topology: Topology) -> None:
+        proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "2s"))
+        tool = f"iptables-{self.backend}"
+        for chain in ("PREROUTING", "OUTPUT"):
+            topology.ns_run(topology.node, [tool, "-t", "nat", "-D", chain, "-m", "comment", "--comment",
+                                            "kubernetes service portals", "-j", "KUBE-SERVICES"])
+        assert "KUBE-PROXY-CANARY" in self.save(topology)
+        self._assert_repaired(topology, proc, "nat PREROUTING -> KUBE-SERVICES")
+
+    def _assert_repaired(self, topology: Topology, proc: subprocess.Popen[str], what: str) -> None:
+        ns = topology.pod("pod3").ns
+        broken = time.monotonic()
+        assert not _reachable(topology, ns, CLUSTER_IP, 80)
+        # The check runs once per sync period (2 s); the margin is for a busy machine.
+        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=20.0, what="rules repaired")
+        print(f"{self.backend}: {what}: served again {time.monotonic() - broken:.1f}s after the damage")
+        assert topology.metric("proxyd_netfilter_repairs_total", {"mode": "iptables"}) == 1.0
+        lines = [line for line in topology.log_of(proc).splitlines() if "full resync" in line]
+        assert len(lines) == 1 and what in lines[0], lines
 
 
 def dns(*ips: str) -> list[dict]:

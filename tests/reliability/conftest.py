@@ -1,7 +1,7 @@
 """Fixtures for the reliability suite (helpers live in ``harness.py``).
 
 Every test here runs the real ``proxyd`` in a fresh ``Topology`` (see
-``tests/netns/topology.py``), so the directory is marked ``netns`` and
+``netnstopo/topology.py``), so the directory is marked ``netns`` and
 skipped without root, like ``tests/netns``. Long tests are also marked
 ``slow``; they still run in CI (the whole directory stays under ~8 minutes).
 ``figures`` collects numbers for ``docs/reliability.md``: printed at the end

@@ -1,6 +1,6 @@
 """Helpers of the reliability suite: the real daemon under faults, load and hostile input.
 
-What this module adds to ``tests/netns/topology.py``:
+What this module adds to ``netnstopo/topology.py``:
 
 * ``start_daemon`` — the daemon with an optional descriptor limit (``prlimit``
   on the spawned process: soft = hard, because userspace mode lifts its soft

@@ -1,6 +1,6 @@
 """A hostile or broken ``--config`` file: proxyd must refuse it at once, naming the flag, exit code 2.
 
-SPEC §1: "2 on bad flags or configuration (message names the flag)". The
+README ("Flags"): a bad value exits 2 with one line naming the flag. The
 file the user names is read, but it may be the wrong kind of file (a FIFO
 nobody writes, a directory, a device that never ends, a symlink loop) or
 YAML built to exhaust the parser (deep nesting, an alias bomb). None of

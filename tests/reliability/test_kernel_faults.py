@@ -1,6 +1,6 @@
 """Kernel faults in iptables mode, end to end: iptables-restore failing or stuck behind the xtables lock.
 
-The daemon finds its tools on ``PATH`` (``proxyd/modes/iptables/backend.py``
+The daemon finds its tools on ``PATH`` (``proxyd/netfilter/backend.py``
 runs ``iptables-<backend>-restore`` by name), so a directory of wrappers
 placed first on the daemon's ``PATH`` stands in for both back ends' restore
 tools. A wrapper logs every call, then, while a flag file exists, fails like
@@ -9,8 +9,8 @@ up like ``-w 5`` does (exit 4); otherwise it runs the real tool. The real
 lock (``/run/xtables.lock``) is host-wide and would stall every other test
 on the machine, so it is not taken here.
 
-What must hold (SPEC §4, ARCHITECTURE "a failed apply leaves the previous
-rules in force"): services programmed before the fault keep carrying
+What must hold (README "Health and metrics"; a failed apply leaves the
+previous rules in force): services programmed before the fault keep carrying
 traffic; the failure is counted (kube-proxy's
 ``kubeproxy_sync_proxy_rules_iptables_restore_failures_total`` and
 ``proxyd_sync_failures_total``); retries back off instead of spinning;

@@ -189,7 +189,7 @@ def test_iptables_restart_under_load_loses_no_connection(topology: Topology, fig
 # --- userspace ----------------------------------------------------------------------------------
 
 def _grace() -> float:
-    from proxyd.modes.userspace import SHUTDOWN_GRACE
+    from proxyd.modes.userspace.mode import SHUTDOWN_GRACE
 
     return float(SHUTDOWN_GRACE)
 

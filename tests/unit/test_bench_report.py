@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench import report, syncscale
+from bench import report, sync_scale
 from bench.harness import parse_args
 from bench.measure import (
     CLK_TCK,
@@ -334,81 +335,76 @@ def test_iperf3_parser_on_arbitrary_json(value: object) -> None:
 
 def test_last_json_object_picks_the_final_object_line() -> None:
     out = 'building 1000 services\n{"partial": 1\n{"full_s": 0.5}\ntrailing text\n'
-    assert syncscale.last_json_object(out) == {"full_s": 0.5}
-    assert syncscale.last_json_object(json.dumps({"a": {"b": 1}}, indent=2)) == {"a": {"b": 1}}
-    assert syncscale.last_json_object("[1]\nnope") is None
+    assert sync_scale.last_json_object(out) == {"full_s": 0.5}
+    assert sync_scale.last_json_object(json.dumps({"a": {"b": 1}}, indent=2)) == {"a": {"b": 1}}
+    assert sync_scale.last_json_object("[1]\nnope") is None
 
 
-def test_extract_known_key_spellings_and_missing_times() -> None:
-    got = syncscale.extract({"full_sync_seconds": 1.5, "incremental": {"median": 0.02}}, 1000)
-    assert (got["services"], got["full_s"], got["incremental_s"]) == (1000, 1.5, 0.02)
+def test_extract_takes_one_key_per_figure() -> None:
+    got = sync_scale.extract({"full_s": 1.5, "incremental_s": 0.02, "rss_mib": 60}, 1000)
+    assert (got["services"], got["full_s"], got["incremental_s"], got["rss_mib"]) == (1000, 1.5, 0.02, 60)
     assert "error" not in got
-    bad = syncscale.extract({"full_s": -1, "incremental_s": True, "other": 3}, 10)
+    bad = sync_scale.extract({"full_s": -1, "incremental_s": True, "other": 3}, 10)
     assert bad["full_s"] is None and bad["incremental_s"] is None and "other" in bad["error"]
+    # other spellings are not figures
+    other = sync_scale.extract({"full_sync_seconds": 1.5, "incremental": {"median": 0.02}}, 10)
+    assert other["full_s"] is None and "error" in other
 
 
 def test_points_from_flat_and_list_outputs() -> None:
-    flat = syncscale.points_from({"backend": "legacy", "full_s": 2.0, "incremental_s": 0.3, "rss_mib": 58},
-                                 1000)
+    flat = sync_scale.points_from({"backend": "legacy", "full_s": 2.0, "incremental_s": 0.3, "rss_mib": 58},
+                                  1000)
     assert [(p["backend"], p["full_s"], p["rss_mib"]) for p in flat] == [("legacy", 2.0, 58)]
-    many = syncscale.points_from({"points": [{"backend": "nft", "full_s": 1.0}, "junk",
-                                             {"backend": "legacy", "error": "restore failed"}]}, 30000)
+    many = sync_scale.points_from({"points": [{"backend": "nft", "full_s": 1.0}, "junk",
+                                              {"backend": "legacy", "error": "restore failed"}]}, 30000)
     assert [p["backend"] for p in many] == ["nft", "legacy"]
     assert all(p["services"] == 30000 for p in many)
     assert many[1]["error"] == "restore failed"
-    assert syncscale.points_from({"points": []}, 5)[0]["error"] == "empty points list"
+    assert sync_scale.points_from({"points": []}, 5)[0]["error"] == "empty points list"
 
 
-def write_script(tmp_path, body: str):
-    script = tmp_path / "bench" / "sync_scale.py"
-    script.parent.mkdir()
+def fake_command(tmp_path, body: str) -> tuple[str, str]:
+    script = tmp_path / "fake_sync_scale.py"
     script.write_text("import sys, time\n" + body)
-    return script
+    return (sys.executable, str(script))
 
 
 def test_run_point_parses_output_and_reports_failures(tmp_path) -> None:
-    script = write_script(tmp_path, "print('noise'); print('{\"full_s\": 0.5, \"backend\": \"x\"}')\n")
-    assert syncscale.run_point(script, mode="iptables", services=10, timeout=30)[0]["full_s"] == 0.5
-    script.write_text("import sys\nprint('boom', file=sys.stderr); sys.exit(3)\n")
-    got = syncscale.run_point(script, mode="iptables", services=10, timeout=30)[0]
+    cmd = fake_command(tmp_path, "print('noise'); print('{\"full_s\": 0.5, \"backend\": \"x\"}')\n")
+    assert sync_scale.run_point(mode="iptables", services=10, timeout=30, command=cmd)[0]["full_s"] == 0.5
+    cmd = fake_command(tmp_path, "print('boom', file=sys.stderr); sys.exit(3)\n")
+    got = sync_scale.run_point(mode="iptables", services=10, timeout=30, command=cmd)[0]
     assert "exited 3" in got["error"] and "boom" in got["error"]
 
 
-def test_run_point_stops_an_overrunning_script(tmp_path) -> None:
+def test_run_point_stops_an_overrunning_point(tmp_path) -> None:
     import time
 
-    script = write_script(tmp_path, "time.sleep(60)\n")
+    cmd = fake_command(tmp_path, "time.sleep(60)\n")
     start = time.monotonic()
-    got = syncscale.run_point(script, mode="iptables", services=10, timeout=0.5)[0]
+    got = sync_scale.run_point(mode="iptables", services=10, timeout=0.5, command=cmd)[0]
     assert "timed out" in got["error"] and time.monotonic() - start < 20
 
 
 def test_run_all_respects_deadline_and_skips(tmp_path, monkeypatch) -> None:
     import time
 
-    monkeypatch.setattr(syncscale, "BENCH", tmp_path)
-    got = syncscale.run_all(modes=["iptables", "ipvs"], services=[1000], skipped={"proxyd-ipvs": "no IPVS"},
-                            deadline=time.monotonic() + 100, log=lambda _: None)
+    cmd = fake_command(tmp_path, "print('{\"full_s\": 1}')\n")
+    got = sync_scale.run_all(modes=["iptables", "ipvs", "warp"], services=[1000],
+                             skipped={"proxyd-ipvs": "no IPVS"}, deadline=time.monotonic() + 100,
+                             log=lambda _: None, command=cmd)
     assert got["ipvs"] == {"skipped": "no IPVS"}
-    assert "no bench/sync_scale_iptables.py" in got["iptables"]["skipped"]
-    (tmp_path / "sync_scale.py").write_text("print('{\"full_s\": 1}')\n")
-    got = syncscale.run_all(modes=["iptables"], services=[1000, 10000], skipped={},
-                            deadline=time.monotonic() + 1, log=lambda _: None)
+    assert "no driver for mode warp" in got["warp"]["skipped"]
+    assert [p["full_s"] for p in got["iptables"]["points"]] == [1.0]
+    got = sync_scale.run_all(modes=["iptables"], services=[1000, 10000], skipped={},
+                             deadline=time.monotonic() + 1, log=lambda _: None, command=cmd)
     assert [p["error"] for p in got["iptables"]["points"]] == ["not run: time budget exhausted"] * 2
-    (tmp_path / "sync_scale.py").write_text("import time\ntime.sleep(30)\n")
-    monkeypatch.setattr(syncscale, "POINT_CAP", {1000: 0.5})
-    got = syncscale.run_all(modes=["iptables"], services=[1000, 30000], skipped={},
-                            deadline=time.monotonic() + 100, log=lambda _: None)
+    cmd = fake_command(tmp_path, "time.sleep(30)\n")
+    monkeypatch.setattr(sync_scale, "POINT_CAP", {1000: 0.5})
+    got = sync_scale.run_all(modes=["iptables"], services=[1000, 30000], skipped={},
+                             deadline=time.monotonic() + 100, log=lambda _: None, command=cmd)
     errors = [p["error"] for p in got["iptables"]["points"]]
     assert errors == ["timed out after 0s", "not run: 1000 services already timed out"]
-
-
-def test_script_for_prefers_the_mode_specific_script(tmp_path) -> None:
-    assert syncscale.script_for("iptables", tmp_path) is None
-    (tmp_path / "sync_scale.py").write_text("")
-    assert syncscale.script_for("iptables", tmp_path) == tmp_path / "sync_scale.py"
-    (tmp_path / "sync_scale_iptables.py").write_text("")
-    assert syncscale.script_for("iptables", tmp_path) == tmp_path / "sync_scale_iptables.py"
 
 
 # --- configs and command line --------------------------------------------------------------------

@@ -170,10 +170,77 @@ def test_bad_config_files(manifests, tmp_path, body, match):
         parse("--manifests", manifests, "--config", path)
 
 
+HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+
+
+@pytest.mark.parametrize(("body", "path"), [
+    ("iptables: {masqueradeBitt: 3}\n", "iptables.masqueradeBitt"),
+    ("ipvs: {strictArp: true}\n", "ipvs.strictArp"),
+    ("conntrack: {maxPerCore: 1, tcpEstablishedTimout: 1s}\n", "conntrack.tcpEstablishedTimout"),
+    ("logging: {verbosity: 2, formt: json}\n", "logging.formt"),
+    ("detectLocal: {clusterCIDRs: [10.0.0.0/8]}\n", "detectLocal.clusterCIDRs"),
+    ("clientConnection: {kubeconfig: /x, extra: {deeper: 1}}\n", "clientConnection.extra"),
+    ("mode: iptables\nmasqueradeAll: true\n", "masqueradeAll"),
+])
+def test_unknown_nested_config_keys_exit_2_naming_the_path(manifests, tmp_path, body, path):
+    config = write_config(tmp_path, HEADER + body)
+    result = run_cli("--manifests", manifests, "--config", config)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and repr(path) in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("body", [
+    "iptables: 3\n",
+    "ipvs: [strictARP]\n",
+])
+def test_config_sections_must_be_objects(manifests, tmp_path, body):
+    with pytest.raises(ConfigError, match="want an object"):
+        parse("--manifests", manifests, "--config", write_config(tmp_path, HEADER + body))
+
+
+def test_every_kube_proxy_field_is_accepted(manifests, tmp_path):
+    path = write_config(tmp_path, HEADER + textwrap.dedent("""\
+        featureGates: {AnyGate: true, Another: false}
+        clientConnection: {kubeconfig: "", acceptContentTypes: "", contentType: application/json, qps: 5,
+                           burst: 10}
+        logging: {format: text, flushFrequency: 5s, verbosity: 3, vmodule: [],
+                  options: {json: {infoBufferSize: "0"}, text: {splitStream: false}}}
+        hostnameOverride: node-a
+        bindAddress: 0.0.0.0
+        healthzBindAddress: ""
+        metricsBindAddress: 127.0.0.1:10249
+        bindAddressHardFail: false
+        enableProfiling: false
+        showHiddenMetricsForVersion: ""
+        mode: iptables
+        iptables: {masqueradeAll: false, masqueradeBit: 14, localhostNodePorts: true,
+                   snatNodeInternalIP: false, syncPeriod: 30s, minSyncPeriod: 1s}
+        ipvs: {syncPeriod: 30s, minSyncPeriod: 0s, scheduler: "", excludeCIDRs: null, strictARP: false,
+               tcpTimeout: 0s, tcpFinTimeout: 0s, udpTimeout: 0s}
+        nftables: {masqueradeAll: false, masqueradeBit: 14, syncPeriod: 30s, minSyncPeriod: 1s}
+        winkernel: {networkName: "", sourceVip: "", enableDSR: false, rootHnsEndpointName: "",
+                    forwardHealthCheckVip: false}
+        windowsRunAsService: false
+        detectLocalMode: ClusterCIDR
+        detectLocal: {bridgeInterface: "", interfaceNamePrefix: ""}
+        clusterCIDR: 10.244.0.0/16
+        nodePortAddresses: null
+        oomScoreAdj: -999
+        conntrack: {maxPerCore: 32768, min: 131072, tcpEstablishedTimeout: 24h0m0s,
+                    tcpCloseWaitTimeout: 1h0m0s, tcpBeLiberal: false, udpTimeout: 0s, udpStreamTimeout: 0s}
+        configSyncPeriod: 15m0s
+        portRange: ""
+        """))
+    config = parse("--manifests", manifests, "--config", path)
+    assert config.node_name == "node-a" and config.verbosity == 3 and config.healthz_bind_address is None
+    assert config.cluster_cidrs == ("10.244.0.0/16",) and config.sync_period == 30.0
+
+
 def test_huge_config_file_rejected(manifests, tmp_path):
     path = tmp_path / "big.yaml"
     path.write_bytes(b"#" * (2 << 20))
-    with pytest.raises(ConfigError, match="larger"):
+    with pytest.raises(ConfigError, match="too large"):
         parse("--manifests", manifests, "--config", str(path))
 
 

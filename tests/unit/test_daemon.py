@@ -7,17 +7,12 @@ import pytest
 from proxyd import daemon, metrics
 from proxyd.config import Config
 from proxyd.model import (
-    EndpointPort,
-    EndpointSlice,
     Protocol,
-    Service,
     ServiceName,
-    ServicePort,
     ServicePortName,
-    ServiceType,
-    SliceEndpoint,
 )
 from proxyd.modes.base import ProxyMode, SyncRequest
+from tests.builders import TCP, endpoint_slice, service, service_port, slice_endpoint
 
 
 class FakeMode(ProxyMode):
@@ -45,24 +40,15 @@ def made(tmp_path, monkeypatch):
     return daemon.Daemon(config)
 
 
-def service(name: str, ip: str) -> Service:
-    spn = ServicePortName("default", name, "", Protocol.TCP)
-    return Service(ServiceName("default", name), (
-        ServicePort(name=spn, type=ServiceType.CLUSTER_IP, cluster_ip=ip, port=80, protocol=Protocol.TCP),))
-
-
-def endpoints(name: str, *ips: str) -> EndpointSlice:
-    return EndpointSlice("default", f"{name}-1", name, (EndpointPort("", 8080, Protocol.TCP),),
-                         tuple(SliceEndpoint(ip) for ip in ips))
-
-
 async def test_first_sync_is_full_then_partial(made):
-    made.tracker.update_service(ServiceName("default", "a"), service("a", "10.96.0.1"))
+    made.tracker.update_service(ServiceName("default", "a"),
+                                service("default", "a", service_port("a", "10.96.0.1")))
     await made._sync()
     assert made.mode.requests[-1].changed is None
     assert made.mode.requests[-1].changed_ports is None
     assert made.health.healthy()
-    made.tracker.update_slice(("default", "a-1"), endpoints("a", "10.244.1.2"))
+    made.tracker.update_slice(("default", "a-1"), endpoint_slice("default", "a-1", "a", [("", 8080, TCP)],
+                                                                   [slice_endpoint("10.244.1.2")]))
     await made._sync()
     request = made.mode.requests[-1]
     assert request.changed == frozenset({ServiceName("default", "a")})
@@ -76,14 +62,15 @@ async def test_failure_makes_the_retry_full_and_keeps_health_waiting(made):
     await made._sync()
     synced = sample(metrics.SYNC_DURATION, "_count")
     made.mode.fail = True
-    made.tracker.update_service(ServiceName("default", "b"), service("b", "10.96.0.2"))
+    made.tracker.update_service(ServiceName("default", "b"),
+                                service("default", "b", service_port("b", "10.96.0.2")))
     with pytest.raises(RuntimeError):
         await made._sync()
     assert made.health._oldest_queued is not None
     made.mode.fail = False
     await made._sync()
     assert made.mode.requests[-1].changed is None  # the change taken by the failed sync is not lost
-    assert ServicePortName("default", "b", "", Protocol.TCP) in made.mode.requests[-1].state.services
+    assert ServicePortName("default", "b", "", Protocol.TCP) in made.mode.requests[-1].state.service_ports
     assert made.health.healthy() and made.health._oldest_queued is None
     assert sample(metrics.SYNC_DURATION, "_count") == synced + 1  # only successes are timed
 
@@ -107,7 +94,8 @@ def sample(metric, suffix: str) -> float:
 
 async def test_network_programming_latency_recorded(made):
     before = sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count")
-    made.tracker.update_service(ServiceName("default", "c"), service("c", "10.96.0.3"))
+    made.tracker.update_service(ServiceName("default", "c"),
+                                service("default", "c", service_port("c", "10.96.0.3")))
     await made._sync()
     assert sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count") == before + 1
     await made._sync()  # nothing changed: nothing to measure

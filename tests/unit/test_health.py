@@ -66,7 +66,7 @@ def _lb_local_state(ports: int, pods: tuple[str, ...]):
                                      port=80 + i, protocol=Protocol.TCP, node_port=30080 + i,
                                      external_policy_local=True, health_check_node_port=32100)
         endpoints[name] = tuple(Endpoint(ip=ip, port=8080 + i, node_name="node1") for ip in pods)
-    return ProxyState(services=services, endpoints=endpoints, node_name="node1")
+    return ProxyState(service_ports=services, endpoints=endpoints, node_name="node1")
 
 
 async def test_health_check_node_port_counts_distinct_local_ips_over_ports():

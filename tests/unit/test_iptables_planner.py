@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from functools import partial
 
 import pytest
 
@@ -21,34 +22,27 @@ from proxyd.model import (
     ServiceType,
 )
 from proxyd.modes.iptables import chains as ch
-from proxyd.modes.iptables.backend import Backend, chains_of, choose
 from proxyd.modes.iptables.conntrack import Flow, stale_flows
 from proxyd.modes.iptables.planner import Planner, PlannerOptions, compute_probability, render_port
 from proxyd.modes.iptables.tracer import parse
+from proxyd.netfilter import Jump
+from proxyd.netfilter.backend import Backend, chains_of, choose
+from tests.builders import service_port, state
 
 NODE = "node1"
 
 
-def sp(ns: str, name: str, ip: str, *, port_name: str = "p80", port: int = 80,
-       protocol: Protocol = Protocol.TCP, **kw: object) -> ServicePort:
-    n = ServicePortName(ns, name, port_name, protocol)
-    return ServicePort(name=n, type=kw.pop("type", ServiceType.CLUSTER_IP), cluster_ip=ip, port=port,
-                       protocol=protocol, **kw)  # type: ignore[arg-type]
-
-
-def state(*entries: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(services={s.name: s for s, _ in entries}, endpoints={s.name: e for s, e in entries},
-                      node_name=NODE)
+sp = partial(service_port, port_name="p80")
 
 
 OPTS = PlannerOptions(cluster_cidrs=("10.0.0.0/8",), node_ip="192.168.0.2", random_fully=False)
 
-SVC1 = sp("ns1", "svc1", "172.30.0.41")
-SVC2 = sp("ns2", "svc2", "172.30.0.42", type=ServiceType.LOAD_BALANCER, node_port=3001,
+SVC1 = sp("svc1", "172.30.0.41", namespace="ns1")
+SVC2 = sp("svc2", "172.30.0.42", namespace="ns2", type=ServiceType.LOAD_BALANCER, node_port=3001,
           external_ips=("192.168.99.22",), load_balancer_ips=("1.2.3.4",),
           load_balancer_source_ranges=("203.0.113.0/25",), external_policy_local=True,
           health_check_node_port=30000)
-SVC3 = sp("ns3", "svc3", "172.30.0.43", node_port=3003, type=ServiceType.NODE_PORT)
+SVC3 = sp("svc3", "172.30.0.43", namespace="ns3", node_port=3003, type=ServiceType.NODE_PORT)
 GOLDEN_STATE = state(
     (SVC1, (Endpoint("10.180.0.1", 80),)),
     (SVC2, (Endpoint("10.180.0.2", 80, node_name=NODE), Endpoint("10.180.0.3", 80, node_name="node2"))),
@@ -160,7 +154,7 @@ def test_random_spread_over_n_endpoints() -> None:
 
 
 def test_session_affinity_rules() -> None:
-    svc = sp("ns1", "svc1", "172.30.0.41", affinity_timeout=10800)
+    svc = sp("svc1", "172.30.0.41", namespace="ns1", affinity_timeout=10800)
     r = render_port(svc, (Endpoint("10.180.0.1", 80),), options=OPTS, node_name=NODE, node_zone=None,
                     large=False)
     assert ('-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m recent '
@@ -211,8 +205,8 @@ def test_large_cluster_mode_drops_endpoint_comments() -> None:
 
 
 def test_family_filter() -> None:
-    v6 = sp("ns6", "v6", "fd00::41")
-    svc = sp("ns1", "svc1", "172.30.0.41", external_ips=("192.168.99.1", "fd00::99"))
+    v6 = sp("v6", "fd00::41", namespace="ns6")
+    svc = sp("svc1", "172.30.0.41", namespace="ns1", external_ips=("192.168.99.1", "fd00::99"))
     st = state((svc, (Endpoint("10.180.0.1", 80), Endpoint("fd00::1", 80))), (v6, (Endpoint("fd00::2", 80),)))
     text4 = Planner(OPTS).plan(st, None).text
     assert "fd00" not in text4 and "192.168.99.1" in text4
@@ -235,7 +229,7 @@ def test_hostile_names_cannot_escape_the_comment() -> None:
         argv = shlex.split(line)
         assert "INPUT" not in argv and argv.count("-j") <= 1 and argv.count("-A") <= 1
     assert len(text.splitlines()) == len(Planner(OPTS).plan(state(
-        (sp("x", "y", "172.30.0.9"), ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text.splitlines())
+        (sp("y", "172.30.0.9", namespace="x"), ()), (SVC1, (Endpoint("10.180.0.1", 80),))), None).text.splitlines())
 
 
 @pytest.mark.parametrize("field,value", [("cluster_ip", "1.2.3.4 -j ACCEPT"), ("external_ips", ("1.2.3.4/0",)),
@@ -268,7 +262,7 @@ def _normalise(tables: dict[str, dict[str, list]]) -> dict[tuple[str, str], list
 
 
 def _bump(st: ProxyState, **changes: tuple[ServicePort, tuple[Endpoint, ...]] | None) -> ProxyState:
-    services = dict(st.services)
+    services = dict(st.service_ports)
     endpoints = dict(st.endpoints)
     for key, val in changes.items():
         name = {"svc1": SVC1.name, "svc2": SVC2.name, "svc3": SVC3.name}.get(key)
@@ -278,7 +272,7 @@ def _bump(st: ProxyState, **changes: tuple[ServicePort, tuple[Endpoint, ...]] | 
         else:
             services[val[0].name] = val[0]
             endpoints[val[0].name] = val[1]
-    return ProxyState(services=services, endpoints=endpoints, node_name=NODE)
+    return ProxyState(service_ports=services, endpoints=endpoints, node_name=NODE)
 
 
 PARTIAL_CASES = {
@@ -286,9 +280,9 @@ PARTIAL_CASES = {
     "endpoint removed": ({"svc2": (SVC2, (Endpoint("10.180.0.3", 80, node_name="node2"),))}, {"ns2"}),
     "service removed": ({"svc1": None}, {"ns1"}),
     "first endpoint": ({"svc3": (SVC3, (Endpoint("10.180.0.7", 80),))}, {"ns3"}),
-    "new service": ({"new": (sp("ns4", "svc4", "172.30.0.44", node_port=3004), (Endpoint("10.1.1.1", 80),))},
+    "new service": ({"new": (sp("svc4", "172.30.0.44", namespace="ns4", node_port=3004), (Endpoint("10.1.1.1", 80),))},
                     {"ns4"}),
-    "ip changed": ({"svc1": (sp("ns1", "svc1", "172.30.0.99"), (Endpoint("10.180.0.1", 80),))}, {"ns1"}),
+    "ip changed": ({"svc1": (sp("svc1", "172.30.0.99", namespace="ns1"), (Endpoint("10.180.0.1", 80),))}, {"ns1"}),
     "nothing really changed": ({}, {"ns1", "ns2"}),
 }
 
@@ -300,7 +294,7 @@ def test_partial_plan_reaches_the_same_rules_as_a_full_one(case: str) -> None:
     first = planner.plan(GOLDEN_STATE, None)
     planner.commit(first)
     new_state = _bump(GOLDEN_STATE, **changes)
-    changed = frozenset(n.service for n in set(new_state.services) | set(GOLDEN_STATE.services)
+    changed = frozenset(n.service for n in set(new_state.service_ports) | set(GOLDEN_STATE.service_ports)
                         if n.namespace in namespaces)
     partial = planner.plan(new_state, changed)
     assert not partial.full
@@ -316,13 +310,13 @@ def test_partial_plan_reaches_the_same_rules_as_a_full_one(case: str) -> None:
 
 
 def test_partial_cost_is_proportional_to_the_change() -> None:
-    entries = [(sp("ns", f"s{i}", f"172.30.{i // 250}.{i % 250}"), (Endpoint(f"10.1.{i // 250}.{i % 250}", 80),))
+    entries = [(sp(f"s{i}", f"172.30.{i // 250}.{i % 250}", namespace="ns"), (Endpoint(f"10.1.{i // 250}.{i % 250}", 80),))
                for i in range(2000)]
     st = state(*entries)
     planner = Planner(OPTS)
     planner.commit(planner.plan(st, None))
     svc, _ = entries[7]
-    st2 = ProxyState(services=st.services, endpoints={**st.endpoints, svc.name: (Endpoint("10.9.9.9", 80),)},
+    st2 = ProxyState(service_ports=st.service_ports, endpoints={**st.endpoints, svc.name: (Endpoint("10.9.9.9", 80),)},
                      node_name=NODE)
     plan = planner.plan(st2, frozenset({svc.name.service}))
     assert len(plan.text.splitlines()) < 40
@@ -357,7 +351,7 @@ def test_jump_rules_match_kube_proxy() -> None:
         '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
     ]
     assert len(ch.jump_rules_text("filter")) == 9
-    assert ch.jump_rule_args((), "x y", "T") == ["-m", "comment", "--comment", "x y", "-j", "T"]
+    assert Jump("nat", "OUTPUT", "T", "x y").args() == ["-m", "comment", "--comment", "x y", "-j", "T"]
 
 
 def test_backend_choice_follows_iptables_wrapper() -> None:
@@ -375,7 +369,7 @@ def test_backend_choice_follows_iptables_wrapper() -> None:
 
 
 def test_backend_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxyd.modes.iptables.backend import detect
+    from proxyd.netfilter.backend import detect
 
     assert detect(environ={"PROXYD_IPTABLES_BACKEND": "legacy"}).name == "legacy"
     assert detect(environ={"PROXYD_IPTABLES_BACKEND": " NFT "}).name == "nft"
@@ -391,9 +385,9 @@ def test_chains_of_save_output() -> None:
 
 
 def test_stale_udp_flows() -> None:
-    udp = sp("ns1", "dns", "172.30.0.10", port_name="dns", port=53, protocol=Protocol.UDP, node_port=30053,
+    udp = sp("dns", "172.30.0.10", namespace="ns1", port_name="dns", port=53, protocol=Protocol.UDP, node_port=30053,
              external_ips=("192.168.99.10",))
-    tcp = sp("ns1", "dns", "172.30.0.10", port_name="dns-tcp", port=53, protocol=Protocol.TCP)
+    tcp = sp("dns", "172.30.0.10", namespace="ns1", port_name="dns-tcp", port=53, protocol=Protocol.TCP)
     e1, e2 = Endpoint("10.180.0.1", 53), Endpoint("10.180.0.2", 53)
 
     def rendered(svc: ServicePort, eps: tuple[Endpoint, ...]):
@@ -432,6 +426,7 @@ class FakeApplier:
         self.fail = False
         self.canary = True
         self.jumps = 0
+        self.checks = 0
 
     async def ensure_canaries(self) -> None:
         self.canary = True
@@ -439,25 +434,26 @@ class FakeApplier:
     async def ensure_jumps(self) -> None:
         self.jumps += 1
 
-    async def canary_present(self) -> bool:
-        return self.canary
+    async def missing(self) -> list[str]:
+        self.checks += 1
+        return [] if self.canary else ["nat KUBE-PROXY-CANARY"]
 
     async def chains(self, table: str) -> set[str]:
         return {"KUBE-SEP-LEFTOVER0000000"} if table == "nat" else set()
 
     async def restore(self, text: str) -> None:
         if self.fail:
-            from proxyd.modes.iptables.backend import IptablesError
+            from proxyd.netfilter.backend import IptablesError
 
             raise IptablesError(["iptables-restore"], 1, "line 7 failed")
         self.restored.append(text)
 
 
-def _mode_with(fake: FakeApplier):
+def _mode_with(fake: FakeApplier, clock=lambda: 0.0):
     from proxyd.config import Config
     from proxyd.modes.iptables import IptablesMode
 
-    mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
+    mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",), sync_period=30.0), clock=clock)
     mode.applier = fake  # type: ignore[assignment]
     return mode
 
@@ -469,8 +465,10 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
     from proxyd.modes.base import SyncRequest
 
     fake = FakeApplier()
-    mode = _mode_with(fake)
+    now = [0.0]
+    mode = _mode_with(fake, clock=lambda: now[0])
     failures = metrics.IPTABLES_RESTORE_FAILURES._value.get()
+    repairs = metrics.NETFILTER_REPAIRS.labels(mode="iptables")._value.get()
     partial_failures = metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get()
 
     async def scenario() -> None:
@@ -488,18 +486,31 @@ def test_mode_full_then_partial_then_failure_then_full() -> None:
         fake.fail = False
         await mode.sync(SyncRequest(GOLDEN_STATE, frozenset({SVC1.name.service})))
         assert mode.last_plan is not None and mode.last_plan.full and fake.jumps == 2
-        # the canary vanishing turns a partial sync into a full one
+        # within a sync period of the last full sync nothing is checked
         fake.canary = False
         await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
-        assert mode.last_plan.full and fake.jumps == 3
+        assert not mode.last_plan.full and fake.checks == 0
+        # a sync period later the check runs: the canary vanishing turns it into a full sync
+        now[0] = 30.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert mode.last_plan.full and fake.jumps == 3 and fake.checks == 1
+        # all present again: checked once per period, partial syncs stay partial
+        fake.canary = True
+        now[0] = 45.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert not mode.last_plan.full and fake.checks == 1
+        now[0] = 61.0
+        await mode.sync(SyncRequest(GOLDEN_STATE, frozenset()))
+        assert not mode.last_plan.full and fake.checks == 2
 
     asyncio.run(scenario())
     assert metrics.IPTABLES_RESTORE_FAILURES._value.get() == failures + 1
     assert metrics.IPTABLES_PARTIAL_RESTORE_FAILURES._value.get() == partial_failures + 1
+    assert metrics.NETFILTER_REPAIRS.labels(mode="iptables")._value.get() == repairs + 1
 
 
 def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions() -> None:
-    entries = [(sp("ns", f"s{i}", f"172.30.0.{i}", node_port=30000 + i, type=ServiceType.NODE_PORT),
+    entries = [(sp(f"s{i}", f"172.30.0.{i}", namespace="ns", node_port=30000 + i, type=ServiceType.NODE_PORT),
                 tuple(Endpoint(f"10.1.{i}.{j}", 80) for j in range(1, 4))) for i in range(1, 40)]
     st = state(*entries, (SVC3, ()))
     opts = dataclasses.replace(OPTS, chunk_rules=30)
@@ -522,7 +533,7 @@ def test_chunked_full_plan_gives_the_same_rules_in_self_consistent_transactions(
 def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
     import asyncio
 
-    from proxyd.modes.iptables.backend import IptablesError, run
+    from proxyd.netfilter.backend import IptablesError, run
 
     async def scenario() -> None:
         big = "x" * (8 << 20)  # a restore input of 10k services is ~30 MB
@@ -540,7 +551,7 @@ def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
 
 
 def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:
-    from proxyd.modes.iptables.applier import cleanup_inputs
+    from proxyd.netfilter import cleanup_inputs
 
     victims = [f"KUBE-SEP-{i:04d}" for i in range(10)]
     (single,) = cleanup_inputs("nat", victims, 0)

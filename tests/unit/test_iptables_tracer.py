@@ -11,57 +11,52 @@ proxyd with --cluster-cidr 10.0.0.0/8; pods are 10.0.0.0/8, outside clients
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName, ServiceType
+from proxyd.model import Protocol, ServiceType
 from proxyd.modes.iptables.planner import Planner, PlannerOptions
 from proxyd.modes.iptables.tracer import Tracer, flow, parse
+from tests.builders import endpoint, service_port, state
 
 NODE, NODE_IP = "node1", "192.168.0.2"
 POD, OUTSIDE = "10.0.0.2", "203.0.113.5"
 
 
-def sp(name: str, ip: str, *, port: int = 80, protocol: Protocol = Protocol.TCP, port_name: str = "p80",
-       **kw: object) -> ServicePort:
-    n = ServicePortName("ns", name, port_name, protocol)
-    return ServicePort(name=n, type=kw.pop("type", ServiceType.CLUSTER_IP), cluster_ip=ip, port=port,
-                       protocol=protocol, **kw)  # type: ignore[arg-type]
-
-
-def ep(ip: str, port: int = 80, node: str | None = "node2", **kw: object) -> Endpoint:
-    return Endpoint(ip, port, node_name=node, **kw)  # type: ignore[arg-type]
+sp = partial(service_port, namespace="ns", port_name="p80")
+ep = partial(endpoint, node="node2")
 
 
 LOCAL = {"node": NODE}
 SERVICES = [
-    (sp("svc1", "172.30.0.41"), (ep("10.180.0.1", node=NODE),)),
+    (sp("svc1", "172.30.0.41"), (ep("10.180.0.1", 80, node=NODE),)),
     (sp("target", "172.30.0.42"), (ep("10.180.0.2", 8080),)),
     (sp("dns", "172.30.0.43", port=53, port_name="dns-tcp"), (ep("10.180.0.3", 5353),)),
     (sp("dns", "172.30.0.43", port=53, port_name="dns", protocol=Protocol.UDP), (ep("10.180.0.4", 53),)),
     (sp("empty", "172.30.0.44", type=ServiceType.NODE_PORT, node_port=3004, external_ips=("192.168.99.4",)), ()),
     (sp("lb", "172.30.0.45", type=ServiceType.LOAD_BALANCER, node_port=3005, load_balancer_ips=("1.2.3.5",),
         load_balancer_source_ranges=("203.0.113.0/25",)),
-     (ep("10.180.0.5"), ep("10.180.0.6", node=NODE))),
+     (ep("10.180.0.5", 80), ep("10.180.0.6", 80, node=NODE))),
     (sp("local", "172.30.0.46", type=ServiceType.LOAD_BALANCER, node_port=3006, load_balancer_ips=("1.2.3.6",),
         external_policy_local=True, health_check_node_port=30006),
-     (ep("10.180.0.7", node=NODE), ep("10.180.0.8"))),
+     (ep("10.180.0.7", 80, node=NODE), ep("10.180.0.8", 80))),
     (sp("nolocal", "172.30.0.47", type=ServiceType.NODE_PORT, node_port=3007, external_ips=("192.168.99.7",),
-        external_policy_local=True), (ep("10.180.0.9"),)),
-    (sp("itp", "172.30.0.48", internal_policy_local=True), (ep("10.180.0.10", node=NODE), ep("10.180.0.11"))),
-    (sp("itpnone", "172.30.0.49", internal_policy_local=True), (ep("10.180.0.12"),)),
+        external_policy_local=True), (ep("10.180.0.9", 80),)),
+    (sp("itp", "172.30.0.48", internal_policy_local=True), (ep("10.180.0.10", 80, node=NODE), ep("10.180.0.11", 80))),
+    (sp("itpnone", "172.30.0.49", internal_policy_local=True), (ep("10.180.0.12", 80),)),
     (sp("term", "172.30.0.50", type=ServiceType.NODE_PORT, node_port=3010, external_policy_local=True),
-     (ep("10.180.0.13", node=NODE, ready=False, serving=True, terminating=True), ep("10.180.0.14"))),
+     (ep("10.180.0.13", 80, node=NODE, ready=False, serving=True, terminating=True), ep("10.180.0.14", 80))),
     (sp("termgone", "172.30.0.51", type=ServiceType.NODE_PORT, node_port=3011, external_policy_local=True),
-     (ep("10.180.0.15", node=NODE, ready=False, serving=False, terminating=True), ep("10.180.0.16"))),
+     (ep("10.180.0.15", 80, node=NODE, ready=False, serving=False, terminating=True), ep("10.180.0.16", 80))),
     (sp("np", "172.30.0.52", type=ServiceType.NODE_PORT, node_port=3012),
-     (ep("10.180.0.17"), ep("10.180.0.18"), ep("10.180.0.19"))),
-    (sp("sticky", "172.30.0.53", affinity_timeout=60), (ep("10.180.0.20"), ep("10.180.0.21"))),
+     (ep("10.180.0.17", 80), ep("10.180.0.18", 80), ep("10.180.0.19", 80))),
+    (sp("sticky", "172.30.0.53", affinity_timeout=60), (ep("10.180.0.20", 80), ep("10.180.0.21", 80))),
 ]
 
 
 def build(**opts: object) -> Tracer:
-    st = ProxyState(services={s.name: s for s, _ in SERVICES}, endpoints={s.name: e for s, e in SERVICES},
-                    node_name=NODE)
+    st = state(*SERVICES, node=NODE)
     options = PlannerOptions(**{"cluster_cidrs": ("10.0.0.0/8",), "node_ip": NODE_IP, **opts})  # type: ignore[arg-type]
     return Tracer(Planner(options).plan(st, None).text, node_ips=[NODE_IP, "172.16.0.1"])
 

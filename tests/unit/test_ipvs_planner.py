@@ -6,20 +6,20 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
 from pyroute2.netlink.generic import ipvs as genl_ipvs
 from pyroute2.netlink.nfnetlink.ipset import ipset_msg
 
+from proxyd import metrics
 from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
     Protocol,
-    ProxyState,
     ServiceName,
     ServicePort,
-    ServicePortName,
     ServiceType,
 )
 from proxyd.modes.base import SyncRequest
@@ -33,7 +33,6 @@ from proxyd.modes.ipvs.applier import (
     ipset_request,
     parse_dest,
     parse_service,
-    saved_jumps,
     server_request,
 )
 from proxyd.modes.ipvs.graceful import GracefulTerminator
@@ -66,7 +65,10 @@ from proxyd.modes.ipvs.planner import (
     plan_port,
     validate_scheduler,
 )
+from proxyd.netfilter.jumps import saved_jumps
 from proxyd.netlink import encode
+from tests.builders import endpoint, service_port
+from tests.builders import state as state_of
 
 NODE = "node1"
 CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.51.100.1"),
@@ -74,15 +76,8 @@ CTX = PlanContext(scheduler="rr", node_name=NODE, node_ips=("203.0.113.1", "198.
 TCP = Protocol.TCP
 
 
-def svc(name: str = "web", *, ip: str = "10.96.0.10", port: int = 80, protocol: Protocol = TCP,
-        **kwargs: Any) -> ServicePort:
-    kwargs.setdefault("type", ServiceType.CLUSTER_IP)
-    return ServicePort(name=ServicePortName("default", name, "", protocol), cluster_ip=ip, port=port,
-                       protocol=protocol, target_port=8080, **kwargs)
-
-
-def ep(ip: str, port: int = 8080, *, node: str | None = NODE, **kwargs: Any) -> Endpoint:
-    return Endpoint(ip, port, node_name=node, **kwargs)
+svc = partial(service_port, target_port=8080)
+ep = partial(endpoint, node=NODE)
 
 
 LOCAL1, LOCAL2, REMOTE = ep("10.244.1.11"), ep("10.244.1.12"), ep("10.244.2.11", node="node2")
@@ -346,6 +341,7 @@ class FakeApplier:
         self.bound: set[str] = set()
         self.rules = ""
         self.refuse: set[Op] = set()  # operations the fake kernel refuses
+        self.gone: list[str] = []
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         return func(*args)
@@ -417,7 +413,7 @@ class FakeApplier:
         self.sets.setdefault(name, set()).update(add)
         self.sets[name].difference_update(remove)
 
-    def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
+    async def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
         self.log("restore", ensure_jumps)
         self.rules = rules
 
@@ -437,6 +433,12 @@ class FakeApplier:
             else:
                 getattr(self, op.kind)(*op.args)
         return failed
+    async def netfilter(self) -> FakeApplier:
+        return self
+
+    async def missing(self, jumps: Any, canary_tables: Any = ()) -> list[str]:
+        self.log("missing")
+        return list(self.gone)
 
 
 KEY = VSKey("10.96.0.10", 80, TCP)
@@ -487,11 +489,6 @@ def test_graceful_max_wait_bounds_the_drain() -> None:
     assert run(grace.check()) == []
     now[0] = 60
     assert run(grace.check()) == [(KEY, S1)]
-
-
-def state_of(*ports: tuple[ServicePort, tuple[Endpoint, ...]]) -> ProxyState:
-    return ProxyState(services={s.name: s for s, _ in ports}, endpoints={s.name: e for s, e in ports},
-                      node_name=NODE)
 
 
 @pytest.fixture
@@ -550,11 +547,39 @@ def test_mode_partial_sync_touches_only_the_change(mode: tuple[IpvsMode, FakeApp
     assert "10.96.0.10" not in fake.bound and len(m.graceful) == 0
 
 
+def test_mode_repairs_jumps_found_gone_once_per_sync_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def addresses(cidrs: Any, *, family: int | None = None) -> list[str]:
+        return ["203.0.113.1"]
+
+    monkeypatch.setattr(mode_module.nodeaddrs, "node_addresses_async", addresses)
+    now = [100.0]
+    monkeypatch.setattr(mode_module.time, "monotonic", lambda: now[0])
+    fake = FakeApplier()
+    m = IpvsMode(Config(proxy_mode="ipvs", node_name=NODE, sync_period=30.0), applier=fake)  # type: ignore[arg-type]
+    repairs = metrics.NETFILTER_REPAIRS.labels(mode="ipvs")._value.get()
+    state = state_of((svc(), (LOCAL1,)))
+    unchanged = frozenset({ServiceName("default", "web")})
+    run(m.sync(SyncRequest(state, None)))
+    fake.gone = ["nat PREROUTING -> KUBE-SERVICES"]
+    fake.calls.clear()
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == []  # within the period of the full sync: no check
+    now[0] += 30
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == [("missing",), ("restore", True)]
+    assert metrics.NETFILTER_REPAIRS.labels(mode="ipvs")._value.get() == repairs + 1
+    fake.gone = []
+    fake.calls.clear()
+    now[0] += 30
+    run(m.sync(SyncRequest(state, unchanged)))
+    assert fake.calls == [("missing",)]
+
+
 def test_mode_failure_forces_a_kernel_reread(mode: tuple[IpvsMode, FakeApplier]) -> None:
     m, fake = mode
     run(m.sync(SyncRequest(state_of((svc(), (LOCAL1,))), None)))
 
-    def broken(rules: str, *, ensure_jumps: bool = False) -> None:
+    async def broken(rules: str, *, ensure_jumps: bool = False) -> None:
         raise RuntimeError("iptables-restore failed")
 
     fake.restore = broken  # type: ignore[method-assign]

@@ -225,7 +225,7 @@ async def test_works_with_the_real_tracker(tmp_path, start):
     tracker = Tracker("node-a")
     await start(tracker=tracker)
     state = tracker.take().state
-    (name,) = state.services
+    (name,) = state.service_ports
     assert str(name) == "default/demo"
     assert {str(e) for e in state.endpoints_of(name)} == {"10.244.1.2:8080", "10.244.1.3:8080"}
 

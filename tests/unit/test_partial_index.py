@@ -79,8 +79,8 @@ def big_state(n: int, *, changed: dict[ServicePortName, tuple[Endpoint, ...]] | 
         services.pop(name)
         endpoints.pop(name)
     if scan:
-        return ProxyState(services=services, endpoints=endpoints, node_name=NODE)
-    return ProxyState(services=NoScan(services), endpoints=NoScan(endpoints), node_name=NODE)
+        return ProxyState(service_ports=services, endpoints=endpoints, node_name=NODE)
+    return ProxyState(service_ports=NoScan(services), endpoints=NoScan(endpoints), node_name=NODE)
 
 
 CHANGED = {spn(7): (Endpoint("10.244.0.8", 8080), Endpoint("10.250.0.1", 8080))}

@@ -31,28 +31,26 @@ from proxyd.policy import (
     uses_cluster_endpoints,
     uses_local_endpoints,
 )
+from tests.builders import endpoint, service_port
 
 NODE = "node-1"
 
 
-def ep(addr: str, *, ready: bool = True, serving: bool | None = None, terminating: bool = False,
-       local: bool = False, hints: tuple[str, ...] = (), node: str | None = None) -> Endpoint:
-    ip, port = addr.rsplit(":", 1)
-    return Endpoint(ip=ip, port=int(port), ready=ready,
-                    serving=ready if serving is None else serving, terminating=terminating,
-                    node_name=NODE if local else (node or "node-other"), zone_hints=hints)
+def ep(addr: str, *, local: bool = False, hints: tuple[str, ...] = (), node: str | None = None,
+       **conditions: bool) -> Endpoint:
+    """An endpoint in the vocabulary of kube-proxy's policy tables: ``local`` means on this node."""
+    return endpoint(addr, node=NODE if local else (node or "node-other"), zone_hints=hints, **conditions)
 
 
 def svc(*, itp_local: bool = False, etp_local: bool = False, node_port: int = 0,
         topology: bool = False, external_ips: tuple[str, ...] = (),
         lb_ips: tuple[str, ...] = (), hc_port: int = 0, name: str = "svc") -> ServicePort:
-    return ServicePort(
-        name=ServicePortName("ns", name, "", Protocol.TCP),
-        type=ServiceType.NODE_PORT if node_port else ServiceType.CLUSTER_IP,
-        cluster_ip="172.30.0.1", port=80, protocol=Protocol.TCP, node_port=node_port,
-        external_ips=external_ips, load_balancer_ips=lb_ips,
-        internal_policy_local=itp_local, external_policy_local=etp_local,
-        topology_aware=topology, health_check_node_port=hc_port)
+    """A service port in the same vocabulary (the policy flags by their kube-proxy names)."""
+    return service_port(name, "172.30.0.1", namespace="ns",
+                        type=ServiceType.NODE_PORT if node_port else ServiceType.CLUSTER_IP,
+                        node_port=node_port, external_ips=external_ips, load_balancer_ips=lb_ips,
+                        internal_policy_local=itp_local, external_policy_local=etp_local,
+                        topology_aware=topology, health_check_node_port=hc_port)
 
 
 @dataclass
@@ -286,7 +284,7 @@ def test_local_endpoint_counts_per_service_over_ports() -> None:
                        external_policy_local=True, health_check_node_port=32000)
     b = svc(name="b")
     state = ProxyState(
-        services={a80.name: a80, a443.name: a443, b.name: b},
+        service_ports={a80.name: a80, a443.name: a443, b.name: b},
         endpoints={a80.name: (ep("10.0.0.1:80", local=True),),
                    a443.name: (ep("10.0.0.1:443", local=True), ep("10.0.0.2:443", local=True),
                                ep("10.0.0.3:443")),
@@ -297,7 +295,7 @@ def test_local_endpoint_counts_per_service_over_ports() -> None:
 
 def test_local_endpoint_counts_zero_when_no_endpoints() -> None:
     a = svc(name="a", hc_port=32000, etp_local=True, node_port=30080)
-    state = ProxyState(services={a.name: a}, endpoints={}, node_name=NODE)
+    state = ProxyState(service_ports={a.name: a}, endpoints={}, node_name=NODE)
     assert local_endpoint_counts(state) == {ServiceName("ns", "a"): 0}
 
 

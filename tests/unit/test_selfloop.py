@@ -35,7 +35,7 @@ def port(svc: str, cluster_ip: str, number: int = 80, *, proto: Protocol = Proto
 def state(ports: list[ServicePort], eps: dict[str, list[tuple[str, int]]]) -> ProxyState:
     services = {p.name: p for p in ports}
     endpoints = {p.name: tuple(Endpoint(ip=ip, port=n) for ip, n in eps.get(p.name.name, [])) for p in ports}
-    return ProxyState(services=MappingProxyType(services), endpoints=MappingProxyType(endpoints),
+    return ProxyState(service_ports=MappingProxyType(services), endpoints=MappingProxyType(endpoints),
                       node_name="node1")
 
 

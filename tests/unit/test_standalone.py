@@ -57,7 +57,7 @@ def scan(directory: Path, ranges: Ranges = RANGES, node: str = "node1") -> tuple
 
 
 def served(tracker: Tracker) -> dict:
-    return {str(name): port for name, port in tracker.take().state.services.items()}
+    return {str(name): port for name, port in tracker.take().state.service_ports.items()}
 
 
 @pytest.mark.parametrize("type_", SERVICE_TYPES)
@@ -66,8 +66,8 @@ def test_kubectl_service_is_served_after_allocation(tmp_path, type_, caplog):
     write_kubectl_dir(tmp_path, [type_])
     tracker, _ = scan(tmp_path)
     state = tracker.take().state
-    (name,) = state.services
-    port = state.services[name]
+    (name,) = state.service_ports
+    port = state.service_ports[name]
     assert str(name) == f"default/web-{type_}:80-8080"
     assert ipaddress.ip_address(port.cluster_ip) in RANGE
     assert port.type is ServiceType({"clusterip": "ClusterIP", "nodeport": "NodePort",
@@ -86,7 +86,7 @@ def test_kubectl_service_without_range_is_refused_naming_the_flag(tmp_path, type
     write_kubectl_dir(tmp_path, [type_])
     before = sample("proxyd_rejected_objects_total", kind="Service", reason="no_cluster_ip")
     tracker, source = scan(tmp_path, Ranges())
-    assert tracker.take().state.services == {}
+    assert tracker.take().state.service_ports == {}
     (line,) = [r for r in caplog.records
                if r.name == LOGGER and "no --service-cluster-ip-range" in r.getMessage()]
     assert line.levelno == logging.ERROR
@@ -150,8 +150,8 @@ def test_every_object_not_served_is_logged_once_with_a_reason(tmp_path, caplog):
                for r in ("unspecified_ip", "loopback_ip", "link_local_ip")}
     tracker, source = scan(tmp_path)
     state = tracker.take().state
-    assert {str(n) for n in state.services} == {"default/exposed"}
-    assert next(iter(state.services.values())).external_ips == ("192.0.2.10",)
+    assert {str(n) for n in state.service_ports} == {"default/exposed"}
+    assert next(iter(state.service_ports.values())).external_ips == ("192.0.2.10",)
     messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
     expect = [
         (logging.INFO, "Service default/headless spec.clusterIP: headless"),
@@ -316,7 +316,7 @@ def test_hand_written_endpoints_that_reach_nothing_are_reported(tmp_path, caplog
     (tmp_path / "orphan.yaml").write_text(yaml.safe_dump(endpoints("nosuch", ["10.244.1.3"])))
     tracker, source = scan(tmp_path)
     state = tracker.take().state
-    (name,) = state.services
+    (name,) = state.service_ports
     assert state.endpoints.get(name, ()) == ()
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert ("manifests web.yaml: Service default/web port 80-8080/TCP: no endpoint port of that name in its "

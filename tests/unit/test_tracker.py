@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,6 @@ from hypothesis import strategies as st
 from proxyd import metrics
 from proxyd.model import (
     Endpoint,
-    EndpointPort,
     EndpointSlice,
     Protocol,
     ProxyState,
@@ -25,37 +25,17 @@ from proxyd.model import (
     ServiceName,
     ServicePort,
     ServicePortName,
-    ServiceType,
     SliceEndpoint,
     family,
 )
 from proxyd.tracker import Tracker, TrackerSnapshot, merge_endpoints
+from tests.builders import endpoint_slice as eslice
+from tests.builders import service, service_port
+from tests.builders import slice_endpoint as sep
 
 NODE = "node-1"
 TCP, UDP = Protocol.TCP, Protocol.UDP
-
-
-def port(ns: str, name: str, pname: str = "", proto: Protocol = TCP, *, number: int = 80,
-         cluster_ip: str = "172.30.0.1", **kw: object) -> ServicePort:
-    return ServicePort(name=ServicePortName(ns, name, pname, proto), type=ServiceType.CLUSTER_IP,
-                       cluster_ip=cluster_ip, port=number, protocol=proto, **kw)
-
-
-def service(ns: str, name: str, *ports: ServicePort) -> Service:
-    if not ports:
-        ports = (port(ns, name),)
-    return Service(name=ServiceName(ns, name), ports=ports)
-
-
-def eslice(ns: str, name: str, svc: str, ports: Iterable[tuple[str, int, Protocol]],
-           endpoints: Iterable[SliceEndpoint]) -> EndpointSlice:
-    return EndpointSlice(namespace=ns, name=name, service=svc,
-                         ports=tuple(EndpointPort(n, p, pr) for n, p, pr in ports),
-                         endpoints=tuple(endpoints))
-
-
-def sep(ip: str, *, ready: bool = True, node: str | None = None, **kw: object) -> SliceEndpoint:
-    return SliceEndpoint(ip=ip, ready=ready, serving=kw.pop("serving", ready), node_name=node, **kw)
+sp = partial(service_port, namespace="ns")
 
 
 SN = ServiceName("ns", "web")
@@ -76,7 +56,7 @@ def test_service_without_slices_has_empty_endpoints() -> None:
     t = Tracker(NODE)
     assert t.update_service(SN, service("ns", "web"))
     snap = t.take()
-    assert snap.state.services == {SPN: port("ns", "web")}
+    assert snap.state.service_ports == {SPN: sp("web")}
     assert snap.state.endpoints == {SPN: ()}
     assert snap.changed == {SN}
 
@@ -127,7 +107,7 @@ def test_endpoints_sort_numerically_by_address_then_port_v4_first() -> None:
     t.update_slice(("ns", "b"), eslice("ns", "b", "web", [("", 80, TCP)], [sep("10.0.0.10")]))
     assert [str(e) for e in t.take().state.endpoints[SPN]] == [
         "9.0.0.1:9000", "10.0.0.9:9000", "10.0.0.10:80", "10.0.0.10:9000"]
-    v6 = port("ns", "web", cluster_ip="fd00::1")
+    v6 = sp("web", "fd00::1")
     t.update_service(SN, service("ns", "web", v6))
     t.update_slice(("ns", "c"), eslice("ns", "c", "web", [("", 80, TCP)],
                                        [sep("fd00::10"), sep("fd00::9"), sep("fc00::ffff")]))
@@ -143,9 +123,9 @@ def test_same_ip_different_target_ports_are_distinct_endpoints() -> None:
 
 
 def test_ports_match_by_name_and_protocol() -> None:
-    http = port("ns", "web", "http", TCP)
-    dns_tcp = port("ns", "web", "dns", TCP, number=53)
-    dns_udp = port("ns", "web", "dns", UDP, number=53)
+    http = sp("web", port_name="http", protocol=TCP)
+    dns_tcp = sp("web", port_name="dns", protocol=TCP, port=53)
+    dns_udp = sp("web", port_name="dns", protocol=UDP, port=53)
     t = Tracker(NODE)
     t.update_service(SN, service("ns", "web", http, dns_tcp, dns_udp))
     t.update_slice(("ns", "a"), eslice("ns", "a", "web",
@@ -171,7 +151,7 @@ def test_slice_before_service_applies_when_service_appears() -> None:
     t = Tracker(NODE)
     t.update_slice(("ns", "a"), eslice("ns", "a", "web", [("", 80, TCP)], [sep("10.0.0.1")]))
     snap = t.take()
-    assert snap.state.services == {} and snap.state.endpoints == {}
+    assert snap.state.service_ports == {} and snap.state.endpoints == {}
     assert snap.changed == frozenset()
     t.update_service(SN, service("ns", "web"))
     snap = t.take()
@@ -186,34 +166,34 @@ def test_service_delete_removes_ports_but_keeps_slices() -> None:
     t.take()
     t.update_service(SN, None)
     snap = t.take()
-    assert snap.state.services == {} and snap.state.endpoints == {}
+    assert snap.state.service_ports == {} and snap.state.endpoints == {}
     assert snap.changed == {SN}
     t.update_service(SN, service("ns", "web"))
     assert len(t.take().state.endpoints[SPN]) == 1
 
 
 def test_port_removed_from_service_disappears() -> None:
-    a, b = port("ns", "web", "a"), port("ns", "web", "b", number=81)
+    a, b = sp("web", port_name="a"), sp("web", port_name="b", port=81)
     t = Tracker(NODE)
     t.update_service(SN, service("ns", "web", a, b))
     t.take()
     t.update_service(SN, service("ns", "web", a))
     snap = t.take()
-    assert set(snap.state.services) == {a.name} and set(snap.state.endpoints) == {a.name}
+    assert set(snap.state.service_ports) == {a.name} and set(snap.state.endpoints) == {a.name}
 
 
 def test_port_renamed_with_same_count_is_a_change() -> None:
-    a, b = port("ns", "web", "a"), port("ns", "web", "b")
+    a, b = sp("web", port_name="a"), sp("web", port_name="b")
     t = Tracker(NODE)
     t.update_service(SN, service("ns", "web", a))
     t.take()
     t.update_service(SN, service("ns", "web", b))
     snap = t.take()
-    assert snap.changed == {SN} and set(snap.state.services) == {b.name}
+    assert snap.changed == {SN} and set(snap.state.service_ports) == {b.name}
 
 
 def test_endpoints_of_other_family_are_skipped() -> None:
-    v6 = port("ns", "web", cluster_ip="fd00::1")
+    v6 = sp("web", "fd00::1")
     t = Tracker(NODE)
     t.update_service(SN, service("ns", "web", v6))
     t.update_slice(("ns", "a"), eslice("ns", "a", "web", [("", 80, TCP)],
@@ -263,7 +243,7 @@ def test_mismatched_key_is_a_programming_error() -> None:
 
 
 def test_merge_endpoints_ignores_input_slice_order() -> None:
-    p = port("ns", "web")
+    p = sp("web")
     s1 = eslice("ns", "a", "web", [("", 80, TCP)], [sep("10.0.0.1", ready=False, zone="a")])
     s2 = eslice("ns", "b", "web", [("", 80, TCP)], [sep("10.0.0.1", ready=False, zone="b")])
     assert merge_endpoints(p, [s1, s2], node_name=NODE) == merge_endpoints(p, [s2, s1], node_name=NODE)
@@ -277,7 +257,7 @@ def test_noop_changes_vanish() -> None:
     t.update_service(SN, service("ns", "web"))
     t.take()
     assert not t.pending
-    assert t.update_service(SN, service("ns", "web", port("ns", "web", number=81)))
+    assert t.update_service(SN, service("ns", "web", sp("web", port=81)))
     assert t.pending
     assert t.update_service(SN, service("ns", "web"))
     assert not t.pending and t.oldest_pending is None
@@ -382,7 +362,7 @@ def test_replace_all_diffs_against_content() -> None:
     assert t.replace_all([web], [sl])
     snap = t.take()
     assert snap.changed == {api.name}
-    assert set(snap.state.services) == {SPN}
+    assert set(snap.state.service_ports) == {SPN}
     # None leaves that kind alone.
     assert not t.replace_all(None, [sl])
     assert t.replace_all([web], None) is False
@@ -392,8 +372,8 @@ def test_replace_all_diffs_against_content() -> None:
 
 def test_replace_all_last_duplicate_wins() -> None:
     t = Tracker(NODE)
-    t.replace_all([service("ns", "web"), service("ns", "web", port("ns", "web", number=99))], [])
-    assert t.take().state.services[SPN].port == 99
+    t.replace_all([service("ns", "web"), service("ns", "web", sp("web", port=99))], [])
+    assert t.take().state.service_ports[SPN].port == 99
 
 
 def test_snapshots_are_immutable_and_independent() -> None:
@@ -403,9 +383,9 @@ def test_snapshots_are_immutable_and_independent() -> None:
     t.update_service(SN, None)
     t.update_service(ServiceName("ns", "api"), service("ns", "api"))
     second = t.take().state
-    assert SPN in first.services and SPN not in second.services
+    assert SPN in first.service_ports and SPN not in second.service_ports
     with pytest.raises(TypeError):
-        first.services[SPN] = None  # type: ignore[index]
+        first.service_ports[SPN] = None  # type: ignore[index]
     with pytest.raises(TypeError):
         first.endpoints[SPN] = ()  # type: ignore[index]
 
@@ -472,7 +452,7 @@ def test_take_recomputes_only_touched_services(monkeypatch: pytest.MonkeyPatch) 
     snap = t.take()
     assert calls == [ServicePortName("ns", "s7", "", TCP)]
     assert snap.changed == {ServiceName("ns", "s7")}
-    assert len(snap.state.services) == 50
+    assert len(snap.state.service_ports) == 50
     calls.clear()
     assert t.take().changed == frozenset() and calls == []
 
@@ -515,8 +495,9 @@ def services_of(ports: Mapping[ServicePortName, object]) -> set[ServiceName]:
 
 def diff_services(old: ProxyState, new: ProxyState) -> set[ServiceName]:
     out = set()
-    for pn in set(old.services) | set(new.services):
-        if old.services.get(pn) != new.services.get(pn) or old.endpoints.get(pn) != new.endpoints.get(pn):
+    for pn in set(old.service_ports) | set(new.service_ports):
+        if (old.service_ports.get(pn) != new.service_ports.get(pn)
+                or old.endpoints.get(pn) != new.endpoints.get(pn)):
             out.add(pn.service)
     return out
 
@@ -535,7 +516,7 @@ _svc_port = st.builds(
 def services_st(draw: st.DrawFn) -> Service:
     name = draw(st.sampled_from(SVC_NAMES))
     specs = draw(st.lists(_svc_port, min_size=0, max_size=3))
-    ports = tuple(port("ns", name, pname, proto, number=num, cluster_ip="fd00::a" if v6 else "172.30.0.1")
+    ports = tuple(sp(name, "fd00::a" if v6 else "172.30.0.1", port_name=pname, protocol=proto, port=num)
                   for pname, proto, num, v6 in specs)
     return Service(name=ServiceName("ns", name), ports=ports)
 
@@ -596,12 +577,12 @@ def apply(t: Tracker, op: str, arg: object, model: dict) -> None:
 def check_take(t: Tracker, model: dict, prev: TrackerSnapshot, prev_labels: dict) -> TrackerSnapshot:
     snap = t.take()
     ports, eps = reference_state(model["svc"], model["slice"], NODE)
-    assert dict(snap.state.services) == ports
+    assert dict(snap.state.service_ports) == ports
     assert dict(snap.state.endpoints) == eps
     assert dict(snap.state.node_labels) == model["labels"]
     expected = diff_services(prev.state, snap.state)
     if model["labels"] != prev_labels:
-        expected |= services_of(snap.state.services)
+        expected |= services_of(snap.state.service_ports)
     assert snap.changed == expected
     assert not t.pending and t.oldest_pending is None
     return snap

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from types import MappingProxyType
+from functools import partial
 
 import pytest
 
 from proxyd.model import (
     Endpoint,
     Protocol,
-    ProxyState,
     ServiceName,
     ServicePort,
-    ServicePortName,
     ServiceType,
 )
 from proxyd.modes.userspace.listeners import SourceFilter
@@ -26,30 +24,14 @@ from proxyd.modes.userspace.planner import (
     plan_port,
 )
 from proxyd.nodeaddrs import filter_addresses
+from tests.builders import endpoint, port_name, service_port, state
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
 
 
-def spn(name: str = "web", port: str = "", protocol: Protocol = TCP, ns: str = "default") -> ServicePortName:
-    return ServicePortName(ns, name, port, protocol)
-
-
-def svc(name: ServicePortName, **kw) -> ServicePort:
-    kw.setdefault("type", ServiceType.CLUSTER_IP)
-    kw.setdefault("cluster_ip", "10.96.0.10")
-    kw.setdefault("port", 80)
-    return ServicePort(name=name, protocol=name.protocol, **kw)
-
-
-def ep(ip: str, port: int = 8080, *, node: str | None = "node1", ready: bool = True,
-       terminating: bool = False, serving: bool | None = None) -> Endpoint:
-    return Endpoint(ip=ip, port=port, ready=ready, serving=ready if serving is None else serving,
-                    terminating=terminating, node_name=node)
-
-
-def state(ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]], node: str = "node1"):
-    return ProxyState(services=MappingProxyType({k: v[0] for k, v in ports.items()}),
-                      endpoints=MappingProxyType({k: v[1] for k, v in ports.items()}), node_name=node)
+spn = port_name
+svc = service_port
+ep = partial(endpoint, node="node1")
 
 
 def plan_one(port: ServicePort, endpoints: tuple[Endpoint, ...], nodeport_ips=("0.0.0.0",)):
@@ -151,8 +133,8 @@ def test_duplicate_endpoints_collapse() -> None:
 def test_conflicting_listeners_first_service_wins() -> None:
     a, b = spn("a"), spn("b")
     plans = {
-        b: plan_one(svc(b, cluster_ip="10.96.0.2", external_ips=("192.0.2.10",)), ()),
-        a: plan_one(svc(a, cluster_ip="10.96.0.1", external_ips=("192.0.2.10",)), ()),
+        b: plan_one(svc(b, ip="10.96.0.2", external_ips=("192.0.2.10",)), ()),
+        a: plan_one(svc(a, ip="10.96.0.1", external_ips=("192.0.2.10",)), ()),
     }
     merged = merge(plans)
     assert merged.listeners[ListenerKey("192.0.2.10", 80, TCP)].name == a
@@ -177,17 +159,17 @@ def test_tcp_and_udp_on_one_port_are_separate() -> None:
 def test_planner_partial_sync_replans_only_changed() -> None:
     a, b = spn("a"), spn("b")
     planner = Planner()
-    s1 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),)),
-                b: (svc(b, cluster_ip="10.96.0.2"), (ep("10.244.1.12"),))})
+    s1 = state((svc(a, ip="10.96.0.1"), (ep("10.244.1.11"),)),
+               (svc(b, ip="10.96.0.2"), (ep("10.244.1.12"),)))
     full = planner.plan(s1, changed=None, nodeport_ips=["0.0.0.0"])
     assert full.addresses == {"10.96.0.1", "10.96.0.2"}
     # b changes, a is unchanged; then a service goes away
-    s2 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),)),
-                b: (svc(b, cluster_ip="10.96.0.2"), (ep("10.244.1.13"),))})
+    s2 = state((svc(a, ip="10.96.0.1"), (ep("10.244.1.11"),)),
+               (svc(b, ip="10.96.0.2"), (ep("10.244.1.13"),)))
     part = planner.plan(s2, changed=frozenset({ServiceName("default", "b")}), nodeport_ips=["0.0.0.0"])
     assert part.tables[TableKey(b)].endpoints == (("10.244.1.13", 8080),)
     assert part.tables[TableKey(a)].endpoints == (("10.244.1.11", 8080),)
-    s3 = state({a: (svc(a, cluster_ip="10.96.0.1"), (ep("10.244.1.11"),))})
+    s3 = state((svc(a, ip="10.96.0.1"), (ep("10.244.1.11"),)))
     gone = planner.plan(s3, changed=frozenset({ServiceName("default", "b")}), nodeport_ips=["0.0.0.0"])
     assert gone.addresses == {"10.96.0.1"} and TableKey(b) not in gone.tables
     # a full plan of the same state from scratch agrees with the incremental one
@@ -197,7 +179,7 @@ def test_planner_partial_sync_replans_only_changed() -> None:
 def test_planner_replans_everything_when_node_addresses_change() -> None:
     name = spn()
     planner = Planner()
-    s = state({name: (svc(name, type=ServiceType.NODE_PORT, node_port=30080), (ep("10.244.1.11"),))})
+    s = state((svc(name, type=ServiceType.NODE_PORT, node_port=30080), (ep("10.244.1.11"),)))
     planner.plan(s, changed=None, nodeport_ips=["203.0.113.1"])
     plan = planner.plan(s, changed=frozenset(), nodeport_ips=["198.51.100.1"])
     assert ListenerKey("198.51.100.1", 30080, TCP) in plan.listeners
@@ -205,12 +187,9 @@ def test_planner_replans_everything_when_node_addresses_change() -> None:
 
 
 def test_many_services_plan_quickly_enough_to_be_linear() -> None:
-    ports = {}
-    for i in range(3000):
-        name = spn(f"s{i}")
-        ports[name] = (svc(name, cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}"),
-                       (ep(f"10.244.{i % 200}.{i % 250 + 1}"),))
-    plan = Planner().plan(state(ports), changed=None, nodeport_ips=["0.0.0.0"])
+    ports = [(svc(f"s{i}", ip=f"10.96.{i // 250}.{i % 250 + 1}"), (ep(f"10.244.{i % 200}.{i % 250 + 1}"),))
+             for i in range(3000)]
+    plan = Planner().plan(state(*ports), changed=None, nodeport_ips=["0.0.0.0"])
     assert len(plan.listeners) == 3000 and len(plan.addresses) == 3000
 
 
@@ -245,10 +224,9 @@ def test_filter_addresses_rejects_bad_cidr() -> None:
 def test_wildcard_nodeport_sharing_a_port_with_a_service_address_splits_per_node_address() -> None:
     """Without SO_REUSEPORT 0.0.0.0:30080 and 10.96.0.2:30080 cannot both be bound: the NodePort
     listens on each node address instead, the ClusterIP keeps its own listener."""
-    a = ServicePortName("default", "a", "", TCP)
-    b = ServicePortName("default", "b", "", TCP)
-    plans = {a: plan_one(svc(a, cluster_ip="10.96.0.1", node_port=30080), ()),
-             b: plan_one(svc(b, cluster_ip="10.96.0.2", port=30080), ())}
+    a, b = spn("a"), spn("b")
+    plans = {a: plan_one(svc(a, "10.96.0.1", type=ServiceType.NODE_PORT, node_port=30080), ()),
+             b: plan_one(svc(b, "10.96.0.2", port=30080), ())}
     merged = merge(plans, ["127.0.0.1", "203.0.113.1", "fd00::1"])
     assert ListenerKey("0.0.0.0", 30080, TCP) not in merged.listeners
     assert merged.listeners[ListenerKey("10.96.0.2", 30080, TCP)].name == b

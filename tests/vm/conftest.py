@@ -9,13 +9,14 @@ the namespaces of a ``Topology`` takes ~80 of them. So the namespaces are
 built once per session, and each test gets a ``GuestTopology``: a view of
 the same namespaces with its own manifests directory and its own
 processes, which on exit kills what the test started and resets the node
-namespace's IPVS state (``IpvsApplier.cleanup`` run inside it: no virtual
+namespace's IPVS state (``IpvsApplier.cleanup`` and ``remove_rules`` run inside it: no virtual
 server, no ``kube-ipvs0``, no KUBE chains or sets) and its conntrack table,
 so every test starts from a clean node as with a fresh topology.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 from collections.abc import Iterator
@@ -49,13 +50,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def reset_node(node_ns: str) -> list[str]:
     """Remove everything ipvs mode may have left in ``node_ns``; return what could not be removed."""
-    from proxyd.modes.ipvs.applier import IpvsApplier
+    from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 
     with in_netns(node_ns):
         # pyroute2 sockets and iptables processes made on this thread live in node_ns.
         applier = IpvsApplier()
         try:
-            return applier.cleanup()
+            return applier.cleanup() + asyncio.run(remove_rules())
         finally:
             applier._close_sockets()
 

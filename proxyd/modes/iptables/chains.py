@@ -19,6 +19,7 @@ import hashlib
 from functools import lru_cache
 
 from proxyd.model import Endpoint, ServicePortName
+from proxyd.netfilter import CANARY, Jump, restore_lines
 
 # Top-level chains, as kube-proxy names them.
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -28,7 +29,7 @@ KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
-KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"
+KUBE_PROXY_CANARY = CANARY
 
 SVC_PREFIX = "KUBE-SVC-"
 SVL_PREFIX = "KUBE-SVL-"
@@ -86,46 +87,39 @@ def is_service_chain(chain: str) -> bool:
     return chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
-# The jump rules from the built-in chains, as kube-proxy's iptablesJumpChains:
-# (table, built-in chain, extra match args, comment, target). Each is ensured
-# with ``iptables -C || iptables -I`` (prepended) on every full sync, and
-# removed by cleanup.
-JUMP_RULES: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
-    ("filter", "INPUT", ("-m", "conntrack", "--ctstate", "NEW"),
-     "kubernetes externally-visible service portals", KUBE_EXTERNAL_SERVICES),
-    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"),
-     "kubernetes externally-visible service portals", KUBE_EXTERNAL_SERVICES),
-    ("filter", "INPUT", (), "kubernetes health check service ports", KUBE_NODEPORTS),
-    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes service portals",
-     KUBE_SERVICES),
-    ("filter", "OUTPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes service portals",
-     KUBE_SERVICES),
-    ("filter", "FORWARD", (), "kubernetes forwarding rules", KUBE_FORWARD),
-    ("filter", "INPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
-     KUBE_PROXY_FIREWALL),
-    ("filter", "OUTPUT", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
-     KUBE_PROXY_FIREWALL),
-    ("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW"), "kubernetes load balancer firewall",
-     KUBE_PROXY_FIREWALL),
-    ("nat", "OUTPUT", (), "kubernetes service portals", KUBE_SERVICES),
-    ("nat", "PREROUTING", (), "kubernetes service portals", KUBE_SERVICES),
-    ("nat", "POSTROUTING", (), "kubernetes postrouting rules", KUBE_POSTROUTING),
+# The jump rules from the built-in chains, as kube-proxy's iptablesJumpChains.
+# Each is ensured with ``iptables -C || iptables -I`` (prepended) on every
+# full sync, verified every sync period and removed by cleanup.
+_NEW = ("-m", "conntrack", "--ctstate", "NEW")
+JUMP_RULES: tuple[Jump, ...] = (
+    Jump("filter", "INPUT", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _NEW),
+    Jump("filter", "FORWARD", KUBE_EXTERNAL_SERVICES, "kubernetes externally-visible service portals", _NEW),
+    Jump("filter", "INPUT", KUBE_NODEPORTS, "kubernetes health check service ports"),
+    Jump("filter", "FORWARD", KUBE_SERVICES, "kubernetes service portals", _NEW),
+    Jump("filter", "OUTPUT", KUBE_SERVICES, "kubernetes service portals", _NEW),
+    Jump("filter", "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules"),
+    Jump("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    Jump("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    Jump("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", _NEW),
+    Jump("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
+    Jump("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
 )
 
-
-def jump_rule_args(extra: tuple[str, ...], comment: str, target: str) -> list[str]:
-    """The argv (after ``-t T -X CHAIN``) of one jump rule, unquoted as exec passes it."""
-    return [*extra, "-m", "comment", "--comment", comment, "-j", target]
+# Chains cleanup removes from each table, besides every per-service chain.
+CLEANUP_CHAINS = {
+    "nat": (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ, KUBE_PROXY_CANARY),
+    "filter": (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
+               KUBE_PROXY_CANARY),
+    "mangle": (KUBE_PROXY_CANARY,),
+}
 
 
 def jump_rules_text(table: str) -> list[str]:
-    """The jump rules of ``table`` as iptables-restore lines, in the order they end up in the kernel.
+    """The jump rules of ``table`` as iptables-restore lines, in the order they end up in the kernel."""
+    return restore_lines(JUMP_RULES, table)
 
-    Each is prepended in turn, so the last one ensured comes first.
-    """
-    out = []
-    for tab, chain, extra, comment, target in reversed(JUMP_RULES):
-        if tab == table:
-            out.append(" ".join([f"-A {chain}", *extra, "-m comment --comment", f'"{comment}"',
-                                 f"-j {target}"]))
-    return out
+
+def owned_chain(chain: str) -> bool:
+    """True for chains cleanup deletes besides the fixed ones (per-service, older releases')."""
+    return is_service_chain(chain) or chain.startswith(LEGACY_CHAIN_PREFIXES)

@@ -46,12 +46,13 @@ re-parsed with ``ipaddress`` before use.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, family
 from proxyd.modes.iptables import chains as ch
 from proxyd.policy import categorize, uses_cluster_endpoints, uses_local_endpoints
 
@@ -206,9 +207,7 @@ class Planner:
         """Update this node's NodePort addresses (only the KUBE-SERVICES tail depends on them)."""
         ips = tuple(node_ips)
         if ips != self.options.node_ips:
-            fields = {f: getattr(self.options, f) for f in PlannerOptions.__dataclass_fields__}
-            fields["node_ips"] = ips
-            self.options = PlannerOptions(**fields)
+            self.options = dataclasses.replace(self.options, node_ips=ips)
 
     # -- planning ---------------------------------------------------------
 
@@ -229,7 +228,7 @@ class Planner:
             plan = self._plan_partial(state, changed, tail, changed_ports)
             if plan is not None:
                 return plan
-        ports = {name: sp for name, sp in state.services.items() if ch_family(sp.cluster_ip) == opts.family}
+        ports = {name: sp for name, sp in state.service_ports.items() if family(sp.cluster_ip) == opts.family}
         total = sum(len(state.endpoints.get(name, ())) for name in ports)
         large = total > opts.large_cluster_endpoints
         return self._plan_full(state, ports, large, tail, existing_chains, total)
@@ -359,13 +358,13 @@ class Planner:
             for svc in changed:
                 candidates.update(self._by_service.get(svc, ()))
             # Ports the tracker did not name but that appeared or vanished anyway.
-            candidates.update(state.services.keys() - old.keys())
-            candidates.update(old.keys() - state.services.keys())
+            candidates.update(state.service_ports.keys() - old.keys())
+            candidates.update(old.keys() - state.service_ports.keys())
         touched: list[ServicePortName] = []
         removed: dict[ServicePortName, PortRender] = {}
         for name in candidates:
-            sp = state.services.get(name)
-            if sp is not None and ch_family(sp.cluster_ip) == fam:
+            sp = state.service_ports.get(name)
+            if sp is not None and family(sp.cluster_ip) == fam:
                 touched.append(name)
             elif name in old:
                 removed[name] = old[name]
@@ -376,7 +375,7 @@ class Planner:
         large = total > self.options.large_cluster_endpoints
         if large != self._large:
             return None
-        fresh = self._render_all(state, state.services, touched, large)
+        fresh = self._render_all(state, state.service_ports, touched, large)
         cache = dict(old)
         for name in removed:
             del cache[name]
@@ -510,10 +509,6 @@ def _delta(old: tuple[str, ...], new: tuple[str, ...], deletes: list[str], inser
             inserts.append(f"-I {chain} 1 {rest}")
 
 
-def ch_family(ip: str) -> int:
-    return 6 if ":" in ip else 4
-
-
 def _safe_ip(ip: str) -> str:
     """``ip`` itself once it is known to be a plain address (ValueError otherwise).
 
@@ -563,7 +558,7 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
     proto = _PROTO[svc.protocol]
     spn = _comment(str(name))
     mark_masq = ch.KUBE_MARK_MASQ
-    eps = tuple(ep for ep in endpoints if ch_family(ep.ip) == fam)
+    eps = tuple(ep for ep in endpoints if family(ep.ip) == fam)
     cat = categorize(svc, eps, node_name=node_name, node_zone=node_zone)
     cluster_ip = _safe_ip(svc.cluster_ip)
     external_ips = _addresses(svc.external_ips, fam)

@@ -5,12 +5,13 @@ on the ``kube-ipvs0`` dummy device are the mode's operations (``Op``, from
 the pure ``planner.diff``), run by ``apply`` as netlink batches
 (``proxyd.netlink``: requests encoded with pyroute2's message classes,
 many per send, one bad object failing alone). Reads, set creation and the
-graceful-termination checks use pyroute2's sockets; the small fixed
-iptables ruleset goes through ``iptables-restore --noflush`` (argv, no
-shell); sysctls through /proc/sys. Every method here is blocking and is
-called from one dedicated worker thread (``IpvsApplier.call``), so the event
-loop never waits on the kernel and calls never interleave; pyroute2 sockets
-are opened in that thread and stay there.
+graceful-termination checks use pyroute2's sockets; sysctls go through
+/proc/sys. Those methods are blocking and are called from one dedicated
+worker thread (``IpvsApplier.call``), so the event loop never waits on the
+kernel and calls never interleave; pyroute2 sockets are opened in that
+thread and stay there. The small fixed iptables ruleset and its jumps go
+through the shared netfilter layer (``proxyd.netfilter``: back-end
+detection, asynchronous ``iptables-restore --noflush``), as in iptables mode.
 
 The applier reads what the kernel holds (``read_servers``, ``read_sets``,
 ``read_bound``) so that the mode can diff against it and change only
@@ -57,6 +58,7 @@ from proxyd.modes.ipvs.planner import (
     VirtualServer,
     VSKey,
 )
+from proxyd.netfilter import Backend, Netfilter, cleanup_everywhere, detect
 from proxyd.netlink import (
     NETLINK_GENERIC,
     NETLINK_NETFILTER,
@@ -79,11 +81,6 @@ _PROTO_NUM = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP
 _NUM_PROTO = {v: k for k, v in _PROTO_NUM.items()}
 _PROTO_BY_NAME = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
 _NAME_BY_PROTO = {v: k for k, v in _PROTO_BY_NAME.items()}
-IPTABLES_TIMEOUT = 60.0
-
-
-class ApplyError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +146,7 @@ def ipset_request(add: bool, name: str, set_type: str, entry: str, *, subject: o
 def _nested_ip(value: Any) -> str:
     for name, ip in value.get("attrs", ()):  # IPSET_ATTR_IPADDR_IPV4/6
         if name.startswith("IPSET_ATTR_IPADDR"):
-            return ip
+            return str(ip)
     raise ValueError(f"no address in {value!r}")
 
 
@@ -279,14 +276,12 @@ _AS_UPDATE = {"add_server": "update_server", "add_dest": "set_weight"}
 class IpvsApplier:
     """Blocking kernel operations, run one at a time on a private worker thread."""
 
-    def __init__(self, *, iptables_restore: str = "iptables-restore", iptables_save: str = "iptables-save",
-                 iptables: str = "iptables") -> None:
+    def __init__(self, *, backend: Backend | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-kernel")
         self._ipset: IPSet | None = None
         self._ipr: IPRoute | None = None
-        self.iptables_restore = iptables_restore
-        self.iptables_save = iptables_save
-        self.iptables = iptables
+        self._backend = backend
+        self._netfilter: Netfilter | None = None
         self._device_index: int | None = None
         self._batch: dict[str, BatchSocket] = {}
         self._family_id: int | None = None
@@ -425,8 +420,9 @@ class IpvsApplier:
                 if err.code != errno.EEXIST:
                     raise
             found = self.ipr.link_lookup(ifname=DEVICE)
-        self._device_index = found[0]
-        return found[0]
+        index: int = found[0]
+        self._device_index = index
+        return index
 
     def read_bound(self) -> set[str]:
         index = self._device_index if self._device_index is not None else self.ensure_device()
@@ -509,69 +505,29 @@ class IpvsApplier:
 
     # -- iptables --------------------------------------------------------------------------
 
-    def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
-        """Apply ``rules`` in one ``iptables-restore --noflush`` transaction.
+    async def netfilter(self) -> Netfilter:
+        """The netfilter layer for IPv4 in the host's back end (detected once)."""
+        if self._netfilter is None:
+            backend = self._backend
+            if backend is None:
+                backend = await asyncio.to_thread(detect, family=4)
+            self._netfilter = Netfilter(backend)
+        return self._netfilter
 
-        With ``ensure_jumps`` the jumps from built-in chains into proxyd's
-        chains that ``iptables-save`` does not show are inserted first in the
-        same transaction (kube-proxy's EnsureRule, two processes in all).
-        """
+    async def restore(self, rules: str, *, ensure_jumps: bool = False) -> None:
+        """Apply ``rules`` in one ``iptables-restore --noflush`` transaction, then ensure the jumps."""
+        netfilter = await self.netfilter()
+        await netfilter.restore(rules)
         if ensure_jumps:
-            rules = self._with_missing_jumps(rules)
-        proc = subprocess.run([self.iptables_restore, "--noflush", "-w", "5"], input=rules, text=True,
-                              capture_output=True, timeout=IPTABLES_TIMEOUT, check=False)
-        if proc.returncode != 0:
-            raise ApplyError(f"iptables-restore failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
-
-    def _with_missing_jumps(self, rules: str) -> str:
-        proc = subprocess.run([self.iptables_save], capture_output=True, text=True,
-                              timeout=IPTABLES_TIMEOUT, check=False)
-        if proc.returncode != 0:
-            raise ApplyError(f"iptables-save failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
-        present = saved_jumps(proc.stdout)
-        out: list[str] = []
-        table = ""
-        for line in rules.splitlines():
-            if line.startswith("*"):
-                table = line[1:]
-            elif line == "COMMIT":
-                # After the chain declarations: the targets must exist. -I puts them first anyway.
-                for jump in JUMPS:
-                    found = (jump.table, jump.source, jump.target, jump.comment) in present
-                    if jump.table == table and not found:
-                        out.append(f'-I {jump.source} -m comment --comment "{jump.comment}" -j {jump.target}')
-            out.append(line)
-        return "\n".join(out) + "\n"
-
-    def _iptables(self, table: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.iptables, "-w", "5", "-t", table, *args], capture_output=True, text=True,
-                              timeout=IPTABLES_TIMEOUT, check=False)
-
-    def remove_rules(self) -> list[str]:
-        """Unlink and delete proxyd's ipvs chains; return errors (missing things are not errors)."""
-        failed = []
-        for jump in JUMPS:
-            for _ in range(100):  # a jump may have been inserted several times by hand
-                if self._iptables(jump.table, "-D", jump.source, *jump.rule()).returncode != 0:
-                    break
-        for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
-            existing = self._iptables(table, "-S")
-            if existing.returncode != 0:
-                failed.append(f"iptables -t {table} -S: {existing.stderr.strip()}")
-                continue
-            present = [c for c in chains if f"-N {c}\n" in existing.stdout + "\n"]
-            for chain in present:
-                self._iptables(table, "-F", chain)
-            for chain in present:
-                proc = self._iptables(table, "-X", chain)
-                if proc.returncode != 0:
-                    failed.append(f"iptables -t {table} -X {chain}: {proc.stderr.strip()}")
-        return failed
+            await netfilter.ensure_jumps(JUMPS)
 
     # -- cleanup ---------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
-        """Remove kube-ipvs0, every IPv4 virtual server, proxyd's ipvs rules and ipsets; return errors."""
+        """Remove kube-ipvs0, every IPv4 virtual server and proxyd's ipsets; return errors.
+
+        The iptables part goes with ``remove_rules``.
+        """
         failed: list[str] = []
         try:
             # One dump of the virtual servers (their real servers go with them), one batch of deletions.
@@ -587,7 +543,6 @@ class IpvsApplier:
                 self.ipr.link("del", index=found[0])
         except NetlinkError as err:
             failed.append(f"delete {DEVICE}: {err}")
-        failed.extend(self.remove_rules())
         try:
             failed.extend(self.destroy_sets())
         except (NetlinkError, OSError) as err:
@@ -595,25 +550,9 @@ class IpvsApplier:
         return failed
 
 
-def saved_jumps(saved: str) -> set[tuple[str, str, str, str]]:
-    """(table, chain, target, comment) of the comment-carrying jumps in ``iptables-save`` output."""
-    found = set()
-    table = ""
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        if not line.startswith("-A ") or " -j " not in line:
-            continue
-        chain = line.split()[1]
-        target = line.rsplit(" -j ", 1)[1].split()[0]
-        comment = ""
-        if '--comment "' in line:
-            comment = line.split('--comment "', 1)[1].split('"', 1)[0]
-        elif "--comment " in line:
-            comment = line.split("--comment ", 1)[1].split()[0]
-        found.add((table, chain, target, comment))
-    return found
+async def remove_rules() -> list[str]:
+    """Unlink and delete ipvs mode's chains in both back ends; return errors (missing things are not)."""
+    return await cleanup_everywhere(JUMPS, {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}, families=(4,))
 
 
 def ipvs_available() -> str | None:

@@ -24,7 +24,8 @@ operations, which the applier runs in netlink batches
 Apply order, chosen so that no packet meets a half-built service: create
 sets and add their new entries, bind new addresses, add/update virtual
 servers and their real servers, write the iptables ruleset (only when its
-text changed) and the jumps into it, then remove: real servers that left
+text changed, or when the once-per-sync-period check finds a jump from the
+built-in chains gone) and the jumps into it, then remove: real servers that left
 (gracefully, ``graceful.py``), virtual servers no longer wanted, surplus
 addresses, surplus set entries.
 
@@ -40,16 +41,18 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Iterable
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.model import ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
-from proxyd.modes.ipvs.applier import IpvsApplier
+from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 from proxyd.modes.ipvs.graceful import GracefulTerminator
 from proxyd.modes.ipvs.planner import (
     IPSETS,
+    JUMPS,
     WEIGHT,
     Assembly,
     Held,
@@ -105,6 +108,7 @@ class IpvsMode(ProxyMode):
         self._held: Held | None = None
         self._rules: str | None = None
         self.last_plan: Plan | None = None
+        self._verified: float | None = None  # when the jumps were last known present
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class IpvsMode(ProxyMode):
         applier = IpvsApplier()
         try:
             failed = await applier.call(applier.cleanup)
+            failed += await remove_rules()
         finally:
             await applier.aclose()
         if failed:
@@ -151,24 +156,24 @@ class IpvsMode(ProxyMode):
             await self._read_kernel()
             await self._refresh_context(state.node_name or self.config.node_name, state.node_zone)
             self._assembly = Assembly()
-            names: Iterable[ServicePortName] = state.services
+            names: Iterable[ServicePortName] = state.service_ports
         elif state.node_zone != self._ctx.node_zone:
             # Topology depends on the node's zone: every port must be re-planned.
             self._ctx = PlanContext(scheduler=self._ctx.scheduler, node_name=self._ctx.node_name,
                                     node_zone=state.node_zone, node_ips=self._ctx.node_ips,
                                     local_addresses=self._ctx.local_addresses)
             self._assembly = Assembly()
-            names = state.services
+            names = state.service_ports
         else:
             # The tracker's index: planning, merging and diffing follow the changed ports.
             ports = request.ports_to_plan(self._assembly.parts) or set()
             keys = set()
             for name in ports:
-                if name not in state.services:
+                if name not in state.service_ports:
                     keys |= self._assembly.put(name, None)
-            names = [n for n in ports if n in state.services]
+            names = [n for n in ports if n in state.service_ports]
         for name in names:
-            part = plan_port(state.services[name], state.endpoints_of(name), self._ctx)
+            part = plan_port(state.service_ports[name], state.endpoints_of(name), self._ctx)
             if part.skipped and name not in self._assembly.parts:
                 log.warning("ipvs: %s", part.skipped)
             touched = self._assembly.put(name, part)
@@ -223,13 +228,16 @@ class IpvsMode(ProxyMode):
         rules = iptables_rules(plan, cluster_cidrs=self.config.cluster_cidrs,
                                masquerade_all=self.config.masquerade_all,
                                masquerade_bit=self.config.masquerade_bit)
-        if full or rules != self._rules:
+        repair = not full and await self._jumps_gone()
+        if full or repair or rules != self._rules:
             try:
-                await a.call(lambda: a.restore(rules, ensure_jumps=full))
+                await a.restore(rules, ensure_jumps=full or repair)
             except Exception:
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
                 raise
             self._rules = rules
+            if full or repair:
+                self._verified = time.monotonic()  # the jumps have just been ensured
         # 5-7. what goes away: real servers (TCP ones drained), virtual servers, addresses, entries.
         failed = await a.call(a.apply, changes.after) if changes.after else set()
         self._record(changes.after, failed)
@@ -244,6 +252,22 @@ class IpvsMode(ProxyMode):
         nat, _, flt = rules.partition("*filter")
         metrics.IPTABLES_TOTAL_RULES.labels(table="nat").set(nat.count("\n-A "))
         metrics.IPTABLES_TOTAL_RULES.labels(table="filter").set(flt.count("\n-A "))
+
+    async def _jumps_gone(self) -> bool:
+        """Once per sync period: has someone deleted a jump into the ruleset (or flushed a table)?
+
+        Lists only the built-in chains; a full sync ensures the jumps anyway.
+        """
+        now = time.monotonic()
+        if self._verified is not None and now - self._verified < self.config.sync_period:
+            return False
+        self._verified = now
+        missing = await (await self.applier.netfilter()).missing(JUMPS, canary_tables=())
+        if missing:
+            log.warning("ipvs: %s gone (tables flushed by someone else?): rewriting the rules",
+                        ", ".join(missing))
+            metrics.NETFILTER_REPAIRS.labels(mode=self.name).inc()
+        return bool(missing)
 
     def _record(self, ops: Iterable[Op], failed: set[Op]) -> None:
         assert self._held is not None

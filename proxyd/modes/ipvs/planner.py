@@ -15,7 +15,8 @@ No I/O here; it follows kube-proxy's IPVS proxier (pkg/proxy/ipvs/proxier.go):
   answer with ICMP port unreachable, so a client is refused at once.
   Unlike kube-proxy, an external virtual server under
   externalTrafficPolicy Local with no local endpoint gets no real server
-  (the SPEC: no local endpoint, no service) instead of falling back to
+  (proxyd's rule in every mode, docs/ipvs.md: no local endpoint, no
+  service) instead of falling back to
   remote endpoints.
 * **addresses** to hold on ``kube-ipvs0``: every ClusterIP, and every
   externalIP / LB IP that is not already a node address.
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyd.model import Endpoint, Protocol, ServicePort, family
+from proxyd.netfilter.jumps import Jump
 from proxyd.policy import categorize
 
 DEVICE = "kube-ipvs0"
@@ -128,18 +130,6 @@ _NODE_PORT_SETS = {
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ")
 FILTER_CHAINS = ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL",
                  "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER")
-
-
-@dataclass(frozen=True, slots=True)
-class Jump:
-    table: str
-    source: str
-    target: str
-    comment: str
-
-    def rule(self) -> list[str]:
-        """Match and target arguments of the jump (for ``iptables -C/-I/-D``)."""
-        return ["-m", "comment", "--comment", self.comment, "-j", self.target]
 
 
 JUMPS: tuple[Jump, ...] = (
@@ -661,9 +651,9 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
 
     nat.append(f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN")
     nat.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}")
-    masq = ('-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j '
+    snat = ('-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j '
             'MASQUERADE')
-    nat.append(masq + (" --random-fully" if random_fully else ""))
+    nat.append(snat + (" --random-fully" if random_fully else ""))
     nat.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
     nat.append("COMMIT")
     flt.append("COMMIT")

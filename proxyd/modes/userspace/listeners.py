@@ -18,6 +18,7 @@ address never stops the rest of a sync.
 
 from __future__ import annotations
 
+import _socket
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ KEEPALIVE_IDLE = 15
 KEEPALIVE_INTERVAL = 15
 
 
-def tune_tcp(sock: socket.socket) -> None:
+def tune_tcp(sock: _socket.socket) -> None:
     """Options of every proxied TCP socket: no Nagle delay, and keepalive.
 
     Keepalive (15 s idle, 15 s between probes, like the Go dialer

@@ -370,7 +370,7 @@ class Planner:
             old_ports = self._merged.ports
             self._merged = Merged(local_ips)
             self._inputs = {}
-            for name, svc in state.services.items():
+            for name, svc in state.service_ports.items():
                 eps = state.endpoints_of(name)
                 part = old_ports.get(name)
                 if part is None or old_inputs.get(name) != (svc, eps):
@@ -382,12 +382,12 @@ class Planner:
             return self._merged.plan()
         if changed_ports is None:
             names: Iterable[ServicePortName] = (
-                {n for n in state.services if n.service in changed}
+                {n for n in state.service_ports if n.service in changed}
                 | {n for n in self._merged.ports if n.service in changed})
         else:
             names = changed_ports
         for name in names:
-            svc_port = state.services.get(name)
+            svc_port = state.service_ports.get(name)
             if svc_port is None:
                 if name in self._merged.ports:
                     self._merged.put(name, None)

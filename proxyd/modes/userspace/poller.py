@@ -124,7 +124,7 @@ class Poller:
             return
         readers = self._readers
         writers = self._writers
-        self._dead = dead = set()
+        self._dead = dead = set[int]()
         try:
             for fd, ev in events:
                 if fd in dead:

@@ -29,6 +29,7 @@ state machine copies through a user-space buffer with recv_into/send.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -101,7 +102,7 @@ class PipePool:
         self.trim()
 
 
-def abort(sock: socket.socket) -> None:
+def abort(sock: _socket.socket) -> None:
     """Close with an RST (SO_LINGER 0) instead of a FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -121,7 +122,7 @@ class Half:
     __slots__ = ("buffered", "capacity", "conn", "dfd", "dst", "eof", "finished", "loop", "nbytes", "pipe",
                  "poller", "pool", "reading", "retry", "sfd", "src", "writing")
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: Connection, src: _socket.socket, dst: _socket.socket) -> None:
         self.conn = conn
         self.loop = conn.loop
         self.poller = conn.poller
@@ -176,28 +177,35 @@ class Half:
             self.on_readable()
 
     def on_readable(self) -> None:
+        n = self._read()
+        if n is None:
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self.flush()
+
+    def _read(self) -> int | None:
+        """Move what ``src`` has into the pipe: bytes moved (0 at EOF); None when none came or it failed."""
         pipe = self.pipe
         if pipe is None:
             try:
                 pipe = self.pool.get()  # type: ignore[union-attr]
             except OSError as err:
                 self._starved(err)
-                return
+                return None
             self.pipe = pipe
         try:
             n = os.splice(self.sfd, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             if not self.buffered:
                 self.release()
-            return
+            return None
         except OSError:
             self.conn.abort()
-            return
-        if n == 0:
-            self._on_eof()
-            return
+            return None
         self.buffered += n
-        self.flush()
+        return n
 
     def _starved(self, err: OSError) -> None:
         if self.reading:
@@ -283,26 +291,23 @@ class CopyHalf(Half):
 
     __slots__ = ("buf", "offset", "view")
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, conn: Connection, src: _socket.socket, dst: _socket.socket) -> None:
         super().__init__(conn, src, dst)
         self.buf = bytearray(COPY_BUFFER)
         self.view = memoryview(self.buf)
         self.offset = 0
 
-    def on_readable(self) -> None:
+    def _read(self) -> int | None:
         try:
             n = self.src.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
             self.conn.abort()
-            return
-        if n == 0:
-            self._on_eof()
-            return
+            return None
         self.buffered = n
         self.offset = 0
-        self.flush()
+        return n
 
     def flush(self) -> None:
         while self.buffered:
@@ -329,8 +334,8 @@ class Connection:
     __slots__ = ("backend", "client", "closed", "done_halves", "endpoint", "flushed_in", "flushed_out", "key",
                  "loop", "on_close", "on_starved", "poller", "pool", "stats", "to_client", "to_endpoint")
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, poller: Poller, client: socket.socket,
-                 backend: socket.socket, key: object, endpoint: tuple[str, int], pool: PipePool | None,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, poller: Poller, client: _socket.socket,
+                 backend: _socket.socket, key: object, endpoint: tuple[str, int], pool: PipePool | None,
                  on_close: Callable[[Connection], None],
                  on_starved: Callable[[OSError], None] | None = None, stats: object = None) -> None:
         self.loop = loop

@@ -453,7 +453,7 @@ class TcpListener:
 
     def _on_accept(self) -> None:
         # The C-level accept returns a bare fd: no Python socket constructor, no family/type enum lookups.
-        accept = self.sock._accept
+        accept = self.sock._accept  # type: ignore[attr-defined]  # socket.socket has it; typeshed does not say
         family = self._family
         proxy = self.proxy
         key = self.key

@@ -166,7 +166,7 @@ class UdpProxy:
         stats.closed(flow.nbytes_in, flow.nbytes_out)
         self.table.close(flow.key.id, flow.endpoint)
 
-    def closed_by_table(self, dropped: Iterable[tuple]) -> None:
+    def closed_by_table(self, dropped: Iterable[tuple[Any, ...]]) -> None:
         """Close the flows ``set_endpoints``/``remove_service`` handed back (value is the last item)."""
         for item in dropped:
             self.close_flow(item[-1])
@@ -249,5 +249,6 @@ class UdpListener:
 def _pktinfo_dst(ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
     for level, kind, data in ancillary:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
-            return _PKTINFO.unpack_from(data)[2]  # ipi_addr: the destination the client used
+            dst: bytes = _PKTINFO.unpack_from(data)[2]  # ipi_addr: the destination the client used
+            return dst
     return None

@@ -1,4 +1,4 @@
-"""Which iptables back end to drive (legacy x_tables or nf_tables), and running its tools.
+"""Which iptables back end to drive (legacy x_tables or nf_tables), and running its tools (async).
 
 Two rulesets can coexist in one kernel: iptables-legacy writes x_tables,
 iptables-nft writes nf_tables, and each tool sees only its own. proxyd must

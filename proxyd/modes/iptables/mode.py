@@ -1,0 +1,182 @@
+"""iptables mode's mode class: kube-proxy's iptables proxier, in Python.
+
+Each sync turns the desired state into one iptables-restore transaction
+(``planner``), applies it (``applier``) and then deletes stale UDP conntrack
+entries (``conntrack``). The shape follows kube-proxy's syncProxyRules:
+
+* start: detect the back end (legacy or nft, ``proxyd.netfilter``), create
+  the canary chains. Nothing is flushed: rules a previous run left keep serving
+  until the first sync, which is full and replaces proxyd's chains
+  atomically (and deletes per-service chains nobody wants any more).
+* full sync (first, periodic, after a failure, after the canary vanished):
+  ensure the jump rules from the built-in chains, read which nat chains
+  exist, rewrite every chain proxyd owns.
+* partial sync: rewrite only the chains of changed services and patch
+  KUBE-SERVICES/KUBE-NODEPORTS (see ``planner``).
+* once per sync period (the runner syncs at least that often) the first
+  sync checks that the canaries in mangle, nat and filter and every jump
+  from the built-in chains are still there (``Applier.missing``: a listing
+  of the built-in chains, never the big ones); anything gone is logged,
+  counted in ``proxyd_netfilter_repairs_total{mode="iptables"}`` and turns
+  the sync into a full one, which recreates it all.
+* a failed restore changes nothing in the kernel (one transaction); the
+  planner keeps describing what the kernel holds, forgets that it is valid
+  (next sync is full), the failure is counted and the exception goes to the
+  runner, which retries.
+* shutdown leaves every rule in place so traffic keeps flowing while proxyd
+  is down; ``cleanup`` removes everything in both back ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from proxyd import metrics
+from proxyd.config import Config
+from proxyd.model import ServicePort, ServicePortName
+from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.iptables import conntrack
+from proxyd.modes.iptables.applier import Applier, cleanup_all
+from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
+from proxyd.netfilter import Backend, detect
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IptablesMode"]
+
+def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str | None]:
+    """(addresses accepting NodePorts, primary node address) — blocking netlink dump."""
+    from proxyd.nodeaddrs import filter_addresses, local_addresses
+
+    local = local_addresses(family=family)
+    node_ips = filter_addresses(local, cidrs) if cidrs else []
+    primary = next((a for a in filter_addresses(local, ())
+                    if not ipaddress.ip_address(a).is_loopback
+                    and not ipaddress.ip_address(a).is_link_local), None)
+    return node_ips, primary
+
+
+class IptablesMode(ProxyMode):
+    """Services realised as iptables NAT rules (kube-proxy's default mode)."""
+
+    name = "iptables"
+
+    def __init__(self, config: Config, *, backend: Backend | None = None, family: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config)
+        self._clock = clock
+        self._verified: float | None = None  # when canaries and jumps were last known present
+        self.family = family
+        self._backend = backend
+        self.applier: Applier | None = None
+        self.planner = Planner(PlannerOptions(
+            family=family, cluster_cidrs=config.cluster_cidrs, masquerade_all=config.masquerade_all,
+            masquerade_bit=config.masquerade_bit, nodeport_addresses=config.nodeport_addresses))
+        self._ports: Mapping[ServicePortName, ServicePort] = {}
+        self._synced = False
+        self.last_plan: Plan | None = None
+
+    async def start(self) -> None:
+        backend = self._backend
+        if backend is None:
+            backend = await asyncio.to_thread(detect, family=self.family)
+        self.applier = Applier(backend)
+        log.info("iptables: using the %s back end", backend.name)
+        node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
+                                                    self.family)
+        self.planner = Planner(dataclasses.replace(self.planner.options, node_ips=tuple(node_ips),
+                                                   node_ip=primary, chunk_rules=backend.chunk_lines))
+        await self.applier.ensure_canaries()
+
+    async def sync(self, request: SyncRequest) -> None:
+        if self.applier is None:
+            await self.start()
+        assert self.applier is not None
+        applier = self.applier
+        full = request.changed is None or self.planner.needs_full
+        now = self._clock()
+        if not full and (self._verified is None or now - self._verified >= self.config.sync_period):
+            missing = await applier.missing()
+            if missing:
+                log.warning("iptables: %s gone (tables flushed by someone else?): full resync",
+                            ", ".join(missing))
+                metrics.NETFILTER_REPAIRS.labels(mode=self.name).inc()
+                self.planner.invalidate()
+                full = True
+            else:
+                self._verified = now
+        if self.config.nodeport_addresses:
+            node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
+                                                  self.family)
+            self.planner.set_node_ips(node_ips)
+        existing: set[str] = set()
+        if full:
+            await applier.ensure_canaries()
+            await applier.ensure_jumps()
+            if self.planner.needs_full:
+                # After a start, a failure or a flush the planner does not know
+                # which chains the kernel holds: ask (iptables-save of a big nat
+                # table takes seconds on nft, so not on every full sync).
+                existing = await applier.chains("nat")
+        plan = self.planner.plan(request.state, None if full else request.changed, existing_chains=existing,
+                                 changed_ports=None if full else request.changed_ports)
+        try:
+            for chunk in plan.chunks:
+                await applier.restore(chunk)
+        except Exception:
+            metrics.IPTABLES_RESTORE_FAILURES.inc()
+            if not plan.full:
+                metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            # A failed transaction changed nothing, so the cache still
+            # describes the kernel; with a chunked full plan, earlier chunks
+            # may have rewritten some services (each one whole). Either way
+            # the next sync is full and re-reads which chains exist.
+            self.planner.invalidate()
+            raise
+        old_renders = self.planner.cache
+        old_ports = self._ports
+        self.planner.commit(plan)
+        self.last_plan = plan
+        # Other-family ports have no rendering, so conntrack cleanup never
+        # looks at them: no need to filter (which would cost O(services)).
+        new_ports = request.state.service_ports
+        self._ports = new_ports
+        metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
+        metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)
+        if self._synced:
+            # On the first sync after a start nothing is known about what
+            # conntrack holds; clearing every UDP service would break flows
+            # that the adopted rules still serve correctly.
+            await self._clear_conntrack(plan, old_ports, old_renders, new_ports)
+        self._synced = True
+        if full:
+            self._verified = now  # a full sync has just ensured the canaries and jumps
+
+    async def _clear_conntrack(self, plan: Plan, old_ports: Mapping[ServicePortName, ServicePort],
+                               old_renders: Mapping[ServicePortName, PortRender],
+                               new_ports: Mapping[ServicePortName, ServicePort]) -> None:
+        names = set(plan.rerendered) | set(plan.removed)
+        if plan.full:
+            names |= set(old_ports)
+        flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
+                                      new_ports=new_ports, new_renders=plan.cache)
+        if not flows:
+            return
+        try:
+            deleted = await asyncio.to_thread(conntrack.clear, flows, family=self.family)
+            log.debug("iptables: deleted %d stale UDP conntrack entries", deleted)
+        except Exception as err:
+            log.warning("iptables: stale UDP conntrack cleanup failed: %s", err)
+
+    async def shutdown(self) -> None:
+        """Leave every rule: traffic keeps flowing while proxyd is down."""
+
+    @classmethod
+    async def cleanup(cls, config: Config) -> None:
+        for p in await cleanup_all():
+            log.warning("iptables cleanup: %s", p)

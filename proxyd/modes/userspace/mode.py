@@ -1,0 +1,240 @@
+"""Userspace mode's mode class: proxyd itself accepts every service connection and relays it to an endpoint.
+
+The node owns every service address (ClusterIPs, externalIPs, LB ingress
+IPs) as host addresses on the port-less bridge ``proxyd0``
+(``addresses.py``), and proxyd listens on each service ``ip:port`` and on
+each NodePort of the node addresses allowed by ``--nodeport-addresses``
+(``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2) (``tcp.py``, ``pump.py``),
+UDP per client flow (``udp.py``); endpoints are chosen by the connection
+table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
+allows (``planner.py``).
+
+A sync re-plans the changed service ports (the tracker's index), then
+applies the difference: add new addresses (a full sync does this in the
+netlink thread while the listeners open: they bind with IP_FREEBIND, and
+no packet reaches a listener before its address exists), open new
+listeners, install endpoint lists, close removed listeners, remove old
+addresses (only after their listeners closed). Closing a listener or changing endpoints
+never touches established connections. A listener that cannot be opened
+(port taken by another program, no NET_BIND_SERVICE) is logged once and
+retried at every sync; it does not fail the sync, like kube-proxy
+userspace's per-port errors, and it is named in /healthz
+(``listen_failures``) and counted in ``proxyd_listen_failures``.
+
+Descriptors: listeners, connections and UDP flows share one budget
+(``TcpProxy``): listeners get at most half of what the start-up
+descriptors and the control reserve (``tcp.fd_reserve``: /healthz,
+/metrics, the source, netlink) leave; ports beyond that are refused with
+one log line per change and counted, and open as soon as room appears. The
+data path never connects to its own listeners (``OwnListeners``), and the
+desired state never holds endpoints that are proxyd's own addresses
+(``proxyd.selfloop``).
+
+Shutdown (SIGTERM): listeners close at once (new connections are refused),
+open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
+reset. The service addresses stay on ``proxyd0``: a stopped proxyd then
+refuses connections to services at once (RST from the node's own stack)
+instead of letting them hang or leak elsewhere, and the next start adopts
+the addresses without a gap — the same choice kube-proxy userspace made by
+leaving its iptables rules in place. ``--cleanup`` deletes ``proxyd0`` and
+with it every address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from proxyd import metrics, nodeaddrs
+from proxyd.config import Config
+from proxyd.conntable import NATIVE, ConnTable
+from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.userspace.addresses import AddressHolder
+from proxyd.modes.userspace.applier import Applier
+from proxyd.modes.userspace.planner import (
+    Plan,
+    Planner,
+    TableEntry,
+    TableKey,
+    nodeport_listen_ips,
+)
+from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
+from proxyd.modes.userspace.tcp import TcpProxy
+from proxyd.modes.userspace.udp import UdpProxy
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+AFFINITY_SWEEP_INTERVAL = 60.0
+
+__all__ = ["UserspaceMode"]
+
+
+
+
+
+def _raise_fd_limit() -> int:
+    """Lift the soft descriptor limit to the hard one: every connection costs two sockets and two pipes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class UserspaceMode(ProxyMode):
+    name = "userspace"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.applier = Applier()
+        self.planner = Planner()
+        self.stats = StatsCache()
+        self.table: Any = None
+        self.tcp: TcpProxy | None = None
+        self.udp: UdpProxy | None = None
+        self.tables: dict[TableKey, TableEntry] = {}
+        self._conflicts: set[str] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.TimerHandle | None = None
+        self._started = False
+
+    def _stats_of(self, key: TableKey) -> Stats:
+        return self.stats.get(key.name)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        limit = _raise_fd_limit()
+        # Each UDP flow holds a socket; keep flows well inside the descriptor budget.
+        max_flows = max(64, min(65536, limit // 4))
+        self.table = ConnTable(max_udp_flows=max_flows)
+        metrics.CONNTABLE_IMPLEMENTATION.set(1 if NATIVE else 0)
+        log.info("userspace: connection table: %s", "native (Cython extension)" if NATIVE
+                 else "pure-Python twin")
+        self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
+                            other_fds=self._udp_fds)
+        self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
+                            idle_timeout=self.config.udp_idle_timeout, has_room=self.tcp.has_room)
+        await self.applier.holder.ensure()
+        self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
+        self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
+        self._started = True
+
+    def _flush_stats(self) -> None:
+        self.stats.flush()
+        self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
+
+    def _udp_fds(self) -> int:
+        return len(self.applier.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
+
+    def _sweep_affinity(self) -> None:
+        assert self.table is not None
+        self.table.sweep(time.monotonic())
+        self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
+
+    async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
+        """Where NodePorts listen (a wildcard when unrestricted), and the node addresses behind that."""
+        cidrs = self.config.nodeport_addresses
+        node_ips = await nodeaddrs.node_addresses_async(cidrs)
+        return nodeport_listen_ips(cidrs, node_ips), node_ips
+
+    async def sync(self, request: SyncRequest) -> None:
+        if not self._started:
+            await self.start()
+        nodeport_ips, node_ips = await self._nodeport_ips()
+        plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
+                                 local_ips=node_ips, changed_ports=request.changed_ports)
+        for text in plan.conflicts:
+            if text not in self._conflicts:
+                log.warning("userspace: %s; not serving it twice", text)
+        self._conflicts = set(plan.conflicts)
+
+        a = self.applier
+        holder = a.holder
+        assert self.tcp is not None and self.udp is not None
+        changes = plan.changes
+        if changes is None:
+            await holder.ensure()  # full sync: re-read what the kernel really holds
+            # New addresses are added by the netlink thread while listeners
+            # open here (they bind with IP_FREEBIND, and no packet reaches a
+            # listener before its address exists); old addresses go last,
+            # after their listeners closed.
+            adding = asyncio.ensure_future(holder.apply(holder.current | plan.addresses))
+            try:
+                self._update_tables(plan, plan.tables)
+                every = [*a.tcp_listeners, *a.udp_listeners, *a.bind_errors, *plan.listeners]
+                a.update_listeners(plan, dict.fromkeys(every), self.tcp, self.udp)
+                self._remove_tables(plan, list(self.tables))
+            finally:
+                await adding
+            a.guard_own_listeners(plan, node_ips, self.tcp, self.udp)
+            await holder.apply(plan.addresses)
+            return
+        # Partial: only what the planner says changed (plus earlier refusals, retried).
+        if await holder.check():
+            retry = [ip for ip in holder.failed if ip in plan.addresses]
+            await holder.update(add=[*changes.added_addresses, *retry], remove=())
+        else:
+            # The device was gone and is back empty: every address goes on again.
+            await holder.apply(holder.current | plan.addresses)
+        self._update_tables(plan, changes.tables)
+        a.update_listeners(plan, [*changes.listeners, *a.bind_errors], self.tcp, self.udp)
+        a.guard_own_listeners(plan, node_ips, self.tcp, self.udp)
+        self._remove_tables(plan, changes.tables)
+        await holder.update(add=(), remove=changes.removed_addresses)
+
+    def listen_failures(self) -> dict[str, str]:
+        return self.applier.listen_failures()
+
+    def _update_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
+        assert self.table is not None and self.udp is not None
+        now = time.monotonic()
+        for key in keys:
+            entry = plan.tables.get(key)
+            if entry is None or self.tables.get(key) == entry:
+                continue
+            dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
+            self.udp.closed_by_table(dropped)
+            self.tables[key] = entry
+
+    def _remove_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
+        assert self.table is not None and self.udp is not None
+        for key in [k for k in keys if k not in plan.tables and k in self.tables]:
+            self.udp.closed_by_table(self.table.remove_service(key.id))
+            del self.tables[key]
+
+    async def shutdown(self) -> None:
+        if not self._started:
+            return
+        self.applier.close_listeners()
+        for timer in (self._sweeper, self._flusher):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._flusher = None
+        assert self.tcp is not None and self.udp is not None
+        self.udp.close()
+        reset = await self.tcp.drain(SHUTDOWN_GRACE)
+        self.stats.flush()
+        if reset:
+            log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
+        self.applier.close()
+        self._started = False
+
+    @classmethod
+    async def cleanup(cls, config: Config) -> None:
+        """Delete ``proxyd0`` and every service address on it; the rest lives and dies with the process."""
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, AddressHolder.delete_device):
+            log.info("userspace: deleted %s", "proxyd0")
+
