@@ -71,11 +71,14 @@ def _lb_local_state(ports: int, pods: tuple[str, ...]):
 
 async def test_health_check_node_port_counts_distinct_local_ips_over_ports():
     """Two local pods behind two ports are 2 local endpoints (kube-proxy's LocalReadyEndpoints), not 4."""
-    from proxyd.health import ServiceHealthServers
+    from proxyd.healthcheck import ServiceHealthServers
 
     health, _ = make()
     health.updated()
-    servers = ServiceHealthServers(addresses=list, health=health)  # no address: answers only
+    async def no_address() -> list[str]:
+        return []
+
+    servers = ServiceHealthServers(addresses=no_address, health=health)  # no address: answers only
     await servers.update(_lb_local_state(2, ("10.244.1.11", "10.244.1.12")))
     status, _, body = servers._answer(32100)
     assert status == 200
