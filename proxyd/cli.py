@@ -25,7 +25,7 @@ from proxyd.config import Config, ConfigError, HostPort
 
 log = logging.getLogger("proxyd")
 
-MODES = ("userspace", "iptables", "ipvs")
+MODES = ("userspace", "iptables", "ipvs", "nftables")
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
 CONFIG_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 CONFIG_KIND = "KubeProxyConfiguration"
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                "configuration, 1 for any other fatal error.")
     add = parser.add_argument
     add("--proxy-mode", metavar="MODE",
-        help="userspace, iptables or ipvs (nftables later) (default: iptables)")
+        help="userspace, iptables, ipvs or nftables (default: iptables)")
     add("--kubeconfig", metavar="PATH",
         help="read the cluster through the API server with this kubeconfig "
              "(default: in-cluster config when KUBERNETES_SERVICE_HOST is set)")
@@ -334,9 +334,6 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
 
 def _validate(config: Config, environ: Mapping[str, str]) -> None:
-    if config.proxy_mode == "nftables":
-        raise ConfigError("--proxy-mode: nftables mode is not available yet "
-                          "(use iptables, ipvs or userspace)")
     if config.sync_period <= 0:
         raise ConfigError("--sync-period: must be greater than 0")
     if config.min_sync_period > config.sync_period:
