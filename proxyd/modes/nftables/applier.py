@@ -1,4 +1,4 @@
-"""The only code of nftables mode that touches the kernel: transactions, the drift check, listing at start, cleanup.
+"""The only code of nftables mode that touches the kernel: transactions, drift check, listing, cleanup.
 
 Every call goes through one long-lived ``libnft.Nft`` (libnftables in
 process, ``nft -f -`` where the library is missing) in a worker thread, so
@@ -47,7 +47,8 @@ class Applier:
         out = set()
         for item in items:
             chain = item.get("chain")
-            if isinstance(chain, dict) and chain.get("table") == lay.TABLE and isinstance(chain.get("name"), str):
+            if (isinstance(chain, dict) and chain.get("table") == lay.TABLE
+                    and isinstance(chain.get("name"), str)):
                 out.add(chain["name"])
         return out
 

@@ -19,9 +19,10 @@ on a compact layout; docs/nftables.md has a worked example):
   (ClusterIP: from outside the cluster CIDR or --masquerade-all; external
   with Cluster policy: always; external with Local policy: pods and the node
   itself short-circuit to the cluster endpoints) and dispatches through a
-  ``*-pick`` verdict map to ``<pick>-N``: one chain per endpoint count N
-  whose single rule DNATs to ``key . numgen random mod N`` looked up in a
-  backends map (value: endpoint address . port).
+  ``*-pick`` verdict map to ``<pick>-<protocol>-N``: one chain per
+  protocol and endpoint count N whose single rule DNATs to ``key . numgen
+  random mod N`` looked up in a backends map (value: endpoint address .
+  port).
 * nat postrouting (100): an endpoint that reached itself (``hairpin`` set of
   ``addr . addr``) is marked, then marked packets are masqueraded.
 
@@ -99,16 +100,32 @@ ENDPOINT_PREFIX = "endpoint-"
 AFFINITY_PREFIX = "affinity-"
 
 
-def pick_chain(pick: Pick, n: int) -> str:
-    return f"{pick.name}-{n}"
+# One backends map per protocol: its value type names the protocol's port ("tcp dport"), which
+# makes nft add a protocol match to the DNAT rule; with "th dport" instead nft 1.0.6 fails every
+# later transaction on the table ("conflicting protocols").
+PROTOCOLS = ("tcp", "udp", "sctp")
+
+
+def backends_map(pick: Pick, proto: str) -> str:
+    return f"{pick.backends}-{proto}"
+
+
+def pick_chain(pick: Pick, proto: str, n: int) -> str:
+    return f"{pick.name}-{proto}-{n}"
+
+
+def parse_pick_chain(name: str) -> tuple[Pick, str, int] | None:
+    head, _, n = name.rpartition("-")
+    head, _, proto = head.rpartition("-")
+    for pick in PICKS:
+        if head == pick.name and proto in PROTOCOLS and n.isdigit() and int(n) > 0:
+            return pick, proto, int(n)
+    return None
 
 
 def is_dynamic_chain(name: str) -> bool:
     """Chains created on demand (pick-N, affinity): the ones a sync may delete."""
-    if name.startswith((STICKY_PREFIX, ENDPOINT_PREFIX)):
-        return True
-    head, _, tail = name.rpartition("-")
-    return tail.isdigit() and any(head == p.name for p in PICKS)
+    return name.startswith((STICKY_PREFIX, ENDPOINT_PREFIX)) or parse_pick_chain(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +193,12 @@ def maps(fam: Family) -> list[tuple[str, str]]:
         (FIREWALL_ALLOW, f"type {svc_key} . {a} ; flags interval"),
         (HAIRPIN, f"type {a} . {a}"),
     ]
-    value = f"{fam.addr} daddr . tcp dport"
     for pick in PICKS:
         out.append((pick.name, f"type {svc_key if pick.by_address else np_key} : verdict"))
-        # typeof: numgen's type has no name; "tcp dport" (not th) keeps later transactions valid.
-        out.append((pick.backends, f"typeof {_key(fam, pick)} . numgen random mod 2 : {value}"))
+        for proto in PROTOCOLS:
+            # typeof: numgen's type has no name that "type" accepts.
+            out.append((backends_map(pick, proto), f"typeof {_key(fam, pick)} . numgen random mod 2 : "
+                                                   f"{fam.addr} daddr . {proto} dport"))
     return out
 
 
@@ -237,9 +255,10 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
     return out
 
 
-def pick_rules(fam: Family, pick: Pick, n: int) -> list[str]:
-    """The one rule of ``<pick>-N``: DNAT to the endpoint at ``numgen random mod N``."""
-    return [f"dnat {fam.addr} addr . port to {_key(fam, pick)} . numgen random mod {n} map @{pick.backends}"]
+def pick_rules(fam: Family, pick: Pick, proto: str, n: int) -> list[str]:
+    """The one rule of ``<pick>-<proto>-N``: DNAT to the endpoint at ``numgen random mod N``."""
+    return [f"dnat {fam.addr} addr . port to {_key(fam, pick)} . numgen random mod {n} "
+            f"map @{backends_map(pick, proto)}"]
 
 
 def normalise_cidr(cidr: str) -> str:

@@ -19,6 +19,7 @@ may be driven from worker threads (``asyncio.to_thread``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -146,7 +147,5 @@ class Nft:
             self._ctx = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # interpreter shutdown
-            pass

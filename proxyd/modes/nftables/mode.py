@@ -76,15 +76,17 @@ class NftablesMode(ProxyMode):
 
     def _options(self, *, node_ips: tuple[str, ...], node_ip: str | None) -> PlannerOptions:
         c = self.config
-        return PlannerOptions(family=self.family, cluster_cidrs=c.cluster_cidrs, masquerade_all=c.masquerade_all,
-                              masquerade_bit=c.masquerade_bit, nodeport_addresses=c.nodeport_addresses,
+        return PlannerOptions(family=self.family, cluster_cidrs=c.cluster_cidrs,
+                              masquerade_all=c.masquerade_all, masquerade_bit=c.masquerade_bit,
+                              nodeport_addresses=c.nodeport_addresses,
                               node_ips=node_ips, node_ip=node_ip)
 
     async def start(self) -> None:
         nft = self._nft or Nft(os.environ.get(BACKEND_ENV) or None)
         self.applier = Applier(lay.Family(self.family), nft)
         log.info("nftables: driving %s through %s", lay.Family(self.family).table, nft.backend)
-        node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses, self.family)
+        node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
+                                                    self.family)
         self.planner = Planner(self._options(node_ips=tuple(node_ips), node_ip=primary))
 
     async def sync(self, request: SyncRequest) -> None:
@@ -101,7 +103,8 @@ class NftablesMode(ProxyMode):
             self.planner.invalidate()
             full = True
         if self.config.nodeport_addresses:
-            node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses, self.family)
+            node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
+                                                  self.family)
             self.planner.set_node_ips(node_ips)
         stale: set[str] = set()
         if full and handle is not None:

@@ -170,7 +170,6 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
                 node_name: str, node_zone: str | None) -> PortPlan:
     """The elements, pick chains and affinity chains of one service port."""
     fam = options.fam
-    name = svc.name
     proto = _PROTO[svc.protocol]
     eps = tuple(ep for ep in endpoints if _family_of(ep.ip) == options.family)
     cat = categorize(svc, eps, node_name=node_name, node_zone=node_zone)
@@ -203,12 +202,13 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
             elements.append((pick.name, key, f"goto {chain}"))
             return
         n = len(chosen)
-        chain = lay.pick_chain(pick, n)
+        chain = lay.pick_chain(pick, proto, n)
         if chain not in picks:
             picks.append(chain)
         elements.append((pick.name, key, f"goto {chain}"))
+        backends = lay.backends_map(pick, proto)
         for i, ep in enumerate(chosen):
-            elements.append((pick.backends, f"{key} . {i}", f"{_safe_ip(ep.ip)} . {ep.port}"))
+            elements.append((backends, f"{key} . {i}", f"{_safe_ip(ep.ip)} . {ep.port}"))
 
     svc_key = f"{cluster_ip} . {proto} . {port}"
     if not has_endpoints:
@@ -249,7 +249,8 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
         if not has_endpoints:
             elements.append((lay.NO_ENDPOINT_NODEPORTS, key, REJECT))
         else:
-            elements.append((lay.SERVICE_NODEPORTS, key, f"goto {lay.NP_EXTL if external_local else lay.NP_EXT}"))
+            np_kind = lay.NP_EXTL if external_local else lay.NP_EXT
+            elements.append((lay.SERVICE_NODEPORTS, key, f"goto {np_kind}"))
             target(lay.PICK_NP, key, external)
             if external_local:
                 target(lay.PICK_NP_SHORT, key, cat.cluster)
@@ -297,13 +298,19 @@ def _sticky_chain(svc: ServicePort, chosen: tuple[Endpoint, ...], index: int, fa
             existing.add(ep_chain)
             own_sets.append((aff, _affinity_body(fam, svc.affinity_timeout)))
             own_chains.append((ep_chain, (f"update @{aff} {{ {fam.addr} saddr }}",
-                                          f"dnat to {_join(ep)}")))
+                                          f"meta l4proto {_PROTO[svc.protocol]} dnat to {_join(ep)}")))
         rules.append(f"{fam.addr} saddr @{aff} goto {ep_chain}")
         targets.append(ep_chain)
     spread = ", ".join(f"{i} : goto {c}" for i, c in enumerate(targets))
     rules.append(f"numgen random mod {len(targets)} vmap {{ {spread} }}")
     own_chains.append((chain, tuple(rules)))
     return chain
+
+
+def _pick_rules(fam: lay.Family, chain: str) -> tuple[str, ...]:
+    parsed = lay.parse_pick_chain(chain)
+    assert parsed is not None, chain
+    return tuple(lay.pick_rules(fam, *parsed))
 
 
 def _affinity_body(fam: lay.Family, timeout: int) -> str:
@@ -515,13 +522,11 @@ class Planner:
         chains: dict[str, tuple[str, ...]] = {}
         sets: dict[str, str] = {}
         pick_refs: dict[str, int] = {}
-        picks = {p.name: p for p in lay.PICKS}
         for p in ports.values():
             for chain in p.picks:
                 pick_refs[chain] = pick_refs.get(chain, 0) + 1
                 if chain not in chains:
-                    head, _, n = chain.rpartition("-")
-                    chains[chain] = tuple(lay.pick_rules(fam, picks[head], int(n)))
+                    chains[chain] = _pick_rules(fam, chain)
             for chain, rules in p.chains:
                 chains[chain] = rules
             for set_name, body in p.sets:
@@ -592,14 +597,13 @@ class Planner:
         pick_refs: dict[str, int] = {}
         chain_updates: dict[str, tuple[str, ...] | None] = {}
         set_updates: dict[str, str | None] = {}
-        for name, old in olds.items():
+        for old in olds.values():
             for chain in old.picks:
                 pick_refs[chain] = pick_refs.get(chain, self._pick_refs.get(chain, 0)) - 1
             for chain, _ in old.chains:
                 chain_updates[chain] = None
             for set_name, _ in old.sets:
                 set_updates[set_name] = None
-        picks = {p.name: p for p in lay.PICKS}
         fam = self.options.fam
         for new in fresh.values():
             for chain in new.picks:
@@ -610,8 +614,7 @@ class Planner:
                 set_updates[set_name] = body
         for chain, count in pick_refs.items():
             if count > 0 and chain not in self._chains:
-                head, _, n = chain.rpartition("-")
-                chain_updates[chain] = tuple(lay.pick_rules(fam, picks[head], int(n)))
+                chain_updates[chain] = _pick_rules(fam, chain)
             elif count <= 0:
                 chain_updates[chain] = None
 
