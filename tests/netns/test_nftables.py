@@ -203,3 +203,28 @@ class TestNftablesSubprocess(TestNftables):
     """The same suite with ``nft -f -`` instead of libnftables in process."""
 
     env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+def test_nft_runner_both_ways_is_atomic_and_refuses_bad_input(topology: Topology) -> None:
+    """libnftables in process and ``nft -f -`` behave alike: one transaction, errors change nothing."""
+    import pytest
+
+    from proxyd.modes.nftables.libnft import Nft, NftError
+    from tests.netns.topology import in_netns
+
+    with in_netns(topology.node):
+        for backend in ("library", "subprocess"):
+            nft = Nft(backend)
+            assert nft.backend == backend
+            with pytest.raises(NftError):
+                nft.run("add table ip probe\nadd chain ip probe c\nadd rule ip probe c bogus statement\n")
+            assert not [i for i in nft.run_json("list tables ip") if "table" in i]
+            for bad in ("add table ip x\0", "}}}}", "add element ip nowhere s { 1.2.3.4 }", "x" * 1_000_000):
+                with pytest.raises(NftError):
+                    nft.run(bad)
+            many = ", ".join(f"10.1.{i // 256}.{i % 256}" for i in range(20000))
+            nft.run(f"add table ip probe\nadd set ip probe s {{ type ipv4_addr ; }}\n"
+                    f"add element ip probe s {{ {many} }}\n")
+            assert [i["table"]["name"] for i in nft.run_json("list tables ip") if "table" in i] == ["probe"]
+            nft.run("delete table ip probe\n")
+            nft.close()

@@ -133,9 +133,15 @@ class Nft:
         return out
 
     def _run_tool(self, commands: str, json_output: bool) -> str:
-        argv = ["nft", *(["-j", "-t", "-a"] if json_output else []), "-f", "-"]
-        proc = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=300,
-                              check=False)
+        if json_output:
+            # nft -j prints nothing for list commands read with -f: pass the one command as argv.
+            if "\n" in commands.strip() or ";" in commands:
+                raise NftError("one list command at a time with the nft tool", commands=commands)
+            proc = subprocess.run(["nft", "-j", "-a", *commands.split()], capture_output=True, text=True,
+                                  timeout=300, check=False)
+        else:
+            proc = subprocess.run(["nft", "-f", "-"], input=commands, capture_output=True, text=True,
+                                  timeout=300, check=False)
         if proc.returncode != 0:
             raise NftError(proc.stderr or f"nft exited {proc.returncode}", commands=commands)
         return proc.stdout
