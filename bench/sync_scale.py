@@ -17,7 +17,11 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 * ``rss_mib``: resident memory after the syncs; ``rules``: nat rules held.
 
 Targets (SPEC/brief): full ≤ 2 s and incremental ≤ 100 ms at 10,000
-services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
+services (nftables: ≤ 10 ms, RSS ≤ 150 MB). ``--mode nftables`` (back ends
+``library``: libnftables in process, the default; ``subprocess``: ``nft -f
+-``) also loads kube-proxy's nftables ruleset shape for the same services
+with ``nft -f`` in the same namespace (``bench/kube_proxy_nft.py``) and
+prints the ratio. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
 ``tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'``.
@@ -59,6 +63,9 @@ from proxyd.model import Protocol as L4  # noqa: E402
 from proxyd.modes.base import SyncRequest  # noqa: E402
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
+# nftables: also load kube-proxy's nftables ruleset shape for the same services (the anchor);
+# PROXYD_BENCH_NFT_ANCHOR=0 skips it (it takes minutes at 10,000 services).
+ANCHOR_ENV = "PROXYD_BENCH_NFT_ANCHOR"
 POINT_TIMEOUT = 1800.0  # seconds for one (mode, back end, service count) point
 
 
@@ -201,10 +208,36 @@ class UserspaceDriver(PlannerTimedDriver):
         return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
 
 
+class NftablesDriver(PlannerTimedDriver):
+    """proxyd.modes.nftables.NftablesMode through libnftables ("library") or ``nft -f -`` ("subprocess").
+
+    ``rules``: map and set elements held (per-service state lives there, not in rules).
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        from proxyd.modes.nftables import NftablesMode
+        from proxyd.modes.nftables.libnft import Nft
+
+        self.mode = NftablesMode(Config(proxy_mode="nftables", cluster_cidrs=("10.0.0.0/8",),
+                                        node_name="bench-node"),
+                                 nft=Nft(None if backend == "default" else backend))
+
+    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
+        out = await super().partial(state, changed)
+        plan = self.mode.last_plan
+        assert plan is not None and not plan.full, "partial sync was not partial"
+        return out
+
+    def rules(self) -> int:
+        return len(self.mode.planner.kernel)
+
+
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
     "ipvs": IpvsDriver,
     "userspace": UserspaceDriver,
+    "nftables": NftablesDriver,
 }
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
@@ -212,6 +245,8 @@ def default_backend(mode: str) -> str:
         from proxyd.modes.iptables.backend import detect
 
         return detect().name
+    if mode == "nftables":
+        return "library"
     return "default"
 
 
@@ -235,7 +270,13 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         partials.append(await driver.partial(_shift(state, gen), changed))
     rules = driver.rules()
     await driver.close()
-    return {
+    anchor: dict[str, Any] = {}
+    if mode == "nftables" and os.environ.get(ANCHOR_ENV, "1") == "1":
+        full_s = full["total"]
+        del driver
+        await _cleanup(mode)
+        anchor = _kube_proxy_anchor(state, full_s)
+    return {**anchor,
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
         "full_s": round(full["total"], 4), "plan_full_s": round(full["plan"], 4),
         "incremental_s": round(statistics.median(p["total"] for p in partials), 4),
@@ -245,6 +286,23 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rules": rules,
     }
+
+
+def _kube_proxy_anchor(state: ProxyState, full_s: float) -> dict[str, Any]:
+    """Load kube-proxy's nftables shape for ``state`` with ``nft -f`` here; its time and our ratio."""
+    from bench.kube_proxy_nft import TABLE, ruleset
+
+    text = ruleset(state)
+    t = time.perf_counter()
+    proc = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True,
+                          timeout=POINT_TIMEOUT, check=False)
+    elapsed = time.perf_counter() - t
+    subprocess.run(["nft", "delete", "table", *TABLE.split()], capture_output=True, timeout=POINT_TIMEOUT,
+                   check=False)
+    if proc.returncode != 0:
+        return {"kube_proxy_nft_error": proc.stderr.strip()[-300:]}
+    return {"kube_proxy_nft_load_s": round(elapsed, 3),
+            "kube_proxy_nft_ratio": round(elapsed / full_s, 1) if full_s > 0 else None}
 
 
 def _shift(state: ProxyState, gen: int) -> ProxyState:
@@ -264,6 +322,12 @@ def report(r: dict[str, Any]) -> None:
               f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
               f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
+        if "kube_proxy_nft_load_s" in r:
+            print(f"{'':8} {'':7} {r['services']:>6} svc: kube-proxy's nftables shape loads with nft -f in "
+                  f"{r['kube_proxy_nft_load_s']:.2f}s = {r['kube_proxy_nft_ratio']}x proxyd's full sync",
+                  file=sys.stderr, flush=True)
+        elif "kube_proxy_nft_error" in r:
+            print(f"  kube-proxy anchor failed: {r['kube_proxy_nft_error']}", file=sys.stderr, flush=True)
 
 
 def inside(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -186,6 +186,15 @@ class TestNftables(ServiceBehaviour):
         assert time.monotonic() - started < 5.0
         assert (topology.metric("proxyd_nftables_table_repairs_total") or 0) >= 1
 
+    def test_canary_flushed_is_repaired(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
+        ns = topology.pod("pod3").ns
+        topology.ns_run(topology.node, ["nft", "flush", "set", "ip", "proxyd", "canary"])
+        topology.ns_run(topology.node, ["nft", "flush", "map", "ip", "proxyd", "service-ips"])
+        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=10.0, what="table repaired")
+        canary = topology.ns_run(topology.node, ["nft", "list", "set", "ip", "proxyd", "canary"]).stdout
+        assert "0.0.0.0" in canary
+
     def test_failed_transaction_keeps_the_previous_ruleset(self, topology: Topology) -> None:
         proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns

@@ -122,6 +122,8 @@ flush chain ip proxyd np-short-pick-tcp-2
 flush chain ip proxyd endpoint-dvoxwsarum27fjjn
 flush chain ip proxyd sticky-u7tl6mk3ianqqakg
 add set ip proxyd affinity-dvoxwsarum27fjjn { type ipv4_addr ; flags dynamic,timeout ; timeout 600s ; }
+add set ip proxyd canary { type ipv4_addr ; }
+flush set ip proxyd canary
 add set ip proxyd cluster-ips { type ipv4_addr ; }
 flush set ip proxyd cluster-ips
 add set ip proxyd nodeport-ips { type ipv4_addr ; }
@@ -236,6 +238,7 @@ add element ip proxyd np-backends-tcp { tcp . 3001 . 0 : 10.180.0.3 . 80 }
 add element ip proxyd np-short-pick { tcp . 3001 : goto np-short-pick-tcp-2 }
 add element ip proxyd np-short-backends-tcp { tcp . 3001 . 0 : 10.180.0.3 . 80, tcp . 3001 . 1 : 10.180.0.4 . 80 }
 add element ip proxyd hairpin { 10.180.0.3 . 10.180.0.3, 10.180.0.1 . 10.180.0.1 }
+add element ip proxyd canary { 0.0.0.0 }
 """
 
 # web gains endpoints (3 now: a new pick chain), sticky loses its only one (rejects; its affinity

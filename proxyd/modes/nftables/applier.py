@@ -5,10 +5,12 @@ process, ``nft -f -`` where the library is missing) in a worker thread, so
 a big transaction never blocks the event loop.
 
 * ``apply(text)``: one transaction; a rejected one changes nothing.
-* ``table_handle()``: the kernel's handle of our table (None when absent).
-  Cheap (lists tables, not their content): a changed handle means someone
-  deleted the table (``nft flush ruleset``, a firewall reload) and the mode
-  repairs with a full sync; never a listing of the table itself.
+* ``canary_present()``: lists the one-element ``canary`` set of our table
+  (~0.1 ms; ``list tables`` costs ~150 ms at 1,000 services on nft 1.0.6
+  because nft fetches everything first). A missing table, set or element
+  means someone deleted or flushed our table (``nft flush ruleset``, a
+  firewall reload): the mode repairs with a full sync. The table itself is
+  never listed.
 * ``chains()``: names of the chains in our table — read only before a full
   sync, to find dynamic chains a previous run left.
 * ``cleanup()``: delete the table in both families.
@@ -20,7 +22,7 @@ import asyncio
 import logging
 
 from proxyd.modes.nftables import layout as lay
-from proxyd.modes.nftables.libnft import Nft
+from proxyd.modes.nftables.libnft import Nft, NftError
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,18 @@ class Applier:
     async def apply(self, text: str) -> None:
         await asyncio.to_thread(self.nft.run, text)
 
-    async def table_handle(self) -> int | None:
-        items = await asyncio.to_thread(self.nft.run_json, f"list tables {self.family.table_family}")
+    async def canary_present(self) -> bool:
+        """True while our table, its canary set and the set's one element exist (~0.1 ms)."""
+        try:
+            items = await asyncio.to_thread(self.nft.run_json,
+                                            f"list set {self.family.table} {lay.CANARY}")
+        except NftError:
+            return False
         for item in items:
-            table = item.get("table")
-            if isinstance(table, dict) and table.get("name") == lay.TABLE:
-                handle = table.get("handle")
-                return handle if isinstance(handle, int) else -1
-        return None
+            found = item.get("set")
+            if isinstance(found, dict) and found.get("name") == lay.CANARY:
+                return self.family.canary_element in (found.get("elem") or ())
+        return False
 
     async def chains(self) -> set[str]:
         items = await asyncio.to_thread(self.nft.run_json, f"list chains {self.family.table_family}")

@@ -78,6 +78,10 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 FIREWALL_ALLOW = "firewall-allow"
 HAIRPIN = "hairpin"
+# A set holding one element that nothing else ever touches: checking that it still exists and
+# holds its element is proxyd's cheap test for "someone changed our table" (``nft list tables``
+# costs as much as listing everything on nft 1.0.6; listing one small set does not).
+CANARY = "canary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,10 @@ class Family:
     def table(self) -> str:
         return f"{self.table_family} {TABLE}"
 
+    @property
+    def canary_element(self) -> str:
+        return "0.0.0.0" if self.version == 4 else "::"
+
 
 @dataclass(frozen=True, slots=True)
 class LayoutOptions:
@@ -183,6 +191,7 @@ def maps(fam: Family) -> list[tuple[str, str]]:
     svc_key = f"{a} . inet_proto . inet_service"
     np_key = "inet_proto . inet_service"
     out = [
+        (CANARY, f"type {a}"),
         (CLUSTER_IPS, f"type {a}"),
         (NODEPORT_IPS, f"type {a}"),
         (SERVICE_IPS, f"type {svc_key} : verdict"),

@@ -11,8 +11,8 @@ helper, shared). The life cycle:
   more (deleted by the next sync).
 * full sync (first, hourly, after a failure, after the table vanished):
   list our chain names once, then rewrite everything.
-* every other sync: check the table's handle (cheap); if the table was
-  deleted or recreated behind our back, the sync becomes full and repairs
+* every other sync: check the canary set (cheap); if the table was
+  deleted or flushed behind our back, the sync becomes full and repairs
   it. Otherwise only differences are sent; the table is never listed.
 * a failed transaction changes nothing in the kernel; the failure is
   counted, the planner forgets that its mirror is valid (next sync full) and
@@ -70,7 +70,6 @@ class NftablesMode(ProxyMode):
         self.applier: Applier | None = None
         self.planner = Planner(self._options(node_ips=(), node_ip=None))
         self._ports: Mapping[ServicePortName, ServicePort] = {}
-        self._handle: int | None = None
         self._synced = False
         self.last_plan: Plan | None = None
 
@@ -95,9 +94,9 @@ class NftablesMode(ProxyMode):
         assert self.applier is not None
         applier = self.applier
         full = request.changed is None or self.planner.needs_full
-        handle = await applier.table_handle()
-        if not full and handle != self._handle:
-            log.warning("nftables: table %s was deleted or replaced behind our back: full resync",
+        present = await applier.canary_present()
+        if not full and not present:
+            log.warning("nftables: table %s was deleted or flushed behind our back: full resync",
                         lay.Family(self.family).table)
             metrics.NFTABLES_REPAIRS.inc()
             self.planner.invalidate()
@@ -107,7 +106,7 @@ class NftablesMode(ProxyMode):
                                                   self.family)
             self.planner.set_node_ips(node_ips)
         stale: set[str] = set()
-        if full and handle is not None:
+        if full and present:
             stale = {c for c in await applier.chains() if lay.is_dynamic_chain(c)}
         stale_sets = {lay.AFFINITY_PREFIX + c[len(lay.ENDPOINT_PREFIX):]
                       for c in stale if c.startswith(lay.ENDPOINT_PREFIX)}
@@ -128,8 +127,6 @@ class NftablesMode(ProxyMode):
         old_ports = self._ports
         self.planner.commit(plan)
         self.last_plan = plan
-        if full:
-            self._handle = await applier.table_handle()
         self._ports = request.state.services
         if self._synced:
             # On the first sync after a start nothing is known about what

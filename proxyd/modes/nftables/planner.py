@@ -473,6 +473,7 @@ class Planner:
         for ip in node_ips:
             kernel[(lay.NODEPORT_IPS, ip)] = None
             by_set.setdefault(lay.NODEPORT_IPS, []).append(ip)
+        by_set[lay.CANARY] = [fam.canary_element]
 
         chains, sets, pick_refs = self._dynamic(fresh)
         out = [f"add table {table}"]
