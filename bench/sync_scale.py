@@ -230,7 +230,7 @@ class NftablesDriver(PlannerTimedDriver):
         return out
 
     def rules(self) -> int:
-        return len(self.mode.planner.kernel)
+        return self.mode.planner.elements
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {

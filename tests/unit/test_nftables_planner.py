@@ -295,11 +295,15 @@ def test_plan_does_not_touch_the_planner_until_commit() -> None:
     assert planner.needs_full and not planner.kernel
     full = planner.plan(state(ENTRIES), None)
     planner.commit(full)
-    before = dict(planner.kernel)
+    before = _nonempty(planner.kernel)
     planner.plan(state(CHANGED), frozenset({WEB.name.service}))
-    assert dict(planner.kernel) == before
+    assert _nonempty(planner.kernel) == before
     planner.invalidate()
     assert planner.plan(state(CHANGED), frozenset({WEB.name.service})).full
+
+
+def _nonempty(mirror) -> dict:
+    return {name: dict(elements) for name, elements in mirror.items() if elements}
 
 
 def _random_state(rng: random.Random, n: int) -> ProxyState:
@@ -349,7 +353,7 @@ def test_partial_syncs_keep_the_mirror_equal_to_a_full_plan(seed: int) -> None:
         planner.commit(plan)
         st = new
         fresh = Planner(OPTS).plan(st, None)
-        assert dict(planner.kernel) == fresh.kernel
+        assert _nonempty(planner.kernel) == _nonempty(fresh.kernel)
         assert {c: r for c, r in planner.dynamic_chains.items()} == fresh.chains
     # The tables built both ways hold the same elements.
     built = Ruleset().load("".join(texts))
@@ -422,7 +426,7 @@ def test_huge_service_is_one_pick_chain_and_many_elements() -> None:
     eps = tuple(Endpoint(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 80) for i in range(5000))
     plan = Planner(OPTS).plan(state([(WEB, eps)]), None)
     assert "numgen random mod 5000 map @svc-backends-tcp" in plan.text
-    assert len(plan.kernel) > 5000
+    assert sum(len(v) for v in plan.kernel.values()) > 5000
     # element lists are split so no single command grows without bound
     assert max(len(line) for line in plan.text.splitlines()) < 4096 * 64
 

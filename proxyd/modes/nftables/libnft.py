@@ -41,6 +41,18 @@ class NftError(Exception):
         self.commands = commands
 
 
+# libnftables builds an expression tree per element while parsing (~270 MB for 130,000 elements)
+# and frees it afterwards, but glibc keeps the freed heap: give it back after big transactions.
+TRIM_ABOVE = 1 << 20
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(LIBRARY)
@@ -128,6 +140,8 @@ class Nft:
         rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
         out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
         err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        if len(commands) > TRIM_ABOVE:
+            _trim()
         if rc != 0:
             raise NftError(err or f"nft returned {rc}", commands=commands)
         return out

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from proxyd import metrics
 from proxyd.config import Config
-from proxyd.model import ServicePort, ServicePortName
+from proxyd.model import Protocol, ServicePort, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.planner import PortRender
@@ -123,8 +123,16 @@ class NftablesMode(ProxyMode):
                 # The transaction changed nothing; the next sync is full.
                 self.planner.invalidate()
                 raise
-        old_renders: dict[ServicePortName, PortRender] = {n: p.render for n, p in self.planner.ports.items()}
         old_ports = self._ports
+        old_renders: dict[ServicePortName, PortRender] = {}
+        if self._synced:
+            # Only UDP ports need conntrack cleanup: re-render just those of the committed state.
+            names = set(plan.rerendered) | set(plan.removed) | (set(old_ports) if plan.full else set())
+            for name in names:
+                if name.protocol == Protocol.UDP:
+                    render = self.planner.committed_render(name)
+                    if render is not None:
+                        old_renders[name] = render
         self.planner.commit(plan)
         self.last_plan = plan
         self._ports = request.state.services
@@ -140,7 +148,7 @@ class NftablesMode(ProxyMode):
         names = set(plan.rerendered) | set(plan.removed)
         if plan.full:
             names |= set(old_ports)
-        new_renders = {n: p.render for n, p in self.planner.ports.items() if n in names}
+        new_renders = {n: p.render for n, p in plan.ports.items() if n in names}
         flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
                                       new_ports=self._ports, new_renders=new_renders)
         if not flows:

@@ -102,30 +102,37 @@ class PortPlan:
 
 @dataclass(slots=True)
 class Plan:
-    """One nft transaction and what to adopt once the kernel accepted it."""
+    """One nft transaction and what to adopt once the kernel accepted it.
+
+    A full plan carries the whole mirror (``kernel``, ``owners``, ``refs``:
+    set name -> key -> value / owning port / reference count); a partial one
+    only the entries that change (``delta``: (set, key, value or GONE)).
+    """
 
     text: str
     full: bool
-    ports: dict[ServicePortName, PortPlan]
-    rerendered: frozenset[ServicePortName]
-    removed: dict[ServicePortName, PortPlan]
-    # Full plans: the whole mirror. Partial plans: only what changed (None / _GONE: removed).
-    kernel: dict[tuple[str, str], str | None]
-    refs: dict[tuple[str, str], int]
-    owners: dict[tuple[str, str], ServicePortName | None]
-    chains: dict[str, tuple[str, ...] | None]   # dynamic chains
-    sets: dict[str, str | None]                 # dynamic (affinity) sets
-    doomed_chains: tuple[str, ...]       # unused now: delete in the next plan
-    doomed_sets: tuple[str, ...]
-    node_ips: tuple[str, ...]
+    state: ProxyState
+    ports: dict[ServicePortName, PortPlan]   # the ports (re-)rendered by this plan
+    removed: frozenset[ServicePortName]
+    by_service: dict[ServiceName, set[ServicePortName] | None]
+    kernel: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    owners: dict[str, dict[str, ServicePortName]] = field(default_factory=dict)
+    refs: dict[str, dict[str, int]] = field(default_factory=dict)
+    delta: list[tuple[str, str, str | None]] = field(default_factory=list)
+    owner_delta: dict[tuple[str, str], ServicePortName | None] = field(default_factory=dict)
+    ref_delta: dict[tuple[str, str], int] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # dynamic chains
+    sets: dict[str, str | None] = field(default_factory=dict)                # dynamic (affinity) sets
     pick_refs: dict[str, int] = field(default_factory=dict)
+    doomed_chains: tuple[str, ...] = ()   # unused now: delete in the next plan
+    node_ips: tuple[str, ...] = ()
     added: int = 0
     deleted: int = 0
     conflicts: int = 0
 
     @property
-    def renders(self) -> dict[ServicePortName, PortRender]:
-        return {name: p.render for name, p in self.ports.items()}
+    def rerendered(self) -> frozenset[ServicePortName]:
+        return frozenset(self.ports)
 
     @property
     def empty(self) -> bool:
@@ -255,9 +262,10 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
             if external_local:
                 target(lay.PICK_NP_SHORT, key, cat.cluster)
 
-    hairpins = {ep.ip for ep in cat.all_reachable if ep.node_name is None or ep.node_name == node_name}
+    hairpins = {ep.ip for ep in cat.all_reachable if ep.node_name == node_name}
     for ip in sorted(hairpins):
-        # Only pods on this node send their traffic through this node's rules.
+        # Only pods on this node send their traffic through this node's rules (an endpoint
+        # without a node name is not a pod here).
         elements.append((lay.HAIRPIN, f"{_safe_ip(ip)} . {ip}", None))
 
     return PortPlan(elements=tuple(_dedup(elements)), picks=tuple(picks), chains=tuple(own_chains),
@@ -323,20 +331,27 @@ def _join(ep: Endpoint) -> str:
 
 
 class Planner:
-    """Plans transactions from ProxyStates, mirroring the kernel's elements for partial syncs."""
+    """Plans transactions from ProxyStates, mirroring the kernel's elements for partial syncs.
+
+    What it keeps between syncs is the mirror of the kernel's elements (set
+    -> key -> value), who owns each map key, reference counts of shared set
+    elements and the last committed ProxyState. It keeps no per-port
+    rendering: a partial plan re-renders a changed port's previous version
+    from the previous state (cheap for a few ports, and memory stays
+    bounded by the kernel's elements).
+    """
 
     def __init__(self, options: PlannerOptions) -> None:
         self.options = options
-        self._ports: dict[ServicePortName, PortPlan] = {}
+        self._state = ProxyState()
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
-        self._kernel: dict[tuple[str, str], str | None] = {}
-        self._refs: dict[tuple[str, str], int] = {}
-        self._owners: dict[tuple[str, str], ServicePortName] = {}
+        self._kernel: dict[str, dict[str, str | None]] = {}
+        self._owners: dict[str, dict[str, ServicePortName]] = {}
+        self._refs: dict[str, dict[str, int]] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
-        self._pick_refs: dict[str, int] = {}
         self._sets: dict[str, str] = {}
+        self._pick_refs: dict[str, int] = {}
         self._doomed_chains: tuple[str, ...] = ()
-        self._doomed_sets: tuple[str, ...] = ()
         self._node_ips: tuple[str, ...] = ()
         self._valid = False
 
@@ -345,13 +360,13 @@ class Planner:
         return not self._valid
 
     @property
-    def ports(self) -> Mapping[ServicePortName, PortPlan]:
-        return self._ports
+    def kernel(self) -> Mapping[str, Mapping[str, str | None]]:
+        """The elements the kernel holds (set -> key -> value), as far as the planner knows."""
+        return self._kernel
 
     @property
-    def kernel(self) -> Mapping[tuple[str, str], str | None]:
-        """The elements the kernel holds, as far as the planner knows."""
-        return self._kernel
+    def elements(self) -> int:
+        return sum(len(v) for v in self._kernel.values())
 
     @property
     def dynamic_chains(self) -> Mapping[str, tuple[str, ...]]:
@@ -377,6 +392,18 @@ class Planner:
                 out.append(str(a))
         return tuple(sorted(set(out)))
 
+    def _render(self, state: ProxyState, name: ServicePortName) -> PortPlan | None:
+        sp = state.services.get(name)
+        if sp is None or _family_of(sp.cluster_ip) != self.options.family:
+            return None
+        return render_port(sp, state.endpoints.get(name, ()), options=self.options,
+                           node_name=state.node_name, node_zone=state.node_zone)
+
+    def committed_render(self, name: ServicePortName) -> PortRender | None:
+        """What the committed state rendered for ``name`` (for conntrack cleanup)."""
+        plan = self._render(self._state, name) if self._valid else None
+        return plan.render if plan is not None else None
+
     # -- planning ---------------------------------------------------------
 
     def plan(self, state: ProxyState, changed: frozenset[ServiceName] | None, *,
@@ -388,92 +415,60 @@ class Planner:
         the kernel (after a restart): a full plan empties them now and the
         next plan deletes them.
         """
-        fam = self.options.family
-        names: Iterable[ServicePortName]
         if changed is None or not self._valid:
-            full = True
-            names = sorted(n for n, sp in state.services.items() if _family_of(sp.cluster_ip) == fam)
-        else:
-            full = False
-            wanted: set[ServicePortName] = set()
-            for svc in changed:
-                wanted.update(self._by_service.get(svc, ()))
-            wanted.update(n for n, sp in state.services.items()
-                          if n.service in changed and _family_of(sp.cluster_ip) == fam)
-            names = sorted(wanted)
+            return self._plan_full(state, stale_chains, stale_sets)
+        return self._plan_partial(state, changed)
 
-        ports = self._ports
-        removed: dict[ServicePortName, PortPlan] = {}
-        zone = state.node_zone
-        fresh: dict[ServicePortName, PortPlan] = {}
-        for name in names:
-            sp = state.services.get(name)
-            if sp is None or _family_of(sp.cluster_ip) != fam:
-                old = None if full else ports.get(name)
-                if old is not None:
-                    removed[name] = old
-                continue
-            fresh[name] = render_port(sp, state.endpoints.get(name, ()), options=self.options,
-                                      node_name=state.node_name, node_zone=zone)
-        if full:
-            return self._plan_full(fresh, stale_chains, stale_sets)
-        return self._plan_partial(ports, fresh, removed)
+    def _candidates(self, state: ProxyState, changed: frozenset[ServiceName]) -> set[ServicePortName]:
+        """Port names whose rendering may differ: those of ``changed`` services, and any port that
+        appeared or vanished. Proportional to the change unless ports appeared (then one pass over
+        the names, in C)."""
+        old = self._state.services
+        new = state.services
+        names: set[ServicePortName] = set()
+        gone = 0
+        for svc in changed:
+            for name in self._by_service.get(svc, ()):
+                names.add(name)
+                if name not in new:
+                    gone += 1
+        if len(new) != len(old) - gone:
+            names.update(new.keys() - old.keys())
+            names.update(old.keys() - new.keys())
+        return names
 
-    @staticmethod
-    def _aggregate(refs: dict, owners: dict, name: ServicePortName, plan: PortPlan, sign: int,
-                   conflicts: list[int], base_refs: Mapping = _EMPTY, base_owners: Mapping = _EMPTY,
-                   ) -> set[tuple[str, str]]:
-        """Add (sign 1) or remove (-1) a port's elements from the desired aggregate; the keys touched.
-
-        ``refs``/``owners`` are written; reads fall back to ``base_*`` (the
-        committed aggregate) so a partial plan never copies it. An owner of
-        None in ``owners`` means "no owner any more".
-        """
-        touched = set()
-        for set_name, key, _ in plan.elements:
-            k = (set_name, key)
-            if set_name in SHARED_SETS:
-                refs[k] = refs.get(k, base_refs.get(k, 0)) + sign
-                touched.add(k)
-                continue
-            owner = owners[k] if k in owners else base_owners.get(k)
-            if sign > 0:
-                if owner is None:
-                    owners[k] = name
-                    touched.add(k)
-                elif owner != name:
-                    conflicts[0] += 1
-            elif owner == name:
-                owners[k] = None
-                touched.add(k)
-        return touched
-
-    def _plan_full(self, fresh: dict[ServicePortName, PortPlan], stale_chains: Iterable[str],
-                   stale_sets: Iterable[str]) -> Plan:
+    def _plan_full(self, state: ProxyState, stale_chains: Iterable[str], stale_sets: Iterable[str]) -> Plan:
         opts = self.options
         fam = opts.fam
         table = fam.table
-        refs: dict[tuple[str, str], int] = {}
-        owners: dict[tuple[str, str], ServicePortName] = {}
-        kernel: dict[tuple[str, str], str | None] = {}
-        conflicts = [0]
-        for name, p in fresh.items():
-            self._aggregate(refs, owners, name, p, 1, conflicts)
-        by_set: dict[str, list[str]] = {}
-        values = {}
-        for name, p in fresh.items():
+        kernel: dict[str, dict[str, str | None]] = {}
+        owners: dict[str, dict[str, ServicePortName]] = {}
+        refs: dict[str, dict[str, int]] = {}
+        conflicts = 0
+        fresh: dict[ServicePortName, PortPlan] = {}
+        by_service: dict[ServiceName, set[ServicePortName] | None] = {}
+        for name in sorted(state.services):
+            by_service.setdefault(name.service, set()).add(name)  # type: ignore[union-attr]
+            p = self._render(state, name)
+            if p is None:
+                continue
+            fresh[name] = p
             for set_name, key, value in p.elements:
-                k = (set_name, key)
-                if set_name in SHARED_SETS or owners.get(k) == name:
-                    values[k] = value
-        for (set_name, key), value in values.items():
-            kernel[(set_name, key)] = value
-            by_set.setdefault(set_name, []).append(key if value is None else f"{key} : {value}")
+                if set_name in SHARED_SETS:
+                    counts = refs.setdefault(set_name, {})
+                    counts[key] = counts.get(key, 0) + 1
+                    kernel.setdefault(set_name, {})[key] = None
+                    continue
+                who = owners.setdefault(set_name, {})
+                if key in who:
+                    conflicts += 1
+                    continue
+                who[key] = name
+                kernel.setdefault(set_name, {})[key] = value
         node_ips = self._wanted_node_ips()
-        for ip in node_ips:
-            kernel[(lay.NODEPORT_IPS, ip)] = None
-            by_set.setdefault(lay.NODEPORT_IPS, []).append(ip)
-        by_set[lay.CANARY] = [fam.canary_element]
+        if node_ips:
+            kernel[lay.NODEPORT_IPS] = dict.fromkeys(node_ips)
+        canary = {lay.CANARY: [fam.canary_element]}
 
         chains, sets, pick_refs = self._dynamic(fresh)
         out = [f"add table {table}"]
@@ -508,14 +503,16 @@ class Planner:
             out.append(f"delete set {table} {set_name}")
         for chain, rules in (*fixed.items(), *chains.items()):
             out.extend(f"add rule {table} {chain} {r}" for r in rules)
-        for set_name, items in by_set.items():
+        for set_name, elements in (*kernel.items(), *canary.items()):
+            items = [k if v is None else f"{k} : {v}" for k, v in elements.items()] \
+                if isinstance(elements, dict) else elements
             for i in range(0, len(items), 4096):
                 out.append(f"add element {table} {set_name} {{ {', '.join(items[i:i + 4096])} }}")
         text = "\n".join(out) + "\n"
-        return Plan(text=text, full=True, ports=fresh, rerendered=frozenset(fresh), removed={},
-                    kernel=kernel, refs=refs, owners=owners, chains=chains, sets=sets,
-                    doomed_chains=tuple(stale_c), doomed_sets=(), node_ips=node_ips,
-                    pick_refs=pick_refs, added=len(kernel), conflicts=conflicts[0])
+        return Plan(text=text, full=True, state=state, ports=fresh, removed=frozenset(),
+                    by_service=by_service, kernel=kernel, owners=owners, refs=refs, chains=chains,  # type: ignore[arg-type]
+                    sets=sets, pick_refs=pick_refs, doomed_chains=tuple(stale_c), node_ips=node_ips,  # type: ignore[arg-type]
+                    added=sum(len(v) for v in kernel.values()), conflicts=conflicts)
 
     def _dynamic(self, ports: Mapping[ServicePortName, PortPlan]) -> tuple[
             dict[str, tuple[str, ...]], dict[str, str], dict[str, int]]:
@@ -534,26 +531,69 @@ class Planner:
                 sets[set_name] = body
         return chains, sets, pick_refs
 
-    def _plan_partial(self, ports: Mapping[ServicePortName, PortPlan], fresh: dict[ServicePortName, PortPlan],
-                      removed: dict[ServicePortName, PortPlan]) -> Plan:
+    def _plan_partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> Plan:
         table = self.options.fam.table
+        names = self._candidates(state, changed)
+        olds: dict[ServicePortName, PortPlan] = {}
+        fresh: dict[ServicePortName, PortPlan] = {}
+        removed: set[ServicePortName] = set()
+        by_service: dict[ServiceName, set[ServicePortName] | None] = {}
+        for name in sorted(names):
+            old = self._render(self._state, name)
+            if old is not None:
+                olds[name] = old
+            new = self._render(state, name)
+            if new is not None:
+                fresh[name] = new
+            elif old is not None:
+                removed.add(name)
+        for name in names:
+            svc = name.service
+            if svc not in by_service:
+                have = set(self._by_service.get(svc, ()))
+                by_service[svc] = have
+            members = by_service[svc]
+            assert members is not None
+            if name in state.services:
+                members.add(name)
+            else:
+                members.discard(name)
+        for svc, members in list(by_service.items()):
+            if not members:
+                by_service[svc] = None
+
         refs: dict[tuple[str, str], int] = {}
         owners: dict[tuple[str, str], ServicePortName | None] = {}
-        conflicts = [0]
+        conflicts = 0
         touched: set[tuple[str, str]] = set()
-        olds = {name: ports[name] for name in fresh if name in ports}
-        olds.update(removed)
-        for name, old in olds.items():
-            touched |= self._aggregate(refs, owners, name, old, -1, conflicts, self._refs, self._owners)
-        for name, new in fresh.items():
-            touched |= self._aggregate(refs, owners, name, new, 1, conflicts, self._refs, self._owners)
 
         def owner_of(k: tuple[str, str]) -> ServicePortName | None:
-            return owners[k] if k in owners else self._owners.get(k)
+            if k in owners:
+                return owners[k]
+            return self._owners.get(k[0], _EMPTY).get(k[1])
+
+        for sign, plans in ((-1, olds), (1, fresh)):
+            for name, p in plans.items():
+                for set_name, key, _ in p.elements:
+                    k = (set_name, key)
+                    if set_name in SHARED_SETS:
+                        refs[k] = refs.get(k, self._refs.get(set_name, _EMPTY).get(key, 0)) + sign
+                        touched.add(k)
+                        continue
+                    owner = owner_of(k)
+                    if sign > 0:
+                        if owner is None:
+                            owners[k] = name
+                            touched.add(k)
+                        elif owner != name:
+                            conflicts += 1
+                    elif owner == name:
+                        owners[k] = None
+                        touched.add(k)
 
         desired: dict[tuple[str, str], str | None] = {}
-        for name, new in fresh.items():
-            for set_name, key, value in new.elements:
+        for name, p in fresh.items():
+            for set_name, key, value in p.elements:
                 k = (set_name, key)
                 if k in touched and (set_name in SHARED_SETS or owner_of(k) == name):
                     desired[k] = value
@@ -565,10 +605,9 @@ class Planner:
                     desired[k] = None
                 continue
             owner = owner_of(k)
-            if owner is not None and owner not in fresh and owner in ports:
-                for set_name, key, value in ports[owner].elements:
-                    if (set_name, key) == k:
-                        desired[k] = value
+            if owner is not None and owner not in fresh:
+                # Kept by a port this plan does not re-render: its value is unchanged.
+                desired[k] = self._kernel.get(k[0], _EMPTY).get(k[1])
         node_ips = self._wanted_node_ips()
         for ip in set(node_ips) | set(self._node_ips):
             k = (lay.NODEPORT_IPS, ip)
@@ -576,25 +615,29 @@ class Planner:
             if ip in node_ips:
                 desired[k] = None
 
-        kernel = self._kernel
         deletes: dict[str, list[str]] = {}
         adds: dict[str, list[str]] = {}
-        changes: dict[tuple[str, str], str | None] = {}
-        gone: list[tuple[str, str]] = []
+        delta: list[tuple[str, str, str | None]] = []
+        added = deleted = 0
         for k in sorted(touched):
-            have = k in kernel
+            current = self._kernel.get(k[0], _EMPTY)
+            have = k[1] in current
             want = k in desired
-            if have and want and kernel[k] == desired[k]:
+            if have and want and current[k[1]] == desired[k]:
                 continue
             if have:
                 deletes.setdefault(k[0], []).append(k[1])
-                gone.append(k)
+                deleted += 1
             if want:
                 value = desired[k]
                 adds.setdefault(k[0], []).append(k[1] if value is None else f"{k[1]} : {value}")
-                changes[k] = value
+                delta.append((k[0], k[1], value))
+                added += 1
+            else:
+                delta.append((k[0], k[1], _GONE))
 
         # Dynamic chains and sets: refcounted pick chains, per-port affinity chains.
+        fam = self.options.fam
         pick_refs: dict[str, int] = {}
         chain_updates: dict[str, tuple[str, ...] | None] = {}
         set_updates: dict[str, str | None] = {}
@@ -605,7 +648,6 @@ class Planner:
                 chain_updates[chain] = None
             for set_name, _ in old.sets:
                 set_updates[set_name] = None
-        fam = self.options.fam
         for new in fresh.values():
             for chain in new.picks:
                 pick_refs[chain] = pick_refs.get(chain, self._pick_refs.get(chain, 0)) + 1
@@ -646,51 +688,42 @@ class Planner:
             # Only the endpoint chain flushed above referenced it.
             out.append(f"delete set {table} {set_name}")
         text = "\n".join(out) + ("\n" if out else "")
-        return Plan(text=text, full=False, ports=dict(fresh), rerendered=frozenset(fresh), removed=removed,
-                    kernel={**changes, **{k: _GONE for k in gone if k not in changes}}, refs=refs,
-                    owners=owners, chains=chain_updates, sets=set_updates, doomed_chains=doomed_c,
-                    doomed_sets=(), node_ips=node_ips, pick_refs=pick_refs,
-                    added=len(changes), deleted=len(gone), conflicts=conflicts[0])
+        return Plan(text=text, full=False, state=state, ports=fresh, removed=frozenset(removed),
+                    by_service=by_service, delta=delta, owner_delta=owners, ref_delta=refs,
+                    chains=chain_updates, sets=set_updates, pick_refs=pick_refs, doomed_chains=doomed_c,
+                    node_ips=node_ips, added=added, deleted=deleted, conflicts=conflicts)
 
     def commit(self, plan: Plan) -> None:
         """Adopt ``plan``: the kernel now holds what it describes."""
         if plan.full:
-            self._ports = plan.ports
-            self._by_service = {}
-            for name in plan.ports:
-                self._by_service.setdefault(name.service, set()).add(name)
+            self._by_service = {k: v for k, v in plan.by_service.items() if v}
             self._kernel = plan.kernel
+            self._owners = plan.owners
             self._refs = plan.refs
-            self._owners = {k: v for k, v in plan.owners.items() if v is not None}
             self._chains = dict(plan.chains)  # type: ignore[arg-type]
             self._sets = dict(plan.sets)  # type: ignore[arg-type]
-            self._pick_refs = plan.pick_refs
+            self._pick_refs = dict(plan.pick_refs)
         else:
-            for name in plan.removed:
-                self._ports.pop(name, None)
-                names = self._by_service.get(name.service)
-                if names is not None:
-                    names.discard(name)
-                    if not names:
-                        del self._by_service[name.service]
-            for name, p in plan.ports.items():
-                self._ports[name] = p
-                self._by_service.setdefault(name.service, set()).add(name)
-            for k, v in plan.kernel.items():
-                if v is _GONE:
-                    self._kernel.pop(k, None)
+            for svc, members in plan.by_service.items():
+                if members:
+                    self._by_service[svc] = members
                 else:
-                    self._kernel[k] = v
-            for k, count in plan.refs.items():
+                    self._by_service.pop(svc, None)
+            for set_name, key, value in plan.delta:
+                if value is _GONE:
+                    self._kernel.get(set_name, {}).pop(key, None)
+                else:
+                    self._kernel.setdefault(set_name, {})[key] = value
+            for (set_name, key), count in plan.ref_delta.items():
                 if count > 0:
-                    self._refs[k] = count
+                    self._refs.setdefault(set_name, {})[key] = count
                 else:
-                    self._refs.pop(k, None)
-            for k, owner in plan.owners.items():
+                    self._refs.get(set_name, {}).pop(key, None)
+            for (set_name, key), owner in plan.owner_delta.items():
                 if owner is None:
-                    self._owners.pop(k, None)
+                    self._owners.get(set_name, {}).pop(key, None)
                 else:
-                    self._owners[k] = owner
+                    self._owners.setdefault(set_name, {})[key] = owner
             for chain, rules in plan.chains.items():
                 if rules is None:
                     self._chains.pop(chain, None)
@@ -706,7 +739,7 @@ class Planner:
                     self._pick_refs[chain] = count
                 else:
                     self._pick_refs.pop(chain, None)
+        self._state = plan.state
         self._doomed_chains = plan.doomed_chains
-        self._doomed_sets = plan.doomed_sets
         self._node_ips = plan.node_ips
         self._valid = True
