@@ -120,9 +120,9 @@ class PlannerTimedDriver:
 
     async def _sync(self, request: SyncRequest) -> dict[str, float]:
         self._plan_time = 0.0
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         await self.mode.sync(request)
-        return {"total": time.perf_counter() - t, "plan": self._plan_time}
+        return {"total": time.perf_counter() - t, "plan": self._plan_time, "cpu": time.process_time() - cpu}
 
     async def full(self, state: ProxyState) -> dict[str, float]:
         return await self._sync(SyncRequest(state, None))
@@ -279,12 +279,17 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
     return {**anchor,
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
         "full_s": round(full["total"], 4), "plan_full_s": round(full["plan"], 4),
+        # CPU seconds of this process (worker threads and in-process kernel calls included; a
+        # subprocess's not): on a busy machine wall time overstates the cost.
+        "full_cpu_s": round(full["cpu"], 4),
+        "incremental_cpu_s": round(statistics.median(p["cpu"] for p in partials), 4),
         "incremental_s": round(statistics.median(p["total"] for p in partials), 4),
         "plan_incremental_s": round(statistics.median(p["plan"] for p in partials), 4),
         "incremental_max_s": round(max(p["total"] for p in partials), 4),
         "rss_mib": round(rss_mib(), 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rules": rules,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -293,15 +298,18 @@ def _kube_proxy_anchor(state: ProxyState, full_s: float) -> dict[str, Any]:
     from bench.kube_proxy_nft import TABLE, ruleset
 
     text = ruleset(state)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True,
                           timeout=POINT_TIMEOUT, check=False)
     elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     subprocess.run(["nft", "delete", "table", *TABLE.split()], capture_output=True, timeout=POINT_TIMEOUT,
                    check=False)
     if proc.returncode != 0:
         return {"kube_proxy_nft_error": proc.stderr.strip()[-300:]}
-    return {"kube_proxy_nft_load_s": round(elapsed, 3),
+    return {"kube_proxy_nft_load_s": round(elapsed, 3), "kube_proxy_nft_load_cpu_s": round(cpu, 3),
             "kube_proxy_nft_ratio": round(elapsed / full_s, 1) if full_s > 0 else None}
 
 
@@ -321,10 +329,13 @@ def report(r: dict[str, Any]) -> None:
         print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc x {r['endpoints']} ep: "
               f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
               f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
+              f"CPU full {r.get('full_cpu_s', 0):.3f}s "
+              f"incremental {r.get('incremental_cpu_s', 0) * 1000:.1f}ms  "
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
         if "kube_proxy_nft_load_s" in r:
             print(f"{'':8} {'':7} {r['services']:>6} svc: kube-proxy's nftables shape loads with nft -f in "
-                  f"{r['kube_proxy_nft_load_s']:.2f}s = {r['kube_proxy_nft_ratio']}x proxyd's full sync",
+                  f"{r['kube_proxy_nft_load_s']:.2f}s (CPU {r['kube_proxy_nft_load_cpu_s']:.2f}s) = "
+                  f"{r['kube_proxy_nft_ratio']}x proxyd's full sync",
                   file=sys.stderr, flush=True)
         elif "kube_proxy_nft_error" in r:
             print(f"  kube-proxy anchor failed: {r['kube_proxy_nft_error']}", file=sys.stderr, flush=True)

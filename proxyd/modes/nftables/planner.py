@@ -268,21 +268,11 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
         # without a node name is not a pod here).
         elements.append((lay.HAIRPIN, f"{_safe_ip(ip)} . {ip}", None))
 
-    return PortPlan(elements=tuple(_dedup(elements)), picks=tuple(picks), chains=tuple(own_chains),
+    # A key may come twice (an external IP equal to an LB IP): the mirror's dicts collapse it.
+    return PortPlan(elements=tuple(elements), picks=tuple(picks), chains=tuple(own_chains),
                     sets=tuple(own_sets),
                     render=PortRender(reachable=cat.all_reachable, has_endpoints=has_endpoints,
                                       n_endpoints=len(endpoints)))
-
-
-def _dedup(elements: list[Element]) -> list[Element]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for e in elements:
-        k = (e[0], e[1])
-        if k not in seen:
-            seen.add(k)
-            out.append(e)
-    return out
 
 
 def _sticky_chain(svc: ServicePort, chosen: tuple[Endpoint, ...], index: int, fam: lay.Family,
@@ -461,7 +451,8 @@ class Planner:
                     continue
                 who = owners.setdefault(set_name, {})
                 if key in who:
-                    conflicts += 1
+                    if who[key] != name:
+                        conflicts += 1
                     continue
                 who[key] = name
                 kernel.setdefault(set_name, {})[key] = value
