@@ -199,12 +199,14 @@ class TestNftables(ServiceBehaviour):
         proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns
         # Someone deletes an element proxyd believes is there: the next partial transaction's
-        # delete fails, nothing of it applies, the failure is counted and a full sync repairs.
-        topology.ns_run(topology.node, ["nft", "delete", "element", "ip", "proxyd", "cluster-ips",
-                                        f"{{ {CLUSTER_IP} }}"])
+        # delete of it fails, nothing of that transaction applies, the failure is counted and the
+        # runner's retry (a full sync) repairs.
+        topology.ns_run(topology.node, ["nft", "delete", "element", "ip", "proxyd", "svc-backends-tcp",
+                                        f"{{ {CLUSTER_IP} . tcp . 80 . 0 }}"])
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
         wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80)
                    and topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=10.0, what="change applied")
+        assert (topology.metric("kubeproxy_sync_proxy_rules_nftables_sync_failures_total") or 0) >= 1
         assert proc.poll() is None
 
 
