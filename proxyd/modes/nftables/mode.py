@@ -31,6 +31,7 @@ from proxyd import metrics
 from proxyd.config import Config
 from proxyd.model import Protocol, ServicePort, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.iptables import _node_addresses as iptables_node_addresses
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
@@ -44,18 +45,8 @@ log = logging.getLogger(__name__)
 BACKEND_ENV = "PROXYD_NFT_BACKEND"
 
 
-def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str | None]:
-    """(addresses accepting NodePorts, primary node address) — blocking netlink dump."""
-    import ipaddress
-
-    from proxyd.nodeaddrs import filter_addresses, local_addresses
-
-    local = local_addresses(family=family)
-    node_ips = filter_addresses(local, cidrs) if cidrs else []
-    primary = next((a for a in filter_addresses(local, ())
-                    if not ipaddress.ip_address(a).is_loopback
-                    and not ipaddress.ip_address(a).is_link_local), None)
-    return node_ips, primary
+# (addresses accepting NodePorts, primary node address): the same answer as iptables mode's.
+_node_addresses = iptables_node_addresses
 
 
 class NftablesMode(ProxyMode):
