@@ -3,19 +3,21 @@
 ``render_port`` is one iteration of kube-proxy's per-service-port loop
 (pkg/proxy/nftables/proxier.go syncProxyRules) on the compact layout of
 ``layout``: it returns the map and set elements the port contributes, the
-pick chains (``<pick>-N``) it uses and, only for ClientIP affinity, its own
-chains and dynamic sets. Endpoint selection is ``proxyd.policy.categorize``'s;
+pick chains (``<pick>-<proto>-N``) it uses and, only for ClientIP
+affinity, its own chains and dynamic sets. Endpoint selection is ``proxyd.policy.categorize``'s;
 nothing here re-derives it.
 
-``Planner`` mirrors in memory what the kernel holds (committed elements,
-chains, sets) and what every port contributed, so a sync sends only
-differences: ``plan(state, changed)`` re-renders the changed services'
-ports and emits one transaction of element deletes and adds, chains
-created (or flushed and refilled when their rules changed) and nothing
-else; it never needs to read the kernel. A full plan rewrites everything in
+``Planner`` mirrors in memory what the kernel holds (elements, who owns
+each map key, reference counts of shared set elements, dynamic chains and
+sets) and the last committed state, so a sync sends only differences:
+``plan(state, changed)`` renders the previous and the new version of just
+the changed services' ports and emits one transaction of element deletes
+and adds, chains created (or flushed and refilled when their rules
+changed) and nothing else; it never reads the kernel and never walks every
+service. A full plan rewrites everything in
 one transaction (add+flush of every chain and map, all elements), which is
 atomic, so adopting what a previous run left costs no traffic gap. Chains
-and sets that fell out of use are deleted by the *next* plan (kernels
+that fell out of use are emptied now and deleted by the *next* plan (kernels
 before 6.2 refuse deleting a chain in the transaction that drops the last
 map element naming it, as kube-proxy notes). Like the iptables planner, a
 plan is computed without touching the planner; ``commit(plan)`` adopts it
