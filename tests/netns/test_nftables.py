@@ -96,6 +96,19 @@ class TestNftables(ServiceBehaviour):
         greeting = topology.hello(topology.pod("pod1").ns, CLUSTER_IP, 80)
         assert greeting.pod == "pod1" and greeting.peer_ip == POD_GATEWAY
 
+    def test_sctp_service_is_programmed(self, topology: Topology) -> None:
+        # This kernel has no SCTP sockets (EPROTONOSUPPORT), so no SCTP traffic can be sent here;
+        # the rules for an SCTP service must still load beside the others (the tracer checks
+        # where its packets would go).
+        sctp = port(9000, protocol="SCTP", target_port=9000)
+        docs = [*web(endpoints=local_eps(POD1)),
+                service("assoc", cluster_ip="10.96.0.30", ports=[sctp]),
+                endpoint_slice("assoc", ports=[{"port": 9000, "protocol": "SCTP"}], endpoints=local_eps(POD2))]
+        self.start(topology, docs, tcp=("pod1",))
+        text = table(topology)
+        assert "chain svc-pick-sctp-1" in text and f"10.96.0.30 . sctp . 9000 . 0 : {POD2} . 9000" in text
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+
     def test_unknown_port_of_a_cluster_ip_is_rejected(self, topology: Topology) -> None:
         from tests.netns.behaviour import refused
 
