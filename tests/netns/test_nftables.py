@@ -103,7 +103,8 @@ class TestNftables(ServiceBehaviour):
         sctp = port(9000, protocol="SCTP", target_port=9000)
         docs = [*web(endpoints=local_eps(POD1)),
                 service("assoc", cluster_ip="10.96.0.30", ports=[sctp]),
-                endpoint_slice("assoc", ports=[{"port": 9000, "protocol": "SCTP"}], endpoints=local_eps(POD2))]
+                endpoint_slice("assoc", ports=[{"port": 9000, "protocol": "SCTP"}],
+                               endpoints=local_eps(POD2))]
         self.start(topology, docs, tcp=("pod1",))
         text = table(topology)
         assert "chain svc-pick-sctp-1" in text and f"10.96.0.30 . sctp . 9000 . 0 : {POD2} . 9000" in text
