@@ -27,10 +27,11 @@ RUN pip wheel --wheel-dir /wheels . \
 FROM ${PYTHON_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # iptables ships both back ends (iptables-legacy, iptables-nft); ipset,
-# conntrack and nftables for the kernel modes; kmod for modprobe (ipvs);
+# conntrack and nftables for the kernel modes (libnftables1: nftables mode
+# loads it in process); kmod for modprobe (ipvs);
 # iproute2 for address and route handling.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables nftables ipset conntrack kmod iproute2 \
+    && apt-get install -y --no-install-recommends iptables nftables libnftables1 ipset conntrack kmod iproute2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /wheels /wheels
 RUN pip install --no-index --find-links /wheels /wheels/proxyd-*.whl \

@@ -45,7 +45,7 @@ from bench.servers import HTTP_PORT, IPERF_PORT, start_haproxy, start_iperf3, st
 from netnstopo.topology import NODE_IP, Topology, endpoint, endpoint_slice, netns_available, port, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("userspace", "iptables", "ipvs")
+MODES = ("userspace", "iptables", "ipvs", "nftables")
 PROG_PORT = programming.PROG_PORT
 NEEDED_TOOLS = ("iperf3", "wrk", "haproxy", "nginx", "taskset", "ss", "ip")
 

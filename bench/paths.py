@@ -36,7 +36,7 @@ HTTP_VIP = "10.96.0.10"
 BULK_VIP = "10.96.0.11"
 HAPROXY_HTTP_PORT = 8080
 HAPROXY_BULK_PORT = 5202
-KERNEL_MODES = ("iptables", "ipvs")
+KERNEL_MODES = ("iptables", "ipvs", "nftables")
 
 CPU_NOTES = {
     "direct": f"no proxy: busy time of CPU {PROXY_CPU} (the proxy CPU) from /proc/stat, an idle reference",
@@ -46,6 +46,8 @@ CPU_NOTES = {
                        "proxyd is pinned; forwarding softirq runs mostly on the sender's CPU, so this "
                        "undercounts",
     "proxyd-ipvs": f"kernel data path (softirq): busy time of CPU {PROXY_CPU} from /proc/stat",
+    "proxyd-nftables": f"kernel data path (softirq): busy time of CPU {PROXY_CPU} from /proc/stat, as for "
+                       "iptables",
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 DIRECT = "direct"
 HAPROXY = "haproxy"
 USERSPACE = "proxyd-userspace"
-KERNEL_PATHS = ("proxyd-iptables", "proxyd-ipvs")
+KERNEL_PATHS = ("proxyd-iptables", "proxyd-ipvs", "proxyd-nftables")
 PATH_ORDER = (DIRECT, HAPROXY, USERSPACE, *KERNEL_PATHS)
 
 

@@ -29,7 +29,11 @@ real server added, the replaced one set to weight 0) as
 ``c_incremental_s`` (``incremental_ratio``).
 
 Targets (README "Benchmarks"): full ≤ 2 s and incremental ≤ 100 ms at 10,000
-services. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
+services (nftables: ≤ 10 ms, RSS ≤ 150 MB). ``--mode nftables`` (back ends
+``library``: libnftables in process, the default; ``subprocess``: ``nft -f
+-``) also loads kube-proxy's nftables ruleset shape for the same services
+with ``nft -f`` in the same namespace (``bench/kube_proxy_nft.py``) and
+prints the ratio. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
 ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs'``.
@@ -85,6 +89,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMMAND = (sys.executable, "-m", "bench.sync_scale")
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
+# nftables: also load kube-proxy's nftables ruleset shape for the same services (the anchor);
+# PROXYD_BENCH_NFT_ANCHOR=0 skips it (it takes minutes at 10,000 services).
+ANCHOR_ENV = "PROXYD_BENCH_NFT_ANCHOR"
 POINT_TIMEOUT = 1800.0  # seconds for one (mode, back end, service count) point
 
 
@@ -161,9 +168,9 @@ class PlannerTimedDriver:
 
     async def _sync(self, request: SyncRequest) -> dict[str, float]:
         self._plan_time = 0.0
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         await self.mode.sync(request)
-        return {"total": time.perf_counter() - t, "plan": self._plan_time}
+        return {"total": time.perf_counter() - t, "plan": self._plan_time, "cpu": time.process_time() - cpu}
 
     async def full(self, state: ProxyState) -> dict[str, float]:
         return await self._sync(SyncRequest(state, None))
@@ -341,10 +348,36 @@ class UserspaceDriver(PlannerTimedDriver):
         return {"c_addresses_s": took}
 
 
+class NftablesDriver(PlannerTimedDriver):
+    """proxyd.modes.nftables.NftablesMode through libnftables ("library") or ``nft -f -`` ("subprocess").
+
+    ``rules``: map and set elements held (per-service state lives there, not in rules).
+    """
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        from proxyd.modes.nftables import NftablesMode
+        from proxyd.modes.nftables.libnft import Nft
+
+        self.mode = NftablesMode(Config(proxy_mode="nftables", cluster_cidrs=("10.0.0.0/8",),
+                                        node_name="bench-node"),
+                                 nft=Nft(None if backend == "default" else backend))
+
+    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
+        out = await super().partial(state, changed)
+        plan = self.mode.last_plan
+        assert plan is not None and not plan.full, "partial sync was not partial"
+        return out
+
+    def rules(self) -> int:
+        return self.mode.planner.elements
+
+
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
     "ipvs": IpvsDriver,
     "userspace": UserspaceDriver,
+    "nftables": NftablesDriver,
 }
 def default_backend(mode: str) -> str:
     """What proxyd itself would use on this host (iptables: legacy or nft, as detected)."""
@@ -352,6 +385,8 @@ def default_backend(mode: str) -> str:
         from proxyd.netfilter.backend import detect
 
         return detect().name
+    if mode == "nftables":
+        return "library"
     return "default"
 
 
@@ -376,15 +411,22 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         partials.append(await driver.partial(_shift(state, gen), changed))
     rules = driver.rules()
     await driver.close()
+    # Memory of the mode, before the anchor (its generator holds a big string) runs.
+    rss, max_rss = rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out: dict[str, Any] = {
         "mode": mode, "backend": backend, "services": services, "endpoints": endpoints,
         "full_s": round(full["total"], 4), "plan_full_s": round(full["plan"], 4),
+        # CPU seconds of this process (worker threads and in-process kernel calls included; a
+        # subprocess's not): on a busy machine wall time overstates the cost.
+        "full_cpu_s": round(full["cpu"], 4),
+        "incremental_cpu_s": round(statistics.median(p["cpu"] for p in partials), 4),
         "incremental_s": round(statistics.median(p["total"] for p in partials), 4),
         "plan_incremental_s": round(statistics.median(p["plan"] for p in partials), 4),
         "incremental_max_s": round(max(p["total"] for p in partials), 4),
-        "rss_mib": round(rss_mib(), 1),
-        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_mib": round(rss, 1),
+        "max_rss_mib": round(max_rss, 1),
         "rules": rules,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     if "addresses" in full:
         out["addresses_s"] = round(full["addresses"], 4)
@@ -398,10 +440,34 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
                                     ("addresses_s", "c_addresses_s", "addresses_ratio")):
             if mine in out and out.get(theirs):
                 out[ratio] = round(out[mine] / out[theirs], 2)
+    if mode == "nftables" and os.environ.get(ANCHOR_ENV, "1") == "1":
+        del driver
+        await _cleanup(mode)
+        out.update(_kube_proxy_anchor(state, full["total"]))
     return out
 
 
 BENCH_PORT = ServicePortName("bench", "svc-0", "http", L4.TCP)  # the port the incremental syncs change
+
+
+def _kube_proxy_anchor(state: ProxyState, full_s: float) -> dict[str, Any]:
+    """Load kube-proxy's nftables shape for ``state`` with ``nft -f`` here; its time and our ratio."""
+    from bench.kube_proxy_nft import TABLE, ruleset
+
+    text = ruleset(state)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True,
+                          timeout=POINT_TIMEOUT, check=False)
+    elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    subprocess.run(["nft", "delete", "table", *TABLE.split()], capture_output=True, timeout=POINT_TIMEOUT,
+                   check=False)
+    if proc.returncode != 0:
+        return {"kube_proxy_nft_error": proc.stderr.strip()[-300:]}
+    return {"kube_proxy_nft_load_s": round(elapsed, 3), "kube_proxy_nft_load_cpu_s": round(cpu, 3),
+            "kube_proxy_nft_ratio": round(elapsed / full_s, 1) if full_s > 0 else None}
 
 
 def _shift(state: ProxyState, gen: int) -> ProxyState:
@@ -420,6 +486,8 @@ def report(r: dict[str, Any]) -> None:
         print(f"{r['mode']:8} {r['backend']:7} {r['services']:>6} svc x {r['endpoints']} ep: "
               f"full {r['full_s']:.3f}s (plan {r['plan_full_s']:.3f}s)  incremental "
               f"{r['incremental_s'] * 1000:.1f}ms (plan {r['plan_incremental_s'] * 1000:.1f}ms)  "
+              f"CPU full {r.get('full_cpu_s', 0):.3f}s "
+              f"incremental {r.get('incremental_cpu_s', 0) * 1000:.1f}ms  "
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
         if "c_addresses_s" in r:
             print(f"{'':8} {'':7} {'':>6}     addresses: proxyd {r['addresses_s']:.3f}s, ip -batch "
@@ -431,6 +499,13 @@ def report(r: dict[str, Any]) -> None:
                   f"{r['c_ipvsadm_restore_s']:.3f}, iptables-restore {r['c_iptables_restore_s']:.3f}) ratio "
                   f"{r.get('full_ratio', float('nan')):.2f}; incremental {r['c_incremental_s'] * 1000:.1f}ms "
                   f"ratio {r.get('incremental_ratio', float('nan')):.2f}", file=sys.stderr, flush=True)
+        if "kube_proxy_nft_load_s" in r:
+            print(f"{'':8} {'':7} {r['services']:>6} svc: kube-proxy's nftables shape loads with nft -f in "
+                  f"{r['kube_proxy_nft_load_s']:.2f}s (CPU {r['kube_proxy_nft_load_cpu_s']:.2f}s) = "
+                  f"{r['kube_proxy_nft_ratio']}x proxyd's full sync",
+                  file=sys.stderr, flush=True)
+        elif "kube_proxy_nft_error" in r:
+            print(f"  kube-proxy anchor failed: {r['kube_proxy_nft_error']}", file=sys.stderr, flush=True)
 
 
 def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -616,8 +691,11 @@ def run_point(*, mode: str, services: int, timeout: float,
               command: Sequence[str] = COMMAND) -> list[dict[str, Any]]:
     """One (mode, service count) point as a subprocess of ``command``; its points or the failure."""
     argv = [*command, "--mode", mode, "--services", str(services), "--json"]
+    # --mode nftables also loads kube-proxy's ruleset shape (minutes at 10,000 services); the
+    # full bench has a time budget and reports proxyd's figures only.
+    env = {**os.environ, ANCHOR_ENV: os.environ.get(ANCHOR_ENV, "0")}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=REPO)
+                            start_new_session=True, cwd=REPO, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -57,6 +57,13 @@ IPTABLES_PARTIAL_RESTORE_FAILURES = Counter(
 IPTABLES_TOTAL_RULES = Gauge(
     "kubeproxy_sync_proxy_rules_iptables_total",
     "Total number of iptables rules owned by proxyd", ["table"], registry=REGISTRY)
+NFTABLES_SYNC_FAILURES = Counter(
+    "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+    "Cumulative proxy nftables sync failures", registry=REGISTRY)
+NFTABLES_REPAIRS = Counter(
+    "proxyd_nftables_table_repairs_total",
+    "Full resyncs because proxyd's nftables table was deleted or replaced by someone else",
+    registry=REGISTRY)
 SYNC_FULL_DURATION = Histogram(
     "kubeproxy_sync_full_proxy_rules_duration_seconds",
     "SyncProxyRules latency in seconds for full resyncs",

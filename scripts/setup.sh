@@ -19,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages=(python3 python3-venv python3-dev gcc iproute2 iptables nftables ipset conntrack kmod procps curl)
+packages=(python3 python3-venv python3-dev gcc iproute2 iptables nftables libnftables1 ipset conntrack kmod procps curl)
 if [ "$want_test" = 1 ]; then
   packages+=(iperf3 wrk haproxy nginx-light libnginx-mod-stream socat libcap2-bin systemd
              qemu-system-x86 busybox-static)

@@ -93,6 +93,7 @@ MODES: dict[str, str] = {
     "userspace": "proxyd.modes.userspace:UserspaceMode",
     "iptables": "proxyd.modes.iptables:IptablesMode",
     "ipvs": "proxyd.modes.ipvs:IpvsMode",
+    "nftables": "proxyd.modes.nftables:NftablesMode",
 }
 
 

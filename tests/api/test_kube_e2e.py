@@ -78,7 +78,7 @@ def answering(topo: Topology, *, tries: int = 12) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+@pytest.mark.parametrize("mode", ["userspace", "iptables", "nftables"])
 def test_traffic_follows_api_changes(topology: Topology, tmp_path: Path, mode: str) -> None:
     pod1, pod2 = topology.pod("pod1"), topology.pod("pod2")
     for pod in (pod1, pod2):

@@ -42,7 +42,7 @@ def effective_caps(pid: int) -> int:
     return int(re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
 
 
-@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+@pytest.mark.parametrize("mode", ["userspace", "iptables", "nftables"])
 def test_runs_with_only_granted_capabilities(topology, mode):
     if importlib.util.find_spec(f"proxyd.modes.{mode}") is None:
         pytest.skip(f"{mode} mode not built")

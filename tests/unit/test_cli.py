@@ -59,9 +59,13 @@ def test_every_flag(manifests, tmp_path):
     assert config.verbosity == 4
 
 
+@pytest.mark.parametrize("mode", ["userspace", "iptables", "ipvs", "nftables"])
+def test_every_mode_is_accepted(mode: str, manifests: str) -> None:
+    assert parse("--proxy-mode", mode, "--manifests", manifests).proxy_mode == mode
+
+
 @pytest.mark.parametrize(("argv", "flag"), [
     (["--proxy-mode", "bogus"], "--proxy-mode"),
-    (["--proxy-mode", "nftables"], "--proxy-mode"),
     (["--sync-period", "30"], "--sync-period"),
     (["--sync-period=-1s"], "--sync-period"),
     (["--sync-period", "0s"], "--sync-period"),
