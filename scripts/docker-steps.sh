@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILDER_PACKAGES=(gcc libc6-dev)
-RUNTIME_PACKAGES=(iptables nftables ipset conntrack kmod iproute2)
+RUNTIME_PACKAGES=(iptables nftables libnftables1 ipset conntrack kmod iproute2)
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 
