@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxyd.config import Config
+    from proxyd.introspect import ModeStatus, TracePacket, TraceResult
     from proxyd.model import ProxyState, ServiceName
 
 
@@ -57,6 +58,20 @@ class ProxyMode(abc.ABC):
     def listen_failures(self) -> dict[str, str]:
         """Sockets the mode should listen on but cannot (``ip:port/proto`` -> why), named in /healthz."""
         return {}
+
+    async def status(self) -> ModeStatus:
+        """What the kernel holds, read back now: counters per endpoint, and whether it matches the
+        last sync (``proxyd status``). Must not block the loop (kernel reads go to a thread)."""
+        from proxyd.introspect import unsupported_status
+
+        return unsupported_status(self.name)
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """Where ``packet`` would go now, evaluated against state read back from the kernel
+        (``proxyd trace``)."""
+        from proxyd.introspect import unsupported_trace
+
+        return unsupported_trace(self.name)
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop. Kernel modes leave their rules so traffic keeps flowing."""

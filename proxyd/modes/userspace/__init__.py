@@ -51,6 +51,7 @@ from typing import Any
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
@@ -123,6 +124,7 @@ class UserspaceMode(ProxyMode):
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
         self._started = False
+        self._last_plan: Plan | None = None  # for ``status``: what the last sync asked for
 
     def _stats_of(self, key: TableKey) -> Stats:
         return self.stats.get(key.name)
@@ -191,6 +193,7 @@ class UserspaceMode(ProxyMode):
         self.udp.own = OwnListeners(list(self.udp_listeners), local, nonlocal_bind=loose)
         self._remove_tables(plan)
         await self.holder.apply(plan.addresses)
+        self._last_plan = plan
 
     def _update_tables(self, plan: Plan) -> None:
         assert self.table is not None and self.udp is not None
@@ -270,6 +273,19 @@ class UserspaceMode(ProxyMode):
     def listen_failures(self) -> dict[str, str]:
         """Service listeners that are not open, and why (for /healthz)."""
         return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
+
+    async def status(self) -> ModeStatus:
+        """Open connections and bytes per endpoint; listeners, addresses and tables against the last sync."""
+        from proxyd.modes.userspace import introspect
+
+        return introspect.status(self, self._last_plan)
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """Which listener, source filter and endpoint list a new connection meets now."""
+        from proxyd.modes.userspace import introspect
+
+        local = set(await nodeaddrs.node_addresses_async(()))
+        return introspect.trace(self, packet, local)
 
     async def shutdown(self) -> None:
         if not self._started:

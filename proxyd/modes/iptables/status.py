@@ -1,0 +1,220 @@
+"""iptables mode's answers to ``proxyd status`` and ``proxyd trace``, read back from the kernel.
+
+Both start from ``iptables-save -c`` of the back end the mode uses (one
+process per table, run off the event loop):
+
+* **status**: the packet/byte counters of each endpoint's DNAT rule (the
+  ``KUBE-SEP-*`` chain's last rule). The nat table sees only the first
+  packet of each connection, so ``packets`` counts new connections (and
+  UDP flows) sent to that endpoint; ``bytes`` are those first packets'
+  bytes. Whether the kernel matches the last sync: every chain the planner
+  committed exists with the planned number of rules, and the jumps from the
+  built-in chains are in place.
+* **trace**: the saved nat and filter tables, reduced to proxyd's own chains
+  and the jumps into them (rules of other software use matches the tracer
+  does not model, and proxyd's chains are entered only through those
+  jumps), fed to the packet-flow tracer (``tracer.py``), which lists every
+  path with its chains and odds.
+
+Parsing is strict about what it keeps and tolerant of what it drops: a line
+that is not a rule of a kept chain is skipped, and a kept rule the tracer
+cannot model makes the trace fail with that reason instead of guessing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping
+
+from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, counter_key, merge_paths
+from proxyd.model import ServicePortName
+from proxyd.modes.iptables import chains as ch
+from proxyd.modes.iptables.backend import run
+from proxyd.modes.iptables.planner import PortRender
+from proxyd.modes.iptables.tracer import Tracer
+
+_COUNTED = re.compile(r"^\[(\d+):(\d+)\]\s+(.*)$")
+_BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+MAX_SAVE_BYTES = 1 << 30  # a save larger than this is refused rather than parsed
+
+
+def split_counters(line: str) -> tuple[int | None, int | None, str]:
+    """``[pkts:bytes] -A ...`` -> (pkts, bytes, rule); other lines come back with None counters."""
+    match = _COUNTED.match(line)
+    if match is None:
+        return None, None, line
+    return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
+def _chain_of(rule: str) -> str | None:
+    if not rule.startswith("-A "):
+        return None
+    parts = rule.split(None, 2)
+    return parts[1] if len(parts) > 1 else None
+
+
+def _target_of(rule: str) -> str | None:
+    idx = rule.rfind(" -j ")
+    if idx < 0:
+        return None
+    parts = rule[idx + 4:].split(None, 1)
+    return parts[0] if parts else None
+
+
+def own_rules(save_text: str) -> str:
+    """A saved table (with or without ``-c``) reduced to proxyd's chains and the jumps into them.
+
+    The result is iptables-restore text the tracer parses: the ``*table``
+    header, ``:KUBE-*`` declarations, ``-A`` rules of ``KUBE-*`` chains and
+    rules of built-in chains that jump to a ``KUBE-*`` chain, then COMMIT.
+    """
+    out: list[str] = []
+    for raw in save_text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*") or line == "COMMIT":
+            out.append(line)
+            continue
+        if line.startswith(":"):
+            name = line[1:].split(None, 1)[0] if len(line) > 1 else ""
+            if name.startswith("KUBE-"):
+                out.append(f":{name} - [0:0]")
+            continue
+        _, _, rule = split_counters(line)
+        chain = _chain_of(rule)
+        if chain is None:
+            continue
+        if chain.startswith("KUBE-"):
+            out.append(rule)
+        elif chain in _BUILTIN and (_target_of(rule) or "").startswith("KUBE-"):
+            out.append(rule)
+    return "\n".join(out) + "\n"
+
+
+def rule_counts(save_text: str) -> dict[str, int]:
+    """Rules per chain in a saved table."""
+    counts: dict[str, int] = {}
+    for raw in save_text.splitlines():
+        line = raw.strip()
+        if line.startswith(":"):
+            counts.setdefault(line[1:].split(None, 1)[0], 0)
+            continue
+        chain = _chain_of(split_counters(line)[2])
+        if chain is not None:
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def dnat_counters(save_text: str) -> dict[str, tuple[int, int]]:
+    """``KUBE-SEP-*`` chain -> (packets, bytes) of its DNAT rule, from ``iptables-save -c``."""
+    out: dict[str, tuple[int, int]] = {}
+    for raw in save_text.splitlines():
+        if not raw.startswith("[") or "-j DNAT" not in raw:
+            continue
+        pkts, nbytes, rule = split_counters(raw.strip())
+        chain = _chain_of(rule)
+        if pkts is None or nbytes is None or chain is None or not chain.startswith(ch.SEP_PREFIX):
+            continue
+        old = out.get(chain, (0, 0))
+        out[chain] = (old[0] + pkts, old[1] + nbytes)
+    return out
+
+
+def chain_rule_counts(render: PortRender) -> dict[str, int]:
+    """The planned number of rules of each of a port's own chains."""
+    counts = dict.fromkeys(render.chains, 0)
+    for rule in render.chain_rules:
+        chain = _chain_of(rule)
+        if chain is not None:
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def build_status(nat_save: str, filter_save: str, cache: Mapping[ServicePortName, PortRender]) -> ModeStatus:
+    """Counters per endpoint and the kernel-versus-plan comparison (pure; tests feed it saved text)."""
+    status = ModeStatus(matches=True)
+    counters = dnat_counters(nat_save)
+    kernel_rules = rule_counts(nat_save)
+    for name in sorted(cache):
+        render = cache[name]
+        per_ep: dict[str, dict[str, int]] = {}
+        for ep in render.reachable:
+            pkts, nbytes = counters.get(ch.sep_chain(name, ep), (0, 0))
+            per_ep[str(ep)] = {"packets": pkts, "bytes": nbytes}
+        if per_ep:
+            status.counters[counter_key(name)] = per_ep
+        for chain, want in chain_rule_counts(render).items():
+            have = kernel_rules.get(chain)
+            if have is None:
+                status.mismatch(f"{name}: chain {chain} missing from the nat table")
+            elif have != want:
+                status.mismatch(f"{name}: chain {chain} holds {have} rules, the last sync wrote {want}")
+    builtin_rules = {table: [rule for rule in (split_counters(raw.strip())[2] for raw in text.splitlines())
+                             if (_chain_of(rule) or "") in _BUILTIN]
+                     for table, text in (("nat", nat_save), ("filter", filter_save))}
+    for table, builtin, _extra, comment, target in ch.JUMP_RULES:
+        head = f"-A {builtin} "
+        if not any(rule.startswith(head) and _target_of(rule) == target and comment in rule
+                   for rule in builtin_rules[table]):
+            status.mismatch(f"jump {table}/{builtin} -> {target} missing")
+    return status
+
+
+async def save_tables(save_argv: Iterable[str], tables: Iterable[str] = ("nat", "filter")) -> dict[str, str]:
+    """``iptables-save -c -t T`` for each table (one process each; the caller times it)."""
+    out = {}
+    for table in tables:
+        text = await run([*save_argv, "-c", "-t", table], time_limit=60.0)
+        if len(text) > MAX_SAVE_BYTES:
+            raise ValueError(f"iptables-save -t {table} printed more than {MAX_SAVE_BYTES} bytes")
+        out[table] = text
+    return out
+
+
+async def read_status(save_argv: list[str], cache: Mapping[ServicePortName, PortRender]) -> ModeStatus:
+    started = time.perf_counter()
+    saved = await save_tables(save_argv)
+    status = build_status(saved["nat"], saved["filter"], cache)
+    status.notes.append(f"counters from {save_argv[0]} -c; nat rules count the first packet of each "
+                        "connection, so 'packets' are new connections")
+    status.read_seconds = time.perf_counter() - started
+    return status
+
+
+def trace_saved(nat_save: str, filter_save: str, packet: TracePacket, *, node_ips: Iterable[str],
+                source: str) -> TraceResult:
+    """Trace ``packet`` through saved tables (pure; tests feed it saved text)."""
+    text = own_rules(nat_save) + own_rules(filter_save)
+    result = TraceResult(source=source)
+    try:
+        tracer = Tracer(text, node_ips=node_ips, jumps=False)
+        local_origin = tracer._local(packet.src)
+        raw = tracer.trace_paths(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol,
+                                 local_origin=local_origin)
+    except (ValueError, KeyError, IndexError) as err:
+        result.supported = False
+        result.notes.append(f"cannot trace through the rules read back: {err}")
+        return result
+    if local_origin:
+        result.notes.append(f"{packet.src} is this node: traced from nat OUTPUT")
+    original = f"{packet.dst}:{packet.port}"
+    paths = []
+    for outcome, steps, odds in raw:
+        endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination
+        reason = ""
+        if outcome.verdict in ("DROP", "REJECT"):
+            last = steps[-1] if steps else ""
+            reason = last.partition(" (")[2].rstrip(")") or f"{outcome.verdict.lower()} by {last}"
+        elif endpoint == original:
+            reason = "not a service address: not translated"
+        paths.append(TracePath(outcome.verdict, endpoint, odds, outcome.masquerade, steps, reason))
+    result.paths = merge_paths(paths)
+    return result
+
+
+async def read_trace(save_argv: list[str], packet: TracePacket, node_ips: Iterable[str]) -> TraceResult:
+    saved = await save_tables(save_argv)
+    return trace_saved(saved["nat"], saved["filter"], packet, node_ips=node_ips,
+                       source=f"{save_argv[0]} -t nat, -t filter (read back now)")
