@@ -123,6 +123,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "udp_idle_timeout": parse_duration,
     "masquerade_bit": lambda v: _int_range(v, 0, 31),
     "verbosity": lambda v: _int_range(v, 0, 10),
+    "status_socket": lambda v: str(v) or None,
+    "log_format": lambda v: _choice(v, ("text", "json")),
 }
 
 
@@ -164,6 +166,7 @@ _CONFIG_FIELDS: dict[tuple[str, ...], str] = {
     ("ipvs", "minSyncPeriod"): "min_sync_period",
     ("udpIdleTimeout",): "udp_idle_timeout",
     ("logging", "verbosity"): "verbosity",
+    ("logging", "format"): "log_format",
 }
 # Fields kube-proxy knows that have no meaning for proxyd (yet): accepted and ignored.
 _IGNORED_CONFIG_KEYS = {
@@ -251,6 +254,8 @@ _FLAG_ATTRS = {
     "--udp-timeout": "udp_idle_timeout",
     "--iptables-masquerade-bit": "masquerade_bit",
     "--v": "verbosity",
+    "--status-socket": "status_socket",
+    "--log-format": "log_format",
 }
 
 
@@ -302,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove every rule, address, interface and set that any mode of proxyd may have created, "
              "then exit 0")
     add("-v", "--v", dest="verbosity_flag", metavar="LEVEL", help="log verbosity, 0..10 (default: 0)")
+    add("--log-format", metavar="FORMAT",
+        help="text, or json: one object per line with stable keys ts, level, logger, msg, service, "
+             "endpoint, reason (default: text)")
+    add("--status-socket", metavar="PATH",
+        help="answer `proxyd status` and `proxyd trace` on this Unix socket (mode 0600) "
+             "(default: /run/proxyd/status.sock; empty disables)")
     add("--version", action="version", version=f"proxyd {__version__}")
     return parser
 
@@ -327,7 +338,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     if args.ipvs_strict_arp:
         values["ipvs_strict_arp"] = True
     values = {key: value for key, value in values.items() if value is not None or key in (
-        "healthz_bind_address", "metrics_bind_address")}
+        "healthz_bind_address", "metrics_bind_address", "status_socket")}
     config = replace(Config(), config_file=args.config, cleanup=args.cleanup, **values)
     _validate(config, environ)
     return config
@@ -355,10 +366,14 @@ def _validate(config: Config, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"--kubeconfig: {config.kubeconfig!r} is not a readable file")
 
 
-def setup_logging(verbosity: int) -> None:
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    from proxyd.logformat import formatter
+
     level = logging.DEBUG if verbosity >= 4 else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter(log_format))
     if verbosity < 8:
         # pyroute2's and asyncio's debug output drowns proxyd's own at -v 4 (and
         # pyroute2 sets levels on its own loggers, so filter at the handler).
@@ -370,12 +385,17 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("status", "trace"):
+        from proxyd import statusclient
+
+        return statusclient.main(args)
     try:
         config = parse_args(argv)
     except ConfigError as err:
         print(f"proxyd: error: {err}", file=sys.stderr)
         return 2
-    setup_logging(config.verbosity)
+    setup_logging(config.verbosity, config.log_format)
     from proxyd import daemon
 
     try:

@@ -48,3 +48,7 @@ class Config:
     config_file: str | None = None
     cleanup: bool = False
     verbosity: int = 0
+    # proxyd status / trace: a local Unix socket (None disables); --status-socket.
+    status_socket: str | None = "/run/proxyd/status.sock"
+    # --log-format: "text" (kube-proxy-like lines) or "json" (one object per line).
+    log_format: str = "text"

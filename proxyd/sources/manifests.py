@@ -59,7 +59,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from proxyd import metrics
+from proxyd import metrics, rejections
+from proxyd.logformat import event as log_event
 from proxyd.model import EndpointSlice, Service
 from proxyd.sources.convert import (
     InvalidObject,
@@ -538,8 +539,10 @@ class ManifestSource:
             return
         state.failure = failure
         kept = f"keeping its last good content ({len(state.objects)} objects)" if state.objects else "skipped"
-        log.error("manifests %s: %s; %s", _printable(name), err.reason, kept)
+        log.error("manifests %s: %s; %s", _printable(name), err.reason, kept,
+                  extra=log_event(reason=err.reason))
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind="file", reason=err.category).inc()
+        rejections.record(_SOURCE, "file", _printable(name), f"{err.reason}; {kept}")
 
     def _convert_all(self, name: str, docs: list[Any], previous: dict[ObjKey, Any]) -> dict[ObjKey, Any]:
         objects: dict[ObjKey, Any] = {}
@@ -567,8 +570,10 @@ class ManifestSource:
         return objects
 
     def _reject_object(self, name: str, index: int, what: str, reason: str, *, kind: str = "unknown") -> None:
-        log.error("manifests %s: %s is invalid, skipped: %s", _printable(name), what, _printable(reason))
+        log.error("manifests %s: %s is invalid, skipped: %s", _printable(name), what, _printable(reason),
+                  extra=log_event(service=what, reason=_printable(reason)))
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind=kind, reason="invalid").inc()
+        rejections.record(_SOURCE, kind, f"{what} (in {_printable(name)})", _printable(reason))
 
     def _merge(self) -> tuple[list[Service], list[EndpointSlice], dict[str, str]]:
         """Every file's objects merged; the file that sorts last wins a name clash."""
