@@ -214,12 +214,14 @@ class StatusService:
         name = _optional_text(request, "name")
         started = time.perf_counter()
         state = self.state or ProxyState(node_name=self.node_name)
+        names = select(state, namespace=namespace, name=name)
         try:
-            mode_status = await self.mode.status()
+            # A filtered request lets the mode read back only those services' kernel objects.
+            filtered = namespace is not None or name is not None
+            mode_status = await self.mode.status(names if filtered else None)
         except Exception as err:  # a failing read-back still leaves the desired side worth showing
             log.warning("status: reading the kernel state failed: %s", err)
             mode_status = ModeStatus(matches=None, notes=[f"reading the kernel state failed: {err}"])
-        names = select(state, namespace=namespace, name=name)
         failures, last_error = self._failures()
         return {
             "version": 1, "mode": self.mode_name, "node": self.node_name, "now": time.time(),

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxyd.config import Config
     from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-    from proxyd.model import ProxyState, ServiceName
+    from proxyd.model import ProxyState, ServiceName, ServicePortName
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +60,10 @@ class ProxyMode(abc.ABC):
         """Sockets the mode should listen on but cannot (``ip:port/proto`` -> why), named in /healthz."""
         return {}
 
-    async def status(self) -> ModeStatus:
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
         """What the kernel holds, read back now: counters per endpoint, and whether it matches the
-        last sync (``proxyd status``). Must not block the loop (kernel reads go to a thread)."""
+        last sync (``proxyd status``). ``names``: only these service ports are asked for (None: all),
+        so a mode may read less. Must not block the loop (kernel reads go to a thread)."""
         from proxyd.introspect import unsupported_status
 
         return unsupported_status(self.name)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from proxyd import metrics
 from proxyd.config import Config
@@ -163,13 +163,14 @@ class IptablesMode(ProxyMode):
         except Exception as err:
             log.warning("iptables: stale UDP conntrack cleanup failed: %s", err)
 
-    async def status(self) -> ModeStatus:
-        """Counters of each endpoint's DNAT rule and kernel-versus-plan, from ``iptables-save -c``."""
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """Counters of each endpoint's DNAT rule and kernel-versus-plan, read back from the kernel."""
         from proxyd.modes.iptables import status
 
         if self.applier is None:
             return ModeStatus(matches=None, notes=["iptables: not started yet"])
-        result = await status.read_status(self.applier.backend.save, self.planner.cache)
+        backend = self.applier.backend
+        result = await status.read_status(backend.save, backend.iptables, self.planner.cache, names)
         if not self._synced:
             result.matches = None
             result.notes.append("no sync yet: nothing to compare with")
@@ -182,7 +183,7 @@ class IptablesMode(ProxyMode):
         if self.applier is None:
             return TraceResult(supported=False, notes=["iptables: not started yet"])
         node_ips = await asyncio.to_thread(_all_local_addresses, self.family)
-        return await status.read_trace(self.applier.backend.save, packet, node_ips)
+        return await status.read_trace(self.applier.backend.iptables, packet, node_ips)
 
     async def shutdown(self) -> None:
         """Leave every rule: traffic keeps flowing while proxyd is down."""

@@ -1,7 +1,7 @@
 """iptables mode's answers to ``proxyd status`` and ``proxyd trace``, read back from the kernel.
 
-Both start from ``iptables-save -c`` of the back end the mode uses (one
-process per table, run off the event loop):
+Everything is read from the kernel through the back end the mode uses,
+off the event loop:
 
 * **status**: the packet/byte counters of each endpoint's DNAT rule (the
   ``KUBE-SEP-*`` chain's last rule). The nat table sees only the first
@@ -9,12 +9,18 @@ process per table, run off the event loop):
   UDP flows) sent to that endpoint; ``bytes`` are those first packets'
   bytes. Whether the kernel matches the last sync: every chain the planner
   committed exists with the planned number of rules, and the jumps from the
-  built-in chains are in place.
-* **trace**: the saved nat and filter tables, reduced to proxyd's own chains
-  and the jumps into them (rules of other software use matches the tracer
-  does not model, and proxyd's chains are entered only through those
-  jumps), fed to the packet-flow tracer (``tracer.py``), which lists every
-  path with its chains and odds.
+  built-in chains are in place. For all services this is one
+  ``iptables-save -c`` per table (on the nft back end that costs about a
+  second per thousand services: it dumps everything); for a few services
+  (``proxyd status NAME``) only their chains are listed (``iptables -S
+  CHAIN -v``, milliseconds each), so the answer stays fast on any node.
+* **trace**: the chains the packet can enter, fetched one by one from the
+  built-in chains on (``iptables -S CHAIN``), skipping rules whose
+  destination address or port cannot match the packet, so a trace lists a
+  few dozen chains however large the ruleset is. Built-in chains keep only
+  their jumps into proxyd's chains (rules of other software use matches
+  the tracer does not model). The packet-flow tracer (``tracer.py``) then
+  lists every path with its chains and odds.
 
 Parsing is strict about what it keeps and tolerant of what it drops: a line
 that is not a rule of a kept chain is skipped, and a kept rule the tracer
@@ -23,6 +29,7 @@ cannot model makes the trace fail with that reason instead of guessing.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -35,16 +42,42 @@ from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.iptables.tracer import Tracer
 
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\]\s+(.*)$")
+_INLINE_COUNTERS = re.compile(r" -c (\d+) (\d+)(?= |$)")  # how ``iptables -S -v`` prints them
+_DEST = re.compile(r"(?<!! )-d (\S+)")
+_DPORT = re.compile(r"(?<!! )--dport (\d+)(?= |$)")
+MAX_TRACE_CHAINS = 4096  # chains one trace may fetch (a loop or a hostile ruleset cannot run away)
+SMALL_STATUS = 64  # service ports up to which status lists their chains instead of saving tables
 _BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 MAX_SAVE_BYTES = 1 << 30  # a save larger than this is refused rather than parsed
 
 
 def split_counters(line: str) -> tuple[int | None, int | None, str]:
-    """``[pkts:bytes] -A ...`` -> (pkts, bytes, rule); other lines come back with None counters."""
+    """``[pkts:bytes] -A ...`` (save) or ``-A ... -c pkts bytes ...`` (``-S -v``) -> (pkts, bytes, rule);
+    lines without counters come back with None counters."""
     match = _COUNTED.match(line)
-    if match is None:
-        return None, None, line
-    return int(match.group(1)), int(match.group(2)), match.group(3)
+    if match is not None:
+        return int(match.group(1)), int(match.group(2)), match.group(3)
+    inline = _INLINE_COUNTERS.search(line)
+    if inline is not None and line.startswith("-A "):
+        return int(inline.group(1)), int(inline.group(2)), line[:inline.start()] + line[inline.end():]
+    return None, None, line
+
+
+def may_match(rule: str, packet: TracePacket) -> bool:
+    """False when the rule's destination address or port rules the packet out (cheap, before parsing).
+
+    Only positive ``-d``/``--dport`` are looked at, so a False is always right; anything else is left to
+    the tracer.
+    """
+    dest = _DEST.search(rule)
+    if dest is not None:
+        try:
+            if ipaddress.ip_address(packet.dst) not in ipaddress.ip_network(dest.group(1), strict=False):
+                return False
+        except ValueError:
+            return True
+    dport = _DPORT.search(rule)
+    return dport is None or int(dport.group(1)) == packet.port
 
 
 def _chain_of(rule: str) -> str | None:
@@ -62,12 +95,13 @@ def _target_of(rule: str) -> str | None:
     return parts[0] if parts else None
 
 
-def own_rules(save_text: str) -> str:
+def own_rules(save_text: str, packet: TracePacket | None = None) -> str:
     """A saved table (with or without ``-c``) reduced to proxyd's chains and the jumps into them.
 
     The result is iptables-restore text the tracer parses: the ``*table``
     header, ``:KUBE-*`` declarations, ``-A`` rules of ``KUBE-*`` chains and
-    rules of built-in chains that jump to a ``KUBE-*`` chain, then COMMIT.
+    rules of built-in chains that jump to a ``KUBE-*`` chain, then COMMIT. With ``packet``, rules that
+    cannot match it (``may_match``) are left out too.
     """
     out: list[str] = []
     for raw in save_text.splitlines():
@@ -84,7 +118,7 @@ def own_rules(save_text: str) -> str:
             continue
         _, _, rule = split_counters(line)
         chain = _chain_of(rule)
-        if chain is None:
+        if chain is None or (packet is not None and not may_match(rule, packet)):
             continue
         if chain.startswith("KUBE-"):
             out.append(rule)
@@ -108,10 +142,10 @@ def rule_counts(save_text: str) -> dict[str, int]:
 
 
 def dnat_counters(save_text: str) -> dict[str, tuple[int, int]]:
-    """``KUBE-SEP-*`` chain -> (packets, bytes) of its DNAT rule, from ``iptables-save -c``."""
+    """``KUBE-SEP-*`` chain -> (packets, bytes) of its DNAT rule, from ``iptables-save -c`` or ``-S -v``."""
     out: dict[str, tuple[int, int]] = {}
     for raw in save_text.splitlines():
-        if not raw.startswith("[") or "-j DNAT" not in raw:
+        if "-j DNAT" not in raw:
             continue
         pkts, nbytes, rule = split_counters(raw.strip())
         chain = _chain_of(rule)
@@ -132,12 +166,17 @@ def chain_rule_counts(render: PortRender) -> dict[str, int]:
     return counts
 
 
-def build_status(nat_save: str, filter_save: str, cache: Mapping[ServicePortName, PortRender]) -> ModeStatus:
-    """Counters per endpoint and the kernel-versus-plan comparison (pure; tests feed it saved text)."""
+def build_status(nat_save: str, filter_save: str, cache: Mapping[ServicePortName, PortRender],
+                 names: Iterable[ServicePortName] | None = None) -> ModeStatus:
+    """Counters per endpoint and the kernel-versus-plan comparison (pure; tests feed it saved text).
+
+    ``names``: only these service ports (the text then needs to hold only their chains and the built-in
+    chains).
+    """
     status = ModeStatus(matches=True)
     counters = dnat_counters(nat_save)
     kernel_rules = rule_counts(nat_save)
-    for name in sorted(cache):
+    for name in sorted(cache if names is None else [n for n in names if n in cache]):
         render = cache[name]
         per_ep: dict[str, dict[str, int]] = {}
         for ep in render.reachable:
@@ -173,12 +212,43 @@ async def save_tables(save_argv: Iterable[str], tables: Iterable[str] = ("nat", 
     return out
 
 
-async def read_status(save_argv: list[str], cache: Mapping[ServicePortName, PortRender]) -> ModeStatus:
+async def list_chain(iptables_argv: list[str], table: str, chain: str, *,
+                     counters: bool = False) -> str | None:
+    """``iptables -t T -S CHAIN [-v]``; None when the chain does not exist."""
+    from proxyd.modes.iptables.backend import IptablesError
+
+    try:
+        return await run([*iptables_argv, "-t", table, "-S", chain, *(["-v"] if counters else [])],
+                         time_limit=30.0)
+    except IptablesError:
+        return None
+
+
+async def read_status(save_argv: list[str], iptables_argv: list[str],
+                      cache: Mapping[ServicePortName, PortRender],
+                      names: Iterable[ServicePortName] | None = None) -> ModeStatus:
     started = time.perf_counter()
-    saved = await save_tables(save_argv)
-    status = build_status(saved["nat"], saved["filter"], cache)
-    status.notes.append(f"counters from {save_argv[0]} -c; nat rules count the first packet of each "
-                        "connection, so 'packets' are new connections")
+    wanted = None if names is None else [n for n in names if n in cache]
+    if wanted is not None and len(wanted) <= SMALL_STATUS:
+        nat: list[str] = []
+        for name in wanted:
+            for chain in cache[name].chains:
+                text = await list_chain(iptables_argv, "nat", chain, counters=True)
+                if text is not None:
+                    nat.append(text)
+        saved = {table: [] for table in ("nat", "filter")}
+        for table, builtin in dict.fromkeys((table, builtin) for table, builtin, *_ in ch.JUMP_RULES):
+            text = await list_chain(iptables_argv, table, builtin)
+            if text is not None:
+                saved[table].append(text)
+        status = build_status("\n".join(nat + saved["nat"]), "\n".join(saved["filter"]), cache, wanted)
+        how = f"{iptables_argv[0]} -S CHAIN -v of the selected services' chains"
+    else:
+        tables = await save_tables(save_argv)
+        status = build_status(tables["nat"], tables["filter"], cache, wanted)
+        how = f"{save_argv[0]} -c"
+    status.notes.append(f"counters from {how}; nat rules count the first packet of each connection, so "
+                        "'packets' are new connections")
     status.read_seconds = time.perf_counter() - started
     return status
 
@@ -186,7 +256,7 @@ async def read_status(save_argv: list[str], cache: Mapping[ServicePortName, Port
 def trace_saved(nat_save: str, filter_save: str, packet: TracePacket, *, node_ips: Iterable[str],
                 source: str) -> TraceResult:
     """Trace ``packet`` through saved tables (pure; tests feed it saved text)."""
-    text = own_rules(nat_save) + own_rules(filter_save)
+    text = own_rules(nat_save, packet) + own_rules(filter_save, packet)
     result = TraceResult(source=source)
     try:
         tracer = Tracer(text, node_ips=node_ips, jumps=False)
@@ -214,7 +284,41 @@ def trace_saved(nat_save: str, filter_save: str, packet: TracePacket, *, node_ip
     return result
 
 
-async def read_trace(save_argv: list[str], packet: TracePacket, node_ips: Iterable[str]) -> TraceResult:
-    saved = await save_tables(save_argv)
-    return trace_saved(saved["nat"], saved["filter"], packet, node_ips=node_ips,
-                       source=f"{save_argv[0]} -t nat, -t filter (read back now)")
+async def fetch_for_trace(iptables_argv: list[str], packet: TracePacket) -> tuple[str, str, int]:
+    """The chains ``packet`` can enter, as saved-table text for nat and filter, and how many were listed."""
+    texts: dict[str, list[str]] = {"nat": ["*nat"], "filter": ["*filter"]}
+    queue = [("nat", "PREROUTING"), ("nat", "OUTPUT"), ("nat", "POSTROUTING"),
+             ("filter", "INPUT"), ("filter", "FORWARD"), ("filter", "OUTPUT")]
+    seen = set(queue)
+    fetched = 0
+    while queue:
+        table, chain = queue.pop(0)
+        fetched += 1
+        if fetched > MAX_TRACE_CHAINS:
+            raise ValueError(f"more than {MAX_TRACE_CHAINS} chains on the way: refusing to go on")
+        text = await list_chain(iptables_argv, table, chain)
+        if text is None:
+            continue  # the tracer reports a jump to a missing chain with its name
+        if chain.startswith("KUBE-"):
+            texts[table].append(f":{chain} - [0:0]")
+        for line in text.splitlines():
+            rule = line.strip()
+            if not rule.startswith("-A ") or not may_match(rule, packet):
+                continue
+            target = _target_of(rule) or ""
+            if chain in _BUILTIN and not target.startswith("KUBE-"):
+                continue
+            texts[table].append(rule)
+            if target.startswith("KUBE-") and (table, target) not in seen:
+                seen.add((table, target))
+                queue.append((table, target))
+    return "\n".join(texts["nat"]) + "\nCOMMIT\n", "\n".join(texts["filter"]) + "\nCOMMIT\n", fetched
+
+
+async def read_trace(iptables_argv: list[str], packet: TracePacket, node_ips: Iterable[str]) -> TraceResult:
+    try:
+        nat, filt, fetched = await fetch_for_trace(iptables_argv, packet)
+    except ValueError as err:
+        return TraceResult(supported=False, notes=[str(err)])
+    return trace_saved(nat, filt, packet, node_ips=node_ips,
+                       source=f"{iptables_argv[0]} -S of {fetched} chains on the way (read back now)")

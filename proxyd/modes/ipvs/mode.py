@@ -35,7 +35,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
@@ -118,7 +118,7 @@ class IpvsMode(ProxyMode):
         await self.applier.call(self.applier.ensure_device)
         self.graceful.start(self._lock, self._on_graceful_deleted)
 
-    async def status(self) -> ModeStatus:
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
         """IPVS stats per real server and kernel-versus-plan, from one netlink dump."""
         from proxyd.modes.ipvs import introspect
 

@@ -46,13 +46,14 @@ import logging
 import resource
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import Protocol
+from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
@@ -274,7 +275,7 @@ class UserspaceMode(ProxyMode):
         """Service listeners that are not open, and why (for /healthz)."""
         return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
 
-    async def status(self) -> ModeStatus:
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
         """Open connections and bytes per endpoint; listeners, addresses and tables against the last sync."""
         from proxyd.modes.userspace import introspect
 
