@@ -75,16 +75,14 @@ def _endpoint_json(ep: Endpoint, node_name: str, uses: list[str],
 
 
 def port_json(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, node_name: str, node_zone: str | None,
-              counters: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
-    """One service port as ``proxyd status --json`` shows it."""
+              counters: Mapping[str, Mapping[str, int]] | None = None, detail: bool = True) -> dict[str, Any]:
+    """One service port as ``proxyd status --json`` shows it.
+
+    ``detail``: every endpoint with its conditions, use and counters; otherwise (the default for a whole
+    node) endpoint counts and the counters summed over endpoints, which keeps the answer for 10,000
+    services small.
+    """
     cat = categorize(svc, endpoints, node_name=node_name, node_zone=node_zone)
-    internal = {(ep.ip, ep.port) for ep in cat.internal}
-    external = {(ep.ip, ep.port) for ep in cat.external} if svc.has_external else set()
-    eps = []
-    for ep in endpoints:
-        key = (ep.ip, ep.port)
-        uses = [kind for kind, chosen in (("cluster-ip", internal), ("external", external)) if key in chosen]
-        eps.append(_endpoint_json(ep, node_name, uses, counters))
     name = svc.name
     out: dict[str, Any] = {
         "name": str(name), "namespace": name.namespace, "service": name.name, "port_name": name.port,
@@ -98,11 +96,35 @@ def port_json(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, node_name: s
         else None,
         "internal_traffic_policy": "Local" if svc.internal_policy_local else "Cluster",
         "health_check_node_port": svc.health_check_node_port, "topology_aware": svc.topology_aware,
-        "endpoints": eps,
-        "in_use": {"cluster_ip": [str(ep) for ep in cat.internal],
-                   "external": [str(ep) for ep in cat.external] if svc.has_external else []},
         "has_usable_endpoints": cat.has_any,
     }
+    if not detail:
+        total: dict[str, int] = {}
+        for values in (counters or {}).values():
+            for key, value in values.items():
+                total[key] = total.get(key, 0) + value
+        out["endpoint_counts"] = {
+            "total": len(endpoints), "ready": sum(1 for ep in endpoints if ep.ready),
+            "local": sum(1 for ep in endpoints if ep.is_local(node_name)),
+            "terminating": sum(1 for ep in endpoints if ep.terminating),
+            "in_use_cluster_ip": len(cat.internal),
+            "in_use_external": len(cat.external) if svc.has_external else 0}
+        out["counters"] = total
+        return out
+    internal = {(ep.ip, ep.port) for ep in cat.internal}
+    external = {(ep.ip, ep.port) for ep in cat.external} if svc.has_external else set()
+    eps = []
+    for ep in endpoints:
+        key = (ep.ip, ep.port)
+        uses = []
+        if key in internal:
+            uses.append("cluster-ip")
+        if key in external:
+            uses.append("external")
+        eps.append(_endpoint_json(ep, node_name, uses, counters))
+    out["endpoints"] = eps
+    out["in_use"] = {"cluster_ip": [str(ep) for ep in cat.internal],
+                     "external": [str(ep) for ep in cat.external] if svc.has_external else []}
     if counters is not None:
         # Counters of endpoints no longer in the desired state (draining, or drift) are shown too.
         known = {str(ep) for ep in endpoints}
@@ -124,11 +146,11 @@ def select(state: ProxyState, *, namespace: str | None = None,
 
 
 def services_json(state: ProxyState, names: Iterable[ServicePortName],
-                  mode_status: ModeStatus | None) -> list[dict[str, Any]]:
+                  mode_status: ModeStatus | None, *, detail: bool = True) -> list[dict[str, Any]]:
     zone = state.node_zone
     counters = mode_status.counters if mode_status is not None else {}
     return [port_json(state.services[n], state.endpoints_of(n), node_name=state.node_name, node_zone=zone,
-                      counters=counters.get(counter_key(n)))
+                      counters=counters.get(counter_key(n)), detail=detail)
             for n in names]
 
 
@@ -215,9 +237,14 @@ class StatusService:
         started = time.perf_counter()
         state = self.state or ProxyState(node_name=self.node_name)
         names = select(state, namespace=namespace, name=name)
+        filtered = namespace is not None or name is not None
+        detail = request.get("detail")
+        if detail is None:
+            detail = filtered  # a whole node gets one summary line per service port
+        elif not isinstance(detail, bool):
+            raise RequestError("status: detail must be true or false")
         try:
             # A filtered request lets the mode read back only those services' kernel objects.
-            filtered = namespace is not None or name is not None
             mode_status = await self.mode.status(names if filtered else None)
         except Exception as err:  # a failing read-back still leaves the desired side worth showing
             log.warning("status: reading the kernel state failed: %s", err)
@@ -230,8 +257,8 @@ class StatusService:
                      "consecutive_failures": failures, "last_error": last_error, "healthy": self._healthy()},
             "kernel": mode_status.to_json(),
             "service_ports_total": len(state.services),
-            "filter": {"namespace": namespace, "name": name},
-            "services": services_json(state, names, mode_status),
+            "filter": {"namespace": namespace, "name": name}, "detail": detail,
+            "services": services_json(state, names, mode_status, detail=detail),
             "rejected": [r.to_json() for r in rejections.RECENT.recent()],
             "answer_seconds": round(time.perf_counter() - started, 6),
         }

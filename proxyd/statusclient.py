@@ -37,6 +37,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                      "last sync, rejected objects.")
         parser.add_argument("name", nargs="?", help="only this service (all its ports)")
         parser.add_argument("-n", "--namespace", help="only services in this namespace")
+        parser.add_argument("--detail", action="store_true", default=None,
+                            help="every endpoint of every service (default: only with a namespace or name; "
+                                 "otherwise one line per service port)")
     else:
         parser = _Parser(prog="proxyd trace",
                          description="Where would a new connection SRC -> DST:PORT go on this node now, "
@@ -111,14 +114,14 @@ def render_status(answer: dict[str, Any], out: TextIO) -> None:
         w(f"  note: {note}\n")
     shown = len(answer["services"])
     w(f"  service ports: {shown} shown of {answer['service_ports_total']}\n")
+    if not answer.get("detail", True):
+        for svc in answer["services"]:
+            _summary_line(svc, w)
+        _render_rejected(answer, now, w)
+        return
     for svc in answer["services"]:
         w("\n")
-        addresses = [f"{svc['cluster_ip']}:{svc['port']}"]
-        if svc["node_port"]:
-            addresses.append(f"NodePort {svc['node_port']}")
-        addresses += [f"externalIP {ip}" for ip in svc["external_ips"]]
-        addresses += [f"LB {ip}" for ip in svc["load_balancer_ips"]]
-        w(f"{svc['name']} {svc['protocol']} {svc['type']}  {'  '.join(addresses)}\n")
+        w(f"{svc['name']} {svc['protocol']} {svc['type']}  {'  '.join(_addresses(svc))}\n")
         policies = [f"internalTrafficPolicy {svc['internal_traffic_policy']}"]
         if svc["external_traffic_policy"]:
             policies.append(f"externalTrafficPolicy {svc['external_traffic_policy']}")
@@ -141,6 +144,33 @@ def render_status(answer: dict[str, Any], out: TextIO) -> None:
             w(line.rstrip() + "\n")
         for addr, counts in (svc.get("other_kernel_endpoints") or {}).items():
             w(f"  {addr:<22} {'(kernel only)':<20} {'':<16} {_counters(counts)}\n")
+    _render_rejected(answer, now, w)
+
+
+def _addresses(svc: dict[str, Any]) -> list[str]:
+    out = [f"{svc['cluster_ip']}:{svc['port']}"]
+    if svc["node_port"]:
+        out.append(f"NodePort {svc['node_port']}")
+    out += [f"externalIP {ip}" for ip in svc["external_ips"]]
+    out += [f"LB {ip}" for ip in svc["load_balancer_ips"]]
+    return out
+
+
+def _summary_line(svc: dict[str, Any], w: Any) -> None:
+    c = svc["endpoint_counts"]
+    use = f"in use {c['in_use_cluster_ip']}"
+    if svc["external_traffic_policy"]:
+        use += f"/{c['in_use_external']} external"
+    line = (f"{svc['name']} {svc['protocol']} {svc['type']}  {'  '.join(_addresses(svc))}  "
+            f"endpoints {c['total']} ({c['ready']} ready, {c['local']} local) {use}")
+    if svc["session_affinity"] == "ClientIP":
+        line += f"  affinity {svc['affinity_timeout_seconds']}s"
+    if svc.get("counters"):
+        line += f"  {_counters(svc['counters'])}"
+    w(line + "\n")
+
+
+def _render_rejected(answer: dict[str, Any], now: float, w: Any) -> None:
     rejected = answer.get("rejected") or []
     if rejected:
         w("\nrejected objects (most recent first):\n")
@@ -179,7 +209,8 @@ def main(argv: Sequence[str]) -> int:
     command, rest = argv[0], list(argv[1:])
     args = build_parser(command).parse_args(rest)
     if command == "status":
-        request: dict[str, Any] = {"op": "status", "namespace": args.namespace, "name": args.name}
+        request: dict[str, Any] = {"op": "status", "namespace": args.namespace, "name": args.name,
+                                   "detail": args.detail}
     else:
         request = {"op": "trace", "src": args.src, "dst": args.dst, "port": args.port, "protocol": args.proto}
     try:

@@ -76,8 +76,8 @@ def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str) -> 
     eps = {f"{ip}:8080" for ip in (POD1, POD2, POD3)}
     by_pod = {topology.pod(name).name: f"{topology.pod(name).ip}:8080" for name in ("pod1", "pod2", "pod3")}
 
-    before = wait_until(lambda: (s := ask(sock, "status")) and s["sync"]["last"] and s, timeout=20,
-                        what="a status answer after the first sync")
+    before = wait_until(lambda: (s := ask(sock, "status", "--detail")) and s["sync"]["last"] and s,
+                        timeout=20, what="a status answer after the first sync")
     assert before["mode"] == mode and before["node"] == "node1"
     assert before["kernel"]["supported"] and before["kernel"]["matches"] is True, before["kernel"]
     web_eps = endpoints_of(before, "default/web")
@@ -87,6 +87,10 @@ def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str) -> 
     [empty] = [s for s in before["services"] if s["name"] == "default/empty"]
     assert empty["endpoints"] == [] and not empty["has_usable_endpoints"]
     assert any(r["kind"] == "Service" and "bad" in r["object"] and r["reason"] for r in before["rejected"])
+    summary = {s["name"]: s for s in ask(sock, "status")["services"]}
+    assert summary["default/web"]["endpoint_counts"] == {"total": 3, "ready": 3, "local": 3, "terminating": 0,
+                                                         "in_use_cluster_ip": 3, "in_use_external": 3}
+    assert "endpoints" not in summary["default/web"]
 
     # Real traffic from a pod on the node to the cluster IP.
     client = topology.pod("pod1")
@@ -129,6 +133,8 @@ def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str) -> 
     # The text forms print what the JSON says.
     text = proxyd_cli("status", "--socket", str(sock), "web").stdout
     assert "default/web TCP NodePort" in text and f"{POD1}:8080" in text
+    text = proxyd_cli("status", "--socket", str(sock)).stdout
+    assert "endpoints 3 (3 ready, 3 local) in use 3/3 external" in text, text
     text = proxyd_cli("trace", client.ip, CLUSTER_IP, "80", "--socket", str(sock)).stdout
     assert "service default/web (cluster IP)" in text and "33.3%" in text
 
