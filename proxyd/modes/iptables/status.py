@@ -133,7 +133,9 @@ def rule_counts(save_text: str) -> dict[str, int]:
     for raw in save_text.splitlines():
         line = raw.strip()
         if line.startswith(":"):
-            counts.setdefault(line[1:].split(None, 1)[0], 0)
+            name = line[1:].split(None, 1)
+            if name:
+                counts.setdefault(name[0], 0)
             continue
         chain = _chain_of(split_counters(line)[2])
         if chain is not None:
