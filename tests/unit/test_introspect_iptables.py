@@ -162,3 +162,25 @@ def test_hostile_saved_text_fails_cleanly():
     huge = "\n".join(f"[0:0] -A FOREIGN-{i} -m foo --bar {i} -j BAZ" for i in range(50_000))
     assert own_rules(huge + "\n" + nat) == own_rules(nat)
     assert rule_counts("garbage\n-A\n:\n-A KUBE-X\n") == {"KUBE-X": 1}
+
+
+def test_dispatch_check_of_a_large_node():
+    from proxyd.modes.iptables.status import build_dispatch_status
+
+    nat, filt = tables(SAVED["nft"])
+    planned = cache()
+
+    def chain(text: str, name: str) -> str:
+        return "\n".join(split_counters(line)[2] for line in text.splitlines() if f"-A {name} " in line)
+
+    texts = {"KUBE-SERVICES": chain(nat, "KUBE-SERVICES"), "KUBE-NODEPORTS": chain(nat, "KUBE-NODEPORTS"),
+             "nat/builtin": "\n".join(chain(nat, b) for b in ("PREROUTING", "OUTPUT", "POSTROUTING")),
+             "filter/builtin": "\n".join(chain(filt, b) for b in ("INPUT", "FORWARD", "OUTPUT"))}
+    assert build_dispatch_status(texts, planned).matches is True
+    name = next(n for n in planned if n.name == "np")
+    svc = ch.svc_chain(name)
+    gone = {**texts, "KUBE-SERVICES": "\n".join(line for line in texts["KUBE-SERVICES"].splitlines()
+                                                 if svc not in line)}
+    bad = build_dispatch_status(gone, planned)
+    assert bad.matches is False and any(svc in m and "no jump" in m for m in bad.mismatches)
+    assert build_dispatch_status({}, planned).matches is False
