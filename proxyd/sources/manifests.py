@@ -573,7 +573,8 @@ class ManifestSource:
         log.error("manifests %s: %s is invalid, skipped: %s", _printable(name), what, _printable(reason),
                   extra=log_event(service=what, reason=_printable(reason)))
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind=kind, reason="invalid").inc()
-        rejections.record(_SOURCE, kind, f"{what} (in {_printable(name)})", _printable(reason))
+        rejections.record(_SOURCE, kind, f"{what.removeprefix(kind + ' ')} (in {_printable(name)})",
+                          _printable(reason))
 
     def _merge(self) -> tuple[list[Service], list[EndpointSlice], dict[str, str]]:
         """Every file's objects merged; the file that sorts last wins a name clash."""
