@@ -231,3 +231,24 @@ def test_ipvs_status_and_trace_from_a_dumped_table():
     assert dest_counters({"IPVS_DEST_ATTR_WEIGHT": 1, "IPVS_DEST_ATTR_STATS": {
         "attrs": [("IPVS_STATS_ATTR_CONNS", 5), ("IPVS_STATS_ATTR_INBYTES", 100), ("IPVS_STATS_ATTR_CPS", 9)]}}) == {
         "weight": 1, "active": 0, "inactive": 0, "connections": 5, "bytes_in": 100}
+
+
+def test_summary_cache_follows_changes():
+    from dataclasses import replace
+
+    from proxyd.status import SummaryCache
+
+    st = state()
+    cache = SummaryCache()
+    first = {s["name"]: s for s in cache.summaries(st, [WEB, DNS], None)}
+    assert first["default/web:http"]["endpoint_counts"]["ready"] == 2
+    fewer = dict(st.endpoints)
+    fewer[WEB] = st.endpoints[WEB][:1]
+    changed = replace(st, endpoints=fewer)
+    again = {s["name"]: s for s in cache.summaries(changed, [WEB, DNS], ModeStatus(counters={
+        "default/web:http/TCP": {"10.244.1.2:8080": {"packets": 9}}}))}
+    assert again["default/web:http"]["endpoint_counts"]["total"] == 1
+    assert again["default/web:http"]["counters"] == {"packets": 9}
+    assert again["kube-system/dns/UDP".replace("/UDP", "")]["counters"] == {}
+    zoned = replace(changed, node_labels={"topology.kubernetes.io/zone": "a"})
+    assert cache.summaries(zoned, [WEB], None)[0]["endpoint_counts"]["total"] == 1
