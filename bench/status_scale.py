@@ -18,7 +18,11 @@ IptablesMode on the back end proxyd picks here, so the figure includes
 * ``render_all_s``: turning the all-services answer into text;
 * ``trace_s``: one ``proxyd trace`` to a ClusterIP;
 * ``answer_mib``: size of the all-services JSON answer; ``kernel_read_s``:
-  the mode's own read-back time as it reports it.
+  the mode's own read-back time as it reports it;
+* ``status_all_cpu_s`` / ``trace_cpu_s``: CPU seconds one answer costs
+  (server and client share this process; iptables processes are counted as
+  children), the figure to compare on a busy machine where wall time
+  mostly measures waiting for a core.
 
 Output: a table on stderr; with ``--json`` one JSON object on the last stdout line.
 """
@@ -30,6 +34,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import secrets
 import statistics
 import subprocess
@@ -91,14 +96,23 @@ async def measure(mode_name: str, services: int, endpoints: int, repeat: int) ->
                 answer = ask(path, request)
                 return time.perf_counter() - t0, answer
 
-            async def median(request: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-                runs = [await asyncio.to_thread(timed, request) for _ in range(repeat)]
-                return statistics.median(r[0] for r in runs), runs[-1][1]
+            def cpu() -> float:
+                kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+                return time.process_time() + kids.ru_utime + kids.ru_stime
 
-            all_s, answer = await median({"op": "status"})
-            one_s, one = await median({"op": "status", "namespace": "bench", "name": "svc-1"})
-            trace_s, trace = await median({"op": "trace", "src": "10.128.0.1", "dst": "10.96.0.5", "port": 80,
-                                           "protocol": "tcp"})
+            async def median(request: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
+                runs = []
+                for _ in range(repeat):
+                    c0 = cpu()
+                    wall, answer = await asyncio.to_thread(timed, request)
+                    runs.append((wall, cpu() - c0, answer))
+                return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+                        runs[-1][2])
+
+            all_s, all_cpu, answer = await median({"op": "status"})
+            one_s, _, one = await median({"op": "status", "namespace": "bench", "name": "svc-1"})
+            trace_s, trace_cpu, trace = await median({"op": "trace", "src": "10.128.0.1", "dst": "10.96.0.5",
+                                                      "port": 80, "protocol": "tcp"})
             size = len(json.dumps(answer, separators=(",", ":")))
             t0 = time.perf_counter()
             render_status(answer, io.StringIO())
@@ -113,6 +127,7 @@ async def measure(mode_name: str, services: int, endpoints: int, repeat: int) ->
             "status_all_s": round(all_s, 3), "status_one_s": round(one_s, 3),
             "render_all_s": round(render_s, 3),
             "trace_s": round(trace_s, 3), "answer_mib": round(size / 2**20, 1),
+            "status_all_cpu_s": round(all_cpu, 3), "trace_cpu_s": round(trace_cpu, 3),
             "kernel_read_s": answer["kernel"]["read_seconds"], "kernel_matches": answer["kernel"]["matches"]}
 
 
@@ -120,7 +135,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"{r['mode']:>9} {r['services']:>6} svc x {r['endpoints']} eps: "
           f"status(all) {r['status_all_s']:.3f}s "
           f"status(one) {r['status_one_s']:.3f}s render {r['render_all_s']:.3f}s trace {r['trace_s']:.3f}s "
-          f"answer {r['answer_mib']} MiB kernel read {r['kernel_read_s']:.3f}s (sync {r['sync_s']:.1f}s)",
+          f"answer {r['answer_mib']} MiB kernel read {r['kernel_read_s']:.3f}s (sync {r['sync_s']:.1f}s); "
+          f"CPU per answer: status(all) {r['status_all_cpu_s']:.3f}s trace {r['trace_cpu_s']:.3f}s",
           file=sys.stderr)
 
 
