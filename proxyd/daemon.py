@@ -80,7 +80,7 @@ class Daemon:
                               None if self.runner.last_error is None else
                               f"{type(self.runner.last_error).__name__}: {self.runner.last_error}"),
             healthy=self.health.healthy,
-            local_ips=lambda: nodeaddrs.node_addresses_async(()))
+            local_ips=lambda: nodeaddrs.node_addresses_async(()), syncing=lambda: self.runner.syncing)
         metrics.HEALTHY.set_function(lambda: 1 if self.health.healthy() else 0)
 
     def _make_source(self):

@@ -244,13 +244,15 @@ class StatusService:
     def __init__(self, *, mode: ProxyMode, mode_name: str, node_name: str,
                  failures: Callable[[], tuple[int, str | None]] = lambda: (0, None),
                  healthy: Callable[[], bool] = lambda: False,
-                 local_ips: Callable[[], Any] | None = None) -> None:
+                 local_ips: Callable[[], Any] | None = None,
+                 syncing: Callable[[], bool] = lambda: False) -> None:
         self.mode = mode
         self.mode_name = mode_name
         self.node_name = node_name
         self._failures = failures
         self._healthy = healthy
         self._local_ips = local_ips
+        self._syncing = syncing
         self.state: ProxyState | None = None
         self.last_sync: float | None = None
         self.last_duration: float | None = None
@@ -292,6 +294,7 @@ class StatusService:
         return {
             "version": 1, "mode": self.mode_name, "node": self.node_name, "now": time.time(),
             "sync": {"last": self.last_sync, "duration_seconds": self.last_duration,
+                     "running": self._syncing(),
                      "full": self.last_full if self.last_sync is not None else None, "syncs": self.syncs,
                      "consecutive_failures": failures, "last_error": last_error, "healthy": self._healthy()},
             "kernel": mode_status.to_json(),

@@ -99,6 +99,8 @@ def render_status(answer: dict[str, Any], out: TextIO) -> None:
     took = "" if sync.get("duration_seconds") is None else f", took {sync['duration_seconds']:.3f}s ({kind})"
     w(f"mode {answer['mode']}, node {answer['node']}: last sync {_when(sync.get('last'), now)}{took}, "
       f"{'healthy' if sync.get('healthy') else 'NOT healthy'}\n")
+    if sync.get("running"):
+        w("  a sync is running now: the kernel may be between two states\n")
     if sync.get("consecutive_failures"):
         w(f"  sync failing: {sync['consecutive_failures']} in a row, last error: {sync.get('last_error')}\n")
     if not kernel.get("supported", True):

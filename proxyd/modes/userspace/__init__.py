@@ -53,6 +53,7 @@ from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
+from proxyd.logformat import event
 from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
@@ -268,8 +269,15 @@ class UserspaceMode(ProxyMode):
 
     def _bind_failed(self, key: ListenerKey, why: str, reason: str) -> None:
         if self._bind_errors.get(key) != (reason, why):
-            log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why)
+            log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why,
+                      extra=event(service=self._listener_owner(key), endpoint=key, reason=reason))
         self._bind_errors[key] = (reason, why)
+
+    def _listener_owner(self, key: ListenerKey) -> str | None:
+        """The service port a listener serves in the last plan (for log events)."""
+        plan = self._last_plan
+        owner = plan.listeners.get(key) if plan is not None else None
+        return None if owner is None else str(owner.name)
 
     def listen_failures(self) -> dict[str, str]:
         """Service listeners that are not open, and why (for /healthz)."""
