@@ -261,6 +261,7 @@ class StatusService:
         self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None
         self._summaries = SummaryCache()
+        self._made_dir: str | None = None
 
     def synced(self, state: ProxyState, *, full: bool, duration: float, when: float | None = None) -> None:
         """Record a successful sync: the state the mode now realises."""
@@ -345,7 +346,12 @@ class StatusService:
             return False
         try:
             await self._claim(path)
-            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            directory = os.path.dirname(path) or "."
+            try:
+                os.makedirs(directory, mode=0o755)
+                self._made_dir = directory  # removed again at close when empty
+            except FileExistsError:
+                pass
             old_umask = os.umask(0o177)
             try:
                 self._server = await asyncio.start_unix_server(self._handle, path=path,
@@ -409,3 +415,7 @@ class StatusService:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
             self._path = None
+        if self._made_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._made_dir)  # only when empty: another daemon's socket keeps it
+            self._made_dir = None

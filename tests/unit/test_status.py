@@ -138,6 +138,11 @@ def test_socket_round_trip_and_stale_socket():
             assert not await other.start(path)  # a live daemon keeps its socket
             await svc.close()
             assert not os.path.exists(path)
+            made = service()
+            deep = os.path.join(tmp, "new", "status.sock")
+            assert await made.start(deep)
+            await made.close()
+            assert not os.path.exists(os.path.dirname(deep))  # a directory it made goes with it
 
     asyncio.run(run())
 
