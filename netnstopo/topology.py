@@ -413,7 +413,9 @@ class Topology:
                 "--hostname-override", self.node_name,
                 "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}",
                 "--metrics-bind-address", f"{METRICS[0]}:{METRICS[1]}",
-                "--cluster-cidr", "10.244.0.0/16", *extra_args]
+                "--cluster-cidr", "10.244.0.0/16",
+                # Each daemon's status socket lives with the topology, never in the host's /run.
+                "--status-socket", str(self._tmp / f"status-{len(self._procs)}.sock"), *extra_args]
         proc = self.spawn(self.node, [*wrapper, *argv], log_name=f"proxyd-{mode}", env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

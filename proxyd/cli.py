@@ -128,6 +128,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "verbosity": lambda v: _int_range(v, 0, 10),
     "service_cluster_ip_range": lambda v: tuple(str(n) for n in parse_cluster_ranges(str(v))),
     "service_node_port_range": lambda v: parse_port_range(str(v)),
+    "status_socket": lambda v: str(v) or None,
+    "log_format": lambda v: _choice(v, ("text", "json")),
 }
 
 
@@ -166,7 +168,7 @@ _CONFIG_TABLE: tuple[tuple[str, str | None, Callable[[Any], Any] | None], ...] =
     ("clientConnection.qps", None, None),
     ("clientConnection.burst", None, None),
     ("logging.verbosity", "verbosity", _PARSERS["verbosity"]),
-    ("logging.format", None, None),
+    ("logging.format", "log_format", _PARSERS["log_format"]),
     ("logging.flushFrequency", None, None),
     ("logging.vmodule", None, None),
     ("logging.options.*", None, None),
@@ -306,6 +308,8 @@ _FLAG_ATTRS = {
     "--v": "verbosity",
     "--service-cluster-ip-range": "service_cluster_ip_range",
     "--service-node-port-range": "service_node_port_range",
+    "--status-socket": "status_socket",
+    "--log-format": "log_format",
 }
 
 
@@ -360,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
              "then exit 0")
     add_allocation_flags(parser)
     add("-v", "--v", dest="verbosity_flag", metavar="LEVEL", help="log verbosity, 0..10 (default: 0)")
+    add("--log-format", metavar="FORMAT",
+        help="text, or json: one object per line with stable keys ts, level, logger, msg, service, "
+             "endpoint, reason (default: text)")
+    add("--status-socket", metavar="PATH",
+        help="answer `proxyd status` and `proxyd trace` on this Unix socket (mode 0600) "
+             "(default: /run/proxyd/status.sock; empty disables)")
     add("--version", action="version", version=f"proxyd {__version__}")
     return parser
 
@@ -398,7 +408,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     if args.ipvs_strict_arp:
         values["ipvs_strict_arp"] = True
     values = {key: value for key, value in values.items() if value is not None or key in (
-        "healthz_bind_address", "metrics_bind_address")}
+        "healthz_bind_address", "metrics_bind_address", "status_socket")}
     config = replace(Config(), config_file=args.config, cleanup=args.cleanup, **values)
     _validate(config, environ)
     return config
@@ -423,10 +433,14 @@ def _validate(config: Config, environ: Mapping[str, str]) -> None:
         raise ConfigError(f"--kubeconfig: {config.kubeconfig!r} is not a readable file")
 
 
-def setup_logging(verbosity: int) -> None:
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    from proxyd.logformat import formatter
+
     level = logging.DEBUG if verbosity >= 4 else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter(log_format))
     if verbosity < 8:
         # pyroute2's and asyncio's debug output drowns proxyd's own at -v 4 (and
         # pyroute2 sets levels on its own loggers, so filter at the handler).
@@ -438,18 +452,22 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands, not flags: every existing `proxyd --flag …` line keeps its meaning.
     if args[:1] == ["check"]:
-        # A subcommand, not a flag: every existing `proxyd --flag …` line keeps its meaning.
         from proxyd import check
 
         return check.main(args[1:])
+    if args and args[0] in ("status", "trace"):
+        from proxyd import statusclient
+
+        return statusclient.main(args)
     try:
         config = parse_args(argv)
     except ConfigError as err:
         print(f"proxyd: error: {err}", file=sys.stderr)
         return 2
-    setup_logging(config.verbosity)
+    setup_logging(config.verbosity, config.log_format)
     from proxyd import daemon
 
     try:

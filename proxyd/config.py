@@ -52,3 +52,7 @@ class Config:
     # from (kube-apiserver's flags; not KubeProxyConfiguration fields).
     service_cluster_ip_range: tuple[str, ...] = ()
     service_node_port_range: tuple[int, int] = (30000, 32767)
+    # proxyd status / trace: a local Unix socket (None disables); --status-socket.
+    status_socket: str | None = "/run/proxyd/status.sock"
+    # --log-format: "text" (kube-proxy-like lines) or "json" (one object per line).
+    log_format: str = "text"

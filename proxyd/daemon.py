@@ -40,6 +40,7 @@ from proxyd.modes.base import MODES, SyncRequest, mode_class
 from proxyd.runner import SyncRunner
 from proxyd.selfloop import SelfEndpoints
 from proxyd.sources.allocate import Allocator, Ranges
+from proxyd.status import StatusService
 from proxyd.tracker import Tracker
 
 if TYPE_CHECKING:
@@ -82,6 +83,14 @@ class Daemon:
         self._last_full = 0.0
         self._unapplied_since: float | None = None
         self.self_endpoints = SelfEndpoints(source="manifests" if config.manifests is not None else "kube")
+        self.status = StatusService(
+            mode=self.mode, mode_name=config.proxy_mode, node_name=config.node_name,
+            failures=lambda: (self.runner.consecutive_failures,
+                              None if self.runner.last_error is None else
+                              f"{type(self.runner.last_error).__name__}: {self.runner.last_error}"),
+            healthy=self.health.healthy,
+            local_ips=lambda: nodeaddrs.node_addresses_async(()), syncing=lambda: self.runner.syncing)
+        metrics.HEALTHY.set_function(lambda: 1 if self.health.healthy() else 0)
 
     def _make_source(self) -> ManifestSource | KubeSource:
         if self.config.manifests is not None:
@@ -137,6 +146,7 @@ class Daemon:
             metrics.NETWORK_PROGRAMMING_DURATION.observe(time.monotonic() - self._unapplied_since)
             self._unapplied_since = None
         self.health.updated()
+        self.status.synced(request.state, full=full, duration=elapsed)
         log.debug("synced %s: %d service ports, %s, %.3fs", self.config.proxy_mode,
                   len(request.state.service_ports),
                   "full" if request.changed is None else f"{len(request.changed)} changed", elapsed)
@@ -166,6 +176,7 @@ class Daemon:
         await self._serve_http(self.config.healthz_bind_address, health_routes(self.health), "healthz")
         await self._serve_http(self.config.metrics_bind_address,
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
+        await self.status.start(self.config.status_socket)
         log.info("proxyd starting: mode=%s node=%s source=%s descriptors=%d", self.config.proxy_mode,
                  self.config.node_name,
                  f"manifests {self.config.manifests}" if self.config.manifests else "API server", limit)
@@ -206,6 +217,7 @@ class Daemon:
         except Exception:
             log.exception("mode shutdown failed")
         await self.service_health.close()
+        await self.status.close()
         for server in self._servers:
             await server.close()
 

@@ -128,6 +128,9 @@ LISTEN_FAILURES = Gauge(
     "proxyd_listen_failures",
     "Service listeners (userspace) not open now: descriptors (budget), permission, address_in_use, other",
     ["reason"], registry=REGISTRY)
+HEALTHY = Gauge(
+    "proxyd_healthy", "1 while /healthz answers 200 (the last sync is recent and nothing waits too long)",
+    registry=REGISTRY)
 CONNTABLE_IMPLEMENTATION = Gauge(
     "proxyd_conntable_native", "1 when the Cython connection table is in use",
     registry=REGISTRY)

@@ -39,7 +39,8 @@ from collections.abc import Iterable, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from proxyd import metrics
+from proxyd import metrics, rejections
+from proxyd.logformat import event
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
 from proxyd.modes.base import SyncRequest
 
@@ -181,8 +182,10 @@ class SelfEndpoints:
         for ip, port in sorted(bad - old):
             host = f"[{ip}]" if ":" in ip else ip
             log.warning("%s/%s: endpoint %s:%d is an address proxyd serves itself; refused", name, proto,
-                        host, port)
+                        host, port, extra=event(service=name, endpoint=f"{host}:{port}", reason=REASON))
             metrics.REJECTED_OBJECTS.labels(self._source, "EndpointSlice", REASON).inc()
+            rejections.record(self._source, "EndpointSlice", f"{name}/{proto} endpoint {host}:{port}",
+                              "an address proxyd serves itself (would loop)")
         if bad:
             self._refused[name] = bad
         else:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from proxyd.config import Config
+    from proxyd.introspect import ModeStatus, TracePacket, TraceResult
     from proxyd.model import ProxyState, ServiceName, ServicePortName
 
 
@@ -79,6 +80,21 @@ class ProxyMode(abc.ABC):
     def listen_failures(self) -> dict[str, str]:
         """Sockets the mode should listen on but cannot (``ip:port/proto`` -> why), named in /healthz."""
         return {}
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """What the kernel holds, read back now: counters per endpoint, and whether it matches the
+        last sync (``proxyd status``). ``names``: only these service ports are asked for (None: all),
+        so a mode may read less. Must not block the loop (kernel reads go to a thread)."""
+        from proxyd.introspect import unsupported_status
+
+        return unsupported_status(self.name)
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """Where ``packet`` would go now, evaluated against state read back from the kernel
+        (``proxyd trace``)."""
+        from proxyd.introspect import unsupported_trace
+
+        return unsupported_trace(self.name)
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop. Kernel modes leave their rules so traffic keeps flowing."""

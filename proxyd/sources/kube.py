@@ -84,8 +84,9 @@ import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from proxyd import metrics
+from proxyd import metrics, rejections
 from proxyd.config import Config, ConfigError
+from proxyd.logformat import event
 from proxyd.model import ServiceName
 from proxyd.sources.convert import (
     InvalidObject,
@@ -659,10 +660,13 @@ class KubeSource:
             if self._bad.get((kind.name, key)) == reason:
                 return
             self._bad[(kind.name, key)] = reason
-        log.warning("kube %s %s: skipped: %s", kind.name, shown, reason)
+        rejections.record(_SOURCE, kind.name, shown, reason)
+        log.warning("kube %s %s: skipped: %s", kind.name, shown, reason,
+                    extra=event(service=shown, reason=reason))
 
     def _accepted(self, kind: _Kind, key: Hashable) -> None:
         if self._bad and self._bad.pop((kind.name, key), None) is not None:
+            rejections.forget(_SOURCE, kind.name, _show_key(key))
             log.info("kube %s %s: valid again", kind.name, _show_key(key))
         notes, kind.notes = tuple(kind.notes), []
         self._report_notes(kind, key, notes)

@@ -71,7 +71,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from proxyd import metrics
+from proxyd import metrics, rejections
+from proxyd.logformat import event as log_event
 from proxyd.model import EndpointSlice, Service, ServiceName
 from proxyd.sources.allocate import Allocator, Ranges
 from proxyd.sources.convert import (
@@ -536,10 +537,12 @@ class ManifestSource:
             return
         state.failure = failure
         kept = f"keeping its last good content ({len(state.objects)} objects)" if state.objects else "skipped"
-        log.error("manifests %s: %s; %s", _printable(name), err.reason, kept)
+        log.error("manifests %s: %s; %s", _printable(name), err.reason, kept,
+                  extra=log_event(reason=err.reason))
         metrics.REJECTED_OBJECTS.labels(source=_SOURCE, kind="file", reason=err.category).inc()
         if self.report is not None:
             self.report(Finding(name, "the file", f"{err.reason}; {kept}", err.category, True))
+        rejections.record(_SOURCE, "file", _printable(name), f"{err.reason}; {kept}")
 
     def _convert_all(self, name: str, docs: list[Any], previous: dict[ObjKey, Any]) -> dict[ObjKey, Any]:
         objects: dict[ObjKey, Any] = {}
@@ -605,9 +608,13 @@ class ManifestSource:
 
         ``reason`` reads after the object: "is refused: …", "is ignored: …" or "spec.x: …".
         """
-        log.log(level, "manifests %s: %s %s", _printable(name), what, _printable(reason))
+        log.log(level, "manifests %s: %s %s", _printable(name), what, _printable(reason),
+                extra=log_event(service=what, reason=_printable(reason)))
         counter = metrics.REJECTED_OBJECTS if refused else metrics.IGNORED_OBJECTS
         counter.labels(source=_SOURCE, kind=kind, reason=category).inc(count)
+        if refused:
+            rejections.record(_SOURCE, kind, f"{what.removeprefix(kind + ' ')} (in {_printable(name)})",
+                              _printable(reason))
         if self.report is not None:
             self.report(Finding(name, what, reason, category, refused))
 

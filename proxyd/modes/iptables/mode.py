@@ -34,10 +34,11 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from proxyd import metrics
 from proxyd.config import Config
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import ServicePort, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
@@ -59,6 +60,13 @@ def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str
                     if not ipaddress.ip_address(a).is_loopback
                     and not ipaddress.ip_address(a).is_link_local), None)
     return node_ips, primary
+
+
+def _all_local_addresses(family: int) -> list[str]:
+    """Every address of this node (what ``-m addrtype --dst-type LOCAL`` matches) — blocking netlink dump."""
+    from proxyd.nodeaddrs import local_addresses
+
+    return list(local_addresses(family=family))
 
 
 class IptablesMode(ProxyMode):
@@ -172,6 +180,28 @@ class IptablesMode(ProxyMode):
             log.debug("iptables: deleted %d stale UDP conntrack entries", deleted)
         except Exception as err:
             log.warning("iptables: stale UDP conntrack cleanup failed: %s", err)
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """Counters of each endpoint's DNAT rule and kernel-versus-plan, read back from the kernel."""
+        from proxyd.modes.iptables import status
+
+        if self.applier is None:
+            return ModeStatus(matches=None, notes=["iptables: not started yet"])
+        backend = self.applier.backend
+        result = await status.read_status(backend.save, backend.iptables, self.planner.cache, names)
+        if not self._synced:
+            result.matches = None
+            result.notes.append("no sync yet: nothing to compare with")
+        return result
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """The packet walked through the nat and filter tables read back from the kernel now."""
+        from proxyd.modes.iptables import status
+
+        if self.applier is None:
+            return TraceResult(supported=False, notes=["iptables: not started yet"])
+        node_ips = await asyncio.to_thread(_all_local_addresses, self.family)
+        return await status.read_trace(self.applier.backend.iptables, packet, node_ips)
 
     async def shutdown(self) -> None:
         """Leave every rule: traffic keeps flowing while proxyd is down."""

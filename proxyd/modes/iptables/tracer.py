@@ -43,6 +43,8 @@ class Packet:
     protocol: str  # "tcp" / "udp" / "sctp"
     mark: int = 0
     dnat: str | None = None  # "ip:port" once DNATed
+    path: tuple[str, ...] = ()  # "table/chain" entered so far (for ``trace_paths``)
+    odds: float = 1.0  # probability of this path, from ``-m statistic`` forks
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +66,11 @@ _OPTION_ARITY = {
     "-m": 1, "-p": 1, "-s": 1, "-d": 1, "--dport": 1, "--comment": 1, "--dst-type": 1, "--src-type": 1,
     "--mark": 1, "--ctstate": 1, "--mode": 1, "--probability": 1, "--name": 1, "--seconds": 1,
     "--rcheck": 0, "--reap": 0, "--set": 0, "--rsource": 0,
+    "--mask": 1,  # iptables-save prints the recent match's default mask
 }
-_TARGET_ARITY = {"--to-destination": 1, "--or-mark": 1, "--xor-mark": 1, "--random-fully": 0}
+# --set-xmark and --reject-with are how iptables-save prints rules read back from the kernel.
+_TARGET_ARITY = {"--to-destination": 1, "--or-mark": 1, "--xor-mark": 1, "--random-fully": 0,
+                 "--set-xmark": 1, "--reject-with": 1}
 
 
 def parse(text: str) -> dict[str, dict[str, list[Rule]]]:
@@ -144,11 +149,13 @@ def _in(addr: str, cidr: str) -> bool:
 class Tracer:
     """Traces packets through one ruleset on a node with the given local addresses."""
 
-    def __init__(self, text: str, *, node_ips: Iterable[str]) -> None:
+    def __init__(self, text: str, *, node_ips: Iterable[str], jumps: bool = True) -> None:
+        """``jumps``: add kube-proxy's jumps from the built-in chains (False when ``text`` was read
+        back from the kernel and already holds them)."""
         self.tables = parse(text)
         for table in ("filter", "nat"):
             chains = self.tables.setdefault(table, {})
-            for line in ch.jump_rules_text(table):
+            for line in ch.jump_rules_text(table) if jumps else ():
                 argv = shlex.split(line)
                 chains.setdefault(argv[1], []).append(_parse_rule(argv[1], argv[2:]))
         self.node_ips = frozenset(str(ipaddress.ip_address(ip)) for ip in node_ips)
@@ -162,7 +169,8 @@ class Tracer:
         """Possible results of matching (two when a statistic match forks)."""
         results = [True]
         for negate, opt, vals in rule.matches:
-            if opt in ("-m", "--comment", "--mode", "--name", "--seconds", "--reap", "--set", "--rsource"):
+            if opt in ("-m", "--comment", "--mode", "--name", "--seconds", "--reap", "--set", "--rsource",
+                       "--mask"):
                 continue
             if opt == "--probability":
                 results = [r and b for r in results for b in (True, False)]
@@ -206,6 +214,7 @@ class Tracer:
         """Every (verdict or None for 'fell through/RETURN', packet) path through ``chain``."""
         if depth > 32:
             raise ValueError(f"jump loop at {table}/{chain}")
+        pkt = replace(pkt, path=(*pkt.path, f"{table}/{chain}"))
         rules = self.tables.get(table, {}).get(chain)
         if rules is None:
             if chain in _BUILTIN:
@@ -223,12 +232,14 @@ class Tracer:
                 continue
             if False in results:
                 # Forked: the not-matching branch continues with the next rule.
-                out.extend(self._from(table, rules, idx + 1, pkt, depth))
+                p = _probability(rule)
+                out.extend(self._from(table, rules, idx + 1, replace(pkt, odds=pkt.odds * (1 - p)), depth))
+                pkt = replace(pkt, odds=pkt.odds * p)
             target = rule.target
             if target is None:
                 continue
             if target in ("ACCEPT", "DROP", "REJECT"):
-                out.append((target, pkt))
+                out.append((target, replace(pkt, path=(*pkt.path, _verdict_step(table, rule)))))
                 return out
             if target == "RETURN":
                 out.append((None, pkt))
@@ -241,6 +252,10 @@ class Tracer:
             if target == "MARK":
                 if "--or-mark" in rule.target_args:
                     pkt = replace(pkt, mark=pkt.mark | int(rule.target_args[1], 16))
+                elif "--set-xmark" in rule.target_args:
+                    value, _, mask = rule.target_args[1].partition("/")
+                    m = int(mask, 16) if mask else 0xFFFFFFFF
+                    pkt = replace(pkt, mark=(pkt.mark & ~m & 0xFFFFFFFF) ^ int(value, 16))
                 else:
                     pkt = replace(pkt, mark=pkt.mark ^ int(rule.target_args[1], 16))
                 continue
@@ -248,11 +263,11 @@ class Tracer:
                 out.append(("MASQUERADE", pkt))
                 return out
             # Jump to a user chain; paths that fall through continue here.
-            for verdict, p in self._run(table, target, pkt, depth + 1):
+            for verdict, after in self._run(table, target, pkt, depth + 1):
                 if verdict is None:
-                    out.extend(self._from(table, rules, idx + 1, p, depth))
+                    out.extend(self._from(table, rules, idx + 1, after, depth))
                 else:
-                    out.append((verdict, p))
+                    out.append((verdict, after))
             return out
         out.append((None, pkt))
         return out
@@ -260,8 +275,14 @@ class Tracer:
     def trace(self, *, src: str, dst: str, port: int, protocol: str = "tcp",
               local_origin: bool = False) -> list[Outcome]:
         """Every way the first packet ``src`` -> ``dst:port`` can end."""
+        return _dedup([o for o, _, _ in self.trace_paths(src=src, dst=dst, port=port, protocol=protocol,
+                                                         local_origin=local_origin)])
+
+    def trace_paths(self, *, src: str, dst: str, port: int, protocol: str = "tcp",
+                    local_origin: bool = False) -> list[tuple[Outcome, tuple[str, ...], float]]:
+        """``trace`` with, for each path, the chains it entered and its probability (paths add up to 1)."""
         pkt = Packet(src=src, dst=dst, dport=port, protocol=protocol.lower())
-        outcomes: list[Outcome] = []
+        outcomes: list[tuple[Outcome, tuple[str, ...], float]] = []
         for verdict, p in self._run("nat", "OUTPUT" if local_origin else "PREROUTING", pkt):
             if verdict not in (None, "DNAT"):
                 raise ValueError(f"unexpected nat verdict {verdict}")
@@ -269,14 +290,33 @@ class Tracer:
             hook = "OUTPUT" if local_origin else ("INPUT" if local else "FORWARD")
             for fverdict, fp in self._run("filter", hook, p):
                 if fverdict in ("DROP", "REJECT"):
-                    outcomes.append(Outcome(fverdict, f"{fp.dst}:{fp.dport}", False, local))
+                    dropped = Outcome(fverdict, f"{fp.dst}:{fp.dport}", False, local)
+                    outcomes.append((dropped, fp.path, fp.odds))
                     continue
                 masq = False
+                path = fp.path
                 if not local or local_origin:
-                    for pverdict, _pp in self._run("nat", "POSTROUTING", fp):
-                        masq = masq or pverdict == "MASQUERADE"
-                outcomes.append(Outcome("ACCEPT", f"{fp.dst}:{fp.dport}", masq, local and not local_origin))
-        return _dedup(outcomes)
+                    for pverdict, pp in self._run("nat", "POSTROUTING", fp):
+                        if pverdict == "MASQUERADE":
+                            masq = True
+                            path = pp.path
+                outcome = Outcome("ACCEPT", f"{fp.dst}:{fp.dport}", masq, local and not local_origin)
+                outcomes.append((outcome, path, fp.odds))
+        return outcomes
+
+
+def _verdict_step(table: str, rule: Rule) -> str:
+    """``table/chain -j VERDICT`` plus the rule's comment, which says why (kube-proxy writes it there)."""
+    comment = next((vals[0] for _neg, opt, vals in rule.matches if opt == "--comment" and vals), "")
+    step = f"{table}/{rule.chain} -j {rule.target}"
+    return f"{step} ({comment})" if comment else step
+
+
+def _probability(rule: Rule) -> float:
+    for _negate, opt, vals in rule.matches:
+        if opt == "--probability":
+            return float(vals[0])
+    raise ValueError(f"a forked rule without --probability in {rule.chain}")
 
 
 def _dedup(outcomes: list[Outcome]) -> list[Outcome]:

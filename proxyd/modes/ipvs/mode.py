@@ -42,11 +42,12 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
-from proxyd.model import ServicePortName
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
+from proxyd.model import ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 from proxyd.modes.ipvs.graceful import GracefulTerminator
@@ -109,6 +110,7 @@ class IpvsMode(ProxyMode):
         self._rules: str | None = None
         self.last_plan: Plan | None = None
         self._verified: float | None = None  # when the jumps were last known present
+        self._last_state: ProxyState | None = None  # for ``status``/``trace``: names of virtual servers
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -121,6 +123,27 @@ class IpvsMode(ProxyMode):
                                "kernel?")
         await self.applier.call(self.applier.ensure_device)
         self.graceful.start(self._lock, self._on_graceful_deleted)
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """IPVS stats per real server and kernel-versus-plan, from one netlink dump."""
+        from proxyd.modes.ipvs import introspect
+
+        started = time.perf_counter()
+        async with self._lock:
+            table = await self.applier.call(introspect.read_table, self.applier)
+        result = introspect.build_status(table, self.last_plan, self._last_state)
+        result.read_seconds = time.perf_counter() - started
+        return result
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """The IPVS lookup of ``packet`` in the table read back now."""
+        from proxyd.modes.ipvs import introspect
+
+        async with self._lock:
+            table = await self.applier.call(introspect.read_table, self.applier)
+        return introspect.build_trace(table, packet, self._last_state,
+                                      cluster_cidrs=self.config.cluster_cidrs,
+                                      masquerade_all=self.config.masquerade_all)
 
     async def shutdown(self) -> None:
         # Everything stays in the kernel so traffic keeps flowing; the next start adopts it.
@@ -184,6 +207,7 @@ class IpvsMode(ProxyMode):
             log.warning("ipvs: virtual server %s wanted by two service ports; the first keeps it", conflict)
         await self._apply(plan, full=full, keys=keys)
         self.last_plan = plan
+        self._last_state = state
 
     async def _refresh_context(self, node_name: str, zone: str | None) -> None:
         local = await nodeaddrs.node_addresses_async((), family=4)

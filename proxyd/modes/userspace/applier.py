@@ -18,10 +18,11 @@ from collections import Counter
 from collections.abc import Iterable
 
 from proxyd import metrics
+from proxyd.logformat import event
 from proxyd.model import Protocol
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
-from proxyd.modes.userspace.planner import ListenerKey, Plan
+from proxyd.modes.userspace.planner import ListenerKey, Plan, TableKey
 from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
 from proxyd.modes.userspace.udp import UdpListener, UdpProxy
 
@@ -79,7 +80,7 @@ class Applier:
             listener = current.get(key)
             if listener is None:
                 if key.protocol not in (Protocol.TCP, Protocol.UDP):
-                    self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol")
+                    self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol", table_key)
                     continue
                 if room <= 0:
                     over.append(key)
@@ -88,7 +89,7 @@ class Applier:
                 try:
                     sock = open_socket(key)
                 except OSError as err:
-                    self._bind_failed(key, err.strerror or str(err), _reason(err))
+                    self._bind_failed(key, err.strerror or str(err), _reason(err), table_key)
                     continue
                 room -= 1
                 self._bind_errors.pop(key, None)
@@ -114,9 +115,11 @@ class Applier:
             metrics.LISTEN_FAILURES.labels(reason).set(reasons.get(reason, 0))
         self._failure_reasons = set(reasons)
 
-    def _bind_failed(self, key: ListenerKey, why: str, reason: str) -> None:
+    def _bind_failed(self, key: ListenerKey, why: str, reason: str, owner: TableKey | None = None) -> None:
         if self._bind_errors.get(key) != (reason, why):
-            log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why)
+            log.error("userspace: cannot listen on %s: %s (retried at every sync)", key, why,
+                      extra=event(service=None if owner is None else str(owner.name), endpoint=key,
+                                  reason=reason))
         self._bind_errors[key] = (reason, why)
 
     def listen_failures(self) -> dict[str, str]:

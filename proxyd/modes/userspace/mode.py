@@ -46,12 +46,14 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
+from proxyd.model import ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
@@ -107,6 +109,7 @@ class UserspaceMode(ProxyMode):
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
         self._started = False
+        self._last_plan: Plan | None = None  # for ``status``: what the last sync asked for
 
     def _stats_of(self, key: TableKey) -> Stats:
         return self.stats.get(key.name)
@@ -180,6 +183,7 @@ class UserspaceMode(ProxyMode):
                 await adding
             a.guard_own_listeners(plan, node_ips, self.tcp, self.udp)
             await holder.apply(plan.addresses)
+            self._last_plan = plan
             return
         # Partial: only what the planner says changed (plus earlier refusals, retried).
         if await holder.check():
@@ -193,9 +197,23 @@ class UserspaceMode(ProxyMode):
         a.guard_own_listeners(plan, node_ips, self.tcp, self.udp)
         self._remove_tables(plan, changes.tables)
         await holder.update(add=(), remove=changes.removed_addresses)
+        self._last_plan = plan
 
     def listen_failures(self) -> dict[str, str]:
         return self.applier.listen_failures()
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """Open connections and bytes per endpoint; listeners, addresses and tables against the last sync."""
+        from proxyd.modes.userspace import introspect
+
+        return introspect.status(self, self._last_plan)
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """Which listener, source filter and endpoint list a new connection meets now."""
+        from proxyd.modes.userspace import introspect
+
+        local = set(await nodeaddrs.node_addresses_async(()))
+        return introspect.trace(self, packet, local)
 
     def _update_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
         assert self.table is not None and self.udp is not None

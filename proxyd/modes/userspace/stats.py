@@ -11,7 +11,10 @@ object bound once per service port:
   counters by ``StatsCache.flush()``, which the mode calls every second
   (scrapes lag by at most that); connections also report their bytes every
   few seconds while open, not only at close;
-* connect retries and rejections are rare and recorded directly.
+* connect retries and rejections are rare and recorded directly;
+* per endpoint (for ``proxyd status``, not exported as metrics: endpoint
+  labels would grow without bound): connections opened and bytes each way,
+  one dict lookup per event.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ FLUSH_INTERVAL = 1.0
 class Stats:
     """The metrics of one service port (one protocol)."""
 
-    __slots__ = ("_bytes_in", "_bytes_out", "_dirty", "_rejected", "_total", "active", "label",
+    __slots__ = ("_bytes_in", "_bytes_out", "_dirty", "_rejected", "_total", "active", "by_endpoint", "label",
                  "pending_in", "pending_out", "pending_total", "retries")
 
     def __init__(self, name: ServicePortName, dirty: set[Stats]) -> None:
@@ -44,23 +47,41 @@ class Stats:
         self._bytes_in = metrics.BYTES_TOTAL.labels(self.label, TO_ENDPOINT)
         self._bytes_out = metrics.BYTES_TOTAL.labels(self.label, TO_CLIENT)
         self._rejected: dict[str, object] = {}
+        # endpoint -> [connections opened, bytes to the endpoint, bytes to the client]
+        self.by_endpoint: dict[tuple[str, int], list[int]] = {}
 
-    def opened(self) -> None:
+    def _endpoint(self, ep: tuple[str, int]) -> list[int]:
+        counts = self.by_endpoint.get(ep)
+        if counts is None:
+            counts = self.by_endpoint[ep] = [0, 0, 0]
+        return counts
+
+    def opened(self, ep: tuple[str, int] | None = None) -> None:
         self.active += 1
         self.pending_total += 1
         self._dirty.add(self)
+        if ep is not None:
+            self._endpoint(ep)[0] += 1
 
-    def closed(self, to_endpoint: int, to_client: int) -> None:
+    def closed(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None = None) -> None:
         self.active -= 1
         self.pending_in += to_endpoint
         self.pending_out += to_client
         self._dirty.add(self)
+        if ep is not None:
+            counts = self._endpoint(ep)
+            counts[1] += to_endpoint
+            counts[2] += to_client
 
-    def add_bytes(self, to_endpoint: int, to_client: int) -> None:
+    def add_bytes(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None = None) -> None:
         if to_endpoint or to_client:
             self.pending_in += to_endpoint
             self.pending_out += to_client
             self._dirty.add(self)
+            if ep is not None:
+                counts = self._endpoint(ep)
+                counts[1] += to_endpoint
+                counts[2] += to_client
 
     def reject(self, reason: str) -> None:
         child = self._rejected.get(reason)
@@ -92,6 +113,10 @@ class StatsCache:
         if stats is None:
             stats = self._by_name[name] = Stats(name, self._dirty)
         return stats
+
+    def peek(self, name: ServicePortName) -> Stats | None:
+        """The port's stats if any connection or flow has used it (never creates one)."""
+        return self._by_name.get(name)
 
     def flush(self) -> None:
         dirty = list(self._dirty)

@@ -347,7 +347,7 @@ class TcpProxy:
             abort(backend)
             return
         self.table.open(key.id, ep)
-        stats.opened()
+        stats.opened(ep)
         self.connections.add(conn)
         # The client got its handshake before accept and usually sent its first bytes while we connected.
         conn.start(client_first=True)
@@ -365,13 +365,13 @@ class TcpProxy:
             self._drained.set()
         key: TableKey = conn.key  # type: ignore[assignment]
         stats: Stats = conn.stats  # type: ignore[assignment]
-        stats.closed(*conn.take_bytes())
+        stats.closed(*conn.take_bytes(), conn.endpoint)
         self.table.close(key.id, conn.endpoint)
 
     def _flush_bytes(self) -> None:
         self._flusher = None
         for conn in self.connections:
-            conn.stats.add_bytes(*conn.take_bytes())  # type: ignore[attr-defined]
+            conn.stats.add_bytes(*conn.take_bytes(), conn.endpoint)  # type: ignore[attr-defined]
         if self.connections:
             self._flusher = self.loop.call_later(BYTES_FLUSH_INTERVAL, self._flush_bytes)
 

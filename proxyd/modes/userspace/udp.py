@@ -149,7 +149,7 @@ class UdpProxy:
                 metrics.UDP_FLOWS_EVICTED.inc()
             self.close_flow(old)
         self.table.open(listener.key_id, ep)
-        stats.opened()
+        stats.opened(ep)
         self.loop.add_reader(sock.fileno(), flow.on_reply)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.idle_timeout, self._sweep)
@@ -163,7 +163,7 @@ class UdpProxy:
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
         stats = self.stats_of(flow.key)
-        stats.closed(flow.nbytes_in, flow.nbytes_out)
+        stats.closed(flow.nbytes_in, flow.nbytes_out, flow.endpoint)
         self.table.close(flow.key.id, flow.endpoint)
 
     def closed_by_table(self, dropped: Iterable[tuple[Any, ...]]) -> None:
