@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests.api.fake_apiserver import write_kubeconfig
-from tests.netns.topology import HEALTHZ, METRICS, Topology, netns_available, wait_until
+from tests.capability import fail_or_skip_without_netns
+from tests.netns.topology import HEALTHZ, METRICS, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -27,13 +28,9 @@ PROXYD = str(Path(sys.executable).parent / "proxyd")
 FAKE_PORT = 16443
 CLUSTER_IP = "10.96.0.10"
 
-_UNAVAILABLE = netns_available()
-
-
 @pytest.fixture
 def topology() -> Iterator[Topology]:
-    if _UNAVAILABLE:
-        pytest.skip(f"netns tests: {_UNAVAILABLE}")
+    fail_or_skip_without_netns()
     with Topology() as topo:
         yield topo
 

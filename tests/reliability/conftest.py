@@ -2,7 +2,7 @@
 
 Every test here runs the real ``proxyd`` in a fresh ``Topology`` (see
 ``tests/netns/topology.py``), so the directory is marked ``netns`` and
-skipped without root, like ``tests/netns``. Long tests are also marked
+skipped without root (failed as root without ``ip netns``), like ``tests/netns``. Long tests are also marked
 ``slow``; they still run in CI (the whole directory stays under ~8 minutes).
 ``figures`` collects numbers for ``docs/reliability.md``: printed at the end
 of the run, and written as JSON to ``$PROXYD_RELIABILITY_FIGURES`` when set
@@ -21,18 +21,14 @@ from typing import Any
 
 import pytest
 
-from tests.netns.topology import Topology, netns_available
+from tests.capability import mark_items
+from tests.netns.topology import Topology
 
-_UNAVAILABLE = netns_available()
 _FIGURES: dict[str, dict[str, Any]] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/reliability/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.netns)
-            if _UNAVAILABLE:
-                item.add_marker(pytest.mark.skip(reason=f"netns tests: {_UNAVAILABLE}"))
+    mark_items(items, "reliability")
 
 
 def _raise_own_descriptor_limit() -> None:
