@@ -71,6 +71,15 @@ def refused(topo: Topology, ns: str, ip: str, port_: int, *, timeout: float = 1.
         sock.close()
 
 
+def not_served(topo: Topology, ns: str, ip: str, port_: int, *, timeout: float = 2.0) -> bool:
+    """True when no backend greets a client of ``ip:port_`` (refused, reset, unreachable or silent)."""
+    try:
+        with topo.connect(ns, ip, port_, timeout=timeout) as sock:
+            return read_line(sock) == b""
+    except OSError:  # refused, reset, unreachable, or timed out
+        return True
+
+
 def echo_transfer(sock: socket.socket, payload: bytes, *, chunk: int = 1 << 20) -> bytes:
     """Send ``payload`` (then half-close) while reading everything the echo server sends back."""
     errors: list[BaseException] = []
@@ -225,15 +234,34 @@ class ServiceBehaviour:
             held.sendall(b"again\n")
             assert read_line(held) == b"again\n"
 
-    def test_headless_and_external_name_ignored(self, topology: Topology) -> None:
+    def test_headless_external_name_and_labelled_services_get_nothing(self, topology: Topology) -> None:
+        # Each ignored service carries an externalIP (and the labelled ones a ClusterIP) with a live
+        # endpoint behind it: had proxyd programmed anything for them, these addresses would answer.
+        ignored = {"headless": "192.0.2.31", "extname": "192.0.2.32", "other-proxy": "192.0.2.33",
+                   "labelled-headless": "192.0.2.34"}
+        labelled = {
+            "other-proxy": ("10.96.0.33", {"service.kubernetes.io/service-proxy-name": "someone-else"}),
+            "labelled-headless": ("10.96.0.34", {"service.kubernetes.io/headless": ""}),
+        }
         docs = [
             *web(endpoints=local_eps(POD1)),
-            service("headless", cluster_ip="None", ports=[port(80, target_port=8080)]),
-            endpoint_slice("headless", ports=[{"port": 8080}], endpoints=local_eps(POD2)),
-            service("extname", cluster_ip="", ports=[port(80)], external_name="example.invalid"),
+            service("headless", cluster_ip="None", ports=[port(80, target_port=8080)],
+                    external_ips=[ignored["headless"]]),
+            service("extname", cluster_ip="", ports=[port(80, target_port=8080)],
+                    external_name="example.invalid", external_ips=[ignored["extname"]]),
         ]
-        proc = self.start(topology, docs)
+        for name, (cluster_ip, labels) in labelled.items():
+            docs.append(service(name, cluster_ip=cluster_ip, ports=[port(80, target_port=8080)],
+                                external_ips=[ignored[name]], labels=labels))
+        for name in ignored:
+            docs.append(endpoint_slice(name, ports=[{"port": 8080}], endpoints=local_eps(POD2)))
+        proc = self.start(topology, docs, tcp=("pod1", "pod2"))
+        # the served one works, so a sync has happened with every object above in it
         assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        for name, ip in ignored.items():
+            assert not_served(topology, topology.client, ip, 80), f"{name} ({ip}) is served"
+        for name, (cluster_ip, _) in labelled.items():
+            assert not_served(topology, topology.pod("pod3").ns, cluster_ip, 80), (name, cluster_ip)
         assert proc.poll() is None
 
     def test_broken_manifest_does_not_affect_others(self, topology: Topology) -> None:

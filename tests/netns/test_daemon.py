@@ -37,7 +37,7 @@ def test_default_bind_addresses_health_and_metrics(topology):
                                           str(topology.manifests), "--hostname-override", "node1"],
                           log_name="proxyd-defaults")
     # /healthz on 0.0.0.0:10256 by default: reachable from outside the node.
-    status, body = wait_until(
+    _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 10256, "/healthz"))[0] == 200 and r,
         timeout=20, what="healthz from the client")
     payload = json.loads(body)
@@ -46,14 +46,31 @@ def test_default_bind_addresses_health_and_metrics(topology):
     assert topology.http_get(topology.client, NODE_IP, 10256, "/metrics")[0] == 404
     # /metrics on 127.0.0.1:10249 by default: not reachable from outside.
     assert topology.http_get(topology.client, NODE_IP, 10249, "/metrics", timeout=1)[0] == 0
-    status, text = topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")
-    assert status == 200
-    for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket",
-                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                 "kubeproxy_network_programming_duration_seconds_bucket",
-                 "kubeproxy_sync_proxy_rules_service_changes_total",
-                 "kubeproxy_sync_proxy_rules_endpoint_changes_total"):
-        assert name in text, name
+    assert topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")[0] == 200
+    names = ("kubeproxy_sync_proxy_rules_duration_seconds_count",
+             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+             "kubeproxy_network_programming_duration_seconds_count",
+             "kubeproxy_sync_proxy_rules_service_changes_total",
+             "kubeproxy_sync_proxy_rules_endpoint_changes_total")
+    before = {name: topology.metric_sum(name) for name in names}
+    assert all(v is not None for v in before.values()), before
+    # The first sync has happened (healthz 200): it was timed and stamped, and counted what it applied.
+    assert before["kubeproxy_sync_proxy_rules_duration_seconds_count"] >= 1
+    assert before["kubeproxy_sync_proxy_rules_last_timestamp_seconds"] > 1.7e9
+    assert before["kubeproxy_sync_proxy_rules_service_changes_total"] >= 1
+    assert before["kubeproxy_sync_proxy_rules_endpoint_changes_total"] >= 1
+    # A change to the service and its endpoints moves every one of them.
+    pod2 = topology.pod_list[1]
+    topology.write_manifest("demo.yaml", [
+        service("web", cluster_ip="10.96.0.10", type_="LoadBalancer", external_local=True,
+                health_check_node_port=32100, ports=[port(80, target_port=8080, node_port=30081)]),
+        endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint(pod2.ip, node="node1")]),
+    ])
+    after = wait_until(
+        lambda: (now := {name: topology.metric_sum(name) for name in names})
+        and all(now[name] > before[name] for name in names) and now,
+        timeout=30, what=f"every sync metric moves after a change (before {before})")
+    assert after["kubeproxy_network_programming_duration_seconds_count"] >= 1
     assert topology.http_get(topology.node, "127.0.0.1", 10249, "/proxyMode") == (200, "userspace")
     assert topology.stop_proxyd(proc) == 0
 

@@ -498,6 +498,15 @@ class Topology:
                 return float(value)
         return None
 
+    def metric_sum(self, name: str) -> float | None:
+        """The sum of every sample of ``name`` (all label sets) in /metrics; None when absent."""
+        status, body = self.http_get(self.node, *METRICS, "/metrics")
+        if status != 200:
+            return None
+        values = [float(line.rpartition(" ")[2]) for line in body.splitlines()
+                  if line.split("{", 1)[0].split(" ", 1)[0] == name]
+        return sum(values) if values else None
+
     # -- manifests ---------------------------------------------------------------------------------
 
     def write_manifest(self, filename: str, docs: Iterable[Mapping[str, Any]] | str,
