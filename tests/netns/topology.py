@@ -624,3 +624,52 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.05, what: 
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached in {timeout}s (last error: {last_error!r})")
         time.sleep(interval)
+
+
+class ConnectProber(threading.Thread):
+    """New TCP connections to ``ip:port`` from ``ns`` every ``interval`` s, each connect bounded below
+    the kernel's first SYN retransmission (1 s).
+
+    A SYN sent while a rule is missing is dropped; the client would only
+    retry it after 1 s, so a connect timeout of 0.9 s turns any gap in the
+    rules, however short, into a failed probe, at ``interval`` resolution
+    (a 2 s timeout would hide gaps under 1 s behind the retransmission).
+    Completing the handshake is kernel work only, so a busy machine does
+    not make it slow; the greeting that follows gets a generous timeout.
+    """
+
+    CONNECT_TIMEOUT = 0.9
+
+    def __init__(self, topo: Topology, ns: str, ip: str, port: int, *, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.topo, self.ns, self.ip, self.port, self.interval = topo, ns, ip, port, interval
+        self.ok = 0
+        self.failed: list[str] = []
+        self.longest_gap = 0.0  # seconds between two successful connects
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        last_ok = None
+        # Ends by itself once the topology is gone, should the test fail before stop().
+        while not self._halt.is_set() and os.path.exists(f"/run/netns/{self.ns}"):
+            sock = socket_in(self.ns)
+            try:
+                sock.settimeout(self.CONNECT_TIMEOUT)
+                sock.connect((self.ip, self.port))
+                sock.settimeout(30)
+                Greeting.parse(read_line(sock))
+                now = time.monotonic()
+                if last_ok is not None:
+                    self.longest_gap = max(self.longest_gap, now - last_ok)
+                last_ok = now
+                self.ok += 1
+            except (OSError, ValueError) as err:
+                self.failed.append(f"{time.strftime('%X')} {err!r}")
+            finally:
+                sock.close()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> tuple[int, list[str]]:
+        self._halt.set()
+        self.join(timeout=60)
+        return self.ok, self.failed
