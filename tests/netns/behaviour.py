@@ -161,7 +161,9 @@ class ServiceBehaviour:
             service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
             endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(POD1, POD2)),
         ]
-        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"))
+        # An idle timeout far beyond any pause a busy machine puts between two datagrams of the flow
+        # (the default 250 ms could end the flow mid-test; the flag is userspace's, the others ignore it).
+        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "60s"))
         ns = topology.pod("pod3").ns
         sock = topology.udp_socket(ns)
         with sock:

@@ -74,11 +74,13 @@ class TestUserspace(ServiceBehaviour):
         assert retries is not None and retries >= 1
 
     def test_affinity_expires_after_timeout(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=1))
+        # 3 s: each of the first four connections refreshes the entry, so only a pause of 3 s between
+        # two of them (not a busy machine's usual stall) could end it early.
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=3))
         ns = topology.pod("pod1").ns
         first = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
         assert len(first) == 1, first
-        time.sleep(1.5)
+        time.sleep(4.5)  # a sleep can only be longer than asked: the entry is surely expired
         # the entry expired: round robin resumes where it stopped, at another endpoint
         second = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
         assert len(second) == 1 and second.keys() != first.keys(), (first, second)
@@ -95,10 +97,11 @@ class TestUserspace(ServiceBehaviour):
             held.sendall(b"during shutdown\n")
             assert read_line(held) == b"during shutdown\n"
             assert proc.poll() is None
-        # once the last connection ends the daemon exits cleanly, well before the grace period
-        started = time.monotonic()
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 3
+        # Once the last connection ends the daemon exits cleanly, before the grace period: the wait
+        # has a margin far beyond the 5 s grace (a busy machine), and the daemon's own log says
+        # whether the grace ran out with connections left (it resets them and says so).
+        assert proc.wait(timeout=60) == 0
+        assert "still open after" not in topology.log_of(proc), topology.log_of(proc)[-2000:]
 
     def test_round_robin_is_exact(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)))
@@ -250,12 +253,14 @@ class TestUserspaceDataPath:
             service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
             endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(POD1, POD2)),
         ]
-        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "300ms"))
+        # 2 s: the second datagram must still find the flow (a busy machine's pause stays well below);
+        # the sweep runs every timeout / 2, so 1.5 × timeout after the last datagram the flow is gone.
+        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "2s"))
         ns = topology.pod("pod3").ns
         with topology.udp_socket(ns) as sock:
             first = topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod
             assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == first
-            time.sleep(1.0)
+            time.sleep(4.5)
             # the flow expired; round robin gives the next endpoint to the new flow
             assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod != first
 
