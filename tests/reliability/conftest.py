@@ -44,15 +44,40 @@ def _raise_own_descriptor_limit() -> None:
 _raise_own_descriptor_limit()
 
 
+_OUTCOMES: dict[str, str] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """Each reliability test's outcome: a figure counts only when its test passed (asserts included)."""
+    outcome = yield
+    if "tests/reliability/" not in str(item.fspath).replace("\\", "/"):
+        return
+    report = outcome.get_result()
+    nodeid = item.nodeid
+    if report.skipped:
+        _OUTCOMES.setdefault(nodeid, "skipped")
+    elif report.failed:
+        _OUTCOMES[nodeid] = "failed" if report.when == "call" else "error"
+    elif report.when == "call":
+        _OUTCOMES.setdefault(nodeid, "passed")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _FIGURES:
+    if not _FIGURES and not _OUTCOMES:
         return
     terminalreporter.section("reliability figures")
     for test, values in sorted(_FIGURES.items()):
-        terminalreporter.write_line(f"{test}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        state = _OUTCOMES.get(test, "unknown")
+        mark = "" if state == "passed" else f" [{state.upper()}: not counted]"
+        terminalreporter.write_line(f"{test}{mark}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     target = os.environ.get("PROXYD_RELIABILITY_FIGURES")
     if target:
-        Path(target).write_text(json.dumps(_FIGURES, indent=2, sort_keys=True, default=str))
+        # Format 2: every test's outcome next to its figures (bench/reliability_figures.py reads it).
+        tests = {test: {"outcome": _OUTCOMES.get(test, "unknown"), "figures": _FIGURES.get(test, {})}
+                 for test in sorted(set(_OUTCOMES) | set(_FIGURES))}
+        Path(target).write_text(json.dumps({"format": 2, "tests": tests}, indent=2, sort_keys=True,
+                                           default=str))
 
 
 @pytest.fixture
