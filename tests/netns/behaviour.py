@@ -359,3 +359,44 @@ class ServiceBehaviour:
         seen = self.pods_seen(topology, topology.pod("pod3").ns, CLUSTER_IP, 80, 10)
         assert set(seen) == {"pod1", "pod2-1"}
 
+
+    def test_terminating_serving_endpoints_are_used_only_when_none_is_ready(self, topology: Topology) -> None:
+        # pod1 is terminating but still serving, pod2 terminating and not serving: with no ready
+        # endpoint, traffic falls back to the serving-terminating ones (pod1 only).
+        fallback = [endpoint(POD1, ready=False, serving=True, terminating=True),
+                    endpoint(POD2, ready=False, serving=False, terminating=True)]
+        self.start(topology, web(endpoints=fallback), tcp=("pod1", "pod2", "pod3"))
+        ns = topology.pod("pod3").ns
+        assert self.pods_seen(topology, ns, CLUSTER_IP, 80, 8) == Counter({"pod1": 8})
+        # a ready endpoint arrives: only it is used from then on
+        topology.write_manifest("services.yaml", web(endpoints=[*fallback, endpoint(POD3)]))
+        wait_until(lambda: self.pods_seen(topology, ns, CLUSTER_IP, 80, 6) == Counter({"pod3": 6}),
+                   timeout=30, what="the ready endpoint replaces the terminating one")
+
+    def test_internal_traffic_policy_local(self, topology: Topology) -> None:
+        docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], internal_local=True)
+        topology.start_tcp_server("pod2-1", 8080)
+        self.start(topology, docs, tcp=("pod1",))
+        # from this node, only this node's endpoint; the one on node2 is never used
+        seen = self.pods_seen(topology, topology.pod("pod3").ns, CLUSTER_IP, 80, 10)
+        assert seen == Counter({"pod1": 10})
+        # no local endpoint left: cluster traffic from this node is not sent to node2
+        topology.write_manifest("services.yaml", web(endpoints=[endpoint(REMOTE_POD, node="node2")],
+                                                     internal_local=True))
+        wait_until(lambda: not_served(topology, topology.pod("pod3").ns, CLUSTER_IP, 80), timeout=30,
+                   what="no local endpoint: not served")
+
+    def test_udp_without_endpoints_is_refused(self, topology: Topology) -> None:
+        docs = [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+                endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=[])]
+        self.start(topology, docs, tcp=())
+        ns = topology.pod("pod3").ns
+        with topology.udp_socket(ns) as sock:
+            sock.settimeout(5)
+            sock.connect((CLUSTER_IP, 53))
+            started = time.monotonic()
+            sock.send(b"anyone?")
+            # The refusal (ICMP port unreachable) reaches a connected socket as ECONNREFUSED.
+            with pytest.raises(ConnectionRefusedError):
+                sock.recv(100)
+            assert time.monotonic() - started < 5
