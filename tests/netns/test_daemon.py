@@ -8,6 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.api.fake_apiserver import write_kubeconfig
 from tests.netns.topology import (
     HEALTHZ,
     NODE_IP,
@@ -82,12 +85,34 @@ def test_sigterm_and_sigint_exit_zero(topology):
         assert topology.kill(proc, sig=sig, wait=15) == 0, topology.log_of(proc)
 
 
-def test_health_check_node_port_follows_local_endpoints(topology):
+@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+def test_healthz_503_with_its_body_before_the_first_sync(topology, tmp_path, mode):
+    """An API server that never answers: the first sync never happens, /healthz says 503 meanwhile."""
+    kubeconfig = tmp_path / "kubeconfig"
+    write_kubeconfig(str(kubeconfig), "http://127.0.0.1:9")  # nothing listens on the discard port
+    proc = topology.spawn(topology.node, [
+        PROXYD, "--proxy-mode", mode, "--kubeconfig", str(kubeconfig), "--hostname-override", "node1",
+        "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}"], log_name=f"proxyd-nosync-{mode}")
+    # /livez answers once the process serves HTTP; /healthz is served by the same server.
+    wait_until(lambda: proc.poll() is not None
+               or topology.http_get(topology.node, *HEALTHZ, "/livez")[0] == 200, timeout=60, what="livez")
+    assert proc.poll() is None, topology.log_of(proc)[-2000:]
+    status, body = topology.http_get(topology.node, *HEALTHZ, "/healthz")
+    assert status == 503, (status, body)
+    payload = json.loads(body)
+    assert set(payload) == {"lastUpdated", "currentTime", "nodeEligible"}, payload
+    assert payload["lastUpdated"] == "" and payload["currentTime"].endswith("+0000 UTC")
+    assert topology.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") in (None, 0.0)
+    assert topology.stop_proxyd(proc) == 0
+
+
+@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+def test_health_check_node_port_follows_local_endpoints(topology, mode):
     demo_manifests(topology)
-    proc = topology.start_proxyd("userspace")
+    proc = topology.start_proxyd(mode)
     _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
-        timeout=5, what="healthCheckNodePort 200")
+        timeout=30, what="healthCheckNodePort 200")
     answer = json.loads(body)
     assert answer["service"] == {"namespace": "default", "name": "web"}
     assert answer["localEndpoints"] == 1
@@ -97,7 +122,7 @@ def test_health_check_node_port_follows_local_endpoints(topology):
     demo_manifests(topology, node="node2")
     _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
-        timeout=3, what="healthCheckNodePort 503")
+        timeout=30, what="healthCheckNodePort 503")
     assert json.loads(body)["localEndpoints"] == 0
     topology.stop_proxyd(proc)
 
