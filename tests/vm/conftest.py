@@ -122,6 +122,9 @@ class GuestTopology(Topology):
 
 @pytest.fixture(scope="session")
 def shared_namespaces() -> Iterator[Topology]:
+    missing = _ipvs_missing() if in_vm() else None
+    if missing:  # fail before spending a minute of emulation on namespaces nothing can use
+        pytest.fail(f"capability this environment must have is missing: {missing}", pytrace=False)
     base = Topology()
     base.__enter__()
     GuestTopology.shared, GuestTopology.dirty = base, None
