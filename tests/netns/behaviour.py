@@ -41,7 +41,9 @@ EXTERNAL_IP = "192.0.2.10"
 LB_IP = "192.0.2.20"
 POD1, POD2, POD3 = "10.244.1.11", "10.244.1.12", "10.244.1.13"
 REMOTE_POD = "10.244.2.11"
-CHANGE_DEADLINE = 3.0  # generous: the 1 s target is measured in bench/, not asserted here
+# A wait for a change to take effect, not a target: the 1 s target is measured in bench/. Far beyond
+# the product's own delays (1 s minimum sync period) because a busy machine stretches them.
+CHANGE_DEADLINE = 30.0
 
 
 def web(*, endpoints: list[dict], name: str = "web", cluster_ip: str = CLUSTER_IP, **kwargs) -> list[dict]:

@@ -142,7 +142,7 @@ def test_invalid_object_is_counted_and_others_keep_working(topology):
     ])
     proc = topology.start_proxyd("userspace")
     assert topology.hello(topology.node, "10.96.0.10", 80).pod == topology.pod_list[0].name
-    rejected = wait_until(lambda: topology.metric("proxyd_rejected_objects_total") or None, timeout=3,
+    rejected = wait_until(lambda: topology.metric("proxyd_rejected_objects_total") or None, timeout=30,
                           what="rejected-object metric")
     assert rejected >= 1
     assert proc.poll() is None

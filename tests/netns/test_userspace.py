@@ -137,7 +137,7 @@ class TestUserspace(ServiceBehaviour):
             read_line(held)
             os.kill(proc.pid, signal.SIGTERM)
             # new connections are refused at once; the open one keeps working
-            wait_until(lambda: refused(topology, ns, CLUSTER_IP, 80), timeout=3, what="listener closed")
+            wait_until(lambda: refused(topology, ns, CLUSTER_IP, 80), timeout=30, what="listener closed")
             held.sendall(b"during shutdown\n")
             assert read_line(held) == b"during shutdown\n"
             assert proc.poll() is None
@@ -162,7 +162,7 @@ class TestUserspace(ServiceBehaviour):
         proc = self.start(topology, docs, tcp=("pod1",))
         assert holder_addresses(topology) == {CLUSTER_IP, EXTERNAL_IP}
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1), cluster_ip="10.96.0.11"))
-        wait_until(lambda: holder_addresses(topology) == {"10.96.0.11"}, timeout=3, what="address swap")
+        wait_until(lambda: holder_addresses(topology) == {"10.96.0.11"}, timeout=30, what="address swap")
         assert topology.hello(topology.pod("pod2").ns, "10.96.0.11", 80).pod == "pod1"
         # shutdown keeps the addresses (adopted by the next start); restart serves again
         assert topology.stop_proxyd(proc) == 0
@@ -184,7 +184,7 @@ class TestUserspace(ServiceBehaviour):
             def moved() -> bool:
                 return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
 
-            wait_until(moved, timeout=3, what="flow moved to pod2")
+            wait_until(moved, timeout=30, what="flow moved to pod2")
 
     def test_running_out_of_descriptors_pauses_accepting(self, topology: Topology) -> None:
         # With 64 descriptors proxyd can hold only a few proxied connections
@@ -201,7 +201,7 @@ class TestUserspace(ServiceBehaviour):
         finally:
             for sock in held:
                 sock.close()
-        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80, timeout=1).pod == "pod1", timeout=5,
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80, timeout=1).pod == "pod1", timeout=30,
                    what="serving again after descriptors came back")
         pauses = topology.metric("proxyd_accept_pauses_total")
         rejected = topology.metric("proxyd_connections_rejected_total",
@@ -281,10 +281,10 @@ class TestUserspaceDataPath:
                 got += len(sock.recv(4096))
             labels = {"service": "default/web", "protocol": "TCP"}
             assert topology.metric("proxyd_active_connections", labels) == 1
-        wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=3,
+        wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=30,
                    what="connection closed in metrics")
         # counters are flushed every second, off the data path
-        wait_until(lambda: topology.metric("proxyd_connections_total", labels) == 1, timeout=3,
+        wait_until(lambda: topology.metric("proxyd_connections_total", labels) == 1, timeout=30,
                    what="connection counted")
         web_bytes = {"service": "default/web"}
         wait_until(lambda: topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
@@ -320,6 +320,6 @@ class TestUserspaceDataPath:
         # the next sync (any change) notices and puts every address back
         topology.write_manifest("other.yaml", web(name="other", cluster_ip="10.96.0.12",
                                                   endpoints=local_eps(POD1)))
-        wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=5,
+        wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=30,
                    what="proxyd0 recreated")
         assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).pod == "pod1"
