@@ -288,7 +288,7 @@ class TestUserspaceDataPath:
                    what="connection counted")
         web_bytes = {"service": "default/web"}
         wait_until(lambda: topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
-                   == 1000, timeout=3, what="bytes to the endpoint counted")
+                   == 1000, timeout=30, what="bytes to the endpoint counted")
         to_client = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_client"})
         assert to_client is not None and to_client >= 1000 + len(b"pod1 x y 8080\n")
 
