@@ -62,3 +62,13 @@ def fail_or_skip_without_netns() -> None:
     broken = netns_available()
     if broken:
         pytest.fail(f"capability this environment must have is missing: {broken}", pytrace=False)
+
+
+def require_tool(found: bool, what: str) -> None:
+    """A tool ``scripts/setup.sh --test`` installs: skipped without root (a developer's machine),
+    a failure as root (CI), where setup.sh ran."""
+    if found:
+        return
+    if netns_skip_reason():
+        pytest.skip(f"{what} not installed")
+    pytest.fail(f"{what} not installed (scripts/setup.sh --test installs it)", pytrace=False)
