@@ -154,11 +154,17 @@ def test_atomic_replace_burst_never_drops_a_connection(topology: Topology, figur
     for i in range(replaces):
         topology.write_manifest("web.yaml", web("pod2" if i % 2 == 0 else "pod1"))
         time.sleep(0.05)
+    # The burst ends on pod1: wait until the daemon has applied it (a busy daemon may coalesce the
+    # burst and read the file only after the broken version replaced it, which would leave the
+    # version before in force: the race is in the test, not the product).
+    becomes(topology, CLUSTER_IP, "pod1")
     # A broken file renamed over the good one: the last good content stays.
+    before = rejected(topology, "parse")
     topology.write_manifest("web.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web\n")
-    time.sleep(1)
-    wait_until(lambda: prober.seen[-1] == "pod1", timeout=CHANGE_WAIT,
-               what="last good content (pod1) in force")
+    wait_until(lambda: rejected(topology, "parse") > before, timeout=CHANGE_WAIT, what="broken file refused")
+    seen = len(prober.seen)
+    wait_until(lambda: len(prober.seen) >= seen + 10, timeout=CHANGE_WAIT, what="probes after the refusal")
+    assert set(prober.seen[seen:]) == {"pod1"}, "the last good content did not stay in force"
     topology.write_manifest("web.yaml", web("pod2"))
     becomes(topology, CLUSTER_IP, "pod2")
     figures["replaces"] = replaces + 2
