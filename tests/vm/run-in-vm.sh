@@ -91,7 +91,7 @@ echo "run-in-vm: bundle $(du -h "$out/bundle.tar" | cut -f1) built in $((SECONDS
 guest_script="set -u
 exec >>$out/guest.log 2>&1
 # The guest exists to provide IPVS: without the module nothing below could test it.
-modprobe ip_vs && modprobe dummy || { echo 'run-in-vm: modprobe ip_vs/dummy failed'; echo 1 > $out/rc; exit 1; }
+modprobe ip_vs && modprobe dummy || { echo run-in-vm: modprobe ip_vs or dummy failed; echo 1 > $out/rc; exit 1; }
 g=/tmp/pxd
 mkdir -p \$g && tar -C \$g -xf $out/bundle.tar || { echo 1 > $out/rc; exit 1; }
 mkdir -p \$g/venv/bin
