@@ -87,10 +87,12 @@ tar -cf "$out/bundle.tar" --anchored \
   -C "$repo" "$site" proxyd tests pyproject.toml $( [ -d bench ] && echo bench )
 echo "run-in-vm: bundle $(du -h "$out/bundle.tar" | cut -f1) built in $((SECONDS - bundle_start))s"
 
-# Runs inside the guest (as root, host FS read-only, /tmp /etc /var overlaid).
+# Runs inside the guest (as root, host FS read-only, /tmp /etc /var overlaid). The guest
+# exists to provide IPVS: without the module nothing could test it, so that fails at once.
+# No comments or single quotes inside: vng passes the script on in single quotes, and a
+# comment line there stops the guest from running the rest.
 guest_script="set -u
 exec >>$out/guest.log 2>&1
-# The guest exists to provide IPVS: without the module nothing below could test it.
 modprobe ip_vs && modprobe dummy || { echo run-in-vm: modprobe ip_vs or dummy failed; echo 1 > $out/rc; exit 1; }
 g=/tmp/pxd
 mkdir -p \$g && tar -C \$g -xf $out/bundle.tar || { echo 1 > $out/rc; exit 1; }
