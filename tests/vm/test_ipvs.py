@@ -178,9 +178,10 @@ class TestIpvs(ServiceBehaviour):
     def test_stale_udp_conntrack_is_cleared(self, topology: Topology) -> None:
         """README: in the kernel modes stale UDP conntrack entries towards removed endpoints go away.
 
-        ipvs mode has no code deleting them (it relies on the kernel's
-        ``expire_nodest_conn``); this shows whether a live flow moves when its
-        endpoint is removed while that endpoint still answers.
+        ipvs mode has no code deleting them: it relies on the kernel's
+        ``expire_nodest_conn``. This shows that a live flow does move when its
+        endpoint is removed while that endpoint still answers (it passed in the
+        guest on 2026-12-06).
         """
         def dns(*ips: str) -> list[dict]:
             return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
