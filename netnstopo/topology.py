@@ -86,10 +86,21 @@ def netns_available() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     try:
-        run(["ip", "netns", "list"], timeout=5)
+        # A busy machine can take seconds to start `ip`: a slow answer is not a missing capability.
+        run(["ip", "netns", "list"], timeout=60)
     except (OSError, CommandFailed, subprocess.TimeoutExpired) as err:
         return f"ip netns unavailable: {err}"
     return None
+
+
+def netns_skip_reason() -> str | None:
+    """Why the namespace tests may be skipped here: only without root.
+
+    As root (CI, the guest) namespaces are a capability the environment is
+    meant to have, so a failing ``ip netns`` fails the tests
+    (``tests/capability.py``), never skips them.
+    """
+    return "needs root" if os.geteuid() != 0 else None
 
 
 @contextlib.contextmanager
@@ -272,13 +283,26 @@ class Topology:
         self.pod_list.append(Pod(name, ns, ip, node))
 
     def close(self) -> None:
-        """Kill every process and delete every namespace made here; never raises."""
-        for proc in reversed(self._procs):
-            self.kill(proc)
+        """Kill every process and delete every namespace made here; never raises.
+
+        Every process gets SIGKILL (its whole session) first and is reaped
+        afterwards, with a wait far beyond the product's own grace periods
+        (the userspace drain is 5 s); a process that will not die does not
+        stop the namespaces from being deleted.
+        """
+        procs = list(reversed(self._procs))
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60.0
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         self._procs.clear()
         for ns in reversed(self._namespaces):
             with contextlib.suppress(Exception):
-                run(["ip", "netns", "del", ns], timeout=10, check=False)
+                run(["ip", "netns", "del", ns], timeout=60, check=False)
         self._namespaces.clear()
         with contextlib.suppress(Exception):
             for path in sorted(self._tmp.rglob("*"), reverse=True):
@@ -323,7 +347,8 @@ class Topology:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait(timeout=5)
+            # SIGKILL cannot be ignored, but a busy machine may take a while to reap.
+            return proc.wait(timeout=30)
         finally:
             if sig == signal.SIGKILL and proc in self._procs:
                 self._procs.remove(proc)
@@ -476,6 +501,15 @@ class Topology:
                 return float(value)
         return None
 
+    def metric_sum(self, name: str) -> float | None:
+        """The sum of every sample of ``name`` (all label sets) in /metrics; None when absent."""
+        status, body = self.http_get(self.node, *METRICS, "/metrics")
+        if status != 200:
+            return None
+        values = [float(line.rpartition(" ")[2]) for line in body.splitlines()
+                  if line.split("{", 1)[0].split(" ", 1)[0] == name]
+        return sum(values) if values else None
+
     # -- manifests ---------------------------------------------------------------------------------
 
     def write_manifest(self, filename: str, docs: Iterable[Mapping[str, Any]] | str,
@@ -593,3 +627,52 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.05, what: 
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} not reached in {timeout}s (last error: {last_error!r})")
         time.sleep(interval)
+
+
+class ConnectProber(threading.Thread):
+    """New TCP connections to ``ip:port`` from ``ns`` every ``interval`` s, each connect bounded below
+    the kernel's first SYN retransmission (1 s).
+
+    A SYN sent while a rule is missing is dropped; the client would only
+    retry it after 1 s, so a connect timeout of 0.9 s turns any gap in the
+    rules, however short, into a failed probe, at ``interval`` resolution
+    (a 2 s timeout would hide gaps under 1 s behind the retransmission).
+    Completing the handshake is kernel work only, so a busy machine does
+    not make it slow; the greeting that follows gets a generous timeout.
+    """
+
+    CONNECT_TIMEOUT = 0.9
+
+    def __init__(self, topo: Topology, ns: str, ip: str, port: int, *, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.topo, self.ns, self.ip, self.port, self.interval = topo, ns, ip, port, interval
+        self.ok = 0
+        self.failed: list[str] = []
+        self.longest_gap = 0.0  # seconds between two successful connects
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        last_ok = None
+        # Ends by itself once the topology is gone, should the test fail before stop().
+        while not self._halt.is_set() and os.path.exists(f"/run/netns/{self.ns}"):
+            sock = socket_in(self.ns)
+            try:
+                sock.settimeout(self.CONNECT_TIMEOUT)
+                sock.connect((self.ip, self.port))
+                sock.settimeout(30)
+                Greeting.parse(read_line(sock))
+                now = time.monotonic()
+                if last_ok is not None:
+                    self.longest_gap = max(self.longest_gap, now - last_ok)
+                last_ok = now
+                self.ok += 1
+            except (OSError, ValueError) as err:
+                self.failed.append(f"{time.strftime('%X')} {err!r}")
+            finally:
+                sock.close()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> tuple[int, list[str]]:
+        self._halt.set()
+        self.join(timeout=60)
+        return self.ok, self.failed

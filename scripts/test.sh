@@ -5,7 +5,10 @@
 #      client) and network-namespace integration tests (userspace and iptables
 #      modes, real daemon, real packets);
 #   3. the IPVS tests inside a QEMU guest running Debian's stock kernel (this
-#      host's kernel has no IPVS), with the guest's test counts printed.
+#      host's kernel has no IPVS), with the guest's test counts printed;
+#   4. per-suite test counts (unit, api, netns, reliability, vm) from the JUnit
+#      XML, failing any suite that ran fewer tests than its minimum in
+#      tests/suite_counts.py (zero included).
 # Results (JUnit XML, logs) go to $RESULTS_DIR (default build/test-results).
 # Exit status is non-zero if any stage failed.
 set -uo pipefail
@@ -26,14 +29,21 @@ stage "pytest (host kernel: unit, api, netns, reliability)"
 # The suite must exercise the Cython connection table, not silently the twin.
 export PROXYD_REQUIRE_EXTENSIONS=${PROXYD_REQUIRE_EXTENSIONS:-1}
 .venv/bin/python -c 'import proxyd.conntable as c; assert c.NATIVE, "Cython extension not built"; print("conntable: native extension in use")' || status=1
+rm -f "$results/host.xml"  # a run that dies before writing it must not be counted from an old one
 .venv/bin/pytest -m "not ipvs" -p no:cacheprovider -q -rfEs --junitxml="$results/host.xml" "$@"
 rc=$?
 # 5 = no tests collected: a suite that ran nothing has failed.
 [ "$rc" = 0 ] || status=1
+# Per-suite counts from the JUnit XML; with no extra pytest arguments every suite must
+# have run at least its minimum (tests/suite_counts.py), so an all-skipped suite fails.
+host_suites=unit,api,netns,reliability
+[ $# -eq 0 ] || host_suites=""
+.venv/bin/python -m tests.suite_counts --suites "$host_suites" "$results/host.xml" || status=1
 
 if [ -x tests/vm/run-in-vm.sh ]; then
   stage "pytest -m ipvs inside a QEMU guest with IPVS"
   RESULTS_DIR="$results" tests/vm/run-in-vm.sh || status=1
+  .venv/bin/python -m tests.suite_counts --suites vm "$results/vm/ipvs.xml" || status=1
 fi
 
 stage "summary"

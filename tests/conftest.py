@@ -1,9 +1,15 @@
-"""Session-wide guard: no test may leave proxyd's objects in the host's own network namespace.
+"""Session-wide guards: no test may leave proxyd's objects in the host's own network namespace,
+and no test runs without a capability the environment is meant to have.
 
 Every test that starts the daemon or a mode does so inside namespaces it
 creates. If anything proxyd creates (the ``proxyd0`` or ``kube-ipvs0``
 holder devices) shows up in the namespace the test run itself is in, some
 test touched the host, and the run fails loudly instead of leaving it there.
+When ``ip`` itself fails the guard cannot look, so it fails too (as root:
+without root no test touches the network).
+
+Tests marked ``capability_missing`` by ``tests/capability.py`` (root without
+``ip netns``; the QEMU guest without IPVS) fail here with the reason.
 """
 
 from __future__ import annotations
@@ -13,21 +19,47 @@ import subprocess
 
 import pytest
 
+from tests.capability import fail_if_missing
+
 HOLDERS = ("proxyd0", "kube-ipvs0")
 
 
 def _host_holders() -> set[str]:
+    """proxyd's holder devices in this process's namespace; raises when ``ip`` cannot tell."""
     try:
-        out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
+        # The machine may be busy: a generous timeout, and a failure is an error, not "none".
+        proc = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RuntimeError(f"host-leak guard: `ip -o link show` failed: {err}") from err
+    if proc.returncode != 0 or ": lo:" not in proc.stdout:
+        raise RuntimeError(f"host-leak guard: `ip -o link show` exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[:500]!r}")
+    out = proc.stdout
     return {name for name in HOLDERS if f": {name}:" in out or f": {name}@" in out}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "capability_missing(reason): the environment lacks a capability it "
+                                       "must have; the test fails")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def host_namespace_untouched():
-    before = _host_holders() if os.geteuid() == 0 else set()
+    if os.geteuid() != 0:
+        yield
+        return
+    try:
+        before = _host_holders()
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
     yield
-    if os.geteuid() == 0:
+    try:
         leaked = _host_holders() - before
-        assert not leaked, f"tests left {sorted(leaked)} in the host network namespace"
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
+    assert not leaked, f"tests left {sorted(leaked)} in the host network namespace"
+
+
+@pytest.fixture(autouse=True)
+def _capability_present(request: pytest.FixtureRequest) -> None:
+    fail_if_missing(request.node)

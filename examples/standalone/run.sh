@@ -13,12 +13,14 @@ once=0
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root (it creates network namespaces)" >&2; exit 1; }
 [ -x .venv/bin/proxyd ] || { echo "run.sh: run scripts/setup.sh first" >&2; exit 1; }
 
-node=pxdemo-node
+# PXDEMO_PREFIX names the namespaces (tests give each run its own, so runs never collide).
+prefix=${PXDEMO_PREFIX:-pxdemo}
+node=$prefix-node
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in $node pxdemo-pod2 pxdemo-pod3; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in $node $prefix-pod2 $prefix-pod3; do ip netns del "$ns" 2>/dev/null || true; done
 }
 trap cleanup EXIT INT TERM
 cleanup
@@ -26,7 +28,7 @@ cleanup
 ip netns add $node
 ip -n $node link set lo up
 for i in 2 3; do
-  pod=pxdemo-pod$i
+  pod=$prefix-pod$i
   ip netns add $pod
   ip -n $pod link set lo up
   ip link add pxdemo$i netns $node type veth peer name eth0 netns $pod

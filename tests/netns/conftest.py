@@ -1,4 +1,4 @@
-"""Fixtures for the network-namespace tests: skip cleanly without root or ``ip netns``.
+"""Fixtures for the network-namespace tests: skipped without root, failed when root has no ``ip netns``.
 
 Every test in this directory is marked ``netns``. ``topology`` gives a fresh
 ``Topology`` (node, client, node2, three pods on node1 and one on node2) and
@@ -11,17 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns.topology import Topology, netns_available
-
-_UNAVAILABLE = netns_available()
+from tests.capability import mark_items
+from tests.netns.topology import Topology
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/netns/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.netns)
-            if _UNAVAILABLE:
-                item.add_marker(pytest.mark.skip(reason=f"netns tests: {_UNAVAILABLE}"))
+    mark_items(items, "netns")
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.api.fake_apiserver import write_kubeconfig
 from tests.netns.topology import (
     HEALTHZ,
     NODE_IP,
@@ -37,7 +40,7 @@ def test_default_bind_addresses_health_and_metrics(topology):
                                           str(topology.manifests), "--hostname-override", "node1"],
                           log_name="proxyd-defaults")
     # /healthz on 0.0.0.0:10256 by default: reachable from outside the node.
-    status, body = wait_until(
+    _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 10256, "/healthz"))[0] == 200 and r,
         timeout=20, what="healthz from the client")
     payload = json.loads(body)
@@ -46,14 +49,31 @@ def test_default_bind_addresses_health_and_metrics(topology):
     assert topology.http_get(topology.client, NODE_IP, 10256, "/metrics")[0] == 404
     # /metrics on 127.0.0.1:10249 by default: not reachable from outside.
     assert topology.http_get(topology.client, NODE_IP, 10249, "/metrics", timeout=1)[0] == 0
-    status, text = topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")
-    assert status == 200
-    for name in ("kubeproxy_sync_proxy_rules_duration_seconds_bucket",
-                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                 "kubeproxy_network_programming_duration_seconds_bucket",
-                 "kubeproxy_sync_proxy_rules_service_changes_total",
-                 "kubeproxy_sync_proxy_rules_endpoint_changes_total"):
-        assert name in text, name
+    assert topology.http_get(topology.node, "127.0.0.1", 10249, "/metrics")[0] == 200
+    names = ("kubeproxy_sync_proxy_rules_duration_seconds_count",
+             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+             "kubeproxy_network_programming_duration_seconds_count",
+             "kubeproxy_sync_proxy_rules_service_changes_total",
+             "kubeproxy_sync_proxy_rules_endpoint_changes_total")
+    before = {name: topology.metric_sum(name) for name in names}
+    assert all(v is not None for v in before.values()), before
+    # The first sync has happened (healthz 200): it was timed and stamped, and counted what it applied.
+    assert before["kubeproxy_sync_proxy_rules_duration_seconds_count"] >= 1
+    assert before["kubeproxy_sync_proxy_rules_last_timestamp_seconds"] > 1.7e9
+    assert before["kubeproxy_sync_proxy_rules_service_changes_total"] >= 1
+    assert before["kubeproxy_sync_proxy_rules_endpoint_changes_total"] >= 1
+    # A change to the service and its endpoints moves every one of them.
+    pod2 = topology.pod_list[1]
+    topology.write_manifest("demo.yaml", [
+        service("web", cluster_ip="10.96.0.10", type_="LoadBalancer", external_local=True,
+                health_check_node_port=32100, ports=[port(80, target_port=8080, node_port=30081)]),
+        endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint(pod2.ip, node="node1")]),
+    ])
+    after = wait_until(
+        lambda: (now := {name: topology.metric_sum(name) for name in names})
+        and all(now[name] > before[name] for name in names) and now,
+        timeout=30, what=f"every sync metric moves after a change (before {before})")
+    assert after["kubeproxy_network_programming_duration_seconds_count"] >= 1
     assert topology.http_get(topology.node, "127.0.0.1", 10249, "/proxyMode") == (200, "userspace")
     assert topology.stop_proxyd(proc) == 0
 
@@ -65,12 +85,34 @@ def test_sigterm_and_sigint_exit_zero(topology):
         assert topology.kill(proc, sig=sig, wait=15) == 0, topology.log_of(proc)
 
 
-def test_health_check_node_port_follows_local_endpoints(topology):
+@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+def test_healthz_503_with_its_body_before_the_first_sync(topology, tmp_path, mode):
+    """An API server that never answers: the first sync never happens, /healthz says 503 meanwhile."""
+    kubeconfig = tmp_path / "kubeconfig"
+    write_kubeconfig(str(kubeconfig), "http://127.0.0.1:9")  # nothing listens on the discard port
+    proc = topology.spawn(topology.node, [
+        PROXYD, "--proxy-mode", mode, "--kubeconfig", str(kubeconfig), "--hostname-override", "node1",
+        "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}"], log_name=f"proxyd-nosync-{mode}")
+    # /livez answers once the process serves HTTP; /healthz is served by the same server.
+    wait_until(lambda: proc.poll() is not None
+               or topology.http_get(topology.node, *HEALTHZ, "/livez")[0] == 200, timeout=60, what="livez")
+    assert proc.poll() is None, topology.log_of(proc)[-2000:]
+    status, body = topology.http_get(topology.node, *HEALTHZ, "/healthz")
+    assert status == 503, (status, body)
+    payload = json.loads(body)
+    assert set(payload) == {"lastUpdated", "currentTime", "nodeEligible"}, payload
+    assert payload["lastUpdated"] == "" and payload["currentTime"].endswith("+0000 UTC")
+    assert topology.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") in (None, 0.0)
+    assert topology.stop_proxyd(proc) == 0
+
+
+@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+def test_health_check_node_port_follows_local_endpoints(topology, mode):
     demo_manifests(topology)
-    proc = topology.start_proxyd("userspace")
+    proc = topology.start_proxyd(mode)
     _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
-        timeout=5, what="healthCheckNodePort 200")
+        timeout=30, what="healthCheckNodePort 200")
     answer = json.loads(body)
     assert answer["service"] == {"namespace": "default", "name": "web"}
     assert answer["localEndpoints"] == 1
@@ -80,7 +122,7 @@ def test_health_check_node_port_follows_local_endpoints(topology):
     demo_manifests(topology, node="node2")
     _, body = wait_until(
         lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
-        timeout=3, what="healthCheckNodePort 503")
+        timeout=30, what="healthCheckNodePort 503")
     assert json.loads(body)["localEndpoints"] == 0
     topology.stop_proxyd(proc)
 
@@ -100,7 +142,7 @@ def test_invalid_object_is_counted_and_others_keep_working(topology):
     ])
     proc = topology.start_proxyd("userspace")
     assert topology.hello(topology.node, "10.96.0.10", 80).pod == topology.pod_list[0].name
-    rejected = wait_until(lambda: topology.metric("proxyd_rejected_objects_total") or None, timeout=3,
+    rejected = wait_until(lambda: topology.metric("proxyd_rejected_objects_total") or None, timeout=30,
                           what="rejected-object metric")
     assert rejected >= 1
     assert proc.poll() is None

@@ -31,6 +31,7 @@ from tests.netns.topology import (
     CLIENT_IP,
     NODE_IP,
     POD_GATEWAY,
+    ConnectProber,
     Topology,
     endpoint,
     endpoint_slice,
@@ -42,7 +43,7 @@ from tests.netns.topology import (
 )
 
 SAVE_TOOLS = ("iptables-legacy-save", "iptables-nft-save")
-DEADLINE = 5.0
+DEADLINE = 30.0  # waits for changes: far beyond the 1 s minimum sync period, on a busy machine
 
 
 def ruleset(topo: Topology, tool: str) -> str:
@@ -137,7 +138,18 @@ class _IptablesBehaviour(ServiceBehaviour):
             assert read_line(held) == b"two\n"
             assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod2"
             before = self.save(topology)
-            topology.start_proxyd(self.mode, extra_args=self.extra_args, env=self.env)
+            # Connects bounded below the SYN retransmission, every 20 ms, across the restart: a
+            # flush-and-rewrite would leave an instant without rules and fail a probe.
+            prober = ConnectProber(topology, ns, CLUSTER_IP, 80)
+            prober.start()
+            try:
+                wait_until(lambda: prober.ok >= 5, timeout=30, what="probes before the restart")
+                topology.start_proxyd(self.mode, extra_args=self.extra_args, env=self.env)
+                up_from = prober.ok
+                wait_until(lambda: prober.ok >= up_from + 10, timeout=30, what="probes after the restart")
+            finally:
+                _, failed = prober.stop()
+            assert not failed, failed[:5]
             held.sendall(b"three\n")
             assert read_line(held) == b"three\n"
             assert _kube_lines(self.save(topology)) == _kube_lines(before)
@@ -179,15 +191,19 @@ class _IptablesBehaviour(ServiceBehaviour):
             wait_until(answered, timeout=DEADLINE, what="UDP flow served after the first endpoint")
 
     def test_resync_after_external_flush(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
+        proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns
         assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
+        noticed = topology.log_of(proc).count("canary chain gone")
         tool = f"iptables-{self.backend}"
         for table in ("mangle", "nat", "filter"):
             topology.ns_run(topology.node, [tool, "-t", table, "-F"])
             topology.ns_run(topology.node, [tool, "-t", table, "-X"])
-        assert not _reachable(topology, ns, CLUSTER_IP, 80)
-        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=10.0, what="rules restored")
+        # The daemon checks its canary every second, so it may repair before any probe here could
+        # see the gap: synchronise on its own account of the flush instead of racing it.
+        wait_until(lambda: topology.log_of(proc).count("canary chain gone") > noticed, timeout=30,
+                   what="the daemon noticing the flush")
+        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=30, what="rules restored")
         assert "KUBE-PROXY-CANARY" in self.save(topology)
 
     def test_nat_flush_repaired_within_a_sync_period(self, topology: Topology) -> None:

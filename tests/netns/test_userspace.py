@@ -13,6 +13,8 @@ import socket
 import time
 from collections import Counter
 
+import pytest
+
 from tests.netns.behaviour import (
     CLUSTER_IP,
     EXTERNAL_IP,
@@ -49,6 +51,11 @@ class TestUserspace(ServiceBehaviour):
         links = topo.ns_run(topo.node, ["ip", "-o", "link", "show"]).stdout
         assert "proxyd0" not in links
 
+    @pytest.mark.xfail(strict=True, reason="known gap (issue 20): userspace drops the datagrams of a UDP "
+                                           "service without endpoints instead of refusing them")
+    def test_udp_without_endpoints_is_refused(self, topology: Topology) -> None:
+        super().test_udp_without_endpoints_is_refused(topology)
+
     def test_retries_next_endpoint_when_one_is_down(self, topology: Topology) -> None:
         # pod3 runs no server: its connects are refused and retried elsewhere
         self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)), tcp=("pod1", "pod2"))
@@ -73,12 +80,51 @@ class TestUserspace(ServiceBehaviour):
         retries = topology.metric("proxyd_connect_retries_total", {"service": "default/web"})
         assert retries is not None and retries >= 1
 
+    def test_dial_timeouts_step_250ms_500ms_1s_2s_and_cap_at_four_attempts(self, topology: Topology) -> None:
+        # Endpoints that drop SYNs: 10.244.1.10 has no pod (dropped on the node), pod1 and pod2 drop
+        # port 8080. All addresses have two-digit last octets, so every ordering puts pod3 last.
+        dark = ["10.244.1.10", POD1, POD2]
+        docs = [*web(name="three-dark", cluster_ip="10.96.0.21", endpoints=local_eps(*dark, POD3)),
+                *web(name="all-dark", cluster_ip="10.96.0.22",
+                     endpoints=local_eps(*dark, "10.244.1.14", "10.244.1.15"))]
+        self.start(topology, docs, tcp=("pod1", "pod2", "pod3"))
+        for pod in ("pod1", "pod2"):
+            topology.ns_run(topology.pod(pod).ns, ["iptables-nft", "-A", "INPUT", "-p", "tcp",
+                                                    "--dport", "8080", "-j", "DROP"])
+        ns = topology.pod("pod3").ns
+
+        def retries(name: str) -> float:
+            return topology.metric("proxyd_connect_retries_total", {"service": f"default/{name}"}) or 0.0
+
+        # Three timed-out attempts (250 ms + 500 ms + 1 s) before pod3 answers: timers never fire
+        # early, so 1.75 s is a floor; the ceiling only tells a wait from a hang (SYN retries: minutes).
+        started = time.monotonic()
+        assert topology.hello(ns, "10.96.0.21", 80, timeout=60).pod == "pod3"
+        took = time.monotonic() - started
+        assert 1.7 <= took < 20, took
+        wait_until(lambda: retries("three-dark") == 3, timeout=30, what="three retries counted")
+
+        # Five dark endpoints: four attempts (… + 2 s = 3.75 s), then the client is turned away. The
+        # client is only turned away once every attempt has ended, so a fifth attempt would show as
+        # a fifth counted retry (and at least 2 s more).
+        started = time.monotonic()
+        with topology.connect(ns, "10.96.0.22", 80, timeout=60) as sock:
+            try:
+                assert sock.recv(64) == b"", "served by a dark endpoint"
+            except ConnectionResetError:
+                pass
+        took = time.monotonic() - started
+        assert 3.7 <= took < 20, took
+        assert retries("all-dark") == 4
+
     def test_affinity_expires_after_timeout(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=1))
+        # 3 s: each of the first four connections refreshes the entry, so only a pause of 3 s between
+        # two of them (not a busy machine's usual stall) could end it early.
+        self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3), affinity_timeout=3))
         ns = topology.pod("pod1").ns
         first = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
         assert len(first) == 1, first
-        time.sleep(1.5)
+        time.sleep(4.5)  # a sleep can only be longer than asked: the entry is surely expired
         # the entry expired: round robin resumes where it stopped, at another endpoint
         second = self.pods_seen(topology, ns, CLUSTER_IP, 80, 4)
         assert len(second) == 1 and second.keys() != first.keys(), (first, second)
@@ -91,14 +137,15 @@ class TestUserspace(ServiceBehaviour):
             read_line(held)
             os.kill(proc.pid, signal.SIGTERM)
             # new connections are refused at once; the open one keeps working
-            wait_until(lambda: refused(topology, ns, CLUSTER_IP, 80), timeout=3, what="listener closed")
+            wait_until(lambda: refused(topology, ns, CLUSTER_IP, 80), timeout=30, what="listener closed")
             held.sendall(b"during shutdown\n")
             assert read_line(held) == b"during shutdown\n"
             assert proc.poll() is None
-        # once the last connection ends the daemon exits cleanly, well before the grace period
-        started = time.monotonic()
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 3
+        # Once the last connection ends the daemon exits cleanly, before the grace period: the wait
+        # has a margin far beyond the 5 s grace (a busy machine), and the daemon's own log says
+        # whether the grace ran out with connections left (it resets them and says so).
+        assert proc.wait(timeout=60) == 0
+        assert "still open after" not in topology.log_of(proc), topology.log_of(proc)[-2000:]
 
     def test_round_robin_is_exact(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1, POD2, POD3)))
@@ -115,7 +162,7 @@ class TestUserspace(ServiceBehaviour):
         proc = self.start(topology, docs, tcp=("pod1",))
         assert holder_addresses(topology) == {CLUSTER_IP, EXTERNAL_IP}
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1), cluster_ip="10.96.0.11"))
-        wait_until(lambda: holder_addresses(topology) == {"10.96.0.11"}, timeout=3, what="address swap")
+        wait_until(lambda: holder_addresses(topology) == {"10.96.0.11"}, timeout=30, what="address swap")
         assert topology.hello(topology.pod("pod2").ns, "10.96.0.11", 80).pod == "pod1"
         # shutdown keeps the addresses (adopted by the next start); restart serves again
         assert topology.stop_proxyd(proc) == 0
@@ -137,7 +184,7 @@ class TestUserspace(ServiceBehaviour):
             def moved() -> bool:
                 return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
 
-            wait_until(moved, timeout=3, what="flow moved to pod2")
+            wait_until(moved, timeout=30, what="flow moved to pod2")
 
     def test_running_out_of_descriptors_pauses_accepting(self, topology: Topology) -> None:
         # With 64 descriptors proxyd can hold only a few proxied connections
@@ -154,7 +201,7 @@ class TestUserspace(ServiceBehaviour):
         finally:
             for sock in held:
                 sock.close()
-        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80, timeout=1).pod == "pod1", timeout=5,
+        wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80, timeout=1).pod == "pod1", timeout=30,
                    what="serving again after descriptors came back")
         pauses = topology.metric("proxyd_accept_pauses_total")
         rejected = topology.metric("proxyd_connections_rejected_total",
@@ -234,14 +281,14 @@ class TestUserspaceDataPath:
                 got += len(sock.recv(4096))
             labels = {"service": "default/web", "protocol": "TCP"}
             assert topology.metric("proxyd_active_connections", labels) == 1
-        wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=3,
+        wait_until(lambda: topology.metric("proxyd_active_connections", labels) == 0, timeout=30,
                    what="connection closed in metrics")
         # counters are flushed every second, off the data path
-        wait_until(lambda: topology.metric("proxyd_connections_total", labels) == 1, timeout=3,
+        wait_until(lambda: topology.metric("proxyd_connections_total", labels) == 1, timeout=30,
                    what="connection counted")
         web_bytes = {"service": "default/web"}
         wait_until(lambda: topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_endpoint"})
-                   == 1000, timeout=3, what="bytes to the endpoint counted")
+                   == 1000, timeout=30, what="bytes to the endpoint counted")
         to_client = topology.metric("proxyd_bytes_total", {**web_bytes, "direction": "to_client"})
         assert to_client is not None and to_client >= 1000 + len(b"pod1 x y 8080\n")
 
@@ -250,12 +297,14 @@ class TestUserspaceDataPath:
             service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
             endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(POD1, POD2)),
         ]
-        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "300ms"))
+        # 2 s: the second datagram must still find the flow (a busy machine's pause stays well below);
+        # the sweep runs every timeout / 2, so 1.5 × timeout after the last datagram the flow is gone.
+        self.start(topology, docs, tcp=(), udp=("pod1", "pod2"), extra=("--udp-timeout", "2s"))
         ns = topology.pod("pod3").ns
         with topology.udp_socket(ns) as sock:
             first = topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod
             assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == first
-            time.sleep(1.0)
+            time.sleep(4.5)
             # the flow expired; round robin gives the next endpoint to the new flow
             assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod != first
 
@@ -271,7 +320,7 @@ class TestUserspaceDataPath:
         # the next sync (any change) notices and puts every address back
         topology.write_manifest("other.yaml", web(name="other", cluster_ip="10.96.0.12",
                                                   endpoints=local_eps(POD1)))
-        wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=5,
+        wait_until(lambda: holder_addresses(topology) == {CLUSTER_IP, "10.96.0.12"}, timeout=30,
                    what="proxyd0 recreated")
         assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).pod == "pod1"
 

@@ -130,7 +130,7 @@ class Prober(threading.Thread):
 def restore(topology: Topology) -> Restore:
     require_mode("iptables")
     if not any(shutil.which(t) for t in RESTORE_TOOLS):
-        pytest.skip("no iptables-*-restore on this host")
+        pytest.fail("no iptables-*-restore on this host (scripts/setup.sh installs iptables)", pytrace=False)
     return Restore(topology._tmp)
 
 

@@ -22,7 +22,15 @@ import time
 
 import pytest
 
-from tests.netns.topology import Topology, endpoint, endpoint_slice, port, service, wait_until
+from tests.netns.topology import (
+    ConnectProber,
+    Topology,
+    endpoint,
+    endpoint_slice,
+    port,
+    service,
+    wait_until,
+)
 from tests.reliability.harness import (
     close_all,
     echo_all,
@@ -51,32 +59,6 @@ def nat_rules(topo: Topology) -> str:
         if result.returncode == 0:
             out.append(result.stdout)
     return "\n".join(out)
-
-
-class Prober(threading.Thread):
-    """A new connection to the service every 20 ms; counts answers and failures."""
-
-    def __init__(self, topo: Topology, ns: str) -> None:
-        super().__init__(daemon=True)
-        self.topo, self.ns = topo, ns
-        self.ok = 0
-        self.failed: list[str] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        # Ends by itself once the topology is gone, should the test fail before stop().
-        while not self._halt.is_set() and os.path.exists(f"/run/netns/{self.ns}"):
-            try:
-                self.topo.hello(self.ns, CLUSTER_IP, 80, timeout=2)
-                self.ok += 1
-            except OSError as err:
-                self.failed.append(f"{time.strftime('%X')} {err!r}")
-            self._halt.wait(0.02)
-
-    def stop(self) -> tuple[int, list[str]]:
-        self._halt.set()
-        self.join(timeout=10)
-        return self.ok, self.failed
 
 
 class Streamer(threading.Thread):
@@ -124,24 +106,27 @@ def test_iptables_sigterm_leaves_rules_and_restart_adopts_them(topology: Topolog
     proc = start_daemon(topology, "iptables")
     rules_before = nat_rules(topology)
     assert "KUBE-SERVICES" in rules_before
-    prober = Prober(topology, topology.client)
+    # Connects bounded below the SYN retransmission: any instant without the rules fails a probe.
+    prober = ConnectProber(topology, topology.client, CLUSTER_IP, 80)
     prober.start()
     try:
-        wait_until(lambda: prober.ok >= 5, timeout=5, what="traffic through the rules")
+        wait_until(lambda: prober.ok >= 5, timeout=30, what="traffic through the rules")
         assert topology.stop_proxyd(proc) == 0, topology.log_of(proc)[-2000:]
         down_from = prober.ok
         time.sleep(3)  # proxyd is down: the kernel keeps serving
         while_down = prober.ok - down_from
         assert "KUBE-SERVICES" in nat_rules(topology)
-        start_daemon(topology, "iptables")
-        time.sleep(2)
+        start_daemon(topology, "iptables")  # returns once /healthz says the first sync is applied
+        up_from = prober.ok
+        wait_until(lambda: prober.ok >= up_from + 20, timeout=60, what="traffic after the restart")
     finally:
         ok, failed = prober.stop()
+    figures.update(probes_total=ok, probes_while_down=while_down, probes_failed=len(failed),
+                   probe_interval_ms=20, longest_gap_s=round(prober.longest_gap, 3))
     assert while_down > 10 and not failed, failed[:5]
     after = nat_rules(topology)
     # Adopted, not duplicated: one jump per built-in chain, as before.
     assert after.count("-j KUBE-SERVICES") == rules_before.count("-j KUBE-SERVICES")
-    figures.update(probes_total=ok, probes_while_down=while_down, probes_failed=len(failed))
 
 
 @pytest.mark.slow
@@ -153,21 +138,27 @@ def test_iptables_restart_under_load_loses_no_connection(topology: Topology, fig
     proc = start_daemon(topology, "iptables")
     socks = open_many(topology.client, CLUSTER_IP, 80, HELD, timeout=10)
     streamer = Streamer(socks[:8])
-    prober = Prober(topology, topology.client)
+    prober = ConnectProber(topology, topology.client, CLUSTER_IP, 80)
     try:
         greeted = read_lines(socks, timeout=60)
         assert sum(1 for g in greeted if g) == HELD
         streamer.start()
         prober.start()
-        # A crash, then a clean stop; each followed by a restart that adopts the rules.
+        # A crash, then a clean stop; each followed by a restart that adopts the rules. Every
+        # phase lasts until the probes and round trips show traffic in it, not a fixed time.
+        def traffic(what: str) -> None:
+            probes, trips = prober.ok, streamer.trips
+            wait_until(lambda: prober.ok >= probes + 10 and streamer.trips >= trips + 100, timeout=60,
+                       what=f"traffic {what}")
+
         topology.kill(proc)
-        time.sleep(1)
+        traffic("after the crash")
         proc = start_daemon(topology, "iptables")
-        time.sleep(1)
+        traffic("after the first restart")
         assert topology.stop_proxyd(proc) == 0
-        time.sleep(1)
+        traffic("after SIGTERM")
         start_daemon(topology, "iptables")
-        time.sleep(2)
+        traffic("after the second restart")
         trips, errors = streamer.stop()
         probes, failed = prober.stop()
         alive = echo_all(socks[8:], timeout=60) + (8 if not errors else 0)
@@ -224,15 +215,24 @@ def test_userspace_sigterm_drains_then_exits_when_connections_end(topology: Topo
         # Open connections keep working during the grace period.
         time.sleep(1)
         assert proc.poll() is None, "exited although connections were open"
-        assert echo_all(socks, timeout=5) == len(socks)
+        assert echo_all(socks, timeout=30) == len(socks)
     finally:
         close_all(socks)
-    code = proc.wait(timeout=_grace() + 5)
-    exited_after = time.monotonic() - stopped_at
-    figures.update(drained=len(socks), exit_seconds=round(exited_after, 2), grace=_grace())
+    closed_at = time.monotonic()
+    code = proc.wait(timeout=_grace() + 30)
+    exited = time.monotonic()
+    exited_after, closed_after = exited - stopped_at, closed_at - stopped_at
+    figures.update(drained=len(socks), exit_seconds=round(exited_after, 2),
+                   exit_after_last_close_seconds=round(exited - closed_at, 2), grace=_grace())
     assert code == 0, topology.log_of(proc)[-2000:]
-    # It left as soon as the last connection ended, not at the end of the grace period.
-    assert exited_after < _grace() - 1, f"exited {exited_after:.1f}s after SIGTERM (grace {_grace()}s)"
+    # No connection was cut: the daemon says when the grace period ended with connections left.
+    assert "still open after" not in topology.log_of(proc), topology.log_of(proc)[-2000:]
+    # It left as soon as the last connection ended, not at the end of the grace period. Measured
+    # from the last close (the test's own work before it can take seconds on a busy machine);
+    # when that close came early enough, waiting out the grace would show as a gap of > 2.5 s.
+    if closed_after < _grace() - 2.5:
+        assert exited - closed_at < 2.5, f"exited {exited - closed_at:.1f}s after the last connection " \
+                                         f"closed ({closed_after:.1f}s after SIGTERM, grace {_grace()}s)"
 
 
 @pytest.mark.slow

@@ -63,7 +63,8 @@ class Prober(threading.Thread):
         # Ends by itself once the topology is gone, should the test fail before stop().
         while not self._halt.is_set() and os.path.exists(f"/run/netns/{ns}"):
             try:
-                self.seen.append(self.topo.hello(ns, CLUSTER_IP, 80, timeout=2).pod)
+                # 10 s: a lost connection hangs or is refused; a slow one on a busy machine is not lost.
+                self.seen.append(self.topo.hello(ns, CLUSTER_IP, 80, timeout=10).pod)
             except OSError as err:
                 self.failed.append(repr(err))
             self._halt.wait(0.02)
@@ -80,7 +81,7 @@ def serving(topo: Topology, figures: dict) -> tuple[object, Prober]:
     proc = start_daemon(topo, "userspace")
     prober = Prober(topo)
     prober.start()
-    wait_until(lambda: prober.seen, timeout=5, what="first probe")
+    wait_until(lambda: prober.seen, timeout=CHANGE_WAIT, what="first probe")
     return proc, prober
 
 
@@ -92,7 +93,12 @@ def finish(topo: Topology, proc: object, prober: Prober, figures: dict) -> None:
     assert not prober.failed, f"{len(prober.failed)} connections failed: {prober.failed[:3]}"
 
 
-def becomes(topo: Topology, ip: str, pod: str, *, timeout: float = 3.0) -> None:
+# Waits for a change to take effect: far beyond the product's own delays (1 s minimum sync
+# period, the periodic rescan), because a busy machine stretches every one of them.
+CHANGE_WAIT = 30.0
+
+
+def becomes(topo: Topology, ip: str, pod: str, *, timeout: float = CHANGE_WAIT) -> None:
     ns = topo.pod("pod3").ns
     wait_until(lambda: topo.hello(ns, ip, 80, timeout=1).pod == pod, timeout=timeout,
                what=f"{ip} served by {pod}")
@@ -116,7 +122,8 @@ def test_partial_write_keeps_last_good_content(topology: Topology, figures: dict
     before = rejected(topology, "parse")
     first, rest = half_of(web("pod2"), POD_IPS["pod2"])
     path.write_bytes(first)
-    wait_until(lambda: rejected(topology, "parse") > before, timeout=3, what="parse rejection counted")
+    wait_until(lambda: rejected(topology, "parse") > before, timeout=CHANGE_WAIT,
+               what="parse rejection counted")
     time.sleep(1)
     assert set(prober.seen[-20:]) == {"pod1"}, "the last good content did not stay in force"
     with open(path, "ab") as out:
@@ -129,7 +136,8 @@ def test_partial_write_keeps_last_good_content(topology: Topology, figures: dict
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, first)
-        wait_until(lambda: rejected(topology, "parse") > before, timeout=8, what="rescan saw the half file")
+        wait_until(lambda: rejected(topology, "parse") > before, timeout=CHANGE_WAIT,
+                   what="rescan saw the half file")
         assert set(prober.seen[-20:]) == {"pod2"}, "the last good content did not stay in force"
         os.write(fd, rest)
     finally:
@@ -146,10 +154,17 @@ def test_atomic_replace_burst_never_drops_a_connection(topology: Topology, figur
     for i in range(replaces):
         topology.write_manifest("web.yaml", web("pod2" if i % 2 == 0 else "pod1"))
         time.sleep(0.05)
+    # The burst ends on pod1: wait until the daemon has applied it (a busy daemon may coalesce the
+    # burst and read the file only after the broken version replaced it, which would leave the
+    # version before in force: the race is in the test, not the product).
+    becomes(topology, CLUSTER_IP, "pod1")
     # A broken file renamed over the good one: the last good content stays.
+    before = rejected(topology, "parse")
     topology.write_manifest("web.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web\n")
-    time.sleep(1)
-    wait_until(lambda: prober.seen[-1] == "pod1", timeout=3, what="last good content (pod1) in force")
+    wait_until(lambda: rejected(topology, "parse") > before, timeout=CHANGE_WAIT, what="broken file refused")
+    seen = len(prober.seen)
+    wait_until(lambda: len(prober.seen) >= seen + 10, timeout=CHANGE_WAIT, what="probes after the refusal")
+    assert set(prober.seen[seen:]) == {"pod1"}, "the last good content did not stay in force"
     topology.write_manifest("web.yaml", web("pod2"))
     becomes(topology, CLUSTER_IP, "pod2")
     figures["replaces"] = replaces + 2
@@ -167,7 +182,8 @@ def test_huge_file_is_refused_without_reading_it(topology: Topology, figures: di
         for _ in range(100 * 1024 * 1024 // len(line) + 1):
             out.write(line)
     size = huge.stat().st_size
-    wait_until(lambda: rejected(topology, "too_large") > before, timeout=5, what="too_large counted")
+    wait_until(lambda: rejected(topology, "too_large") > before, timeout=CHANGE_WAIT,
+               what="too_large counted")
     # The source is not stuck: another file still applies.
     topology.write_manifest("other.yaml", web("pod2", name="other", cluster_ip="10.96.0.11"))
     becomes(topology, "10.96.0.11", "pod2")
@@ -191,7 +207,7 @@ def test_fifo_directory_and_socket_named_yaml_are_skipped(topology: Topology, fi
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(topology.manifests / "sock.yaml"))
     try:
-        wait_until(lambda: rejected(topology, "not_regular") >= before + 3, timeout=5,
+        wait_until(lambda: rejected(topology, "not_regular") >= before + 3, timeout=CHANGE_WAIT,
                    what="three entries rejected as not regular")
         topology.write_manifest("other.yaml", web("pod2", name="other", cluster_ip="10.96.0.11"))
         becomes(topology, "10.96.0.11", "pod2")
@@ -222,9 +238,9 @@ def test_symlink_loops_and_escapes_are_refused(topology: Topology, figures: dict
     os.symlink(outside / "secret.yaml", d / "absolute.yaml")
     os.symlink("../outside/secret.yaml", d / "relative.yaml")
     os.symlink("/etc/shadow", d / "shadow.yaml")
-    wait_until(lambda: rejected(topology, "unreadable") >= loops_before + 3, timeout=5,
+    wait_until(lambda: rejected(topology, "unreadable") >= loops_before + 3, timeout=CHANGE_WAIT,
                what="loops rejected")
-    wait_until(lambda: rejected(topology, "outside_dir") >= out_before + 3, timeout=5,
+    wait_until(lambda: rejected(topology, "outside_dir") >= out_before + 3, timeout=CHANGE_WAIT,
                what="escapes rejected")
     time.sleep(0.5)
     assert "10.96.0.99" not in holder_addresses(topology), "a manifest outside the directory was served"
@@ -236,8 +252,9 @@ def test_symlink_loops_and_escapes_are_refused(topology: Topology, figures: dict
     (d / "a.yaml").unlink()
     topology.write_manifest("a.yaml", web("pod1", name="fixed", cluster_ip="10.96.0.12"))
     becomes(topology, "10.96.0.12", "pod1")
-    figures["escapes_refused"] = 3
-    figures["loops_refused"] = 3
+    # Measured, not written down: what the daemon itself counted.
+    figures["escapes_refused"] = int(rejected(topology, "outside_dir") - out_before)
+    figures["loops_refused"] = int(rejected(topology, "unreadable") - loops_before)
     finish(topology, proc, prober, figures)
 
 
@@ -252,7 +269,7 @@ def test_manifests_dir_given_as_symlink_and_hostile_names(topology: Topology, fi
     becomes(topology, CLUSTER_IP, "pod1")
     hostile = "evil\n2099-01-01 00:00:00 E proxyd.daemon: FORGED\x1b[31m.yaml"
     (topology.manifests / hostile).write_text("kind: [unclosed\n")
-    wait_until(lambda: "FORGED" in topology.log_of(proc), timeout=5, what="hostile name logged")
+    wait_until(lambda: "FORGED" in topology.log_of(proc), timeout=CHANGE_WAIT, what="hostile name logged")
     log = topology.log_of(proc)
     assert "\x1b" not in log, "a raw escape sequence reached the log"
     assert not any(line.startswith("2099-01-01") for line in log.splitlines()), "a forged log line"

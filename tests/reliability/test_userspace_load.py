@@ -102,12 +102,23 @@ def test_concurrent_connections_within_descriptor_budget(topology: Topology, fig
     waiting: list[socket.socket] = []
     per_conn = 0
     try:
+        pauses_before = metric_sum(topology, "proxyd_accept_pauses_total")
         while len(held) < KERNEL_MODE_TARGET and not waiting:
             batch = open_many(client_ns, CLUSTER_IP, 80, min(250, KERNEL_MODE_TARGET - len(held)), timeout=10)
             lines = read_lines(batch, timeout=3)
             assert b"" not in lines, "a client was reset instead of served or kept waiting"
             held += [s for s, line in zip(batch, lines, strict=True) if line]
-            waiting += [s for s, line in zip(batch, lines, strict=True) if line is None]
+            pending = [s for s, line in zip(batch, lines, strict=True) if line is None]
+            # A client without its greeting yet is only "beyond the budget" once the daemon says
+            # it paused accepting; until then it is just slow (a busy machine), so keep reading.
+            deadline = time.monotonic() + 120
+            while pending and time.monotonic() < deadline \
+                    and metric_sum(topology, "proxyd_accept_pauses_total") == pauses_before:
+                more = read_lines(pending, timeout=1)
+                assert b"" not in more, "a client was reset instead of served or kept waiting"
+                held += [s for s, line in zip(pending, more, strict=True) if line]
+                pending = [s for s, line in zip(pending, more, strict=True) if line is None]
+            waiting += pending
             if not per_conn and held:
                 per_conn = math.ceil((fd_count(pid) - fds_before) / len(held) - 0.01)
         target = len(held)
@@ -118,7 +129,8 @@ def test_concurrent_connections_within_descriptor_budget(topology: Topology, fig
         # The daemon must spend at least half its descriptor limit on connections.
         assert target >= min(KERNEL_MODE_TARGET, limit // per_conn // 2)
         time.sleep(5)  # idle: nothing may time them out or drop them
-        assert echo_all(held, timeout=60) == target
+        echoed = echo_all(held, timeout=60)
+        assert echoed == target
         # Clients beyond the budget waited; freeing some lets them in.
         if waiting:
             close_all(held[:len(waiting) + 10])
@@ -134,7 +146,8 @@ def test_concurrent_connections_within_descriptor_budget(topology: Topology, fig
     figures.update(connections_held=target, waited_beyond_budget=len(waiting), fd_limit=limit,
                    fds_per_connection=per_conn, rss_kib_before=rss_before, rss_kib_holding=rss_held,
                    rss_kib_after=rss_after, rss_kib_per_connection=round((rss_held - rss_before) / target, 1),
-                   fds_before=fds_before, fds_holding=fds_held, fds_after=fds_after, connections_lost=0)
+                   fds_before=fds_before, fds_holding=fds_held, fds_after=fds_after,
+                   connections_lost=target - echoed)
     print(f"VmRSS {rss_before} -> {rss_held} -> {rss_after} KiB")
     assert (rss_held - rss_before) / target < 16, "more than 16 KiB of daemon memory per idle connection"
 
@@ -325,6 +338,7 @@ def test_reset_storms_leave_nothing_behind(topology: Topology, figures: dict) ->
     rss_before, fds_before = rss_kib(pid), fd_count(pid)
     keeper = topology.connect(client_ns, CLUSTER_IP, 80)
     resets = 0
+    keeper_rounds = 0
     try:
         assert keeper.recv(4096).startswith(b"pod1")
         for round_ in range(5):
@@ -350,6 +364,7 @@ def test_reset_storms_leave_nothing_behind(topology: Topology, figures: dict) ->
             resets += 800
             keeper.sendall(f"round {round_}\n".encode())
             assert keeper.recv(4096) == f"round {round_}\n".encode(), "the long-lived connection broke"
+            keeper_rounds += 1
         wait_until(lambda: active(topology) == 1, timeout=15, what="only the long-lived connection left")
         assert proc.poll() is None and healthz(topology) == 200
         assert topology.hello(client_ns, CLUSTER_IP, 80).pod == "pod1"
@@ -358,7 +373,7 @@ def test_reset_storms_leave_nothing_behind(topology: Topology, figures: dict) ->
     fds_after = settle_fds(pid, fds_before + POOL_FDS)
     rss_after = rss_kib(pid)
     figures.update(resets=resets, fds_before=fds_before, fds_after=fds_after, rss_kib_before=rss_before,
-                   rss_kib_after=rss_after, long_lived_connections_lost=0)
+                   rss_kib_after=rss_after, long_lived_connections_lost=0 if keeper_rounds == 5 else 1)
     print(f"RST storm of {resets}: fds {fds_before} -> {fds_after}, VmRSS {rss_before} -> {rss_after} KiB")
     assert rss_after - rss_before < 20 * 1024, "daemon memory grew by more than 20 MiB after the storm"
 
@@ -442,11 +457,13 @@ def test_blackholed_endpoints_are_skipped_and_never_hang_clients(topology: Topol
     # Half the picks hit the black hole; every client still reaches pod2.
     socks = open_many(client_ns, CLUSTER_IP, 80, 200)
     started = time.monotonic()
-    lines = read_lines(socks, timeout=10)
+    lines = read_lines(socks, timeout=60)
     served_in = time.monotonic() - started
     close_all(socks)
     assert all(line and line.startswith(b"pod2") for line in lines), set(lines)
-    assert served_in < 2.0, f"200 clients took {served_in:.1f}s"
+    # A hang would last the kernel's SYN retries (over a minute); the 250 ms step is timed in
+    # tests/netns/test_userspace.py. The bound leaves room for a busy machine.
+    assert served_in < 15.0, f"200 clients took {served_in:.1f}s"
     # Let those finish closing before pod2 goes dark too (a FIN it never
     # acknowledges would keep them in FIN-WAIT for the kernel's retry time).
     wait_until(lambda: active(topology) == 0, timeout=10, what="served connections closed")
@@ -455,11 +472,11 @@ def test_blackholed_endpoints_are_skipped_and_never_hang_clients(topology: Topol
                                                "-j", "DROP"])
     socks = open_many(client_ns, "10.96.0.11", 80, 300)
     started = time.monotonic()
-    ends = read_lines(socks, timeout=10)
+    ends = read_lines(socks, timeout=60)
     refused_in = time.monotonic() - started
     close_all(socks)
     assert all(end == b"" for end in ends), "a client hung or was served by a black hole"
-    assert refused_in < 3.0, f"clients of a dead service waited {refused_in:.1f}s"
+    assert refused_in < 15.0, f"clients of a dead service waited {refused_in:.1f}s"
     retries = metric_sum(topology, "proxyd_connect_retries_total")
     wait_until(lambda: active(topology) == 0, timeout=10, what="nothing left open")
     fds_after = settle_fds(pid, fds_before + POOL_FDS)

@@ -301,13 +301,53 @@ def test_cpu_meter_needs_exactly_one_source() -> None:
         CpuMeter(pid=1, cpu=1)
 
 
-def test_cpu_meter_reads_this_process() -> None:
+def test_cpu_meter_measures_the_cpu_this_process_burns() -> None:
+    """The meter behind the README's CPU figures must agree with the kernel's own account."""
     import os
+    import subprocess
+    import sys
+    import time
 
     meter = CpuMeter(pid=os.getpid())
     meter.start()
-    sum(i * i for i in range(300_000))
-    assert meter.stop() >= 0
+    before = time.process_time()
+    while time.process_time() - before < 0.3:  # burn 0.3 s of CPU, however busy the machine is
+        sum(i * i for i in range(10_000))
+    burned = time.process_time() - before
+    measured = meter.stop()
+    # /proc ticks are 10 ms: allow two ticks on each side, nothing more.
+    assert burned - 0.02 <= measured <= burned + 0.05, (burned, measured)
+
+    # a sleeping process burns (almost) nothing, however long the wait
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)  # let its start-up CPU land before the meter starts
+        idle = CpuMeter(pid=sleeper.pid)
+        idle.start()
+        time.sleep(0.3)
+        assert idle.stop() <= 0.02
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=30)
+
+
+def test_cpu_meter_on_a_cpu_counts_busy_ticks_only(monkeypatch) -> None:
+    import builtins
+    import io
+
+    from bench import measure
+
+    stats = iter([
+        "cpu  9 9 9 9 9 9 9 9\ncpu1 100 0 50 1000 10 0 0 0\n",
+        "cpu  9 9 9 9 9 9 9 9\ncpu1 160 0 80 5000 90 5 5 0\n",
+    ])
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: io.StringIO(next(stats))
+                        if path == "/proc/stat" else real_open(path, *a, **k))
+    meter = CpuMeter(cpu=1)
+    meter.start()
+    # busy = user + nice + system + irq + softirq + steal: (60 + 30 + 5 + 5) ticks; idle and iowait are not
+    assert meter.stop() == pytest.approx(100 / measure.CLK_TCK)
 
 
 @given(st.text(max_size=400))

@@ -224,7 +224,8 @@ def test_conflicting_ports_first_keeps_the_virtual_server() -> None:
     assert plan.conflicts == (str(key),)
 
 
-def test_many_services_plan_is_linear_and_complete() -> None:
+def test_2000_services_are_complete_and_the_ruleset_stays_constant() -> None:
+    # Only completeness and the fixed ruleset size here; planning time is measured by bench/sync_scale.py.
     ports = [(svc(f"s{i}", ip=f"10.96.{i // 250}.{i % 250 + 1}"), (ep(f"10.244.{i // 250}.{i % 250 + 1}"),))
              for i in range(2000)]
     plan = plan_of(*ports)

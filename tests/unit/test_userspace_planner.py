@@ -186,7 +186,8 @@ def test_planner_replans_everything_when_node_addresses_change() -> None:
     assert ListenerKey("203.0.113.1", 30080, TCP) not in plan.listeners
 
 
-def test_many_services_plan_quickly_enough_to_be_linear() -> None:
+def test_3000_services_each_get_their_listener_and_address() -> None:
+    # Only completeness here; planning time is measured by bench/sync_scale.py, not asserted.
     ports = [(svc(f"s{i}", ip=f"10.96.{i // 250}.{i % 250 + 1}"), (ep(f"10.244.{i % 200}.{i % 250 + 1}"),))
              for i in range(3000)]
     plan = Planner().plan(state(*ports), changed=None, nodeport_ips=["0.0.0.0"])

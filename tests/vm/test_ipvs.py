@@ -11,6 +11,7 @@ kernel objects the mode owns. The kernel's view is read from
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -25,7 +26,17 @@ from tests.netns.behaviour import (
     local_eps,
     web,
 )
-from tests.netns.topology import CLIENT_IP, NODE_IP, Topology, endpoint, read_line, wait_until
+from tests.netns.topology import (
+    CLIENT_IP,
+    NODE_IP,
+    Topology,
+    endpoint,
+    endpoint_slice,
+    port,
+    read_line,
+    service,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ipvs
 
@@ -163,3 +174,49 @@ class TestIpvs(ServiceBehaviour):
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD2)))
         wait_until(lambda: topology.hello(ns, CLUSTER_IP, 80).pod == "pod2", timeout=5, what="change after "
                                                                      "restart")
+
+    def test_stale_udp_conntrack_is_cleared(self, topology: Topology) -> None:
+        """README: in the kernel modes stale UDP conntrack entries towards removed endpoints go away.
+
+        ipvs mode has no code deleting them: it relies on the kernel's
+        ``expire_nodest_conn``. This shows that a live flow does move when its
+        endpoint is removed while that endpoint still answers (it passed in the
+        guest on 2026-12-06).
+        """
+        def dns(*ips: str) -> list[dict]:
+            return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+                    endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}],
+                                   endpoints=local_eps(*ips))]
+
+        self.start(topology, dns(POD1), tcp=(), udp=("pod1", "pod2"))
+        ns = topology.pod("pod3").ns
+        with topology.udp_socket(ns) as sock:
+            assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == "pod1"
+            # pod1 still answers, so only stale kernel state could keep the flow there
+            topology.write_manifest("services.yaml", dns(POD2))
+
+            def moved() -> bool:
+                try:
+                    return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=1.0)[0].pod == "pod2"
+                except (TimeoutError, ConnectionRefusedError):
+                    return False
+
+            wait_until(moved, timeout=60, what="UDP flow moved to the new endpoint")
+
+    def test_health_check_node_port(self, topology: Topology) -> None:
+        docs = [service("web", cluster_ip=CLUSTER_IP, type_="LoadBalancer", external_local=True,
+                        health_check_node_port=32100, ports=[port(80, target_port=8080, node_port=30080)]),
+                endpoint_slice("web", ports=[{"port": 8080}], endpoints=[endpoint(POD1)])]
+        self.start(topology, docs, tcp=("pod1",))
+        _, body = wait_until(
+            lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 200 and r,
+            timeout=120, what="healthCheckNodePort 200")
+        answer = json.loads(body)
+        assert answer["service"] == {"namespace": "default", "name": "web"} and answer["localEndpoints"] == 1
+        docs[1] = endpoint_slice("web", ports=[{"port": 8080}],
+                                 endpoints=[endpoint(REMOTE_POD, node="node2")])
+        topology.write_manifest("services.yaml", docs)
+        _, body = wait_until(
+            lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
+            timeout=120, what="healthCheckNodePort 503")
+        assert json.loads(body)["localEndpoints"] == 0
