@@ -82,9 +82,9 @@ tar -cf "$out/bundle.tar" --anchored \
   --exclude="$site/pillow.libs" --exclude="$site/contourpy" --exclude="$site/kiwisolver" \
   --exclude="$site/__editable__*" \
   --transform "s,^lib/,pyhome/lib/," --transform "s,^bin/,pyhome/bin/," --transform "s,^\\.venv/,venv/," \
-  --transform "s,^\\(proxyd\\|tests\\|bench\\|pyproject.toml\\),repo/\\1," \
+  --transform "s,^\\(proxyd\\|netnstopo\\|tests\\|bench\\|pyproject.toml\\),repo/\\1," \
   -C "$base" "$stdlib" "bin/python$pyver" $(cd "$base" && ls lib/libpython"$pyver"*.so* 2>/dev/null) \
-  -C "$repo" "$site" proxyd tests pyproject.toml $( [ -d bench ] && echo bench )
+  -C "$repo" "$site" proxyd netnstopo tests pyproject.toml $( [ -d bench ] && echo bench )
 echo "run-in-vm: bundle $(du -h "$out/bundle.tar" | cut -f1) built in $((SECONDS - bundle_start))s"
 
 # Runs inside the guest (as root, host FS read-only, /tmp /etc /var overlaid). The guest
