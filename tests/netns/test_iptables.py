@@ -194,14 +194,14 @@ class _IptablesBehaviour(ServiceBehaviour):
         proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns
         assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
-        noticed = topology.log_of(proc).count("canary chain gone")
+        noticed = topology.log_of(proc).count("flushed by someone else")
         tool = f"iptables-{self.backend}"
         for table in ("mangle", "nat", "filter"):
             topology.ns_run(topology.node, [tool, "-t", table, "-F"])
             topology.ns_run(topology.node, [tool, "-t", table, "-X"])
         # The daemon checks its canary every second, so it may repair before any probe here could
         # see the gap: synchronise on its own account of the flush instead of racing it.
-        wait_until(lambda: topology.log_of(proc).count("canary chain gone") > noticed, timeout=30,
+        wait_until(lambda: topology.log_of(proc).count("flushed by someone else") > noticed, timeout=30,
                    what="the daemon noticing the flush")
         wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=30, what="rules restored")
         assert "KUBE-PROXY-CANARY" in self.save(topology)

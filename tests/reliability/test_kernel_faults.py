@@ -183,7 +183,9 @@ def test_restore_fault_keeps_rules_backs_off_and_recovers(topology: Topology, re
         elapsed = time.monotonic() - changed_at
         assert len(calls) <= elapsed / 0.1 / 3, f"{len(calls)} restore calls in {elapsed:.1f}s: no back-off"
         if fault == "fail":
-            assert gaps and max(gaps) >= SYNC_PERIOD * 0.8 and gaps[0] < SYNC_PERIOD * 0.8, gaps
+            # Some retry came sooner than the sync period (the first may wait behind a busy machine or the
+            # periodic canary check), and the back-off grew to it.
+            assert gaps and max(gaps) >= SYNC_PERIOD * 0.8 and min(gaps) < SYNC_PERIOD * 0.8, gaps
         # The rules in force kept serving the whole time.
         assert prober.ok > 0 and not prober.failed, prober.failed[:5]
     finally:
