@@ -198,7 +198,7 @@ class UserspaceDriver(PlannerTimedDriver):
         return await super().full(state)
 
     def rules(self) -> int:
-        return len(self.mode.tcp_listeners) + len(self.mode.udp_listeners)
+        return len(self.mode.tcp_listener_keys()) + len(self.mode.udp_listeners)
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {

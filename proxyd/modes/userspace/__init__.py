@@ -4,10 +4,13 @@ The node owns every service address (ClusterIPs, externalIPs, LB ingress
 IPs) as host addresses on the port-less bridge ``proxyd0``
 (``addresses.py``), and proxyd listens on each service ``ip:port`` and on
 each NodePort of the node addresses allowed by ``--nodeport-addresses``
-(``listeners.py``). TCP is relayed with splice(2) (``tcp.py``, ``pump.py``),
-UDP per client flow (``udp.py``); endpoints are chosen by the connection
-table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
-allows (``planner.py``).
+(``listeners.py``). TCP is relayed with splice(2) by the native engine's
+worker threads (``engine.py``, ``native/engine.pyx``), or by its pure-Python
+twin (``tcp.py``, ``pump.py``) when the extension is missing or
+``PROXYD_NO_EXTENSIONS=1``; UDP per client flow (``udp.py``); endpoints are
+chosen by round robin and ClientIP affinity (the engine's C table for TCP,
+the connection table otherwise) among the sets ``proxyd.policy`` allows
+(``planner.py``).
 
 A sync re-plans the changed services, then applies the difference in an
 order that never leaves a listener without its address: add new
@@ -41,6 +44,8 @@ from proxyd.conntable import NATIVE, ConnTable
 from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
+from proxyd.modes.userspace.engine import NATIVE as ENGINE_NATIVE
+from proxyd.modes.userspace.engine import NativeTcpPath, PyTcpPath, TcpPath, default_workers
 from proxyd.modes.userspace.listeners import SourceFilter, open_socket
 from proxyd.modes.userspace.planner import (
     ListenerKey,
@@ -51,7 +56,6 @@ from proxyd.modes.userspace.planner import (
     nodeport_listen_ips,
 )
 from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
-from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
 from proxyd.modes.userspace.udp import UdpListener, UdpProxy
 
 log = logging.getLogger(__name__)
@@ -85,9 +89,8 @@ class UserspaceMode(ProxyMode):
         self.planner = Planner()
         self.stats = StatsCache()
         self.table: Any = None
-        self.tcp: TcpProxy | None = None
+        self.tcp: TcpPath | None = None
         self.udp: UdpProxy | None = None
-        self.tcp_listeners: dict[ListenerKey, TcpListener] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self.tables: dict[TableKey, TableEntry] = {}
         self._bind_errors: dict[ListenerKey, str] = {}
@@ -110,8 +113,15 @@ class UserspaceMode(ProxyMode):
         metrics.CONNTABLE_IMPLEMENTATION.set(1 if NATIVE else 0)
         log.info("userspace: connection table: %s", "native (Cython extension)" if NATIVE
                  else "pure-Python twin")
-        self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
-                            other_fds=self._udp_fds)
+        if ENGINE_NATIVE:
+            workers = self.config.userspace_workers or default_workers()
+            self.tcp = NativeTcpPath(workers=workers, stats_of=self._stats_of, fd_limit=limit,
+                                     other_fds=self._udp_fds)
+            log.info("userspace: TCP data path: native engine, %d worker threads", workers)
+        else:
+            self.tcp = PyTcpPath(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
+                                 other_fds=self._udp_fds)
+            log.info("userspace: TCP data path: pure-Python twin (asyncio)")
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
                             idle_timeout=self.config.udp_idle_timeout)
         await self.holder.ensure()
@@ -120,6 +130,8 @@ class UserspaceMode(ProxyMode):
         self._started = True
 
     def _flush_stats(self) -> None:
+        assert self.tcp is not None
+        self.tcp.flush()
         self.stats.flush()
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
 
@@ -127,8 +139,10 @@ class UserspaceMode(ProxyMode):
         return len(self.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
 
     def _sweep_affinity(self) -> None:
-        assert self.table is not None
-        self.table.sweep(time.monotonic())
+        assert self.table is not None and self.tcp is not None
+        now = time.monotonic()
+        self.table.sweep(now)
+        self.tcp.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
     async def _nodeport_ips(self) -> list[str]:
@@ -159,29 +173,39 @@ class UserspaceMode(ProxyMode):
         await self.holder.apply(plan.addresses)
 
     def _update_tables(self, plan: Plan) -> None:
-        assert self.table is not None and self.udp is not None
+        assert self.table is not None and self.udp is not None and self.tcp is not None
         now = time.monotonic()
         for key, entry in plan.tables.items():
             if self.tables.get(key) == entry:
                 continue
-            dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
-            self.udp.closed_by_table(dropped)
+            if key.name.protocol == Protocol.TCP:
+                self.tcp.set_endpoints(key, entry, now)
+            else:
+                dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
+                self.udp.closed_by_table(dropped)
             self.tables[key] = entry
 
     def _remove_tables(self, plan: Plan) -> None:
-        assert self.table is not None and self.udp is not None
+        assert self.table is not None and self.udp is not None and self.tcp is not None
         for key in [k for k in self.tables if k not in plan.tables]:
-            self.udp.closed_by_table(self.table.remove_service(key.id))
+            if key.name.protocol == Protocol.TCP:
+                self.tcp.remove_service(key)
+            else:
+                self.udp.closed_by_table(self.table.remove_service(key.id))
             del self.tables[key]
 
     def _update_listeners(self, plan: Plan) -> None:
         assert self.tcp is not None and self.udp is not None
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key in [k for k in current if k not in plan.listeners]:
-                current.pop(key).close()
+        tcp = self.tcp
+        for key in [k for k in self.udp_listeners if k not in plan.listeners]:
+            self.udp_listeners.pop(key).close()
+        for key in [k for k in self.tcp_listener_keys() if k not in plan.listeners]:
+            tcp.remove_listener(key)
         for key, table_key in plan.listeners.items():
-            current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
-            listener = current.get(key)
+            if key.protocol == Protocol.TCP and tcp.has_listener(key):
+                tcp.update_listener(key, table_key, plan.source_ranges.get(key))
+                continue
+            listener = self.udp_listeners.get(key)
             if listener is not None:
                 if listener.key != table_key:
                     listener.retarget(table_key)
@@ -196,17 +220,21 @@ class UserspaceMode(ProxyMode):
                 continue
             self._bind_errors.pop(key, None)
             if key.protocol == Protocol.TCP:
-                self.tcp_listeners[key] = TcpListener(proxy=self.tcp, sock=sock, key=table_key)
+                tcp.add_listener(key, sock, table_key, plan.source_ranges.get(key))
             else:
                 self.udp_listeners[key] = UdpListener(proxy=self.udp, sock=sock, key=table_key)
         for key in [k for k in self._bind_errors if k not in plan.listeners]:
             del self._bind_errors[key]
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for key, listener in current.items():
-                ranges = plan.source_ranges.get(key)
-                have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
-                if ranges != have:
-                    listener.admits = SourceFilter(ranges) if ranges else None
+        for key, listener in self.udp_listeners.items():
+            ranges = plan.source_ranges.get(key)
+            have = listener.admits.ranges if isinstance(listener.admits, SourceFilter) else None
+            if ranges != have:
+                listener.admits = SourceFilter(ranges) if ranges else None
+
+    def tcp_listener_keys(self) -> list[ListenerKey]:
+        """The TCP listeners open now."""
+        assert self.tcp is not None
+        return self.tcp.listener_keys()
 
     def _bind_failed(self, key: ListenerKey, why: str) -> None:
         if self._bind_errors.get(key) != why:
@@ -216,17 +244,16 @@ class UserspaceMode(ProxyMode):
     async def shutdown(self) -> None:
         if not self._started:
             return
-        for current in (self.tcp_listeners, self.udp_listeners):
-            for listener in current.values():
-                listener.close()
-            current.clear()
+        for listener in self.udp_listeners.values():
+            listener.close()
+        self.udp_listeners.clear()
         for timer in (self._sweeper, self._flusher):
             if timer is not None:
                 timer.cancel()
         self._sweeper = self._flusher = None
         assert self.tcp is not None and self.udp is not None
         self.udp.close()
-        reset = await self.tcp.drain(SHUTDOWN_GRACE)
+        reset = await self.tcp.drain(SHUTDOWN_GRACE)  # closes the TCP listeners at once
         self.stats.flush()
         if reset:
             log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
