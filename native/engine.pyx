@@ -55,7 +55,7 @@ cdef extern from "engine_core.h" nogil:
     void pe_ip_set(pe_ip *ip, int family, const char *packed)
     void pe_cidr_set(pe_cidr *c, int family, const char *packed, int prefix)
     pe_lst *pe_listener_add(pe_engine *e, int fd, pe_svc *svc, pe_cidr *ranges, int nranges)
-    void pe_listener_remove(pe_engine *e, pe_lst *l)
+    void pe_listener_remove(pe_engine *e, pe_lst *l, int stop)
     size_t sizeof_pe_addr "sizeof(pe_addr)"
     size_t sizeof_pe_cidr "sizeof(pe_cidr)"
 
@@ -234,10 +234,14 @@ cdef class Engine:
         out.ranges = tuple(ranges) if ranges else None
         return out
 
-    def remove_listener(self, Listener listener):
-        """Stop serving the listener (the engine's descriptor closes once no worker can be using it)."""
+    def remove_listener(self, Listener listener, bint stop=True):
+        """Stop serving the listener (the engine's descriptor closes once no worker can be using it).
+
+        stop: also stop listening at once (shutdown; clients in the backlog are reset, new ones refused);
+        False when another listener takes the same socket over.
+        """
         if listener.lst != NULL:
-            pe_listener_remove(self.eng, listener.lst)
+            pe_listener_remove(self.eng, listener.lst, stop)
             listener.lst = NULL
 
     def set_other_fds(self, long n):

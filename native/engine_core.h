@@ -1038,7 +1038,11 @@ static pe_lst *pe_listener_add(pe_engine *e, int fd, pe_svc *svc, pe_cidr *range
     return l;
 }
 
-static void pe_listener_remove(pe_engine *e, pe_lst *l) {
+/* stop: shut the listening socket down now (a service's listener goes: clients are refused at once,
+ * not left in a backlog nobody accepts from); otherwise the socket lives on (a listener replaced
+ * by one with another configuration on the same socket) */
+static void pe_listener_remove(pe_engine *e, pe_lst *l, int stop) {
+    if (stop) shutdown(l->fd, SHUT_RDWR);
     pthread_mutex_lock(&e->mu);
     pe_lst **pp = &e->listeners;
     while (*pp && *pp != l) pp = &(*pp)->next;

@@ -118,21 +118,27 @@ class UserspaceMode(ProxyMode):
             self.tcp = NativeTcpPath(workers=workers, stats_of=self._stats_of, fd_limit=limit,
                                      other_fds=self._udp_fds)
             log.info("userspace: TCP data path: native engine, %d worker threads", workers)
+            metrics.USERSPACE_ENGINE_NATIVE.set(1)
         else:
             self.tcp = PyTcpPath(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
                                  other_fds=self._udp_fds)
             log.info("userspace: TCP data path: pure-Python twin (asyncio)")
+            metrics.USERSPACE_ENGINE_NATIVE.set(0)
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
                             idle_timeout=self.config.udp_idle_timeout)
         await self.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
+        metrics.BEFORE_RENDER.append(self._flush_counts)
         self._started = True
 
-    def _flush_stats(self) -> None:
+    def _flush_counts(self) -> None:
         assert self.tcp is not None
         self.tcp.flush()
         self.stats.flush()
+
+    def _flush_stats(self) -> None:
+        self._flush_counts()
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
 
     def _udp_fds(self) -> int:
@@ -255,6 +261,8 @@ class UserspaceMode(ProxyMode):
         self.udp.close()
         reset = await self.tcp.drain(SHUTDOWN_GRACE)  # closes the TCP listeners at once
         self.stats.flush()
+        if self._flush_counts in metrics.BEFORE_RENDER:
+            metrics.BEFORE_RENDER.remove(self._flush_counts)
         if reset:
             log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
         self.holder.close()

@@ -230,7 +230,7 @@ class NativeTcpPath:
         if current.table_key == table_key and current.ranges == (ranges or None):
             return
         # A listener's configuration is immutable in the engine: a new one replaces it on the same socket.
-        self.engine.remove_listener(current.handle)
+        self.engine.remove_listener(current.handle, stop=False)
         self._add(key, current.sock, table_key, ranges)
 
     def remove_listener(self, key: ListenerKey) -> None:
