@@ -61,6 +61,7 @@
 #define PE_RESUME_AFTER 1.0
 #define PE_STARVED_RETRY 0.02
 #define PE_COPY_BUFFER (64 * 1024)
+#define PE_SMALL (16 * 1024) /* first read of a wake-up: recv/send through the stack, as HAProxy does */
 #define PE_KEEPALIVE 15
 
 /* rejection reasons, in the order of proxyd.modes.userspace.engine.REJECT_REASONS */
@@ -360,6 +361,8 @@ typedef struct {
     int off;
     int buffered;
     int eof, done, starved;
+    int bulk; /* the last read filled the small buffer: splice straight away */
+    int hup;  /* the source reported RDHUP/HUP: read on to the EOF, a short read does not mean idle */
 } pe_half;
 
 struct pe_worker;
@@ -657,6 +660,44 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             h->buffered = (int)n;
             continue;
         }
+        if (!h->bulk && !h->pw) {
+            /* Small exchanges (requests, responses, greetings) cost one recv and one send instead of
+             * three splices: a TCP recv that returns less than asked has emptied the receive queue,
+             * and with edge-triggered epoll any later data raises a new event, so no read is wasted
+             * on EAGAIN. What the destination does not take goes into a pipe (it always fits). */
+            char small[PE_SMALL];
+            ssize_t n = recv(src, small, sizeof(small), MSG_DONTWAIT);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN) break;
+                rc = -1;
+                break;
+            }
+            if (n == 0) {
+                h->eof = 1;
+                continue;
+            }
+            ssize_t m = send(dst, small, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (m < 0) {
+                if (errno != EAGAIN && errno != EINTR) {
+                    rc = -1;
+                    break;
+                }
+                m = 0;
+            }
+            moved += m;
+            if (m < n) {
+                if (pe_pipe_get(w, h) < 0 || write(h->pw, small + m, n - m) != n - m) {
+                    rc = -1; /* no pipe for the rest: bytes would be lost, so reset as for any error */
+                    break;
+                }
+                h->buffered = (int)(n - m);
+                continue;
+            }
+            if (n < (ssize_t)sizeof(small) && !h->hup) break; /* drained (the EOF, if any, raises RDHUP) */
+            h->bulk = 1;
+            continue;
+        }
         if (!h->pw && pe_pipe_get(w, h) < 0) {
             pe_starve(c, h);
             break;
@@ -666,6 +707,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             if (errno == EINTR) continue;
             if (errno == EAGAIN) {
                 pe_pipe_put(w, h); /* idle: the pipe goes back to the pool */
+                h->bulk = 0;       /* the next wake-up starts small again */
                 break;
             }
             rc = -1;
@@ -764,8 +806,12 @@ static void pe_dial(pe_conn *c) {
 }
 
 /* the endpoint socket of a dialing connection is ready, or the attempt timed out (timeout=1) */
-static void pe_dial_event(pe_conn *c, int timeout) {
+static void pe_dial_event(pe_conn *c, int timeout, uint32_t events) {
     pe_worker *w = c->w;
+    if (!timeout && (events & (EPOLLERR | EPOLLHUP)) == 0 && (events & EPOLLOUT)) {
+        pe_established(c); /* writable without error: the handshake completed */
+        return;
+    }
     if (!timeout) {
         int err = 0;
         socklen_t len = sizeof(err);
@@ -895,7 +941,7 @@ static void *pe_worker_main(void *arg) {
                 pe_conn *c = p;
                 if (c->state == 2) continue;
                 if (c->state == 0) {
-                    if (tag == PE_TAG_BACKEND) pe_dial_event(c, 0);
+                    if (tag == PE_TAG_BACKEND) pe_dial_event(c, 0, ev);
                     continue;
                 }
                 if (ev & EPOLLERR) {
@@ -906,6 +952,12 @@ static void *pe_worker_main(void *arg) {
                         pe_conn_close(c, 1);
                         continue;
                     }
+                }
+                if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                    if (tag == PE_TAG_CLIENT)
+                        c->up.hup = 1;
+                    else
+                        c->down.hup = 1;
                 }
                 if (tag == PE_TAG_CLIENT) {
                     /* readable: client -> endpoint; writable: endpoint -> client can go on */
@@ -923,7 +975,7 @@ static void *pe_worker_main(void *arg) {
         }
         now = pe_now();
         for (int i = 0; i < PE_ATTEMPTS; i++) {
-            while (w->timers[i].head && w->timers[i].head->deadline <= now) pe_dial_event(w->timers[i].head, 1);
+            while (w->timers[i].head && w->timers[i].head->deadline <= now) pe_dial_event(w->timers[i].head, 1, 0);
         }
         if (w->starved && w->starved_at <= now) pe_retry_starved(w);
         if (w->paused && w->resume_at <= now) pe_resume(w);
