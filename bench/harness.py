@@ -224,10 +224,18 @@ def idle_memory(topo: Topology, *, plan: Plan, modes: Sequence[str], results: di
         out["proxyd-userspace"] = {"error": f"{type(err).__name__}: {err}"[-500:]}
     finally:
         path.stop()
-    _log(f"memory per idle connection: {plan.idle_held} held through haproxy")
-    proc = start_haproxy(topo, workdir=topo.manifests.parent / "bench" / "haproxy-hold",
-                         maxconn=plan.idle_held + 1000,
-                         listeners=[(NODE_IP, paths.HAPROXY_HOLD_PORT, [(topo.pod_list[0].ip, HOLD_PORT)])])
+    held = idlemem.possible(plan.idle_held)
+    _log(f"memory per idle connection: {held} held through haproxy")
+    try:
+        # HAProxy sizes its descriptor needs from maxconn (two per connection) and refuses to start beyond
+        # the hard limit: give it just what the measurement holds.
+        backend = [(topo.pod_list[0].ip, HOLD_PORT)]
+        proc = start_haproxy(topo, workdir=topo.manifests.parent / "bench" / "haproxy-hold",
+                             maxconn=held + 16,
+                             listeners=[(NODE_IP, paths.HAPROXY_HOLD_PORT, backend)])
+    except RuntimeError as err:
+        out["haproxy"] = {"error": f"did not start: {err}"[-500:]}
+        return
     try:
         out["haproxy"] = idlemem.measure(topo, pid=proc.pid, held=plan.idle_held,
                                          target=(NODE_IP, paths.HAPROXY_HOLD_PORT), log=_log)

@@ -35,10 +35,19 @@ def rss_kib(pid: int) -> int:
     raise OSError(f"no VmRSS for pid {pid}")
 
 
-def _raise_nofile(need: int) -> None:
+def possible(held: int) -> int:
+    """How many of ``held`` connections a proxy can hold here: two descriptors each, within the hard limit
+    every process of the run inherits (raising it needs CAP_SYS_RESOURCE, which containers often lack)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return held
+    return max(0, min(held, (hard - 1024) // 2))
+
+
+def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(need, hard), max(need, hard)))
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _greeted(socks: list[socket.socket], *, timeout: float) -> int:
@@ -66,8 +75,10 @@ def _greeted(socks: list[socket.socket], *, timeout: float) -> int:
 
 def measure(topo: Topology, *, pid: int, target: tuple[str, int], held: int = HELD,
             log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Hold ``held`` idle connections through the proxy ``pid`` to ``target``; its RSS per connection."""
-    _raise_nofile(held + 1024)
+    """Hold ``held`` idle connections (fewer when descriptors are capped: ``possible``) through the proxy
+    ``pid`` to ``target``; its RSS per connection."""
+    _raise_nofile()
+    held = possible(held)
     before = rss_kib(pid)
     socks: list[socket.socket] = []
     try:

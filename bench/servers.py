@@ -148,7 +148,8 @@ def wait_listening(topo: Topology, ns: str, port: int, *, timeout: float = 10.0)
 HOLD_SERVER = r'''
 import resource, select, socket, sys
 port = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", port))

@@ -37,6 +37,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -746,7 +747,8 @@ static void pe_tune(int fd) {
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
 }
 
-static void pe_established(pe_conn *c) {
+/* backend_ready: the endpoint socket reported input (or the connect completed at once): read it now */
+static void pe_established(pe_conn *c, int backend_ready) {
     pe_worker *w = c->w;
     pe_timer_del(w, c);
     c->state = 1;
@@ -759,8 +761,10 @@ static void pe_established(pe_conn *c) {
         pe_conn_close(c, 1);
         return;
     }
-    /* the client got its handshake before accept and has usually sent already: read it now */
-    pe_pump_both(c);
+    /* the client got its handshake before accept and has usually sent already: read it now;
+     * the endpoint's side only when it said it has something (else its next input raises an event) */
+    if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) return;
+    if (backend_ready) pe_pump(c, &c->down, &c->up, c->bfd, c->cfd, &c->svc->bytes_down);
 }
 
 static void pe_dial(pe_conn *c) {
@@ -792,7 +796,7 @@ static void pe_dial(pe_conn *c) {
                 return;
             }
             if (r == 0) {
-                pe_established(c);
+                pe_established(c, 1);
                 return;
             }
             pe_timer_add(w, c, list, now);
@@ -809,7 +813,7 @@ static void pe_dial(pe_conn *c) {
 static void pe_dial_event(pe_conn *c, int timeout, uint32_t events) {
     pe_worker *w = c->w;
     if (!timeout && (events & (EPOLLERR | EPOLLHUP)) == 0 && (events & EPOLLOUT)) {
-        pe_established(c); /* writable without error: the handshake completed */
+        pe_established(c, (events & (EPOLLIN | EPOLLRDHUP)) != 0); /* writable without error: connected */
         return;
     }
     if (!timeout) {
@@ -818,7 +822,7 @@ static void pe_dial_event(pe_conn *c, int timeout, uint32_t events) {
         if (getsockopt(c->bfd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
         if (err == EINPROGRESS || err == EAGAIN) return;
         if (!err) {
-            pe_established(c);
+            pe_established(c, 1);
             return;
         }
     }
@@ -918,6 +922,10 @@ static void *pe_worker_main(void *arg) {
     pe_worker *w = arg;
     pe_engine *e = w->eng;
     struct epoll_event evs[PE_EVENTS];
+    sigset_t all;
+    /* signals (SIGTERM, SIGCHLD, ...) are Python's business: let them land on its thread, not here */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
         for (int i = 0; i < PE_ATTEMPTS; i++)
@@ -963,12 +971,13 @@ static void *pe_worker_main(void *arg) {
                     /* readable: client -> endpoint; writable: endpoint -> client can go on */
                     if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                         if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) continue;
-                    if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+                    /* writable matters only to a direction holding data for this socket */
+                    if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->down.buffered)
                         pe_pump(c, &c->down, &c->up, c->bfd, c->cfd, &c->svc->bytes_down);
                 } else {
                     if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
                         if (pe_pump(c, &c->down, &c->up, c->bfd, c->cfd, &c->svc->bytes_down) < 0) continue;
-                    if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+                    if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->up.buffered)
                         pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up);
                 }
             }
