@@ -36,12 +36,16 @@ def rss_kib(pid: int) -> int:
 
 
 def possible(held: int) -> int:
-    """How many of ``held`` connections a proxy can hold here: two descriptors each, within the hard limit
-    every process of the run inherits (raising it needs CAP_SYS_RESOURCE, which containers often lack)."""
+    """How many of ``held`` connections both proxies can hold here, within the descriptor hard limit every
+    process of the run inherits (raising it needs CAP_SYS_RESOURCE, which containers often lack).
+
+    Two descriptors per connection, but HAProxy sizes its limit from ``maxconn`` up front as 2.5 per
+    connection (sockets, plus pipes for a quarter of them) and refuses to start above the hard limit;
+    both proxies hold the same number, so that bound applies to both."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return held
-    return max(0, min(held, (hard - 1024) // 2))
+    return max(0, min(held, (hard - 1024) * 2 // 5))
 
 
 def _raise_nofile() -> None:
