@@ -12,9 +12,16 @@ object bound once per service port:
   (scrapes lag by at most that); connections also report their bytes every
   few seconds while open, not only at close;
 * connect retries and rejections are rare and recorded directly.
+
+With the native engine (``engine.py``) the counts live in C atomics per
+table key; ``live`` holds the engine's readers of active connections (the
+gauge adds them, so it stays exact) and ``add_counts`` takes the deltas the
+mode reads every flush.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from proxyd import metrics
 from proxyd.model import ServicePortName
@@ -27,7 +34,7 @@ FLUSH_INTERVAL = 1.0
 class Stats:
     """The metrics of one service port (one protocol)."""
 
-    __slots__ = ("_bytes_in", "_bytes_out", "_dirty", "_rejected", "_total", "active", "label",
+    __slots__ = ("_bytes_in", "_bytes_out", "_dirty", "_rejected", "_total", "active", "label", "live",
                  "pending_in", "pending_out", "pending_total", "retries")
 
     def __init__(self, name: ServicePortName, dirty: set[Stats]) -> None:
@@ -38,12 +45,24 @@ class Stats:
         self.pending_total = 0
         self.pending_in = 0
         self.pending_out = 0
-        metrics.ACTIVE_CONNECTIONS.labels(self.label, protocol).set_function(lambda: self.active)
+        self.live: list[Callable[[], int]] = []
+        metrics.ACTIVE_CONNECTIONS.labels(self.label, protocol).set_function(self._active)
         self._total = metrics.CONNECTIONS_TOTAL.labels(self.label, protocol)
         self.retries = metrics.CONNECT_RETRIES.labels(self.label)
         self._bytes_in = metrics.BYTES_TOTAL.labels(self.label, TO_ENDPOINT)
         self._bytes_out = metrics.BYTES_TOTAL.labels(self.label, TO_CLIENT)
         self._rejected: dict[str, object] = {}
+
+    def _active(self) -> int:
+        return self.active + sum(read() for read in self.live)
+
+    def add_counts(self, opened: int, to_endpoint: int, to_client: int) -> None:
+        """Connections opened and bytes moved elsewhere (the native engine) since the last call."""
+        if opened or to_endpoint or to_client:
+            self.pending_total += opened
+            self.pending_in += to_endpoint
+            self.pending_out += to_client
+            self._dirty.add(self)
 
     def opened(self) -> None:
         self.active += 1
@@ -63,10 +82,13 @@ class Stats:
             self._dirty.add(self)
 
     def reject(self, reason: str) -> None:
+        self.reject_many(reason, 1)
+
+    def reject_many(self, reason: str, count: int) -> None:
         child = self._rejected.get(reason)
         if child is None:
             child = self._rejected[reason] = metrics.CONNECTIONS_REJECTED.labels(self.label, reason)
-        child.inc()  # type: ignore[attr-defined]
+        child.inc(count)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         if self.pending_total:
