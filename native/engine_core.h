@@ -351,7 +351,7 @@ typedef struct pe_lst {
     pe_cidr *ranges; /* NULL: everyone */
     int nranges;
     struct pe_lst *next;  /* engine's list (live) or graveyard */
-    uint64_t retired_at; /* engine epoch when removed */
+    uint64_t *retired_at; /* each worker's epoch when removed (NULL while live) */
 } pe_lst;
 
 /* ---------------------------------------------------------------- connections */
@@ -1052,6 +1052,7 @@ static int pe_engine_start(pe_engine *e) {
 
 static void pe_lst_free(pe_lst *l) {
     close(l->fd);
+    free(l->retired_at);
     pe_svc_unref(l->svc);
     free(l->ranges);
     free(l);
@@ -1066,7 +1067,9 @@ static void pe_collect(pe_engine *e) {
         int safe = 1;
         for (int i = 0; i < e->nworkers; i++) {
             pe_worker *w = &e->workers[i];
-            if (w->started && !atomic_load(&e->stop) && atomic_load(&w->epoch) <= l->retired_at) safe = 0;
+            if (w->started && !atomic_load(&e->stop) &&
+                (!l->retired_at || atomic_load(&w->epoch) <= l->retired_at[i]))
+                safe = 0;
         }
         if (safe) {
             *pp = l->next;
@@ -1109,13 +1112,10 @@ static void pe_listener_remove(pe_engine *e, pe_lst *l, int stop) {
     while (*pp && *pp != l) pp = &(*pp)->next;
     if (*pp) *pp = l->next;
     for (int i = 0; i < e->nworkers; i++) epoll_ctl(e->workers[i].ep, EPOLL_CTL_DEL, l->fd, NULL);
-    uint64_t newest = 0;
-    for (int i = 0; i < e->nworkers; i++) {
-        uint64_t ep = atomic_load(&e->workers[i].epoch);
-        if (ep > newest) newest = ep;
-    }
-    /* conservative: a worker's epoch must pass the largest epoch seen now */
-    l->retired_at = newest;
+    /* each worker must finish a batch after this one (its own epoch, as seen now): an idle worker
+     * woken below does so at once. Without memory for the snapshot, wait until the engine stops. */
+    l->retired_at = calloc((size_t)e->nworkers, sizeof(uint64_t));
+    for (int i = 0; l->retired_at && i < e->nworkers; i++) l->retired_at[i] = atomic_load(&e->workers[i].epoch);
     l->next = e->graveyard;
     e->graveyard = l;
     pthread_mutex_unlock(&e->mu);
