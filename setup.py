@@ -1,8 +1,10 @@
 """Build script for proxyd's optional Cython extension (everything else lives in pyproject.toml).
 
 ``native/conntable.pyx`` compiles to ``proxyd._conntable``, the accelerated
-twin of ``proxyd/_conntable_py.py``. The build is optional, as aiohttp's is:
-without Cython or a C compiler the pure-Python package installs and
+twin of ``proxyd/_conntable_py.py``; ``native/engine.pyx`` (with its C core
+``native/engine_core.h``) to ``proxyd._engine``, userspace mode's TCP engine,
+whose twin is the asyncio data path (``proxyd/modes/userspace/tcp.py``).
+The build is optional, as aiohttp's is: without Cython or a C compiler the pure-Python package installs and
 ``proxyd.conntable`` falls back to the twin. The build says which one it made.
 
 An editable install (``pip install -e .``) compiles the extension in place
@@ -48,10 +50,18 @@ def _extensions() -> list[Extension]:
         "proxyd._conntable",
         sources=[os.path.join("native", "conntable.pyx")],
     )
+    engine = Extension(
+        "proxyd._engine",
+        sources=[os.path.join("native", "engine.pyx")],
+        include_dirs=[os.path.join(HERE, "native")],
+        depends=[os.path.join("native", "engine_core.h")],
+        extra_compile_args=["-pthread", "-std=gnu11"],
+        extra_link_args=["-pthread"],
+    )
     try:
         # native/proxyd/_conntable.pxd (found by the module's full name) includes native/conntable.pxd
         return cythonize(
-            [ext],
+            [ext, engine],
             include_path=[os.path.join(HERE, "native")],
             compiler_directives={"language_level": "3"},
             quiet=True,

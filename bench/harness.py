@@ -11,6 +11,10 @@ machine; ``netnstopo.topology`` builds and removes them):
    order, so drift does not favour one path) through bulk, keep-alive and
    new-connection load (``dataplane.py``); proxyd modes are started for
    their turn and stopped after it;
+   with userspace, two more paths: HAProxy with two threads and proxyd's
+   engine with two workers, both unpinned (issue 15's multi-core case);
+   then the memory per idle established connection, ``idle_held``
+   connections held through proxyd and through HAProxy (``idlemem.py``);
 3. network-programming latency per available mode (``programming.py``);
 4. sync time vs service count per mode (``sync_scale.py``, one subprocess
    per point);
@@ -40,8 +44,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import dataplane, paths, plots, programming, report, sync_scale
-from bench.servers import HTTP_PORT, IPERF_PORT, start_haproxy, start_iperf3, start_nginx
+from bench import dataplane, idlemem, paths, plots, programming, report, sync_scale
+from bench.servers import (
+    HOLD_PORT,
+    HTTP_PORT,
+    IPERF_PORT,
+    start_haproxy,
+    start_hold_server,
+    start_iperf3,
+    start_nginx,
+)
 from netnstopo.topology import NODE_IP, Topology, endpoint, endpoint_slice, netns_available, port, service
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,10 +71,11 @@ class Plan:
     programming_samples: int
     data_budget: float  # seconds into the run after which no new data-path round starts
     total_budget: float  # seconds into the run after which no sync-scale point starts or runs on
+    idle_held: int = idlemem.HELD  # idle connections held for the memory measurement
 
 
 QUICK = Plan(rounds=2, seconds=1, connections=16, sync_services=(1000,), programming_samples=3,
-             data_budget=60.0, total_budget=112.0)
+             data_budget=60.0, total_budget=112.0, idle_held=2000)
 FULL = Plan(rounds=5, seconds=5, connections=16, sync_services=(1000, 10000, 30000), programming_samples=10,
             data_budget=480.0, total_budget=840.0)
 
@@ -85,10 +98,15 @@ def manifests(topo: Topology) -> None:
         endpoint_slice("bench-bulk", ports=[{"name": "iperf", "port": IPERF_PORT}],
                        endpoints=[endpoint(pods[0].ip)])])
     topo.write_manifest(programming.FILENAME, programming.manifest(pods[0]))
+    hold_port = [port(HOLD_PORT, name="hold", target_port=HOLD_PORT)]
+    topo.write_manifest("bench-hold.yaml", [
+        service("bench-hold", cluster_ip=paths.HOLD_VIP, ports=hold_port),
+        endpoint_slice("bench-hold", ports=[{"name": "hold", "port": HOLD_PORT}],
+                       endpoints=[endpoint(pods[0].ip)])])
 
 
-def setup(topo: Topology) -> Any:
-    """Backends, HAProxy, sysctls and manifests; returns the HAProxy process."""
+def setup(topo: Topology) -> tuple[Any, Any]:
+    """Backends, both HAProxies (one thread pinned; two threads unpinned), sysctls and manifests."""
     for ns in (topo.client, topo.node, *(p.ns for p in topo.pod_list)):
         # Tens of thousands of short connections per run: allow TIME_WAIT reuse and a wide port range.
         topo.sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65000")
@@ -107,11 +125,17 @@ def setup(topo: Topology) -> Any:
     start_iperf3(topo, topo.pod_list[0])
     for pod in topo.pod_list[:2]:
         topo.start_tcp_server(pod, PROG_PORT)
+    start_hold_server(topo, topo.pod_list[0])
     manifests(topo)
-    return start_haproxy(topo, workdir=work / "haproxy", listeners=[
+    one = start_haproxy(topo, workdir=work / "haproxy", listeners=[
         (NODE_IP, paths.HAPROXY_HTTP_PORT, [(p.ip, HTTP_PORT) for p in topo.pod_list]),
         (NODE_IP, paths.HAPROXY_BULK_PORT, [(topo.pod_list[0].ip, IPERF_PORT)]),
     ])
+    two = start_haproxy(topo, workdir=work / "haproxy-2t", nbthread=2, pin=False, listeners=[
+        (NODE_IP, paths.HAPROXY2_HTTP_PORT, [(p.ip, HTTP_PORT) for p in topo.pod_list]),
+        (NODE_IP, paths.HAPROXY2_BULK_PORT, [(topo.pod_list[0].ip, IPERF_PORT)]),
+    ])
+    return one, two
 
 
 def measure_path(topo: Topology, *, name: str, running: paths.Running, plan: Plan, round_: int,
@@ -140,10 +164,15 @@ def measure_path(topo: Topology, *, name: str, running: paths.Running, plan: Pla
 
 
 def data_path(topo: Topology, haproxy_proc: Any, *, plan: Plan, modes: Sequence[str],
-              results: dict[str, Any], started: float) -> None:
+              results: dict[str, Any], started: float, haproxy2_proc: Any = None) -> None:
     script = dataplane.write_wrk_script(topo.manifests.parent)
     proxyd = {f"proxyd-{m}": paths.ProxydPath(topo, m) for m in modes}
     order = ["direct", "haproxy", *proxyd]
+    if "userspace" in modes and haproxy2_proc is not None:
+        proxyd[paths.USERSPACE_2W] = paths.ProxydPath(topo, "userspace", workers=2)
+        order += [paths.HAPROXY2, paths.USERSPACE_2W]
+        if "proxyd-userspace" in results["skipped"]:
+            results["skipped"][paths.USERSPACE_2W] = results["skipped"]["proxyd-userspace"]
     results["paths"] = order
     for round_ in range(plan.rounds):
         if time.monotonic() - started > plan.data_budget:
@@ -159,6 +188,8 @@ def data_path(topo: Topology, haproxy_proc: Any, *, plan: Plan, modes: Sequence[
                 running = paths.direct(topo)
             elif name == "haproxy":
                 running = paths.haproxy(haproxy_proc)
+            elif name == paths.HAPROXY2:
+                running = paths.haproxy2(haproxy2_proc)
             else:
                 try:
                     running = proxyd[name].start()
@@ -175,6 +206,44 @@ def data_path(topo: Topology, haproxy_proc: Any, *, plan: Plan, modes: Sequence[
                     note = proxyd[name].stop()
                     if note:
                         results["notes"].append(f"round {round_} {name}: {note}")
+
+
+def idle_memory(topo: Topology, *, plan: Plan, modes: Sequence[str], results: dict[str, Any]) -> None:
+    """Memory per idle established connection through proxyd (userspace) and through HAProxy."""
+    if "userspace" not in modes or "proxyd-userspace" in results["skipped"]:
+        return
+    out = results.setdefault("memory", {})
+    _log(f"memory per idle connection: {plan.idle_held} held through proxyd-userspace")
+    path = paths.ProxydPath(topo, "userspace")
+    try:
+        running = path.start()
+        assert running.meter.pid is not None
+        out["proxyd-userspace"] = idlemem.measure(topo, pid=running.meter.pid, held=plan.idle_held,
+                                                  target=(paths.HOLD_VIP, HOLD_PORT), log=_log)
+    except (RuntimeError, OSError) as err:
+        out["proxyd-userspace"] = {"error": f"{type(err).__name__}: {err}"[-500:]}
+    finally:
+        path.stop()
+    held = idlemem.possible(plan.idle_held)
+    _log(f"memory per idle connection: {held} held through haproxy")
+    try:
+        # HAProxy sizes its descriptor needs from maxconn (two per connection) and refuses to start beyond
+        # the hard limit: give it just what the measurement holds.
+        backend = [(topo.pod_list[0].ip, HOLD_PORT)]
+        proc = start_haproxy(topo, workdir=topo.manifests.parent / "bench" / "haproxy-hold",
+                             maxconn=held + 16,
+                             listeners=[(NODE_IP, paths.HAPROXY_HOLD_PORT, backend)])
+    except RuntimeError as err:
+        out["haproxy"] = {"error": f"did not start: {err}"[-500:]}
+        return
+    try:
+        out["haproxy"] = idlemem.measure(topo, pid=proc.pid, held=plan.idle_held,
+                                         target=(NODE_IP, paths.HAPROXY_HOLD_PORT), log=_log)
+    except OSError as err:
+        out["haproxy"] = {"error": f"{type(err).__name__}: {err}"[-500:]}
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def programming_latency(topo: Topology, *, plan: Plan, modes: Sequence[str],
@@ -288,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Topology(pods=3, pods2=0) as topo:
             _log(f"topology {topo.prefix} up; starting backends and HAProxy")
-            haproxy_proc = setup(topo)
-            data_path(topo, haproxy_proc, plan=plan, modes=args.modes, results=results, started=started)
+            haproxy_proc, haproxy2_proc = setup(topo)
+            data_path(topo, haproxy_proc, plan=plan, modes=args.modes, results=results, started=started,
+                      haproxy2_proc=haproxy2_proc)
+            idle_memory(topo, plan=plan, modes=args.modes, results=results)
             programming_latency(topo, plan=plan, modes=args.modes, results=results)
         if not args.no_sync_scale:
             results["control"]["sync_scale"] = sync_scale.run_all(

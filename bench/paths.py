@@ -6,6 +6,9 @@
 * ``proxyd-<mode>`` — the real daemon (``proxyd --proxy-mode M --manifests DIR``)
   started in the node namespace for its turn in each round and stopped after
   it, then ``proxyd --cleanup``: only one mode programs the node at a time.
+* ``haproxy-2t`` and ``proxyd-userspace-2w`` — HAProxy with two threads and
+  proxyd's engine with two workers, both unpinned (the same two CPUs the
+  load generator and backends use): the multi-core case of issue 15.
 
 The daemon is pinned to the proxy CPU by pinning the calling thread while
 it is spawned (affinity is inherited across fork and exec, so every thread
@@ -36,12 +39,20 @@ HTTP_VIP = "10.96.0.10"
 BULK_VIP = "10.96.0.11"
 HAPROXY_HTTP_PORT = 8080
 HAPROXY_BULK_PORT = 5202
+HAPROXY2_HTTP_PORT = 8081
+HAPROXY2_BULK_PORT = 5203
+HAPROXY2 = "haproxy-2t"
+HAPROXY_HOLD_PORT = 9101
+HOLD_VIP = "10.96.0.13"
+USERSPACE_2W = "proxyd-userspace-2w"
 KERNEL_MODES = ("iptables", "ipvs", "nftables")
 
 CPU_NOTES = {
     "direct": f"no proxy: busy time of CPU {PROXY_CPU} (the proxy CPU) from /proc/stat, an idle reference",
     "haproxy": "utime+stime of the haproxy process (/proc/<pid>/stat)",
     "proxyd-userspace": "utime+stime of the proxyd process, all threads (/proc/<pid>/stat)",
+    HAPROXY2: "utime+stime of the two-thread haproxy process (/proc/<pid>/stat), unpinned",
+    USERSPACE_2W: "utime+stime of proxyd with --userspace-workers 2, all threads, unpinned",
     "proxyd-iptables": f"kernel data path (softirq): busy time of CPU {PROXY_CPU} from /proc/stat, where "
                        "proxyd is pinned; forwarding softirq runs mostly on the sender's CPU, so this "
                        "undercounts",
@@ -66,6 +77,11 @@ def direct(topo: Topology) -> Running:
 
 def haproxy(proc: subprocess.Popen[str]) -> Running:
     return Running(Endpoints(http=(NODE_IP, HAPROXY_HTTP_PORT), bulk=(NODE_IP, HAPROXY_BULK_PORT)),
+                   CpuMeter(pid=proc.pid))
+
+
+def haproxy2(proc: subprocess.Popen[str]) -> Running:
+    return Running(Endpoints(http=(NODE_IP, HAPROXY2_HTTP_PORT), bulk=(NODE_IP, HAPROXY2_BULK_PORT)),
                    CpuMeter(pid=proc.pid))
 
 
@@ -116,15 +132,19 @@ def _thread_pinned(cpu: int) -> Iterator[None]:
 class ProxydPath:
     """One proxyd mode: ``start()`` → Running, ``stop()``; failures raise RuntimeError with the reason."""
 
-    def __init__(self, topo: Topology, mode: str, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, topo: Topology, mode: str, *, env: Mapping[str, str] | None = None,
+                 workers: int | None = None) -> None:
         self.topo, self.mode, self.env = topo, mode, env
-        self.name = f"proxyd-{mode}"
+        self.name = f"proxyd-{mode}" if workers is None else f"proxyd-{mode}-{workers}w"
+        # workers given: the engine's worker count, and the daemon is not pinned (the multi-core case)
+        self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Running:
-        with _thread_pinned(PROXY_CPU):
+        extra = () if self.workers is None else ("--userspace-workers", str(self.workers))
+        with _thread_pinned(PROXY_CPU) if self.workers is None else contextlib.nullcontext():
             try:
-                self.proc = self.topo.start_proxyd(self.mode, timeout=20.0, env=self.env)
+                self.proc = self.topo.start_proxyd(self.mode, extra_args=extra, timeout=20.0, env=self.env)
             except RuntimeError:
                 # start_proxyd leaves an unhealthy daemon running: end it before anything else runs.
                 self._kill_leftovers()

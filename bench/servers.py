@@ -8,12 +8,15 @@ benchmark's addresses; nothing is read from or written to /etc.
 HAProxy runs the way it is tuned for raw TCP relaying: ``mode tcp``,
 round robin, ``option splice-request`` and ``option splice-response``
 (``splice-auto`` barely splices on this kernel, see docs/facts.md),
-one thread.
+one thread (a second instance with two threads, unpinned, faces proxyd's
+engine with two workers). ``HOLD_SERVER`` accepts and holds connections
+without a thread per connection, for the idle-memory measurement.
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,12 +60,13 @@ http {{
 """
 
 
-def haproxy_config(*, listeners: Sequence[tuple[str, int, Sequence[tuple[str, int]]]]) -> str:
+def haproxy_config(*, listeners: Sequence[tuple[str, int, Sequence[tuple[str, int]]]], nbthread: int = 1,
+                   maxconn: int = 4000) -> str:
     """HAProxy in TCP mode; ``listeners``: (bind ip, bind port, [(server ip, port), ...])."""
     out = [
         "global",
-        "    nbthread 1",
-        "    maxconn 4000",
+        f"    nbthread {nbthread}",
+        f"    maxconn {maxconn}",
         "defaults",
         "    mode tcp",
         "    balance roundrobin",
@@ -73,7 +77,7 @@ def haproxy_config(*, listeners: Sequence[tuple[str, int, Sequence[tuple[str, in
         "    timeout server 60s",
     ]
     for index, (ip, port, servers) in enumerate(listeners):
-        out += [f"listen l{index}", f"    bind {ip}:{port}", "    maxconn 4000"]
+        out += [f"listen l{index}", f"    bind {ip}:{port}", f"    maxconn {maxconn}"]
         out += [f"    server s{n} {sip}:{sport}" for n, (sip, sport) in enumerate(servers)]
     return "\n".join(out) + "\n"
 
@@ -113,15 +117,17 @@ def start_iperf3(topo: Topology, pod: Pod) -> subprocess.Popen[str]:
 
 
 def start_haproxy(topo: Topology, *, workdir: Path,
-                  listeners: Sequence[tuple[str, int, Sequence[tuple[str, int]]]]) -> subprocess.Popen[str]:
+                  listeners: Sequence[tuple[str, int, Sequence[tuple[str, int]]]], nbthread: int = 1,
+                  maxconn: int = 4000, pin: bool = True) -> subprocess.Popen[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "haproxy.cfg"
-    conf.write_text(haproxy_config(listeners=listeners))
+    conf.write_text(haproxy_config(listeners=listeners, nbthread=nbthread, maxconn=maxconn))
     check = subprocess.run(["haproxy", "-c", "-f", str(conf)], capture_output=True, text=True, timeout=10,
                            check=False)
     if check.returncode != 0:
         raise RuntimeError(f"haproxy rejects its config: {check.stdout}{check.stderr}")
-    proc = topo.spawn(topo.node, pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(conf)]), log_name="haproxy")
+    argv = ["haproxy", "-db", "-f", str(conf)]
+    proc = topo.spawn(topo.node, pinned(PROXY_CPU, argv) if pin else argv, log_name=f"haproxy-{workdir.name}")
     for _, port, _ in listeners:
         wait_listening(topo, topo.node, port)
     return proc
@@ -137,3 +143,49 @@ def wait_listening(topo: Topology, ns: str, port: int, *, timeout: float = 10.0)
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} in {ns} after {timeout}s")
 
+
+# Accepts on 0.0.0.0:PORT, greets each connection with one byte and holds it, idle, until the peer goes.
+HOLD_SERVER = r'''
+import resource, select, socket, sys
+port = int(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port))
+srv.listen(4096)
+srv.setblocking(False)
+ep = select.epoll()
+ep.register(srv.fileno(), select.EPOLLIN)
+held = {}
+print("ready", flush=True)
+while True:
+    for fd, _ in ep.poll(1.0):
+        if fd == srv.fileno():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except BlockingIOError:
+                    break
+                conn.setblocking(False)
+                try:
+                    conn.send(b"h")
+                except OSError:
+                    conn.close()
+                    continue
+                held[conn.fileno()] = conn
+                ep.register(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        else:
+            conn = held.pop(fd, None)
+            if conn is not None:
+                ep.unregister(fd)
+                conn.close()
+'''
+HOLD_PORT = 9100
+
+
+def start_hold_server(topo: Topology, pod: Pod) -> subprocess.Popen[str]:
+    proc = topo.spawn(pod.ns, pinned(LOAD_CPU, [sys.executable, "-c", HOLD_SERVER, str(HOLD_PORT)]),
+                      log_name=f"{pod.name}-hold")
+    wait_listening(topo, pod.ns, HOLD_PORT)
+    return proc

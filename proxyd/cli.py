@@ -125,6 +125,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "ipvs_strict_arp": _bool,
     "udp_idle_timeout": parse_duration,
     "masquerade_bit": lambda v: _int_range(v, 0, 31),
+    "userspace_workers": lambda v: _int_range(v, 1, 1024),
     "verbosity": lambda v: _int_range(v, 0, 10),
     "service_cluster_ip_range": lambda v: tuple(str(n) for n in parse_cluster_ranges(str(v))),
     "service_node_port_range": lambda v: parse_port_range(str(v)),
@@ -305,6 +306,7 @@ _FLAG_ATTRS = {
     "--ipvs-scheduler": "ipvs_scheduler",
     "--udp-timeout": "udp_idle_timeout",
     "--iptables-masquerade-bit": "masquerade_bit",
+    "--userspace-workers": "userspace_workers",
     "--v": "verbosity",
     "--service-cluster-ip-range": "service_cluster_ip_range",
     "--service-node-port-range": "service_node_port_range",
@@ -354,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ipvs: set arp_ignore=1 and arp_announce=2 (default: false)")
     add("--udp-timeout", metavar="DURATION",
         help="userspace: idle time after which a UDP flow is closed (default: 250ms)")
+    add("--userspace-workers", metavar="N",
+        help="userspace: threads of the native TCP engine, 1..1024 (default: the CPUs proxyd may use)")
     add("--iptables-masquerade-bit", metavar="BIT",
         help="bit of the fwmark that marks packets to masquerade, 0..31 (default: 14)")
     add("--config", metavar="FILE",

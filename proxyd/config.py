@@ -43,6 +43,8 @@ class Config:
     ipvs_strict_arp: bool = False
     # userspace: idle timeout of a UDP flow (kube-proxy's --udp-timeout).
     udp_idle_timeout: float = 0.25
+    # userspace: native engine worker threads; 0 = as many as the CPUs proxyd may use.
+    userspace_workers: int = 0
     # kube-proxy's masqueradeBit (iptables.masqueradeBit): 0x4000 by default.
     masquerade_bit: int = 14
     config_file: str | None = None

@@ -8,6 +8,8 @@ metrics use the ``proxyd_`` prefix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -136,7 +138,18 @@ CONNTABLE_IMPLEMENTATION = Gauge(
     registry=REGISTRY)
 
 
+USERSPACE_ENGINE_NATIVE = Gauge(
+    "proxyd_userspace_engine_native", "1 when userspace mode's TCP connections run in the native engine",
+    registry=REGISTRY)
+
+# Called (in the event loop) before each scrape: sources of counts kept outside prometheus_client,
+# such as the native engine's C counters, push what they hold so a scrape is never stale.
+BEFORE_RENDER: list[Callable[[], None]] = []
+
+
 def render() -> bytes:
+    for hook in list(BEFORE_RENDER):
+        hook()
     return generate_latest(REGISTRY)
 
 # proxyd's own: kernel objects refused inside a netlink batch (the rest of the batch applied).

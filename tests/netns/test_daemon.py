@@ -174,6 +174,20 @@ def test_userspace_uses_the_native_connection_table(topology):
         assert proxyd.conntable.NATIVE, "the Cython extension is required but not built"
 
 
+def test_userspace_uses_the_native_tcp_engine(topology):
+    """The daemon names its TCP data path; with the extension built (and required in CI) it is the engine."""
+    import proxyd.modes.userspace.engine as engine
+
+    demo_manifests(topology)
+    proc = topology.start_proxyd("userspace")
+    topology.stop_proxyd(proc)
+    line = next(line for line in topology.log_of(proc).splitlines() if "TCP data path:" in line)
+    expected = "native engine" if engine.NATIVE else "pure-Python twin"
+    assert expected in line, line
+    if os.environ.get("PROXYD_REQUIRE_EXTENSIONS") == "1":
+        assert engine.NATIVE, "the native TCP engine is required but not built"
+
+
 def test_health_check_node_port_counts_distinct_local_pods_over_ports(topology):
     """Two local pods behind two ports: kube-proxy's LocalReadyEndpoints answers 2, not 4."""
     pods = [p.ip for p in topology.pod_list[:2]]

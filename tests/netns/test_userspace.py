@@ -3,6 +3,10 @@
 Only userspace mode retries a failed connect on the next endpoint, shows the
 endpoint the node's address as the client (the connection is proxyd's
 own), and holds service addresses on ``proxyd0``.
+
+Every class runs twice: against the native TCP engine (the default; the
+extension must be built) and against its pure-Python twin
+(``PROXYD_NO_EXTENSIONS=1``), as the connection-table tests run on both.
 """
 
 from __future__ import annotations
@@ -44,8 +48,22 @@ def holder_addresses(topo: Topology) -> set[str]:
     return {line.split()[3].split("/")[0] for line in out.stdout.splitlines()}
 
 
+TWIN = {"PROXYD_NO_EXTENSIONS": "1"}
+
+
+def assert_data_path(topo: Topology, *, native: bool) -> None:
+    """The daemon runs the TCP data path the class is about (the engine, or the twin)."""
+    assert topo.metric("proxyd_userspace_engine_native") == (1 if native else 0)
+
+
 class TestUserspace(ServiceBehaviour):
     mode = "userspace"
+    native = True
+
+    def test_data_path_in_use(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        assert_data_path(topology, native=self.native)
+        assert topology.hello(topology.pod("pod2").ns, CLUSTER_IP, 80).pod == "pod1"
 
     def assert_clean(self, topo: Topology) -> None:
         links = topo.ns_run(topo.node, ["ip", "-o", "link", "show"]).stdout
@@ -224,6 +242,17 @@ class TestUserspaceCopyPump:
     pods_seen = staticmethod(ServiceBehaviour.pods_seen)
 
 
+class TestUserspaceTwin(TestUserspace):
+    """The same tests against the pure-Python twin of the engine."""
+
+    env = TWIN
+    native = False
+
+
+class TestUserspaceCopyPumpTwin(TestUserspaceCopyPump):
+    env = {**TestUserspaceCopyPump.env, **TWIN}
+
+
 class TestUserspaceDataPath:
     """Userspace-only data-path properties: backpressure, metrics, UDP idle expiry, NodePort addresses."""
 
@@ -350,3 +379,6 @@ class TestUserspaceDataPath:
         assert topology.hello(ns, CLUSTER_IP, 30080).pod == "pod2"
         assert topology.udp_hello(topology.client, "203.0.113.1", 30080)[0].pod == "pod1"
         assert topology.udp_hello(ns, CLUSTER_IP, 30080)[0].pod == "pod2"
+
+class TestUserspaceDataPathTwin(TestUserspaceDataPath):
+    env = TWIN

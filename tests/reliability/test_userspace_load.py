@@ -19,6 +19,10 @@ What each test proves (numbers go to ``figures`` for ``docs/reliability.md``):
 * a UDP flood from many source ports keeps the flow table at its bound and
   evicts the least recently used flows, counted in
   ``proxyd_udp_flows_evicted_total``.
+
+Every test runs against the native TCP engine and against its pure-Python
+twin (``PROXYD_NO_EXTENSIONS=1``): the ``data_path`` fixture gives the
+daemon's environment and checks the daemon says which path it runs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -40,6 +45,7 @@ from tests.netns.topology import (
     service,
     wait_until,
 )
+from tests.reliability import harness
 from tests.reliability.harness import (
     close_all,
     echo_all,
@@ -50,7 +56,6 @@ from tests.reliability.harness import (
     open_many,
     read_lines,
     rss_kib,
-    start_daemon,
     start_load_server,
 )
 
@@ -60,6 +65,28 @@ KERNEL_MODE_TARGET = 10_000
 # to 256 idle pipes (512 descriptors) after connections end.
 POOL_FDS = 512
 LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+DATA_PATHS = {"engine": {}, "twin": {"PROXYD_NO_EXTENSIONS": "1"}}
+_data_path_env: dict[str, str] = {}
+_data_path_log = ""
+
+
+@pytest.fixture(autouse=True, params=list(DATA_PATHS))
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which TCP data path the daemons of this test run: the native engine or its twin."""
+    monkeypatch.setattr(f"{__name__}._data_path_env", DATA_PATHS[request.param])
+    monkeypatch.setattr(f"{__name__}._data_path_log",
+                        "native engine" if request.param == "engine" else "pure-Python twin")
+    return request.param
+
+
+def start_daemon(topo: Topology, mode: str, *, env: dict[str, str] | None = None, **kwargs: object) -> Any:
+    """``harness.start_daemon`` on the data path of the ``data_path`` fixture."""
+    proc = harness.start_daemon(topo, mode, env={**(env or {}), **_data_path_env}, **kwargs)  # type: ignore[arg-type]
+    if kwargs.get("wait_healthy", True):
+        assert f"TCP data path: {_data_path_log}" in topo.log_of(proc), topo.log_of(proc)[-2000:]
+    return proc
 
 
 def web(*pods: str, name: str = "web", cluster_ip: str = CLUSTER_IP, protocol: str = "TCP",

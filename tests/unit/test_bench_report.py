@@ -93,13 +93,15 @@ def verdicts_by_key(samples: list[dict], skipped: dict | None = None) -> dict:
     return {(v.target.path, v.target.metric): v for v in report.judge(summary, skipped or {})}
 
 
-def test_targets_cover_issue_7() -> None:
+def test_targets_cover_issues_7_and_15() -> None:
     keys = {(t.path, t.baseline, t.metric, t.op, t.threshold) for t in report.TARGETS}
-    assert (USERSPACE, HAPROXY, "bulk_gbps", ">=", 1.0) in keys
-    assert (USERSPACE, HAPROXY, "bulk_cpu_per_gb", "<=", 1.0) in keys
-    assert (USERSPACE, HAPROXY, "ka_cpu", "<=", 1.0) in keys
-    assert (USERSPACE, HAPROXY, "nc_cpu", "<=", 1.0) in keys
-    assert (USERSPACE, HAPROXY, "nc_p99", "<=", 1.5) in keys
+    for path, base in ((USERSPACE, HAPROXY), (report.USERSPACE_2W, report.HAPROXY_2T)):
+        assert (path, base, "bulk_gbps", ">=", 1.0) in keys
+        assert (path, base, "bulk_cpu_per_gb", "<=", 1.0) in keys
+        assert (path, base, "ka_cpu", "<=", 1.0) in keys
+        assert (path, base, "nc_cpu", "<=", 0.9) in keys
+        assert (path, base, "nc_cps", ">=", 1.0) in keys
+        assert (path, base, "nc_p99", "<=", 1.2) in keys
     for path in ("proxyd-iptables", "proxyd-ipvs"):
         assert (path, DIRECT, "bulk_gbps", ">=", 0.95) in keys
         assert (path, DIRECT, "nc_cps", ">=", 0.8) in keys
@@ -487,3 +489,16 @@ def test_plots_write_pngs(tmp_path) -> None:
         assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.dataplane({"samples": []}, tmp_path / "none.png") is None
     assert plots.control({}, tmp_path / "none2.png") is None
+
+
+def test_memory_verdict() -> None:
+    memory = {USERSPACE: {"held": 10000, "rss_before_kib": 40000, "rss_holding_kib": 48000,
+                          "kib_per_connection": 0.8},
+              HAPROXY: {"held": 10000, "rss_before_kib": 9000, "rss_holding_kib": 40000,
+                        "kib_per_connection": 3.1}}
+    assert report.memory_lines(memory)[0].endswith(": met")
+    memory[USERSPACE]["kib_per_connection"] = 3.2
+    assert report.memory_lines(memory)[0].endswith(": not met")
+    assert report.memory_lines({USERSPACE: {"error": "boom"}})[0].endswith("no data")
+    md = report.markdown({"memory": memory})
+    assert "Memory per idle established connection" in md and "| haproxy | 10000 |" in md

@@ -286,3 +286,11 @@ def test_no_source_exits_2():
     result = run_cli()
     assert result.returncode == 2
     assert "no source" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_userspace_workers(manifests):
+    assert parse("--manifests", manifests).userspace_workers == 0  # 0: as many as the CPUs usable
+    assert parse("--manifests", manifests, "--userspace-workers", "3").userspace_workers == 3
+    for bad in ("0", "-1", "1025", "two", "1.5", "9" * 5000):
+        with pytest.raises(ConfigError, match="--userspace-workers"):
+            parse("--manifests", manifests, "--userspace-workers", bad)

@@ -21,6 +21,7 @@ from proxyd import metrics
 from proxyd.logformat import event
 from proxyd.model import Protocol
 from proxyd.modes.userspace.addresses import AddressHolder
+from proxyd.modes.userspace.engine import TcpListenerLike, TcpPath
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
 from proxyd.modes.userspace.planner import ListenerKey, Plan, TableKey
 from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
@@ -47,7 +48,7 @@ class Applier:
 
     def __init__(self, holder: AddressHolder | None = None) -> None:
         self.holder = holder or AddressHolder()
-        self.tcp_listeners: dict[ListenerKey, TcpListener] = {}
+        self.tcp_listeners: dict[ListenerKey, TcpListenerLike] = {}
         self.udp_listeners: dict[ListenerKey, UdpListener] = {}
         self._bind_errors: dict[ListenerKey, tuple[str, str]] = {}  # key -> (metric reason, text)
         self._over_budget = 0
@@ -58,7 +59,7 @@ class Applier:
         """Listeners not open (retried at every sync)."""
         return list(self._bind_errors)
 
-    def update_listeners(self, plan: Plan, keys: Iterable[ListenerKey], tcp: TcpProxy, udp: UdpProxy) -> None:
+    def update_listeners(self, plan: Plan, keys: Iterable[ListenerKey], tcp: TcpPath, udp: UdpProxy) -> None:
         """Open, retarget, re-filter or close the listeners ``keys`` as ``plan`` wants them."""
         keys = list(keys)
         for key in keys:
@@ -76,8 +77,8 @@ class Applier:
             table_key = plan.listeners.get(key)
             if table_key is None:
                 continue
-            current = self.tcp_listeners if key.protocol == Protocol.TCP else self.udp_listeners
-            listener = current.get(key)
+            listener: TcpListenerLike | UdpListener | None = (
+                self.tcp_listeners.get(key) if key.protocol == Protocol.TCP else self.udp_listeners.get(key))
             if listener is None:
                 if key.protocol not in (Protocol.TCP, Protocol.UDP):
                     self._bind_failed(key, "userspace mode serves only TCP and UDP", "protocol", table_key)
@@ -94,7 +95,7 @@ class Applier:
                 room -= 1
                 self._bind_errors.pop(key, None)
                 if key.protocol == Protocol.TCP:
-                    listener = self.tcp_listeners[key] = TcpListener(proxy=tcp, sock=sock, key=table_key)
+                    listener = self.tcp_listeners[key] = tcp.listen(sock, table_key)
                 else:
                     listener = self.udp_listeners[key] = UdpListener(proxy=udp, sock=sock, key=table_key)
             elif listener.key != table_key:
@@ -126,7 +127,7 @@ class Applier:
         """Service listeners that are not open, and why (for /healthz)."""
         return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
 
-    def guard_own_listeners(self, plan: Plan, node_ips: list[str], tcp: TcpProxy, udp: UdpProxy) -> None:
+    def guard_own_listeners(self, plan: Plan, node_ips: list[str], tcp: TcpPath, udp: UdpProxy) -> None:
         """Tell the data path which sockets are its own, so it never connects or sends to them."""
         local = [*node_ips, *self.holder.current, *plan.addresses]
         loose = nonlocal_bind()

@@ -4,10 +4,13 @@ The node owns every service address (ClusterIPs, externalIPs, LB ingress
 IPs) as host addresses on the port-less bridge ``proxyd0``
 (``addresses.py``), and proxyd listens on each service ``ip:port`` and on
 each NodePort of the node addresses allowed by ``--nodeport-addresses``
-(``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2) (``tcp.py``, ``pump.py``),
-UDP per client flow (``udp.py``); endpoints are chosen by the connection
-table (round robin, ClientIP affinity) among the sets ``proxyd.policy``
-allows (``planner.py``).
+(``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2)
+by the native engine's worker threads (``engine.py``, ``native/engine.pyx``),
+or by its pure-Python twin (``tcp.py``, ``pump.py``) when the extension is
+missing or ``PROXYD_NO_EXTENSIONS=1``; UDP per client flow (``udp.py``);
+endpoints are chosen by round robin and ClientIP affinity (the engine's C
+table for TCP, the connection table otherwise) among the sets
+``proxyd.policy`` allows (``planner.py``).
 
 A sync re-plans the changed service ports (the tracker's index), then
 applies the difference: add new addresses (a full sync does this in the
@@ -22,7 +25,7 @@ userspace's per-port errors, and it is named in /healthz
 (``listen_failures``) and counted in ``proxyd_listen_failures``.
 
 Descriptors: listeners, connections and UDP flows share one budget
-(``TcpProxy``): listeners get at most half of what the start-up
+(``TcpProxy``, ``NativeTcpPath``): listeners get at most half of what the start-up
 descriptors and the control reserve (``tcp.fd_reserve``: /healthz,
 /metrics, the source, netlink) leave; ports beyond that are refused with
 one log line per change and counted, and open as soon as room appears. The
@@ -54,9 +57,12 @@ from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import ServicePortName
+from proxyd.model import Protocol
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
+from proxyd.modes.userspace.engine import NATIVE as ENGINE_NATIVE
+from proxyd.modes.userspace.engine import NativeTcpPath, PyTcpPath, TcpPath, default_workers
 from proxyd.modes.userspace.planner import (
     Plan,
     Planner,
@@ -65,7 +71,6 @@ from proxyd.modes.userspace.planner import (
     nodeport_listen_ips,
 )
 from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
-from proxyd.modes.userspace.tcp import TcpProxy
 from proxyd.modes.userspace.udp import UdpProxy
 
 log = logging.getLogger(__name__)
@@ -74,9 +79,6 @@ SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
 __all__ = ["UserspaceMode"]
-
-
-
 
 
 def _raise_fd_limit() -> int:
@@ -102,7 +104,7 @@ class UserspaceMode(ProxyMode):
         self.planner = Planner()
         self.stats = StatsCache()
         self.table: Any = None
-        self.tcp: TcpProxy | None = None
+        self.tcp: TcpPath | None = None
         self.udp: UdpProxy | None = None
         self.tables: dict[TableKey, TableEntry] = {}
         self._conflicts: set[str] = set()
@@ -125,25 +127,44 @@ class UserspaceMode(ProxyMode):
         metrics.CONNTABLE_IMPLEMENTATION.set(1 if NATIVE else 0)
         log.info("userspace: connection table: %s", "native (Cython extension)" if NATIVE
                  else "pure-Python twin")
-        self.tcp = TcpProxy(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
+        tcp: TcpPath
+        if ENGINE_NATIVE:
+            workers = self.config.userspace_workers or default_workers()
+            tcp = NativeTcpPath(workers=workers, stats_of=self._stats_of, fd_limit=limit,
+                                other_fds=self._udp_fds)
+            log.info("userspace: TCP data path: native engine, %d worker threads", workers)
+            metrics.USERSPACE_ENGINE_NATIVE.set(1)
+        else:
+            tcp = PyTcpPath(loop=loop, table=self.table, stats_of=self._stats_of, fd_limit=limit,
                             other_fds=self._udp_fds)
+            log.info("userspace: TCP data path: pure-Python twin (asyncio)")
+            metrics.USERSPACE_ENGINE_NATIVE.set(0)
+        self.tcp = tcp
         self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
-                            idle_timeout=self.config.udp_idle_timeout, has_room=self.tcp.has_room)
+                            idle_timeout=self.config.udp_idle_timeout, has_room=tcp.has_room)
         await self.applier.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
+        metrics.BEFORE_RENDER.append(self._flush_counts)
         self._started = True
 
-    def _flush_stats(self) -> None:
+    def _flush_counts(self) -> None:
+        assert self.tcp is not None
+        self.tcp.flush()
         self.stats.flush()
+
+    def _flush_stats(self) -> None:
+        self._flush_counts()
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
 
     def _udp_fds(self) -> int:
         return len(self.applier.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
 
     def _sweep_affinity(self) -> None:
-        assert self.table is not None
-        self.table.sweep(time.monotonic())
+        assert self.table is not None and self.tcp is not None
+        now = time.monotonic()
+        self.table.sweep(now)
+        self.tcp.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
     async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
@@ -216,20 +237,26 @@ class UserspaceMode(ProxyMode):
         return introspect.trace(self, packet, local)
 
     def _update_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
-        assert self.table is not None and self.udp is not None
+        assert self.table is not None and self.udp is not None and self.tcp is not None
         now = time.monotonic()
         for key in keys:
             entry = plan.tables.get(key)
             if entry is None or self.tables.get(key) == entry:
                 continue
-            dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
-            self.udp.closed_by_table(dropped)
+            if key.name.protocol == Protocol.TCP:
+                self.tcp.set_endpoints(key, entry, now)
+            else:
+                dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
+                self.udp.closed_by_table(dropped)
             self.tables[key] = entry
 
     def _remove_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
-        assert self.table is not None and self.udp is not None
+        assert self.table is not None and self.udp is not None and self.tcp is not None
         for key in [k for k in keys if k not in plan.tables and k in self.tables]:
-            self.udp.closed_by_table(self.table.remove_service(key.id))
+            if key.name.protocol == Protocol.TCP:
+                self.tcp.remove_service(key)
+            else:
+                self.udp.closed_by_table(self.table.remove_service(key.id))
             del self.tables[key]
 
     async def shutdown(self) -> None:
@@ -244,6 +271,8 @@ class UserspaceMode(ProxyMode):
         self.udp.close()
         reset = await self.tcp.drain(SHUTDOWN_GRACE)
         self.stats.flush()
+        if self._flush_counts in metrics.BEFORE_RENDER:
+            metrics.BEFORE_RENDER.remove(self._flush_counts)
         if reset:
             log.info("userspace: reset %d connections still open after %.0fs", reset, SHUTDOWN_GRACE)
         self.applier.close()

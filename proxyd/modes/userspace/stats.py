@@ -15,9 +15,16 @@ object bound once per service port:
 * per endpoint (for ``proxyd status``, not exported as metrics: endpoint
   labels would grow without bound): connections opened and bytes each way,
   one dict lookup per event.
+
+With the native engine (``engine.py``) the counts live in C atomics per
+table key; ``live`` holds the engine's readers of active connections (the
+gauge adds them, so it stays exact) and ``add_counts`` takes the deltas the
+mode reads every flush (the engine keeps no per-endpoint counts).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from proxyd import metrics
 from proxyd.model import ServicePortName
@@ -31,7 +38,7 @@ class Stats:
     """The metrics of one service port (one protocol)."""
 
     __slots__ = ("_bytes_in", "_bytes_out", "_dirty", "_rejected", "_total", "active", "by_endpoint", "label",
-                 "pending_in", "pending_out", "pending_total", "retries")
+                 "live", "pending_in", "pending_out", "pending_total", "retries")
 
     def __init__(self, name: ServicePortName, dirty: set[Stats]) -> None:
         self.label = str(name)
@@ -41,7 +48,8 @@ class Stats:
         self.pending_total = 0
         self.pending_in = 0
         self.pending_out = 0
-        metrics.ACTIVE_CONNECTIONS.labels(self.label, protocol).set_function(lambda: self.active)
+        self.live: list[Callable[[], int]] = []
+        metrics.ACTIVE_CONNECTIONS.labels(self.label, protocol).set_function(self._active)
         self._total = metrics.CONNECTIONS_TOTAL.labels(self.label, protocol)
         self.retries = metrics.CONNECT_RETRIES.labels(self.label)
         self._bytes_in = metrics.BYTES_TOTAL.labels(self.label, TO_ENDPOINT)
@@ -55,6 +63,17 @@ class Stats:
         if counts is None:
             counts = self.by_endpoint[ep] = [0, 0, 0]
         return counts
+
+    def _active(self) -> int:
+        return self.active + sum(read() for read in self.live)
+
+    def add_counts(self, opened: int, to_endpoint: int, to_client: int) -> None:
+        """Connections opened and bytes moved elsewhere (the native engine) since the last call."""
+        if opened or to_endpoint or to_client:
+            self.pending_total += opened
+            self.pending_in += to_endpoint
+            self.pending_out += to_client
+            self._dirty.add(self)
 
     def opened(self, ep: tuple[str, int] | None = None) -> None:
         self.active += 1
@@ -84,10 +103,13 @@ class Stats:
                 counts[2] += to_client
 
     def reject(self, reason: str) -> None:
+        self.reject_many(reason, 1)
+
+    def reject_many(self, reason: str, count: int) -> None:
         child = self._rejected.get(reason)
         if child is None:
             child = self._rejected[reason] = metrics.CONNECTIONS_REJECTED.labels(self.label, reason)
-        child.inc()  # type: ignore[attr-defined]
+        child.inc(count)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         if self.pending_total:

@@ -233,7 +233,7 @@ class TcpProxy:
         self.fd_limit = fd_limit
         self.reserve = fd_reserve(fd_limit)
         self.other_fds = other_fds
-        self.base_fds = _open_fds()
+        self.base_fds = open_fds()
         # Pooled pipes keep two descriptors each: a small share of the budget.
         self.pool = PipePool(limit=min(PIPE_POOL_MAX, fd_limit // 32)) if USE_SPLICE else None
         self.connections: set[Connection] = set()
@@ -412,7 +412,7 @@ def _handshake_done(sock: raw_socket) -> bool:
     return True
 
 
-def _open_fds() -> int:
+def open_fds() -> int:
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:

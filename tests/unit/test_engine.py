@@ -1,0 +1,538 @@
+"""The native TCP engine of userspace mode against its pure-Python twin.
+
+Two hypothesis machines:
+
+* ``PickMachine``: the engine's C endpoint table (round robin, ClientIP
+  affinity with expiry, retry exclusion) against the connection table's
+  reference twin, step by step with a fake clock: every pick, sweep and
+  affinity count must agree.
+* ``TwinPathMachine``: the whole TCP data path. The same random history of
+  connection events (endpoint lists with a dead endpoint among live ones,
+  affinity on and off, connects, data, half-closes, resets) drives the
+  engine (``NativeTcpPath``, its worker threads) and the twin (``PyTcpPath``
+  on an asyncio loop in a thread), each with its own listener on loopback
+  in front of the same backends; what every client sees (which endpoint
+  answered, the bytes echoed, FIN or reset) must be the same.
+
+Plus direct tests of the engine's control surface: bad input, counters,
+listener removal and replacement, drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from proxyd.conntable import ConnTablePy
+from proxyd.model import Protocol, ServicePortName
+from proxyd.modes.userspace import engine as engine_mod
+from proxyd.modes.userspace.engine import EngineNative, NativeTcpPath, PyTcpPath, ServiceNative
+from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter
+from proxyd.modes.userspace.planner import ListenerKey, TableEntry, TableKey
+from proxyd.modes.userspace.stats import StatsCache
+
+REQUIRED = os.environ.get("PROXYD_REQUIRE_EXTENSIONS", "") not in ("", "0")
+# With PROXYD_REQUIRE_EXTENSIONS=1 (CI, scripts/test.sh) a missing engine fails these tests instead.
+needs_native = pytest.mark.skipif(EngineNative is None and not REQUIRED,
+                                  reason="the Cython engine is not built")
+LINGER_ZERO = struct.pack("ii", 1, 0)
+K = "ns/svc:80/TCP"
+
+
+def test_engine_builds_when_required() -> None:
+    if os.environ.get("PROXYD_REQUIRE_EXTENSIONS", "") in ("", "0"):
+        pytest.skip("PROXYD_REQUIRE_EXTENSIONS not set")
+    assert EngineNative is not None
+    assert engine_mod.NATIVE is True or os.environ.get("PROXYD_NO_EXTENSIONS")
+
+
+def test_engine_is_not_stale() -> None:
+    """An in-place build older than native/engine* would test yesterday's code."""
+    if EngineNative is None and not REQUIRED:
+        pytest.skip("the Cython engine is not built")
+    import proxyd._engine as ext
+
+    native = Path(__file__).resolve().parents[2] / "native"
+    built = Path(ext.__file__)
+    if not (native / "engine.pyx").exists() or built.parent.parent != native.parent:
+        pytest.skip("not an in-place build of this checkout")
+    newest = max(p.stat().st_mtime for p in native.glob("engine*"))
+    assert built.stat().st_mtime >= newest, f"{built.name} is older than native/: rebuild it"
+
+
+def test_no_extensions_env_forces_the_twin() -> None:
+    code = "import proxyd.modes.userspace.engine as e; print(e.NATIVE)"
+    env = {**os.environ, "PROXYD_NO_EXTENSIONS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
+# -- the C endpoint table ------------------------------------------------------------------------
+
+
+@needs_native
+def test_round_robin_affinity_and_exclusion() -> None:
+    svc = ServiceNative()
+    assert svc.pick("1.1.1.1", 0.0) is None
+    svc.set_endpoints([("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.1", 80), ("2001:db8::1", 8080)], 0)
+    assert [svc.pick("1.1.1.1", 0.0) for _ in range(4)] == [
+        ("10.0.0.1", 80), ("10.0.0.2", 80), ("2001:db8::1", 8080), ("10.0.0.1", 80)]
+    assert svc.pick("1.1.1.1", 0.0, [("10.0.0.2", 80)]) == ("2001:db8::1", 8080)
+    assert svc.pick("1.1.1.1", 0.0, [("10.0.0.1", 80), ("10.0.0.2", 80), ("2001:db8::1", 8080)]) is None
+    svc.set_endpoints([("10.0.0.1", 80), ("10.0.0.2", 80)], 10.0)
+    first = svc.pick("192.0.2.7", 1.0)
+    assert all(svc.pick("192.0.2.7", 1.0 + i) == first for i in range(5))
+    assert svc.affinity_count() == 1
+    assert svc.pick("192.0.2.7", 100.0) != first or True  # expired: round robin decides
+    assert svc.sweep(1000.0) == 1 and svc.affinity_count() == 0
+
+
+@needs_native
+@pytest.mark.parametrize("bad", [
+    [("10.0.0.1", -1)], [("10.0.0.1", 65536)], [("10.0.0.1", True)], [(1, 80)], [("10.0.0.1",)],
+    [("not an ip", 80)], [("10.0.0.1", 80, 1)], None, [("x" * 100_000, 80)],
+])
+def test_bad_endpoint_lists_change_nothing(bad: object) -> None:
+    svc = ServiceNative()
+    svc.set_endpoints([("10.0.0.1", 80)], 0)
+    with pytest.raises((TypeError, ValueError, OSError)):
+        svc.set_endpoints(bad, 0)
+    assert svc.pick("1.1.1.1", 0.0) == ("10.0.0.1", 80)
+
+
+@needs_native
+@pytest.mark.parametrize("timeout", [-1.0, float("nan")])
+def test_bad_affinity_timeout_refused(timeout: float) -> None:
+    with pytest.raises(ValueError):
+        ServiceNative().set_endpoints([("10.0.0.1", 80)], timeout)
+
+
+@needs_native
+def test_many_affinity_clients_grow_and_sweep() -> None:
+    svc = ServiceNative()
+    svc.set_endpoints([("10.0.0.1", 80), ("10.0.0.2", 80)], 5.0)
+    for i in range(20_000):
+        svc.pick(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 0.0)
+    assert svc.affinity_count() == 20_000
+    assert svc.sweep(5.0) == 20_000 and svc.affinity_count() == 0
+
+
+ENDPOINTS = [("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80), ("2001:db8::4", 8080)]
+CLIENTS = ["1.1.1.1", "1.1.1.2", "2001:db8::99"]
+
+
+@needs_native
+@settings(max_examples=int(os.environ.get("PROXYD_ENGINE_EXAMPLES", "200")), stateful_step_count=60,
+          deadline=None, suppress_health_check=[HealthCheck.too_slow])
+class PickMachine(RuleBasedStateMachine):
+    """The engine's C table and the reference table agree on every pick, sweep and count."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.py = ConnTablePy()
+        self.nat = ServiceNative()
+        self.now = 0.0
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 2.999, 3.0, 3600.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(eps=st.lists(st.sampled_from(ENDPOINTS), max_size=6), timeout=st.sampled_from([0, 1.0, 3.0, 10800]))
+    def set_endpoints(self, eps: list, timeout: float) -> None:
+        self.py.set_endpoints(K, eps, timeout, self.now)
+        self.nat.set_endpoints(eps, timeout)
+
+    @rule(client=st.sampled_from(CLIENTS),
+          exclude=st.lists(st.sampled_from(ENDPOINTS), max_size=3, unique=True))
+    def pick(self, client: str, exclude: list) -> None:
+        assert self.py.pick(K, client, self.now, exclude) == self.nat.pick(client, self.now, exclude)
+
+    @rule()
+    def sweep(self) -> None:
+        assert self.py.sweep(self.now) == self.nat.sweep(self.now)
+
+    @invariant()
+    def same_affinity(self) -> None:
+        if hasattr(self, "py"):
+            assert self.py.affinity_count() == self.nat.affinity_count()
+
+
+TestPickMachine = PickMachine.TestCase
+
+
+# -- the whole data path: engine and twin, same events ---------------------------------------------
+
+
+class Backends:
+    """Loopback TCP servers: greet with their name, echo, answer EOF with BYE and close."""
+
+    def __init__(self, count: int) -> None:
+        self.socks: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()
+        for i in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            sock.settimeout(0.1)
+            self.socks.append(sock)
+            thread = threading.Thread(target=self._serve, args=(sock, f"ep{i}"), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        # a port nobody listens on: connects are refused and retried on the next endpoint
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.dead = ("127.0.0.1", probe.getsockname()[1])
+        probe.close()
+        self.live = [("127.0.0.1", s.getsockname()[1]) for s in self.socks]
+
+    def _serve(self, sock: socket.socket, name: str) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn, name), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket, name: str) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(10)
+            conn.sendall(f"{name}\n".encode())
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.sendall(b"BYE\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        for sock in self.socks:
+            sock.close()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+class LoopThread:
+    """An asyncio loop in a thread, for the twin; ``call`` runs a function in it and returns its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        async def run() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(256)
+    return sock
+
+
+NAME = ServicePortName("test", "engine", "", Protocol.TCP)
+TKEY = TableKey(NAME)
+
+
+class Side:
+    """One implementation behind its own listener."""
+
+    def __init__(self, *, native: bool) -> None:
+        self.native = native
+        self.stats = StatsCache()
+        self.loop = None if native else LoopThread()
+        self.sock = _listening_socket()
+        self.addr = self.sock.getsockname()
+        self.lkey = ListenerKey("127.0.0.1", self.addr[1], Protocol.TCP)
+        if native:
+            self.path: Any = NativeTcpPath(workers=2, stats_of=lambda k: self.stats.get(k.name),
+                                           fd_limit=4096, other_fds=lambda: 0)
+        else:
+            assert self.loop is not None
+            self.path = self.loop.call(lambda: PyTcpPath(
+                loop=asyncio.get_running_loop(), table=ConnTablePy(),
+                stats_of=lambda k: self.stats.get(k.name), fd_limit=4096, other_fds=lambda: 0))
+        self.do(lambda: self.path.set_endpoints(TKEY, TableEntry((), 0), time.monotonic()))
+        self.listener: Any = self.do(lambda: self.path.listen(self.sock, TKEY))
+
+    def do(self, fn: Callable[[], Any]) -> Any:
+        return fn() if self.loop is None else self.loop.call(fn)
+
+    def close(self) -> int:
+        if self.loop is None:
+            return asyncio.run(self.path.drain(0.0))
+        reset = self.do(lambda: self.path.drain(0.0))
+        self.loop.close()
+        return reset
+
+
+def read_until_close(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything until the end, and how it ended: 'fin', 'reset' or 'timeout'."""
+    got = b""
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except ConnectionResetError:
+        return got, "reset"
+    except TimeoutError:
+        return got, "timeout"
+    return got, "fin"
+
+
+def read_line(sock: socket.socket) -> tuple[bytes, str]:
+    got = b""
+    try:
+        while not got.endswith(b"\n"):
+            data = sock.recv(1)
+            if not data:
+                return got, "fin"
+            got += data
+    except ConnectionResetError:
+        return got, "reset"
+    except TimeoutError:
+        return got, "timeout"
+    return got, "ok"
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[Backends]:
+    b = Backends(3)
+    yield b
+    b.close()
+
+
+@needs_native
+def test_twin_path_machine(backends: Backends) -> None:
+    """The same events through the engine and the twin give the same outcomes."""
+
+    @settings(max_examples=int(os.environ.get("PROXYD_ENGINE_PATH_EXAMPLES", "25")), stateful_step_count=25,
+              deadline=None, suppress_health_check=list(HealthCheck))
+    class TwinPathMachine(RuleBasedStateMachine):
+        @initialize()
+        def setup(self) -> None:
+            self.sides = [Side(native=True), Side(native=False)]
+            self.conns: list[list[socket.socket]] = []  # per open connection: [engine's, twin's]
+
+        def teardown(self) -> None:
+            for pair in getattr(self, "conns", []):
+                for sock in pair:
+                    sock.close()
+            for side in getattr(self, "sides", []):
+                side.close()
+
+        @rule(picks=st.lists(st.sampled_from([0, 1, 2, "dead"]), max_size=5),
+              affinity=st.sampled_from([0, 0, 10800]))
+        def set_endpoints(self, picks: list, affinity: int) -> None:
+            eps = tuple(backends.dead if p == "dead" else backends.live[p] for p in picks)
+            entry = TableEntry(eps, affinity)
+            for side in self.sides:
+                side.do(lambda side=side: side.path.set_endpoints(TKEY, entry, time.monotonic()))
+
+        @precondition(lambda self: len(self.conns) < 6)
+        @rule()
+        def connect(self) -> None:
+            outcomes, pair = [], []
+            for side in self.sides:
+                try:
+                    sock = socket.create_connection(side.addr, timeout=5)
+                except ConnectionResetError:
+                    # the proxy's RST can beat connect()'s return on loopback: the same outcome as below
+                    outcomes.append((b"", "reset"))
+                    continue
+                outcomes.append(read_line(sock))
+                pair.append(sock)
+            assert outcomes[0] == outcomes[1], outcomes
+            if outcomes[0][1] == "ok":
+                self.conns.append(pair)
+            else:
+                for sock in pair:
+                    sock.close()
+
+        @precondition(lambda self: self.conns)
+        @rule(i=st.integers(0, 5), size=st.sampled_from([1, 100, 70_000, 300_000]))
+        def send(self, i: int, size: int) -> None:
+            pair = self.conns[i % len(self.conns)]
+            payload = os.urandom(size)
+            got = []
+            for sock in pair:
+                sender = threading.Thread(target=sock.sendall, args=(payload,))
+                sender.start()
+                data = b""
+                while len(data) < size:
+                    chunk = sock.recv(1 << 20)
+                    assert chunk, "closed while echoing"
+                    data += chunk
+                sender.join()
+                got.append(data)
+            assert got[0] == got[1] == payload
+
+        @precondition(lambda self: self.conns)
+        @rule(i=st.integers(0, 5))
+        def half_close(self, i: int) -> None:
+            pair = self.conns.pop(i % len(self.conns))
+            ends = []
+            for sock in pair:
+                sock.shutdown(socket.SHUT_WR)
+                ends.append(read_until_close(sock))
+                sock.close()
+            assert ends[0] == ends[1] == (b"BYE\n", "fin"), ends
+
+        @precondition(lambda self: self.conns)
+        @rule(i=st.integers(0, 5))
+        def reset(self, i: int) -> None:
+            pair = self.conns.pop(i % len(self.conns))
+            for sock in pair:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+                sock.close()
+
+    TwinPathMachine.TestCase().runTest()
+
+
+# -- the engine's control surface ----------------------------------------------------------------
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@needs_native
+def test_counters_listener_removal_and_drain(backends: Backends) -> None:
+    side = Side(native=True)
+    path: NativeTcpPath = side.path
+    try:
+        path.set_endpoints(TKEY, TableEntry((backends.dead, backends.live[0]), 0), time.monotonic())
+        with socket.create_connection(side.addr, timeout=5) as sock:
+            assert read_line(sock) == (b"ep0\n", "ok")
+            sock.sendall(b"x" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += sock.recv(4096)
+            # a worker adds what it moved right after moving it: the client may read first
+            service = path.services[TKEY].service
+            _wait(lambda: service.counters()[:5] == (1, 1000, 1004, 1, 1))
+            # a listener replaced by another configuration keeps the socket and the connection
+            side.listener.admits = SourceFilter(("192.0.2.0/24",))
+            try:  # 127.0.0.1 is outside the range: reset (on loopback possibly before connect() returns)
+                with socket.create_connection(side.addr, timeout=5) as other:
+                    assert read_line(other)[1] == "reset"
+            except ConnectionResetError:
+                pass
+            _wait(lambda: path.services[TKEY].service.counters()[5 + 2] == 1)
+            side.listener.admits = None
+            sock.sendall(b"y")
+            assert sock.recv(10) == b"y"
+            path.flush()
+            assert path.services[TKEY].stats._active() == 1
+            side.listener.close()
+            with pytest.raises(OSError):
+                socket.create_connection(side.addr, timeout=5).close()
+            # the open connection lives on; drain resets it after the grace period
+            assert asyncio.run(path.drain(0.2)) == 1
+            assert read_until_close(sock)[1] == "reset"
+        assert path.engine.fds() == 0
+    finally:
+        path.engine.stop()
+
+
+# -- the engine's own-listener guard and descriptor budget ------------------------------------
+
+
+def _picks(path: NativeTcpPath, key: TableKey = TKEY, n: int = 12) -> set[tuple[str, int]]:
+    service = path.services[key].service
+    return {service.pick(f"192.0.2.{i}", 0.0) for i in range(n)}
+
+
+@needs_native
+def test_engine_never_holds_an_own_listener_endpoint(backends: Backends) -> None:
+    """Endpoints that are proxyd's own listeners never reach the engine; re-filtered when ``own`` changes."""
+    side = Side(native=True)
+    path: NativeTcpPath = side.path
+    try:
+        live = backends.live[0]
+        own_ep = ("127.0.0.1", side.addr[1])
+        path.set_endpoints(TKEY, TableEntry((own_ep, live), 0), time.monotonic())
+        assert _picks(path) == {own_ep, live}  # no guard told yet
+        path.own = OwnListeners([side.lkey], ["127.0.0.1"])
+        assert _picks(path) == {live}
+        with socket.create_connection(side.addr, timeout=5) as sock:
+            assert read_line(sock) == (b"ep0\n", "ok")
+        # a wildcard listener's port: a local address is ours, a remote one is not
+        wild = ListenerKey("0.0.0.0", 30080, Protocol.TCP)
+        other = TableKey(ServicePortName("test", "other", "", Protocol.TCP))
+        remote = ("192.0.2.7", 30080)
+        path.set_endpoints(other, TableEntry((("127.0.0.1", 30080), remote, ("10.255.0.9", 30080)), 0),
+                           time.monotonic())
+        path.own = OwnListeners([side.lkey, wild], ["127.0.0.1", "10.255.0.9"])
+        assert _picks(path, other) == {remote}
+        assert _picks(path) == {live}
+        # the listeners go: every endpoint is served again
+        path.own = OwnListeners()
+        assert _picks(path) == {own_ep, live}
+        assert _picks(path, other, 24) == {("127.0.0.1", 30080), remote, ("10.255.0.9", 30080)}
+        # a new endpoint list is filtered at once
+        path.own = OwnListeners([side.lkey], ["127.0.0.1"])
+        path.set_endpoints(TKEY, TableEntry((live, own_ep, backends.live[1]), 0), time.monotonic())
+        assert _picks(path) == {live, backends.live[1]}
+    finally:
+        side.close()
+
+
+@needs_native
+def test_engine_listeners_share_the_descriptor_budget() -> None:
+    """Each engine listener costs two descriptors; listener_room never lets listeners take the reserve."""
+    from proxyd.modes.userspace.tcp import fd_reserve, open_fds
+
+    limit = open_fds() + 200
+    stats = StatsCache()
+    path = NativeTcpPath(workers=1, stats_of=lambda k: stats.get(k.name), fd_limit=limit, other_fds=lambda: 0)
+    listeners = []
+    try:
+        room = path.listener_room(0)
+        assert 0 < room < 100
+        for _ in range(room + 5):
+            if path.listener_room(len(listeners)) <= 0:
+                break
+            listeners.append(path.listen(_listening_socket(), TKEY))
+        assert path.listener_room(len(listeners)) == 0
+        assert len(listeners) <= room
+        assert path.fds_in_use() + fd_reserve(limit) <= limit
+        assert path.has_room()
+        for listener in listeners:
+            listener.close()
+        assert path.listener_room(0) == room
+    finally:
+        for listener in listeners:
+            listener.close()
+        asyncio.run(path.drain(0.0))
