@@ -154,8 +154,9 @@ class IpvsMode(ProxyMode):
     async def cleanup(cls, config: Config) -> None:
         applier = IpvsApplier()
         try:
-            failed = await applier.call(applier.cleanup)
-            failed += await remove_rules()
+            # Rules first: an ipset a rule still matches on cannot be destroyed.
+            failed = await remove_rules()
+            failed += await applier.call(applier.cleanup)
         finally:
             await applier.aclose()
         if failed:
