@@ -24,7 +24,6 @@ from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.engine import TcpListenerLike, TcpPath
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
 from proxyd.modes.userspace.planner import ListenerKey, Plan, TableKey
-from proxyd.modes.userspace.tcp import TcpListener, TcpProxy
 from proxyd.modes.userspace.udp import UdpListener, UdpProxy
 
 log = logging.getLogger(__name__)

@@ -56,8 +56,7 @@ from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import ServicePortName
-from proxyd.model import Protocol
+from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
