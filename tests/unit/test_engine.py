@@ -541,6 +541,17 @@ def test_engine_endpoint_counters_match_connections_and_twin(backends: Backends)
         # counts are handed out once: another flush adds nothing
         assert by_endpoint(sides[0]) == expected[0]
         assert sides[0].path.services[TKEY].service.take_endpoint_counts() == []
+        # endpoints that left with nothing holding them are dropped; coming back they count afresh
+        native = sides[0]
+        native.path.set_endpoints(TKEY, TableEntry((), 0), time.monotonic())
+        native.path.flush()
+        native.path.set_endpoints(TKEY, TableEntry((backends.live[2],), 0), time.monotonic())
+        name, back = _talk(native.addr, b"w" * 7)
+        counts = expected[0].setdefault(live[name], [0, 0, 0])
+        counts[0] += 1
+        counts[1] += 7
+        counts[2] += back
+        _wait(lambda: by_endpoint(native) == expected[0])
     finally:
         for side in sides:
             side.close()
