@@ -29,6 +29,13 @@ cdef extern from "engine_core.h" nogil:
         pass
     ctypedef struct pe_cidr:
         pass
+    ctypedef struct pe_epc:
+        pass
+    ctypedef struct pe_epc_out:
+        pe_addr addr
+        unsigned long long opened
+        unsigned long long bytes_up
+        unsigned long long bytes_down
     int PE_NCOUNTERS
     int PE_ATTEMPTS
     pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max)
@@ -49,7 +56,10 @@ cdef extern from "engine_core.h" nogil:
     void pe_svc_read(pe_svc *s, unsigned long long *out)
     long pe_svc_active(pe_svc *s)
     size_t pe_svc_affinity_count(pe_svc *s)
-    int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried, int ntried, pe_addr *out)
+    int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried, int ntried, pe_addr *out,
+                pe_epc **epc)
+    int pe_svc_epc_count(pe_svc *s)
+    int pe_svc_take_eps(pe_svc *s, pe_epc_out *out, int cap)
     int pe_addr_set(pe_addr *a, int family, const char *packed, int port)
     int pe_addr_get(const pe_addr *a, char *packed, int *port)
     void pe_ip_set(pe_ip *ip, int family, const char *packed)
@@ -159,14 +169,40 @@ cdef class Service:
                 efam = _packed(eip, buf)
                 pe_addr_set(<pe_addr *>(<char *>tried + j * sizeof_pe_addr), efam, buf, eport)
                 j += 1
-            if not pe_pick(self.svc, &ip, now, tried, k, &out):
+            if not pe_pick(self.svc, &ip, now, tried, k, &out, NULL):
                 return None
         finally:
             free(tried)
-        fam = pe_addr_get(&out, buf, &port)
-        if fam == 4:
-            return (socket.inet_ntop(socket.AF_INET, buf[:4]), port)
-        return (socket.inet_ntop(socket.AF_INET6, buf[:16]), port)
+        return _endpoint(&out)
+
+    def take_endpoint_counts(self):
+        """((ip, port), opened, bytes to endpoint, bytes to client) counted since the last call, per endpoint.
+
+        Each count is handed out once (the caller adds the deltas up); endpoints with nothing new are
+        left out. An endpoint removed from the list is still reported while connections to it count.
+        """
+        cdef int cap = pe_svc_epc_count(self.svc)
+        if cap == 0:
+            return []
+        cdef pe_epc_out *out = <pe_epc_out *>calloc(cap, sizeof(pe_epc_out))
+        if out == NULL:
+            raise MemoryError()
+        cdef int k, i
+        try:
+            k = pe_svc_take_eps(self.svc, out, cap)
+            return [(_endpoint(&out[i].addr), out[i].opened, out[i].bytes_up, out[i].bytes_down)
+                    for i in range(k)]
+        finally:
+            free(out)
+
+
+cdef tuple _endpoint(const pe_addr *a):
+    cdef char buf[16]
+    cdef int port = 0
+    fam = pe_addr_get(a, buf, &port)
+    if fam == 4:
+        return (socket.inet_ntop(socket.AF_INET, buf[:4]), port)
+    return (socket.inet_ntop(socket.AF_INET6, buf[:16]), port)
 
 
 cdef class Listener:

@@ -134,10 +134,22 @@ typedef struct {
     double last;
 } pe_aff;
 
+/* The counters of one endpoint of a service (for `proxyd status`), keyed by its address: an endpoint
+ * that stays across list replacements keeps its counters; one that goes moves to the service's gone
+ * list, where connections still open to it keep counting until Python has read the last of it. */
+typedef struct pe_epc {
+    pe_addr addr;
+    atomic_ullong opened, bytes_up, bytes_down; /* since Python last took them (pe_svc_take_eps) */
+    atomic_int conns;                           /* connections holding it (from pick to close) */
+    struct pe_epc *next;                        /* the gone list */
+} pe_epc;
+
 typedef struct pe_svc {
     pthread_mutex_t mu;
     atomic_int refs; /* the Python handle, listeners' configs and connections */
     pe_addr *eps;
+    pe_epc **ctrs; /* one per endpoint of eps (NULL where memory ran out: that endpoint is not counted) */
+    pe_epc *gone;  /* counters of endpoints no longer listed */
     int n;
     int cursor;
     double timeout; /* ClientIP affinity; 0 = off */
@@ -161,6 +173,13 @@ static void pe_svc_ref(pe_svc *s) { atomic_fetch_add_explicit(&s->refs, 1, memor
 static void pe_svc_unref(pe_svc *s) {
     if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1) {
         pthread_mutex_destroy(&s->mu);
+        for (int i = 0; i < s->n; i++) free(s->ctrs[i]);
+        free(s->ctrs);
+        while (s->gone) {
+            pe_epc *g = s->gone;
+            s->gone = g->next;
+            free(g);
+        }
         free(s->eps);
         free(s->aff);
         free(s);
@@ -239,9 +258,11 @@ static int pe_excluded(const pe_addr *ep, const pe_addr *tried, int ntried) {
 
 /* proxyd.conntable's pick: a live affinity entry not excluded wins (refreshed, the cursor stays);
  * an expired one is removed; else round robin from the cursor skipping the excluded endpoints,
- * the cursor moving past the choice, which affinity records. 1 and *out set, or 0. */
-static int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried, int ntried, pe_addr *out) {
-    int found = 0;
+ * the cursor moving past the choice, which affinity records. 1 and *out set, or 0.
+ * epc (may be NULL): set to the endpoint's counters, held for the caller (pe_epc_release), or NULL. */
+static int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried, int ntried, pe_addr *out,
+                   pe_epc **epc) {
+    int found = 0, slot = -1;
     pthread_mutex_lock(&s->mu);
     if (s->timeout > 0) {
         pe_aff *e = pe_aff_find(s, ip);
@@ -250,6 +271,7 @@ static int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried,
                 if (!pe_excluded(&s->eps[e->ep], tried, ntried)) {
                     e->last = now;
                     *out = s->eps[e->ep];
+                    slot = e->ep;
                     found = 1;
                 }
             } else {
@@ -263,13 +285,23 @@ static int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried,
             if (pe_excluded(&s->eps[i], tried, ntried)) continue;
             s->cursor = (i + 1) % s->n;
             *out = s->eps[i];
+            slot = i;
             found = 1;
             if (s->timeout > 0) pe_aff_put(s, ip, i, now);
             break;
         }
     }
+    if (epc) {
+        *epc = found ? s->ctrs[slot] : NULL;
+        if (*epc) atomic_fetch_add_explicit(&(*epc)->conns, 1, memory_order_relaxed);
+    }
     pthread_mutex_unlock(&s->mu);
     return found;
+}
+
+static void pe_epc_release(pe_epc **epc) {
+    if (*epc) atomic_fetch_sub_explicit(&(*epc)->conns, 1, memory_order_release);
+    *epc = NULL;
 }
 
 /* Install a de-duplicated endpoint list (the caller de-duplicates) with conntable's cursor rule:
@@ -283,8 +315,11 @@ static int pe_svc_set(pe_svc *s, pe_addr *eps, int n, double timeout) {
     int *remap = NULL;
     if (!same) {
         remap = malloc(sizeof(int) * (oldn ? oldn : 1));
-        if (!remap) {
+        pe_epc **ctrs = calloc(n ? n : 1, sizeof(pe_epc *));
+        if (!remap || !ctrs) {
             pthread_mutex_unlock(&s->mu);
+            free(remap);
+            free(ctrs);
             return -1;
         }
         for (int i = 0; i < oldn; i++) {
@@ -295,6 +330,31 @@ static int pe_svc_set(pe_svc *s, pe_addr *eps, int n, double timeout) {
                     break;
                 }
         }
+        /* counters follow their endpoint: kept ones move to the new slot, removed ones to gone */
+        for (int i = 0; i < oldn; i++) {
+            pe_epc *c = s->ctrs[i];
+            if (!c) continue;
+            if (remap[i] >= 0) {
+                ctrs[remap[i]] = c;
+            } else {
+                c->next = s->gone;
+                s->gone = c;
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            if (ctrs[j]) continue;
+            pe_epc **g = &s->gone; /* an endpoint that comes back gets its counters back */
+            while (*g && !pe_addr_eq(&(*g)->addr, &eps[j])) g = &(*g)->next;
+            if (*g) {
+                ctrs[j] = *g;
+                *g = (*g)->next;
+                ctrs[j]->next = NULL;
+            } else if ((ctrs[j] = calloc(1, sizeof(pe_epc))) != NULL) {
+                ctrs[j]->addr = eps[j];
+            }
+        }
+        free(s->ctrs);
+        s->ctrs = ctrs;
         if (oldn && remap[s->cursor] >= 0)
             s->cursor = remap[s->cursor];
         else
@@ -372,6 +432,7 @@ typedef struct pe_conn {
     int cfd, bfd;
     int state; /* 0 dialing, 1 pumping, 2 closed */
     pe_svc *svc;
+    pe_epc *epc; /* the counters of the endpoint dialed or connected to (NULL: none) */
     struct pe_worker *w;
     pe_half up, down; /* up: client -> endpoint */
     pe_ip cip;
@@ -572,6 +633,7 @@ static void pe_conn_close(pe_conn *c, int rst) {
     if (c->bfd >= 0) pe_close_fd(e, c->bfd, rst);
     c->cfd = c->bfd = -1;
     if (was_pumping) atomic_fetch_sub_explicit(&c->svc->active, 1, memory_order_relaxed);
+    pe_epc_release(&c->epc);
     c->prev->next = c->next;
     c->next->prev = c->prev;
     w->nconns--;
@@ -720,7 +782,12 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
         }
         h->buffered = (int)n;
     }
-    if (moved) atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
+    if (moved) {
+        atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
+        if (c->epc)
+            atomic_fetch_add_explicit(h == &c->up ? &c->epc->bytes_up : &c->epc->bytes_down, moved,
+                                      memory_order_relaxed);
+    }
     if (rc == -1) {
         pe_conn_close(c, 1);
         return -1;
@@ -753,6 +820,7 @@ static void pe_established(pe_conn *c, int backend_ready) {
     pe_timer_del(w, c);
     c->state = 1;
     atomic_fetch_add_explicit(&c->svc->opened, 1, memory_order_relaxed);
+    if (c->epc) atomic_fetch_add_explicit(&c->epc->opened, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->svc->active, 1, memory_order_relaxed);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                              .data.u64 = (uint64_t)(uintptr_t)c | PE_TAG_CLIENT};
@@ -773,7 +841,8 @@ static void pe_dial(pe_conn *c) {
     double now = pe_now();
     while (c->attempt < PE_ATTEMPTS) {
         pe_addr ep;
-        if (!pe_pick(c->svc, &c->cip, now, c->tried, c->ntried, &ep)) break;
+        pe_epc_release(&c->epc); /* the previous attempt's endpoint */
+        if (!pe_pick(c->svc, &c->cip, now, c->tried, c->ntried, &ep, &c->epc)) break;
         c->tried[c->ntried++] = ep;
         int list = c->attempt++;
         int fd = socket(ep.sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -1170,6 +1239,53 @@ static void pe_svc_read(pe_svc *s, unsigned long long *out) {
 }
 
 static long pe_svc_active(pe_svc *s) { return atomic_load_explicit(&s->active, memory_order_relaxed); }
+
+/* endpoint counters for the Cython layer: the address and what was counted since the last take */
+typedef struct {
+    pe_addr addr;
+    unsigned long long opened, bytes_up, bytes_down;
+} pe_epc_out;
+
+/* how many entries a take may return (listed and gone endpoints) */
+static int pe_svc_epc_count(pe_svc *s) {
+    pthread_mutex_lock(&s->mu);
+    int k = s->n;
+    for (pe_epc *g = s->gone; g; g = g->next) k++;
+    pthread_mutex_unlock(&s->mu);
+    return k;
+}
+
+static int pe_epc_take(pe_epc *c, pe_epc_out *o) {
+    o->addr = c->addr;
+    o->opened = atomic_exchange_explicit(&c->opened, 0, memory_order_relaxed);
+    o->bytes_up = atomic_exchange_explicit(&c->bytes_up, 0, memory_order_relaxed);
+    o->bytes_down = atomic_exchange_explicit(&c->bytes_down, 0, memory_order_relaxed);
+    return o->opened || o->bytes_up || o->bytes_down;
+}
+
+/* Up to cap endpoints with counts since the last take (each count is taken once: the reader's deltas).
+ * A gone endpoint no connection holds any more is read a last time and freed. */
+static int pe_svc_take_eps(pe_svc *s, pe_epc_out *out, int cap) {
+    int k = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < s->n && k < cap; i++)
+        if (s->ctrs[i] && pe_epc_take(s->ctrs[i], &out[k])) k++;
+    pe_epc **g = &s->gone;
+    while (*g && k < cap) {
+        pe_epc *c = *g;
+        /* no holder now means no holder ever again (a gone endpoint is never picked): read, then free */
+        int last = atomic_load_explicit(&c->conns, memory_order_acquire) == 0;
+        if (pe_epc_take(c, &out[k])) k++;
+        if (last) {
+            *g = c->next;
+            free(c);
+        } else {
+            g = &c->next;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return k;
+}
 
 static int pe_addr_set(pe_addr *a, int family, const char *packed, int port) {
     memset(a, 0, sizeof(*a));

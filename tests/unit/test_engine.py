@@ -466,6 +466,97 @@ def test_counters_listener_removal_and_drain(backends: Backends) -> None:
         path.engine.stop()
 
 
+def _talk(addr: tuple[str, int], payload: bytes) -> tuple[str, int]:
+    """One whole connection through a side: the endpoint that answered and the bytes it sent back."""
+    with socket.create_connection(addr, timeout=5) as sock:
+        name, how = read_line(sock)
+        assert how == "ok"
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        rest, how = read_until_close(sock)
+        assert how == "fin" and rest == payload + b"BYE\n"
+        return name.decode().strip(), len(name) + len(rest)
+
+
+@needs_native
+def test_engine_endpoint_counters_match_connections_and_twin(backends: Backends) -> None:
+    """Per-endpoint counts (``proxyd status``) from the engine equal what the connections moved, and
+    what the twin records for the same traffic; they follow an endpoint across list replacements."""
+    live = {f"ep{i}": ep for i, ep in enumerate(backends.live)}
+    sides = [Side(native=True), Side(native=False)]
+    try:
+        expected: list[dict[tuple[str, int], list[int]]] = []
+        for side in sides:
+            want: dict[tuple[str, int], list[int]] = {}
+            entry = TableEntry((backends.dead, backends.live[0], backends.live[1]), 0)
+            side.do(lambda side=side, entry=entry: side.path.set_endpoints(TKEY, entry, time.monotonic()))
+            for i in range(7):
+                payload = bytes([65 + i]) * (100 * i + 1)
+                name, back = _talk(side.addr, payload)
+                counts = want.setdefault(live[name], [0, 0, 0])
+                counts[0] += 1
+                counts[1] += len(payload)
+                counts[2] += back
+            # a connection open while its endpoint leaves the list keeps counting for it; when the
+            # endpoint comes back, its counts go on from there
+            with socket.create_connection(side.addr, timeout=5) as sock:
+                name, how = read_line(sock)
+                assert how == "ok"
+                ep = live[name.decode().strip()]
+                others = tuple(e for e in backends.live if e != ep)
+                side.do(lambda side=side, others=others: side.path.set_endpoints(
+                    TKEY, TableEntry(others, 0), time.monotonic()))
+                if side.native:
+                    side.path.flush()
+                sock.sendall(b"z" * 5000)
+                sock.shutdown(socket.SHUT_WR)
+                rest, how = read_until_close(sock)
+                assert how == "fin" and len(rest) == 5004
+                counts = want.setdefault(ep, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += 5000
+                counts[2] += len(name) + len(rest)
+            side.do(lambda side=side: side.path.set_endpoints(
+                TKEY, TableEntry(tuple(backends.live), 0), time.monotonic()))
+            for i in range(3):
+                name, back = _talk(side.addr, b"q" * 10)
+                counts = want.setdefault(live[name], [0, 0, 0])
+                counts[0] += 1
+                counts[1] += 10
+                counts[2] += back
+            assert backends.dead not in want
+            expected.append(want)
+        assert expected[0] == expected[1]  # the same picks on both sides
+
+        def by_endpoint(side: Side) -> dict[tuple[str, int], list[int]]:
+            side.do(side.path.flush)
+            stats = side.stats.peek(NAME)
+            if stats is None:
+                return {}
+            return dict(side.do(lambda: {k: list(v) for k, v in stats.by_endpoint.items()}))
+
+        # a worker adds what it moved right after moving it (the twin at close): wait for the last bytes
+        for side, want in zip(sides, expected, strict=True):
+            _wait(lambda side=side, want=want: by_endpoint(side) == want)
+        # counts are handed out once: another flush adds nothing
+        assert by_endpoint(sides[0]) == expected[0]
+        assert sides[0].path.services[TKEY].service.take_endpoint_counts() == []
+        # endpoints that left with nothing holding them are dropped; coming back they count afresh
+        native = sides[0]
+        native.path.set_endpoints(TKEY, TableEntry((), 0), time.monotonic())
+        native.path.flush()
+        native.path.set_endpoints(TKEY, TableEntry((backends.live[2],), 0), time.monotonic())
+        name, back = _talk(native.addr, b"w" * 7)
+        counts = expected[0].setdefault(live[name], [0, 0, 0])
+        counts[0] += 1
+        counts[1] += 7
+        counts[2] += back
+        _wait(lambda: by_endpoint(native) == expected[0])
+    finally:
+        for side in sides:
+            side.close()
+
+
 # -- the engine's own-listener guard and descriptor budget ------------------------------------
 
 

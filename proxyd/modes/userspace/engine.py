@@ -19,7 +19,9 @@ What crosses the Python boundary, and when (never per connection):
   in the engine;
 * every ``FLUSH_INTERVAL``: cumulative counters per table key (connections,
   bytes each way, retries, rejections per reason), read from C atomics and
-  turned into metric deltas; the number of accept pauses (logged as today);
+  turned into metric deltas; per endpoint, the connections and bytes counted
+  since the last flush (for ``proxyd status``; only endpoints with news);
+  the number of accept pauses (logged as today);
   the descriptors the rest of the process holds, for the engine's budget;
 * at scrape time: active connections per table key (the gauge reads C);
 * every affinity sweep: expired ClientIP entries are removed;
@@ -158,6 +160,8 @@ class _NativeService:
         now = self.service.counters()
         last, self.last = self.last, now
         self.stats.add_counts(now[0] - last[0], now[1] - last[1], now[2] - last[2])
+        for ep, opened, to_endpoint, to_client in self.service.take_endpoint_counts():
+            self.stats.add_endpoint_counts(ep, opened, to_endpoint, to_client)
         if now[3] != last[3]:
             self.stats.retries.inc(now[3] - last[3])
         for i, reason in enumerate(REJECT_REASONS):

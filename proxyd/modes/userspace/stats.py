@@ -18,8 +18,9 @@ object bound once per service port:
 
 With the native engine (``engine.py``) the counts live in C atomics per
 table key; ``live`` holds the engine's readers of active connections (the
-gauge adds them, so it stays exact) and ``add_counts`` takes the deltas the
-mode reads every flush (the engine keeps no per-endpoint counts).
+gauge adds them, so it stays exact), ``add_counts`` takes the deltas the
+mode reads every flush, and ``add_endpoint_counts`` the per-endpoint deltas
+the engine hands out (so ``by_endpoint`` reads as with the asyncio path).
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class Stats:
             self.pending_in += to_endpoint
             self.pending_out += to_client
             self._dirty.add(self)
+
+    def add_endpoint_counts(self, ep: tuple[str, int], opened: int, to_endpoint: int, to_client: int) -> None:
+        """One endpoint's connections opened and bytes moved by the native engine since the last call."""
+        counts = self._endpoint(ep)
+        counts[0] += opened
+        counts[1] += to_endpoint
+        counts[2] += to_client
 
     def opened(self, ep: tuple[str, int] | None = None) -> None:
         self.active += 1
