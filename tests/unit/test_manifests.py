@@ -29,7 +29,7 @@ LOGGER = "proxyd.sources.manifests"
 
 
 class FakeTracker:
-    """Records what the source pushes, like the real tracker's replace_all/set_node_labels."""
+    """Records what the source pushes, like the real tracker's update_service/update_slice/set_node_labels."""
 
     def __init__(self, node_name: str = "node-a") -> None:
         self.node_name = node_name
@@ -38,13 +38,25 @@ class FakeTracker:
         self.labels: dict = {}
         self.pushes = 0
 
-    def replace_all(self, services, slices) -> bool:
-        new_services = {s.name: s for s in services}
-        new_slices = {s.key: s for s in slices}
-        changed = new_services != self.services or new_slices != self.slices
-        self.services, self.slices = new_services, new_slices
+    def update_service(self, name, svc) -> bool:
         self.pushes += 1
-        return changed
+        if self.services.get(name) == svc:
+            return False
+        if svc is None:
+            del self.services[name]
+        else:
+            self.services[name] = svc
+        return True
+
+    def update_slice(self, key, sl) -> bool:
+        self.pushes += 1
+        if self.slices.get(key) == sl:
+            return False
+        if sl is None:
+            del self.slices[key]
+        else:
+            self.slices[key] = sl
+        return True
 
     def set_node_labels(self, labels) -> bool:
         changed = dict(labels) != self.labels
@@ -211,7 +223,7 @@ async def test_ignored_services_are_not_served(tmp_path, start):
 
 async def test_empty_directory_is_ready_and_empty(tmp_path, start):
     _src, tracker, changes = await start()
-    assert tracker.pushes == 1 and tracker.services == {} and changes == []
+    assert tracker.pushes == 0 and tracker.services == {} and changes == []
 
 
 async def test_missing_directory_is_an_error(tmp_path):
@@ -476,8 +488,10 @@ def test_parse_documents_guards():
         parse_documents(b"[" * 200_000 + b"]" * 200_000, is_json=False)
     with pytest.raises(manifests._Unusable, match="deeper than"):
         parse_documents(b"- " * 200_000 + b"x\n", is_json=False)
-    with pytest.raises(manifests._Unusable, match="nested too deeply"):
+    with pytest.raises(manifests._Unusable, match="deeper than"):
         parse_documents(b"[" * 200_000 + b"]" * 200_000, is_json=True)
+    with pytest.raises(manifests._Unusable, match="deeper than|nested too deeply"):
+        parse_documents(b'{"a":' * 200_000 + b"1" + b"}" * 200_000, is_json=True)
     with pytest.raises(manifests._Unusable, match="not UTF-8"):
         parse_documents(b"\xff\xfe\x00garbage", is_json=False)
     with pytest.raises(manifests._Unusable, match="does not parse"):
@@ -549,7 +563,7 @@ def test_parse_documents_never_raises_anything_else(data):
             assert err.reason.isprintable()
             continue
         src = ManifestSource("/nonexistent", FakeTracker(), on_change=lambda: None)
-        objects = src._convert_all("fuzz.yaml", docs, {})
+        objects, _known = src._convert_all("fuzz.yaml", manifests._objects_with_digests(docs), {})
         assert isinstance(objects, dict)
 
 
@@ -567,4 +581,5 @@ _values = st.recursive(
               "endpoints": _values, "addressType": _values}) | _values, max_size=5))
 def test_convert_all_never_raises(docs):
     src = ManifestSource("/nonexistent", FakeTracker(), on_change=lambda: None)
-    assert isinstance(src._convert_all("fuzz.yaml", docs, {}), dict)
+    objects, _known = src._convert_all("fuzz.yaml", manifests._objects_with_digests(docs), {})
+    assert isinstance(objects, dict)
