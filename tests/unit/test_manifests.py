@@ -490,7 +490,7 @@ def test_parse_documents_guards():
         parse_documents(b"- " * 200_000 + b"x\n", is_json=False)
     with pytest.raises(manifests._Unusable, match="deeper than"):
         parse_documents(b"[" * 200_000 + b"]" * 200_000, is_json=True)
-    with pytest.raises(manifests._Unusable, match="deeper than|nested too deeply"):
+    with pytest.raises(manifests._Unusable, match=r"deeper than|nested too deeply"):
         parse_documents(b'{"a":' * 200_000 + b"1" + b"}" * 200_000, is_json=True)
     with pytest.raises(manifests._Unusable, match="not UTF-8"):
         parse_documents(b"\xff\xfe\x00garbage", is_json=False)
