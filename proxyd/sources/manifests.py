@@ -175,8 +175,7 @@ def _json_fast_path(text: str, size: int) -> bool:
 
 def _json_items(text: str) -> Iterator[tuple[Any, bytes]]:
     """(object, digest) of a JSON document: a List's items, or the document itself."""
-    with _gc_paused():
-        doc = json.loads(text)
+    doc = json.loads(text)
     items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else None
     if isinstance(items, list):
         if len(items) > LIMITS.max_items:
@@ -269,10 +268,11 @@ def _guarded(data: bytes, *, is_json: bool) -> Iterator[tuple[Any, bytes]]:
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while ``json.loads`` builds a big, acyclic object tree.
+    """Pause the cyclic GC while a file's objects are built, converted and dropped.
 
     Building a kubectl dump's objects triggers collection after collection
-    over an ever larger heap. Nothing built here is cyclic, so nothing is lost.
+    over an ever larger heap (0.2 s of a 0.6 s re-read of a 13.5 MB file).
+    Nothing built here is cyclic, so nothing is lost.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -687,13 +687,16 @@ class ManifestSource:
             return state.objects
         state.digest = digest
         try:
-            objects, known = self._convert_all(name, iter_objects(data, is_json=name.endswith(".json")),
-                                               state.objects, state.known)
+            with _gc_paused():
+                objects, known = self._convert_all(name, iter_objects(data, is_json=name.endswith(".json")),
+                                                   state.objects, state.known)
         except _Unusable as err:
             self._reject_file(name, state, err)
             return state.objects
         finally:
             del data
+            if signature[3] >= TRIM_AFTER:
+                _trim_heap()
         state.known = known
         if objects == state.objects:
             return state.objects
@@ -776,26 +779,40 @@ class ManifestSource:
 
         An object whose digest was seen at the previous read is not converted
         again: its earlier outcome is reused (and an invalid one is not logged
-        again).
+        again). ``known`` is updated in place, and only for objects that
+        changed: a re-read of a big file then leaves no new long-lived small
+        objects scattered among the freed raw ones, which would pin the
+        allocator's arenas (measured: +100 MB RSS per re-read of 13.5 MB).
         """
-        known = known or {}
+        known = {} if known is None else known
         objects: dict[ObjKey, Any] = {}
-        memory: dict[bytes, tuple[ObjKey | None, Any]] = {}
-        for index, (raw, digest) in enumerate(items):
-            hit = known.get(digest) or memory.get(digest)
-            if hit is None:
-                hit = self._convert_one(name, index, raw)
-            del raw
-            memory[digest] = hit
-            key, value = hit
-            if key is None or value is _IGNORED:
-                continue
-            if value is _INVALID:
-                if key in previous:
-                    objects[key] = previous[key]
-                continue
-            objects[key] = value
-        return objects, memory
+        seen: set[bytes] = set()
+        added: list[bytes] = []
+        try:
+            for index, (raw, digest) in enumerate(items):
+                hit = known.get(digest)
+                if hit is None:
+                    hit = self._convert_one(name, index, raw)
+                    known[digest] = hit
+                    added.append(digest)
+                del raw
+                seen.add(digest)
+                key, value = hit
+                if key is None or value is _IGNORED:
+                    continue
+                if value is _INVALID:
+                    if key in previous:
+                        objects[key] = previous[key]
+                    continue
+                objects[key] = value
+        except BaseException:
+            for digest in added:
+                known.pop(digest, None)
+            raise
+        if len(seen) != len(known):
+            for digest in [d for d in known if d not in seen]:
+                del known[digest]
+        return objects, known
 
     def _convert_one(self, name: str, index: int, raw: Any) -> tuple[ObjKey | None, Any]:
         if not isinstance(raw, dict):
@@ -917,6 +934,30 @@ class ManifestSource:
         else:
             self._mirror_applied.pop(service, None)
         return changed
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system after a big file was read.
+
+    Reading runs in a worker thread, whose glibc arena keeps what a 13.5 MB
+    parse freed (its mmap threshold grows with every big free), so RSS would
+    climb with each re-read of a big file. ``malloc_trim(0)`` returns it.
+    """
+    trim = _MALLOC_TRIM
+    if trim is not None:
+        trim(0)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+TRIM_AFTER = 1 << 20  # bytes: files at least this big are followed by a trim
 
 
 def _candidate(name: str) -> bool:

@@ -186,6 +186,36 @@ async def test_relist_after_410_notices_deletions(fake, start_source, as_status)
     assert "resourceVersion" not in relist.query or relist.query["resourceVersion"] in ("", "0")
 
 
+async def test_relist_converts_only_what_changed(fake, start_source, monkeypatch):
+    from proxyd.sources import kube
+
+    converted: list[str] = []
+    real = kube.service_from_dict
+
+    def counting(raw):
+        converted.append(raw["metadata"]["name"])
+        return real(raw)
+
+    monkeypatch.setattr(kube, "service_from_dict", counting)
+    seed(fake, 50)
+    run = await start_source()
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    await wait_for(lambda: fake.watch_count() == 3, what="watches")
+    assert len(converted) == 50
+    converted.clear()
+    # s7 changes while the watch is gone and its history compacted: a relist.
+    fake.event_delay = 0.0
+    await fake.outage()
+    fake.apply("services", service("s7", "10.96.0.8", port=81))
+    fake.compact()
+    await fake.recover()
+    await wait_for(lambda: len(fake.requests_for("services", "list")) >= 2, what="relist")
+    await wait_for(lambda: run.tracker.service(ServiceName("default", "s7")).ports[0].port == 81,
+                   what="s7 changed")
+    assert converted == ["s7"]
+    assert len(run.tracker) == 50
+
+
 async def test_bookmarks_advance_the_resource_version(fake, start_source):
     seed(fake)
     run = await start_source()
