@@ -78,6 +78,8 @@ MAX_FILE_SIZE = 16 * 1024 * 1024
 MAX_DEPTH = 100  # Kubernetes objects nest ~15 deep; libyaml crashes at ~100k
 LIMITS = yamlstream.Limits(max_depth=MAX_DEPTH)
 JSON_BYTES_PER_CONTAINER = 24
+TRIM_AFTER = 1 << 20  # bytes: reading a file at least this big is followed by a heap trim
+BIG_FILE = 1 << 20  # bytes: files at least this big are read and applied one by one, after the others
 POLL_INTERVAL = 0.5
 DEBOUNCE = 0.1
 # With inotify, still look every few seconds at the entries that are
@@ -91,6 +93,8 @@ _SOURCE = "manifests"
 
 # (kind, namespace, name); Node objects use namespace "".
 ObjKey = tuple[str, str, str]
+# (file, its objects before, after)
+_Change = tuple[str, dict[ObjKey, Any], dict[ObjKey, Any]]
 
 _KINDS = {
     ("v1", "Service"): "Service",
@@ -597,8 +601,16 @@ class ManifestSource:
         self._wake.set()
 
     async def _apply(self, *, initial: bool, names: set[str] | None) -> None:
-        changes = await asyncio.to_thread(self._scan, names)
+        changes, big = await asyncio.to_thread(self._scan, names)
+        self._commit_and_notify(changes, initial=initial)
+        # Big files one at a time, each applied as soon as it is read: the
+        # small files above are in force already, whatever a big one costs.
+        for name in big:
+            changes = await asyncio.to_thread(self._scan_files, [name], None)
+            self._commit_and_notify(changes, initial=initial)
         self.scans += 1
+
+    def _commit_and_notify(self, changes: list, *, initial: bool) -> None:
         changed = self._commit(changes)
         metrics.SOURCE_LAST_EVENT_TIMESTAMP.set(time.time())
         # The first read is followed by the daemon's first sync anyway.
@@ -607,13 +619,14 @@ class ManifestSource:
 
     # ------------------------------------------------------------ worker thread side
 
-    def _scan(self, names: set[str] | None) -> list[tuple[str, dict[ObjKey, Any], dict[ObjKey, Any]]]:
+    def _scan(self, names: set[str] | None) -> tuple[list[_Change], list[str]]:
         """Re-read what changed (all files when ``names`` is None, else those named).
 
-        Returns (file, old objects, new objects) for each file whose objects changed.
+        Returns the changes of the small files, read now, and the names of
+        big files (``BIG_FILE`` bytes or more at their last read) left for
+        ``_scan_files`` one by one.
         """
         try:
-            real_dir = os.path.realpath(self.directory, strict=True)
             if names is None:
                 with os.scandir(self.directory) as it:
                     entries = {e.name: e for e in it if _candidate(e.name)}
@@ -625,9 +638,9 @@ class ManifestSource:
                 log.error("manifests %s: cannot list the directory (%s); keeping the current content",
                           _printable(self.directory), reason)
                 self._dir_error = reason
-            return []
+            return [], []
         self._dir_error = None
-        changes: list[tuple[str, dict[ObjKey, Any], dict[ObjKey, Any]]] = []
+        changes: list[_Change] = []
         if entries is not None:
             self._last_full = time.monotonic()
             for gone in [n for n in self._files if n not in entries]:
@@ -635,8 +648,19 @@ class ManifestSource:
             todo = sorted(entries)
         else:
             todo = sorted(n for n in names if _candidate(n))
-        # Small files first: a good file is never kept waiting behind a huge one.
-        for name in self._by_size(todo, entries):
+        sizes = {n: self._size(n, entries) for n in todo}
+        small = [n for n in todo if sizes[n] < BIG_FILE]
+        big = sorted((n for n in todo if sizes[n] >= BIG_FILE), key=sizes.__getitem__)
+        more = self._scan_files(small, entries)
+        return changes + more, big
+
+    def _scan_files(self, names: list[str], entries: dict[str, os.DirEntry] | None) -> list[_Change]:
+        changes: list[_Change] = []
+        try:
+            real_dir = os.path.realpath(self.directory, strict=True)
+        except OSError:
+            return changes  # the directory went away: the next scan reports it
+        for name in names:
             entry = entries.get(name) if entries is not None else None
             old = self._files[name].objects if name in self._files else {}
             new = self._refresh(name, real_dir, entry)
@@ -644,13 +668,18 @@ class ManifestSource:
                 changes.append((name, old, new))
         return changes
 
-    def _by_size(self, names: list[str], entries: dict[str, os.DirEntry] | None) -> list[str]:
-        def size(name: str) -> int:
-            state = self._files.get(name)
-            if state is not None and state.signature is not None:
-                return state.signature[3]
+    def _size(self, name: str, entries: dict[str, os.DirEntry] | None) -> int:
+        """The file's size at its last read; for a new file, its size now (0 when unknown)."""
+        state = self._files.get(name)
+        if state is not None and state.signature is not None:
+            return int(state.signature[3])
+        try:
+            entry = entries.get(name) if entries is not None else None
+            if entry is not None:
+                return entry.stat().st_size
+            return os.stat(os.path.join(self.directory, name)).st_size
+        except OSError:
             return 0
-        return sorted(names, key=size)
 
     def _forget(self, name: str, changes: list) -> None:
         state = self._files.pop(name, None)
@@ -839,7 +868,7 @@ class ManifestSource:
 
     # ------------------------------------------------------------ merge (loop side)
 
-    def _commit(self, changes: list[tuple[str, dict[ObjKey, Any], dict[ObjKey, Any]]]) -> bool:
+    def _commit(self, changes: list[_Change]) -> bool:
         """Fold changed files into the merged view; hand what changed to the tracker."""
         touched: set[ObjKey] = set()
         for name, old, new in changes:
@@ -957,7 +986,7 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _load_malloc_trim()
-TRIM_AFTER = 1 << 20  # bytes: files at least this big are followed by a trim
+
 
 
 def _candidate(name: str) -> bool:
