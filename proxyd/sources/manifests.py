@@ -314,7 +314,7 @@ def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
                     own = entry.value
             else:
                 assert isinstance(entry, yamlstream.DocumentEnd)
-                if entry.is_list:
+                if entry.streamed:
                     own = {**own, "items": items}
                 docs.append(own)
                 items, own = [], None

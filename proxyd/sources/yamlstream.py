@@ -79,10 +79,15 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class DocumentEnd:
-    """End of document ``document``; ``is_list`` when its top-level ``kind`` is ``List``."""
+    """End of document ``document``.
+
+    ``is_list`` when its top-level ``kind`` is ``List``; ``streamed`` when
+    its ``items`` came as listed items (a List's or not).
+    """
 
     document: int
     is_list: bool
+    streamed: bool = False
 
 
 class _Builder:
@@ -262,7 +267,7 @@ class _Builder:
             self.counted()
         # A List's own fields come too (``parse_documents`` rebuilds the document).
         yield Item(rest, self.digest(start.start_mark, last.end_mark), index, False)
-        yield DocumentEnd(index, is_list)
+        yield DocumentEnd(index, is_list, streamed)
 
 
 _MISSING = object()
