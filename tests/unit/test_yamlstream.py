@@ -12,7 +12,7 @@ from proxyd.sources.manifests import parse_documents
 
 
 class _NoAliases(yaml.SafeDumper):
-    def ignore_aliases(self, data):  # noqa: ANN001, ANN201 - PyYAML's signature
+    def ignore_aliases(self, data):
         return True
 
 
@@ -21,8 +21,11 @@ _scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20)
             | st.sampled_from(["yes", "no", "on", "off", "0x1F", "0o17", "1_000", "1:20", "~", "null", "=",
                                "2001-12-14", "2001-12-14t21:59:43.10-05:00", ".inf", "-.Inf", "1e3", "TCP",
                                "10.0.0.1", "08", "+12", "-0", "True", "NULL", ""]))
-_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4)
-                       | st.dictionaries(st.text(max_size=6) | st.integers(0, 9), c, max_size=4), max_leaves=20)
+_keys = st.text(max_size=6) | st.integers(0, 9)
+_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(_keys, c, max_size=4),
+                       max_leaves=20)
+_lists = st.fixed_dictionaries({"kind": st.just("List"), "items": st.lists(_values, max_size=4)},
+                               optional={"apiVersion": st.just("v1")})
 
 
 def _reference(text: str) -> list:
@@ -30,9 +33,7 @@ def _reference(text: str) -> list:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_values | st.fixed_dictionaries({"kind": st.just("List"), "items": st.lists(_values, max_size=4)},
-                                                optional={"apiVersion": st.just("v1")}), min_size=1, max_size=3),
-       st.booleans())
+@given(st.lists(_values | _lists, min_size=1, max_size=3), st.booleans())
 def test_same_values_as_the_safe_loader(docs, flow):
     text = yaml.dump_all(docs, Dumper=_NoAliases, default_flow_style=flow, sort_keys=False)
     assert parse_documents(text.encode(), is_json=False) == _reference(text)
@@ -81,7 +82,8 @@ def test_limits_stop_early():
 
 def test_digest_follows_an_items_text():
     def digests(text: str) -> list[bytes]:
-        return [e.digest for e in yamlstream.iter_objects(text) if isinstance(e, yamlstream.Item) and e.listed]
+        entries = yamlstream.iter_objects(text)
+        return [e.digest for e in entries if isinstance(e, yamlstream.Item) and e.listed]
 
     a = digests("kind: List\nitems:\n- {name: a}\n- {name: b}\n- {name: c}\n")
     b = digests("items:\n- {name: a}\n- {name: B}\n- {name: c}\nkind: List\n")
