@@ -41,6 +41,7 @@ import json
 import os
 import resource
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -295,7 +296,15 @@ def load() -> str:
     return f"load average {one:.1f} (1 min) {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (and SIGINT, even when started in the background) unwind through
+    # the topology's teardown: no namespace or process is left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--endpoints", type=int, default=10)

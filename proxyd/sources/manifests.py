@@ -61,7 +61,7 @@ import yaml
 
 from proxyd import metrics
 from proxyd.model import EndpointSlice, ServiceName
-from proxyd.sources import yamlstream
+from proxyd.sources import parsechild, yamlstream
 from proxyd.sources.convert import (
     InvalidObject,
     is_mirror,
@@ -491,6 +491,7 @@ class ManifestSource:
         max_file_size: int = MAX_FILE_SIZE,
         rescan_interval: float = SAFETY_RESCAN,
         full_rescan_interval: float = FULL_RESCAN,
+        child_parse_size: int | None = BIG_FILE,
     ) -> None:
         self.directory = str(directory)
         self.tracker = tracker
@@ -501,6 +502,8 @@ class ManifestSource:
         self.max_file_size = max_file_size
         self.rescan_interval = rescan_interval
         self.full_rescan_interval = full_rescan_interval
+        # Files at least this big are parsed in a child process (see parsechild); None: never.
+        self.child_parse_size = child_parse_size
         self.watching = False  # True while inotify (not polling) detects changes
         self.scans = 0  # completed scans, for tests and debugging
         self.reads = 0  # files read (opened and read whole), for tests and debugging
@@ -715,10 +718,14 @@ class ManifestSource:
         if digest == state.digest:
             return state.objects
         state.digest = digest
+        is_json = name.endswith(".json")
+        if self.child_parse_size is not None and len(data) >= self.child_parse_size:
+            items = _from_child(data, is_json=is_json, known=state.known)
+        else:
+            items = iter_objects(data, is_json=is_json)
         try:
             with _gc_paused():
-                objects, known = self._convert_all(name, iter_objects(data, is_json=name.endswith(".json")),
-                                                   state.objects, state.known)
+                objects, known = self._convert_all(name, items, state.objects, state.known)
         except _Unusable as err:
             self._reject_file(name, state, err)
             return state.objects
@@ -963,6 +970,14 @@ class ManifestSource:
         else:
             self._mirror_applied.pop(service, None)
         return changed
+
+
+def _from_child(data: bytes, *, is_json: bool, known: dict[bytes, Any]) -> Iterator[tuple[Any, bytes]]:
+    """``iter_objects`` run in a child process: only objects whose digest is not ``known`` come back."""
+    try:
+        yield from parsechild.parse(data, is_json=is_json, known=known)
+    except parsechild.ChildFailed as err:
+        raise _Unusable(err.reason, err.category) from None
 
 
 def _trim_heap() -> None:

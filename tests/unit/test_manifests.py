@@ -606,8 +606,10 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.parametrize("in_child", [False, True], ids=["in-thread", "in-child"])
 @pytest.mark.parametrize("suffix", ["yaml", "json"])
-async def test_unchanged_objects_in_a_rewritten_file_are_not_converted(tmp_path, start, monkeypatch, suffix):
+async def test_unchanged_objects_in_a_rewritten_file_are_not_converted(tmp_path, start, monkeypatch, suffix,
+                                                                       in_child):
     dump = json.dumps if suffix == "json" else yaml.safe_dump
     path = tmp_path / f"all.{suffix}"
     path.write_text(dump(many(50)))
@@ -615,7 +617,9 @@ async def test_unchanged_objects_in_a_rewritten_file_are_not_converted(tmp_path,
     real = manifests._convert
     monkeypatch.setattr(manifests, "_convert", lambda kind, raw: calls.append(kind) or real(kind, raw))
     tracker = Tracker("node-a")
-    src, _tracker, changes = await start(tracker=tracker)
+    # In a child process (as files of 1 MiB and more are), only new objects come back at all.
+    src, _tracker, changes = await start(tracker=tracker, child_parse_size=1 if in_child else None,
+                                         ready_timeout=30)
     assert len(calls) == 100 and len(tracker) == 50
     tracker.take()
     calls.clear()
@@ -699,8 +703,9 @@ async def test_hostile_shapes_cost_bounded_memory(tmp_path, start, caplog, suffi
     write(tmp_path / "good.yaml", service())
     tracemalloc.start()
     try:
+        # Parsed here, not in a child (which would hide the cost from tracemalloc).
         # tracemalloc slows parsing ~10x: a wide margin (the bench measures the time).
-        _src, tracker, _ = await start(ready_timeout=120)
+        _src, tracker, _ = await start(ready_timeout=120, child_parse_size=None)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -708,3 +713,11 @@ async def test_hostile_shapes_cost_bounded_memory(tmp_path, start, caplog, suffi
     # Today's loaders need ~500 bytes per node (~700 MB here); bounded now by
     # the per-object node budget and the per-file object count.
     assert peak < 48 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB for a {len(shape) / 2**20:.1f} MiB file"
+
+
+async def test_big_hostile_file_in_a_child_is_refused_and_the_good_file_applies(tmp_path, start, caplog):
+    (tmp_path / "hostile.yaml").write_text("[" + "{}," * 5_300_000 + "{}]")  # 15.9 MB
+    write(tmp_path / "good.yaml", service())
+    _src, tracker, _ = await start(ready_timeout=120)
+    assert set(tracker.services) == {ServiceName("default", "demo")}
+    assert records(caplog, "hostile.yaml: does not parse: an object has more than")
