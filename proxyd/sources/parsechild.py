@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 DIGEST = 16
-MEMORY_LIMIT = 1024 * 1024 * 1024  # address space of the child (its Python itself takes ~60 MB)
+MEMORY_LIMIT = 768 * 1024 * 1024  # address space; measured peaks: 13.5 MB JSON 145 MB RSS, YAML 169 MB
 TIMEOUT = 300.0
 KNOWN = object()  # stands for the raw object of a known digest
 
