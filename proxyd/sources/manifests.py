@@ -66,7 +66,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -218,11 +218,14 @@ def _objects_with_digests(docs: list[Any]) -> Iterator[tuple[Any, bytes]]:
         yield obj, _digest_json(obj)
 
 
-def _yaml_items(text: str) -> Iterator[tuple[Any, bytes]]:
-    """(object, digest) of every object of a YAML stream, one at a time (see ``yamlstream``)."""
+def _yaml_items(text: str, known: Container[bytes] | None) -> Iterator[tuple[Any, bytes]]:
+    """(object, digest) of every object of a YAML stream, one at a time (see ``yamlstream``).
+
+    A List item whose digest is in ``known`` comes as (None, digest): not built.
+    """
     pending: list[tuple[Any, bytes]] = []
     own: tuple[Any, bytes] | None = None
-    for entry in yamlstream.iter_objects(text, LIMITS):
+    for entry in yamlstream.iter_objects(text, LIMITS, known):
         if type(entry) is yamlstream.Item:
             if entry.listed:
                 # Whether these are a List's items is known at the document's end.
@@ -251,12 +254,18 @@ def read_objects(data: bytes, *, is_json: bool) -> list[tuple[Any, bytes]]:
     return list(_guarded(data, is_json=is_json))
 
 
-def iter_objects(data: bytes, *, is_json: bool) -> Iterator[tuple[Any, bytes]]:
-    """``read_objects`` one object at a time (what the source uses: raw objects never pile up)."""
-    return _guarded(data, is_json=is_json)
+def iter_objects(data: bytes, *, is_json: bool,
+                 known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
+    """``read_objects`` one object at a time (what the source uses: raw objects never pile up).
+
+    With ``known``, YAML List items whose digest is in it are not built
+    (they come as None): the caller has their outcome already.
+    """
+    return _guarded(data, is_json=is_json, known=known)
 
 
-def _guarded(data: bytes, *, is_json: bool) -> Iterator[tuple[Any, bytes]]:
+def _guarded(data: bytes, *, is_json: bool,
+             known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
     text = _decode(data)
     try:
         if _json_fast_path(text, len(data)):
@@ -268,7 +277,7 @@ def _guarded(data: bytes, *, is_json: bool) -> Iterator[tuple[Any, bytes]]:
                     raise _Unusable(f"does not parse: line {err.lineno} column {err.colno}: {err.msg}",
                                     "parse") from None
                 # YAML that starts like JSON but is not: the YAML reader says what is wrong.
-        yield from _yaml_items(text)
+        yield from _yaml_items(text, known)
     except _Unusable:
         raise
     except yamlstream.ParseError as err:
@@ -735,7 +744,7 @@ class ManifestSource:
         if self.child_parse_size is not None and len(data) >= self.child_parse_size:
             items = _from_child(data, is_json=is_json, known=state.known)
         else:
-            items = iter_objects(data, is_json=is_json)
+            items = iter_objects(data, is_json=is_json, known=state.known)
         try:
             with _gc_paused():
                 objects, known = self._convert_all(name, items, state.objects, state.known)

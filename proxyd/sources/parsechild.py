@@ -122,7 +122,7 @@ def _main() -> int:
         return 0
 
     try:
-        for raw, digest in iter_objects(data, is_json=sys.argv[1] == "json"):
+        for raw, digest in iter_objects(data, is_json=sys.argv[1] == "json", known=known):
             if digest in known:
                 out.write(b"K" + digest)
             else:

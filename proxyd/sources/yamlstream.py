@@ -30,7 +30,7 @@ applies). Nothing here knows about Kubernetes kinds beyond the ``items`` key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +91,10 @@ class DocumentEnd:
 
 
 class _Builder:
-    def __init__(self, text: str, limits: Limits) -> None:
+    def __init__(self, text: str, limits: Limits, known: Container[bytes] | None = None) -> None:
         self.text = text
         self.limits = limits
+        self.known = known
         self.loader = _Loader(text)
         self.event = self.loader.get_event  # bound once: called for every event
         self.cache: dict[tuple[str | None, str, bool], Any] = {}
@@ -185,6 +186,41 @@ class _Builder:
             self.cache[cache_key] = out
         return out
 
+    def known_or_built(self, first: Any, index: int) -> Item:
+        """A List item: its events recorded, and built only when its digest is not known.
+
+        Building is about half the cost of reading an object; a re-read file
+        whose objects are mostly unchanged skips it for all of those.
+        """
+        events = [first]
+        depth = 1 if type(first) in (yaml.MappingStartEvent, yaml.SequenceStartEvent) else 0
+        limit = 2 * self.limits.max_nodes
+        while depth:
+            ev = self.event()
+            events.append(ev)
+            cls = type(ev)
+            if cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
+                depth += 1
+                if depth + 2 > self.limits.max_depth:
+                    raise ParseError(f"nested deeper than {self.limits.max_depth} levels")
+            elif cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
+                depth -= 1
+            if len(events) > limit:
+                raise ParseError(f"an object has more than {self.limits.max_nodes} nodes")
+        following = self.loader.peek_event()
+        digest = self.digest(first.start_mark, following.start_mark)
+        if self.known is not None and digest in self.known:
+            return Item(None, digest, index, True)
+        replay = iter(events)
+        next(replay)
+        live = self.event
+        self.event = replay.__next__
+        try:
+            value = self.node(first, 2)
+        finally:
+            self.event = live
+        return Item(value, digest, index, True)
+
     def digest(self, start: Any, end: Any) -> bytes:
         h = hashlib.blake2b(digest_size=16)
         h.update(self.salt)
@@ -246,8 +282,11 @@ class _Builder:
                     if type(ev) is yaml.SequenceEndEvent:
                         break
                     self.nodes = 0
-                    value = self.node(ev, 2)
                     self.counted()
+                    if self.known is not None:
+                        yield self.known_or_built(ev, index)
+                        continue
+                    value = self.node(ev, 2)
                     # The item's text runs to where the next event starts.
                     following = self.loader.peek_event()
                     yield Item(value, self.digest(ev.start_mark, following.start_mark), index, True)
@@ -280,15 +319,17 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def iter_objects(text: str, limits: Limits = Limits()) -> Iterator[Item | DocumentEnd]:
+def iter_objects(text: str, limits: Limits = Limits(),
+                 known: Container[bytes] | None = None) -> Iterator[Item | DocumentEnd]:
     """Items and document ends of a YAML stream; ``ParseError`` (or ``yaml.YAMLError``) when it is bad.
 
     A caller keeps the items of a document and decides at its ``DocumentEnd``:
     for a List, the ``listed`` items are the objects (the one unlisted item
     holds the List's own fields); otherwise the one unlisted item is the
-    object (a document that is null gives none).
+    object (a document that is null gives none). A List item whose digest
+    is in ``known`` comes with ``value`` None: it is not built at all.
     """
-    builder = _Builder(text, limits)
+    builder = _Builder(text, limits, known)
     try:
         yield from builder.documents()
     finally:

@@ -91,3 +91,15 @@ def test_digest_follows_an_items_text():
     # Indented differently: not the same text, so not the same digest.
     c = digests("kind: List\nitems:\n  - {name: a}\n")
     assert c[0] != a[0]
+
+
+def test_known_items_are_not_built():
+    text = "kind: List\nitems:\n- {name: a, x: [1, 2]}\n- {name: b}\n- name: c\n  y: {z: 1}\n"
+    first = [e for e in yamlstream.iter_objects(text) if isinstance(e, yamlstream.Item) and e.listed]
+    known = {first[0].digest, first[2].digest}
+    again = [e for e in yamlstream.iter_objects(text, known=known)
+             if isinstance(e, yamlstream.Item) and e.listed]
+    assert [e.digest for e in again] == [e.digest for e in first]
+    assert [e.value for e in again] == [None, {"name": "b"}, None]
+    with pytest.raises(yamlstream.ParseError, match="deeper than"):
+        list(yamlstream.iter_objects("kind: List\nitems:\n- " + "[" * 120 + "]" * 120 + "\n", known=set()))
