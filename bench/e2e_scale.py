@@ -232,7 +232,12 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
             result["error"] = f"{type(err).__name__}: {err}"[-600:]
             result["log"] = topo.log_of(proc)[-1500:]
         finally:
-            topo.stop_proxyd(proc, timeout=60)
+            stopped = time.monotonic()
+            try:
+                topo.stop_proxyd(proc, timeout=120)
+                result["stop_s"] = round(time.monotonic() - stopped, 1)
+            except Exception as err:  # a daemon slow to die under load must not lose the figures
+                result["stop_error"] = f"{type(err).__name__}: {err}"[-300:]
     return result
 
 
