@@ -245,22 +245,15 @@ def _yaml_items(text: str, known: Container[bytes] | None) -> Iterator[tuple[Any
         own = None
 
 
-def read_objects(data: bytes, *, is_json: bool) -> list[tuple[Any, bytes]]:
+def iter_objects(data: bytes, *, is_json: bool,
+                 known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
     """Every object of one file with a digest of its content; ``_Unusable`` when it does not parse.
 
     JSON (a ``.json`` file, or a YAML file that is JSON) goes through
     ``json.loads`` when it looks like real objects, everything else through
-    the streaming YAML reader, whose memory is bounded per object. The
-    result holds raw objects; callers convert and drop them one by one.
-    """
-    return list(_guarded(data, is_json=is_json))
-
-
-def iter_objects(data: bytes, *, is_json: bool,
-                 known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
-    """``read_objects`` one object at a time (what the source uses: raw objects never pile up).
-
-    With ``known``, YAML List items whose digest is in it are not built
+    the streaming YAML reader, whose memory is bounded per object. Objects
+    come one at a time: callers convert and drop them, raw objects never
+    pile up. With ``known``, YAML List items whose digest is in it are not built
     (they come as None): the caller has their outcome already.
     """
     return _guarded(data, is_json=is_json, known=known)
