@@ -491,6 +491,10 @@ class KubeSource:
         """List every page; replace the kind's content; the list's resourceVersion."""
         values: dict[Any, Any] = {}
         seen: set[Hashable] = set()
+        # resourceVersions of what this list converted: remembered only once the
+        # tracker holds the result (a list restarted after an expired continue
+        # token must convert its first pages again).
+        versions: dict[Hashable, str | None] = {}
         token: str | None = None
         rv = ""
         while True:
@@ -518,7 +522,7 @@ class KubeSource:
                 raise _HttpError(resp.status, "list items is not a list")
             del page
             for raw in items:
-                self._collect(kind, raw, values, seen)
+                self._collect(kind, raw, values, seen, versions)
             del items
             page_rv = meta.get("resourceVersion")
             if isinstance(page_rv, str) and page_rv:
@@ -536,6 +540,8 @@ class KubeSource:
             self._changed()
         else:
             metrics.SOURCE_LAST_EVENT_TIMESTAMP.set(time.time())
+        for key, version in versions.items():
+            self._remember(kind, key, version)
         self._listed.add(kind.name)
         if kind.name == "nodes":
             self._node_tried = True
@@ -544,7 +550,8 @@ class KubeSource:
         self._check_ready()
         return rv
 
-    def _collect(self, kind: _Kind, raw: object, values: dict[Any, Any], seen: set[Hashable]) -> None:
+    def _collect(self, kind: _Kind, raw: object, values: dict[Any, Any], seen: set[Hashable],
+                 versions: dict[Hashable, str | None]) -> None:
         """One listed item into ``values`` (keeping the previous good version of an invalid one)."""
         metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind.name).inc()
         if not isinstance(raw, dict):
@@ -565,7 +572,7 @@ class KubeSource:
             if previous is not None:
                 values[key] = previous
             return
-        self._remember(kind, key, rv)
+        versions[key] = rv
         try:
             value = kind.convert(raw)
         except InvalidObject as err:

@@ -91,6 +91,28 @@ async def test_expired_continue_token_restarts_the_list(fake, start_source):
     assert len(run.tracker) == 30
 
 
+async def test_list_restarted_after_its_first_page_keeps_every_object(fake, start_source, monkeypatch):
+    # The continue token expires right after the first page: the restarted
+    # list must deliver the first page's objects again (they were converted
+    # but never reached the tracker).
+    seed(fake, 30)
+    real = fake._list
+    served: list[str] = []
+
+    def first_page_then_expire(record, resource, matches):
+        response = real(record, resource, matches)
+        served.append(resource)
+        if served.count("services") == 1 and resource == "services":
+            fake.expire_continue_tokens()
+        return response
+
+    monkeypatch.setattr(fake, "_list", first_page_then_expire)
+    run = await start_source(page_limit=10)
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    assert served.count("services") > 3  # restarted: 1 + 3 pages at least
+    assert len(run.tracker) == 30
+
+
 async def test_watch_events_reach_the_tracker(fake, start_source):
     seed(fake)
     run = await start_source()
