@@ -89,14 +89,10 @@ def check(directory: str, *, ranges: Ranges, node_name: str, out: TextIO) -> int
     logger = logging.getLogger("proxyd.sources.manifests")
     level, logger.level = logger.level, logging.CRITICAL + 1
     try:
-        # The daemon's scan (run in a worker thread there), then its tracker update.
-        result = source._scan()
+        # The daemon's first read (its worker-thread scan, then the tracker update).
+        source.read_all()
     finally:
         logger.level = level
-    if result is not None:
-        services, slices, labels = result
-        tracker.replace_all(services, slices)
-        tracker.set_node_labels(labels)
     state = tracker.take().state
     files = {key: name for name in sorted(source._files) for key in source._files[name].objects}
     assigned = allocator.last.assigned

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from proxyd.model import Protocol, Service, ServiceName
@@ -293,6 +293,9 @@ class Allocator:
         self._last_specs: list[ServiceSpec] = []
         self._memo: dict[int, tuple[ServiceSpec, Assigned, ServiceSpec]] = {}
         self._last_services: list[Service] = []
+        # For ``update``: what it handed out last, and the specs still missing something.
+        self._current: dict[ServiceName, Service] = {}
+        self._incomplete: set[ServiceName] = set()
 
     def missing(self, spec: ServiceSpec) -> str | None:
         return missing(spec, self.ranges)
@@ -322,3 +325,55 @@ class Allocator:
         self._last_specs = specs
         self._last_services = [entry[2] for entry in built.values()]
         return list(self._last_services)
+
+    def update(self, specs: Mapping[ServiceName, ServiceSpec],
+               changed: Iterable[ServiceName]) -> dict[ServiceName, Service | None]:
+        """The Services whose outcome changed since the last call (None: no longer served).
+
+        For a source that merges incrementally: ``specs`` holds every Service
+        spec now, ``changed`` names those whose spec changed since the last
+        call. Allocation ties services together (an explicit address anywhere
+        takes a slot, collisions are resolved in name order), so while any
+        spec misses something the whole set goes through ``services`` (which
+        reuses what did not change) and only the Services that differ come
+        back; so does the first change after one that allocated or refused
+        anything, which brings ``last`` up to date. A set where every
+        spec is complete (a kubectl dump) needs no allocation: then only the
+        changed specs are built, and a change costs what it changed.
+        """
+        changed = set(changed)
+        for name in changed:
+            spec = specs.get(name)
+            if spec is None or spec.complete:
+                self._incomplete.discard(name)
+            else:
+                self._incomplete.add(name)
+        out: dict[ServiceName, Service | None] = {}
+        if self._incomplete or self.last.assigned or self.last.failures:
+            now = {svc.name: svc for svc in self.services(specs.values())}
+            for name, svc in now.items():
+                before = self._current.get(name)
+                if before is not svc and before != svc:
+                    out[name] = svc
+            out.update((name, None) for name in self._current.keys() - now.keys())
+            self._current = now
+            return out
+        for name in changed:
+            spec = specs.get(name)
+            before = self._current.get(name)
+            if spec is None:
+                self.last.specs.pop(name, None)
+                if before is not None:
+                    del self._current[name]
+                    out[name] = None
+                continue
+            self.last.specs[name] = spec
+            svc = build_service(spec)
+            if before is None or before != svc:
+                self._current[name] = svc
+                out[name] = svc
+        return out
+
+    def served(self, name: ServiceName) -> Service | None:
+        """The Service ``update`` last handed out under ``name``."""
+        return self._current.get(name)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -327,6 +328,7 @@ def _metadata(obj: Mapping[str, Any], *,
     name = name_check(raw_name, "metadata.name")
     raw_ns = meta.get("namespace")
     namespace = "default" if raw_ns is None or raw_ns == "" else _dns_label(raw_ns, "metadata.namespace")
+    namespace = sys.intern(namespace)  # shared by every object of the namespace (memory at 10k services)
     return namespace, name, meta
 
 
@@ -796,8 +798,9 @@ def _slice_endpoint(raw: object, path: str, fam: int, notes: list[Note]) -> Slic
         ready=ready is None or ready,
         serving=serving is None or serving,
         terminating=bool(terminating),
-        node_name=node or None,
-        zone=zone or None,
+        # Interned: the same few node and zone names repeat on every endpoint.
+        node_name=sys.intern(node) if node else None,
+        zone=sys.intern(zone) if zone else None,
         zone_hints=tuple(zones),
     )
 

@@ -26,7 +26,8 @@ Every request is recorded (``requests``) for assertions. It runs in-process
 (``FakeApiServer.start()``) or as a process (``python -m
 tests.api.fake_apiserver --host H --port P``) controlled through
 ``/fake/...`` admin endpoints (``AdminClient``), e.g. inside a test network
-namespace for the end-to-end test.
+namespace for the end-to-end test; ``--preload FILE`` starts it with a kind: List
+of objects (bench/e2e_scale.py serves 10,000 services that way).
 """
 
 from __future__ import annotations
@@ -616,10 +617,16 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bookmark-interval", type=float, default=1.0)
+    parser.add_argument("--preload", help="a JSON kind: List of Services, EndpointSlices, Nodes to serve")
     args = parser.parse_args()
+    plurals = {kind: plural for plural, (_prefix, kind, _list, _ns) in RESOURCES.items()}
 
     async def serve() -> None:
         server = FakeApiServer(host=args.host, port=args.port, bookmark_interval=args.bookmark_interval)
+        if args.preload:
+            with open(args.preload) as handle:
+                for obj in json.load(handle)["items"]:
+                    server.apply(plurals[obj["kind"]], obj)
         await server.start()
         print(f"listening {server.url}", flush=True)
         await asyncio.Event().wait()

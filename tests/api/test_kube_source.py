@@ -91,6 +91,28 @@ async def test_expired_continue_token_restarts_the_list(fake, start_source):
     assert len(run.tracker) == 30
 
 
+async def test_list_restarted_after_its_first_page_keeps_every_object(fake, start_source, monkeypatch):
+    # The continue token expires right after the first page: the restarted
+    # list must deliver the first page's objects again (they were converted
+    # but never reached the tracker).
+    seed(fake, 30)
+    real = fake._list
+    served: list[str] = []
+
+    def first_page_then_expire(record, resource, matches):
+        response = real(record, resource, matches)
+        served.append(resource)
+        if served.count("services") == 1 and resource == "services":
+            fake.expire_continue_tokens()
+        return response
+
+    monkeypatch.setattr(fake, "_list", first_page_then_expire)
+    run = await start_source(page_limit=10)
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    assert served.count("services") > 3  # restarted: 1 + 3 pages at least
+    assert len(run.tracker) == 30
+
+
 async def test_watch_events_reach_the_tracker(fake, start_source):
     seed(fake)
     run = await start_source()
@@ -184,6 +206,36 @@ async def test_relist_after_410_notices_deletions(fake, start_source, as_status)
     assert sample("proxyd_source_reconnects_total", kind="services", reason="expired") >= 1
     relist = fake.requests_for("services", "list")[-1]
     assert "resourceVersion" not in relist.query or relist.query["resourceVersion"] in ("", "0")
+
+
+async def test_relist_converts_only_what_changed(fake, start_source, monkeypatch):
+    from proxyd.sources import kube
+
+    converted: list[str] = []
+    real = kube.service_from_dict
+
+    def counting(raw, notes=None):
+        converted.append(raw["metadata"]["name"])
+        return real(raw, notes)
+
+    monkeypatch.setattr(kube, "service_from_dict", counting)
+    seed(fake, 50)
+    run = await start_source()
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    await wait_for(lambda: fake.watch_count() == 3, what="watches")
+    assert len(converted) == 50
+    converted.clear()
+    # s7 changes while the watch is gone and its history compacted: a relist.
+    fake.event_delay = 0.0
+    await fake.outage()
+    fake.apply("services", service("s7", "10.96.0.8", port=81))
+    fake.compact()
+    await fake.recover()
+    await wait_for(lambda: len(fake.requests_for("services", "list")) >= 2, what="relist")
+    await wait_for(lambda: run.tracker.service(ServiceName("default", "s7")).ports[0].port == 81,
+                   what="s7 changed")
+    assert converted == ["s7"]
+    assert len(run.tracker) == 50
 
 
 async def test_bookmarks_advance_the_resource_version(fake, start_source):

@@ -257,3 +257,36 @@ def test_the_caching_allocator_answers_as_the_pure_function(steps):
         got = {s.name: s for s in allocator.services(current)}
         assert got == {name: build_service(done) for name, done in expected.specs.items()}
         assert allocator.services(current) == list(got.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(directories(), st.booleans()), min_size=1, max_size=6))
+def test_incremental_update_hands_out_exactly_what_changed(steps):
+    """The manifests source's merge: after each change, ``update`` returns only the Services that
+    differ, and what it handed out so far equals allocating the whole directory from scratch.
+
+    Steps whose every spec is complete (a kubectl dump) take the path that builds only the changed
+    specs; the others, and the step after them, allocate across the whole set.
+    """
+    from proxyd.sources.convert import build_service
+
+    allocator = Allocator(SMALL)
+    held: dict[ServiceName, object] = {}
+    before: dict[ServiceName, ServiceSpec] = {}
+    for specs, complete in steps:
+        if complete:
+            specs = list(allocate(specs, SMALL).specs.values())
+        # Specs whose content did not change keep their object, as a file that was not re-read does.
+        now = {s.name: before[s.name] if before.get(s.name) == s else s for s in specs}
+        changed = {n for n in now.keys() | before.keys() if now.get(n) is not before.get(n)}
+        for name, svc in allocator.update(now, changed).items():
+            assert held.get(name) != svc, name  # nothing handed out again unchanged
+            if svc is None:
+                del held[name]
+            else:
+                held[name] = svc
+        expected = allocate(now.values(), SMALL)
+        assert held == {name: build_service(done) for name, done in expected.specs.items()}
+        for name, svc in held.items():
+            assert allocator.served(name) == svc
+        before = now

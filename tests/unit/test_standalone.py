@@ -50,9 +50,7 @@ def scan(directory: Path, ranges: Ranges = RANGES, node: str = "node1") -> tuple
     tracker = Tracker(node)
     source = ManifestSource(str(directory), tracker, on_change=lambda: None, use_inotify=False,
                             allocator=Allocator(ranges))
-    result = source._scan()
-    assert result is not None
-    tracker.replace_all(result[0], result[1])
+    source.read_all()
     return tracker, source
 
 
@@ -96,7 +94,7 @@ def test_kubectl_service_without_range_is_refused_naming_the_flag(tmp_path, type
         "--service-cluster-ip-range CIDR)")
     assert sample("proxyd_rejected_objects_total", kind="Service", reason="no_cluster_ip") == before + 1
     # Once per content: another scan of the unchanged directory says nothing more.
-    source._scan()
+    source.read_all()
     assert len([r for r in caplog.records if "no --service-cluster-ip-range" in r.getMessage()]) == 1
 
 
@@ -172,7 +170,7 @@ def test_every_object_not_served_is_logged_once_with_a_reason(tmp_path, caplog):
         assert sample("proxyd_ignored_objects_total", kind=kind, reason=reason) == before + 1, reason
     for reason, before in refused.items():
         assert sample("proxyd_rejected_objects_total", kind="Service", reason=reason) == before + 1
-    source._scan()
+    source.read_all()
     assert len([r for r in caplog.records if r.name == LOGGER]) == len(expect)
 
 
@@ -323,7 +321,7 @@ def test_hand_written_endpoints_that_reach_nothing_are_reported(tmp_path, caplog
             "EndpointSlices/Endpoints (http/TCP), so it has no endpoints") in messages
     assert "manifests orphan.yaml: Endpoints default/nosuch is ignored: no Service default/nosuch in the " \
            "directory" in messages
-    source._scan()
+    source.read_all()
     assert len([r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]) == 2
     code, text = run_check(str(tmp_path), "--service-cluster-ip-range", str(RANGE))
     assert code == 0 and "[port_name_mismatch]" in text and "[no_service]" in text
@@ -335,8 +333,41 @@ def test_other_kinds_are_summed_up_per_kind(tmp_path, caplog):
             for i in range(500)]
     (tmp_path / "all.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": pods}))
     before = sample("proxyd_ignored_objects_total", kind="other", reason="unsupported_kind")
-    ManifestSource(str(tmp_path), Tracker("node1"), on_change=lambda: None, use_inotify=False)._scan()
+    ManifestSource(str(tmp_path), Tracker("node1"), on_change=lambda: None, use_inotify=False).read_all()
     (line,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert line == "manifests all.yaml: 500 v1 Pod objects (web/p0, web/p1, web/p2, …) are ignored: a kind " \
                    "proxyd does not use"
     assert sample("proxyd_ignored_objects_total", kind="other", reason="unsupported_kind") == before + 500
+
+
+def test_incremental_merge_hands_the_tracker_only_what_allocation_changed(tmp_path):
+    """Allocation spans the directory, the tracker still gets only what changed (issue 19 with issue 21)."""
+    write_kubectl_dir(tmp_path)
+    tracker, source = scan(tmp_path)
+    taken = served(tracker)["default/web-nodeport:80-8080"]
+    pushed: list[str] = []
+    real = tracker.update_service
+
+    def counting(name, svc):
+        pushed.append(str(name))
+        return real(name, svc)
+
+    tracker.update_service = counting  # type: ignore[method-assign]
+    # Endpoints only: nothing is allocated again, no Service is handed over.
+    eps = yaml.safe_dump(endpoints("web-clusterip", ["10.244.1.9"]))
+    path = tmp_path / "web-clusterip.yaml"
+    path.write_text(kubectl_service("clusterip", "web-clusterip") + "---\n" + eps)
+    assert source.read_all()
+    assert pushed == []
+    state = tracker.take().state
+    (name,) = [n for n in state.service_ports if n.service.name == "web-clusterip"]
+    assert [e.ip for e in state.endpoints[name]] == ["10.244.1.9"]
+    # A new Service pins the address web-nodeport was given: it moves, the other two are not touched.
+    (tmp_path / "pinned.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "pinned"},
+        "spec": {"clusterIP": taken.cluster_ip, "ports": [{"port": 81}]}}))
+    assert source.read_all()
+    assert sorted(pushed) == ["default/pinned", "default/web-nodeport"]
+    assert served(tracker)["default/web-nodeport:80-8080"].cluster_ip != taken.cluster_ip
+    # What the incremental merge holds is what a fresh read of the directory gives.
+    assert served(tracker) == served(scan(tmp_path)[0])

@@ -1,0 +1,140 @@
+"""Parse one big manifest file in a short-lived child process, under a memory limit.
+
+Why: parsing a 13.5 MB file builds ~150 MB of raw objects for a moment. In
+the daemon those allocations interleave with long-lived ones, and CPython's
+and glibc's allocators then keep most of it: RSS grew by 40-100 MB per
+re-read of a 10,000-service file. In a child, the raw objects die with the
+process; the daemon only ever sees the objects that changed. The child also
+limits its own address space (``MEMORY_LIMIT``), so whatever a hostile file
+makes the parser do costs the node a bounded, temporary amount.
+
+Protocol (binary, one request per process): stdin carries the number of
+known digests (4 bytes, little endian), the digests (16 bytes each) and then
+the file's bytes. stdout carries one record per object: ``K`` + digest for
+an object whose digest was known (the parent reuses what it converted
+before), ``N`` + digest + length + pickle for a new one; or one ``E`` record
+(length + JSON ``[reason, category]``) when the file is unusable. Pickles
+hold only the plain values a YAML or JSON parser makes and are read back
+with an unpickler that accepts nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import pickle
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+DIGEST = 16
+MEMORY_LIMIT = 768 * 1024 * 1024  # address space; measured peaks: 13.5 MB JSON 145 MB RSS, YAML 169 MB
+TIMEOUT = 300.0
+KNOWN = object()  # stands for the raw object of a known digest
+
+_ALLOWED = {("datetime", "datetime"), ("datetime", "date"), ("datetime", "timezone"),
+            ("datetime", "timedelta")}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return getattr(datetime, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
+
+
+class ChildFailed(Exception):
+    """The child could not parse the file; ``reason`` and ``category`` as for any unusable file."""
+
+    def __init__(self, reason: str, category: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.category = category
+
+
+def parse(data: bytes, *, is_json: bool, known: Any) -> Iterator[tuple[Any, bytes]]:
+    """(raw object or ``KNOWN``, digest) of every object, parsed in a child; ``ChildFailed``."""
+    digests = list(known)
+    request = b"".join([len(digests).to_bytes(4, "little"), *digests, data])
+    del data
+    try:
+        argv = [sys.executable, "-m", "proxyd.sources.parsechild", "json" if is_json else "yaml"]
+        proc = subprocess.run(argv, input=request, capture_output=True, timeout=TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"does not parse: took longer than {TIMEOUT:.0f}s", "parse") from None
+    except OSError as err:
+        raise ChildFailed(f"cannot start the parser ({err.strerror})", "unreadable") from None
+    del request
+    out = proc.stdout
+    if proc.returncode != 0 and not out.startswith(b"E"):
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1][:200] if lines else f"exit {proc.returncode}"
+        raise ChildFailed(f"does not parse: the parser failed ({_printable(detail)})", "parse")
+    return _records(out)
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
+def _records(out: bytes) -> Iterator[tuple[Any, bytes]]:
+    view = memoryview(out)
+    pos = 0
+    while pos < len(view):
+        tag = view[pos:pos + 1].tobytes()
+        if tag == b"K":
+            yield KNOWN, view[pos + 1:pos + 1 + DIGEST].tobytes()
+            pos += 1 + DIGEST
+        elif tag == b"N":
+            digest = view[pos + 1:pos + 1 + DIGEST].tobytes()
+            size = int.from_bytes(view[pos + 1 + DIGEST:pos + 5 + DIGEST], "little")
+            start = pos + 5 + DIGEST
+            value = _PlainUnpickler(io.BytesIO(view[start:start + size])).load()
+            pos = start + size
+            yield value, digest
+        elif tag == b"E":
+            size = int.from_bytes(view[pos + 1:pos + 5], "little")
+            reason, category = json.loads(view[pos + 5:pos + 5 + size].tobytes())
+            raise ChildFailed(str(reason), str(category))
+        else:
+            raise ChildFailed("does not parse: the parser's answer is garbled", "parse")
+
+
+def _main() -> int:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    from proxyd.sources.manifests import _Unusable, iter_objects
+
+    request = sys.stdin.buffer.read()
+    count = int.from_bytes(request[:4], "little")
+    end = 4 + DIGEST * count
+    known = {request[i:i + DIGEST] for i in range(4, end, DIGEST)}
+    data = request[end:]
+    del request
+    out = sys.stdout.buffer
+
+    def error(reason: str, category: str) -> int:
+        blob = json.dumps([reason, category]).encode()
+        out.write(b"E" + len(blob).to_bytes(4, "little") + blob)
+        out.flush()
+        return 0
+
+    try:
+        for raw, digest in iter_objects(data, is_json=sys.argv[1] == "json", known=known):
+            if digest in known:
+                out.write(b"K" + digest)
+            else:
+                blob = pickle.dumps(raw, protocol=pickle.HIGHEST_PROTOCOL)
+                out.write(b"N" + digest + len(blob).to_bytes(4, "little") + blob)
+    except _Unusable as err:
+        return error(err.reason, err.category)
+    except MemoryError:
+        return error(f"does not parse: needs more than {MEMORY_LIMIT >> 20} MiB to parse", "parse")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
