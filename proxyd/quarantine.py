@@ -157,9 +157,16 @@ class NodeWideFailure(RuntimeError):
     """The transaction fails even without any of the candidate ports: not one object's fault."""
 
 
+MAX_ISOLATED = 16  # refused ports isolated one by one per sync; beyond, the rest is quarantined as a block
+
+
 def trial_budget(n: int, found: int) -> int:
-    """How many trials ``isolate`` may run: ~2·log2(n) per refused port, plus slack."""
-    return 8 + 2 * (found + 1) * (math.ceil(math.log2(n + 1)) + 2)
+    """How many trials ``isolate`` may run: ~2·log2(n) per refused port found, for up to MAX_ISOLATED."""
+    return 8 + 2 * min(found + 1, MAX_ISOLATED) * (math.ceil(math.log2(n + 1)) + 2)
+
+
+class _Exhausted(Exception):
+    pass
 
 
 async def isolate(candidates: Sequence[K], first_error: str,
@@ -188,7 +195,7 @@ async def isolate(candidates: Sequence[K], first_error: str,
     async def run(group: Sequence[K]) -> str | None:
         nonlocal trials, proven
         if trials >= trial_budget(len(candidates), len(refused)):
-            raise NodeWideFailure(f"gave up isolating after {trials} transactions: {first_error}")
+            raise _Exhausted
         trials += 1
         err = await attempt(frozenset(group))
         if err is None:
@@ -197,33 +204,45 @@ async def isolate(candidates: Sequence[K], first_error: str,
 
     work: list[tuple[list[K], str]] = [(list(candidates), first_error)]  # groups known to fail
     deferred: list[K] = []
-    while work or deferred:
-        if not work:
-            group, deferred = list(deferred), []
-            err = await run(group)
-            if err is not None:
-                work.append((group, err))
-            continue
-        group, err = work.pop()
-        group = list(group)
-        if len(group) == 1:
-            refused[group[0]] = err
-            continue
-        mid = len(group) // 2
-        first, second = group[:mid], group[mid:]
-        err_first = await run(first)
-        if err_first is None:
-            work.append((list(second), err))  # the whole failed, the first half applied
-            continue
-        if not proven:
-            base = await run(())
-            if base is not None:
-                raise NodeWideFailure(base)
-        work.append((list(first), err_first))
-        deferred.extend(second)
+    try:
+        while work or deferred:
+            if not work:
+                group = list(deferred)
+                err = await run(group)
+                deferred = []
+                if err is not None:
+                    work.append((group, err))
+                continue
+            group, err = work[-1]
+            if len(group) == 1:
+                work.pop()
+                refused[group[0]] = err
+                continue
+            mid = len(group) // 2
+            first, second = group[:mid], group[mid:]
+            err_first = await run(first)
+            work.pop()
+            if err_first is None:
+                work.append((second, err))  # the whole failed, the first half applied
+                continue
+            work.append((first, err_first))
+            deferred.extend(second)
+            if not proven:
+                base = await run(())
+                if base is not None:
+                    raise NodeWideFailure(base)
+    except _Exhausted:
+        # The kernel refuses more than can be isolated one by one (or fails at random): what is
+        # still unresolved is quarantined as a block and retried at the next full sync.
+        for group, err in work:
+            for key in group:
+                refused[key] = f"not isolated after {trials} transactions: {err}"
+        for key in deferred:
+            refused[key] = f"not isolated after {trials} transactions: {first_error}"
     if refused and not proven:
         # Only one candidate, refused by inference: make sure the kernel takes the rest.
-        base = await run(())
+        trials += 1
+        base = await attempt(frozenset())
         if base is not None:
             raise NodeWideFailure(base)
     return refused, trials
