@@ -125,7 +125,7 @@ class Quarantine:
 
     def report(self) -> dict[str, str]:
         """``ns/name:port/proto`` -> reason, for /healthz."""
-        return {str(n): e.reason for n, e in self._entries.items()}
+        return {f"{n}/{n.protocol.value}": e.reason for n, e in self._entries.items()}
 
     def _gauge(self) -> None:
         metrics.QUARANTINED_PORTS.labels(mode=self.mode).set(len(self._entries))

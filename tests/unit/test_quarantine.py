@@ -111,7 +111,7 @@ def test_record_logs_once_counts_reports_and_clears(caplog: pytest.LogCaptureFix
     assert sum("quarantined" in r.message for r in caplog.records) == 1
     assert metrics.QUARANTINED_TOTAL.labels(mode="testmode", reason="restore")._value.get() == before + 1
     assert metrics.QUARANTINED_PORTS.labels(mode="testmode")._value.get() == 1
-    assert q.report() == {str(a): "iptables-restore: line 7 failed"} and q.entries[a].since == 1000.0
+    assert q.report() == {f"{a}/TCP": "iptables-restore: line 7 failed"} and q.entries[a].since == 1000.0
     assert q.held({b}) == {a} and q.held({a}) == set() and q.held(None) == set()
     q.settle({b}, {})  # a partial sync that did not retry a: still quarantined
     assert a in q
@@ -213,7 +213,7 @@ def test_iptables_mode_quarantines_the_refused_port_and_applies_the_others() -> 
         # partial + full retry + about log2(64) trials
         assert fake.restores <= 2 + math.ceil(math.log2(n)) + 2
         assert set(mode.quarantine.entries) == {bad_name}
-        assert "line 42 failed" in mode.quarantined()[str(bad_name)]
+        assert "line 42 failed" in mode.quarantined()[f"{bad_name}/TCP"]
         cache = mode.planner.cache
         for name in first.service_ports:
             want = "10.1." if name == bad_name else "10.2.0.1"
@@ -285,7 +285,7 @@ def test_nftables_mode_quarantines_the_refused_port_and_mirror_adopts_only_commi
     asyncio.run(mode.sync(SyncRequest(second, frozenset(k.service for k in first.service_ports),
                                       frozenset(first.service_ports))))
     assert set(mode.quarantine.entries) == {bad_name}
-    assert "out of range" in mode.quarantined()[str(bad_name)]
+    assert "out of range" in mode.quarantined()[f"{bad_name}/TCP"]
     assert fake.attempts <= 2 + math.ceil(math.log2(n)) + 2
     kernel = backends()
     assert "10.2.0.1" in kernel and BAD_IP not in kernel  # the other change applied, the bad one did not
