@@ -300,3 +300,46 @@ def test_nftables_mode_quarantines_the_refused_port_and_mirror_adopts_only_commi
                        node_name="node1")
     asyncio.run(mode.sync(SyncRequest(third, frozenset({bad_name.service}), frozenset({bad_name}))))
     assert not mode.quarantine and "10.3.0.1" in backends() and "10.1.0.43" not in backends()
+
+
+def test_ipvs_refused_objects_are_blamed_on_their_service_ports() -> None:
+    from proxyd.model import Protocol
+    from proxyd.modes.ipvs import IpvsMode
+    from proxyd.modes.ipvs.applier import IpvsApplier
+    from proxyd.modes.ipvs.planner import Assembly, Op, PortPlan, RealServer, VirtualServer, VSKey
+
+    applier = IpvsApplier()
+    mode = IpvsMode(Config(proxy_mode="ipvs"), applier=applier)
+    a = service_port("a", "10.96.0.1").name
+    b = service_port("b", "10.96.0.2").name
+    c = service_port("c", "10.96.0.3").name
+    key_a, key_b = VSKey("10.96.0.1", 80, Protocol.TCP), VSKey("10.96.0.2", 80, Protocol.TCP)
+    mode._assembly = Assembly()
+    mode._assembly.put(a, PortPlan(servers=(VirtualServer(key_a, "rr"),), bind=("10.96.0.1",)))
+    mode._assembly.put(b, PortPlan(servers=(VirtualServer(key_b, "rr"),),
+                                   entries=(("KUBE-EXTERNAL-IP", "192.0.2.10,tcp:80"),)))
+    mode._assembly.put(c, PortPlan(bind=("10.96.0.3",)))
+    entry = Op("set_add", ("KUBE-EXTERNAL-IP", "192.0.2.10,tcp:80"))
+    dest = Op("add_dest", (key_a, RealServer("10.244.0.1", 80), 1))
+    applier.refusals = {entry: "KUBE-EXTERNAL-IP: error 4105 (Hash is full)"}
+    mode._refused = {}
+    mode._blame({entry, dest})
+    assert mode._refused == {b: "KUBE-EXTERNAL-IP: error 4105 (Hash is full)", a: f"refused: {dest}"}
+    mode.quarantine.settle({a, b, c}, mode._refused)
+    assert set(mode.quarantined()) == {f"{a}/TCP", f"{b}/TCP"}
+    mode.quarantine.settle({b}, {})  # b changed and applied; a not looked at again
+    assert set(mode.quarantined()) == {f"{a}/TCP"}
+
+
+def test_userspace_refused_addresses_name_their_service_ports() -> None:
+    import errno
+
+    from proxyd.modes.userspace.mode import refused_ports
+
+    a = service_port("a", "10.96.0.1", external_ips=("192.0.2.10",))
+    b = service_port("b", "10.96.0.2")
+    st = state((a, ()), (b, ()))
+    assert refused_ports(st, {}) == {}
+    refused = refused_ports(st, {"192.0.2.10": errno.EADDRNOTAVAIL})
+    assert list(refused) == [a.name] and "192.0.2.10" in refused[a.name]
+    assert "Cannot assign requested address" in refused[a.name]
