@@ -182,11 +182,11 @@ async def isolate(candidates: Sequence[K], first_error: str,
     With one refused port among n: each level tries one half; a half that
     applies is kept and the other half holds the refusal; a half that fails
     is split further and its sibling is deferred to one final transaction
-    with every other deferred group. So about log2(n) + 1 trials. When the
-    first half fails before anything applied, the bare transaction (no
-    candidate) is tried once: if that fails too the failure is node-wide
-    (``NodeWideFailure``) and nobody is quarantined. A budget bounds the
-    trials when the kernel fails at random.
+    with every other deferred group. So ceil(log2(n)) + 1 trials. When that
+    final transaction fails too before anything applied, the bare
+    transaction (no candidate) is tried once: if it fails as well the
+    failure is node-wide (``NodeWideFailure``) and nobody is quarantined. A
+    budget bounds the trials when the kernel fails at random.
     """
     refused: dict[K, str] = {}
     trials = 0
@@ -211,6 +211,11 @@ async def isolate(candidates: Sequence[K], first_error: str,
                 err = await run(group)
                 deferred = []
                 if err is not None:
+                    if not proven:
+                        # Nothing applied yet, whatever was sent: is it any candidate's fault at all?
+                        base = await run(())
+                        if base is not None:
+                            raise NodeWideFailure(base)
                     work.append((group, err))
                 continue
             group, err = work[-1]
@@ -227,10 +232,6 @@ async def isolate(candidates: Sequence[K], first_error: str,
                 continue
             work.append((first, err_first))
             deferred.extend(second)
-            if not proven:
-                base = await run(())
-                if base is not None:
-                    raise NodeWideFailure(base)
     except _Exhausted:
         # The kernel refuses more than can be isolated one by one (or fails at random): what is
         # still unresolved is quarantined as a block and retried at the next full sync.

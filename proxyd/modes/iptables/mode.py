@@ -48,9 +48,12 @@ from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier, cleanup_all
 from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
 from proxyd.netfilter import Backend, detect
+from proxyd.netfilter.backend import IptablesError
 from proxyd.quarantine import NodeWideFailure, hold_back, isolate
 
 log = logging.getLogger(__name__)
+
+RESOURCE_PROBLEM = 4  # iptables-restore's exit code when the xtables lock could not be taken
 
 __all__ = ["IptablesMode"]
 
@@ -142,20 +145,29 @@ class IptablesMode(ProxyMode):
         old_ports = self._ports
         touched: set[ServicePortName] = set()  # ports re-rendered or removed by the plans applied
         changed_ports = None if full else request.changed_ports
-        err = await self._attempt(desired, None if full else request.changed, changed_ports, existing,
-                                  touched)
         refused: dict[ServicePortName, str] = {}
-        if err is not None:
-            metrics.IPTABLES_RESTORE_FAILURES.inc()
-            if not full:
-                metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
-                # The cache may not describe the kernel (rules flushed by someone else): a full
-                # plan settles that before any service is blamed.
-                self.planner.invalidate()
-                existing = await applier.chains("nat")
-                err = await self._attempt(desired, None, None, existing, touched)
-        if err is not None:
-            refused = await self._isolate(desired, retried, err, existing, touched)
+        counted = False
+        try:
+            err = await self._attempt(desired, None if full else request.changed, changed_ports, existing,
+                                      touched)
+            if err is not None:
+                counted = True
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                if not full:
+                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+                    # The cache may not describe the kernel (rules flushed by someone else): a full
+                    # plan settles that before any service is blamed.
+                    self.planner.invalidate()
+                    existing = await applier.chains("nat")
+                    err = await self._attempt(desired, None, None, existing, touched)
+            if err is not None:
+                refused = await self._isolate(desired, retried, err, existing, touched)
+        except Exception:
+            if not counted:
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                if not full:
+                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            raise
         self.quarantine.settle(retried, refused)
         plan = self.last_plan
         assert plan is not None
@@ -192,6 +204,10 @@ class IptablesMode(ProxyMode):
         except Exception as err:
             if applied:
                 self.planner.invalidate()
+            if isinstance(err, IptablesError) and err.returncode in (None, RESOURCE_PROBLEM):
+                # Timed out or the xtables lock is held: the node's problem, not one service's.
+                self.planner.invalidate()
+                raise
             return str(err) or type(err).__name__
         self.planner.commit(plan)
         self.last_plan = plan
