@@ -73,7 +73,8 @@ class Daemon:
         self.config = config
         self.tracker = Tracker(config.node_name)
         self.mode = mode_class(config.proxy_mode)(config)
-        self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures)
+        self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures,
+                                    quarantined=self.mode.quarantined)
         self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,
                                  max_interval=config.sync_period, name=config.proxy_mode)
         self.source = self._make_source()

@@ -31,9 +31,11 @@ class ProxierHealth:
 
     def __init__(self, *, timeout: float, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 listen_failures: Callable[[], Mapping[str, str]] = dict) -> None:
+                 listen_failures: Callable[[], Mapping[str, str]] = dict,
+                 quarantined: Callable[[], Mapping[str, str]] = dict) -> None:
         self.timeout = timeout
         self._listen_failures = listen_failures
+        self._quarantined = quarantined
         self._clock = clock
         self._wall = wall
         self.last_updated: float | None = None  # wall time of the last successful sync
@@ -67,6 +69,13 @@ class ProxierHealth:
             names = sorted(failures)
             answer["listenFailures"] = {name: failures[name] for name in names[:MAX_FAILURES_SHOWN]}
             answer["listenFailuresTotal"] = len(names)
+        quarantined = self._quarantined()
+        if quarantined:
+            # Service ports the kernel refused (proxyd.quarantine): the rest of the node is applied,
+            # so the status stays, as for listen failures.
+            names = sorted(quarantined)
+            answer["quarantined"] = {name: quarantined[name] for name in names[:MAX_FAILURES_SHOWN]}
+            answer["quarantinedTotal"] = len(names)
         body = json.dumps(answer).encode()
         return (200 if self.healthy() else 503), "application/json", body
 

@@ -156,3 +156,16 @@ def render() -> bytes:
 NETLINK_FAILURES = Counter(
     "proxyd_netlink_failures_total", "Objects the kernel refused in a netlink batch", ["kind"],
     registry=REGISTRY)
+
+# proxyd's own: service ports held back because the kernel refused them (proxyd.quarantine).
+QUARANTINED_PORTS = Gauge(
+    "proxyd_quarantined_service_ports",
+    "Service ports quarantined now: the kernel refused them, the rest of the node is applied",
+    ["mode"], registry=REGISTRY)
+QUARANTINED_TOTAL = Counter(
+    "proxyd_quarantined_total", "Service ports put in quarantine, by mode and kind of refusal",
+    ["mode", "reason"], registry=REGISTRY)
+QUARANTINE_TRIALS = Counter(
+    "proxyd_quarantine_transactions_total",
+    "Extra restores/transactions run to isolate refused service ports after a failed one",
+    ["mode"], registry=REGISTRY)

@@ -16,6 +16,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from proxyd.quarantine import Quarantine
+
 if TYPE_CHECKING:
     from proxyd.config import Config
     from proxyd.introspect import ModeStatus, TracePacket, TraceResult
@@ -64,6 +66,8 @@ class ProxyMode(abc.ABC):
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Service ports the kernel refused (issue 18): held back, reported in /healthz and metrics.
+        self.quarantine = Quarantine(self.name)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepare (and adopt what a previous run left) before the first sync."""
@@ -76,6 +80,10 @@ class ProxyMode(abc.ABC):
         the mode's point of view, counts the failure and retries with a full
         sync.
         """
+
+    def quarantined(self) -> dict[str, str]:
+        """Service ports held back because the kernel refused them (``ns/name:port/proto`` -> why)."""
+        return self.quarantine.report()
 
     def listen_failures(self) -> dict[str, str]:
         """Sockets the mode should listen on but cannot (``ip:port/proto`` -> why), named in /healthz."""

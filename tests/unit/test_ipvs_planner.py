@@ -342,6 +342,7 @@ class FakeApplier:
         self.bound: set[str] = set()
         self.rules = ""
         self.refuse: set[Op] = set()  # operations the fake kernel refuses
+        self.refusals: dict[Op, str] = {}  # the reason of each refused in the last apply (as the real one)
         self.gone: list[str] = []
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -421,9 +422,11 @@ class FakeApplier:
     def apply(self, ops: Any) -> set[Op]:
         """The real applier's entry point: each operation becomes one call above; refused ones returned."""
         failed = set()
+        self.refusals = {}
         for op in ops:
             if op in self.refuse:
                 failed.add(op)
+                self.refusals[op] = f"{op}: error 4105 (Hash is full)"
                 continue
             if op.kind in ("set_add", "set_del"):
                 name, entry = op.args

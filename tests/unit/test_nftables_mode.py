@@ -34,12 +34,17 @@ class FakeNft:
     def __init__(self) -> None:
         self.ruleset = Ruleset()
         self.transactions: list[str] = []
-        self.fail_next = False
+        self.fail_next = 0  # transactions still to fail
+        self.refuse: str | None = None  # fail every transaction holding this text (a refused element)
+        self.attempts = 0
 
     def run(self, commands: str, *, json_output: bool = False) -> str:
+        self.attempts += 1
         if self.fail_next:
-            self.fail_next = False
+            self.fail_next -= 1
             raise NftError("Error: Could not process rule: No such file or directory")
+        if self.refuse is not None and self.refuse in commands:
+            raise NftError(f"Error: Could not process rule: Numerical result out of range ({self.refuse})")
         snapshot = (dict(self.ruleset.chains), dict(self.ruleset.base),
                     {k: dict(v) for k, v in self.ruleset.sets.items()})
         try:
@@ -126,17 +131,29 @@ def test_flushed_table_is_repaired_with_a_full_sync() -> None:
     assert fake.ruleset.sets["svc-backends-tcp"]
 
 
-def test_failed_transaction_is_counted_and_makes_the_next_sync_full() -> None:
+def test_failed_partial_transaction_is_counted_and_retried_at_once_as_a_full_one() -> None:
+    mode, fake = make()
+    asyncio.run(mode.sync(SyncRequest(ONE, None)))
+    before = metrics.NFTABLES_SYNC_FAILURES._value.get()
+    fake.fail_next = 1
+    asyncio.run(mode.sync(SyncRequest(TWO, CHANGED)))
+    assert metrics.NFTABLES_SYNC_FAILURES._value.get() == before + 1
+    assert mode.last_plan is not None and mode.last_plan.full and not mode.quarantine
+    assert len(fake.ruleset.sets["svc-backends-tcp"]) == 2
+
+
+def test_node_wide_failure_is_counted_and_makes_the_next_sync_full() -> None:
     mode, fake = make()
     asyncio.run(mode.sync(SyncRequest(ONE, None)))
     before = metrics.NFTABLES_SYNC_FAILURES._value.get()
     kept = {k: dict(v) for k, v in fake.ruleset.sets.items()}
-    fake.fail_next = True
-    with pytest.raises(NftError):
+    fake.fail_next = 100  # whatever is sent: not one service's fault, nobody is quarantined
+    with pytest.raises(RuntimeError):
         asyncio.run(mode.sync(SyncRequest(TWO, CHANGED)))
     assert metrics.NFTABLES_SYNC_FAILURES._value.get() == before + 1
     assert fake.ruleset.sets == kept  # the previous ruleset stays
-    assert mode.planner.needs_full
+    assert mode.planner.needs_full and not mode.quarantine
+    fake.fail_next = 0
     asyncio.run(mode.sync(SyncRequest(TWO, CHANGED)))  # the runner's retry
     assert mode.last_plan is not None and mode.last_plan.full
     assert len(fake.ruleset.sets["svc-backends-tcp"]) == 2

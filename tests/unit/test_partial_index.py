@@ -193,7 +193,11 @@ def test_ipvs_refused_object_fails_alone_and_is_retried(ipvs: tuple[IpvsMode, Fa
     asyncio.run(mode.sync(SyncRequest(big_state(5), None)))
     assert len(fake.servers) == 5 and sum(len(d) for d in fake.dests.values()) == 4
     assert mode._held is not None and RealServer("10.244.0.3", 8080) not in mode._held.dests[bad.args[0]]
+    # Its service port is quarantined with the kernel's reason (issue 18).
+    assert set(mode.quarantine.entries) == {spn(2)}
+    assert "Hash is full" in mode.quarantine.entries[spn(2)].reason
     # The next sync that looks at that virtual server tries again.
     fake.refuse = set()
     asyncio.run(mode.sync(SyncRequest(big_state(5), frozenset({spn(2).service}), frozenset({spn(2)}))))
     assert RealServer("10.244.0.3", 8080) in fake.dests[bad.args[0]]
+    assert not mode.quarantine

@@ -19,10 +19,13 @@ entries (``conntrack``). The shape follows kube-proxy's syncProxyRules:
   of the built-in chains, never the big ones); anything gone is logged,
   counted in ``proxyd_netfilter_repairs_total{mode="iptables"}`` and turns
   the sync into a full one, which recreates it all.
-* a failed restore changes nothing in the kernel (one transaction); the
-  planner keeps describing what the kernel holds, forgets that it is valid
-  (next sync is full), the failure is counted and the exception goes to the
-  runner, which retries.
+* a failed restore changes nothing in the kernel (one transaction); it is
+  counted, a failed partial one is retried at once as a full one (the cache
+  may be stale), and if that fails too the ports of the transaction are
+  bisected (``proxyd.quarantine.isolate``): the ports the kernel refuses are
+  quarantined and keep their last good rules (none if new), the others are
+  applied. A clean sync stays one transaction. Only a failure that remains
+  without any candidate port (node-wide) goes to the runner, which retries.
 * shutdown leaves every rule in place so traffic keeps flowing while proxyd
   is down; ``cleanup`` removes everything in both back ends.
 """
@@ -39,14 +42,18 @@ from collections.abc import Callable, Collection, Mapping
 from proxyd import metrics
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import ServicePort, ServicePortName
+from proxyd.model import ProxyState, ServiceName, ServicePort, ServicePortName, family
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier, cleanup_all
 from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
 from proxyd.netfilter import Backend, detect
+from proxyd.netfilter.backend import IptablesError
+from proxyd.quarantine import NodeWideFailure, hold_back, isolate
 
 log = logging.getLogger(__name__)
+
+RESOURCE_PROBLEM = 4  # iptables-restore's exit code when the xtables lock could not be taken
 
 __all__ = ["IptablesMode"]
 
@@ -86,6 +93,7 @@ class IptablesMode(ProxyMode):
             family=family, cluster_cidrs=config.cluster_cidrs, masquerade_all=config.masquerade_all,
             masquerade_bit=config.masquerade_bit, nodeport_addresses=config.nodeport_addresses))
         self._ports: Mapping[ServicePortName, ServicePort] = {}
+        self._good = ProxyState()  # what the kernel was last seen to accept (quarantined ports keep it)
         self._synced = False
         self.last_plan: Plan | None = None
 
@@ -131,48 +139,129 @@ class IptablesMode(ProxyMode):
                 # which chains the kernel holds: ask (iptables-save of a big nat
                 # table takes seconds on nft, so not on every full sync).
                 existing = await applier.chains("nat")
-        plan = self.planner.plan(request.state, None if full else request.changed, existing_chains=existing,
-                                 changed_ports=None if full else request.changed_ports)
-        try:
-            for chunk in plan.chunks:
-                await applier.restore(chunk)
-        except Exception:
-            metrics.IPTABLES_RESTORE_FAILURES.inc()
-            if not plan.full:
-                metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
-            # A failed transaction changed nothing, so the cache still
-            # describes the kernel; with a chunked full plan, earlier chunks
-            # may have rewritten some services (each one whole). Either way
-            # the next sync is full and re-reads which chains exist.
-            self.planner.invalidate()
-            raise
+        retried = request.ports_to_plan(self.planner.cache.keys()) if not full else None
+        desired = hold_back(request.state, self._good, self.quarantine.held(retried))
         old_renders = self.planner.cache
         old_ports = self._ports
-        self.planner.commit(plan)
-        self.last_plan = plan
-        # Other-family ports have no rendering, so conntrack cleanup never
-        # looks at them: no need to filter (which would cost O(services)).
-        new_ports = request.state.service_ports
-        self._ports = new_ports
+        touched: set[ServicePortName] = set()  # ports re-rendered or removed by the plans applied
+        changed_ports = None if full else request.changed_ports
+        refused: dict[ServicePortName, str] = {}
+        counted = False
+        try:
+            err = await self._attempt(desired, None if full else request.changed, changed_ports, existing,
+                                      touched)
+            if err is not None:
+                counted = True
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                if not full:
+                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+                    # The cache may not describe the kernel (rules flushed by someone else): a full
+                    # plan settles that before any service is blamed.
+                    self.planner.invalidate()
+                    existing = await applier.chains("nat")
+                    err = await self._attempt(desired, None, None, existing, touched)
+            if err is not None:
+                refused = await self._isolate(desired, retried, err, existing, touched)
+        except Exception:
+            if not counted:
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                if not full:
+                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            raise
+        self.quarantine.settle(retried, refused)
+        plan = self.last_plan
+        assert plan is not None
+        self._ports = self._good.service_ports
         metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
         metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)
         if self._synced:
             # On the first sync after a start nothing is known about what
             # conntrack holds; clearing every UDP service would break flows
             # that the adopted rules still serve correctly.
-            await self._clear_conntrack(plan, old_ports, old_renders, new_ports)
+            await self._clear_conntrack(touched, full, old_ports, old_renders, self._ports)
         self._synced = True
         if full:
             self._verified = now  # a full sync has just ensured the canaries and jumps
 
-    async def _clear_conntrack(self, plan: Plan, old_ports: Mapping[ServicePortName, ServicePort],
+    async def _attempt(self, state: ProxyState, changed: frozenset[ServiceName] | None,
+                       changed_ports: frozenset[ServicePortName] | None, existing: set[str],
+                       touched: set[ServicePortName]) -> str | None:
+        """Plan ``state`` and apply it; None once the kernel holds it, else the kernel's refusal.
+
+        A failed single transaction changed nothing, so the cache still
+        describes the kernel; with a chunked full plan, earlier chunks may
+        have rewritten some services (each one whole): the planner then
+        forgets what the kernel holds and the next plan is full.
+        """
+        assert self.applier is not None
+        plan: Plan | None = None
+        applied = 0
+        try:
+            plan = self.planner.plan(state, changed, existing_chains=existing, changed_ports=changed_ports)
+            for chunk in plan.chunks:
+                await self.applier.restore(chunk)
+                applied += 1
+        except Exception as err:
+            if applied:
+                self.planner.invalidate()
+            if isinstance(err, IptablesError) and err.returncode in (None, RESOURCE_PROBLEM):
+                # Timed out or the xtables lock is held: the node's problem, not one service's.
+                self.planner.invalidate()
+                raise
+            return str(err) or type(err).__name__
+        self.planner.commit(plan)
+        self.last_plan = plan
+        self._good = state
+        touched.update(plan.rerendered)
+        touched.update(plan.removed)
+        if plan.full:
+            touched.update(plan.cache)
+        return None
+
+    async def _isolate(self, desired: ProxyState, retried: set[ServicePortName] | None, first_error: str,
+                       existing: set[str], touched: set[ServicePortName]) -> dict[ServicePortName, str]:
+        """Bisect the ports of the failed restore; apply the others, return the refused ones -> reason."""
+        fam = self.family
+        # The first trial that applies is a full plan (what a full sync owes, and after a failed
+        # partial one the cache is not trusted); later trials only re-render the ports they bring in.
+        self.planner.invalidate()
+        if retried is None:
+            names = {n for n, sp in desired.service_ports.items() if family(sp.cluster_ip) == fam}
+            names.update(n for n, sp in self._good.service_ports.items() if family(sp.cluster_ip) == fam)
+        else:
+            names = set(retried)
+        candidates = sorted(names)
+        pending = set(candidates)
+        log.warning("iptables: restore failed (%s); isolating the refused service ports among %d",
+                    first_error.strip()[:200], len(candidates))
+
+        async def attempt(include: frozenset[ServicePortName]) -> str | None:
+            state = hold_back(desired, self._good, pending - include)
+            err = await self._attempt(state, frozenset(n.service for n in include), include, existing,
+                                      touched)
+            if err is None:
+                pending.difference_update(include)
+            return err
+
+        try:
+            refused, trials = await isolate(candidates, first_error, attempt)
+        except NodeWideFailure:
+            self.planner.invalidate()
+            raise
+        metrics.QUARANTINE_TRIALS.labels(mode=self.name).inc(trials)
+        log.info("iptables: %d service port(s) refused, the others applied, in %d more transactions",
+                 len(refused), trials)
+        return refused
+
+    async def _clear_conntrack(self, touched: set[ServicePortName], full: bool,
+                               old_ports: Mapping[ServicePortName, ServicePort],
                                old_renders: Mapping[ServicePortName, PortRender],
                                new_ports: Mapping[ServicePortName, ServicePort]) -> None:
-        names = set(plan.rerendered) | set(plan.removed)
-        if plan.full:
+        names = set(touched)
+        if full:
             names |= set(old_ports)
         flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
-                                      new_ports=new_ports, new_renders=plan.cache)
+                                      new_ports=new_ports, new_renders=self.planner.cache)
         if not flows:
             return
         try:

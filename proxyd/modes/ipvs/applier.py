@@ -285,6 +285,8 @@ class IpvsApplier:
         self._device_index: int | None = None
         self._batch: dict[str, BatchSocket] = {}
         self._family_id: int | None = None
+        # The kernel's reason for each operation the last ``apply`` saw refused (for the quarantine).
+        self.refusals: dict[Op, str] = {}
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
@@ -320,6 +322,7 @@ class IpvsApplier:
         order (set entries before the addresses before the servers).
         """
         failed: set[Op] = set()
+        self.refusals = {}
         for kind, group in itertools.groupby(ops, key=lambda op: _SOCKET_OF[op.kind]):
             batch = list(group)
             requests: list[Request] = []
@@ -330,6 +333,7 @@ class IpvsApplier:
                     log.error("ipvs: cannot apply %s: %s", op, err)
                     metrics.NETLINK_FAILURES.labels(kind=kind).inc()
                     failed.add(op)
+                    self.refusals[op] = f"cannot apply {op}: {err}"
             sock = self._batch_socket(kind)
             result = sock.run(requests, log_failures=False)
             refused = [(cast(Op, f.subject), f) for f in result.failures]
@@ -343,6 +347,7 @@ class IpvsApplier:
                 log.error("ipvs: cannot apply %s", failure)
                 metrics.NETLINK_FAILURES.labels(kind=kind).inc()
                 failed.add(op)
+                self.refusals[op] = str(failure)
         return failed
 
     def _request(self, op: Op) -> Request:

@@ -111,6 +111,7 @@ class IpvsMode(ProxyMode):
         self.last_plan: Plan | None = None
         self._verified: float | None = None  # when the jumps were last known present
         self._last_state: ProxyState | None = None  # for ``status``/``trace``: names of virtual servers
+        self._refused: dict[ServicePortName, str] = {}  # ports whose objects the kernel refused this sync
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,6 +177,7 @@ class IpvsMode(ProxyMode):
         state = request.state
         full = request.changed is None or self._held is None
         keys: set[VSKey] | None = None
+        retried: set[ServicePortName] | None = None  # ports this sync looks at again (None: every one)
         if full:
             await self._read_kernel()
             await self._refresh_context(state.node_name or self.config.node_name, state.node_zone)
@@ -191,6 +193,7 @@ class IpvsMode(ProxyMode):
         else:
             # The tracker's index: planning, merging and diffing follow the changed ports.
             ports = request.ports_to_plan(self._assembly.parts) or set()
+            retried = ports
             keys = set()
             for name in ports:
                 if name not in state.service_ports:
@@ -206,9 +209,13 @@ class IpvsMode(ProxyMode):
         plan = self._assembly.plan()
         for conflict in plan.conflicts:
             log.warning("ipvs: virtual server %s wanted by two service ports; the first keeps it", conflict)
+        self._refused = {}
         await self._apply(plan, full=full, keys=keys)
         self.last_plan = plan
         self._last_state = state
+        # Objects the kernel refused fail only themselves (the rest applied, they are retried by the
+        # next sync that looks at them); their service ports are reported like any mode's quarantine.
+        self.quarantine.settle(retried, self._refused)
 
     async def _refresh_context(self, node_name: str, zone: str | None) -> None:
         local = await nodeaddrs.node_addresses_async((), family=4)
@@ -299,6 +306,31 @@ class IpvsMode(ProxyMode):
         for op in ops:
             if op not in failed:
                 self._held.record(op)
+        if failed:
+            self._blame(failed)
+
+    def _blame(self, failed: set[Op]) -> None:
+        """The service ports whose objects (virtual/real servers, set entries, addresses) were refused.
+
+        Looks over every port's plan: paid only when the kernel refused something.
+        """
+        reasons = self.applier.refusals
+        for name, part in self._assembly.parts.items():
+            keys = {vs.key for vs in part.servers}
+            entries = set(part.entries)
+            binds = set(part.bind)
+            for op in failed:
+                kind, args = op.kind, op.args
+                if kind in ("set_add", "set_del"):
+                    hit = (args[0], args[1]) in entries
+                elif kind in ("bind", "unbind"):
+                    hit = args[0] in binds
+                elif kind in ("add_server", "update_server"):
+                    hit = args[0].key in keys
+                else:  # delete_server (key,), real server operations (key, ...)
+                    hit = args[0] in keys
+                if hit and isinstance(name, ServicePortName):
+                    self._refused.setdefault(name, reasons.get(op, f"refused: {op}"))
 
     async def _on_graceful_deleted(self, deleted: list[tuple[VSKey, RealServer]]) -> None:
         if self._held is None:

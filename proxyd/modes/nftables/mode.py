@@ -14,9 +14,13 @@ helper, shared). The life cycle:
 * every other sync: check the canary set (cheap); if the table was
   deleted or flushed behind our back, the sync becomes full and repairs
   it. Otherwise only differences are sent; the table is never listed.
-* a failed transaction changes nothing in the kernel; the failure is
-  counted, the planner forgets that its mirror is valid (next sync full) and
-  the exception goes to the runner, which retries with back-off.
+* a failed transaction changes nothing in the kernel (nor in the planner's
+  mirror, which adopts only committed plans); it is counted, a failed
+  partial one is retried at once as a full one, and if that fails too the
+  ports of the transaction are bisected (``proxyd.quarantine.isolate``): the
+  refused ports are quarantined with their last good elements (none if new),
+  the others applied. Only a node-wide failure goes to the runner, which
+  retries with back-off.
 * shutdown leaves the table so traffic keeps flowing; ``cleanup`` deletes it.
 """
 
@@ -26,10 +30,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from proxyd import metrics
 from proxyd.config import Config
-from proxyd.model import Protocol, ServicePort, ServicePortName
+from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import family as _family_of
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.mode import _node_addresses as iptables_node_addresses
@@ -38,6 +44,7 @@ from proxyd.modes.nftables import layout as lay
 from proxyd.modes.nftables.applier import Applier
 from proxyd.modes.nftables.libnft import Nft
 from proxyd.modes.nftables.planner import Plan, Planner, PlannerOptions
+from proxyd.quarantine import NodeWideFailure, hold_back, isolate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,16 @@ BACKEND_ENV = "PROXYD_NFT_BACKEND"
 
 # (addresses accepting NodePorts, primary node address): the same answer as iptables mode's.
 _node_addresses = iptables_node_addresses
+
+
+@dataclass(slots=True)
+class _Track:
+    """What the plans applied during one sync touched, for stale UDP conntrack cleanup."""
+
+    old_renders: dict[ServicePortName, PortRender]
+    new_renders: dict[ServicePortName, PortRender]
+    touched: set[ServicePortName]
+    synced: bool
 
 
 class NftablesMode(ProxyMode):
@@ -61,6 +78,7 @@ class NftablesMode(ProxyMode):
         self.applier: Applier | None = None
         self.planner = Planner(self._options(node_ips=(), node_ip=None))
         self._ports: Mapping[ServicePortName, ServicePort] = {}
+        self._good = ProxyState()  # what the kernel last accepted (quarantined ports keep it)
         self._synced = False
         self.last_plan: Plan | None = None
 
@@ -96,55 +114,120 @@ class NftablesMode(ProxyMode):
             node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
                                                   self.family)
             self.planner.set_node_ips(node_ips)
-        stale: set[str] = set()
-        if full and present:
-            stale = {c for c in await applier.chains() if lay.is_dynamic_chain(c)}
-        stale_sets = {lay.AFFINITY_PREFIX + c[len(lay.ENDPOINT_PREFIX):]
-                      for c in stale if c.startswith(lay.ENDPOINT_PREFIX)}
-        if full:
-            # Rendering every service takes ~0.5 s of CPU at 10,000: keep the event loop (health,
-            # metrics, the source) responsive. Partial plans take well under a millisecond.
-            plan = await asyncio.to_thread(self.planner.plan, request.state, None, stale_chains=stale,
-                                           stale_sets=stale_sets)
-        else:
-            plan = self.planner.plan(request.state, request.changed)
-        if plan.conflicts:
-            log.warning("nftables: %d elements claimed by two service ports (same address, protocol and "
-                        "port); the first port keeps them", plan.conflicts)
-        if not plan.empty:
-            try:
-                await applier.apply(plan.text)
-            except Exception:
-                metrics.NFTABLES_SYNC_FAILURES.inc()
-                # The transaction changed nothing; the next sync is full.
-                self.planner.invalidate()
-                raise
+        stale = await self._stale() if full and present else set()
+        retried = request.ports_to_plan(self._ports.keys()) if not full else None
+        desired = hold_back(request.state, self._good, self.quarantine.held(retried))
         old_ports = self._ports
         old_renders: dict[ServicePortName, PortRender] = {}
-        if self._synced:
-            # Only UDP ports need conntrack cleanup: re-render just those of the committed state.
-            names = set(plan.rerendered) | set(plan.removed) | (set(old_ports) if plan.full else set())
-            for name in names:
-                if name.protocol == Protocol.UDP:
-                    render = self.planner.committed_render(name)
-                    if render is not None:
-                        old_renders[name] = render
-        self.planner.commit(plan)
-        self.last_plan = plan
-        self._ports = request.state.service_ports
+        new_renders: dict[ServicePortName, PortRender] = {}
+        touched: set[ServicePortName] = set()
+        track = _Track(old_renders, new_renders, touched, self._synced)
+        err = await self._attempt(desired, None if full else request.changed, stale, track)
+        refused: dict[ServicePortName, str] = {}
+        if err is not None:
+            metrics.NFTABLES_SYNC_FAILURES.inc()
+            if not full:
+                # The mirror may not describe the kernel: a full transaction settles that before any
+                # service is blamed.
+                self.planner.invalidate()
+                stale = await self._stale()
+                err = await self._attempt(desired, None, stale, track)
+        if err is not None:
+            refused = await self._isolate(desired, retried, err, stale, track)
+        self.quarantine.settle(retried, refused)
+        self._ports = self._good.service_ports
         if self._synced:
             # On the first sync after a start nothing is known about what
             # conntrack holds: clearing every UDP service would break flows
             # the adopted rules still serve correctly.
-            await self._clear_conntrack(plan, old_ports, old_renders)
+            await self._clear_conntrack(touched | (set(old_ports) if full else set()), old_ports,
+                                        old_renders, new_renders)
         self._synced = True
 
-    async def _clear_conntrack(self, plan: Plan, old_ports: Mapping[ServicePortName, ServicePort],
-                               old_renders: Mapping[ServicePortName, PortRender]) -> None:
-        names = set(plan.rerendered) | set(plan.removed)
-        if plan.full:
-            names |= set(old_ports)
-        new_renders = {n: p.render for n, p in plan.ports.items() if n in names}
+    async def _stale(self) -> set[str]:
+        assert self.applier is not None
+        return {c for c in await self.applier.chains() if lay.is_dynamic_chain(c)}
+
+    async def _attempt(self, state: ProxyState, changed: frozenset[ServiceName] | None, stale: set[str],
+                       track: _Track) -> str | None:
+        """Plan ``state`` and apply it in one transaction; None once applied, else the kernel's refusal.
+
+        The planner's mirror adopts a plan only once the kernel committed it
+        (a failed transaction changes nothing, in the kernel or the mirror).
+        """
+        assert self.applier is not None
+        try:
+            if changed is None or self.planner.needs_full:
+                stale_sets = {lay.AFFINITY_PREFIX + c[len(lay.ENDPOINT_PREFIX):]
+                              for c in stale if c.startswith(lay.ENDPOINT_PREFIX)}
+                # Rendering every service takes ~0.5 s of CPU at 10,000: keep the event loop
+                # (health, metrics, the source) responsive. Partial plans take well under a ms.
+                plan = await asyncio.to_thread(self.planner.plan, state, None, stale_chains=stale,
+                                               stale_sets=stale_sets)
+            else:
+                plan = self.planner.plan(state, changed)
+            if not plan.empty:
+                await self.applier.apply(plan.text)
+        except Exception as err:
+            return str(err) or type(err).__name__
+        if plan.conflicts:
+            log.warning("nftables: %d elements claimed by two service ports (same address, protocol and "
+                        "port); the first port keeps them", plan.conflicts)
+        names = set(plan.rerendered) | set(plan.removed) | (set(self._ports) if plan.full else set())
+        if track.synced:
+            # Only UDP ports need conntrack cleanup: re-render just those of the committed state,
+            # once (the first plan of a sync holds the state before it).
+            for name in names:
+                if name.protocol == Protocol.UDP and name not in track.old_renders:
+                    render = self.planner.committed_render(name)
+                    if render is not None:
+                        track.old_renders[name] = render
+        self.planner.commit(plan)
+        self.last_plan = plan
+        self._good = state
+        track.touched.update(names)
+        track.new_renders.update((n, p.render) for n, p in plan.ports.items())
+        for name in plan.removed:
+            track.new_renders.pop(name, None)
+        return None
+
+    async def _isolate(self, desired: ProxyState, retried: set[ServicePortName] | None, first_error: str,
+                       stale: set[str], track: _Track) -> dict[ServicePortName, str]:
+        """Bisect the ports of the failed transaction; apply the others, return the refused ones -> reason."""
+        fam = self.family
+        # The first trial that applies is a full one; later ones only send the ports they bring in.
+        self.planner.invalidate()
+        if retried is None:
+            names = {n for n, sp in desired.service_ports.items() if _family_of(sp.cluster_ip) == fam}
+            names.update(n for n, sp in self._good.service_ports.items() if _family_of(sp.cluster_ip) == fam)
+        else:
+            names = set(retried)
+        candidates = sorted(names)
+        pending = set(candidates)
+        log.warning("nftables: transaction failed (%s); isolating the refused service ports among %d",
+                    first_error.strip()[:200], len(candidates))
+
+        async def attempt(include: frozenset[ServicePortName]) -> str | None:
+            state = hold_back(desired, self._good, pending - include)
+            err = await self._attempt(state, frozenset(n.service for n in include), stale, track)
+            if err is None:
+                pending.difference_update(include)
+            return err
+
+        try:
+            refused, trials = await isolate(candidates, first_error, attempt)
+        except NodeWideFailure:
+            self.planner.invalidate()
+            raise
+        metrics.QUARANTINE_TRIALS.labels(mode=self.name).inc(trials)
+        log.info("nftables: %d service port(s) refused, the others applied, in %d more transactions",
+                 len(refused), trials)
+        return refused
+
+    async def _clear_conntrack(self, names: set[ServicePortName],
+                               old_ports: Mapping[ServicePortName, ServicePort],
+                               old_renders: Mapping[ServicePortName, PortRender],
+                               new_renders: Mapping[ServicePortName, PortRender]) -> None:
         flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
                                       new_ports=self._ports, new_renders=new_renders)
         if not flows:

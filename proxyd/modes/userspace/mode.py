@@ -47,16 +47,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.conntable import NATIVE, ConnTable
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import Protocol, ServicePortName
+from proxyd.model import Protocol, ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
@@ -92,6 +93,22 @@ def _raise_fd_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def refused_ports(state: ProxyState, failed: Mapping[str, int]) -> dict[ServicePortName, str]:
+    """The service ports of ``failed`` addresses (ip -> errno) -> the kernel's reason.
+
+    Looks over every port only while some address is refused.
+    """
+    if not failed:
+        return {}
+    out: dict[ServicePortName, str] = {}
+    for name, sp in state.service_ports.items():
+        for ip in (sp.cluster_ip, *sp.external_ips, *sp.load_balancer_ips):
+            code = failed.get(ip)
+            if code is not None:
+                out.setdefault(name, f"cannot add address {ip}: {os.strerror(code)}")
+    return out
 
 
 class UserspaceMode(ProxyMode):
@@ -173,6 +190,12 @@ class UserspaceMode(ProxyMode):
         return nodeport_listen_ips(cidrs, node_ips), node_ips
 
     async def sync(self, request: SyncRequest) -> None:
+        await self._sync(request)
+        # Service addresses the kernel refused (each fails only itself and is retried every sync):
+        # their service ports are reported like any mode's quarantine.
+        self.quarantine.settle(None, refused_ports(request.state, self.applier.holder.failed))
+
+    async def _sync(self, request: SyncRequest) -> None:
         if not self._started:
             await self.start()
         nodeport_ips, node_ips = await self._nodeport_ips()
