@@ -25,7 +25,19 @@ repo=$PWD
 
 vm_dir=${PROXYD_VM_DIR:-/var/cache/proxyd-vm}
 results=${RESULTS_DIR:-$repo/build/test-results}
-out="$results/vm"
+final="$results/vm"
+# The guest writes into a directory under /tmp, copied to $final at exit: with its writable directory
+# under /work the guest hung at boot, silently (seen three times on these machines; never under /tmp).
+out=$(mktemp -d /tmp/proxyd-vm.XXXXXX)
+finish() {
+  mkdir -p "$final"
+  rm -f "$final/rc" "$final/ipvs.xml" "$final/guest.log" "$final/vng.log" "$final/command"
+  for f in rc ipvs.xml guest.log vng.log command; do
+    [ -f "$out/$f" ] && cp "$out/$f" "$final/$f"
+  done
+  rm -rf "$out"
+}
+trap finish EXIT
 timeout_s=${VM_TIMEOUT:-1500}
 memory=${VM_MEMORY:-2G}
 
