@@ -306,20 +306,11 @@ def iter_objects(data: bytes, *, is_json: bool,
     return _guarded(data, is_json=is_json, known=known)
 
 
-def _guarded(data: bytes, *, is_json: bool,
-             known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
-    text = _decode(data)
+@contextlib.contextmanager
+def _parse_errors() -> Iterator[None]:
+    """Every way a parser fails, as one ``_Unusable`` of category "parse"."""
     try:
-        if _json_fast_path(text, len(data)):
-            try:
-                yield from _json_items(text)
-                return
-            except json.JSONDecodeError as err:
-                if is_json:
-                    raise _Unusable(f"does not parse: line {err.lineno} column {err.colno}: {err.msg}",
-                                    "parse") from None
-                # YAML that starts like JSON but is not: the YAML reader says what is wrong.
-        yield from _yaml_items(text, known)
+        yield
     except _Unusable:
         raise
     except yamlstream.ParseError as err:
@@ -332,6 +323,22 @@ def _guarded(data: bytes, *, is_json: bool,
         raise _Unusable("does not parse: nested too deeply", "parse") from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:
         raise _Unusable(f"does not parse: {_printable(str(err))}", "parse") from None
+
+
+def _guarded(data: bytes, *, is_json: bool,
+             known: Container[bytes] | None = None) -> Iterator[tuple[Any, bytes]]:
+    text = _decode(data)
+    with _parse_errors():
+        if _json_fast_path(text, len(data)):
+            try:
+                yield from _json_items(text)
+                return
+            except json.JSONDecodeError as err:
+                if is_json:
+                    raise _Unusable(f"does not parse: line {err.lineno} column {err.colno}: {err.msg}",
+                                    "parse") from None
+                # YAML that starts like JSON but is not: the YAML reader says what is wrong.
+        yield from _yaml_items(text, known)
 
 
 @contextlib.contextmanager
@@ -358,7 +365,7 @@ def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
     items reassembled into one document); for tools and tests.
     """
     text = _decode(data)
-    try:
+    with _parse_errors():
         if _json_fast_path(text, len(data)):
             try:
                 with _gc_paused():
@@ -383,18 +390,6 @@ def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
                 docs.append(own)
                 items, own = [], None
         return docs
-    except _Unusable:
-        raise
-    except yamlstream.ParseError as err:
-        raise _Unusable(f"does not parse: {_printable(err.reason)}", "parse") from None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
-        raise _Unusable(f"does not parse: {where}{_printable(str(err.problem or err))}", "parse") from None
-    except RecursionError:
-        raise _Unusable("does not parse: nested too deeply", "parse") from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:
-        raise _Unusable(f"does not parse: {_printable(str(err))}", "parse") from None
 
 
 def _objects(docs: list[Any]) -> Iterator[Any]:
