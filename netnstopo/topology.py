@@ -17,6 +17,14 @@ Mode-agnostic and free of pytest and of proxyd, so that ``tests/`` and
   its own pods ``10.244.2.<n>`` (the node routes 10.244.2.0/24 via node2 and
   node2 routes 10.244.1.0/24 and everything else via the node).
 
+Every link is dual-stack, routed the same way for IPv6 (addresses without
+duplicate address detection, so they are usable at once): the client on
+2001:db8:203::2/64 (node ::1), node2 on 2001:db8:198::2/64 (node ::1), pods
+``fd00:10:244:1::<10+n>/128`` behind the gateway ``fd00:10:244:1::1`` (on
+node2 ``fd00:10:244:2::…``), and ``pxdgw0`` as the IPv6 default route too.
+``Pod.ip6`` is a pod's IPv6 address; ``client_ip(6)`` and friends name an
+address by family. Backends answer on both families.
+
 No route leaves the machine: every address lives in a namespace made here.
 Clients run inside the test process: ``socket_in(ns, ...)`` creates a socket
 inside a namespace (setns on the calling thread, then back), so tests need
@@ -58,6 +66,13 @@ NODE_IP_TO_NODE2 = "198.51.100.1"
 NODE2_IP = "198.51.100.2"
 POD_GATEWAY = "10.244.1.1"
 POD2_GATEWAY = "10.244.2.1"
+NODE_IP6 = "2001:db8:203::1"
+CLIENT_IP6 = "2001:db8:203::2"
+NODE_IP6_TO_NODE2 = "2001:db8:198::1"
+NODE2_IP6 = "2001:db8:198::2"
+POD_GATEWAY6 = "fd00:10:244:1::1"
+POD2_GATEWAY6 = "fd00:10:244:2::1"
+CLUSTER_CIDRS = "10.244.0.0/16,fd00:10:244::/48"
 HEALTHZ = ("127.0.0.1", 10256)
 METRICS = ("127.0.0.1", 10249)
 
@@ -125,6 +140,11 @@ def in_netns(name: str) -> Iterator[None]:
             os.close(own)
 
 
+def af(ip: str) -> socket.AddressFamily:
+    """The socket family of a textual address."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def socket_in(ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket living in namespace ``ns`` (it stays there whatever thread uses it)."""
     with in_netns(ns):
@@ -150,22 +170,30 @@ def serve_tcp(conn, peer):
         pass
     finally:
         conn.close()
-if proto == "tcp":
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
-    srv.listen(1024)
-    print("ready", flush=True)
+def tcp_loop(srv):
     while True:
         conn, peer = srv.accept()
         threading.Thread(target=serve_tcp, args=(conn, peer), daemon=True).start()
-else:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind(("0.0.0.0", port))
-    print("ready", flush=True)
+def udp_loop(srv):
     while True:
         data, peer = srv.recvfrom(65535)
         srv.sendto(f"{name} {peer[0]} {peer[1]} {port} ".encode() + data, peer)
+# One socket per family (IPv6 only on the v6 one), so IPv4 peers show as a.b.c.d, never ::ffff:a.b.c.d.
+loops = []
+for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    srv = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    srv.bind((host, port))
+    if proto == "tcp":
+        srv.listen(1024)
+    loops.append(threading.Thread(target=tcp_loop if proto == "tcp" else udp_loop, args=(srv,), daemon=True))
+for t in loops:
+    t.start()
+print("ready", flush=True)
+for t in loops:
+    t.join()
 '''
 
 
@@ -175,6 +203,11 @@ class Pod:
     ns: str
     ip: str
     node: str  # "node1" or "node2"
+    ip6: str = ""
+
+    def address(self, fam: int) -> str:
+        """This pod's address of family ``fam`` (4 or 6)."""
+        return self.ip6 if fam == 6 else self.ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +265,12 @@ class Topology:
     def _add_ns(self, name: str) -> None:
         run(["ip", "netns", "add", name])
         self._namespaces.append(name)
-        self.ns_run(name, ["ip", "link", "set", "lo", "up"])
         for key in ("all", "default"):
             self.sysctl(name, f"net.ipv4.conf.{key}.rp_filter", "0")
+            # Addresses usable at once (no tentative state), and no router solicitations to wait on.
+            self.sysctl(name, f"net.ipv6.conf.{key}.accept_dad", "0")
+            self.sysctl(name, f"net.ipv6.conf.{key}.disable_ipv6", "0")
+        self.ns_run(name, ["ip", "link", "set", "lo", "up"])
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
         self.ns_run(ns, ["sysctl", "-q", "-w", f"{key}={value}"])
@@ -244,43 +280,55 @@ class Topology:
             self._add_ns(name)
         for ns in (self.node, self.node2):
             self.sysctl(ns, "net.ipv4.ip_forward", "1")
+            self.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
         # Locally originated traffic to a ClusterIP needs some route before
         # nat OUTPUT can DNAT it; a bridge without ports keeps it in here.
         self.ns_run(self.node, ["ip", "link", "add", "pxdgw0", "type", "bridge"])
         self.ns_run(self.node, ["ip", "link", "set", "pxdgw0", "up"])
         self.ns_run(self.node, ["ip", "route", "add", "default", "dev", "pxdgw0"])
+        self.ns_run(self.node, ["ip", "-6", "route", "add", "default", "dev", "pxdgw0"])
 
-        self._veth(self.node, "vc", f"{NODE_IP}/24", self.client, f"{CLIENT_IP}/24")
+        self._veth(self.node, "vc", (f"{NODE_IP}/24", f"{NODE_IP6}/64"),
+                   self.client, (f"{CLIENT_IP}/24", f"{CLIENT_IP6}/64"))
         self.ns_run(self.client, ["ip", "route", "add", "default", "via", NODE_IP])
-        self._veth(self.node, "vn2", f"{NODE_IP_TO_NODE2}/24", self.node2, f"{NODE2_IP}/24")
+        self.ns_run(self.client, ["ip", "-6", "route", "add", "default", "via", NODE_IP6])
+        self._veth(self.node, "vn2", (f"{NODE_IP_TO_NODE2}/24", f"{NODE_IP6_TO_NODE2}/64"),
+                   self.node2, (f"{NODE2_IP}/24", f"{NODE2_IP6}/64"))
         self.ns_run(self.node, ["ip", "route", "add", "10.244.2.0/24", "via", NODE2_IP])
+        self.ns_run(self.node, ["ip", "-6", "route", "add", "fd00:10:244:2::/64", "via", NODE2_IP6])
         self.ns_run(self.node2, ["ip", "route", "add", "default", "via", NODE_IP_TO_NODE2])
+        self.ns_run(self.node2, ["ip", "-6", "route", "add", "default", "via", NODE_IP6_TO_NODE2])
 
         for i in range(1, self.pods + 1):
-            self._pod(self.node, f"pod{i}", f"10.244.1.{10 + i}", POD_GATEWAY, "node1")
+            self._pod(self.node, f"pod{i}", (f"10.244.1.{10 + i}", f"fd00:10:244:1::{10 + i}"),
+                      (POD_GATEWAY, POD_GATEWAY6), "node1")
         for i in range(1, self.pods2 + 1):
-            self._pod(self.node2, f"pod2-{i}", f"10.244.2.{10 + i}", POD2_GATEWAY, "node2")
+            self._pod(self.node2, f"pod2-{i}", (f"10.244.2.{10 + i}", f"fd00:10:244:2::{10 + i}"),
+                      (POD2_GATEWAY, POD2_GATEWAY6), "node2")
 
-    def _veth(self, left_ns: str, left: str, left_cidr: str, right_ns: str, right_cidr: str,
-              right: str = "eth0") -> None:
+    def _veth(self, left_ns: str, left: str, left_cidrs: Sequence[str], right_ns: str,
+              right_cidrs: Sequence[str], right: str = "eth0") -> None:
         # Create inside the left namespace so host-wide names never collide.
         self.ns_run(left_ns, ["ip", "link", "add", left, "type", "veth", "peer", "name", right,
                               "netns", right_ns])
-        for ns, dev, cidr in ((left_ns, left, left_cidr), (right_ns, right, right_cidr)):
-            if cidr:
-                self.ns_run(ns, ["ip", "addr", "add", cidr, "dev", dev])
+        for ns, dev, cidrs in ((left_ns, left, left_cidrs), (right_ns, right, right_cidrs)):
+            for cidr in cidrs:
+                self.ns_run(ns, ["ip", "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else [])])
             self.sysctl(ns, f"net.ipv4.conf.{dev}.rp_filter", "0")
             self.ns_run(ns, ["ip", "link", "set", dev, "up"])
 
-    def _pod(self, host_ns: str, name: str, ip: str, gateway: str, node: str) -> None:
+    def _pod(self, host_ns: str, name: str, ips: tuple[str, str], gateways: tuple[str, str],
+             node: str) -> None:
         ns = f"{self.prefix}-{name}"
         self._add_ns(ns)
         dev = f"v{name.replace('-', '')}"[:15]
-        self._veth(host_ns, dev, f"{gateway}/32", ns, f"{ip}/32")
-        self.ns_run(host_ns, ["ip", "route", "add", f"{ip}/32", "dev", dev, "src", gateway])
-        self.ns_run(ns, ["ip", "route", "add", gateway, "dev", "eth0", "scope", "link"])
-        self.ns_run(ns, ["ip", "route", "add", "default", "via", gateway])
-        self.pod_list.append(Pod(name, ns, ip, node))
+        self._veth(host_ns, dev, [f"{gateways[0]}/32", f"{gateways[1]}/128"], ns,
+                   [f"{ips[0]}/32", f"{ips[1]}/128"])
+        for ip, gateway, bits, flag in ((ips[0], gateways[0], 32, "-4"), (ips[1], gateways[1], 128, "-6")):
+            self.ns_run(host_ns, ["ip", flag, "route", "add", f"{ip}/{bits}", "dev", dev, "src", gateway])
+            self.ns_run(ns, ["ip", flag, "route", "add", gateway, "dev", "eth0", "scope", "link"])
+            self.ns_run(ns, ["ip", flag, "route", "add", "default", "via", gateway])
+        self.pod_list.append(Pod(name, ns, ips[0], node, ips[1]))
 
     def close(self) -> None:
         """Kill every process and delete every namespace made here; never raises.
@@ -386,14 +434,14 @@ class Topology:
 
     # -- clients -----------------------------------------------------------------------------------
 
-    def tcp_socket(self, ns: str) -> socket.socket:
-        return socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+    def tcp_socket(self, ns: str, fam: int = 4) -> socket.socket:
+        return socket_in(ns, socket.AF_INET6 if fam == 6 else socket.AF_INET, socket.SOCK_STREAM)
 
-    def udp_socket(self, ns: str) -> socket.socket:
-        return socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    def udp_socket(self, ns: str, fam: int = 4) -> socket.socket:
+        return socket_in(ns, socket.AF_INET6 if fam == 6 else socket.AF_INET, socket.SOCK_DGRAM)
 
     def connect(self, ns: str, ip: str, port: int, *, timeout: float = 5.0) -> socket.socket:
-        sock = socket_in(ns)
+        sock = socket_in(ns, af(ip))
         sock.settimeout(timeout)
         try:
             sock.connect((ip, port))
@@ -411,7 +459,7 @@ class Topology:
                   sock: socket.socket | None = None) -> tuple[Greeting, bytes, tuple[str, int]]:
         """Send one datagram; (greeting, echoed payload, reply source). Reuse ``sock`` to stay one flow."""
         own = sock is None
-        sock = sock or socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        sock = sock or socket_in(ns, af(ip), socket.SOCK_DGRAM)
         try:
             sock.settimeout(timeout)
             sock.sendto(payload, (ip, port))
@@ -438,7 +486,7 @@ class Topology:
                 "--hostname-override", self.node_name,
                 "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}",
                 "--metrics-bind-address", f"{METRICS[0]}:{METRICS[1]}",
-                "--cluster-cidr", "10.244.0.0/16",
+                "--cluster-cidr", CLUSTER_CIDRS,
                 # Each daemon's status socket lives with the topology, never in the host's /run.
                 "--status-socket", str(self._tmp / f"status-{len(self._procs)}.sock"), *extra_args]
         proc = self.spawn(self.node, [*wrapper, *argv], log_name=f"proxyd-{mode}", env=env)

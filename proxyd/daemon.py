@@ -37,6 +37,7 @@ from proxyd.health import ProxierHealth, health_routes, metrics_routes
 from proxyd.healthcheck import ServiceHealthServers
 from proxyd.httpserve import HttpServer, Response
 from proxyd.modes.base import MODES, SyncRequest, mode_class
+from proxyd.modes.dualstack import build_mode
 from proxyd.runner import SyncRunner
 from proxyd.selfloop import SelfEndpoints
 from proxyd.sources.allocate import Allocator, Ranges
@@ -72,7 +73,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.tracker = Tracker(config.node_name)
-        self.mode = mode_class(config.proxy_mode)(config)
+        self.mode = build_mode(config)
         self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures,
                                     quarantined=self.mode.quarantined)
         self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -73,7 +73,12 @@ class ServicePort:
     """Everything a mode needs to serve one port of one Service.
 
     Addresses are strings in canonical form (``ipaddress`` round-trip);
-    ``family(ip)`` tells v4 from v6. ``node_port`` and
+    ``family(ip)`` tells v4 from v6. ``cluster_ip`` is the primary cluster IP
+    (``spec.clusterIPs[0]``) and ``secondary_cluster_ip`` the other family's
+    of a dual-stack service ("" when single-stack); external IPs, LB ingress
+    IPs and source ranges hold both families. A mode that serves one family
+    reads the port through ``for_family`` (kube-proxy's per-family proxier
+    view). ``node_port`` and
     ``health_check_node_port`` are 0 when absent. ``affinity_timeout`` is 0
     when sessionAffinity is None, else the ClientIP timeout in seconds.
     ``target_port`` is what the Service asked for (number or name): the
@@ -97,6 +102,36 @@ class ServicePort:
     # Topology-aware routing requested (annotation service.kubernetes.io/
     # topology-mode=Auto or trafficDistribution=PreferClose).
     topology_aware: bool = False
+    secondary_cluster_ip: str = ""
+
+    @property
+    def cluster_ips(self) -> tuple[str, ...]:
+        """Every cluster IP, primary first (one per family)."""
+        if self.secondary_cluster_ip:
+            return (self.cluster_ip, self.secondary_cluster_ip)
+        return (self.cluster_ip,)
+
+    def for_family(self, fam: int) -> ServicePort | None:
+        """This port as family ``fam`` serves it: that family's cluster IP and only that family's
+        external IPs, LB IPs and source ranges; None when the service has no cluster IP of ``fam``.
+
+        Returns ``self`` when nothing of the other family is present (the common single-stack case
+        costs no copy).
+        """
+        if family(self.cluster_ip) == fam:
+            cluster_ip = self.cluster_ip
+        elif self.secondary_cluster_ip and family(self.secondary_cluster_ip) == fam:
+            cluster_ip = self.secondary_cluster_ip
+        else:
+            return None
+        external_ips = _of_family(self.external_ips, fam)
+        lb_ips = _of_family(self.load_balancer_ips, fam)
+        ranges = _of_family(self.load_balancer_source_ranges, fam)
+        if (not self.secondary_cluster_ip and external_ips is self.external_ips
+                and lb_ips is self.load_balancer_ips and ranges is self.load_balancer_source_ranges):
+            return self
+        return replace(self, cluster_ip=cluster_ip, secondary_cluster_ip="", external_ips=external_ips,
+                       load_balancer_ips=lb_ips, load_balancer_source_ranges=ranges)
 
     @property
     def external_addresses(self) -> tuple[str, ...]:
@@ -219,10 +254,39 @@ class ProxyState:
     def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
         return self.endpoints.get(name, ())
 
+    def for_family(self, fam: int) -> ProxyState:
+        """The state one family's proxier serves (kube-proxy's meta-proxier split).
+
+        Service ports without a cluster IP of ``fam`` are left out, the others are seen through
+        ``ServicePort.for_family`` and keep only endpoints of ``fam`` (an EndpointSlice holds one
+        family; a dual-stack service has a slice per family).
+        """
+        ports: dict[ServicePortName, ServicePort] = {}
+        endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        for name, sp in self.service_ports.items():
+            view = sp.for_family(fam)
+            if view is None:
+                continue
+            ports[name] = view
+            eps = self.endpoints.get(name)
+            if eps is not None:
+                if any(family(ep.ip) != fam for ep in eps):
+                    eps = tuple(ep for ep in eps if family(ep.ip) == fam)
+                endpoints[name] = eps
+        return ProxyState(MappingProxyType(ports), MappingProxyType(endpoints), self.node_name,
+                          self.node_labels)
+
 
 def family(ip: str) -> int:
     """4 or 6 for a textual address or CIDR."""
     return 6 if ":" in ip else 4
+
+
+def _of_family(values: tuple[str, ...], fam: int) -> tuple[str, ...]:
+    """``values`` (addresses or CIDRs) of family ``fam``; ``values`` itself when all are."""
+    if all(family(v) == fam for v in values):
+        return values
+    return tuple(v for v in values if family(v) == fam)
 
 
 def canonical_ip(text: str) -> str:

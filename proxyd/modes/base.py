@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from proxyd.quarantine import Quarantine
@@ -58,11 +58,23 @@ class SyncRequest:
         ports.update(n for n in known if n.service in changed)
         return ports
 
+    def for_family(self, fam: int) -> SyncRequest:
+        """This request as the proxier of family ``fam`` sees it (``ProxyState.for_family``).
+
+        The change index is kept whole: a changed port the family does not serve (any more) is one
+        the family's proxier removes or never had, exactly as a port that vanished.
+        """
+        return replace(self, state=self.state.for_family(fam))
+
 
 class ProxyMode(abc.ABC):
     """A way of making services reachable on this node."""
 
     name: str = ""
+    # True for a mode that serves one address family per instance (its constructor takes
+    # ``family=4|6``): the daemon then runs one instance per family the node has behind
+    # ``proxyd.modes.dualstack.DualStackMode``, as kube-proxy's meta-proxier does.
+    per_family: bool = False
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -15,9 +15,10 @@ grammar (DNS-1123/1035 labels and subdomains, label values), so no field can
 carry a newline, a space, a quote or an iptables option into rules or logs.
 
 What is kept follows kube-proxy (pkg/proxy/serviceport.go,
-endpointslicecache.go): one family per ServicePort (the IPv4 cluster IP of a
-dual-stack service), external IPs, LB ingress IPs and source ranges filtered
-to that family, LB ingress IPs with ``ipMode: Proxy`` skipped, endpoint
+endpointslicecache.go): a ServicePort holds every cluster IP (primary first,
+one per family) and the external IPs, LB ingress IPs and source ranges of
+both families (a family's proxier reads its own through
+``ServicePort.for_family``), LB ingress IPs with ``ipMode: Proxy`` skipped, endpoint
 conditions ``ready``/``serving`` nil meaning true and ``terminating`` nil
 meaning false.
 
@@ -366,8 +367,8 @@ class PortSpec:
 class ServiceSpec:
     """A valid Service whose cluster IP and node ports may still be missing.
 
-    Addresses are canonical and of both families (``build_service`` keeps the
-    served family's); refused addresses are already gone (noted by ``service_spec``).
+    Addresses are canonical and of both families; refused addresses are already gone
+    (noted by ``service_spec``).
     """
 
     name: ServiceName
@@ -385,16 +386,8 @@ class ServiceSpec:
     topology_aware: bool = False
     allocate_lb_node_ports: bool = True
 
-    @property
-    def served_ip(self) -> str | None:
-        """The cluster IP proxyd serves: the IPv4 one of a dual-stack service, else the primary."""
-        for ip in self.cluster_ips:
-            if family(ip) == 4:
-                return ip
-        return self.cluster_ips[0] if self.cluster_ips else None
-
     def wanted_family(self, default: int) -> int:
-        """The family a cluster IP would be allocated in (4 when asked for, as ``served_ip``)."""
+        """The family a cluster IP would be allocated in (4 when asked for)."""
         if not self.families:
             return default
         return 4 if 4 in self.families else self.families[0]
@@ -543,13 +536,12 @@ def _service(obj: object, notes: list[Note]) -> ServiceSpec | None:
 
 def build_service(spec: ServiceSpec) -> Service:
     """The model value of a spec that has its cluster IP (and, where wanted, its node ports)."""
-    cluster_ip = spec.served_ip
-    if cluster_ip is None:
+    if not spec.cluster_ips:
         raise ValueError(f"{spec.name}: no cluster IP to build with")
-    fam = family(cluster_ip)
-    external_ips = _family_filtered(spec.external_ips, fam)
-    lb_ips = _family_filtered(spec.load_balancer_ips, fam)
-    source_ranges = _family_filtered(spec.source_ranges, fam)
+    cluster_ip, secondary = spec.cluster_ips[0], spec.cluster_ips[1] if len(spec.cluster_ips) > 1 else ""
+    external_ips = _unique(spec.external_ips)
+    lb_ips = _unique(spec.load_balancer_ips)
+    source_ranges = _unique(spec.source_ranges)
     # apiservice.ExternalPolicyLocal: Local only matters for a service that is
     # reachable from outside at all.
     externally_accessible = spec.type is not ServiceType.CLUSTER_IP or bool(external_ips)
@@ -570,6 +562,7 @@ def build_service(spec: ServiceSpec) -> Service:
         internal_policy_local=spec.internal_policy == "Local",
         health_check_node_port=spec.health_check_node_port,
         topology_aware=spec.topology_aware,
+        secondary_cluster_ip=secondary,
     ) for p in spec.ports)
     return Service(spec.name, ports)
 
@@ -618,12 +611,8 @@ def _families(spec: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _family_filtered(values: tuple[str, ...], fam: int) -> tuple[str, ...]:
-    out: list[str] = []
-    for value in values:
-        if family(value) == fam and value not in out:
-            out.append(value)
-    return tuple(out)
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
 
 
 def _addresses(raw: list[Any], path: str, notes: list[Note]) -> tuple[str, ...]:

@@ -104,18 +104,23 @@ def test_node_port_kept_for_nodeport_and_lb_only():
     assert one_port(svc({"type": "LoadBalancer"})).node_port == 0
 
 
-def test_dual_stack_prefers_ipv4():
+def test_dual_stack_keeps_both_cluster_ips_primary_first_and_both_families_external_ips():
     port = one_port(svc({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"],
                          "externalIPs": ["192.0.2.1", "2001:db8::1"]}))
-    assert port.cluster_ip == "10.96.0.10"
-    assert port.external_ips == ("192.0.2.1",)
+    assert port.cluster_ips == ("fd00::10", "10.96.0.10")
+    assert port.external_ips == ("192.0.2.1", "2001:db8::1")
+    v4, v6 = port.for_family(4), port.for_family(6)
+    assert v4 is not None and (v4.cluster_ip, v4.external_ips) == ("10.96.0.10", ("192.0.2.1",))
+    assert v6 is not None and (v6.cluster_ip, v6.external_ips) == ("fd00::10", ("2001:db8::1",))
 
 
-def test_ipv6_single_stack_keeps_v6_and_filters_external_ips():
+def test_ipv6_single_stack_keeps_v6_and_its_family_view_filters_external_ips():
     port = one_port(svc({"clusterIP": "fd00:0::10", "clusterIPs": ["fd00::10"],
                          "externalIPs": ["192.0.2.1", "2001:db8::0001"]}))
     assert port.cluster_ip == "fd00::10"  # canonical form
-    assert port.external_ips == ("2001:db8::1",)
+    assert port.for_family(4) is None
+    v6 = port.for_family(6)
+    assert v6 is not None and v6.external_ips == ("2001:db8::1",)
 
 
 def test_cluster_ips_only():
@@ -138,8 +143,10 @@ def test_lb_ingress_from_status_only_for_load_balancer():
         {"ip": "2001:db8::5"},
     ]}}
     port = one_port(svc({"type": "LoadBalancer", "loadBalancerIP": "203.0.113.99"}, status=status))
-    assert port.load_balancer_ips == ("203.0.113.5", "203.0.113.7")
-    assert port.external_addresses == ("203.0.113.5", "203.0.113.7")
+    assert port.load_balancer_ips == ("203.0.113.5", "203.0.113.7", "2001:db8::5")
+    v4 = port.for_family(4)
+    assert v4 is not None and v4.load_balancer_ips == ("203.0.113.5", "203.0.113.7")
+    assert v4.external_addresses == ("203.0.113.5", "203.0.113.7")
     # The same status on a NodePort service is not served.
     assert one_port(svc({"type": "NodePort"}, status=status)).load_balancer_ips == ()
 
@@ -147,7 +154,9 @@ def test_lb_ingress_from_status_only_for_load_balancer():
 def test_source_ranges_trimmed_canonical_and_family_filtered():
     port = one_port(svc({"type": "LoadBalancer",
                          "loadBalancerSourceRanges": [" 192.0.2.0/24 ", "10.1.2.3/8", "2001:db8::/32"]}))
-    assert port.load_balancer_source_ranges == ("192.0.2.0/24", "10.0.0.0/8")
+    assert port.load_balancer_source_ranges == ("192.0.2.0/24", "10.0.0.0/8", "2001:db8::/32")
+    v4 = port.for_family(4)
+    assert v4 is not None and v4.load_balancer_source_ranges == ("192.0.2.0/24", "10.0.0.0/8")
     # Only meaningful with LB IPs: dropped for other types.
     assert one_port(svc({"loadBalancerSourceRanges": ["192.0.2.0/24"]})).load_balancer_source_ranges == ()
 

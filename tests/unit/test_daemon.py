@@ -35,7 +35,7 @@ class FakeMode(ProxyMode):
 
 @pytest.fixture
 def made(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon, "mode_class", lambda name: FakeMode)
+    monkeypatch.setattr(daemon, "build_mode", FakeMode)
     config = Config(proxy_mode="userspace", manifests=str(tmp_path), node_name="node1")
     return daemon.Daemon(config)
 

@@ -1,0 +1,137 @@
+"""One proxier per address family behind one mode: kube-proxy's meta-proxier.
+
+Modes that realise one family per instance (``ProxyMode.per_family``:
+iptables with ``iptables``/``ip6tables``, nftables with its ``ip``/``ip6``
+tables, ipvs with per-family ipsets) run as one instance per family the node
+serves. Each instance sees only its family's view of the desired state
+(``SyncRequest.for_family``), so planners stay single-family and a dual-stack
+service is served on both of its cluster IPs, each with its own family's
+endpoints.
+
+Which families a node serves is decided once at start (``node_families``):
+IPv4 always, IPv6 when the kernel has it enabled. A node without IPv6 serves
+IPv4 only and says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
+
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
+from proxyd.model import family
+from proxyd.modes.base import ProxyMode, SyncRequest, mode_class
+
+if TYPE_CHECKING:
+    from proxyd.config import Config
+    from proxyd.model import ServicePortName
+
+log = logging.getLogger(__name__)
+
+# Present when the kernel has IPv6 and it is not disabled for this namespace.
+_IF_INET6 = "/proc/net/if_inet6"
+
+
+def node_families(*, if_inet6: str = _IF_INET6) -> tuple[int, ...]:
+    """The families this node serves: (4,) or (4, 6)."""
+    try:
+        with open(if_inet6, "rb"):
+            pass
+    except OSError:
+        return (4,)
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6", "rb") as f:
+            if f.read().strip() == b"1":
+                return (4,)
+    except OSError:
+        pass
+    return (4, 6)
+
+
+class DualStackMode(ProxyMode):
+    """``families`` instances of a per-family mode, synced one after the other with their family's view."""
+
+    def __init__(self, config: Config, mode_cls: type[ProxyMode], families: Sequence[int]) -> None:
+        self.name = mode_cls.name
+        super().__init__(config)
+        if not families:
+            raise ValueError("no address family to serve")
+        self.families = tuple(families)
+        # One constructor signature for every per-family mode: (config, *, family=4|6).
+        self.proxiers: dict[int, ProxyMode] = {fam: mode_cls(config, family=fam)  # type: ignore[call-arg]
+                                               for fam in self.families}
+        if len(self.families) == 1:
+            log.info("%s: this node serves IPv%d only (IPv6 is %s); services of the other family are "
+                     "not proxied", self.name, self.families[0],
+                     "disabled" if self.families == (4,) else "the only family")
+
+    async def start(self) -> None:
+        for proxier in self.proxiers.values():
+            await proxier.start()
+
+    async def sync(self, request: SyncRequest) -> None:
+        # Every family is attempted even when one fails, so a broken ip6tables does not starve IPv4;
+        # the first failure is raised afterwards and the runner retries with a full sync.
+        failure: BaseException | None = None
+        for fam, proxier in self.proxiers.items():
+            try:
+                await proxier.sync(request.for_family(fam))
+            except Exception as err:
+                log.error("%s: IPv%d sync failed: %s", self.name, fam, err)
+                failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def quarantined(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for proxier in self.proxiers.values():
+            out.update(proxier.quarantined())
+        return out
+
+    def listen_failures(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for proxier in self.proxiers.values():
+            out.update(proxier.listen_failures())
+        return out
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        merged = ModeStatus()
+        for fam, proxier in self.proxiers.items():
+            part = await proxier.status(names)
+            merged.supported = merged.supported and part.supported
+            if part.matches is False:
+                merged.matches = False
+            elif part.matches is True and merged.matches is None:
+                merged.matches = True
+            for text in part.mismatches:
+                merged.mismatch(f"IPv{fam}: {text}")
+            for key, per_endpoint in part.counters.items():
+                merged.counters.setdefault(key, {}).update(per_endpoint)
+            merged.notes.extend(f"IPv{fam}: {note}" for note in part.notes)
+            merged.read_seconds += part.read_seconds
+        return merged
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        fam = family(packet.dst)
+        proxier = self.proxiers.get(fam)
+        if proxier is None:
+            return TraceResult(supported=False, notes=[f"this node does not serve IPv{fam}"])
+        return await proxier.trace(packet)
+
+    async def shutdown(self) -> None:
+        for proxier in self.proxiers.values():
+            await proxier.shutdown()
+
+    @classmethod
+    async def cleanup(cls, config: Config) -> None:
+        raise NotImplementedError("clean up through the wrapped mode's class: it removes every family")
+
+
+
+def build_mode(config: Config) -> ProxyMode:
+    """The mode ``--proxy-mode`` names: per-family modes behind ``DualStackMode``, others as they are."""
+    mode_cls = mode_class(config.proxy_mode)
+    if mode_cls.per_family:
+        return DualStackMode(config, mode_cls, node_families())
+    return mode_cls(config)
