@@ -54,13 +54,13 @@ from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
-from proxyd.conntable import NATIVE, ConnTable
 from proxyd.fdlimit import raise_fd_limit
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
+from proxyd.modes.userspace.conntable import NATIVE, ConnTable
 from proxyd.modes.userspace.engine import NATIVE as ENGINE_NATIVE
 from proxyd.modes.userspace.engine import NativeTcpPath, PyTcpPath, TcpPath, default_workers
 from proxyd.modes.userspace.planner import (
