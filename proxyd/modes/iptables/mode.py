@@ -229,15 +229,9 @@ class IptablesMode(ProxyMode):
         names = set(touched)
         if full:
             names |= set(old_ports)
-        flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
-                                      new_ports=new_ports, new_renders=self.planner.cache)
-        if not flows:
-            return
-        try:
-            deleted = await asyncio.to_thread(conntrack.clear, flows, family=self.family)
-            log.debug("iptables: deleted %d stale UDP conntrack entries", deleted)
-        except Exception as err:
-            log.warning("iptables: stale UDP conntrack cleanup failed: %s", err)
+        await conntrack.clear_stale(self.name, self.family, names, old_ports=old_ports,
+                                    old_renders=old_renders, new_ports=new_ports,
+                                    new_renders=self.planner.cache)
 
     async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
         """Counters of each endpoint's DNAT rule and kernel-versus-plan, read back from the kernel."""

@@ -198,15 +198,8 @@ class NftablesMode(ProxyMode):
                                old_ports: Mapping[ServicePortName, ServicePort],
                                old_renders: Mapping[ServicePortName, PortRender],
                                new_renders: Mapping[ServicePortName, PortRender]) -> None:
-        flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
-                                      new_ports=self._ports, new_renders=new_renders)
-        if not flows:
-            return
-        try:
-            deleted = await asyncio.to_thread(conntrack.clear, flows, family=self.family)
-            log.debug("nftables: deleted %d stale UDP conntrack entries", deleted)
-        except Exception as err:
-            log.warning("nftables: stale UDP conntrack cleanup failed: %s", err)
+        await conntrack.clear_stale(self.name, self.family, names, old_ports=old_ports,
+                                    old_renders=old_renders, new_ports=self._ports, new_renders=new_renders)
 
     async def shutdown(self) -> None:
         """Leave the table: traffic keeps flowing while proxyd is down."""

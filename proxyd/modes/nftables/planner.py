@@ -33,19 +33,22 @@ Text safety: the only text reaching nft is addresses (checked with
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
+from proxyd.netfilter.render import PROTO as _PROTO
+from proxyd.netfilter.render import addresses as _addresses
+from proxyd.netfilter.render import networks as _networks
+from proxyd.netfilter.render import safe_ip as _safe_ip
 from proxyd.policy import categorize
 
-_PROTO = {Protocol.TCP: "tcp", Protocol.UDP: "udp", Protocol.SCTP: "sctp"}
 REJECT = f"goto {lay.REJECT_CHAIN}"
 
 # Sets whose elements several ports may share (refcounted, no value).
@@ -142,34 +145,8 @@ class Plan:
         return not self.text.strip()
 
 
-def _safe_ip(ip: str) -> str:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
-    except (OSError, TypeError) as err:
-        raise ValueError(f"not an IP address: {ip!r}") from err
-    return ip
-
-
 def _family_of(ip: str) -> int:
     return 6 if ":" in ip else 4
-
-
-def _addresses(values: Iterable[str], family: int) -> list[str]:
-    out = []
-    for v in values:
-        a = ipaddress.ip_address(v)
-        if a.version == family:
-            out.append(str(a))
-    return out
-
-
-def _networks(values: Iterable[str], family: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    out = []
-    for v in values:
-        n = ipaddress.ip_network(v, strict=False)
-        if n.version == family:
-            out.append(n)
-    return out
 
 
 def _suffix(chain: str) -> str:
@@ -376,9 +353,7 @@ class Planner:
     def set_node_ips(self, node_ips: Iterable[str]) -> None:
         ips = tuple(node_ips)
         if ips != self.options.node_ips:
-            fields = {f: getattr(self.options, f) for f in PlannerOptions.__dataclass_fields__}
-            fields["node_ips"] = ips
-            self.options = PlannerOptions(**fields)
+            self.options = dataclasses.replace(self.options, node_ips=ips)
 
     def _wanted_node_ips(self) -> tuple[str, ...]:
         if not self.options.nodeport_addresses:
