@@ -46,13 +46,13 @@ re-parsed with ``ipaddress`` before use.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName, family
 from proxyd.modes.iptables import chains as ch
+from proxyd.netfilter.planning import MirrorPlanner
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
 from proxyd.netfilter.render import networks as _networks
@@ -179,11 +179,11 @@ class Plan:
     chunks: list[str] = field(default_factory=list)
 
 
-class Planner:
+class Planner(MirrorPlanner[PlannerOptions]):
     """Renders ProxyStates into restore input, caching per service port for partial syncs."""
 
     def __init__(self, options: PlannerOptions) -> None:
-        self.options = options
+        super().__init__(options)
         self._cache: dict[ServicePortName, PortRender] = {}
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
         self._chains: set[str] = set()  # nat service chains the kernel holds (as far as we know)
@@ -192,25 +192,10 @@ class Planner:
         self._busy: frozenset[ServicePortName] = frozenset()
         self._large: bool | None = None
         self._tail: tuple[str, ...] = ()
-        self._valid = False  # False until a full plan was committed
-
-    @property
-    def needs_full(self) -> bool:
-        return not self._valid
 
     @property
     def cache(self) -> Mapping[ServicePortName, PortRender]:
         return self._cache
-
-    def invalidate(self) -> None:
-        """Forget what the kernel holds: the next plan is full."""
-        self._valid = False
-
-    def set_node_ips(self, node_ips: Iterable[str]) -> None:
-        """Update this node's NodePort addresses (only the KUBE-SERVICES tail depends on them)."""
-        ips = tuple(node_ips)
-        if ips != self.options.node_ips:
-            self.options = dataclasses.replace(self.options, node_ips=ips)
 
     # -- planning ---------------------------------------------------------
 

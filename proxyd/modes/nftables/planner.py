@@ -33,7 +33,6 @@ Text safety: the only text reaching nft is addresses (checked with
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, Service
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
+from proxyd.netfilter.planning import MirrorPlanner
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
 from proxyd.netfilter.render import networks as _networks
@@ -305,7 +305,7 @@ def _join(ep: Endpoint) -> str:
     return f"[{ip}]:{ep.port}" if ":" in ip else f"{ip}:{ep.port}"
 
 
-class Planner:
+class Planner(MirrorPlanner[PlannerOptions]):
     """Plans transactions from ProxyStates, mirroring the kernel's elements for partial syncs.
 
     What it keeps between syncs is the mirror of the kernel's elements (set
@@ -317,7 +317,7 @@ class Planner:
     """
 
     def __init__(self, options: PlannerOptions) -> None:
-        self.options = options
+        super().__init__(options)
         self._state = ProxyState()
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
         self._kernel: dict[str, dict[str, str | None]] = {}
@@ -328,11 +328,6 @@ class Planner:
         self._pick_refs: dict[str, int] = {}
         self._doomed_chains: tuple[str, ...] = ()
         self._node_ips: tuple[str, ...] = ()
-        self._valid = False
-
-    @property
-    def needs_full(self) -> bool:
-        return not self._valid
 
     @property
     def kernel(self) -> Mapping[str, Mapping[str, str | None]]:
@@ -346,14 +341,6 @@ class Planner:
     @property
     def dynamic_chains(self) -> Mapping[str, tuple[str, ...]]:
         return self._chains
-
-    def invalidate(self) -> None:
-        self._valid = False
-
-    def set_node_ips(self, node_ips: Iterable[str]) -> None:
-        ips = tuple(node_ips)
-        if ips != self.options.node_ips:
-            self.options = dataclasses.replace(self.options, node_ips=ips)
 
     def _wanted_node_ips(self) -> tuple[str, ...]:
         if not self.options.nodeport_addresses:
