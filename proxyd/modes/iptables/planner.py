@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName, family
 from proxyd.modes.iptables import chains as ch
-from proxyd.netfilter.planning import MirrorPlanner
+from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
 from proxyd.netfilter.render import networks as _networks
@@ -81,23 +81,9 @@ def _comment(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class PlannerOptions:
-    """The node-wide settings a plan depends on.
+class PlannerOptions(NodeOptions):
+    """The node-wide settings a plan depends on (``NodeOptions``'s, and iptables mode's own)."""
 
-    ``nodeport_addresses`` are --nodeport-addresses CIDRs (empty: every local
-    address, matched with ``-m addrtype --dst-type LOCAL``); ``node_ips`` are
-    this node's addresses inside them (used only when CIDRs are given).
-    ``node_ip`` is the primary node address (LB source ranges that contain it
-    also admit the LB IPs as sources, as kube-proxy does).
-    """
-
-    family: int = 4
-    cluster_cidrs: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[str, ...] = ()
-    node_ips: tuple[str, ...] = ()
-    node_ip: str | None = None
     random_fully: bool = True
     conntrack_liberal: bool = False
     # Split full plans into transactions of about this many service-chain
@@ -106,25 +92,6 @@ class PlannerOptions:
     # whole-table copy per transaction, so only the nft back end sets this.
     chunk_rules: int = 0
     large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
-
-    def __post_init__(self) -> None:
-        if self.family not in (4, 6):
-            raise ValueError(f"family must be 4 or 6, got {self.family!r}")
-        if not 0 <= self.masquerade_bit <= 31:
-            raise ValueError(f"masquerade_bit must be in 0..31, got {self.masquerade_bit!r}")
-
-    @property
-    def mark(self) -> str:
-        return f"{1 << self.masquerade_bit:#x}"
-
-    @property
-    def local_cidr(self) -> str | None:
-        """kube-proxy's LocalTrafficDetector by cluster CIDR: the first CIDR of this family."""
-        for cidr in self.cluster_cidrs:
-            net = ipaddress.ip_network(cidr, strict=False)
-            if net.version == self.family:
-                return str(net)
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, Service
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
-from proxyd.netfilter.planning import MirrorPlanner
+from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
 from proxyd.netfilter.render import networks as _networks
@@ -60,38 +60,17 @@ _GONE = "\0gone"  # marks an element a partial plan deletes (never valid nft tex
 
 
 @dataclass(frozen=True, slots=True)
-class PlannerOptions:
-    """The node-wide settings a plan depends on (see iptables' PlannerOptions for the meaning)."""
-
-    family: int = 4
-    cluster_cidrs: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[str, ...] = ()
-    node_ips: tuple[str, ...] = ()
-    node_ip: str | None = None
-
-    def __post_init__(self) -> None:
-        lay.Family(self.family)
-        if not 0 <= self.masquerade_bit <= 31:
-            raise ValueError(f"masquerade_bit must be in 0..31, got {self.masquerade_bit!r}")
+class PlannerOptions(NodeOptions):
+    """The node-wide settings a plan depends on (``NodeOptions``'s)."""
 
     @property
     def fam(self) -> lay.Family:
         return lay.Family(self.family)
 
     @property
-    def local_cidr(self) -> str | None:
-        for cidr in self.cluster_cidrs:
-            net = ipaddress.ip_network(cidr, strict=False)
-            if net.version == self.family:
-                return str(net)
-        return None
-
-    @property
     def layout(self) -> lay.LayoutOptions:
         return lay.LayoutOptions(family=self.fam, cluster_cidr=self.local_cidr,
-                                 masquerade_all=self.masquerade_all, mark=f"{1 << self.masquerade_bit:#x}",
+                                 masquerade_all=self.masquerade_all, mark=self.mark,
                                  nodeport_addresses=bool(self.nodeport_addresses))
 
 
