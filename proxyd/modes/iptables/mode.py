@@ -43,7 +43,7 @@ from proxyd import metrics
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import ProxyState, ServiceName, ServicePort, ServicePortName
-from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier, cleanup_all
 from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
@@ -76,7 +76,7 @@ def _all_local_addresses(family: int) -> list[str]:
     return list(local_addresses(family=family))
 
 
-class IptablesMode(ProxyMode):
+class IptablesMode(AppliedMode[Applier]):
     """Services realised as iptables NAT rules (kube-proxy's default mode)."""
 
     name = "iptables"
@@ -110,10 +110,7 @@ class IptablesMode(ProxyMode):
         await self.applier.ensure_canaries()
 
     async def sync(self, request: SyncRequest) -> None:
-        if self.applier is None:
-            await self.start()
-        assert self.applier is not None
-        applier = self.applier
+        applier = await self.started_applier()
         full = request.changed is None or self.planner.needs_full
         now = self._clock()
         if not full and (self._verified is None or now - self._verified >= self.config.sync_period):

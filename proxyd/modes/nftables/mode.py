@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from proxyd import metrics
 from proxyd.config import Config
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
-from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.mode import _node_addresses as iptables_node_addresses
 from proxyd.modes.iptables.planner import PortRender
@@ -65,7 +65,7 @@ class _Track:
     synced: bool
 
 
-class NftablesMode(ProxyMode):
+class NftablesMode(AppliedMode[Applier]):
     """Services realised as elements of a few nftables maps."""
 
     name = "nftables"
@@ -97,10 +97,7 @@ class NftablesMode(ProxyMode):
         self.planner = Planner(self._options(node_ips=tuple(node_ips), node_ip=primary))
 
     async def sync(self, request: SyncRequest) -> None:
-        if self.applier is None:
-            await self.start()
-        assert self.applier is not None
-        applier = self.applier
+        applier = await self.started_applier()
         full = request.changed is None or self.planner.needs_full
         present = await applier.canary_present()
         if not full and not present:
