@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import family as _family_of
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
@@ -122,10 +123,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.text.strip()
-
-
-def _family_of(ip: str) -> int:
-    return 6 if ":" in ip else 4
 
 
 def _suffix(chain: str) -> str:
