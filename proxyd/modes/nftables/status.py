@@ -623,18 +623,21 @@ def tracer_for(snap: Snapshot, node_ips: Iterable[str]) -> Tracer:
 
 
 def _reason(verdict: str, steps: tuple[str, ...]) -> str:
-    chains = set(steps)
-    if lay.FIREWALL_CHECK in chains:
+    """Why a path ends in DROP or REJECT, from the chain that decided (the last one entered)."""
+    last = steps[-1] if steps else ""
+    before = steps[-2] if len(steps) > 1 else ""
+    checks = (lay.SERVICE_ENDPOINTS_CHECK, lay.NODEPORT_ENDPOINTS_CHECK)
+    if last == lay.FIREWALL_CHECK:
         return "source outside the service's loadBalancerSourceRanges (firewall-check)"
-    if lay.CLUSTER_IPS_CHECK in chains:
+    if last == lay.CLUSTER_IPS_CHECK:
         return "a cluster IP, but not a port of its service (cluster-ips-check)"
-    if lay.SERVICE_ENDPOINTS_CHECK in chains or lay.NODEPORT_ENDPOINTS_CHECK in chains:
-        if verdict == "REJECT":
-            return "the service has no endpoints (no-endpoint map -> reject-chain)"
-        return "no endpoint on this node for internalTrafficPolicy Local (no-endpoint map: drop)"
-    if verdict == "DROP":
-        return "no endpoint on this node for externalTrafficPolicy Local (pick map: drop)"
-    return f"{verdict.lower()} by {steps[-1] if steps else 'a base chain'}"
+    if last == lay.REJECT_CHAIN and before in checks:
+        return f"the service has no endpoints ({before} -> reject-chain)"
+    if last in checks and verdict == "DROP":
+        return f"no endpoint on this node for internalTrafficPolicy Local ({last}: drop)"
+    if verdict == "DROP" and last:
+        return f"no endpoint on this node for externalTrafficPolicy Local ({last}: pick map drops)"
+    return f"{verdict.lower()} by {last or 'a base chain'}"
 
 
 def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[str],
