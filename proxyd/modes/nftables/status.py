@@ -275,7 +275,7 @@ class Snapshot:
     kinds: dict[str, str] = field(default_factory=dict)       # set name -> its value type ("" for a set)
     counters: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     elements: int = 0
-    read: list[str] = field(default_factory=list)              # what was listed, for the notes
+    asked: set[str] = field(default_factory=set)              # maps and sets listed one by one
 
     def add(self, items: Iterable[Mapping[str, Any]], fam: lay.Family) -> None:
         """Fold one JSON listing (``Nft.run_json``) of objects of our table in."""
@@ -359,7 +359,6 @@ def read_table(nft: Nft, fam: lay.Family) -> Snapshot:
     """``list table``: chains, rules, every element and counter (blocking; run in a thread)."""
     snap = Snapshot(rules={})
     snap.add(_list(nft, f"list table {fam.table}"), fam)
-    snap.read.append(f"list table {fam.table}")
     return snap
 
 
@@ -372,6 +371,7 @@ def read_sets(nft: Nft, fam: lay.Family, names: Iterable[str]) -> Snapshot:
             snap._chain(chain)
     kinds = {name: ("map" if ":" in body else "set") for name, body in lay.maps(fam)}
     for name in names:
+        snap.asked.add(name)
         snap.add(_list(nft, f"list {kinds.get(name, 'set')} {fam.table} {name}"), fam)
     return snap
 
@@ -512,7 +512,7 @@ def build_status(snap: Snapshot, planner: Planner, state: ProxyState,
     if names is None:
         compare_chains(status, snap, fixed, planner.dynamic_chains)
         for set_name, want in wanted_sets.items():
-            if whole_table or set_name in snap.sets:
+            if whole_table or set_name in snap.asked:
                 compare_elements(status, set_name, want, snap.sets.get(set_name))
     else:
         compare_chains(status, snap, {}, {})
