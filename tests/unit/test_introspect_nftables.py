@@ -239,13 +239,18 @@ class FakeNft:
         self.asked: list[str] = []
         self.items = listing()
 
-    def run_json(self, command: str) -> list[dict[str, Any]]:
-        self.asked.append(command)
+    def run_json(self, command: str, *, terse: bool = False) -> list[dict[str, Any]]:
+        self.asked.append(command + (" (terse)" if terse else ""))
         words = command.split()
         if words[1] == "table":
             return self.items
-        if words[1] == "chains":
-            return [i for i in self.items if "chain" in i]
+        if words[1] == "ruleset":
+            assert terse
+            out = copy.deepcopy(self.items)
+            for item in out:
+                for kind in ("set", "map"):
+                    (item.get(kind) or {}).pop("elem", None)
+            return out
         kind, name = words[1], words[-1]
         return [i for i in self.items if kind in i and i[kind]["name"] == name]
 
@@ -255,6 +260,7 @@ async def _thread(fn: Any, *args: Any) -> Any:
 
 
 def test_what_a_status_reads_depends_on_the_size_and_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nst.nlread, "KEYS", {})  # every set through nft: no netlink without root
     planner, state = committed(), _state()
     nft = FakeNft()
     whole = asyncio.run(nst.read_status(nft, planner, state, None, run=_thread))  # type: ignore[arg-type]
@@ -263,11 +269,13 @@ def test_what_a_status_reads_depends_on_the_size_and_the_request(monkeypatch: py
     nft.asked.clear()
     named = asyncio.run(nst.read_status(nft, planner, state, [NP], run=_thread))  # type: ignore[arg-type]
     assert "list table ip proxyd" not in nft.asked and "list map ip proxyd np-backends-tcp" in nft.asked
+    assert "list ruleset ip (terse)" in nft.asked
     assert named.matches is True and list(named.counters) == ["ns/np:p80/TCP"]
     monkeypatch.setattr(nst, "FULL_READ_ELEMENTS", 1)
     nft.asked.clear()
     large = asyncio.run(nst.read_status(nft, planner, state, None, run=_thread))  # type: ignore[arg-type]
     assert not any("backends" in a or a.startswith("list table") for a in nft.asked), nft.asked
+    assert "list ruleset ip (terse)" in nft.asked
     assert large.matches is True and not large.counters and any("dispatch" in n for n in large.notes)
     nft.items = [x for x in nft.items if not ("map" in x and x["map"]["name"] == "service-ips")]
     broken = asyncio.run(nst.read_status(nft, planner, state, None, run=_thread))  # type: ignore[arg-type]
@@ -289,3 +297,18 @@ def test_the_captured_listing_is_the_kernels_not_the_planners() -> None:
     key = dnat["expr"][0]["dnat"]["addr"]["map"]["key"]["concat"]
     assert {"payload": {"protocol": "tcp", "field": "dport"}} in key  # nft prints "tcp dport", we write th
     assert copy.deepcopy(items) == items
+
+
+def test_trace_now_reads_the_rules_then_only_the_sets_on_the_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nst.nlread, "KEYS", {})
+    nft = FakeNft()
+    result = nst.trace_now(nft, FAM, TracePacket("10.0.0.2", "172.30.0.52", 80), NODE_IPS)  # type: ignore[arg-type]
+    assert result.supported and {p.endpoint for p in result.paths} == {"10.180.0.17:80", "10.180.0.18:80",
+                                                                      "10.180.0.19:80"}
+    assert nft.asked[0] == "list ruleset ip (terse)"
+    assert "list map ip proxyd svc-backends-tcp" in nft.asked and not any("np-" in a for a in nft.asked)
+    assert "svc-backends-tcp" in result.source
+    nft.items = [i for i in nft.items if not ("table" in i or "chain" in i or "rule" in i or "map" in i
+                                              or "set" in i)]
+    gone = nst.trace_now(nft, FAM, TracePacket("10.0.0.2", "172.30.0.52", 80), NODE_IPS)  # type: ignore[arg-type]
+    assert not gone.supported and "not in the kernel" in gone.notes[0]

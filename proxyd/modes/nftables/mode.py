@@ -262,8 +262,12 @@ class NftablesMode(ProxyMode):
         if self.applier is None:
             return TraceResult(supported=False, notes=["nftables: not started yet"])
         node_ips = await asyncio.to_thread(_all_local_addresses, self.family)
-        return await status.read_trace(self.applier.nft, lay.Family(self.family), packet, node_ips,
-                                       run=asyncio.to_thread)
+        before = self.last_plan
+        result = await asyncio.to_thread(status.trace_now, self.applier.nft, lay.Family(self.family), packet,
+                                         node_ips)
+        if self.last_plan is not before:
+            result.notes.append("a sync committed during the trace: its sets may come from both sides of it")
+        return result
 
     async def shutdown(self) -> None:
         """Leave the table: traffic keeps flowing while proxyd is down."""

@@ -54,6 +54,7 @@ from typing import Any
 from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, counter_key, merge_paths
 from proxyd.model import ProxyState, ServicePortName
 from proxyd.modes.nftables import layout as lay
+from proxyd.modes.nftables import nlread
 from proxyd.modes.nftables.libnft import Nft, NftError
 from proxyd.modes.nftables.planner import SHARED_SETS, Planner, render_port
 from proxyd.modes.nftables.tracer import Tracer, parse_rule
@@ -276,9 +277,13 @@ class Snapshot:
     counters: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     elements: int = 0
     asked: set[str] = field(default_factory=set)              # maps and sets listed one by one
+    declared: set[str] = field(default_factory=set)           # maps and sets the listings named
 
-    def add(self, items: Iterable[Mapping[str, Any]], fam: lay.Family) -> None:
-        """Fold one JSON listing (``Nft.run_json``) of objects of our table in."""
+    def add(self, items: Iterable[Mapping[str, Any]], fam: lay.Family, *, elements: bool = True) -> None:
+        """Fold one JSON listing (``Nft.run_json``) of objects of our table in.
+
+        ``elements`` False: a terse listing, whose sets carry no elements (their contents are not known).
+        """
         rules: list[Mapping[str, Any]] = []
         for item in items:
             for kind in ("table", "chain", "set", "map", "rule"):
@@ -294,7 +299,7 @@ class Snapshot:
                 elif kind == "rule":
                     rules.append(obj)
                 else:
-                    self._set(obj, kind)
+                    self._set(obj, kind, elements)
         if rules:
             if self.rules is None:
                 self.rules = {}
@@ -316,11 +321,14 @@ class Snapshot:
         if "hook" in obj:
             self.base[name] = (str(obj.get("type")), str(obj.get("hook")), int(obj.get("prio", 0)))
 
-    def _set(self, obj: Mapping[str, Any], kind: str) -> None:
+    def _set(self, obj: Mapping[str, Any], kind: str, elements: bool = True) -> None:
         name = str(obj.get("name"))
         self.table = True
         data = obj.get("map") if kind == "map" else ""
         self.kinds[name] = data if isinstance(data, str) else "?"
+        self.declared.add(name)
+        if not elements:
+            return
         elems = obj.get("elem") or []
         if not isinstance(elems, list):
             raise ValueError(f"{name}: elements are not a list")
@@ -362,17 +370,34 @@ def read_table(nft: Nft, fam: lay.Family) -> Snapshot:
     return snap
 
 
-def read_sets(nft: Nft, fam: lay.Family, names: Iterable[str]) -> Snapshot:
-    """The chain names and the named maps and sets (blocking; run in a thread)."""
-    snap = Snapshot()
-    for item in _list(nft, f"list chains {fam.table_family}"):
-        chain = item.get("chain")
-        if isinstance(chain, dict) and chain.get("table") == lay.TABLE:
-            snap._chain(chain)
-    kinds = {name: ("map" if ":" in body else "set") for name, body in lay.maps(fam)}
+def read_rules(nft: Nft, fam: lay.Family) -> Snapshot:
+    """Chains, rules and set declarations without elements: a terse ``list ruleset`` (~1 ms at any size)."""
+    snap = Snapshot(rules={})
+    snap.add(nft.run_json(f"list ruleset {fam.table_family}", terse=True), fam, elements=False)
+    return snap
+
+
+def _kind(fam: lay.Family, name: str) -> str:
+    return next(("map" if ":" in body else "set" for n, body in lay.maps(fam) if n == name), "set")
+
+
+def read_set(nft: Nft, fam: lay.Family, snap: Snapshot, name: str, *, raw: bool) -> None:
+    """One map or set into ``snap``: straight from nf_tables (``nlread``, decoded on demand) when
+    ``raw`` and it is a set ``nlread`` decodes, else listed by nft."""
+    snap.asked.add(name)
+    if raw and name in nlread.KEYS:
+        found = nlread.read(fam, name)
+        if found is not None:
+            snap.sets[name] = found
+        return
+    snap.add(_list(nft, f"list {_kind(fam, name)} {fam.table} {name}"), fam)
+
+
+def read_sets(nft: Nft, fam: lay.Family, names: Iterable[str], *, raw: bool = False) -> Snapshot:
+    """The rules (``read_rules``) and the named maps and sets (blocking; run in a thread)."""
+    snap = read_rules(nft, fam)
     for name in names:
-        snap.asked.add(name)
-        snap.add(_list(nft, f"list {kinds.get(name, 'set')} {fam.table} {name}"), fam)
+        read_set(nft, fam, snap, name, raw=raw)
     return snap
 
 
@@ -483,8 +508,10 @@ def port_counters(snap: Snapshot,
     for set_name, key, _ in elements:
         if set_name not in BACKENDS:
             continue
-        counted = snap.counters.get(set_name, {}).get(key)
-        ep = _endpoint(snap.sets.get(set_name, {}).get(key))
+        held = snap.sets.get(set_name, {})
+        ep = _endpoint(held.get(key))  # decodes a raw set's element (and its counter) first
+        counts = held.counters if isinstance(held, nlread.RawSet) else snap.counters.get(set_name, {})
+        counted = counts.get(key)
         if counted is None or ep is None:
             continue
         per = out.setdefault(ep, {"packets": 0, "bytes": 0})
@@ -534,7 +561,7 @@ def build_status(snap: Snapshot, planner: Planner, state: ProxyState,
             if set_name in SHARED_SETS:
                 keys = {k for k in keys if k in want}
             compare_elements(status, set_name, want, snap.sets.get(set_name), keys=sorted(keys))
-    if snap.counters:
+    if snap.counters or any(isinstance(snap.sets.get(b), nlread.RawSet) for b in BACKENDS):
         for name in sorted(state.service_ports if names is None else names):
             plan = _render(planner, state, name)
             if plan is None:
@@ -559,15 +586,31 @@ def _render(planner: Planner, state: ProxyState, name: ServicePortName) -> Any:
                        node_zone=state.node_zone)
 
 
-def sets_for(planner: Planner, state: ProxyState, names: Iterable[ServicePortName]) -> list[str]:
-    """The maps and sets the given ports have elements in (what a status naming them lists)."""
-    found: dict[str, None] = {}
+def keys_for(planner: Planner, state: ProxyState, names: Iterable[ServicePortName]) -> dict[str, set[str]]:
+    """The maps and sets the given ports have elements in, and those elements' keys."""
+    found: dict[str, set[str]] = {}
     for name in names:
         plan = _render(planner, state, name)
         if plan is not None:
-            for set_name, _, _ in plan.elements:
-                found.setdefault(set_name, None)
-    return list(found)
+            for set_name, key, _ in plan.elements:
+                found.setdefault(set_name, set()).add(key)
+    return found
+
+
+def read_keys(nft: Nft, fam: lay.Family, keys: Mapping[str, Iterable[str]]) -> Snapshot:
+    """The rules and the given elements of each map and set, with their counters (blocking).
+
+    Sets ``nlread`` decodes come straight from nf_tables and only the messages holding these keys are
+    decoded, here in the worker thread, so the comparison afterwards costs nothing.
+    """
+    snap = read_rules(nft, fam)
+    for name, wanted in keys.items():
+        read_set(nft, fam, snap, name, raw=True)
+        held = snap.sets.get(name)
+        if isinstance(held, nlread.RawSet):
+            for key in wanted:
+                held.get(key)
+    return snap
 
 
 async def read_status(nft: Nft, planner: Planner, state: ProxyState,
@@ -584,19 +627,20 @@ async def read_status(nft: Nft, planner: Planner, state: ProxyState,
         whole = True
     elif wanted is None:
         snap = await run(read_sets, nft, fam, DISPATCH_SETS)
-        how = f"nft list chains and the dispatch maps ({', '.join(DISPATCH_SETS)})"
+        how = f"nft list ruleset (terse) and the dispatch maps ({', '.join(DISPATCH_SETS)})"
         whole = False
     else:
-        snap = await run(read_sets, nft, fam, sets_for(planner, state, wanted))
-        how = "nft list chains and the maps and sets of the selected service ports"
+        snap = await run(read_keys, nft, fam, keys_for(planner, state, wanted))
+        how = ("nft list ruleset (terse) and the selected service ports' elements dumped from nf_tables "
+               "(nlread)")
         whole = False
     status = build_status(snap, planner, state, wanted, whole_table=whole)
     status.notes.append(f"read with {how}; counters are per backends-map element (service address or "
                         "NodePort x endpoint) and count new connections (the nat hooks see a connection's "
                         "first packet)")
     if wanted is None and not whole:
-        status.notes.append(f"{backends} backend elements: checked the dispatch maps and chain names only "
-                            "(listing the backends maps costs seconds at this size on nft 1.0.6); name a "
+        status.notes.append(f"{backends} backend elements: checked the rules and the dispatch maps only "
+                            "(the backends maps cost seconds to list at this size on nft 1.0.6); name a "
                             "namespace or service for per-endpoint counters")
     status.read_seconds = time.perf_counter() - started
     return status
@@ -605,8 +649,27 @@ async def read_status(nft: Nft, planner: Planner, state: ProxyState,
 # -- trace --------------------------------------------------------------------------------------------------
 
 
-def tracer_for(snap: Snapshot, node_ips: Iterable[str]) -> Tracer:
-    """The packet-flow tracer loaded with what was read back (rules must have been read)."""
+class LazySets(dict[str, dict[str, str | None]]):
+    """The tracer's sets, each read from the kernel when the walk first looks into it (``read_set``)."""
+
+    def __init__(self, nft: Nft, fam: lay.Family, snap: Snapshot) -> None:
+        super().__init__()
+        self.nft, self.fam, self.snap = nft, fam, snap
+        self.read: list[str] = []
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if not dict.__contains__(self, name) and name in self.snap.declared and name not in self.snap.asked:
+            read_set(self.nft, self.fam, self.snap, name, raw=True)
+            self.read.append(name)
+            if name in self.snap.sets:
+                dict.__setitem__(self, name, self.snap.sets[name])
+        return dict.get(self, name, default)
+
+
+def tracer_for(snap: Snapshot, node_ips: Iterable[str],
+               sets: dict[str, dict[str, str | None]] | None = None) -> Tracer:
+    """The packet-flow tracer loaded with what was read back (rules must have been read); ``sets``
+    replaces the snapshot's sets (``LazySets``)."""
     if snap.rules is None:
         raise ValueError("no rules were read")
     if snap.bad_rules:
@@ -617,8 +680,11 @@ def tracer_for(snap: Snapshot, node_ips: Iterable[str]) -> Tracer:
     for chain in snap.chains:
         ruleset.chains[chain] = [parse_rule(r) for r in snap.rules.get(chain, [])]
     ruleset.base.update(snap.base)
-    for name, elements in snap.sets.items():
-        ruleset.sets[name] = dict(elements)
+    if sets is not None:
+        ruleset.sets = sets
+    else:
+        for name, elements in snap.sets.items():
+            ruleset.sets[name] = dict(elements)
     return tracer
 
 
@@ -640,12 +706,13 @@ def _reason(verdict: str, steps: tuple[str, ...]) -> str:
     return f"{verdict.lower()} by {last or 'a base chain'}"
 
 
-def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[str],
-                   source: str) -> TraceResult:
-    """Trace ``packet`` through what was read back (pure; tests feed it snapshots)."""
+def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[str], source: str,
+                   sets: dict[str, dict[str, str | None]] | None = None) -> TraceResult:
+    """Trace ``packet`` through what was read back (pure unless ``sets`` reads lazily; tests feed it
+    snapshots)."""
     result = TraceResult(source=source)
     try:
-        tracer = tracer_for(snap, node_ips)
+        tracer = tracer_for(snap, node_ips, sets)
         local_origin = tracer._local(packet.src)
         raw = tracer.trace_paths(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol,
                                  local_origin=local_origin)
@@ -672,14 +739,19 @@ def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[st
     return result
 
 
-async def read_trace(nft: Nft, fam: lay.Family, packet: TracePacket, node_ips: Iterable[str], *,
-                     run: Callable[..., Any]) -> TraceResult:
+def trace_now(nft: Nft, fam: lay.Family, packet: TracePacket, node_ips: Iterable[str]) -> TraceResult:
+    """Read the rules, then trace, reading each set the walk looks into (blocking; run in a thread)."""
     try:
-        snap = await run(read_table, nft, fam)
+        snap = read_rules(nft, fam)
     except (NftError, ValueError) as err:
         return TraceResult(supported=False, notes=[f"reading {fam.table} failed: {err}"])
     if not snap.table:
         return TraceResult(supported=False, notes=[f"table {fam.table} is not in the kernel"])
-    return trace_snapshot(snap, packet, node_ips=node_ips,
-                          source=f"nft list table {fam.table} ({len(snap.chains)} chains, {snap.elements} "
-                                 "elements, read back now)")
+    sets = LazySets(nft, fam, snap)
+    try:
+        result = trace_snapshot(snap, packet, node_ips=node_ips, source="", sets=sets)
+    except (NftError, OSError) as err:
+        return TraceResult(supported=False, notes=[f"reading {fam.table} failed: {err}"])
+    result.source = (f"nft list ruleset (terse: {len(snap.chains)} chains of {fam.table}) and the sets on "
+                     f"the way dumped from nf_tables ({', '.join(sets.read) or 'none'}), read back now")
+    return result
