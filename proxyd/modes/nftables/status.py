@@ -1,7 +1,7 @@
 """nftables mode's answers to ``proxyd status`` and ``proxyd trace``, read back from the kernel.
 
-Everything is read through the mode's ``libnft.Nft`` (libnftables in
-process, JSON output) in a worker thread, and compared with the planner's
+Everything is read in a worker thread, through the mode's ``libnft.Nft``
+(libnftables in process, JSON output) or ``nlread``, and compared with the planner's
 mirror of what the last sync committed (``Planner.kernel``, the fixed
 layout, ``Planner.dynamic_chains``) — never with what the planner would
 write now.
@@ -17,25 +17,26 @@ write now.
   DNAT in their own endpoint chains, not through the maps: no counters.
 * **matches**: each map and set read is compared element by element with
   the mirror (missing, unexpected and different elements named, at most
-  ``MAX_MISMATCHES``); chains must exist, and where rules were read they
-  must equal the planned ones. What is read depends on the size, because
-  nft 1.0.6 is slow at listing elements (measured here at 10,000 services ×
-  10 endpoints: ~2 CPU-s for the 100,000-element backends map, ~0.1 s for a
-  10,000-element dispatch map, and listing any chain's rules fetches every
-  element of the table first):
+  ``MAX_MISMATCHES``); chains must exist with their hooks and their rules
+  must equal the planned ones. Rules come from a terse ``list ruleset``,
+  which on nft 1.0.6 skips set elements (~1 ms at any size; ``list table``
+  or ``list chain`` fetch every element first: seconds at 100,000). Elements
+  are what costs, so what is read depends on the size:
 
   - a node of at most ``FULL_READ_ELEMENTS`` backend elements: the whole
     table (``list table``: rules, every element, every counter);
-  - a larger node: the dispatch maps and sets (``DISPATCH_SETS``) and the
-    chain names; per-endpoint counters are left to a request that names
-    services;
-  - a request naming service ports: the maps and sets those ports have
-    elements in (their backends maps bring the counters), the chain names,
-    and the comparison limited to their elements.
+  - a larger node: the rules and the dispatch maps and sets
+    (``DISPATCH_SETS``, listed by nft); per-endpoint counters are left to a
+    request that names services (listing the backends maps would cost ~2
+    CPU-s at 10,000 services × 10 endpoints);
+  - a request naming service ports: the rules and those ports' elements of
+    every map and set they use, dumped straight from nf_tables and decoded
+    by key (``nlread``; their backends elements bring the counters).
 
-* **trace**: the whole table (``list table``), turned into the tracer's
-  command vocabulary and walked by the packet-flow tracer (``tracer.py``)
-  for every path with its chains and odds.
+* **trace**: the rules, then each set the walk looks into, read when it
+  first does (``LazySets``: ``nlread`` for the fixed layout's sets, nft for
+  the others), walked by the packet-flow tracer (``tracer.py``) for every
+  path with its chains and odds.
 
 The kernel's JSON is turned back into the text the planner writes
 (``rule_text``, ``element_text``); anything outside that vocabulary raises
@@ -59,7 +60,7 @@ from proxyd.modes.nftables.libnft import Nft, NftError
 from proxyd.modes.nftables.planner import SHARED_SETS, Planner, render_port
 from proxyd.modes.nftables.tracer import Tracer, parse_rule
 
-FULL_READ_ELEMENTS = 20_000  # backend elements up to which a whole-node status lists the whole table
+FULL_READ_ELEMENTS = 5_000  # backend elements up to which a whole-node status lists the whole table
 DISPATCH_SETS = (lay.SERVICE_IPS, lay.SERVICE_NODEPORTS, lay.NO_ENDPOINT_SERVICES, lay.NO_ENDPOINT_NODEPORTS,
                  lay.CLUSTER_IPS)
 MAX_ELEMENTS = 5_000_000  # a listing with more elements than this is refused rather than held in memory
