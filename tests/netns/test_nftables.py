@@ -108,7 +108,8 @@ class TestNftables(ServiceBehaviour):
                                endpoints=local_eps(POD2))]
         self.start(topology, docs, tcp=("pod1",))
         text = table(topology)
-        assert "chain svc-pick-sctp-1" in text and f"10.96.0.30 . sctp . 9000 . 0 : {POD2} . 9000" in text
+        assert "chain svc-pick-sctp-1" in text
+        assert f"10.96.0.30 . sctp . 9000 . 0 counter packets 0 bytes 0 : {POD2} . 9000" in text
         assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
 
     def test_unknown_port_of_a_cluster_ip_is_rejected(self, topology: Topology) -> None:
