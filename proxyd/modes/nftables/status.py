@@ -246,8 +246,9 @@ def _statement(s: Any, maps: Mapping[str, str]) -> str | None:
             # nft 1.0.6 lists "dnat ip to KEY map @m" without "addr . port" (facts.md); a map whose
             # values are address . port is what the planner wrote with "addr . port".
             value_type = maps.get(str(data).lstrip("@"), "")
-            how = " addr . port" if " . " in value_type else ""
-            return f"dnat {fam}{how} to {_expr(addr['map']['key'])} map {data}".replace("dnat  ", "dnat ")
+            words = ["dnat", *([fam] if fam else []), *(["addr . port"] if " . " in value_type else []),
+                     "to", _expr(addr["map"]["key"]), "map", str(data)]
+            return " ".join(words)
         if isinstance(addr, str) and "port" in arg:
             host = f"[{addr}]" if ":" in addr else addr
             return f"dnat to {host}:{arg['port']}"
