@@ -1,6 +1,6 @@
 """How long ``proxyd status`` and ``proxyd trace`` take at scale (target: status < 1 s at 10,000 services).
 
-    python bench/status_scale.py [--services 10000] [--endpoints 10] [--mode none,iptables]
+    python bench/status_scale.py [--services 10000] [--endpoints 10] [--mode none,iptables,nftables]
                                  [--repeat 5] [--json]
 
 Runs inside a throw-away network namespace (the script re-executes itself
@@ -9,7 +9,9 @@ it builds a ProxyState of N ClusterIP services × E endpoints, syncs the real
 mode once (``none``: the base mode, which reads nothing back, so the figure
 is the daemon's own share: policy, JSON, socket; ``iptables``: the real
 IptablesMode on the back end proxyd picks here, so the figure includes
-``iptables-save -c`` of the nat and filter tables), starts the real
+``iptables-save -c`` of the nat and filter tables; ``nftables``: the real
+NftablesMode through libnftables, so the figure includes its ``nft list``
+read-backs), starts the real
 ``StatusService`` on a Unix socket and asks it through the real client
 (``proxyd.statusclient.ask``), as ``proxyd status --json`` does:
 
@@ -68,6 +70,10 @@ class NoKernelMode(ProxyMode):
 def make_mode(mode: str) -> ProxyMode:
     if mode == "none":
         return NoKernelMode(Config())
+    if mode == "nftables":
+        from proxyd.modes.nftables import NftablesMode
+
+        return NftablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
     from proxyd.modes.iptables.backend import Backend
 
     from proxyd.modes.iptables import IptablesMode
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--endpoints", type=int, default=10)
-    parser.add_argument("--mode", default="none,iptables", type=lambda s: [x for x in s.split(",") if x])
+    parser.add_argument("--mode", default="none,iptables,nftables",
+                        type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(raw)
