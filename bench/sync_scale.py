@@ -375,6 +375,12 @@ class NftablesDriver(PlannerTimedDriver):
     def rules(self) -> int:
         return self.mode.planner.elements
 
+    compares = False  # its anchor is kube-proxy's ruleset shape through nft -f (_kube_proxy_anchor)
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        del repeat
+        return {}
+
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
     "iptables": IptablesDriver,
