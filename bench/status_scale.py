@@ -24,6 +24,8 @@ IptablesMode on the back end proxyd picks here, so the figure includes
   children), the figure to compare on a busy machine where wall time
   mostly measures waiting for a core.
 
+``--save`` also writes ``bench/results/status_scale.json`` (the points and
+the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last stdout line.
 """
 
@@ -47,6 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import runmeta  # noqa: E402
 from bench.sync_scale import build_state, default_backend  # noqa: E402
 from proxyd.config import Config  # noqa: E402
 from proxyd.modes.base import ProxyMode, SyncRequest  # noqa: E402
@@ -161,17 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="none,iptables", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/status_scale.json with the run's metadata")
     args = parser.parse_args(raw)
     if os.environ.get(INSIDE_ENV) != "1":
         if os.geteuid() != 0:
             print("status_scale: needs root (network namespaces)", file=sys.stderr)
             return 2
         return in_netns(raw)
+    run = runmeta.Run(["python", "bench/status_scale.py", *raw])
     results = []
     for mode in args.mode:
         result = asyncio.run(measure(mode, args.services, args.endpoints, args.repeat))
         report(result)
         results.append(result)
+    if args.save:
+        print(f"saved {run.save('status_scale', {'points': results})}", file=sys.stderr)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"points": results}))
     return 0
