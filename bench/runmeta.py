@@ -56,11 +56,12 @@ class Run:
         self.command = shlex.join(command)
         self.started = time.time()
         self.load_before = load_average()
+        self.commit = _commit()  # the code that runs, even if the tree changes before the save
 
     def meta(self) -> dict[str, Any]:
         return {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.started)),
-            "commit": _commit(),
+            "commit": self.commit,
             "cpus": os.cpu_count(),
             "cpu": _cpu_model(),
             "kernel": platform.release(),
