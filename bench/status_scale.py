@@ -75,9 +75,8 @@ class NoKernelMode(ProxyMode):
 def make_mode(mode: str) -> ProxyMode:
     if mode == "none":
         return NoKernelMode(Config())
-    from proxyd.modes.iptables.backend import Backend
-
     from proxyd.modes.iptables import IptablesMode
+    from proxyd.netfilter.backend import Backend
 
     return IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(default_backend("iptables")))
 
