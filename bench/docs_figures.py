@@ -33,6 +33,8 @@ stays as written. Each region says which stored run it comes from:
   - ``e2e-scale``, ``e2e-scale-1k`` (README.md): ``e2e_scale-10000.json``,
     ``e2e_scale-1000.json``,
     ``python -m bench.e2e_scale --services N --formats json,yaml --api --save``;
+    ``e2e-idle`` (README.md): ``e2e_scale-idle.json``,
+    ``python -m bench.e2e_scale --idle-files 10000 --save``;
   - ``quarantine`` (docs/reliability.md): ``quarantine.json``,
     ``python -m bench.quarantine --services 10000 --save``.
 
@@ -224,6 +226,7 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "latency-summary": ("README.md", _R + "latency_vs_services.json", scale_figures.latency_summary),
     "e2e-scale": ("README.md", _R + "e2e_scale-10000.json", scale_figures.e2e_table),
     "e2e-scale-1k": ("README.md", _R + "e2e_scale-1000.json", scale_figures.e2e_table),
+    "e2e-idle": ("README.md", _R + "e2e_scale-idle.json", scale_figures.e2e_idle),
     "nftables-sync": ("docs/nftables.md", _R + "sync_scale-nftables.json", scale_figures.nftables_docs),
     "latency-vs-services": ("docs/nftables.md", _R + "latency_vs_services.json",
                             scale_figures.latency_table),

@@ -67,6 +67,51 @@ def _sorted(points: Sequence[Data]) -> list[Data]:
     return sorted(points, key=lambda p: (str(p.get("backend", "")), p.get("services") or 0))
 
 
+MIB_PER_MB = 1e6 / 2**20
+
+
+def targets(p: Data, checks: Sequence[tuple[str, str, float, str]]) -> str:
+    """``label ≤ limit: met (value)`` per check ``(label, key, limit, unit)``; units ``s``, ``ms``, ``MB``.
+
+    Wall-time verdicts say so: on a loaded machine a wall time over its
+    limit may be waiting for a core (the CPU figure next to it tells).
+    """
+    out = []
+    for label, key, limit, unit in checks:
+        value = p.get(key)
+        if value is None:
+            out.append(f"{label} ≤ {fmt(limit)} {unit}: no figure")
+            continue
+        shown = {"s": value, "ms": value * 1000, "MB": value / MIB_PER_MB}[unit]
+        verdict = "met" if shown <= limit else "**not met**"
+        out.append(f"{label} ≤ {fmt(limit)} {unit}: {verdict} ({fmt(shown)} {unit})")
+    return "; ".join(out)
+
+
+def _at(points: Sequence[Data], services: int) -> Data | None:
+    return next((p for p in _ok(points) if p.get("services") == services), None)
+
+
+SYNC_TARGETS = {  # README "Benchmarks", at 10,000 services (wall time)
+    "nftables": [("full sync", "full_s", 2.0, "s"), ("incremental", "incremental_s", 10.0, "ms"),
+                 ("RSS", "rss_mib", 150.0, "MB")],
+    "iptables": [("full sync", "full_s", 2.0, "s"), ("incremental", "incremental_s", 100.0, "ms")],
+    "userspace": [("full sync", "full_s", 1.5, "s"), ("incremental", "incremental_s", 100.0, "ms")],
+}
+
+
+def sync_targets(data: Data) -> str:
+    checks = SYNC_TARGETS.get(str(data.get("mode")))
+    points = data.get("points", [])
+    if not checks:
+        return ""
+    tenk = [p for p in _ok(points) if p.get("services") == 10000]
+    if not tenk:
+        return "Targets at 10,000 services: not measured in this run."
+    return "\n".join(f"Targets at 10,000 services ({p.get('backend')} back end, wall time): "
+                     f"{targets(p, checks)}." for p in tenk)
+
+
 # -- sync_scale: one mode's full and incremental sync -----------------------------------------------
 
 def sync_table(data: Data) -> str:
@@ -80,7 +125,7 @@ def sync_table(data: Data) -> str:
                      f"{_ms(p.get('incremental_s'))} ({_ms(p.get('incremental_cpu_s'))}) | "
                      f"{fmt(p.get('rss_mib'))} MiB | {_count(p.get('rules'))} |")
     failed = _failed(points, str(data.get("mode", "")))
-    return "\n".join(lines + (["", *failed] if failed else []))
+    return "\n".join([*lines, "", sync_targets(data), *failed]).rstrip()
 
 
 def nftables_anchor(data: Data) -> str:
@@ -120,6 +165,7 @@ def nftables_summary(data: Data) -> str:
                            f"({fmt(p.get('kube_proxy_nft_ratio'))}× proxyd's full sync in wall time, "
                            f"{fmt(p['kube_proxy_nft_load_cpu_s'] / p['full_cpu_s'])}× in CPU)")
     text = "nftables mode: " + "; ".join(parts) + "." if parts else "nftables mode: no point succeeded."
+    text += " " + sync_targets(data)
     if anchors:
         text += (" In the same run kube-proxy's nftables ruleset shape for the same services took "
                  + ", ".join(anchors) + " to load with `nft -f`.")
@@ -140,7 +186,8 @@ def userspace_summary(data: Data) -> str:
                      f"({fmt(p.get('addresses_ratio'))}×)")
         text += f"; incremental {_ms(p.get('incremental_s'))}; RSS {fmt(p.get('rss_mib'))} MiB"
         parts.append(text)
-    lines = ["userspace mode: " + "; ".join(parts) + "." if parts else "userspace mode: no point succeeded."]
+    lines = ["userspace mode: " + "; ".join(parts) + "." if parts else "userspace mode: no point succeeded.",
+             "", sync_targets(data)]
     return "\n".join(lines + _failed(data.get("points", []), "userspace"))
 
 
@@ -221,8 +268,31 @@ def e2e_table(data: Data) -> str:
                      f"{_s(p.get('change_s'))} (of {len(p.get('change_all_s', []))}) | "
                      f"{fmt(p.get('rss_first_mib'))} MiB | {fmt(p.get('rss_changes_mib'))} MiB "
                      f"({p.get('changes', '?')} changes) | {fmt(p.get('peak_mib'))} MiB | {load} |")
-    return (f"{_count(data.get('services'))} ClusterIP services × {data.get('endpoints', '?')} endpoints:"
+    verdicts = [f"- {p.get('mode')}, {p.get('source')}: {targets(p, E2E_TARGETS)}"
+                for p in _ok(data.get("points", []))]
+    text = (f"{_count(data.get('services'))} ClusterIP services × {data.get('endpoints', '?')} endpoints:"
             f"\n\n" + "\n".join(lines))
+    if data.get("services") == 10000 and verdicts:
+        text += "\n\nTargets at 10,000 services (wall time):\n\n" + "\n".join(verdicts)
+    return text
+
+
+E2E_TARGETS = [("healthy", "healthy_s", 3.0, "s"), ("change followed", "change_s", 1.2, "s"),
+               ("RSS after the changes", "rss_changes_mib", 150.0, "MB")]
+
+
+def e2e_idle(data: Data) -> str:
+    """The manifests source alone with N one-service files: idle CPU, one full rescan, CPU under rewrites."""
+    lines = []
+    for p in data.get("points", []):
+        if "error" in p:
+            lines.append(f"The idle-files run failed: {str(p['error'])[:160]}.")
+            continue
+        lines.append(f"With {_count(p.get('files'))} small files the manifests source idles at "
+                     f"{fmt(p.get('idle_cpu_percent'))} % CPU (a full stat rescan: "
+                     f"{fmt(p.get('full_rescan_ms'))} ms) and takes {fmt(p.get('rewrite_20hz_cpu_percent'))} % "
+                     f"CPU while one file is rewritten every 50 ms.")
+    return "\n".join(lines) or "No idle-files point stored."
 
 
 # -- quarantine --------------------------------------------------------------------------------------
