@@ -290,8 +290,9 @@ def e2e_idle(data: Data) -> str:
             continue
         lines.append(f"With {_count(p.get('files'))} small files the manifests source idles at "
                      f"{fmt(p.get('idle_cpu_percent'))} % CPU (a full stat rescan: "
-                     f"{fmt(p.get('full_rescan_ms'))} ms) and takes {fmt(p.get('rewrite_20hz_cpu_percent'))} % "
-                     f"CPU while one file is rewritten every 50 ms.")
+                     f"{fmt(p.get('full_rescan_ms'))} ms) and takes "
+                     f"{fmt(p.get('rewrite_20hz_cpu_percent'))} % CPU while one file is rewritten "
+                     f"every 50 ms.")
     return "\n".join(lines) or "No idle-files point stored."
 
 
