@@ -13,9 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.report import fmt
+from bench.report import fmt as _fmt
 
 Data = Mapping[str, Any]
+
+
+def fmt(value: float | None) -> str:
+    """Three significant digits (``bench.report.fmt``) without trailing zeros: 0.8 ms, not 0.800 ms."""
+    text = _fmt(value)
+    if "." in text and "e" not in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 def _load(values: Sequence[float] | None) -> str:
@@ -56,6 +64,8 @@ def _failed(points: Sequence[Data], label: str) -> list[str]:
 
 
 def _s(value: float | None) -> str:
+    if value == 0:  # stored to the millisecond
+        return "< 1 ms"
     return "–" if value is None else f"{fmt(value)} s"
 
 
@@ -237,15 +247,15 @@ def latency_summary(data: Data) -> str:
 def status_summary(data: Data) -> str:
     parts = []
     for p in data.get("points", []):
-        what = ("with nothing to read back (the base mode)" if p.get("mode") == "none"
-                else f"in {p.get('mode')} mode (its chains read back: {_s(p.get('kernel_read_s'))})")
+        what = ("With nothing to read back (the base mode)" if p.get("mode") == "none"
+                else f"In {p.get('mode')} mode (its chains read back: {_s(p.get('kernel_read_s'))})")
         parts.append(f"{what}: the whole-node status of {_count(p.get('services'))} services × "
                      f"{p.get('endpoints', '?')} endpoints {_s(p.get('status_all_s'))} wall "
                      f"({_s(p.get('status_all_cpu_s'))} CPU, {fmt(p.get('answer_mib'))} MiB of JSON), "
                      f"`proxyd status NAME` {_ms(p.get('status_one_s'))}, "
                      f"a trace {_s(p.get('trace_s'))} wall "
                      f"({_s(p.get('trace_cpu_s'))} CPU)")
-    return ("; ".join(parts) + ".") if parts else "No status point stored."
+    return "\n\n".join(f"{part}." for part in parts) if parts else "No status point stored."
 
 
 # -- e2e_scale ---------------------------------------------------------------------------------------
