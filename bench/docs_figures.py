@@ -36,7 +36,9 @@ stays as written. Each region says which stored run it comes from:
     ``e2e-idle`` (README.md): ``e2e_scale-idle.json``,
     ``python -m bench.e2e_scale --idle-files 10000 --save``;
   - ``quarantine`` (docs/reliability.md): ``quarantine.json``,
-    ``python -m bench.quarantine --services 10000 --save``.
+    ``python -m bench.quarantine --services 10000 --save``;
+  - ``iptables-tools`` (docs/iptables.md): ``iptables_tools.json``,
+    ``python bench/iptables_tools.py --rules 10000 --save``.
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -232,6 +234,7 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
                             scale_figures.latency_table),
     "iptables-sync": ("docs/iptables.md", _R + "sync_scale-iptables.json", scale_figures.sync_table),
     "quarantine": ("docs/reliability.md", _R + "quarantine.json", scale_figures.quarantine_table),
+    "iptables-tools": ("docs/iptables.md", _R + "iptables_tools.json", scale_figures.iptables_tools_table),
 }
 
 

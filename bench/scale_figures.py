@@ -70,6 +70,8 @@ def _s(value: float | None) -> str:
 
 
 def _ms(value: float | None) -> str:
+    if value is not None and value >= 1:
+        return _s(value)
     return "–" if value is None else f"{fmt(value * 1000)} ms"
 
 
@@ -94,7 +96,9 @@ def targets(p: Data, checks: Sequence[tuple[str, str, float, str]]) -> str:
             continue
         shown = {"s": value, "ms": value * 1000, "MB": value / MIB_PER_MB}[unit]
         verdict = "met" if shown <= limit else "**not met**"
-        out.append(f"{label} ≤ {fmt(limit)} {unit}: {verdict} ({fmt(shown)} {unit})")
+        cpu = p.get(key.replace("_s", "_cpu_s")) if key.endswith("_s") else None
+        also = "" if cpu is None else f"; CPU {fmt(cpu * (1000 if unit == 'ms' else 1))} {unit}"
+        out.append(f"{label} ≤ {fmt(limit)} {unit}: {verdict} ({fmt(shown)} {unit}{also})")
     return "; ".join(out)
 
 
@@ -118,8 +122,10 @@ def sync_targets(data: Data) -> str:
     tenk = [p for p in _ok(points) if p.get("services") == 10000]
     if not tenk:
         return "Targets at 10,000 services: not measured in this run."
-    return "\n".join(f"Targets at 10,000 services ({p.get('backend')} back end, wall time): "
-                     f"{targets(p, checks)}." for p in tenk)
+    def which(p: Data) -> str:
+        return "" if p.get("backend") in (None, "default") else f"{p.get('backend')} back end, "
+
+    return "\n".join(f"Targets at 10,000 services ({which(p)}wall time): {targets(p, checks)}." for p in tenk)
 
 
 # -- sync_scale: one mode's full and incremental sync -----------------------------------------------
@@ -195,6 +201,10 @@ def userspace_summary(data: Data) -> str:
             text += (f" against {_s(p['c_addresses_s'])} for `ip -batch` adding the same addresses "
                      f"({fmt(p.get('addresses_ratio'))}×)")
         text += f"; incremental {_ms(p.get('incremental_s'))}; RSS {fmt(p.get('rss_mib'))} MiB"
+        held = p.get("rules")
+        if isinstance(held, int) and held < p["services"]:
+            text += (f"; only {_count(held)} of the {_count(p['services'])} listeners held (listeners get at "
+                     f"most half of the descriptor limit; the rest were refused)")
         parts.append(text)
     lines = ["userspace mode: " + "; ".join(parts) + "." if parts else "userspace mode: no point succeeded.",
              "", sync_targets(data)]
@@ -316,3 +326,21 @@ def quarantine_table(data: Data) -> str:
                      f"{r['extra']} | {r['log2_n']} | {r['refused']} | {r['seconds']} |")
     return "One service refused among N (fake appliers: the planner's and the bisection's share only):\n\n" \
         + "\n".join(lines)
+
+
+# -- iptables_tools ----------------------------------------------------------------------------------
+
+def iptables_tools_table(data: Data) -> str:
+    lines = ["| way | write | read back | delete |", "|---|---|---|---|"]
+    for way, label in (("python-iptables", "python-iptables (iptc, one commit)"),
+                       ("iptables-legacy-restore", "iptables-legacy-restore / -save"),
+                       ("iptables-nft-restore", "iptables-nft-restore / -save")):
+        r = data.get(way, {})
+        if "error" in r or not r:
+            lines.append(f"| {label} | {str(r.get('error', 'not run'))[:80]} | – | – |")
+            continue
+        lines.append(f"| {label} | {_s(r.get('write_s'))} | {_s(r.get('read_s'))} | "
+                     f"{_s(r.get('delete_s'))} |")
+    return (f"{_count(data.get('rules'))} nat rules `-d <ip> -p tcp -m tcp --dport 80 -j RETURN` in "
+            f"{_count(data.get('chains'))} chain(s), written in one transaction, read back, deleted:\n\n"
+            + "\n".join(lines))
