@@ -284,7 +284,8 @@ def e2e_table(data: Data) -> str:
             why = str(p["error"]).splitlines()[0][:100].replace("|", "/")
             lines.append(f"| {p.get('mode')} | {p.get('source')} | failed: {why} | – | – | – | – | {load} |")
             continue
-        lines.append(f"| {p.get('mode')} | {p.get('source')} | {_s(p.get('healthy_s'))} | "
+        source = str(p.get("source")) + (f" ({fmt(p['file_mib'])} MiB)" if p.get("file_mib") else "")
+        lines.append(f"| {p.get('mode')} | {source} | {_s(p.get('healthy_s'))} | "
                      f"{_s(p.get('change_s'))} (of {len(p.get('change_all_s', []))}) | "
                      f"{fmt(p.get('rss_first_mib'))} MiB | {fmt(p.get('rss_changes_mib'))} MiB "
                      f"({p.get('changes', '?')} changes) | {fmt(p.get('peak_mib'))} MiB | {load} |")
