@@ -236,7 +236,7 @@ def latency_table(data: Data) -> str:
         lines.append(f"| {_count(services)} | "
                      + " | ".join(f"{_us(got.get(m))} | {_us(got.get(m), 'p99_us')}" for m in modes) + " |")
     return (f"TCP connect (SYN → SYN-ACK) from a pod to a ClusterIP whose service sorts last, N services × "
-            f"10 endpoints, {data.get('connects', '?')} connects per point:\n\n" + "\n".join(lines))
+            f"10 endpoints, {_count(data.get('connects', '?'))} connects per point:\n\n" + "\n".join(lines))
 
 
 def latency_summary(data: Data) -> str:
