@@ -133,7 +133,9 @@ def sync_targets(data: Data) -> str:
 def sync_table(data: Data) -> str:
     """Full and incremental sync, wall (CPU), plan share, RSS and objects held, per back end and size."""
     points = data.get("points", [])
-    lines = ["| back end | services × endpoints | full sync wall (CPU) | plan | incremental wall (CPU) | "
+    lines = ["CPU: this process's own user+system time (in-process libraries included; a subprocess's, such "
+             "as iptables-restore or `ip -batch`, is not).", "",
+             "| back end | services × endpoints | full sync wall (CPU) | plan | incremental wall (CPU) | "
              "RSS | rules or elements held |", "|---|---|---|---|---|---|---|"]
     for p in _sorted(_ok(points)):
         lines.append(f"| {p.get('backend', '?')} | {_count(p['services'])} × {p.get('endpoints', '?')} | "
@@ -162,8 +164,7 @@ def nftables_anchor(data: Data) -> str:
 
 
 def nftables_docs(data: Data) -> str:
-    return (f"`sync_scale` (incremental: one endpoint changed, median of the repeats; CPU: this process's "
-            f"user+system time, in-process libnftables included):\n\n{sync_table(data)}\n\n"
+    return (f"`sync_scale` (incremental: one endpoint changed, median of the repeats):\n\n{sync_table(data)}\n\n"
             f"The anchor, in the same run and namespace (`bench/kube_proxy_nft.py`):\n\n"
             f"{nftables_anchor(data)}")
 
