@@ -164,7 +164,8 @@ def nftables_anchor(data: Data) -> str:
 
 
 def nftables_docs(data: Data) -> str:
-    return (f"`sync_scale` (incremental: one endpoint changed, median of the repeats):\n\n{sync_table(data)}\n\n"
+    return (f"`sync_scale` (incremental: one endpoint changed, median of the repeats):\n\n"
+            f"{sync_table(data)}\n\n"
             f"The anchor, in the same run and namespace (`bench/kube_proxy_nft.py`):\n\n"
             f"{nftables_anchor(data)}")
 
