@@ -26,6 +26,8 @@ read-backs), starts the real
   children), the figure to compare on a busy machine where wall time
   mostly measures waiting for a core.
 
+``--save`` also writes ``bench/results/status_scale.json`` (the points and
+the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last stdout line.
 """
 
@@ -47,6 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import runmeta  # noqa: E402
 from bench.sync_scale import INSIDE_ENV, build_state, default_backend, in_netns  # noqa: E402
 from proxyd.config import Config  # noqa: E402
 from proxyd.modes.base import ProxyMode, SyncRequest  # noqa: E402
@@ -74,9 +77,8 @@ def make_mode(mode: str) -> ProxyMode:
         from proxyd.modes.nftables import NftablesMode
 
         return NftablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
-    from proxyd.modes.iptables.backend import Backend
-
     from proxyd.modes.iptables import IptablesMode
+    from proxyd.netfilter.backend import Backend
 
     return IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(default_backend("iptables")))
 
@@ -152,17 +154,22 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/status_scale.json with the run's metadata")
     args = parser.parse_args(raw)
     if os.environ.get(INSIDE_ENV) != "1":
         if os.geteuid() != 0:
             print("status_scale: needs root (network namespaces)", file=sys.stderr)
             return 2
         return in_netns(raw, (sys.executable, "-m", "bench.status_scale"))
+    run = runmeta.Run(["python", "bench/status_scale.py", *raw])
     results = []
     for mode in args.mode:
         result = asyncio.run(measure(mode, args.services, args.endpoints, args.repeat))
         report(result)
         results.append(result)
+    if args.save:
+        print(f"saved {run.save('status_scale', {'points': results})}", file=sys.stderr)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"points": results}))
     return 0

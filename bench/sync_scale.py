@@ -37,6 +37,8 @@ prints the ratio. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory 
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
 ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs'``.
+``--save`` also writes ``bench/results/sync_scale-MODE.json`` (every point
+and the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last
 stdout line (flat when one count and one back end,
 else ``{"points": [...]}``), whose keys are exactly the figures above.
@@ -72,6 +74,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import runmeta
 from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
@@ -317,7 +320,7 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def start(self) -> None:
         await super().start()
-        holder = self.mode.holder
+        holder = self.mode.applier.holder
         apply_sync = holder._apply_sync
         self.address_s = 0.0
 
@@ -369,6 +372,12 @@ class NftablesDriver(NetfilterDriver):
 
     def rules(self) -> int:
         return self.mode.planner.elements
+
+    compares = False  # its anchor is kube-proxy's ruleset shape through nft -f (_kube_proxy_anchor)
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        del repeat
+        return {}
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
@@ -564,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/sync_scale-MODE.json with the run's metadata")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the C tools (userspace: ip -batch; ipvs: ip -batch, ipset restore, "
                              "ipvsadm-restore, iptables-restore) that time the same objects after each point")
@@ -582,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
                                      args.repeat, compare=not args.no_compare))
         print(json.dumps(result))
         return 0
+    run = runmeta.Run(runmeta.module_command("bench.sync_scale", raw))
     results = inside(args)
+    if args.save:
+        path = run.save(f"sync_scale-{args.mode}", {"mode": args.mode, "points": results})
+        print(f"saved {path}", file=sys.stderr)
     if args.json:
         out: dict[str, Any] = dict(results[0]) if len(results) == 1 else {"points": results}
         print(json.dumps(out))
