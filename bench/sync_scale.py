@@ -19,7 +19,8 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 After each point the same objects go through the C tools that do the same
 work, in the same run and namespace, once proxyd's own objects are removed
 (``--no-compare`` skips this): userspace — ``ip -batch`` adding the full
-sync's addresses (``addresses_s`` is proxyd's share of its full sync for
+sync's service addresses the way proxyd holds them, as ``local`` routes via
+a port-less bridge (``addresses_s`` is proxyd's share of its full sync for
 them, ``c_addresses_s`` the tool's, ``addresses_ratio`` the quotient);
 ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
 ``ipvsadm-restore`` (virtual and real servers) and ``iptables-restore``
@@ -137,6 +138,15 @@ def timed_tool(argv: list[str], text: str) -> float:
 def address_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
     """``ip -batch`` input adding (or deleting) host addresses on ``device``."""
     return "".join(f"addr {verb} {ip}/{128 if ':' in ip else 32} dev {device}\n" for ip in ips)
+
+
+def local_route_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
+    """``ip -batch`` input adding (or deleting) the ``local`` routes that hold service IPs via ``device``.
+
+    The same routes userspace mode adds (``proxyd.netlink.local_route_request``).
+    """
+    return "".join(f"route {verb} local {ip}/{128 if ':' in ip else 32} dev {device} table local "
+                   "proto static\n" for ip in ips)
 
 
 COMPARE_DEVICE = "pxdcmp0"  # where the C tools put the same addresses, after proxyd's own are gone
@@ -313,7 +323,7 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def start(self) -> None:
         await super().start()
-        holder = self.mode.holder
+        holder = self.mode.applier.holder
         apply_sync = holder._apply_sync
         self.address_s = 0.0
 
@@ -337,12 +347,12 @@ class UserspaceDriver(PlannerTimedDriver):
         return len(self.mode.applier.tcp_listeners) + len(self.mode.applier.udp_listeners)
 
     def c_tools(self, repeat: int) -> dict[str, float]:
-        """The full sync's addresses through ``ip -batch``, on a fresh bridge, after proxyd's are gone."""
+        """The full sync's service routes through ``ip -batch`` via a fresh bridge, once proxyd's are gone."""
         del repeat
         subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "bridge"], check=True, timeout=30)
         try:
             subprocess.run(["ip", "link", "set", COMPARE_DEVICE, "up"], check=True, timeout=30)
-            took = timed_tool(["ip", "-batch", "-"], address_batch(self.addresses, COMPARE_DEVICE))
+            took = timed_tool(["ip", "-batch", "-"], local_route_batch(self.addresses, COMPARE_DEVICE))
         finally:
             subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=120)
         return {"c_addresses_s": took}
