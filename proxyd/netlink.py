@@ -516,13 +516,16 @@ def local_route_request(add: bool, index: int, ip: str, *, subject: object = Non
     What the kernel makes for an address, without the address: the IP is
     local (sockets bind it, packets to it are delivered here), and nothing is
     added to any device's address list. Packed with ``struct`` (10,000 per
-    full sync). ``ip`` must be an address (``OSError`` else, from
-    ``socket.inet_pton``). A delete matches only a route proxyd added
+    full sync). ``ValueError`` when ``ip`` is not an address. A delete matches only a route proxyd added
     (protocol ``static``), never the one the kernel keeps for an address.
     """
     family = _AF_INET6 if ":" in ip else _AF_INET
     header, dst = _ROUTE_HEADERS[family]
-    payload = header + dst + socket.inet_pton(family, ip) + _U32_ATTR.pack(_U32_ATTR.size, RTA_OIF, index)
+    try:
+        raw = socket.inet_pton(family, ip)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"not an IP address: {ip[:64]!r}") from err
+    payload = header + dst + raw + _U32_ATTR.pack(_U32_ATTR.size, RTA_OIF, index)
     if add:
         return Request(payload, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, subject or ip, _ADD_OK)
     return Request(payload, RTM_DELROUTE, 0, subject or ip, _DEL_OK)
@@ -563,3 +566,33 @@ def dump_local_routes(sock: BatchSocket, index: int) -> list[tuple[int, str]]:
             if oif == index and table == RT_TABLE_LOCAL and dst is not None and len(dst) == size:
                 out.append((family, socket.inet_ntop(family, dst)))
     return out
+
+
+# -- links (rtnetlink) -----------------------------------------------------------------------
+
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+IFLA_IFNAME = 3
+IFF_UP = 0x1
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def link_state(sock: BatchSocket, index: int) -> tuple[str, int] | None:
+    """(name, flags) of link ``index``, or None when there is no such link. One request, no dump."""
+    req = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    try:
+        replies = sock.dump(req, RTM_GETLINK, flags=NLM_F_ACK)
+    except NetlinkBatchError as err:
+        if err.errno == errno.ENODEV:
+            return None
+        raise
+    for mtype, data in replies:
+        if mtype != RTM_NEWLINK or len(data) < _HDR.size + _IFINFOMSG.size:
+            continue
+        _family, _type, link, flags, _change = _IFINFOMSG.unpack_from(data, _HDR.size)
+        if link != index:
+            continue
+        for atype, value in parse_attrs(data, _HDR.size + _IFINFOMSG.size, len(data)):
+            if atype == IFLA_IFNAME:
+                return value.rstrip(b"\0").decode("utf-8", "replace"), flags
+    return None
