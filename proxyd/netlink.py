@@ -1,6 +1,6 @@
 """Batched netlink: many requests per ``sendmsg``, one ACK each, every error mapped back to its object.
 
-Every mode that talks netlink (addresses on ``proxyd0`` / ``kube-ipvs0``,
+Every mode that talks netlink (service routes via ``proxyd0``, addresses on ``kube-ipvs0``,
 ipset entries, IPVS virtual and real servers, conntrack deletions) sends its
 changes through ``BatchSocket.run``. Requests are pyroute2 message objects
 (``ifaddrmsg``, ``ipset_msg``, ``ipvsmsg``, ``nfct_msg``): pyroute2 encodes

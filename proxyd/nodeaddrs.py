@@ -3,9 +3,11 @@
 NodePorts and healthCheckNodePort servers listen on the node's addresses
 that fall inside the ``--nodeport-addresses`` CIDRs (kube-proxy's
 ``GetNodeIPs``); with no CIDRs every local address qualifies. Addresses held
-on the interfaces proxyd itself creates to own service IPs (``proxyd0`` for
-userspace mode, ``kube-ipvs0`` for ipvs) are service addresses, not node
-addresses, and are never returned.
+on the interfaces proxyd itself creates to own service IPs (``kube-ipvs0``
+for ipvs) are service addresses, not node addresses, and are never
+returned. Userspace mode holds its service IPs as ``local`` routes via
+``proxyd0``, which are no addresses at all; ``proxyd0`` stays excluded for
+the addresses an earlier proxyd held there (converted at its next start).
 
 The netlink dump is a blocking call: call ``node_addresses`` from a worker
 thread (``node_addresses_async`` does) when on the event loop with many
