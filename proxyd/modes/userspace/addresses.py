@@ -72,6 +72,22 @@ ENOENT, EEXIST, EADDRNOTAVAIL, ENODEV = 2, 17, 99, 19
 T = TypeVar("T")
 
 
+def canonical(ip: str) -> str:
+    """``str(ipaddress.ip_address(ip))``, ten times faster for IPv4 (10,000 per first full sync).
+
+    ``ValueError`` when ``ip`` is not an address. glibc's ``inet_pton`` takes
+    exactly the dotted quads ``ipaddress`` takes (no leading zeros, no short
+    forms), and ``inet_ntop`` writes them back as ``ipaddress`` does; IPv6
+    text goes through ``ipaddress`` (its spelling of embedded IPv4 differs).
+    """
+    if ":" not in ip:
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
+        except (OSError, ValueError):
+            pass  # ipaddress gives the error message
+    return str(ipaddress.ip_address(ip))
+
+
 class AddressHolder:
     """Owns the service IPs routed locally via ``proxyd0``; create with ``ensure()``, then ``apply()`` sets.
 
@@ -139,7 +155,7 @@ class AddressHolder:
         """
         current = self.current
         # What ``current`` holds is canonical already: only new text needs parsing (10k per sync else).
-        want = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in desired}
+        want = {ip if ip in current else canonical(ip) for ip in desired}
         for ip in [ip for ip in self.failed if ip not in want]:
             del self.failed[ip]
         if self._index is None:
@@ -162,8 +178,8 @@ class AddressHolder:
         Costs what is passed, not what is held. Errors as ``apply``.
         """
         current = self.current
-        add_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in add} - current
-        remove_set = {ip if ip in current else str(ipaddress.ip_address(ip)) for ip in remove} & current
+        add_set = {ip if ip in current else canonical(ip) for ip in add} - current
+        remove_set = {ip if ip in current else canonical(ip) for ip in remove} & current
         remove_set -= add_set
         if self._index is None:
             await self.ensure()
@@ -246,8 +262,7 @@ class AddressHolder:
 
 def _held(sock: BatchSocket, index: int) -> set[str]:
     """The service IPs proxyd's ``local`` routes via link ``index`` hold, as canonical text."""
-    return {ip if family == socket.AF_INET else str(ipaddress.ip_address(ip))
-            for family, ip in dump_local_routes(sock, index)}
+    return {canonical(ip) for _family, ip in dump_local_routes(sock, index)}
 
 
 def _device_addresses(sock: BatchSocket, index: int) -> list[str]:
