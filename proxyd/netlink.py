@@ -460,14 +460,25 @@ def address_request(add: bool, index: int, ip: str, *, subject: object = None) -
 def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNSPEC
                    ) -> list[tuple[int, int, str]]:
     """(family, prefixlen, address) of every address on link ``index``, parsed in one pass."""
+    return [(fam, prefixlen, addr) for link, fam, prefixlen, addr in dump_link_addresses(sock, family=family)
+            if link == index]
+
+
+def dump_link_addresses(sock: BatchSocket, *, family: int = socket.AF_UNSPEC,
+                        skip_links: frozenset[int] = frozenset()) -> list[tuple[int, int, int, str]]:
+    """(link, family, prefixlen, address) of every address, links in ``skip_links`` aside.
+
+    One dump, parsed once; a skipped link's replies cost one header read
+    (``kube-ipvs0`` may hold tens of thousands of service addresses).
+    """
     req = ifaddrmsg()
     req["family"] = family
-    out: list[tuple[int, int, str]] = []
+    out: list[tuple[int, int, int, str]] = []
     for _mtype, data in sock.dump(req, RTM_GETADDR):
         if len(data) < _HDR.size + _IFADDRMSG.size:
             continue
         fam, prefixlen, _flags, _scope, link = _IFADDRMSG.unpack_from(data, _HDR.size)
-        if link != index or fam not in (socket.AF_INET, socket.AF_INET6):
+        if link in skip_links or fam not in (socket.AF_INET, socket.AF_INET6):
             continue
         found: dict[int, bytes] = {}
         for atype, value in parse_attrs(data, _HDR.size + _IFADDRMSG.size, len(data)):
@@ -476,7 +487,7 @@ def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNS
         raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
         if raw is None or len(raw) != (4 if fam == socket.AF_INET else 16):
             continue
-        out.append((fam, prefixlen, socket.inet_ntop(fam, raw)))
+        out.append((link, fam, prefixlen, socket.inet_ntop(fam, raw)))
     return out
 
 

@@ -264,3 +264,33 @@ def test_batch_without_acks_whose_error_answers_overflow_the_receive_buffer(ns: 
         assert sorted(f.subject for f in result.failures) == sorted(bad)
         assert {f.code for f in result.failures} == {errno.ENODEV}
     assert routed(ns) == set(good)
+
+
+def test_node_addresses_are_every_address_but_the_holders(ns: str) -> None:
+    """``nodeaddrs.local_addresses`` (one raw dump) against ``ip addr``, with both holder devices full."""
+    from proxyd import nodeaddrs
+
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    run(["ip", "-n", ns, "addr", "add", "203.0.113.5/24", "dev", BRIDGE])
+    run(["ip", "-n", ns, "addr", "add", "2001:db8:5::5/64", "dev", BRIDGE, "nodad"])
+    batch = []
+    for holder in ("proxyd0", "kube-ipvs0"):
+        run(["ip", "-n", ns, "link", "add", holder, "type", "bridge"])
+        run(["ip", "-n", ns, "link", "set", holder, "up"])
+        base = 20 if holder == "proxyd0" else 21
+        batch += [f"addr add 10.{base}.{i // 256}.{i % 256}/32 dev {holder}\n" for i in range(1500)]
+        batch.append(f"addr add fd00:{base}::1/128 dev {holder} nodad\n")
+    run(["ip", "-n", ns, "-batch", "-"], input_text="".join(batch), timeout=60)
+    expected = set()
+    for line in run(["ip", "-n", ns, "-o", "addr", "show"]).stdout.splitlines():
+        fields = line.split()
+        if fields[1] not in ("proxyd0", "kube-ipvs0"):
+            expected.add(fields[3].split("/")[0])
+    with in_netns(ns):
+        everything = nodeaddrs.local_addresses()
+        v4 = nodeaddrs.local_addresses(family=4)
+        v6 = nodeaddrs.local_addresses(family=6)
+    assert set(everything) == expected and len(everything) == len(expected)
+    assert {"127.0.0.1", "::1", "203.0.113.5", "2001:db8:5::5"} <= expected
+    assert set(v4) == {ip for ip in expected if ":" not in ip}
+    assert set(v6) == {ip for ip in expected if ":" in ip}
