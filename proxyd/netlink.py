@@ -316,7 +316,7 @@ class BatchSocket:
         """
         overrun = False
         while by_seq and (marker is None or marker in by_seq):
-            if wait and not select.select([self.sock], [], [], wait)[0]:
+            if wait and not _readable(self.sock, wait):
                 break
             try:
                 data = self.sock.recv(self._read_size, 0 if wait else socket.MSG_DONTWAIT)
@@ -366,7 +366,7 @@ class BatchSocket:
             raise NetlinkBatchError(err.errno, f"{self.kind}: dump request: {err}") from err
         out: list[tuple[int, bytes]] = []
         while True:
-            if not select.select([self.sock], [], [], DUMP_TIMEOUT)[0]:
+            if not _readable(self.sock, DUMP_TIMEOUT):
                 raise NetlinkBatchError(errno.ETIMEDOUT, f"{self.kind}: dump did not finish")
             try:
                 data = self.sock.recv(1 << 20)
@@ -384,6 +384,17 @@ class BatchSocket:
                         return out
                     raise NetlinkBatchError(code, f"{self.kind}: dump: {os.strerror(code)}")
                 out.append((mtype, data[payload_off - _HDR.size:end]))
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds.
+
+    ``poll``, not ``select``: a userspace proxy holds tens of thousands of
+    descriptors, and ``select`` refuses any numbered 1024 or above.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _set_buffer(sock: socket.socket, force_opt: int, value: int) -> None:

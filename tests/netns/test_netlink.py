@@ -294,3 +294,29 @@ def test_node_addresses_are_every_address_but_the_holders(ns: str) -> None:
     assert {"127.0.0.1", "::1", "203.0.113.5", "2001:db8:5::5"} <= expected
     assert set(v4) == {ip for ip in expected if ":" not in ip}
     assert set(v6) == {ip for ip in expected if ":" in ip}
+
+
+def test_dumps_and_waits_work_on_a_descriptor_above_1023(ns: str) -> None:
+    """A userspace proxy holds thousands of descriptors: a late batch socket is numbered above 1023."""
+    import os
+    import resource
+
+    from proxyd.netlink import link_state
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 1500
+    assert hard > high, f"the descriptor hard limit ({hard}) leaves no room above 1023"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high + 1), hard))
+    try:
+        with batch_socket(ns, NETLINK_ROUTE, "route") as sock:
+            os.dup2(sock.sock.fileno(), high)
+            low = sock.sock
+            sock.sock = socket.socket(fileno=high)
+            low.close()
+            index = bridge_index(ns)
+            assert sock.run([local_route_request(True, index, "192.0.2.44")], ack_each=False).applied == 1
+            assert dump_local_routes(sock, index) == [(socket.AF_INET, "192.0.2.44")]
+            state = link_state(sock, index)
+            assert state is not None and state[0] == BRIDGE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
