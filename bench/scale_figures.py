@@ -198,9 +198,9 @@ def userspace_summary(data: Data) -> str:
         text = (f"{_count(p['services'])} services × {p.get('endpoints', '?')} endpoints: full sync "
                 f"{_s(p.get('full_s'))} ({_s(p.get('full_cpu_s'))} CPU)")
         if "addresses_s" in p:
-            text += f", {_s(p['addresses_s'])} of it adding the {_count(p['services'])} addresses"
+            text += f", {_s(p['addresses_s'])} of it adding the {_count(p['services'])} service IPs"
         if "c_addresses_s" in p:
-            text += (f" against {_s(p['c_addresses_s'])} for `ip -batch` adding the same addresses "
+            text += (f" against {_s(p['c_addresses_s'])} for `ip -batch` adding the same routes "
                      f"({fmt(p.get('addresses_ratio'))}×)")
         text += f"; incremental {_ms(p.get('incremental_s'))}; RSS {fmt(p.get('rss_mib'))} MiB"
         held = p.get("rules")
