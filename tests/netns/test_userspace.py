@@ -542,3 +542,33 @@ class TestUserspaceIPv6Specific:
 class TestUserspaceIPv6SpecificTwin(TestUserspaceIPv6Specific):
     env = TWIN
     native = False
+
+
+class _UserspaceFamilies(ServiceBehaviour):
+    mode = "userspace"
+    assert_clean = TestUserspace.assert_clean
+
+    @pytest.mark.xfail(strict=True, reason="known gap (issue 20): userspace drops the datagrams of a UDP "
+                                           "service without endpoints instead of refusing them")
+    def test_udp_without_endpoints_is_refused(self, topology: Topology) -> None:
+        super().test_udp_without_endpoints_is_refused(topology)
+
+
+class TestUserspaceIPv6(_UserspaceFamilies):
+    """The behaviour tests on single-stack IPv6 services (native engine)."""
+
+    families = (6,)
+
+
+class TestUserspaceIPv6Twin(TestUserspaceIPv6):
+    env = TWIN
+
+
+class TestUserspaceDualStack(_UserspaceFamilies):
+    """The behaviour tests on dual-stack services, reached on both cluster IPs (native engine)."""
+
+    families = (4, 6)
+
+
+class TestUserspaceDualStackTwin(TestUserspaceDualStack):
+    env = TWIN
