@@ -179,7 +179,8 @@ class ProxydPath:
     def running6(self) -> Running:
         """The started daemon's IPv6 services; RuntimeError when they do not accept (no IPv6 in the mode)."""
         assert self.proc is not None
-        wait_tcp(self.topo, self.topo.client, HTTP_VIP6, HTTP_PORT, timeout=10.0)
+        # The IPv4 service accepts already, so the first sync (both families' services) is done: a short wait.
+        wait_tcp(self.topo, self.topo.client, HTTP_VIP6, HTTP_PORT, timeout=3.0)
         return Running(Endpoints(http=(HTTP_VIP6, HTTP_PORT), bulk=(BULK_VIP6, IPERF_PORT)), self._meter())
 
     def stop(self) -> str:
