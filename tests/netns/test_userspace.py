@@ -239,7 +239,13 @@ class TestUserspaceCopyPump:
     mode = "userspace"
     extra_args = ()
     env = {"PROXYD_USERSPACE_COPY": "1"}
+    families = (4,)
+    # the behaviour suite's helpers these tests use (the class takes three of its tests, not all)
     start = ServiceBehaviour.start
+    books = ServiceBehaviour.books
+    svc = ServiceBehaviour.svc
+    slices = ServiceBehaviour.slices
+    web = ServiceBehaviour.web
     test_bulk_transfer_both_directions = ServiceBehaviour.test_bulk_transfer_both_directions
     test_half_close = ServiceBehaviour.test_half_close
     test_endpoint_changes_keep_established_connections = (
