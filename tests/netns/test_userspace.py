@@ -7,6 +7,12 @@ own), and holds service addresses on ``proxyd0``.
 Every class runs twice: against the native TCP engine (the default; the
 extension must be built) and against its pure-Python twin
 (``PROXYD_NO_EXTENSIONS=1``), as the connection-table tests run on both.
+
+IPv6 (issue 16): ``TestUserspaceIPv6`` and ``TestUserspaceDualStack`` run
+the behaviour suite on single-stack IPv6 and dual-stack services;
+``TestUserspaceIPv6Specific`` covers this mode's own IPv6 behaviour (one
+instance, family-separated endpoint lists, ``/128`` addresses, UDP replies,
+retry and affinity, status and trace). Each has its twin class.
 """
 
 from __future__ import annotations
