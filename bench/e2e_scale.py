@@ -52,11 +52,18 @@ from typing import Any
 
 import yaml
 
-from netnstopo.topology import HEALTHZ, METRICS, Topology, netns_available, wait_until
+from netnstopo.topology import (
+    FAKE_API_PORT,
+    HEALTHZ,
+    METRICS,
+    Topology,
+    fake_api,
+    netns_available,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXYD = str(Path(sys.executable).parent / "proxyd")
-FAKE_PORT = 16443
 PORT = 8080
 # userspace mode holds a listener per service port: give it the hard limit.
 NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -127,20 +134,6 @@ def follow(topo: Topology, change: Callable[[], None], want: str, *, timeout: fl
     return time.monotonic() - started
 
 
-def admin(topo: Topology, action: str, payload: dict[str, Any]) -> Any:
-    body = json.dumps(payload).encode()
-    with topo.connect(topo.node, "127.0.0.1", FAKE_PORT, timeout=30) as sock:
-        sock.sendall(b"POST /fake/%s HTTP/1.0\r\nHost: fake\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (action.encode(), len(body), body))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"fake API server: {data[:300]!r}")
-    return json.loads(rest)
-
-
 def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: int,
              changes: int) -> dict[str, Any]:
     """One (mode, source) point in a fresh topology."""
@@ -159,7 +152,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
             preload.write_text(json.dumps({"items": items}))
             del items
             fake = topo.spawn(topo.node, [sys.executable, "-m", "tests.api.fake_apiserver",
-                                          "--host", "127.0.0.1", "--port", str(FAKE_PORT),
+                                          "--host", "127.0.0.1", "--port", str(FAKE_API_PORT),
                                           "--preload", str(preload)],
                               log_name="fake-apiserver", env={"PYTHONPATH": str(ROOT)})
             wait_until(lambda: "listening" in topo.log_of(fake) or fake.poll() is not None, timeout=120,
@@ -167,7 +160,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
             kubeconfig = work / "kubeconfig"
             kubeconfig.write_text(json.dumps({
                 "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{FAKE_PORT}"}}],
+                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{FAKE_API_PORT}"}}],
                 "users": [{"name": "fake", "user": {"token": "fake-token"}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
             argv = [*wrapper, PROXYD, "--proxy-mode", mode, "--kubeconfig", str(kubeconfig),
@@ -177,7 +170,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
 
             def change_to(pod_ip: str) -> Callable[[], None]:
                 payload = {"resource": "endpointslices", "object": slice_of(0, [pod_ip])}
-                return lambda: admin(topo, "apply", payload)
+                return lambda: fake_api(topo, "apply", payload, timeout=30)
         else:
             path = topo.manifests / f"all.{fmt}"
             path.write_text(render(items, fmt))

@@ -48,8 +48,11 @@ def _state(n: int, base: int, bad: int) -> ProxyState:
     return ProxyState(service_ports=ports, endpoints=eps, node_name="node1")
 
 
-class _IptablesFake:
-    """iptables mode's applier without a kernel; refuses restores holding the bad endpoint."""
+class RefusingApplier:
+    """iptables mode's applier without a kernel; refuses any restore holding ``refuse``.
+
+    Shared with ``tests/unit/test_quarantine.py``.
+    """
 
     def __init__(self) -> None:
         self.refuse: str | None = None
@@ -72,7 +75,7 @@ class _IptablesFake:
 
         self.transactions += 1
         if self.refuse is not None and self.refuse in text:
-            raise IptablesError(["iptables-restore"], 1, "iptables-restore: line 1 failed")
+            raise IptablesError(["iptables-restore"], 1, f"iptables-restore: line 42 failed ({self.refuse})")
 
 
 class _NftFake:
@@ -105,7 +108,7 @@ def _mode(kind: str) -> tuple[Any, Any]:
         from proxyd.modes.iptables import IptablesMode
 
         mode: Any = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), clock=lambda: 0.0)
-        fake: Any = _IptablesFake()
+        fake: Any = RefusingApplier()
         mode.applier = fake
         return mode, fake
     from proxyd.modes.nftables import NftablesMode

@@ -35,9 +35,7 @@ import io
 import json
 import os
 import resource
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,13 +45,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.sync_scale import build_state, default_backend  # noqa: E402
+from bench.sync_scale import INSIDE_ENV, build_state, default_backend, in_netns  # noqa: E402
 from proxyd.config import Config  # noqa: E402
 from proxyd.modes.base import ProxyMode, SyncRequest  # noqa: E402
 from proxyd.status import StatusService  # noqa: E402
 from proxyd.statusclient import ask, render_status  # noqa: E402
-
-INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
 
 
 class NoKernelMode(ProxyMode):
@@ -141,18 +137,6 @@ def report(r: dict[str, Any]) -> None:
           file=sys.stderr)
 
 
-def in_netns(argv: list[str]) -> int:
-    ns = f"pxd-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, *argv], timeout=3600,
-                              check=False, env={**os.environ, INSIDE_ENV: "1"})
-        return proc.returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
-
-
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -166,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             print("status_scale: needs root (network namespaces)", file=sys.stderr)
             return 2
-        return in_netns(raw)
+        return in_netns(raw, (sys.executable, "-m", "bench.status_scale"))
     results = []
     for mode in args.mode:
         result = asyncio.run(measure(mode, args.services, args.endpoints, args.repeat))

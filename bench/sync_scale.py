@@ -184,7 +184,17 @@ class PlannerTimedDriver:
         await self.mode.shutdown()
 
 
-class IptablesDriver(PlannerTimedDriver):
+class NetfilterDriver(PlannerTimedDriver):
+    """A mode keeping its ``last_plan`` (iptables, nftables): a partial sync must plan partially."""
+
+    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
+        out = await super().partial(state, changed)
+        plan = self.mode.last_plan
+        assert plan is not None and not plan.full, "partial sync was not partial"
+        return out
+
+
+class IptablesDriver(NetfilterDriver):
     """proxyd.modes.iptables.IptablesMode on the given back end; ``rules``: nat rules held."""
 
     def __init__(self, backend: str) -> None:
@@ -193,12 +203,6 @@ class IptablesDriver(PlannerTimedDriver):
         from proxyd.netfilter.backend import Backend
 
         self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
-
-    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        out = await super().partial(state, changed)
-        plan = self.mode.last_plan
-        assert plan is not None and not plan.full, "partial sync was not partial"
-        return out
 
     def rules(self) -> int:
         plan = self.mode.last_plan
@@ -348,7 +352,7 @@ class UserspaceDriver(PlannerTimedDriver):
         return {"c_addresses_s": took}
 
 
-class NftablesDriver(PlannerTimedDriver):
+class NftablesDriver(NetfilterDriver):
     """proxyd.modes.nftables.NftablesMode through libnftables ("library") or ``nft -f -`` ("subprocess").
 
     ``rules``: map and set elements held (per-service state lives there, not in rules).
@@ -362,12 +366,6 @@ class NftablesDriver(PlannerTimedDriver):
         self.mode = NftablesMode(Config(proxy_mode="nftables", cluster_cidrs=("10.0.0.0/8",),
                                         node_name="bench-node"),
                                  nft=Nft(None if backend == "default" else backend))
-
-    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        out = await super().partial(state, changed)
-        plan = self.mode.last_plan
-        assert plan is not None and not plan.full, "partial sync was not partial"
-        return out
 
     def rules(self) -> int:
         return self.mode.planner.elements
@@ -543,13 +541,13 @@ async def _cleanup(mode: str) -> None:
     await mode_class(mode).cleanup(Config())
 
 
-def in_netns(argv: list[str]) -> int:
-    """Re-run this script inside a fresh network namespace, then delete it."""
+def in_netns(argv: list[str], command: Sequence[str] = COMMAND) -> int:
+    """Re-run ``command`` (this script) inside a fresh network namespace, then delete it."""
     ns = f"pxd-bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        proc = subprocess.run(["ip", "netns", "exec", ns, *COMMAND, *argv], timeout=3600,
+        proc = subprocess.run(["ip", "netns", "exec", ns, *command, *argv], timeout=3600,
                               check=False, cwd=REPO, env={**os.environ, INSIDE_ENV: "1"})
         return proc.returncode
     finally:

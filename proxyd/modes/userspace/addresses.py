@@ -107,17 +107,7 @@ class AddressHolder:
             del self.failed[ip]
         if self._index is None:
             await self.ensure()  # (re)creates the device and re-reads what it holds
-        add = want - self.current
-        remove = self.current - want
-        if not add and not remove:
-            return 0, 0
-        try:
-            await self._call(lambda: self._apply_sync(add, remove))
-        except NetlinkError as err:
-            if err.code == ENODEV:
-                self._index = None  # recreate the device at the next apply
-            raise
-        return len(add), len(remove)
+        return await self._change(want - self.current, self.current - want)
 
     async def update(self, *, add: Iterable[str], remove: Iterable[str]) -> tuple[int, int]:
         """Add and remove just these addresses (a partial sync); (added, removed).
@@ -132,15 +122,19 @@ class AddressHolder:
             await self.ensure()
             add_set -= self.current
             remove_set &= self.current
-        if not add_set and not remove_set:
+        return await self._change(add_set, remove_set)
+
+    async def _change(self, add: set[str], remove: set[str]) -> tuple[int, int]:
+        """Send these changes, if any; (added, removed)."""
+        if not add and not remove:
             return 0, 0
         try:
-            await self._call(lambda: self._apply_sync(add_set, remove_set))
+            await self._call(lambda: self._apply_sync(add, remove))
         except NetlinkError as err:
             if err.code == ENODEV:
-                self._index = None
+                self._index = None  # recreate the device at the next apply
             raise
-        return len(add_set), len(remove_set)
+        return len(add), len(remove)
 
     def _apply_sync(self, add: set[str], remove: set[str]) -> None:
         assert self._index is not None

@@ -48,20 +48,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
-from proxyd.conntable import NATIVE, ConnTable
+from proxyd.fdlimit import raise_fd_limit
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.dualstack import node_families
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
+from proxyd.modes.userspace.conntable import NATIVE, ConnTable
 from proxyd.modes.userspace.engine import NATIVE as ENGINE_NATIVE
 from proxyd.modes.userspace.engine import NativeTcpPath, PyTcpPath, TcpPath, default_workers
 from proxyd.modes.userspace.planner import (
@@ -81,20 +81,6 @@ SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
 __all__ = ["UserspaceMode"]
-
-
-def _raise_fd_limit() -> int:
-    """Lift the soft descriptor limit to the hard one: every connection costs two sockets and two pipes."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def refused_ports(state: ProxyState, failed: Mapping[str, int]) -> dict[ServicePortName, str]:
@@ -141,7 +127,7 @@ class UserspaceMode(ProxyMode):
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        limit = _raise_fd_limit()
+        limit = raise_fd_limit()
         # Each UDP flow holds a socket; keep flows well inside the descriptor budget.
         max_flows = max(64, min(65536, limit // 4))
         self.table = ConnTable(max_udp_flows=max_flows)
