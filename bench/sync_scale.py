@@ -317,7 +317,7 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def start(self) -> None:
         await super().start()
-        holder = self.mode.holder
+        holder = self.mode.applier.holder
         apply_sync = holder._apply_sync
         self.address_s = 0.0
 
