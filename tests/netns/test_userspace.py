@@ -534,6 +534,7 @@ class TestUserspaceIPv6Specific:
             return json.loads(done.stdout)
 
         trace = ask("trace", topology.pod("pod2").ip6, CLUSTER_IP6, "80")
+        assert (trace["service"], trace["address_kind"]) == ("default/web", "cluster IP"), trace
         accepted = [p["endpoint"] for p in trace["paths"] if p["verdict"] == "ACCEPT"]
         assert accepted == [f"[{p1.ip6}]:8080"], trace
         assert any(f"listener [{CLUSTER_IP6}]:80/TCP" in s for s in trace["paths"][0]["steps"]), trace
