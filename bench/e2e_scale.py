@@ -29,6 +29,10 @@ the cost of one full stat rescan, and CPU while one file is rewritten every
 50 ms.
 
 Figures are wall-clock on a shared machine: record the load next to them.
+``--save`` also writes ``bench/results/e2e_scale-N.json`` (N the service
+count; ``e2e_scale-idle.json`` for ``--idle-files``) with every point, the
+load average before and after each, and the run's metadata
+(``bench/runmeta.py``), for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last line.
 """
 
@@ -52,6 +56,7 @@ from typing import Any
 
 import yaml
 
+from bench import runmeta
 from netnstopo.topology import (
     FAKE_API_PORT,
     HEALTHZ,
@@ -314,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-files", type=int, default=0)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/e2e_scale-N.json with the run's metadata")
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    run = runmeta.Run(runmeta.module_command("bench.e2e_scale", raw))
     results: list[dict[str, Any]] = []
     if args.idle_files:
         point = idle(args.idle_files, args.idle_seconds)
@@ -331,14 +340,21 @@ def main(argv: list[str] | None = None) -> int:
             for source in sources:
                 print(f"[e2e_scale {time.strftime('%H:%M:%S')}] {mode} {source} "
                       f"{args.services}x{args.endpoints} ({load()})", file=sys.stderr, flush=True)
+                before = runmeta.load_average()
                 point = run_case(mode=mode, source=source, services=args.services, endpoints=args.endpoints,
                                  samples=args.samples, changes=args.changes)
                 point["load"] = load()
+                point["load_before"], point["load_after"] = before, runmeta.load_average()
                 results.append(point)
                 shown = {k: v for k, v in point.items() if k not in ("log",)}
                 print(f"  {json.dumps(shown)}", file=sys.stderr, flush=True)
                 if "log" in point:
                     print(point["log"], file=sys.stderr)
+    if args.save:
+        name = "e2e_scale-idle" if args.idle_files else f"e2e_scale-{args.services}"
+        saved = run.save(name, {"services": args.services, "endpoints": args.endpoints,
+                                "points": [{k: v for k, v in p.items() if k != "log"} for p in results]})
+        print(f"saved {saved}", file=sys.stderr)
     if args.json:
         print(json.dumps({"points": results}))
     return 0 if all("error" not in r for r in results) else 1

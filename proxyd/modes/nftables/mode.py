@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from proxyd import metrics
 from proxyd.config import Config
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
 from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
@@ -197,6 +198,36 @@ class NftablesMode(AppliedMode[Applier]):
                                new_renders: Mapping[ServicePortName, PortRender]) -> None:
         await conntrack.clear_stale(self.name, self.family, names, old_ports=old_ports,
                                     old_renders=old_renders, new_ports=self._ports, new_renders=new_renders)
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """Per-endpoint counters of the backends maps and kernel-versus-last-sync (``status.py``)."""
+        from proxyd.modes.nftables import status
+
+        if self.applier is None or not self._synced:
+            return ModeStatus(matches=None, notes=["nftables: no sync yet: nothing to compare with"])
+        before = self.last_plan
+        result = await status.read_status(self.applier.nft, self.planner, self._good, names,
+                                          run=asyncio.to_thread)
+        if self.last_plan is not before:
+            result.matches = None
+            result.mismatches.clear()
+            result.notes.append("a sync committed during the read: run status again to compare")
+        return result
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """The packet walked through the table read back from the kernel now (``status.py``)."""
+        from proxyd.modes.iptables.mode import _all_local_addresses
+        from proxyd.modes.nftables import status
+
+        if self.applier is None:
+            return TraceResult(supported=False, notes=["nftables: not started yet"])
+        node_ips = await asyncio.to_thread(_all_local_addresses, self.family)
+        before = self.last_plan
+        result = await asyncio.to_thread(status.trace_now, self.applier.nft, lay.Family(self.family), packet,
+                                         node_ips)
+        if self.last_plan is not before:
+            result.notes.append("a sync committed during the trace: its sets may come from both sides of it")
+        return result
 
     async def shutdown(self) -> None:
         """Leave the table: traffic keeps flowing while proxyd is down."""

@@ -1,7 +1,7 @@
 """Userspace mode's mode class: proxyd itself accepts every service connection and relays it to an endpoint.
 
 The node owns every service address (ClusterIPs, externalIPs, LB ingress
-IPs) as host addresses on the port-less bridge ``proxyd0``
+IPs) as ``local`` routes via the port-less bridge ``proxyd0``
 (``addresses.py``), and proxyd listens on each service ``ip:port`` and on
 each NodePort of the node addresses allowed by ``--nodeport-addresses``
 (``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2)
@@ -35,12 +35,12 @@ desired state never holds endpoints that are proxyd's own addresses
 
 Shutdown (SIGTERM): listeners close at once (new connections are refused),
 open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
-reset. The service addresses stay on ``proxyd0``: a stopped proxyd then
+reset. The service routes via ``proxyd0`` stay: a stopped proxyd then
 refuses connections to services at once (RST from the node's own stack)
 instead of letting them hang or leak elsewhere, and the next start adopts
 the addresses without a gap — the same choice kube-proxy userspace made by
 leaving its iptables rules in place. ``--cleanup`` deletes ``proxyd0`` and
-with it every address.
+with it every route.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ class UserspaceMode(ProxyMode):
 
     @classmethod
     async def cleanup(cls, config: Config) -> None:
-        """Delete ``proxyd0`` and every service address on it; the rest lives and dies with the process."""
+        """Delete ``proxyd0`` and every service route via it; the rest lives and dies with the process."""
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(None, AddressHolder.delete_device):
             log.info("userspace: deleted %s", "proxyd0")
