@@ -11,7 +11,7 @@ extension must be built) and against its pure-Python twin
 IPv6 (issue 16): ``TestUserspaceIPv6`` and ``TestUserspaceDualStack`` run
 the behaviour suite on single-stack IPv6 and dual-stack services;
 ``TestUserspaceIPv6Specific`` covers this mode's own IPv6 behaviour (one
-instance, family-separated endpoint lists, ``/128`` addresses, UDP replies,
+instance, family-separated endpoint lists, IPv6 service routes, UDP replies,
 retry and affinity, status and trace). Each has its twin class.
 """
 
@@ -402,12 +402,12 @@ EXTERNAL_IP6 = "2001:db8:2::10"
 
 
 def holder_addresses6(topo: Topology) -> set[str]:
-    # Global scope only: the kernel gives the device a link-local address of its own.
-    out = topo.ns_run(topo.node, ["ip", "-o", "-6", "addr", "show", "dev", "proxyd0", "scope", "global"],
-                      check=False)
+    """The IPv6 service IPs held by proxyd's ``local`` routes via ``proxyd0``."""
+    out = topo.ns_run(topo.node, ["ip", "-6", "-o", "route", "show", "table", "all", "dev", "proxyd0",
+                                  "proto", "static", "type", "local"], check=False)
     if out.returncode != 0:
         return set()
-    return {line.split()[3] for line in out.stdout.splitlines()}
+    return {line.split()[1] for line in out.stdout.splitlines()}
 
 
 def dual_stack(docs: list[dict], *, cluster_ip6: str, eps6: list[dict], families: tuple[int, ...] = (4, 6),
@@ -433,7 +433,7 @@ def dual_stack(docs: list[dict], *, cluster_ip6: str, eps6: list[dict], families
 
 
 class TestUserspaceIPv6Specific:
-    """IPv6 in the one userspace instance: family-separated endpoints, /128 addresses on proxyd0,
+    """IPv6 in the one userspace instance: family-separated endpoints, IPv6 service routes via proxyd0,
     IPv6 UDP replies from the service address, retry and ClientIP affinity over IPv6, [v6]:port status."""
 
     mode = "userspace"
@@ -460,8 +460,9 @@ class TestUserspaceIPv6Specific:
             assert topology.hello(topology.client, "2001:db8:203::1", 30080).pod == "pod2"
             assert topology.hello(topology.client, EXTERNAL_IP6, 80).pod == "pod2"
             assert topology.hello(topology.client, EXTERNAL_IP, 80).pod == "pod1"
-        assert holder_addresses(topology) == {CLUSTER_IP, EXTERNAL_IP}
-        assert holder_addresses6(topology) == {f"{CLUSTER_IP6}/128", f"{EXTERNAL_IP6}/128"}
+        assert holder_addresses(topology) >= {CLUSTER_IP, EXTERNAL_IP}
+        assert holder_addresses6(topology) == {CLUSTER_IP6, EXTERNAL_IP6}
+        assert not device_addresses(topology)  # service IPs are routes, never device addresses
         # The IPv6 half going away leaves the IPv4 half serving, and its addresses leave proxyd0.
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1), type_="NodePort",
                                                      node_port=30080, external_ips=[EXTERNAL_IP]))
