@@ -394,8 +394,7 @@ def test_ipv6_table_is_the_same_layout_with_ip6() -> None:
     assert "ip6 saddr != fd00:10::/64 jump mark-for-masquerade" in text
     assert "172.30.0.1" not in text and "10.0.0.5" not in text
     tracer = Tracer(text, node_ips=[])
-    assert flow(tracer, src="fd00:10::9", dst="[fd00:96::10]:80".replace("[", "").replace("]", "")) == \
-        "fd00:10::5:8080 no-masq"  # type: ignore[arg-type]
+    assert flow(tracer, src="fd00:10::9", dst="[fd00:96::10]:80") == "[fd00:10::5]:8080 no-masq"  # type: ignore[arg-type]
 
 
 def test_two_ports_claiming_one_address_keep_the_first() -> None:

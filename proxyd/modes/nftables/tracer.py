@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from proxyd.modes.iptables.tracer import Outcome
+from proxyd.modes.iptables.tracer import Outcome, host_port, split_host_port
 
 _A = r"(?:ip6?)"
 _KEY = rf"(?:({_A}) daddr \. )?meta l4proto \. th dport"
@@ -311,8 +311,8 @@ class Tracer:
                     out.append(("dnat", _dnat(pkt, ip, int(port))))
                 return out
             elif k == "dnat":
-                ip, _, port = (a[0] or "").rpartition(":")
-                return [("dnat", _dnat(pkt, ip.strip("[]"), int(port)))]
+                to_ip, to_port = split_host_port(a[0] or "")
+                return [("dnat", _dnat(pkt, to_ip, to_port))]
             elif k == "numgen_vmap":
                 out = []
                 entries = dict(e.split(" : ") for e in _split_elements(a[1] or ""))
@@ -370,7 +370,7 @@ class Tracer:
         first = self._hook("output" if local_origin else "prerouting", [pkt])
         for verdict, p in first:
             if verdict in ("drop", "reject"):
-                outcomes.append(Outcome(verdict.upper(), f"{p.dst}:{p.dport}", False, False))
+                outcomes.append(Outcome(verdict.upper(), host_port(p.dst, p.dport), False, False))
                 continue
             local = self._local(p.dst)
             if not local_origin:
@@ -379,12 +379,13 @@ class Tracer:
                 second = [(None, p)]
             for v2, q in second:
                 if v2 in ("drop", "reject"):
-                    outcomes.append(Outcome(v2.upper(), f"{q.dst}:{q.dport}", False, local))
+                    outcomes.append(Outcome(v2.upper(), host_port(q.dst, q.dport), False, local))
                     continue
                 masq = False
                 if not local or local_origin:
                     masq = any(v == "masquerade" for v, _ in self._hook("postrouting", [q]))
-                outcomes.append(Outcome("ACCEPT", f"{q.dst}:{q.dport}", masq, local and not local_origin))
+                outcomes.append(Outcome("ACCEPT", host_port(q.dst, q.dport), masq,
+                                        local and not local_origin))
         seen: dict[Outcome, None] = {}
         for o in outcomes:
             seen.setdefault(o, None)
@@ -392,5 +393,5 @@ class Tracer:
 
 
 def _dnat(pkt: Packet, ip: str, port: int) -> Packet:
-    return replace(pkt, dst=str(ipaddress.ip_address(ip)), dport=port, dnat=f"{ip}:{port}")
+    return replace(pkt, dst=str(ipaddress.ip_address(ip)), dport=port, dnat=host_port(ip, port))
 
