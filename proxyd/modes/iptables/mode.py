@@ -57,6 +57,17 @@ RESOURCE_PROBLEM = 4  # iptables-restore's exit code when the xtables lock could
 
 __all__ = ["IptablesMode"]
 
+# Rules each family's instance owns, per table: the gauge counts every rule proxyd owns, so with an
+# iptables and an ip6tables instance it is their sum (each setting it would hide the other's).
+_OWNED_RULES: dict[tuple[int, str], int] = {}
+
+
+def _count_rules(family: int, table: str, n: int) -> None:
+    _OWNED_RULES[(family, table)] = n
+    total = sum(v for (_fam, t), v in _OWNED_RULES.items() if t == table)
+    metrics.IPTABLES_TOTAL_RULES.labels(table).set(total)
+
+
 def family_cidrs(cidrs: Collection[str], family: int) -> tuple[str, ...]:
     """The ``--nodeport-addresses`` CIDRs of ``family`` (kube-proxy's NewNodePortAddresses).
 
@@ -187,8 +198,8 @@ class IptablesMode(ProxyMode):
         plan = self.last_plan
         assert plan is not None
         self._ports = self._good.service_ports
-        metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
-        metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)
+        _count_rules(self.family, "filter", plan.filter_rules)
+        _count_rules(self.family, "nat", plan.nat_rules)
         if self._synced:
             # On the first sync after a start nothing is known about what
             # conntrack holds; clearing every UDP service would break flows
