@@ -88,7 +88,9 @@ def merge_endpoints(
     ``slices`` must all belong to the port's service; they are visited in
     name order whatever order they come in.
     """
-    want_family = family(port.cluster_ip) if port.cluster_ip else None
+    want_family: int | None = family(port.cluster_ip) if port.cluster_ip else None
+    if port.secondary_cluster_ip:
+        want_family = None  # dual-stack: both families' endpoints
     pname = port.name.port
     proto = port.protocol
     merged: dict[tuple[str, int], Endpoint] = {}
