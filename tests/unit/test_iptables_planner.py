@@ -716,3 +716,35 @@ def test_nodeport_addresses_of_the_other_family_leave_this_one_on_every_address(
     every6 = Planner(dataclasses.replace(OPTS6, nodeport_addresses=family_cidrs(("192.168.0.0/16",), 6))).plan(
         GOLDEN6_STATE, None).text
     assert "-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS" in every6
+
+
+def test_dual_stack_mode_runs_one_iptables_proxier_per_family() -> None:
+    import asyncio
+
+    from proxyd import metrics
+    from proxyd.config import Config
+    from proxyd.modes.base import SyncRequest
+    from proxyd.modes.dualstack import DualStackMode
+    from proxyd.modes.iptables import IptablesMode
+
+    assert IptablesMode.per_family
+    mode = DualStackMode(Config(cluster_cidrs=("10.0.0.0/8", "fd00:10::/32"), sync_period=30.0), IptablesMode, (4, 6))
+    fakes = {fam: FakeApplier() for fam in (4, 6)}
+    for fam, proxier in mode.proxiers.items():
+        proxier.applier = fakes[fam]  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        await mode.sync(SyncRequest(GOLDEN_STATE, None))
+        assert [len(f.restored) for f in fakes.values()] == [1, 1]
+        assert "172.30.0.41" in fakes[4].restored[0] and "172.30" not in fakes[6].restored[0]
+        # An IPv4-only change: the IPv6 proxier has nothing to do and runs no ip6tables-restore.
+        changed = _bump(GOLDEN_STATE, svc1=(SVC1, (Endpoint("10.180.0.9", 80),)))
+        await mode.sync(SyncRequest(changed, frozenset({SVC1.name.service}), frozenset({SVC1.name})))
+        assert [len(f.restored) for f in fakes.values()] == [2, 1]
+        # A dual-stack state: each family gets its own golden view, both counted in the rules gauge.
+        await mode.sync(SyncRequest(DUAL_STATE, None))
+        assert fakes[6].restored[-1].startswith(GOLDEN6[:200]) and "fd00:172:30::41" in fakes[6].restored[-1]
+        plans = [p.last_plan for p in mode.proxiers.values()]  # type: ignore[attr-defined]
+        assert metrics.IPTABLES_TOTAL_RULES.labels("nat")._value.get() == sum(p.nat_rules for p in plans)
+
+    asyncio.run(scenario())

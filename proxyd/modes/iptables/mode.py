@@ -224,9 +224,13 @@ class IptablesMode(ProxyMode):
         applied = 0
         try:
             plan = self.planner.plan(state, changed, existing_chains=existing, changed_ports=changed_ports)
-            for chunk in plan.chunks:
-                await self.applier.restore(chunk)
-                applied += 1
+            # A partial plan that re-renders and removes nothing would only rewrite the filter table
+            # with what it holds: the other family's changes (a v4-only cluster's IPv6 proxier sees
+            # every change as one of no port of its own) cost no ip6tables-restore.
+            if plan.full or plan.rerendered or plan.removed:
+                for chunk in plan.chunks:
+                    await self.applier.restore(chunk)
+                    applied += 1
         except Exception as err:
             if applied:
                 self.planner.invalidate()
