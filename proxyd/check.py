@@ -137,9 +137,11 @@ def _hostport(ip: str, port: int) -> str:
 
 
 def _addresses(svc: ServicePort, got: Assigned) -> list[str]:
-    marked = ALLOCATED if got.cluster_ip == svc.cluster_ip else ""
-    lines = [f"clusterIP   {_hostport(svc.cluster_ip, svc.port)} {marked}".rstrip()
-             + f"  → targetPort {svc.target_port}"]
+    lines = []
+    for ip in svc.cluster_ips:  # a dual-stack service: one line per family, primary first
+        marked = ALLOCATED if ip in got.cluster_ips else ""
+        lines.append(f"clusterIP   {_hostport(ip, svc.port)} {marked}".rstrip()
+                     + f"  → targetPort {svc.target_port}")
     if svc.node_port:
         allocated = any(p == svc.node_port for _, _, p in got.node_ports)
         marked = ALLOCATED if allocated else ""

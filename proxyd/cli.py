@@ -70,6 +70,24 @@ def parse_cidrs(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_cluster_cidrs(text: str) -> tuple[str, ...]:
+    """``--cluster-cidr``: one CIDR, or two of different families (kube-proxy's dual-stack form)."""
+    cidrs = parse_cidrs(text)
+    if len(cidrs) > 2:
+        raise ValueError("at most two CIDRs, one per IP family (e.g. 10.244.0.0/16,fd00:10:244::/48)")
+    if len(cidrs) == 2 and (":" in cidrs[0]) == (":" in cidrs[1]):
+        raise ValueError("two CIDRs must be one IPv4 and one IPv6 (e.g. 10.244.0.0/16,fd00:10:244::/48)")
+    return cidrs
+
+
+def parse_nodeport_addresses(text: str) -> tuple[str, ...]:
+    """``--nodeport-addresses``: CIDRs of either family; kube-proxy's ``primary`` is refused by name."""
+    if any(part.strip() == "primary" for part in text.split(",")):
+        raise ValueError("'primary' (kube-proxy's node-IP shorthand) is not supported: give the node's "
+                         "CIDRs, e.g. 192.0.2.0/24,2001:db8::/64")
+    return parse_cidrs(text)
+
+
 def parse_host_port(text: str, default_port: int) -> HostPort | None:
     """kube-proxy's bind-address form: "IP:PORT", "[v6]:PORT" or a bare IP; "" disables."""
     text = text.strip()
@@ -89,6 +107,8 @@ def parse_host_port(text: str, default_port: int) -> HostPort | None:
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
         port = int(port_text)
+    if "%" in host:  # a zone ("fe80::1%eth0"): kube-proxy's address parser refuses it too
+        raise ValueError(f"invalid address {text!r}: no zone (%) allowed")
     host = str(ipaddress.ip_address(host))
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} out of range")
@@ -114,9 +134,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "kubeconfig": lambda v: str(v) or None,
     "manifests": lambda v: str(v) or None,
     "node_name": _node_name,
-    "cluster_cidrs": lambda v: parse_cidrs(v if isinstance(v, str) else ",".join(v)),
+    "cluster_cidrs": lambda v: parse_cluster_cidrs(v if isinstance(v, str) else ",".join(v)),
     "masquerade_all": _bool,
-    "nodeport_addresses": lambda v: parse_cidrs(v if isinstance(v, str) else ",".join(v)),
+    "nodeport_addresses": lambda v: parse_nodeport_addresses(v if isinstance(v, str) else ",".join(v)),
     "healthz_bind_address": lambda v: parse_host_port(str(v), 10256),
     "metrics_bind_address": lambda v: parse_host_port(str(v), 10249),
     "sync_period": parse_duration,
@@ -337,11 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hostname-override", metavar="NAME",
         help="this node's name, for Local traffic policies and topology (default: the host name)")
     add("--cluster-cidr", metavar="CIDR[,CIDR]",
-        help="pod ranges; traffic from outside them to a ClusterIP is masqueraded")
+        help="pod ranges, at most one per family; traffic from outside them to a ClusterIP is masqueraded")
     add("--masquerade-all", action="store_const", const=True, default=None,
         help="masquerade all service traffic (default: false)")
     add("--nodeport-addresses", metavar="CIDR[,CIDR]",
-        help="node addresses in these ranges accept NodePort traffic (default: all local addresses)")
+        help="node addresses in these ranges (either family) accept NodePort traffic "
+             "(default: all local addresses)")
     add("--healthz-bind-address", metavar="HOST:PORT",
         help="serve /healthz and /livez here (default: 0.0.0.0:10256; empty disables)")
     add("--metrics-bind-address", metavar="HOST:PORT",

@@ -36,8 +36,9 @@ from proxyd.config import Config, ConfigError, HostPort
 from proxyd.health import ProxierHealth, health_routes, metrics_routes
 from proxyd.healthcheck import ServiceHealthServers
 from proxyd.httpserve import HttpServer, Response
+from proxyd.model import family
 from proxyd.modes.base import MODES, SyncRequest, mode_class
-from proxyd.modes.dualstack import build_mode
+from proxyd.modes.dualstack import DualStackMode, build_mode, node_families
 from proxyd.runner import SyncRunner
 from proxyd.selfloop import SelfEndpoints
 from proxyd.sources.allocate import Allocator, Ranges
@@ -74,6 +75,8 @@ class Daemon:
         self.config = config
         self.tracker = Tracker(config.node_name)
         self.mode = build_mode(config)
+        # The address families this node serves: healthCheckNodePorts and the start log follow them.
+        self.families = self.mode.families if isinstance(self.mode, DualStackMode) else node_families()
         self.health = ProxierHealth(timeout=2 * config.sync_period, listen_failures=self.mode.listen_failures,
                                     quarantined=self.mode.quarantined)
         self.runner = SyncRunner(self._sync, min_interval=config.min_sync_period,
@@ -109,9 +112,18 @@ class Daemon:
         return KubeSource(self.tracker, config=self.config, on_change=self._on_change)
 
     async def _healthcheck_addresses(self) -> list[str]:
-        if not self.config.nodeport_addresses:
-            return ["0.0.0.0"]
-        return await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, family=4)
+        """Where healthCheckNodePort servers listen: per family, the node addresses in that family's
+        ``--nodeport-addresses`` CIDRs, or the family's wildcard when none is of it (kube-proxy's
+        per-family NodePortAddresses). The IPv6 wildcard socket is IPv6-only, so both can bind.
+        """
+        out: list[str] = []
+        for fam in self.families:
+            cidrs = [c for c in self.config.nodeport_addresses if family(c) == fam]
+            if not cidrs:
+                out.append("0.0.0.0" if fam == 4 else "::")
+            else:
+                out += await nodeaddrs.node_addresses_async(cidrs, family=fam)
+        return out
 
     def _on_change(self) -> None:
         self.health.queued()
@@ -125,7 +137,7 @@ class Daemon:
         full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
         started = time.perf_counter()
         try:
-            node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses)
+            node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, per_family=True)
             # Endpoints that are proxyd's own addresses would loop: no mode ever sees them.
             request = self.self_endpoints.filter(
                 SyncRequest(snapshot.state, None if full else snapshot.changed,
@@ -168,6 +180,18 @@ class Daemon:
             flag = "--healthz-bind-address" if what == "healthz" else "--metrics-bind-address"
             raise FatalError(f"cannot listen on {address} ({flag}): {err.strerror}") from None
         self._servers.append(server)
+        # A wildcard address is every address, as kube-proxy's (Go's) listener on 0.0.0.0 or [::] is a
+        # dual-stack socket: the other family's wildcard too, when the node serves it.
+        other = {"0.0.0.0": ("::", 6), "::": ("0.0.0.0", 4)}.get(address.host)
+        if other is not None and other[1] in self.families:
+            second = HttpServer(routes, name=what)
+            try:
+                await second.start(other[0], address.port)
+            except OSError as err:
+                log.warning("%s: cannot also listen on %s: %s", what, HostPort(other[0], address.port),
+                            err.strerror)
+            else:
+                self._servers.append(second)
 
     async def serve(self) -> int:
         limit = raise_fd_limit()
@@ -179,9 +203,10 @@ class Daemon:
         await self._serve_http(self.config.metrics_bind_address,
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
         await self.status.start(self.config.status_socket)
-        log.info("proxyd starting: mode=%s node=%s source=%s descriptors=%d", self.config.proxy_mode,
-                 self.config.node_name,
-                 f"manifests {self.config.manifests}" if self.config.manifests else "API server", limit)
+        log.info("proxyd starting: mode=%s node=%s source=%s families=%s descriptors=%d",
+                 self.config.proxy_mode, self.config.node_name,
+                 f"manifests {self.config.manifests}" if self.config.manifests else "API server",
+                 "+".join(f"IPv{f}" for f in self.families), limit)
         source_task: asyncio.Task[None] | None = None
         try:
             await self.mode.start()

@@ -2,7 +2,11 @@
 
 NodePorts and healthCheckNodePort servers listen on the node's addresses
 that fall inside the ``--nodeport-addresses`` CIDRs (kube-proxy's
-``GetNodeIPs``); with no CIDRs every local address qualifies. Addresses held
+``GetNodeIPs``); with no CIDRs every local address qualifies. With
+``per_family``, CIDRs apply per address family as kube-proxy's per-family
+``NodePortAddresses`` do: a family none of the CIDRs is of keeps all of its
+addresses (``--nodeport-addresses 192.0.2.0/24`` leaves every IPv6 address
+accepting IPv6 NodePorts). Addresses held
 on the interfaces proxyd itself creates to own service IPs (``proxyd0`` for
 userspace mode, ``kube-ipvs0`` for ipvs) are service addresses, not node
 addresses, and are never returned.
@@ -25,16 +29,20 @@ from pyroute2 import IPRoute
 HOLDER_DEVICES = frozenset({"proxyd0", "kube-ipvs0"})
 
 
-def filter_addresses(addresses: Iterable[str], cidrs: Iterable[str]) -> list[str]:
-    """Addresses inside any of ``cidrs`` (all of them when ``cidrs`` is empty), sorted, unique.
+def filter_addresses(addresses: Iterable[str], cidrs: Iterable[str], *,
+                     per_family: bool = False) -> list[str]:
+    """Addresses inside any of ``cidrs`` (all of them when ``cidrs`` is empty), sorted, unique;
+    with ``per_family``, all addresses of a family that no CIDR is of.
 
     Pure; unparseable addresses or CIDRs raise ValueError.
     """
     networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    constrained = {net.version for net in networks} if per_family else {4, 6} if networks else set()
     out = set()
     for text in addresses:
         addr = ipaddress.ip_address(text)
-        if not networks or any(addr.version == net.version and addr in net for net in networks):
+        if addr.version not in constrained or any(addr.version == net.version and addr in net
+                                                  for net in networks):
             out.add(str(addr))
     return sorted(out, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
 
@@ -54,13 +62,14 @@ def local_addresses(*, family: int | None = None) -> list[str]:
     return found
 
 
-def node_addresses(cidrs: Iterable[str], *, family: int | None = None) -> list[str]:
+def node_addresses(cidrs: Iterable[str], *, family: int | None = None, per_family: bool = False) -> list[str]:
     """Local addresses accepting NodePort traffic for ``--nodeport-addresses`` = ``cidrs``."""
-    return filter_addresses(local_addresses(family=family), cidrs)
+    return filter_addresses(local_addresses(family=family), cidrs, per_family=per_family)
 
 
-async def node_addresses_async(cidrs: Iterable[str], *, family: int | None = None) -> list[str]:
+async def node_addresses_async(cidrs: Iterable[str], *, family: int | None = None,
+                               per_family: bool = False) -> list[str]:
     """``node_addresses`` in a worker thread, so the event loop never waits on netlink."""
     cidrs = tuple(cidrs)
     return await asyncio.get_running_loop().run_in_executor(
-        None, lambda: node_addresses(cidrs, family=family))
+        None, lambda: node_addresses(cidrs, family=family, per_family=per_family))

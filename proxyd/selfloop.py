@@ -9,10 +9,10 @@ kernel modes it is a black hole at best. ``SelfEndpoints`` removes, from the
 desired state handed to the mode, every endpoint ``(ip, port)`` of a service
 port with protocol P when ``(ip, port, P)`` is an address proxyd serves:
 
-* a ClusterIP, externalIP or LB ingress IP with a service port's port and
-  protocol;
-* a node address (those accepting NodePorts) with a service's nodePort and
-  protocol.
+* a ClusterIP (either of a dual-stack service's), externalIP or LB ingress
+  IP with a service port's port and protocol;
+* a node address of either family (those accepting NodePorts) with a
+  service's nodePort and protocol.
 
 Each refused endpoint is logged once (until it stops being refused) and
 counted in ``proxyd_rejected_objects_total{kind="EndpointSlice",
@@ -53,7 +53,8 @@ Key = tuple[str, int, Protocol]  # (ip, port, protocol)
 
 def _served_keys(svc: ServicePort) -> tuple[tuple[Key, ...], tuple[int, Protocol] | None]:
     proto, number = svc.protocol, svc.port
-    keys: tuple[Key, ...] = ((svc.cluster_ip, number, proto),) if svc.cluster_ip else ()
+    # Both cluster IPs of a dual-stack service (each family's proxier serves one).
+    keys: tuple[Key, ...] = tuple((ip, number, proto) for ip in svc.cluster_ips if ip)
     if svc.external_ips or svc.load_balancer_ips:
         keys += tuple((ip, number, proto) for ip in svc.external_addresses)
     return keys, ((svc.node_port, proto) if svc.node_port else None)

@@ -21,9 +21,10 @@ It is built for large clusters (tens of thousands of service ports):
   local one beats a remote one, then the slice that sorts first by name wins.
   Slices are visited by name and the result is sorted by (ip, port)
   (numerically, IPv4 before IPv6), so
-  equal inputs always give equal (``==``) states. Endpoints whose address
-  family differs from the service's ClusterIP are skipped (an IPv4 service
-  never DNATs to an IPv6 pod). Slices for services that do not exist are
+  equal inputs always give equal (``==``) states. Endpoints of a family the
+  service has no ClusterIP of are skipped (an IPv4 service never DNATs to an
+  IPv6 pod); a dual-stack service keeps both families' endpoints, and each
+  family's proxier reads its own through ``ProxyState.for_family``. Slices for services that do not exist are
   kept and apply when the service appears.
 * ``changed`` in a snapshot lists exactly the services whose ports or
   endpoints differ from the previous snapshot (a slice edit that merges to the

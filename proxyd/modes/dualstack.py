@@ -11,7 +11,10 @@ endpoints.
 
 Which families a node serves is decided once at start (``node_families``):
 IPv4 always, IPv6 when the kernel has it enabled. A node without IPv6 serves
-IPv4 only and says so once.
+IPv4 only and says so once; each service port that then has no cluster IP of
+a served family is logged once ("IPv6 is not served on this node: ns/name:port
+not proxied") and counted in ``proxyd_ignored_objects_total{kind="Service",
+reason="family_not_served"}``, again only if it goes away and comes back.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
+from proxyd import metrics
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
+from proxyd.logformat import event
 from proxyd.model import family
 from proxyd.modes.base import ProxyMode, SyncRequest, mode_class
 from proxyd.modes.familyviews import FamilyViews
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from proxyd.model import ServicePortName
 
 log = logging.getLogger(__name__)
+
+UNSERVED_REASON = "family_not_served"
 
 # Present when the kernel has IPv6 and it is not disabled for this namespace.
 _IF_INET6 = "/proc/net/if_inet6"
@@ -64,6 +71,9 @@ class DualStackMode(ProxyMode):
         # One constructor signature for every per-family mode: (config, *, family=4|6).
         self.proxiers: dict[int, ProxyMode] = {fam: mode_cls(config, family=fam)  # type: ignore[call-arg]
                                                for fam in self.families}
+        self._source = "manifests" if config.manifests is not None else "kube"
+        # Service ports already reported as of a family this node does not serve (logged once each).
+        self._unserved: set[ServicePortName] = set()
         if len(self.families) == 1:
             log.info("%s: this node serves IPv%d only (IPv6 is %s); services of the other family are "
                      "not proxied", self.name, self.families[0],
@@ -74,6 +84,8 @@ class DualStackMode(ProxyMode):
             await proxier.start()
 
     async def sync(self, request: SyncRequest) -> None:
+        if len(self.families) < 2:
+            self._report_unserved(request)
         # Every family is attempted even when one fails, so a broken ip6tables does not starve IPv4;
         # the first failure is raised afterwards and the runner retries with a full sync.
         failure: BaseException | None = None
@@ -87,6 +99,28 @@ class DualStackMode(ProxyMode):
         if failure is not None:
             self._views.forget()
             raise failure
+
+    def _report_unserved(self, request: SyncRequest) -> None:
+        """Log and count, once per service port, the ports no served family can proxy."""
+        ports = request.state.service_ports
+        todo = request.ports_to_plan(self._unserved)
+        names = ports.keys() if todo is None else todo
+        seen: set[ServicePortName] = set()
+        for name in names:
+            sp = ports.get(name)
+            if sp is None or any(family(ip) in self.families for ip in sp.cluster_ips):
+                continue
+            seen.add(name)
+            if name in self._unserved:
+                continue
+            missing = "/".join(f"IPv{f}" for f in sorted({family(ip) for ip in sp.cluster_ips}))
+            log.warning("%s is not served on this node: %s not proxied", missing, name,
+                        extra=event(service=str(name), reason=UNSERVED_REASON))
+            metrics.IGNORED_OBJECTS.labels(source=self._source, kind="Service", reason=UNSERVED_REASON).inc()
+        if todo is None:
+            self._unserved = seen
+        else:
+            self._unserved = (self._unserved - set(todo)) | seen
 
     def quarantined(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -27,8 +27,14 @@ addresses without any state kept on disk:
   (10.96.0.10 for DNS) rarely meet an allocated one. IPv4 ranges never
   hand out their network and broadcast addresses, IPv6 ranges their first.
 
-Only the family a service is served on is allocated (the IPv4 one of a
-dual-stack request, as ``convert`` serves). The API source never needs any
+Families follow kube-apiserver (``ServiceSpec.wanted_families``): a
+SingleStack service (or one without a policy) gets one cluster IP of the
+family it asks for in ``spec.ipFamilies``, else of the first range's; a
+PreferDualStack or RequireDualStack one gets one of each family the ranges
+have, primary first (``ipFamilies[0]``, else the first range's family).
+RequireDualStack with a range of one family only is refused, as the API
+server refuses it. A manifest that sets ``clusterIP``/``clusterIPs`` keeps
+exactly those. The API source never needs any
 of this: kube-apiserver always allocates, and an object arriving without a
 cluster IP is refused there as incomplete.
 """
@@ -109,14 +115,24 @@ class Ranges:
     def default_family(self) -> int:
         return self.cluster[0].version if self.cluster else 4
 
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families of the ranges, primary (the first range's) first."""
+        return tuple(r.version for r in self.cluster)
+
 
 @dataclass(frozen=True, slots=True)
 class Assigned:
     """What allocation filled in for one service (for ``proxyd check`` and the log)."""
 
-    cluster_ip: str | None = None
+    cluster_ips: tuple[str, ...] = ()  # primary first
     node_ports: tuple[tuple[str, Protocol, int], ...] = ()  # (port name, protocol, nodePort)
     health_check_node_port: int = 0
+
+    @property
+    def cluster_ip(self) -> str | None:
+        """The primary cluster IP allocated, if any."""
+        return self.cluster_ips[0] if self.cluster_ips else None
 
 
 @dataclass
@@ -132,13 +148,17 @@ def missing(spec: ServiceSpec, ranges: Ranges) -> str | None:
     """Why ``spec`` cannot be completed with ``ranges`` (the refusal's text), or None."""
     if spec.cluster_ips:
         return None
-    fam = spec.wanted_family(ranges.default_family)
     if not ranges.cluster:
         return (f"spec.clusterIP: missing, and no {CLUSTER_RANGE_FLAG} to allocate one from "
                 f"(set spec.clusterIP, or start proxyd with {CLUSTER_RANGE_FLAG} CIDR)")
-    if ranges.for_family(fam) is None:
-        return (f"spec.clusterIP: missing, and {CLUSTER_RANGE_FLAG} has no IPv{fam} range "
-                f"to allocate one from (spec.ipFamilies asks for IPv{fam})")
+    available = ranges.families
+    if spec.ip_family_policy == "RequireDualStack" and len(available) < 2:
+        return (f"spec.ipFamilyPolicy: RequireDualStack, and {CLUSTER_RANGE_FLAG} has only an "
+                f"IPv{available[0]} range (give one range per family to serve dual-stack services)")
+    for fam in spec.wanted_families(available):
+        if ranges.for_family(fam) is None:
+            return (f"spec.clusterIP: missing, and {CLUSTER_RANGE_FLAG} has no IPv{fam} range "
+                    f"to allocate one from (spec.ipFamilies asks for IPv{fam})")
     return None
 
 
@@ -186,6 +206,11 @@ class _Space:
                 return value
         return None
 
+    def give_back(self, value: int) -> None:
+        if value in self.taken:
+            self.taken.discard(value)
+            self.free += 1
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def _ip_int(ip: str) -> tuple[int, int]:
@@ -229,15 +254,20 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
         if missing(spec, ranges) is not None:
             continue  # refused by the caller when the object was read
         key = f"{spec.name.namespace}/{spec.name.name}"
-        cluster_ip = None
+        cluster_ips: list[str] = []
         if not spec.cluster_ips:
-            fam = spec.wanted_family(ranges.default_family)
-            address = ip_spaces[fam].take(f"{key}/IPv{fam}")
-            if address is None:
-                out.failures[spec.name] = (f"spec.clusterIP: missing, and {CLUSTER_RANGE_FLAG} "
-                                           f"{ranges.for_family(fam)} is full")
+            for fam in spec.wanted_families(ranges.families):
+                address = ip_spaces[fam].take(f"{key}/IPv{fam}")
+                if address is None:
+                    out.failures[spec.name] = (f"spec.clusterIP: missing, and {CLUSTER_RANGE_FLAG} "
+                                               f"{ranges.for_family(fam)} is full")
+                    break
+                cluster_ips.append(str(ipaddress.ip_address(address)))
+            if spec.name in out.failures:
+                for ip in cluster_ips:  # give back what the other family took
+                    fam, value = _ip_int(ip)
+                    ip_spaces[fam].give_back(value)
                 continue
-            cluster_ip = str(ipaddress.ip_address(address))
         given: list[tuple[str, Protocol, int]] = []
         for port in sorted(spec.ports, key=lambda p: (p.name, p.protocol)):
             if spec.needs_node_port(port):
@@ -257,7 +287,7 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
                                            f"{low}-{high} is full")
                 continue
             hc_port = hc_value
-        got = Assigned(cluster_ip, tuple(given), hc_port)
+        got = Assigned(tuple(cluster_ips), tuple(given), hc_port)
         remembered = memo.get(id(spec)) if memo is not None else None
         if remembered is not None and remembered[0] is spec and remembered[1] == got:
             done = remembered[2]  # the same assignment as last time: no new objects
@@ -276,7 +306,7 @@ def allocate(specs: Iterable[ServiceSpec], ranges: Ranges,
 def _completed(spec: ServiceSpec, got: Assigned) -> ServiceSpec:
     by_port = {(name, proto): value for name, proto, value in got.node_ports}
     ports = tuple(replace(p, node_port=by_port.get((p.name, p.protocol), p.node_port)) for p in spec.ports)
-    return replace(spec, cluster_ips=(got.cluster_ip,) if got.cluster_ip else spec.cluster_ips, ports=ports,
+    return replace(spec, cluster_ips=got.cluster_ips or spec.cluster_ips, ports=ports,
                    health_check_node_port=got.health_check_node_port or spec.health_check_node_port)
 
 

@@ -385,12 +385,31 @@ class ServiceSpec:
     health_check_node_port: int = 0
     topology_aware: bool = False
     allocate_lb_node_ports: bool = True
+    # spec.ipFamilyPolicy as the API server defaults it: RequireDualStack when two cluster IPs or two
+    # families are given, else SingleStack.
+    ip_family_policy: str = "SingleStack"
 
-    def wanted_family(self, default: int) -> int:
-        """The family a cluster IP would be allocated in (4 when asked for)."""
-        if not self.families:
-            return default
-        return 4 if 4 in self.families else self.families[0]
+    @property
+    def dual_stack(self) -> bool:
+        """PreferDualStack or RequireDualStack: a cluster IP of each family the cluster has."""
+        return self.ip_family_policy != "SingleStack"
+
+    def wanted_families(self, available: tuple[int, ...]) -> tuple[int, ...]:
+        """The families to hold a cluster IP of, primary first, in a cluster whose service ranges are of
+        ``available`` (primary first): kube-apiserver's initIPFamilyFields.
+
+        ipFamilies, else the families of the cluster IPs set, else the cluster's primary family; a
+        dual-stack policy adds the other family when the cluster has it. A family missing from
+        ``available`` stays in (the caller refuses it).
+        """
+        fams = list(self.families)
+        for ip in self.cluster_ips[len(fams):]:
+            fams.append(family(ip))
+        if not fams:
+            fams.append(available[0] if available else 4)
+        if self.dual_stack and len(fams) < 2 and len(available) >= 2:
+            fams.append(6 if fams[0] == 4 else 4)
+        return tuple(fams)
 
     def needs_node_port(self, port: PortSpec) -> bool:
         """True for a NodePort/LoadBalancer port without one that the API server would allocate."""
@@ -484,7 +503,7 @@ def _service(obj: object, notes: list[Note]) -> ServiceSpec | None:
         _ignored(notes, "spec.clusterIP", "headless (clusterIP: None): DNS serves it, nothing to proxy",
                  "headless")
         return None
-    families = _families(spec)
+    families, policy = _families(spec, cluster_ips)
     external_ips = _addresses(_opt_list(spec, "externalIPs", "spec"), "spec.externalIPs", notes)
     lb_ips = _lb_ips(status, notes) if svc_type is ServiceType.LOAD_BALANCER else ()
     source_ranges = tuple(_cidr(v, f"spec.loadBalancerSourceRanges[{i}]")
@@ -531,7 +550,7 @@ def _service(obj: object, notes: list[Note]) -> ServiceSpec | None:
         name=ServiceName(namespace, name), type=svc_type, cluster_ips=cluster_ips, families=families,
         ports=tuple(ports), external_ips=external_ips, load_balancer_ips=lb_ips, source_ranges=source_ranges,
         affinity_timeout=affinity, external_policy=etp, internal_policy=itp, health_check_node_port=hc_port,
-        topology_aware=topology, allocate_lb_node_ports=allocate_lb is not False)
+        topology_aware=topology, allocate_lb_node_ports=allocate_lb is not False, ip_family_policy=policy)
 
 
 def build_service(spec: ServiceSpec) -> Service:
@@ -596,7 +615,11 @@ def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(canonical)
 
 
-def _families(spec: Mapping[str, Any]) -> tuple[int, ...]:
+def _families(spec: Mapping[str, Any], cluster_ips: tuple[str, ...]) -> tuple[tuple[int, ...], str]:
+    """(spec.ipFamilies, the effective ipFamilyPolicy), checked against the cluster IPs as
+    kube-apiserver checks them (ValidateServiceClusterIPsRelatedFields, initIPFamilyFields):
+    ipFamilies[i] is the family of clusterIPs[i], and SingleStack allows one of each.
+    """
     out: list[int] = []
     for i, value in enumerate(_opt_list(spec, "ipFamilies", "spec", limit=2)):
         if value not in ("IPv4", "IPv6"):
@@ -605,10 +628,24 @@ def _families(spec: Mapping[str, Any]) -> tuple[int, ...]:
         if fam in out:
             raise _fail("spec.ipFamilies", "the same family twice")
         out.append(fam)
+    for i, ip in enumerate(cluster_ips[:len(out)]):
+        if family(ip) != out[i]:
+            raise _fail(f"spec.clusterIPs[{i}]",
+                        f"expected an IPv{out[i]} address as spec.ipFamilies[{i}] says, not {ip}")
     policy = spec.get("ipFamilyPolicy")
     if policy not in (None, "", "SingleStack", "PreferDualStack", "RequireDualStack"):
         raise _fail("spec.ipFamilyPolicy", f"unknown IP family policy {show(policy)}")
-    return tuple(out)
+    if not policy:
+        # The API server's default: never switch a service between single and dual stack implicitly.
+        policy = "RequireDualStack" if len(cluster_ips) == 2 or len(out) == 2 else "SingleStack"
+    if policy == "SingleStack":
+        if len(cluster_ips) == 2:
+            raise _fail("spec.ipFamilyPolicy", "SingleStack with two cluster IPs (must be RequireDualStack "
+                        "or PreferDualStack when spec.clusterIPs holds both families)")
+        if len(out) == 2:
+            raise _fail("spec.ipFamilyPolicy", "SingleStack with two IP families (must be RequireDualStack "
+                        "or PreferDualStack when spec.ipFamilies holds both families)")
+    return tuple(out), str(policy)
 
 
 def _unique(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -1208,7 +1208,8 @@ class ManifestSource:
         for svc, why in last.failures.items():
             lines.add((self._file_of(("Service", svc.namespace, svc.name)), f"Service {svc}|{why}"))
         for svc, got in last.assigned.items():
-            parts = [f"clusterIP {got.cluster_ip}"] if got.cluster_ip else []
+            parts = [f"clusterIP{'s' if len(got.cluster_ips) > 1 else ''} {', '.join(got.cluster_ips)}"
+                     ] if got.cluster_ips else []
             parts += [f"nodePort {port} for port {name or '(unnamed)'}/{proto}"
                       for name, proto, port in got.node_ports]
             if got.health_check_node_port:

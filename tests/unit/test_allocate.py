@@ -33,11 +33,12 @@ RANGES = Ranges(cluster=(V4, V6), node_ports=(30000, 30099))
 
 def spec(name: str, *, ns: str = "default", ip: str | None = None, type_: ServiceType = ServiceType.NODE_PORT,
          node_ports: tuple[int, ...] = (0,), families: tuple[int, ...] = (), external: tuple[str, ...] = (),
-         local: bool = False, hc: int = 0) -> ServiceSpec:
+         local: bool = False, hc: int = 0, policy: str = "SingleStack") -> ServiceSpec:
     ports = tuple(PortSpec(f"p{i}", Protocol.TCP, 80 + i, 8080, np) for i, np in enumerate(node_ports))
     return ServiceSpec(name=ServiceName(ns, name), type=type_, cluster_ips=(ip,) if ip else (),
                        families=families, ports=ports, external_ips=external,
-                       external_policy="Local" if local else "Cluster", health_check_node_port=hc)
+                       external_policy="Local" if local else "Cluster", health_check_node_port=hc,
+                       ip_family_policy=policy)
 
 
 # ------------------------------------------------------------------ flags
@@ -105,9 +106,12 @@ def test_allocates_cluster_ip_and_node_port_in_range():
 
 
 def test_ip_families_choose_the_range():
-    result = allocate([spec("v6", families=(6,)), spec("dual", families=(6, 4))], RANGES)
-    assert ipaddress.ip_address(result.specs[ServiceName("default", "v6")].cluster_ips[0]) in V6
-    assert ipaddress.ip_address(result.specs[ServiceName("default", "dual")].cluster_ips[0]) in V4
+    result = allocate([spec("v6", families=(6,)), spec("dual", families=(6, 4), policy="RequireDualStack")],
+                      RANGES)
+    assert [ipaddress.ip_address(ip) in V6 for ip in result.specs[ServiceName("default", "v6")].cluster_ips
+            ] == [True]
+    v6, v4 = result.specs[ServiceName("default", "dual")].cluster_ips
+    assert ipaddress.ip_address(v6) in V6 and ipaddress.ip_address(v4) in V4
 
 
 def test_missing_names_the_flag():
@@ -290,3 +294,92 @@ def test_incremental_update_hands_out_exactly_what_changed(steps):
         for name, svc in held.items():
             assert allocator.served(name) == svc
         before = now
+
+
+# ------------------------------------------------------------------ dual-stack (issue 16)
+
+
+def families_of(ips: tuple[str, ...]) -> list[int]:
+    return [ipaddress.ip_address(ip).version for ip in ips]
+
+
+@pytest.mark.parametrize(("policy", "families", "ranges", "expected"), [
+    # SingleStack or absent: one of the requested family, else of the first range's.
+    ("SingleStack", (), (V4, V6), [4]),
+    ("SingleStack", (), (V6, V4), [6]),
+    ("SingleStack", (6,), (V4, V6), [6]),
+    # Dual-stack policies: one of each family the ranges have, primary = ipFamilies[0] or the first range's.
+    ("PreferDualStack", (), (V4, V6), [4, 6]),
+    ("PreferDualStack", (), (V6, V4), [6, 4]),
+    ("PreferDualStack", (6,), (V4, V6), [6, 4]),
+    ("RequireDualStack", (6, 4), (V4, V6), [6, 4]),
+    ("RequireDualStack", (), (V4, V6), [4, 6]),
+    # PreferDualStack in a single-stack cluster: single-stack.
+    ("PreferDualStack", (), (V4,), [4]),
+    ("PreferDualStack", (), (V6,), [6]),
+])
+def test_dual_stack_policies_allocate_one_ip_per_family(policy, families, ranges, expected):
+    name = ServiceName("default", "web")
+    r = Ranges(cluster=ranges)
+    s = spec("web", families=families, policy=policy)
+    assert missing(s, r) is None
+    result = allocate([s], r)
+    done = result.specs[name]
+    assert families_of(done.cluster_ips) == expected
+    assert result.assigned[name].cluster_ips == done.cluster_ips
+    assert all(ipaddress.ip_address(ip) in (V4 if v == 4 else V6)
+               for ip, v in zip(done.cluster_ips, expected, strict=True))
+    # Built: primary first, the other family's as the secondary.
+    service = Allocator(r).services([s])[0]
+    assert service.ports[0].cluster_ips == done.cluster_ips
+
+
+def test_require_dual_stack_with_one_range_is_refused_with_a_note():
+    s = spec("web", policy="RequireDualStack")
+    why = missing(s, Ranges(cluster=(V4,)))
+    assert why is not None and "RequireDualStack" in why and "only an IPv4 range" in why
+    assert ServiceName("default", "web") not in allocate([s], Ranges(cluster=(V4,))).specs
+    assert missing(s, RANGES) is None
+
+
+def test_a_family_without_a_range_is_refused():
+    why = missing(spec("web", families=(6,)), Ranges(cluster=(V4,)))
+    assert why is not None and "no IPv6 range" in why
+
+
+def test_a_manifest_s_cluster_ips_are_kept_and_never_handed_out():
+    base = spec("pinned", policy="RequireDualStack")
+    pinned = ServiceSpec(**{**{f: getattr(base, f) for f in ServiceSpec.__slots__},
+                            "cluster_ips": ("fd00:96::77", "10.96.0.77")})
+    # IPv4 .77/.78 usable, IPv6 ::75-::77 usable: the pinned ones are never handed out.
+    tiny = Ranges(cluster=(ipaddress.ip_network("10.96.0.76/30"), ipaddress.ip_network("fd00:96::74/126")))
+    result = allocate([pinned, spec("other", policy="PreferDualStack")], tiny)
+    assert result.specs[ServiceName("default", "pinned")].cluster_ips == ("fd00:96::77", "10.96.0.77")
+    assert result.assigned[ServiceName("default", "pinned")].cluster_ips == ()
+    other = result.specs[ServiceName("default", "other")].cluster_ips
+    assert other[0] == "10.96.0.78" and other[1] in ("fd00:96::75", "fd00:96::76")
+
+
+def test_a_full_range_of_one_family_refuses_the_dual_stack_service_and_takes_nothing():
+    tiny6 = ipaddress.ip_network("fd00:96::/127")  # one usable address (the first is never handed out)
+    r = Ranges(cluster=(V4, tiny6))
+    first = allocate([spec("a", policy="RequireDualStack")], r)
+    assert families_of(first.specs[ServiceName("default", "a")].cluster_ips) == [4, 6]
+    both = allocate([spec("a", policy="RequireDualStack"), spec("b", policy="RequireDualStack")], r)
+    b = ServiceName("default", "b")
+    assert b in both.failures and "is full" in both.failures[b]
+    # b's IPv4 address was given back: a third service sorting after b gets the same IPv4 slot b would.
+    single = allocate([spec("a", policy="RequireDualStack"), spec("c")], r)
+    with_b = allocate([spec("a", policy="RequireDualStack"), spec("b", policy="RequireDualStack"),
+                       spec("c")], r)
+    c = ServiceName("default", "c")
+    assert with_b.specs[c].cluster_ips == single.specs[c].cluster_ips
+
+
+def test_service_spec_from_a_dual_stack_manifest_is_allocated_both_families():
+    raw = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}}
+    s = service_spec(raw)
+    assert s is not None and s.dual_stack and s.families == (6,)
+    done = allocate([s], RANGES).specs[ServiceName("default", "web")]
+    assert families_of(done.cluster_ips) == [6, 4]

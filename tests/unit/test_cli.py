@@ -42,13 +42,13 @@ def test_defaults_with_manifests(manifests):
 
 def test_every_flag(manifests, tmp_path):
     config = parse("--manifests", manifests, "--proxy-mode", "userspace", "--hostname-override", "Node-1",
-                   "--cluster-cidr", "10.244.0.0/16, 10.245.0.0/16", "--masquerade-all",
+                   "--cluster-cidr", "10.244.0.0/16, fd00:10:244::/48", "--masquerade-all",
                    "--nodeport-addresses", "203.0.113.0/24", "--healthz-bind-address", "127.0.0.1:9999",
                    "--metrics-bind-address", "[::1]:9998", "--sync-period", "1m30s",
                    "--min-sync-period", "500ms", "--ipvs-scheduler", "sh", "-v", "4")
     assert config.proxy_mode == "userspace"
     assert config.node_name == "node-1"
-    assert config.cluster_cidrs == ("10.244.0.0/16", "10.245.0.0/16")
+    assert config.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/48")
     assert config.masquerade_all
     assert config.nodeport_addresses == ("203.0.113.0/24",)
     assert config.healthz_bind_address == HostPort("127.0.0.1", 9999)
@@ -71,6 +71,14 @@ def test_every_mode_is_accepted(mode: str, manifests: str) -> None:
     (["--sync-period", "0s"], "--sync-period"),
     (["--min-sync-period", "1h"], "--min-sync-period"),
     (["--cluster-cidr", "10.0.0.0/33"], "--cluster-cidr"),
+    (["--cluster-cidr", "10.244.0.0/16,10.245.0.0/16"], "--cluster-cidr"),
+    (["--cluster-cidr", "fd00:1::/48,fd00:2::/48"], "--cluster-cidr"),
+    (["--cluster-cidr", "10.244.0.0/16,fd00:1::/48,10.245.0.0/16"], "--cluster-cidr"),
+    (["--nodeport-addresses", "primary"], "--nodeport-addresses"),
+    (["--nodeport-addresses", "192.0.2.0/24,primary"], "--nodeport-addresses"),
+    (["--healthz-bind-address", "[::1"], "--healthz-bind-address"),
+    (["--healthz-bind-address", "::1:10256"], "--healthz-bind-address"),
+    (["--metrics-bind-address", "[fe80::1%eth0]:1"], "--metrics-bind-address"),
     (["--nodeport-addresses", "nope"], "--nodeport-addresses"),
     (["--healthz-bind-address", "1.2.3.4:99999"], "--healthz-bind-address"),
     (["--metrics-bind-address", "localhost:1"], "--metrics-bind-address"),
@@ -113,6 +121,33 @@ def test_durations(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_dual_stack_flags(manifests):
+    config = parse("--manifests", manifests, "--cluster-cidr", "fd00:10:244::/48,10.244.0.0/16",
+                   "--nodeport-addresses", "2001:db8:203::/64,203.0.113.0/24,::1/128",
+                   "--healthz-bind-address", "[::]:10256", "--metrics-bind-address", "[::1]")
+    assert config.cluster_cidrs == ("fd00:10:244::/48", "10.244.0.0/16")
+    assert config.nodeport_addresses == ("2001:db8:203::/64", "203.0.113.0/24", "::1/128")
+    assert config.healthz_bind_address == HostPort("::", 10256)
+    assert config.metrics_bind_address == HostPort("::1", 10249)
+    assert str(config.healthz_bind_address) == "[::]:10256"
+    with pytest.raises(ConfigError, match="one IPv4 and one IPv6"):
+        parse("--manifests", manifests, "--cluster-cidr", "10.244.0.0/16,10.245.0.0/16")
+    with pytest.raises(ConfigError, match="'primary'"):
+        parse("--manifests", manifests, "--nodeport-addresses", "primary")
+
+
+def test_dual_stack_cluster_cidr_in_a_config_file(manifests, tmp_path):
+    path = write_config(tmp_path, """
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        clusterCIDR: 10.244.0.0/16,fd00:10:244::/48
+        nodePortAddresses: ["2001:db8::/64"]
+    """)
+    config = parse("--manifests", manifests, "--config", path)
+    assert config.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/48")
+    assert config.nodeport_addresses == ("2001:db8::/64",)
 
 
 def test_bind_address_forms():

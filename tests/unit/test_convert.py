@@ -645,10 +645,89 @@ def test_service_spec_keeps_what_allocation_needs():
                              "ports": [{"port": 80, "name": "a"},
                                        {"port": 81, "name": "b", "nodePort": 30001}]}))
     assert spec is not None and spec.cluster_ips == () and spec.families == (6,)
-    assert spec.wanted_family(4) == 6
+    assert spec.wanted_families((4,)) == (6,) and spec.wanted_families((4, 6)) == (6,)
     assert [spec.needs_node_port(p) for p in spec.ports] == [True, False]
     assert spec.needs_health_check_node_port and not spec.complete
     assert set(spec.explicit_ips()) == {"192.0.2.1", "2001:db8::1"}
     assert spec.explicit_ports() == (30001,)
     no_lb_ports = service_spec(svc({"type": "LoadBalancer", "allocateLoadBalancerNodePorts": False}))
     assert no_lb_ports is not None and no_lb_ports.complete
+
+
+# ------------------------------------------------------------------ dual-stack Services (issue 16)
+
+
+def test_ip_family_policy_defaults_as_the_api_server_does():
+    assert service_spec(svc()).ip_family_policy == "SingleStack"
+    two_ips = service_spec(svc({"clusterIPs": ["10.96.0.10", "fd00::10"]}))
+    assert two_ips.ip_family_policy == "RequireDualStack" and two_ips.dual_stack
+    two_fams = service_spec(svc({"clusterIP": None, "ipFamilies": ["IPv6", "IPv4"]}))
+    assert two_fams.ip_family_policy == "RequireDualStack" and two_fams.families == (6, 4)
+    prefer = service_spec(svc({"ipFamilyPolicy": "PreferDualStack"}))
+    assert prefer.ip_family_policy == "PreferDualStack" and prefer.dual_stack
+
+
+def test_dual_stack_service_with_matching_families_is_served_on_both_ips():
+    port = one_port(svc({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"],
+                         "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}))
+    assert port.cluster_ips == ("10.96.0.10", "fd00:10:96::a")
+
+
+def test_require_dual_stack_with_one_family_from_the_api_is_served_as_it_is():
+    # A single-stack cluster's API server would have refused it; what came complete is served.
+    port = one_port(svc({"clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"],
+                         "ipFamilyPolicy": "RequireDualStack"}))
+    assert port.cluster_ips == ("10.96.0.10",)
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    # ipFamilies order must match the cluster IPs' families.
+    ({"clusterIPs": ["10.96.0.10", "fd00::10"], "ipFamilies": ["IPv6", "IPv4"]},
+     "spec.clusterIPs[0]: expected an IPv6 address as spec.ipFamilies[0] says"),
+    ({"clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv6"]}, "expected an IPv6 address"),
+    ({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv6"]},
+     "the same family twice"),
+    ({"clusterIPs": ["10.96.0.10", "fd00::10"], "ipFamilyPolicy": "SingleStack"},
+     "SingleStack with two cluster IPs"),
+    ({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "SingleStack"}, "SingleStack with two IP families"),
+    ({"ipFamilyPolicy": "DualStack"}, "unknown IP family policy"),
+    ({"ipFamilyPolicy": ["SingleStack"]}, "unknown IP family policy"),
+    ({"ipFamilies": ["ipv4"]}, "unknown IP family"),
+    ({"ipFamilies": ["IPv4", "IPv6", "IPv4"]}, "too many entries"),
+    ({"ipFamilies": "IPv4"}, "must be a list"),
+])
+def test_bad_dual_stack_services_are_refused(spec, fragment):
+    obj = svc(spec)
+    if "clusterIPs" in spec and "clusterIP" not in spec:
+        obj["spec"]["clusterIP"] = spec["clusterIPs"][0]
+    invalid(service_from_dict, obj, fragment)
+
+
+def test_ipv6_external_and_lb_ips_are_kept_with_ipv4_ones():
+    port = one_port(svc({"type": "LoadBalancer", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                         "externalIPs": ["2001:db8:2::1", "192.0.2.1"],
+                         "loadBalancerSourceRanges": ["2001:db8:203::/48", "203.0.113.0/24"]},
+                        status={"loadBalancer": {"ingress": [{"ip": "2001:db8:2::2"}, {"ip": "198.51.100.2"},
+                                                             {"ip": "2001:db8:2::3", "ipMode": "Proxy"}]}}))
+    assert port.external_ips == ("2001:db8:2::1", "192.0.2.1")
+    assert port.load_balancer_ips == ("2001:db8:2::2", "198.51.100.2")
+    v6 = port.for_family(6)
+    assert v6 is not None and (v6.external_ips, v6.load_balancer_ips, v6.load_balancer_source_ranges) == (
+        ("2001:db8:2::1",), ("2001:db8:2::2",), ("2001:db8:203::/48",))
+
+
+def test_special_ipv6_external_and_lb_ips_are_refused_alone():
+    notes: list = []
+    service = service_from_dict(svc({"type": "LoadBalancer", "externalIPs": ["::1", "2001:db8:2::1"]},
+                                    status={"loadBalancer": {"ingress": [{"ip": "fe80::1"}]}}), notes)
+    assert service is not None and service.ports[0].external_ips == ("2001:db8:2::1",)
+    assert service.ports[0].load_balancer_ips == ()
+    assert sorted(n.category for n in notes) == ["link_local_ip", "loopback_ip"]
+    assert all(n.refused for n in notes)
+
+
+def test_endpoints_with_only_ipv6_addresses_make_one_ipv6_slice():
+    slices = slices_from_endpoints(endpoints([
+        {"addresses": [{"ip": "fd00:10:244:1::a"}, {"ip": "FD00:10:244:1::B"}], "ports": [{"port": 80}]}]))
+    assert [(s.address_family, [e.ip for e in s.endpoints]) for s in slices] == [
+        (6, ["fd00:10:244:1::a", "fd00:10:244:1::b"])]

@@ -100,3 +100,34 @@ async def test_network_programming_latency_recorded(made):
     assert sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count") == before + 1
     await made._sync()  # nothing changed: nothing to measure
     assert sample(metrics.NETWORK_PROGRAMMING_DURATION, "_count") == before + 1
+
+
+# ------------------------------------------------------------------ dual-stack (issue 16)
+
+
+def dual_daemon(tmp_path, monkeypatch, families: tuple[int, ...], nodeport_addresses: tuple[str, ...] = ()):
+    monkeypatch.setattr(daemon, "build_mode", FakeMode)
+    monkeypatch.setattr(daemon, "node_families", lambda: families)
+    return daemon.Daemon(Config(proxy_mode="userspace", manifests=str(tmp_path), node_name="node1",
+                                nodeport_addresses=nodeport_addresses))
+
+
+async def test_health_check_node_ports_listen_on_both_families_wildcards(tmp_path, monkeypatch):
+    assert await dual_daemon(tmp_path, monkeypatch, (4, 6))._healthcheck_addresses() == ["0.0.0.0", "::"]
+    assert await dual_daemon(tmp_path, monkeypatch, (4,))._healthcheck_addresses() == ["0.0.0.0"]
+
+
+async def test_health_check_node_ports_follow_nodeport_addresses_per_family(tmp_path, monkeypatch):
+    asked: list[tuple[tuple[str, ...], int | None]] = []
+
+    async def addresses(cidrs, *, family=None, per_family=False):
+        asked.append((tuple(cidrs), family))
+        return {4: ["192.0.2.1"], 6: ["2001:db8::1"]}[family]
+
+    monkeypatch.setattr(daemon.nodeaddrs, "node_addresses_async", addresses)
+    # Only IPv4 CIDRs: IPv6 stays on every IPv6 address, as kube-proxy's per-family NodePortAddresses.
+    made = dual_daemon(tmp_path, monkeypatch, (4, 6), ("192.0.2.0/24",))
+    assert await made._healthcheck_addresses() == ["192.0.2.1", "::"]
+    assert asked == [(("192.0.2.0/24",), 4)]
+    both = dual_daemon(tmp_path, monkeypatch, (4, 6), ("2001:db8::/64", "192.0.2.0/24"))
+    assert await both._healthcheck_addresses() == ["192.0.2.1", "2001:db8::1"]

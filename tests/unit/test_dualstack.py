@@ -9,7 +9,7 @@ import pytest
 
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import Endpoint, ServicePort
+from proxyd.model import Endpoint, Protocol, ServicePort, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.dualstack import DualStackMode, node_families
 from tests.builders import endpoint, service_port, state
@@ -149,3 +149,52 @@ def test_a_single_family_node_traces_the_other_family_as_unsupported() -> None:
     meta = DualStackMode(Config(), Recorder, (4,))
     result = asyncio.run(meta.trace(TracePacket("2001:db8::1", V6, 80)))
     assert not result.supported and "IPv6" in result.notes[0]
+
+
+def _ignored_unserved(source: str = "kube") -> float:
+    from proxyd.metrics import REGISTRY
+
+    labels = {"source": source, "kind": "Service", "reason": "family_not_served"}
+    return REGISTRY.get_sample_value("proxyd_ignored_objects_total", labels) or 0.0
+
+
+def test_a_family_the_node_does_not_serve_is_reported_once_per_service_port(caplog) -> None:
+    Recorder.fail_family = None
+    caplog.set_level("INFO", "proxyd.modes.dualstack")
+    meta = DualStackMode(Config(), Recorder, (4,))
+    assert any("serves IPv4 only" in r.getMessage() for r in caplog.records)
+    only6 = service_port("v6", V6)
+    only6b = service_port(ServicePortName("default", "v6", "dns", Protocol.UDP), V6)
+    dual_sp, eps = dual()
+    before = _ignored_unserved()
+    s = state((only6, []), (only6b, []), (dual_sp, eps))
+    for _ in range(3):  # every sync, full and partial: still once
+        asyncio.run(meta.sync(SyncRequest(s, None)))
+        asyncio.run(meta.sync(SyncRequest(s, frozenset({only6.name.service}), frozenset({only6.name}))))
+    lines = [r.getMessage() for r in caplog.records if "is not served on this node" in r.getMessage()]
+    assert sorted(lines) == ["IPv6 is not served on this node: default/v6 not proxied",
+                             "IPv6 is not served on this node: default/v6:dns not proxied"]
+    assert _ignored_unserved() == before + 2
+    # The IPv4 proxier never saw them; the dual-stack port is served on its IPv4 address.
+    p4 = meta.proxiers[4]
+    assert isinstance(p4, Recorder)
+    assert set(p4.seen[-1].state.service_ports) == {dual_sp.name}
+    # Gone, then back: reported again.
+    without = state((only6b, []), (dual_sp, eps))
+    asyncio.run(meta.sync(SyncRequest(without, frozenset({only6.name.service}), frozenset({only6.name}))))
+    asyncio.run(meta.sync(SyncRequest(s, frozenset({only6.name.service}), frozenset({only6.name}))))
+    assert _ignored_unserved() == before + 3
+    # A full sync with nothing unserved forgets them all.
+    asyncio.run(meta.sync(SyncRequest(state((dual_sp, eps)), None)))
+    asyncio.run(meta.sync(SyncRequest(s, None)))
+    assert _ignored_unserved() == before + 5
+
+
+def test_a_node_serving_both_families_reports_nothing(caplog) -> None:
+    Recorder.fail_family = None
+    caplog.set_level("INFO", "proxyd.modes.dualstack")
+    meta = DualStackMode(Config(manifests="/nonexistent"), Recorder, (4, 6))
+    before = _ignored_unserved("manifests")
+    asyncio.run(meta.sync(SyncRequest(state((service_port("v6", V6), [])), None)))
+    assert _ignored_unserved("manifests") == before
+    assert not [r for r in caplog.records if "not served" in r.getMessage() or "only" in r.getMessage()]

@@ -128,3 +128,15 @@ def test_ports_whose_refusal_changed_join_the_port_index() -> None:
     assert out.changed == frozenset({ServiceName("default", "a"), ServiceName("default", "b")})
     assert out.changed_ports == frozenset({name("a"), name("b")})
     assert kept(out.state, "b") == [("10.96.0.10", 80)]
+
+
+def test_both_families_own_addresses_are_refused() -> None:
+    before = rejected()
+    dual = ServicePort(name=name("dual"), type=ServiceType.NODE_PORT, cluster_ip="10.96.0.20", port=80,
+                       protocol=Protocol.TCP, node_port=30090, secondary_cluster_ip="fd00:10:96::20",
+                       external_ips=("2001:db8:2::1",))
+    st = state([dual], {"dual": [("fd00:10:96::20", 80), ("2001:db8:2::1", 80), ("2001:db8:203::1", 30090),
+                                 ("fd00:10:244:1::a", 8080), ("10.244.1.10", 8080)]})
+    out, _ = run(SelfEndpoints(source="test"), st, None, [*NODE_IPS, "2001:db8:203::1"])
+    assert kept(out, "dual") == [("fd00:10:244:1::a", 8080), ("10.244.1.10", 8080)]
+    assert rejected() - before == 3

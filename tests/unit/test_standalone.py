@@ -371,3 +371,65 @@ def test_incremental_merge_hands_the_tracker_only_what_allocation_changed(tmp_pa
     assert served(tracker)["default/web-nodeport:80-8080"].cluster_ip != taken.cluster_ip
     # What the incremental merge holds is what a fresh read of the directory gives.
     assert served(tracker) == served(scan(tmp_path)[0])
+
+
+# ------------------------------------------------------------------ dual-stack (issue 16)
+
+DUAL_STACK_DIR = """\
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v6}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: fd00:10:96::53
+  ports: [{port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: strict}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ports: [{port: 81}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: dual}
+subsets:
+- addresses: [{ip: 10.244.1.2}, {ip: "fd00:10:244:1::2"}]
+  ports: [{port: 8080}]
+"""
+
+
+def test_check_shows_both_cluster_ips_and_both_families_endpoints(tmp_path):
+    (tmp_path / "dual.yaml").write_text(DUAL_STACK_DIR)
+    code, text = run_check(str(tmp_path), "--service-cluster-ip-range", "10.96.0.0/16,fd00:10:96::/112")
+    print(text)
+    assert code == 0, text
+    tracker, _ = scan(tmp_path, Ranges(cluster=(RANGE, ipaddress.ip_network("fd00:10:96::/112"))))
+    port = served(tracker)["default/dual"]
+    v4, v6 = port.cluster_ips
+    assert ipaddress.ip_address(v4) in RANGE and ipaddress.ip_address(v6).version == 6
+    block = text.split("default/dual/TCP", 1)[1].split("\n\n", 1)[0]
+    assert f"clusterIP   {v4}:80 (allocated)  → targetPort 8080" in block
+    assert f"clusterIP   [{v6}]:80 (allocated)  → targetPort 8080" in block
+    assert "10.244.1.2:8080 (ready)" in block and "[fd00:10:244:1::2]:8080 (ready)" in block
+    assert "clusterIP   [fd00:10:96::53]:53  → targetPort 53" in text
+
+
+def test_check_refuses_require_dual_stack_with_a_range_of_one_family(tmp_path):
+    (tmp_path / "dual.yaml").write_text(DUAL_STACK_DIR)
+    code, text = run_check(str(tmp_path), "--service-cluster-ip-range", "10.96.0.0/16")
+    print(text)
+    assert code == 1
+    assert ("Service default/strict is refused: spec.ipFamilyPolicy: RequireDualStack, and "
+            "--service-cluster-ip-range has only an IPv4 range") in text
+    # PreferDualStack falls back to the one family; the IPv6 service has its own address.
+    block = text.split("default/dual/TCP", 1)[1].split("\n\n", 1)[0]
+    assert block.count("clusterIP   ") == 1

@@ -242,6 +242,18 @@ def test_mismatched_key_is_a_programming_error() -> None:
     assert not t.pending
 
 
+def test_merge_endpoints_keeps_both_families_of_a_dual_stack_port_only() -> None:
+    # Families are told apart by address; the builder's slices need no addressType here.
+    slices = [eslice("ns", "v4", "web", [("", 80, TCP)], [sep("10.0.0.1")]),
+              eslice("ns", "v6", "web", [("", 80, TCP)], [sep("fd00::1")])]
+    dual = service_port("web", "10.96.0.10", namespace="ns", secondary_cluster_ip="fd00:96::10")
+    assert [e.ip for e in merge_endpoints(dual, slices, node_name=NODE)] == ["10.0.0.1", "fd00::1"]
+    only6 = service_port("web", "fd00:96::10", namespace="ns")
+    assert [e.ip for e in merge_endpoints(only6, slices, node_name=NODE)] == ["fd00::1"]
+    only4 = service_port("web", "10.96.0.10", namespace="ns")
+    assert [e.ip for e in merge_endpoints(only4, slices, node_name=NODE)] == ["10.0.0.1"]
+
+
 def test_merge_endpoints_ignores_input_slice_order() -> None:
     p = sp("web")
     s1 = eslice("ns", "a", "web", [("", 80, TCP)], [sep("10.0.0.1", ready=False, zone="a")])
