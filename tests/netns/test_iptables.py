@@ -62,7 +62,8 @@ class _IptablesBehaviour(ServiceBehaviour):
         return ruleset(topo, f"iptables-{self.backend}-save")
 
     def assert_clean(self, topo: Topology) -> None:
-        for tool in SAVE_TOOLS:
+        # --cleanup removes both families' state in both back ends.
+        for tool in (*SAVE_TOOLS, *SAVE6_TOOLS):
             text = ruleset(topo, tool)
             assert "KUBE-" not in text, (tool, text)
 
@@ -281,6 +282,30 @@ class TestIptablesLegacy(_IptablesBehaviour):
         assert sorted(t for t in targets if t.startswith("KUBE-SEP-")) == sorted(
             ch.sep_chain(name, f"{ip}:8080") for ip in (POD1, POD2))
 
+
+
+class TestIptablesNftIPv6(ServiceBehaviour):
+    """The shared suite with single-stack IPv6 services (ip6tables-nft-restore)."""
+
+    mode = "iptables"
+    families = (6,)
+    env = {"PROXYD_IPTABLES_BACKEND": "nft"}
+    assert_clean = _IptablesBehaviour.assert_clean
+
+
+class TestIptablesNftDualStack(TestIptablesNftIPv6):
+    """The shared suite with dual-stack services reached on both of their addresses."""
+
+    families = (4, 6)
+
+
+class TestIptablesLegacyIPv6(TestIptablesNftIPv6):
+    env = {"PROXYD_IPTABLES_BACKEND": "legacy"}
+
+
+class TestIptablesLegacyDualStack(TestIptablesNftIPv6):
+    families = (4, 6)
+    env = {"PROXYD_IPTABLES_BACKEND": "legacy"}
 
 
 class _IptablesDualStack(DualStackNat):

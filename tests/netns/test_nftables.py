@@ -240,6 +240,29 @@ class TestNftablesSubprocess(TestNftables):
     env = {"PROXYD_NFT_BACKEND": "subprocess"}
 
 
+class TestNftablesIPv6(ServiceBehaviour):
+    """The shared suite with single-stack IPv6 services (the ip6 proxyd table)."""
+
+    mode = "nftables"
+    families = (6,)
+    assert_clean = TestNftables.assert_clean
+
+
+class TestNftablesDualStack(TestNftablesIPv6):
+    """The shared suite with dual-stack services reached on both of their addresses."""
+
+    families = (4, 6)
+
+
+class TestNftablesSubprocessIPv6(TestNftablesIPv6):
+    env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+class TestNftablesSubprocessDualStack(TestNftablesIPv6):
+    families = (4, 6)
+    env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
 class TestNftablesDualStackNat(DualStackNat):
     """IPv6 and dual-stack: the ``ip6 proxyd`` table beside ``ip proxyd``, one proxier per family."""
 
