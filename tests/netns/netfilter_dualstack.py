@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tests.netns.behaviour import CLUSTER_IP
 from tests.netns.topology import (
@@ -113,6 +113,41 @@ def served_by(topo: Topology, ns: str, ip: str, port_: int) -> str:
         return topo.hello(ns, ip, port_, timeout=0.5).pod
     except (OSError, ValueError):
         return ""
+
+
+def icmp6_unreachables(topo: Topology, ns: str) -> int:
+    """ICMPv6 destination-unreachable errors namespace ``ns`` has received."""
+    for line in topo.ns_run(ns, ["cat", "/proc/net/snmp6"]).stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "Icmp6InDestUnreachs":
+            return int(value)
+    raise AssertionError("no Icmp6InDestUnreachs in /proc/net/snmp6")
+
+
+class Icmp6Refusal:
+    """Mixin for the shared suite's IPv6 variants: "refused at once" as IPv6 clients can see it.
+
+    The kernel drops an ICMPv6 error that arrives while ``connect()`` still holds the socket
+    (TcpExtLockDroppedIcmps; an IPv4 one is honoured), and between network namespaces the REJECT's
+    answer arrives within that very call, so the client's TCP gives up only at its next SYN, 1 s
+    later: the same with kube-proxy. What the proxy owes is the answer at once: the client gets the
+    port unreachable within half a second, and its connection is refused (not left to time out).
+    """
+
+    def test_no_endpoints_refused_at_once(self, topology: Topology) -> None:
+        suite: Any = self  # a ServiceBehaviour: this mixin comes first in its bases
+        suite.start(topology, suite.web([]), tcp=())
+        ns = topology.pod("pod1").ns
+        for b in suite.books:
+            if b.version == 4:
+                started = time.monotonic()
+                assert refused(topology, ns, b.cluster_ip, 80, timeout=1.0)
+                assert time.monotonic() - started < 1.0
+                continue
+            before = icmp6_unreachables(topology, ns)
+            assert not refused(topology, ns, b.cluster_ip, 80, timeout=0.5)  # still in its first SYN
+            assert icmp6_unreachables(topology, ns) > before, "no ICMPv6 port unreachable within 0.5 s"
+            assert refused(topology, ns, b.cluster_ip, 80, timeout=3.0)
 
 
 class DualStackNat:

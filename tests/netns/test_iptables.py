@@ -29,7 +29,15 @@ from tests.netns.behaviour import (
     local_eps,
     web,
 )
-from tests.netns.netfilter_dualstack import CLUSTER_IP6, EMPTY_IP6, DualStackNat, dual_service, slice_of, web6
+from tests.netns.netfilter_dualstack import (
+    CLUSTER_IP6,
+    EMPTY_IP6,
+    DualStackNat,
+    Icmp6Refusal,
+    dual_service,
+    slice_of,
+    web6,
+)
 from tests.netns.topology import (
     CLIENT_IP,
     NODE_IP,
@@ -284,7 +292,7 @@ class TestIptablesLegacy(_IptablesBehaviour):
 
 
 
-class TestIptablesNftIPv6(ServiceBehaviour):
+class TestIptablesNftIPv6(Icmp6Refusal, ServiceBehaviour):
     """The shared suite with single-stack IPv6 services (ip6tables-nft-restore)."""
 
     mode = "iptables"

@@ -29,6 +29,7 @@ from tests.netns.netfilter_dualstack import (
     CLUSTER_IP6,
     EMPTY_IP6,
     DualStackNat,
+    Icmp6Refusal,
     dual_service,
     refused,
     slice_of,
@@ -240,7 +241,7 @@ class TestNftablesSubprocess(TestNftables):
     env = {"PROXYD_NFT_BACKEND": "subprocess"}
 
 
-class TestNftablesIPv6(ServiceBehaviour):
+class TestNftablesIPv6(Icmp6Refusal, ServiceBehaviour):
     """The shared suite with single-stack IPv6 services (the ip6 proxyd table)."""
 
     mode = "nftables"
