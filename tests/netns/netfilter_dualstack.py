@@ -18,6 +18,8 @@ tests check what that must give, as kube-proxy's per-family proxiers do:
 * an IPv6 UDP flow moved when its endpoint goes (stale conntrack cleared);
 * one family's state flushed behind the daemon's back repaired, the other
   family untouched;
+* a restart adopting both families' state (connections of both kept, the
+  same rules rewritten);
 * ``--cleanup`` removing both families' state.
 """
 
@@ -37,6 +39,7 @@ from tests.netns.topology import (
     endpoint,
     endpoint_slice,
     port,
+    read_line,
     service,
     wait_until,
 )
@@ -260,6 +263,26 @@ class DualStackNat:
         log = topology.log_of(proc)
         assert "full resync" in log, log[-2000:]
         assert _own_lines(self.ruleset(topology, 4)) == _own_lines(before4)
+
+    def test_restart_adopts_both_families(self, topology: Topology) -> None:
+        proc = self.start(topology, web6(topology, "pod2", families=(4, 6), v4_pods=("pod1",)))
+        pod3 = topology.pod("pod3").ns
+        held = {4: topology.connect(pod3, CLUSTER_IP, 80), 6: topology.connect(pod3, CLUSTER_IP6, 80)}
+        try:
+            assert read_line(held[4]).startswith(b"pod1 ") and read_line(held[6]).startswith(b"pod2 ")
+            before = {fam: _own_lines(self.ruleset(topology, fam)) for fam in (4, 6)}
+            assert topology.stop_proxyd(proc) == 0
+            # proxyd is down: both families' state stays and serves new connections
+            assert topology.hello(pod3, CLUSTER_IP6, 80).pod == "pod2"
+            topology.start_proxyd(self.mode, extra_args=self.extra_args, env=self.env)
+            for fam, sock in held.items():
+                sock.sendall(b"still %d\n" % fam)
+                assert read_line(sock) == b"still %d\n" % fam
+            # The first sync after the restart rewrote each family's state into the same rules.
+            assert {fam: _own_lines(self.ruleset(topology, fam)) for fam in (4, 6)} == before
+        finally:
+            for sock in held.values():
+                sock.close()
 
     def test_cleanup_removes_both_families(self, topology: Topology) -> None:
         proc = self.start(topology, web6(topology, "pod2", families=(4, 6), v4_pods=("pod1",)))
