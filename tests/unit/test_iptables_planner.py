@@ -748,3 +748,24 @@ def test_dual_stack_mode_runs_one_iptables_proxier_per_family() -> None:
         assert metrics.IPTABLES_TOTAL_RULES.labels("nat")._value.get() == sum(p.nat_rules for p in plans)
 
     asyncio.run(scenario())
+
+
+def test_backend_detection_reads_both_families_and_decides_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxyd.netfilter import backend
+
+    outputs: dict[tuple[str, ...], str] = {}
+    monkeypatch.setattr(backend, "_output", lambda argv, timeout=5.0: outputs.get(tuple(argv), ""))
+
+    def both() -> set[str]:
+        return {backend.detect(family=f, environ={}).name for f in (4, 6)}
+
+    # kubelet's hint only in the IPv6 nf_tables mangle table: nft for both families (iptables-wrapper).
+    outputs[("ip6tables-nft-save", "-t", "mangle")] = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+    outputs[("iptables-legacy-save",)] = "*nat\n" + "-A X -j Y\n" * 5
+    assert both() == {"nft"}
+    # No hint anywhere: the rules of both families are counted; IPv6 legacy rules tip IPv4 too.
+    outputs.clear()
+    outputs[("ip6tables-legacy-save",)] = "*filter\n" + "-A X -j Y\n" * 3
+    outputs[("iptables-nft-save",)] = "*filter\n" + "-A X -j Y\n" * 2
+    assert both() == {"legacy"}
+    assert {backend.detect(family=f, environ={}).family for f in (4, 6)} == {4, 6}
