@@ -36,6 +36,6 @@ RUN apt-get update \
 COPY --from=builder /wheels /wheels
 RUN pip install --no-index --find-links /wheels /wheels/proxyd-*.whl \
     && rm -rf /wheels \
-    && python -c "import proxyd.conntable as c; assert c.NATIVE, 'native conntable missing'" \
+    && python -c "import proxyd.modes.userspace.conntable as c; assert c.NATIVE, 'native conntable missing'" \
     && proxyd --version
 ENTRYPOINT ["proxyd"]

@@ -1,14 +1,14 @@
 """Build script for proxyd's optional Cython extension (everything else lives in pyproject.toml).
 
-``native/conntable.pyx`` compiles to ``proxyd._conntable``, the accelerated
-twin of ``proxyd/_conntable_py.py``; ``native/engine.pyx`` (with its C core
+``native/conntable.pyx`` compiles to ``proxyd.modes.userspace._conntable``, the accelerated
+twin of ``proxyd/modes/userspace/_conntable_py.py``; ``native/engine.pyx`` (with its C core
 ``native/engine_core.h``) to ``proxyd._engine``, userspace mode's TCP engine,
 whose twin is the asyncio data path (``proxyd/modes/userspace/tcp.py``).
 The build is optional, as aiohttp's is: without Cython or a C compiler the pure-Python package installs and
-``proxyd.conntable`` falls back to the twin. The build says which one it made.
+``proxyd.modes.userspace.conntable`` falls back to the twin. The build says which one it made.
 
 An editable install (``pip install -e .``) compiles the extension in place
-(``proxyd/_conntable*.so``); after editing ``native/`` run it again, or
+(``proxyd/modes/userspace/_conntable*.so``); after editing ``native/`` run it again, or
 ``python setup.py build_ext --inplace`` (the unit tests flag a stale build).
 
 Environment:
@@ -47,7 +47,7 @@ def _extensions() -> list[Extension]:
         _say("Cython is not available: building the pure-Python package")
         return []
     ext = Extension(
-        "proxyd._conntable",
+        "proxyd.modes.userspace._conntable",
         sources=[os.path.join("native", "conntable.pyx")],
     )
     engine = Extension(
@@ -59,7 +59,8 @@ def _extensions() -> list[Extension]:
         extra_link_args=["-pthread"],
     )
     try:
-        # native/proxyd/_conntable.pxd (found by the module's full name) includes native/conntable.pxd
+        # native/proxyd/modes/userspace/_conntable.pxd (found by the module's full name) includes
+        # native/conntable.pxd
         return cythonize(
             [ext, engine],
             include_path=[os.path.join(HERE, "native")],

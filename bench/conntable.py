@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from proxyd.conntable import ConnTableNative, ConnTablePy
+from proxyd.modes.userspace.conntable import ConnTableNative, ConnTablePy
 
 SERVICES = 1000
 ENDPOINTS = 5

@@ -29,6 +29,10 @@ the cost of one full stat rescan, and CPU while one file is rewritten every
 50 ms.
 
 Figures are wall-clock on a shared machine: record the load next to them.
+``--save`` also writes ``bench/results/e2e_scale-N.json`` (N the service
+count; ``e2e_scale-idle.json`` for ``--idle-files``) with every point, the
+load average before and after each, and the run's metadata
+(``bench/runmeta.py``), for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last line.
 """
 
@@ -52,11 +56,19 @@ from typing import Any
 
 import yaml
 
-from netnstopo.topology import HEALTHZ, METRICS, Topology, netns_available, wait_until
+from bench import runmeta
+from netnstopo.topology import (
+    FAKE_API_PORT,
+    HEALTHZ,
+    METRICS,
+    Topology,
+    fake_api,
+    netns_available,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXYD = str(Path(sys.executable).parent / "proxyd")
-FAKE_PORT = 16443
 PORT = 8080
 # userspace mode holds a listener per service port: give it the hard limit.
 NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -127,20 +139,6 @@ def follow(topo: Topology, change: Callable[[], None], want: str, *, timeout: fl
     return time.monotonic() - started
 
 
-def admin(topo: Topology, action: str, payload: dict[str, Any]) -> Any:
-    body = json.dumps(payload).encode()
-    with topo.connect(topo.node, "127.0.0.1", FAKE_PORT, timeout=30) as sock:
-        sock.sendall(b"POST /fake/%s HTTP/1.0\r\nHost: fake\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (action.encode(), len(body), body))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"fake API server: {data[:300]!r}")
-    return json.loads(rest)
-
-
 def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: int,
              changes: int) -> dict[str, Any]:
     """One (mode, source) point in a fresh topology."""
@@ -159,7 +157,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
             preload.write_text(json.dumps({"items": items}))
             del items
             fake = topo.spawn(topo.node, [sys.executable, "-m", "tests.api.fake_apiserver",
-                                          "--host", "127.0.0.1", "--port", str(FAKE_PORT),
+                                          "--host", "127.0.0.1", "--port", str(FAKE_API_PORT),
                                           "--preload", str(preload)],
                               log_name="fake-apiserver", env={"PYTHONPATH": str(ROOT)})
             wait_until(lambda: "listening" in topo.log_of(fake) or fake.poll() is not None, timeout=120,
@@ -167,7 +165,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
             kubeconfig = work / "kubeconfig"
             kubeconfig.write_text(json.dumps({
                 "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{FAKE_PORT}"}}],
+                "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{FAKE_API_PORT}"}}],
                 "users": [{"name": "fake", "user": {"token": "fake-token"}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
             argv = [*wrapper, PROXYD, "--proxy-mode", mode, "--kubeconfig", str(kubeconfig),
@@ -177,7 +175,7 @@ def run_case(*, mode: str, source: str, services: int, endpoints: int, samples: 
 
             def change_to(pod_ip: str) -> Callable[[], None]:
                 payload = {"resource": "endpointslices", "object": slice_of(0, [pod_ip])}
-                return lambda: admin(topo, "apply", payload)
+                return lambda: fake_api(topo, "apply", payload, timeout=30)
         else:
             path = topo.manifests / f"all.{fmt}"
             path.write_text(render(items, fmt))
@@ -321,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-files", type=int, default=0)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/e2e_scale-N.json with the run's metadata")
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    run = runmeta.Run(runmeta.module_command("bench.e2e_scale", raw))
     results: list[dict[str, Any]] = []
     if args.idle_files:
         point = idle(args.idle_files, args.idle_seconds)
@@ -338,14 +340,21 @@ def main(argv: list[str] | None = None) -> int:
             for source in sources:
                 print(f"[e2e_scale {time.strftime('%H:%M:%S')}] {mode} {source} "
                       f"{args.services}x{args.endpoints} ({load()})", file=sys.stderr, flush=True)
+                before = runmeta.load_average()
                 point = run_case(mode=mode, source=source, services=args.services, endpoints=args.endpoints,
                                  samples=args.samples, changes=args.changes)
                 point["load"] = load()
+                point["load_before"], point["load_after"] = before, runmeta.load_average()
                 results.append(point)
                 shown = {k: v for k, v in point.items() if k not in ("log",)}
                 print(f"  {json.dumps(shown)}", file=sys.stderr, flush=True)
                 if "log" in point:
                     print(point["log"], file=sys.stderr)
+    if args.save:
+        name = "e2e_scale-idle" if args.idle_files else f"e2e_scale-{args.services}"
+        saved = run.save(name, {"services": args.services, "endpoints": args.endpoints,
+                                "points": [{k: v for k, v in p.items() if k != "log"} for p in results]})
+        print(f"saved {saved}", file=sys.stderr)
     if args.json:
         print(json.dumps({"points": results}))
     return 0 if all("error" not in r for r in results) else 1

@@ -8,7 +8,10 @@ writes N rules (``-d <ip> -p tcp -m tcp --dport 80 -j RETURN``) spread over
 ``--chains`` user chains of the nat table, in one transaction, then reads
 them back (iptc: walking the rules; tools: ``*-save``), then deletes them.
 The point is to choose the right tool for each job in iptables mode: the
-numbers go into docs/iptables.md.
+numbers go into docs/iptables.md. ``--save`` writes
+``bench/results/iptables_tools.json`` (``iptables_tools-chainsN.json`` when
+``--chains`` is not 1) with the run's metadata (``bench/runmeta.py``), which
+``python -m bench.docs_figures`` renders.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", type=int, default=10_000)
     parser.add_argument("--chains", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/iptables_tools.json with the run's metadata")
     args = parser.parse_args(raw)
     if args.rules < 1 or args.chains < 1:
         parser.error("--rules and --chains must be positive")
@@ -130,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                                   timeout=3600, env={**os.environ, INSIDE_ENV: "1"}).returncode
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script in the namespace
+    from bench import runmeta
+
+    run = runmeta.Run(["python", "bench/iptables_tools.py", *raw])
     result = inside(args)
+    if args.save:
+        name = "iptables_tools" if args.chains == 1 else f"iptables_tools-chains{args.chains}"
+        print(f"saved {run.save(name, result)}", file=sys.stderr)
     for way in ("python-iptables", "iptables-legacy-restore", "iptables-nft-restore"):
         r = result[way]
         if "error" in r:

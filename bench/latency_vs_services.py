@@ -12,7 +12,9 @@ the measured one, named to sort last in iptables' list, has a real pod
 behind it), starts the real daemon, waits until the service answers, then
 times ``--connects`` sequential TCP connects from a pod to the ClusterIP
 (SYN → SYN-ACK: the DNAT decision is on that path). Prints p50/p99 per
-point and writes ``latency_vs_services.json`` and ``.png`` (matplotlib).
+point and writes ``latency_vs_services.json`` (with the run's metadata,
+``bench/runmeta.py``, for ``python -m bench.docs_figures``) and ``.png``
+(matplotlib).
 The machine is shared and noisy: compare the curves' shapes, not absolute
 microseconds.
 """
@@ -31,6 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import runmeta  # noqa: E402
 from tests.netns.topology import Topology, netns_available  # noqa: E402
 
 TARGET_IP = "10.96.255.254"
@@ -142,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="iptables,nftables", type=lambda s: s.split(","))
     parser.add_argument("--connects", type=int, default=400)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    run = runmeta.Run(["python", "bench/latency_vs_services.py", *raw])
     problem = netns_available()
     if problem:
         print(f"latency_vs_services: {problem}", file=sys.stderr)
@@ -156,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = {"mode": mode, "services": services, "error": str(err)[-400:]}
             points.append(p)
             print(json.dumps(p), file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency_vs_services.json").write_text(json.dumps({"points": points}, indent=1) + "\n")
+    run.save("latency_vs_services", {"connects": args.connects, "points": points}, directory=args.out)
     png = plot(points, args.out)
     print(json.dumps({"points": points, "png": str(png) if png else None}))
     return 0 if all("error" not in p for p in points) else 1

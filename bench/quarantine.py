@@ -15,7 +15,8 @@ Printed per case: the transactions run (``transactions``; a clean sync is
 1), the extra ones (``extra``), log2(N) for comparison, the refused ports
 found, and the wall time of the sync (planning included; no kernel, so the
 time is the planner's and the bisection's share only). Issue 18's target:
-at most ~log2(10,000) ≈ 13.3 extra transactions.
+at most ~log2(10,000) ≈ 13.3 extra transactions. ``--save`` also writes
+``bench/results/quarantine.json`` with the run's metadata (``bench/runmeta.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import time
 from typing import Any
 
+from bench import runmeta
 from proxyd.config import Config
 from proxyd.model import Endpoint, Protocol, ProxyState, ServicePort, ServicePortName, ServiceType
 from proxyd.modes.base import SyncRequest
@@ -48,8 +50,11 @@ def _state(n: int, base: int, bad: int) -> ProxyState:
     return ProxyState(service_ports=ports, endpoints=eps, node_name="node1")
 
 
-class _IptablesFake:
-    """iptables mode's applier without a kernel; refuses restores holding the bad endpoint."""
+class RefusingApplier:
+    """iptables mode's applier without a kernel; refuses any restore holding ``refuse``.
+
+    Shared with ``tests/unit/test_quarantine.py``.
+    """
 
     def __init__(self) -> None:
         self.refuse: str | None = None
@@ -72,7 +77,7 @@ class _IptablesFake:
 
         self.transactions += 1
         if self.refuse is not None and self.refuse in text:
-            raise IptablesError(["iptables-restore"], 1, "iptables-restore: line 1 failed")
+            raise IptablesError(["iptables-restore"], 1, f"iptables-restore: line 42 failed ({self.refuse})")
 
 
 class _NftFake:
@@ -105,7 +110,7 @@ def _mode(kind: str) -> tuple[Any, Any]:
         from proxyd.modes.iptables import IptablesMode
 
         mode: Any = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), clock=lambda: 0.0)
-        fake: Any = _IptablesFake()
+        fake: Any = RefusingApplier()
         mode.applier = fake
         return mode, fake
     from proxyd.modes.nftables import NftablesMode
@@ -142,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/quarantine.json with the run's metadata")
+    raw = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw)
+    run = runmeta.Run(runmeta.module_command("bench.quarantine", raw))
     rows = [asyncio.run(_case(kind, args.services, sync))
             for kind in ("iptables", "nftables") for sync in ("full", "partial")]
     head = f"{'mode':<9} {'sync':<8} {'services':>8} {'transactions':>12} {'extra':>5} {'log2(N)':>7} " \
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['mode']:<9} {r['sync']:<8} {r['services']:>8} {r['transactions']:>12} {r['extra']:>5} "
               f"{r['log2_n']:>7} {r['refused']:>7} {r['seconds']:>7}", file=sys.stderr)
+    if args.save:
+        print(f"saved {run.save('quarantine', {'services': args.services, 'rows': rows})}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows))
     return 0 if all(r["refused"] == 1 for r in rows) else 1

@@ -1,6 +1,6 @@
 """How long ``proxyd status`` and ``proxyd trace`` take at scale (target: status < 1 s at 10,000 services).
 
-    python bench/status_scale.py [--services 10000] [--endpoints 10] [--mode none,iptables]
+    python bench/status_scale.py [--services 10000] [--endpoints 10] [--mode none,iptables,nftables]
                                  [--repeat 5] [--json]
 
 Runs inside a throw-away network namespace (the script re-executes itself
@@ -9,7 +9,9 @@ it builds a ProxyState of N ClusterIP services × E endpoints, syncs the real
 mode once (``none``: the base mode, which reads nothing back, so the figure
 is the daemon's own share: policy, JSON, socket; ``iptables``: the real
 IptablesMode on the back end proxyd picks here, so the figure includes
-``iptables-save -c`` of the nat and filter tables), starts the real
+``iptables-save -c`` of the nat and filter tables; ``nftables``: the real
+NftablesMode through libnftables, so the figure includes its ``nft list``
+read-backs), starts the real
 ``StatusService`` on a Unix socket and asks it through the real client
 (``proxyd.statusclient.ask``), as ``proxyd status --json`` does:
 
@@ -24,6 +26,8 @@ IptablesMode on the back end proxyd picks here, so the figure includes
   children), the figure to compare on a busy machine where wall time
   mostly measures waiting for a core.
 
+``--save`` also writes ``bench/results/status_scale.json`` (the points and
+the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last stdout line.
 """
 
@@ -35,9 +39,7 @@ import io
 import json
 import os
 import resource
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,13 +49,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.sync_scale import build_state, default_backend  # noqa: E402
+from bench import runmeta  # noqa: E402
+from bench.sync_scale import INSIDE_ENV, build_state, default_backend, in_netns  # noqa: E402
 from proxyd.config import Config  # noqa: E402
 from proxyd.modes.base import ProxyMode, SyncRequest  # noqa: E402
 from proxyd.status import StatusService  # noqa: E402
 from proxyd.statusclient import ask, render_status  # noqa: E402
-
-INSIDE_ENV = "PROXYD_BENCH_INSIDE_NETNS"
 
 
 class NoKernelMode(ProxyMode):
@@ -72,9 +73,12 @@ class NoKernelMode(ProxyMode):
 def make_mode(mode: str) -> ProxyMode:
     if mode == "none":
         return NoKernelMode(Config())
-    from proxyd.modes.iptables.backend import Backend
+    if mode == "nftables":
+        from proxyd.modes.nftables import NftablesMode
 
+        return NftablesMode(Config(cluster_cidrs=("10.0.0.0/8",)))
     from proxyd.modes.iptables import IptablesMode
+    from proxyd.netfilter.backend import Backend
 
     return IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(default_backend("iptables")))
 
@@ -141,37 +145,31 @@ def report(r: dict[str, Any]) -> None:
           file=sys.stderr)
 
 
-def in_netns(argv: list[str]) -> int:
-    ns = f"pxd-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, *argv], timeout=3600,
-                              check=False, env={**os.environ, INSIDE_ENV: "1"})
-        return proc.returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
-
-
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--endpoints", type=int, default=10)
-    parser.add_argument("--mode", default="none,iptables", type=lambda s: [x for x in s.split(",") if x])
+    parser.add_argument("--mode", default="none,iptables,nftables",
+                        type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/status_scale.json with the run's metadata")
     args = parser.parse_args(raw)
     if os.environ.get(INSIDE_ENV) != "1":
         if os.geteuid() != 0:
             print("status_scale: needs root (network namespaces)", file=sys.stderr)
             return 2
-        return in_netns(raw)
+        return in_netns(raw, (sys.executable, "-m", "bench.status_scale"))
+    run = runmeta.Run(["python", "bench/status_scale.py", *raw])
     results = []
     for mode in args.mode:
         result = asyncio.run(measure(mode, args.services, args.endpoints, args.repeat))
         report(result)
         results.append(result)
+    if args.save:
+        print(f"saved {run.save('status_scale', {'points': results})}", file=sys.stderr)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"points": results}))
     return 0

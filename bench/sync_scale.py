@@ -19,8 +19,11 @@ exec`` and deletes the namespace afterwards), drives the real mode:
 After each point the same objects go through the C tools that do the same
 work, in the same run and namespace, once proxyd's own objects are removed
 (``--no-compare`` skips this): userspace — ``ip -batch`` adding the full
-sync's addresses (``addresses_s`` is proxyd's share of its full sync for
-them, ``c_addresses_s`` the tool's, ``addresses_ratio`` the quotient);
+sync's service addresses the way proxyd holds them, as ``local`` routes via
+a port-less bridge (``addresses_s`` is proxyd's share of its full sync for
+them, ``c_addresses_s`` the tool's, ``addresses_ratio`` the quotient;
+``addresses_cpu_s``, ``c_addresses_cpu_s`` and ``addresses_cpu_ratio`` the
+same in CPU seconds: proxyd's netlink thread, the tool's process);
 ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
 ``ipvsadm-restore`` (virtual and real servers) and ``iptables-restore``
 (the same ruleset), summed as ``c_full_s`` against ``full_s``
@@ -37,6 +40,8 @@ prints the ratio. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory 
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
 ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs'``.
+``--save`` also writes ``bench/results/sync_scale-MODE.json`` (every point
+and the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last
 stdout line (flat when one count and one back end,
 else ``{"points": [...]}``), whose keys are exactly the figures above.
@@ -72,6 +77,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench import runmeta
 from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
@@ -139,6 +145,15 @@ def address_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
     return "".join(f"addr {verb} {ip}/{128 if ':' in ip else 32} dev {device}\n" for ip in ips)
 
 
+def local_route_batch(ips: Iterable[str], device: str, verb: str = "add") -> str:
+    """``ip -batch`` input adding (or deleting) the ``local`` routes that hold service IPs via ``device``.
+
+    The same routes userspace mode adds (``proxyd.netlink.local_route_request``).
+    """
+    return "".join(f"route {verb} local {ip}/{128 if ':' in ip else 32} dev {device} table local "
+                   "proto static\n" for ip in ips)
+
+
 COMPARE_DEVICE = "pxdcmp0"  # where the C tools put the same addresses, after proxyd's own are gone
 
 
@@ -184,7 +199,17 @@ class PlannerTimedDriver:
         await self.mode.shutdown()
 
 
-class IptablesDriver(PlannerTimedDriver):
+class NetfilterDriver(PlannerTimedDriver):
+    """A mode keeping its ``last_plan`` (iptables, nftables): a partial sync must plan partially."""
+
+    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
+        out = await super().partial(state, changed)
+        plan = self.mode.last_plan
+        assert plan is not None and not plan.full, "partial sync was not partial"
+        return out
+
+
+class IptablesDriver(NetfilterDriver):
     """proxyd.modes.iptables.IptablesMode on the given back end; ``rules``: nat rules held."""
 
     def __init__(self, backend: str) -> None:
@@ -193,12 +218,6 @@ class IptablesDriver(PlannerTimedDriver):
         from proxyd.netfilter.backend import Backend
 
         self.mode = IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend(backend))
-
-    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        out = await super().partial(state, changed)
-        plan = self.mode.last_plan
-        assert plan is not None and not plan.full, "partial sync was not partial"
-        return out
 
     def rules(self) -> int:
         plan = self.mode.last_plan
@@ -313,42 +332,49 @@ class UserspaceDriver(PlannerTimedDriver):
 
     async def start(self) -> None:
         await super().start()
-        holder = self.mode.holder
+        holder = self.mode.applier.holder
         apply_sync = holder._apply_sync
-        self.address_s = 0.0
+        self.address_s = self.address_cpu_s = 0.0
 
         def timed_apply(add: set[str], remove: set[str]) -> None:
-            t = time.perf_counter()
+            # CPU of the netlink thread too: in a full sync it runs while the main thread opens
+            # listeners, and on a busy machine its wall time counts the wait for the GIL.
+            t, cpu = time.perf_counter(), time.thread_time()
             try:
                 apply_sync(add, remove)
             finally:
                 self.address_s += time.perf_counter() - t
+                self.address_cpu_s += time.thread_time() - cpu
                 self.addresses = sorted(add) if add else getattr(self, "addresses", [])
 
         holder._apply_sync = timed_apply  # type: ignore[method-assign]
 
     async def full(self, state: ProxyState) -> dict[str, float]:
-        self.address_s = 0.0
+        self.address_s = self.address_cpu_s = 0.0
         out = await self._full_checked(state)
         out["addresses"] = self.address_s
+        out["addresses_cpu"] = self.address_cpu_s
         return out
 
     def rules(self) -> int:
         return len(self.mode.applier.tcp_listeners) + len(self.mode.applier.udp_listeners)
 
     def c_tools(self, repeat: int) -> dict[str, float]:
-        """The full sync's addresses through ``ip -batch``, on a fresh bridge, after proxyd's are gone."""
+        """The full sync's service routes through ``ip -batch`` via a fresh bridge, once proxyd's are gone."""
         del repeat
         subprocess.run(["ip", "link", "add", COMPARE_DEVICE, "type", "bridge"], check=True, timeout=30)
         try:
             subprocess.run(["ip", "link", "set", COMPARE_DEVICE, "up"], check=True, timeout=30)
-            took = timed_tool(["ip", "-batch", "-"], address_batch(self.addresses, COMPARE_DEVICE))
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            took = timed_tool(["ip", "-batch", "-"], local_route_batch(self.addresses, COMPARE_DEVICE))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             subprocess.run(["ip", "link", "del", COMPARE_DEVICE], check=False, timeout=120)
-        return {"c_addresses_s": took}
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return {"c_addresses_s": took, "c_addresses_cpu_s": cpu}
 
 
-class NftablesDriver(PlannerTimedDriver):
+class NftablesDriver(NetfilterDriver):
     """proxyd.modes.nftables.NftablesMode through libnftables ("library") or ``nft -f -`` ("subprocess").
 
     ``rules``: map and set elements held (per-service state lives there, not in rules).
@@ -363,14 +389,14 @@ class NftablesDriver(PlannerTimedDriver):
                                         node_name="bench-node"),
                                  nft=Nft(None if backend == "default" else backend))
 
-    async def partial(self, state: ProxyState, changed: frozenset[ServiceName]) -> dict[str, float]:
-        out = await super().partial(state, changed)
-        plan = self.mode.last_plan
-        assert plan is not None and not plan.full, "partial sync was not partial"
-        return out
-
     def rules(self) -> int:
         return self.mode.planner.elements
+
+    compares = False  # its anchor is kube-proxy's ruleset shape through nft -f (_kube_proxy_anchor)
+
+    def c_tools(self, repeat: int) -> dict[str, float]:
+        del repeat
+        return {}
 
 
 DRIVERS: dict[str, Callable[[str], Driver]] = {
@@ -430,6 +456,7 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
     }
     if "addresses" in full:
         out["addresses_s"] = round(full["addresses"], 4)
+        out["addresses_cpu_s"] = round(full["addresses_cpu"], 4)
     if compare and driver.compares:
         # The same objects through the C tools, in this run, once proxyd's own are removed.
         await _cleanup(mode)
@@ -437,7 +464,8 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
         out.update({k: round(v, 4) for k, v in tools.items()})
         for mine, theirs, ratio in (("full_s", "c_full_s", "full_ratio"),
                                     ("incremental_s", "c_incremental_s", "incremental_ratio"),
-                                    ("addresses_s", "c_addresses_s", "addresses_ratio")):
+                                    ("addresses_s", "c_addresses_s", "addresses_ratio"),
+                                    ("addresses_cpu_s", "c_addresses_cpu_s", "addresses_cpu_ratio")):
             if mine in out and out.get(theirs):
                 out[ratio] = round(out[mine] / out[theirs], 2)
     if mode == "nftables" and os.environ.get(ANCHOR_ENV, "1") == "1":
@@ -491,8 +519,10 @@ def report(r: dict[str, Any]) -> None:
               f"RSS {r['rss_mib']:.0f} MiB  rules {r['rules']}", file=sys.stderr, flush=True)
         if "c_addresses_s" in r:
             print(f"{'':8} {'':7} {'':>6}     addresses: proxyd {r['addresses_s']:.3f}s, ip -batch "
-                  f"{r['c_addresses_s']:.3f}s (ratio {r.get('addresses_ratio', float('nan')):.2f})",
-                  file=sys.stderr, flush=True)
+                  f"{r['c_addresses_s']:.3f}s (ratio {r.get('addresses_ratio', float('nan')):.2f}); "
+                  f"CPU proxyd {r.get('addresses_cpu_s', float('nan')):.3f}s, ip -batch "
+                  f"{r.get('c_addresses_cpu_s', float('nan')):.3f}s "
+                  f"(ratio {r.get('addresses_cpu_ratio', float('nan')):.2f})", file=sys.stderr, flush=True)
         if "c_full_s" in r:
             print(f"{'':8} {'':7} {'':>6}     C tools: full {r['c_full_s']:.3f}s (ip -batch "
                   f"{r['c_ip_batch_s']:.3f}, ipset restore {r['c_ipset_restore_s']:.3f}, ipvsadm-restore "
@@ -543,13 +573,13 @@ async def _cleanup(mode: str) -> None:
     await mode_class(mode).cleanup(Config())
 
 
-def in_netns(argv: list[str]) -> int:
-    """Re-run this script inside a fresh network namespace, then delete it."""
+def in_netns(argv: list[str], command: Sequence[str] = COMMAND) -> int:
+    """Re-run ``command`` (this script) inside a fresh network namespace, then delete it."""
     ns = f"pxd-bench-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        proc = subprocess.run(["ip", "netns", "exec", ns, *COMMAND, *argv], timeout=3600,
+        proc = subprocess.run(["ip", "netns", "exec", ns, *command, *argv], timeout=3600,
                               check=False, cwd=REPO, env={**os.environ, INSIDE_ENV: "1"})
         return proc.returncode
     finally:
@@ -566,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/sync_scale-MODE.json with the run's metadata")
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the C tools (userspace: ip -batch; ipvs: ip -batch, ipset restore, "
                              "ipvsadm-restore, iptables-restore) that time the same objects after each point")
@@ -584,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
                                      args.repeat, compare=not args.no_compare))
         print(json.dumps(result))
         return 0
+    run = runmeta.Run(runmeta.module_command("bench.sync_scale", raw))
     results = inside(args)
+    if args.save:
+        path = run.save(f"sync_scale-{args.mode}", {"mode": args.mode, "points": results})
+        print(f"saved {path}", file=sys.stderr)
     if args.json:
         out: dict[str, Any] = dict(results[0]) if len(results) == 1 else {"points": results}
         print(json.dumps(out))

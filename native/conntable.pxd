@@ -1,7 +1,8 @@
 cimport cython
 
-# Declarations of the Cython connection table (compiled as proxyd._conntable).
-# The pure twin is proxyd/_conntable_py.py; proxyd/conntable.py documents the shared contract.
+# Declarations of the Cython connection table (compiled as proxyd.modes.userspace._conntable).
+# The pure twin is proxyd/modes/userspace/_conntable_py.py; conntable.py beside it documents the shared
+# contract.
 
 @cython.final
 cdef class _Aff:

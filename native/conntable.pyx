@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
 # cython: binding=False, embedsignature=True
-"""Cython connection table of userspace mode (built as ``proxyd._conntable``).
+"""Cython connection table of userspace mode (built as ``proxyd.modes.userspace._conntable``).
 
-The twin of ``proxyd/_conntable_py.py`` with identical observable behaviour;
-``proxyd/conntable.py`` documents the contract. What differs is the layout,
+The twin of ``proxyd/modes/userspace/_conntable_py.py`` with identical observable behaviour;
+``proxyd/modes/userspace/conntable.py`` documents the contract. What differs is the layout,
 chosen for the per-connection hot path (pick, open, close):
 
 * each key maps to one ``_Key`` object: one dict lookup on a ``str`` whose
@@ -150,7 +150,7 @@ cdef class _Flow:
 
 @cython.final
 cdef class ConnTable:
-    """Per-connection state of userspace mode; see ``proxyd.conntable`` for the contract."""
+    """Per-connection state of userspace mode; see ``proxyd.modes.userspace.conntable`` for the contract."""
 
     def __init__(self, *, max_udp_flows=65536):
         if isinstance(max_udp_flows, bool) or not isinstance(max_udp_flows, int) or max_udp_flows < 1:

@@ -256,7 +256,7 @@ static int pe_excluded(const pe_addr *ep, const pe_addr *tried, int ntried) {
     return 0;
 }
 
-/* proxyd.conntable's pick: a live affinity entry not excluded wins (refreshed, the cursor stays);
+/* proxyd.modes.userspace.conntable's pick: a live affinity entry not excluded wins (refreshed, the cursor stays);
  * an expired one is removed; else round robin from the cursor skipping the excluded endpoints,
  * the cursor moving past the choice, which affinity records. 1 and *out set, or 0.
  * epc (may be NULL): set to the endpoint's counters, held for the caller (pe_epc_release), or NULL. */

@@ -734,3 +734,25 @@ class ConnectProber(threading.Thread):
         self._halt.set()
         self.join(timeout=60)
         return self.ok, self.failed
+
+
+FAKE_API_PORT = 16443  # where tests and bench run ``tests.api.fake_apiserver`` in the node namespace
+
+
+def fake_api(topo: Topology, action: str, payload: Mapping[str, Any] | None = None, *,
+             timeout: float = 5.0) -> Any:
+    """POST /fake/<action> to the fake API server in the node namespace; its JSON answer.
+
+    RuntimeError unless the fake answers 200.
+    """
+    body = json.dumps(payload or {}).encode()
+    with topo.connect(topo.node, "127.0.0.1", FAKE_API_PORT, timeout=timeout) as sock:
+        sock.sendall(b"POST /fake/%s HTTP/1.0\r\nHost: fake\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (action.encode(), len(body), body))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"fake API server: {data[:300]!r}")
+    return json.loads(rest)

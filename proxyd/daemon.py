@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import resource
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config, ConfigError, HostPort
+from proxyd.fdlimit import raise_fd_limit
 from proxyd.health import ProxierHealth, health_routes, metrics_routes
 from proxyd.healthcheck import ServiceHealthServers
 from proxyd.httpserve import HttpServer, Response
@@ -52,18 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FULL_SYNC_PERIOD = 3600.0  # kube-proxy's proxyutil.FullSyncPeriod
-
-
-def raise_fd_limit() -> int:
-    """Lift the soft descriptor limit to the hard one, as Go programs (kube-proxy) get by default."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as err:
-            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, err)
-    return soft
 
 
 class FatalError(Exception):

@@ -1,6 +1,6 @@
 """Batched netlink: many requests per ``sendmsg``, one ACK each, every error mapped back to its object.
 
-Every mode that talks netlink (addresses on ``proxyd0`` / ``kube-ipvs0``,
+Every mode that talks netlink (service routes via ``proxyd0``, addresses on ``kube-ipvs0``,
 ipset entries, IPVS virtual and real servers, conntrack deletions) sends its
 changes through ``BatchSocket.run``. Requests are pyroute2 message objects
 (``ifaddrmsg``, ``ipset_msg``, ``ipvsmsg``, ``nfct_msg``): pyroute2 encodes
@@ -8,7 +8,9 @@ them, this module only packs them, sends them and reads the answers.
 
 How a batch goes:
 
-* Each request gets its own sequence number and ``NLM_F_ACK``; encoded
+* Each request gets its own sequence number and ``NLM_F_ACK`` (or, with
+  ``ack_each=False``, only each chunk's last request asks an ACK and the
+  others answer only when they fail: see ``BatchSocket.run``); encoded
   requests are packed into chunks of at most ``chunk_bytes`` bytes and
   ``chunk_messages`` messages, and each chunk is one ``send``. The kernel
   runs a chunk's requests one after another inside that ``send`` and
@@ -28,6 +30,10 @@ How a batch goes:
 * ``NETLINK_CAP_ACK`` keeps error answers short (the kernel does not echo
   the request back); ``NETLINK_EXT_ACK`` adds the kernel's reason text to
   the log line when it has one.
+
+Requests are pyroute2 message objects, or payloads packed here with
+``struct`` where the count is large and the layout small (the ``local``
+routes holding userspace mode's service addresses: ``local_route_request``).
 
 ``dump`` sends one dump request and returns the raw messages, so callers
 parse each reply once with what they need (``parse_attrs``) instead of
@@ -84,6 +90,7 @@ SO_SNDBUFFORCE = 32
 
 _HDR = struct.Struct("=IHHII")
 _ERR = struct.Struct("=i")
+_FLAGS = struct.Struct("=H")
 _NLA = struct.Struct("=HH")
 
 # Defaults: 64 KiB of requests per send stays far below the default send
@@ -105,9 +112,13 @@ class NetlinkBatchError(OSError):
 class Request:
     """One object's netlink request.
 
-    ``msg`` is a pyroute2 message with its payload filled in; the batcher
-    sets its header. ``subject`` names the object in logs and is handed back
-    on failure. ``ok`` lists the errno values that mean "already so".
+    ``msg`` is a pyroute2 message with its payload filled in, or the
+    payload already packed (``bytes``: everything after the netlink header);
+    the batcher sets the header. Packed payloads are for the hot paths:
+    pyroute2 takes ~70 µs to encode one message, more than the kernel takes
+    to apply it (10,000 service routes: 0.7 s of encoding against 0.1 s of
+    kernel work). ``subject`` names the object in logs and is handed back on
+    failure. ``ok`` lists the errno values that mean "already so".
     """
 
     msg: Any
@@ -144,12 +155,15 @@ class BatchResult:
         return {f.subject for f in self.failures}
 
 
-def encode(req: Request, seq: int) -> bytes:
-    """The request's bytes with header type, flags (+ACK) and sequence number ``seq``."""
+def encode(req: Request, seq: int, *, ack: bool = True) -> bytes:
+    """The request's bytes: header type, flags (+ACK unless ``ack`` is False), sequence number ``seq``."""
     msg = req.msg
+    flags = req.flags | NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    if isinstance(msg, bytes):
+        return _HDR.pack(_HDR.size + len(msg), req.msg_type, flags, seq, 0) + msg
     header = msg["header"]
     header["type"] = req.msg_type
-    header["flags"] = req.flags | NLM_F_REQUEST | NLM_F_ACK
+    header["flags"] = flags
     header["sequence_number"] = seq
     header["pid"] = 0
     msg.reset()
@@ -201,12 +215,21 @@ class BatchSocket:
 
     # -- batches -------------------------------------------------------------------------
 
-    def run(self, requests: Iterable[Request], *, log_failures: bool = True) -> BatchResult:
+    def run(self, requests: Iterable[Request], *, log_failures: bool = True,
+            ack_each: bool = True) -> BatchResult:
         """Send every request; return how many applied and which failed.
 
         Raises ``NetlinkBatchError`` only when the socket itself fails;
         refused objects are reported in the result (and logged and counted
         unless ``log_failures`` is False, for callers that retry them).
+
+        ``ack_each=False`` asks an ACK of each chunk's last request only: the
+        kernel still answers every failed request (an error answer needs no
+        ``NLM_F_ACK``) and runs a chunk's requests in order, so once the last
+        one's ACK is read, every request without an error answer applied.
+        That saves one ``recv`` per request (10,000 per full sync of service
+        routes). A chunk whose answers overran the receive buffer is sent
+        again whole (the requests are idempotent, as for ``ack_each``).
         """
         result = BatchResult()
         pending = list(requests)
@@ -217,7 +240,7 @@ class BatchSocket:
             lost: list[Request] = []
             start = 0
             while start < len(pending):
-                start = self._run_chunk(pending, start, limit, result, lost)
+                start = self._run_chunk(pending, start, limit, result, lost, ack_each)
             if lost:
                 result.resent += len(lost)
                 # The answers did not fit: fewer requests per chunk from now on.
@@ -234,7 +257,7 @@ class BatchSocket:
         return result
 
     def _run_chunk(self, pending: list[Request], start: int, limit: int, result: BatchResult,
-                   lost: list[Request]) -> int:
+                   lost: list[Request], ack_each: bool = True) -> int:
         """Send requests from ``start`` as one chunk; return the index after the last one sent."""
         by_seq: dict[int, Request] = {}
         parts: list[bytes] = []
@@ -244,7 +267,7 @@ class BatchSocket:
             req = pending[index]
             seq = self._next_seq()
             try:
-                data = encode(req, seq)
+                data = encode(req, seq, ack=ack_each)
             except (ValueError, OSError, TypeError, KeyError, struct.error) as err:
                 # An object pyroute2 cannot encode (bad address text...) fails alone.
                 self._seq -= 1
@@ -260,27 +283,40 @@ class BatchSocket:
             index += 1
         if not parts:
             return index
+        marker = None
+        if not ack_each:
+            # Only the chunk's last request asks an ACK: its answer closes the chunk.
+            last = bytearray(parts[-1])
+            _FLAGS.pack_into(last, 6, _FLAGS.unpack_from(last, 6)[0] | NLM_F_ACK)
+            parts[-1] = bytes(last)
+            marker = self._seq
         payload = b"".join(parts)
         try:
             self.sock.send(payload)
         except OSError as err:
             raise NetlinkBatchError(err.errno, f"{self.kind}: send of {len(by_seq)} requests: {err}") from err
         result.chunks += 1
-        overrun = self._collect(by_seq, result)
-        if by_seq:
-            if not overrun:
-                # Every answer is queued before send() returns; none and no
-                # overrun means the kernel is processing asynchronously:
-                # wait for the rest (bounded).
-                self._collect(by_seq, result, wait=DUMP_TIMEOUT)
-            lost.extend(by_seq.values())
+        overrun = self._collect(by_seq, result, marker=marker)
+        if by_seq and not overrun and (marker is None or marker in by_seq):
+            # Every answer is queued before send() returns; none and no
+            # overrun means the kernel is processing asynchronously:
+            # wait for the rest (bounded).
+            overrun = self._collect(by_seq, result, wait=DUMP_TIMEOUT, marker=marker)
+        if by_seq and marker is not None and marker not in by_seq and not overrun:
+            result.applied += len(by_seq)  # no error answer before the closing ACK: applied
+            by_seq.clear()
+        lost.extend(by_seq.values())
         return index
 
-    def _collect(self, by_seq: dict[int, Request], result: BatchResult, *, wait: float = 0.0) -> bool:
-        """Read queued answers; remove answered requests from ``by_seq``. True if some were dropped."""
+    def _collect(self, by_seq: dict[int, Request], result: BatchResult, *, wait: float = 0.0,
+                 marker: int | None = None) -> bool:
+        """Read queued answers; remove answered requests from ``by_seq``. True if some were dropped.
+
+        With a ``marker`` (the one request of the chunk asking an ACK), stops once it is answered.
+        """
         overrun = False
-        while by_seq:
-            if wait and not select.select([self.sock], [], [], wait)[0]:
+        while by_seq and (marker is None or marker in by_seq):
+            if wait and not _readable(self.sock, wait):
                 break
             try:
                 data = self.sock.recv(self._read_size, 0 if wait else socket.MSG_DONTWAIT)
@@ -308,22 +344,29 @@ class BatchSocket:
     # -- dumps ---------------------------------------------------------------------------
 
     def dump(self, msg: Any, msg_type: int, *, flags: int = NLM_F_DUMP) -> list[tuple[int, bytes]]:
-        """Send one dump request; return every reply as (type, message bytes), header included."""
+        """Send one dump request; return every reply as (type, message bytes), header included.
+
+        ``msg`` is a pyroute2 message or the packed payload, as in ``Request``.
+        """
         seq = self._next_seq()
-        header = msg["header"]
-        header["type"] = msg_type
-        header["flags"] = flags | NLM_F_REQUEST
-        header["sequence_number"] = seq
-        header["pid"] = 0
-        msg.reset()
-        msg.encode()
+        if isinstance(msg, bytes):
+            request = _HDR.pack(_HDR.size + len(msg), msg_type, flags | NLM_F_REQUEST, seq, 0) + msg
+        else:
+            header = msg["header"]
+            header["type"] = msg_type
+            header["flags"] = flags | NLM_F_REQUEST
+            header["sequence_number"] = seq
+            header["pid"] = 0
+            msg.reset()
+            msg.encode()
+            request = bytes(msg.data)
         try:
-            self.sock.send(bytes(msg.data))
+            self.sock.send(request)
         except OSError as err:
             raise NetlinkBatchError(err.errno, f"{self.kind}: dump request: {err}") from err
         out: list[tuple[int, bytes]] = []
         while True:
-            if not select.select([self.sock], [], [], DUMP_TIMEOUT)[0]:
+            if not _readable(self.sock, DUMP_TIMEOUT):
                 raise NetlinkBatchError(errno.ETIMEDOUT, f"{self.kind}: dump did not finish")
             try:
                 data = self.sock.recv(1 << 20)
@@ -341,6 +384,17 @@ class BatchSocket:
                         return out
                     raise NetlinkBatchError(code, f"{self.kind}: dump: {os.strerror(code)}")
                 out.append((mtype, data[payload_off - _HDR.size:end]))
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read within ``timeout`` seconds.
+
+    ``poll``, not ``select``: a userspace proxy holds tens of thousands of
+    descriptors, and ``select`` refuses any numbered 1024 or above.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _set_buffer(sock: socket.socket, force_opt: int, value: int) -> None:
@@ -417,14 +471,25 @@ def address_request(add: bool, index: int, ip: str, *, subject: object = None) -
 def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNSPEC
                    ) -> list[tuple[int, int, str]]:
     """(family, prefixlen, address) of every address on link ``index``, parsed in one pass."""
+    return [(fam, prefixlen, addr) for link, fam, prefixlen, addr in dump_link_addresses(sock, family=family)
+            if link == index]
+
+
+def dump_link_addresses(sock: BatchSocket, *, family: int = socket.AF_UNSPEC,
+                        skip_links: frozenset[int] = frozenset()) -> list[tuple[int, int, int, str]]:
+    """(link, family, prefixlen, address) of every address, links in ``skip_links`` aside.
+
+    One dump, parsed once; a skipped link's replies cost one header read
+    (``kube-ipvs0`` may hold tens of thousands of service addresses).
+    """
     req = ifaddrmsg()
     req["family"] = family
-    out: list[tuple[int, int, str]] = []
+    out: list[tuple[int, int, int, str]] = []
     for _mtype, data in sock.dump(req, RTM_GETADDR):
         if len(data) < _HDR.size + _IFADDRMSG.size:
             continue
         fam, prefixlen, _flags, _scope, link = _IFADDRMSG.unpack_from(data, _HDR.size)
-        if link != index or fam not in (socket.AF_INET, socket.AF_INET6):
+        if link in skip_links or fam not in (socket.AF_INET, socket.AF_INET6):
             continue
         found: dict[int, bytes] = {}
         for atype, value in parse_attrs(data, _HDR.size + _IFADDRMSG.size, len(data)):
@@ -433,5 +498,123 @@ def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNS
         raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
         if raw is None or len(raw) != (4 if fam == socket.AF_INET else 16):
             continue
-        out.append((fam, prefixlen, socket.inet_ntop(fam, raw)))
+        out.append((link, fam, prefixlen, socket.inet_ntop(fam, raw)))
     return out
+
+
+# -- local routes (rtnetlink) ----------------------------------------------------------------
+
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTA_DST = 1
+RTA_OIF = 4
+RTA_TABLE = 15
+RT_TABLE_LOCAL = 255
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
+RTPROT_KERNEL = 2  # routes the kernel made for an address
+# Marks the routes proxyd adds: adoption takes only these, a removal matches only these.
+RTPROT_STATIC = 4
+NETLINK_GET_STRICT_CHK = 12  # dumps filtered by the kernel (table, output link)
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_U32_ATTR = struct.Struct("=HHI")
+_U32 = struct.Struct("=I")
+
+
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+_ROUTE_HEADERS = {  # family -> (rtmsg of an add or delete, RTA_DST attribute header)
+    fam: (_RTMSG.pack(fam, size * 8, 0, 0, RT_TABLE_LOCAL, RTPROT_STATIC, RT_SCOPE_HOST, RTN_LOCAL, 0),
+          _NLA.pack(_NLA.size + size, RTA_DST))
+    for fam, size in ((_AF_INET, 4), (_AF_INET6, 16))
+}
+_ADD_OK = frozenset({errno.EEXIST})
+_DEL_OK = frozenset({errno.ESRCH, errno.ENOENT})  # not there: IPv4 answers ESRCH, IPv6 ESRCH or ENOENT
+
+
+def local_route_request(add: bool, index: int, ip: str, *, subject: object = None) -> Request:
+    """Add (or delete) the ``local`` route of host ``ip`` (/32 or /128) via link ``index``, table local.
+
+    What the kernel makes for an address, without the address: the IP is
+    local (sockets bind it, packets to it are delivered here), and nothing is
+    added to any device's address list. Packed with ``struct`` (10,000 per
+    full sync). ``ValueError`` when ``ip`` is not an address. A delete matches only a route proxyd added
+    (protocol ``static``), never the one the kernel keeps for an address.
+    """
+    family = _AF_INET6 if ":" in ip else _AF_INET
+    header, dst = _ROUTE_HEADERS[family]
+    try:
+        raw = socket.inet_pton(family, ip)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"not an IP address: {ip[:64]!r}") from err
+    payload = header + dst + raw + _U32_ATTR.pack(_U32_ATTR.size, RTA_OIF, index)
+    if add:
+        return Request(payload, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, subject or ip, _ADD_OK)
+    return Request(payload, RTM_DELROUTE, 0, subject or ip, _DEL_OK)
+
+
+def dump_local_routes(sock: BatchSocket, index: int) -> list[tuple[int, str]]:
+    """(family, address) of every host ``local`` route proxyd added via link ``index`` (table local).
+
+    One dump per family. The kernel filters by table, type, protocol and
+    link where it checks dump requests strictly (``NETLINK_GET_STRICT_CHK``,
+    Linux ≥ 4.20); every reply is checked here again, so an older kernel's
+    full dump gives the same answer.
+    """
+    try:
+        sock.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    except OSError:
+        pass  # older kernel: unfiltered dumps, filtered below
+    out: list[tuple[int, str]] = []
+    filters = _U32_ATTR.pack(_U32_ATTR.size, RTA_TABLE, RT_TABLE_LOCAL) + _U32_ATTR.pack(_U32_ATTR.size,
+                                                                                          RTA_OIF, index)
+    base = _HDR.size + _RTMSG.size
+    for family, size in ((_AF_INET, 4), (_AF_INET6, 16)):
+        req = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_LOCAL, RTPROT_STATIC, 0, RTN_LOCAL, 0) + filters
+        for _mtype, data in sock.dump(req, RTM_GETROUTE):
+            if len(data) < base:
+                continue
+            fam, dst_len, _src, _tos, table, proto, _scope, rtype, _f = _RTMSG.unpack_from(data, _HDR.size)
+            if fam != family or dst_len != size * 8 or rtype != RTN_LOCAL or proto != RTPROT_STATIC:
+                continue
+            dst = oif = None
+            for atype, value in parse_attrs(data, base, len(data)):
+                if atype == RTA_DST:
+                    dst = value
+                elif atype == RTA_OIF and len(value) == 4:
+                    oif = _U32.unpack(value)[0]
+                elif atype == RTA_TABLE and len(value) == 4:
+                    table = _U32.unpack(value)[0]
+            if oif == index and table == RT_TABLE_LOCAL and dst is not None and len(dst) == size:
+                out.append((family, socket.inet_ntop(family, dst)))
+    return out
+
+
+# -- links (rtnetlink) -----------------------------------------------------------------------
+
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+IFLA_IFNAME = 3
+IFF_UP = 0x1
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def link_state(sock: BatchSocket, index: int) -> tuple[str, int] | None:
+    """(name, flags) of link ``index``, or None when there is no such link. One request, no dump."""
+    req = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    try:
+        replies = sock.dump(req, RTM_GETLINK, flags=NLM_F_ACK)
+    except NetlinkBatchError as err:
+        if err.errno == errno.ENODEV:
+            return None
+        raise
+    for mtype, data in replies:
+        if mtype != RTM_NEWLINK or len(data) < _HDR.size + _IFINFOMSG.size:
+            continue
+        _family, _type, link, flags, _change = _IFINFOMSG.unpack_from(data, _HDR.size)
+        if link != index:
+            continue
+        for atype, value in parse_attrs(data, _HDR.size + _IFINFOMSG.size, len(data)):
+            if atype == IFLA_IFNAME:
+                return value.rstrip(b"\0").decode("utf-8", "replace"), flags
+    return None

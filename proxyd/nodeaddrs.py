@@ -1,4 +1,4 @@
-"""This node's own addresses, filtered by ``--nodeport-addresses``, read over netlink (pyroute2).
+"""This node's own addresses, filtered by ``--nodeport-addresses``, read over netlink.
 
 NodePorts and healthCheckNodePort servers listen on the node's addresses
 that fall inside the ``--nodeport-addresses`` CIDRs (kube-proxy's
@@ -7,9 +7,11 @@ that fall inside the ``--nodeport-addresses`` CIDRs (kube-proxy's
 ``NodePortAddresses`` do: a family none of the CIDRs is of keeps all of its
 addresses (``--nodeport-addresses 192.0.2.0/24`` leaves every IPv6 address
 accepting IPv6 NodePorts). Addresses held
-on the interfaces proxyd itself creates to own service IPs (``proxyd0`` for
-userspace mode, ``kube-ipvs0`` for ipvs) are service addresses, not node
-addresses, and are never returned.
+on the interfaces proxyd itself creates to own service IPs (``kube-ipvs0``
+for ipvs) are service addresses, not node addresses, and are never
+returned. Userspace mode holds its service IPs as ``local`` routes via
+``proxyd0``, which are no addresses at all; ``proxyd0`` stays excluded for
+the addresses an earlier proxyd held there (converted at its next start).
 
 The netlink dump is a blocking call: call ``node_addresses`` from a worker
 thread (``node_addresses_async`` does) when on the event loop with many
@@ -23,7 +25,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
-from pyroute2 import IPRoute
+from proxyd.netlink import NETLINK_ROUTE, BatchSocket, dump_link_addresses
 
 # Devices whose addresses are service IPs owned by proxyd's modes.
 HOLDER_DEVICES = frozenset({"proxyd0", "kube-ipvs0"})
@@ -48,18 +50,24 @@ def filter_addresses(addresses: Iterable[str], cidrs: Iterable[str], *,
 
 
 def local_addresses(*, family: int | None = None) -> list[str]:
-    """Every address configured on this namespace's interfaces except proxyd's holders."""
+    """Every address configured on this namespace's interfaces except proxyd's holders.
+
+    One raw dump (``proxyd.netlink``): a holder's addresses (up to one per
+    service on ``kube-ipvs0``) are skipped after reading one header each.
+    pyroute2 decoded every attribute of every reply, ~60 µs each: 0.5–0.7 s
+    of CPU per sync at 10,000 held addresses.
+    """
     families = {4: socket.AF_INET, 6: socket.AF_INET6}
-    with IPRoute() as ipr:
-        skip = {link["index"] for link in ipr.get_links() if link.get("IFLA_IFNAME") in HOLDER_DEVICES}
-        found = []
-        for msg in ipr.get_addr(**({"family": families[family]} if family else {})):
-            if msg["index"] in skip:
-                continue
-            addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-            if addr:
-                found.append(addr.split("%", 1)[0])
-    return found
+    skip = set()
+    for name in HOLDER_DEVICES:
+        try:
+            skip.add(socket.if_nametoindex(name))
+        except OSError:
+            continue  # no such device
+    with BatchSocket(NETLINK_ROUTE, kind="address", sndbuf=None) as sock:
+        found = dump_link_addresses(sock, family=families[family] if family else socket.AF_UNSPEC,
+                                    skip_links=frozenset(skip))
+    return [addr for _link, _family, _prefixlen, addr in found]
 
 
 def node_addresses(cidrs: Iterable[str], *, family: int | None = None, per_family: bool = False) -> list[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from proxyd import metrics
-from proxyd.model import Endpoint, ProxyState, ServicePort, ServicePortName
+from proxyd.model import Endpoint, ProxyState, ServicePort, ServicePortName, family
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +247,47 @@ async def isolate(candidates: Sequence[K], first_error: str,
         if base is not None:
             raise NodeWideFailure(base)
     return refused, trials
+
+
+async def isolate_ports(mode: str, failure: str, first_error: str, *, fam: int, desired: ProxyState,
+                        good: Callable[[], ProxyState], retried: Collection[ServicePortName] | None,
+                        apply: Callable[[ProxyState, frozenset[ServicePortName]], Awaitable[str | None]],
+                        invalidate: Callable[[], None]) -> dict[ServicePortName, str]:
+    """Bisect the ports of a mode's failed transaction; apply the others, return the refused ones -> reason.
+
+    What iptables and nftables modes share around ``isolate``: the candidates
+    (``retried``, or on a full sync every port of family ``fam`` desired or
+    last good), the state each trial applies (``desired`` with the pending
+    ports not included held back at ``good()``, which moves as trials apply)
+    and the reporting. ``apply(state, include)`` is the mode's transaction
+    (None once the kernel holds it); ``invalidate`` makes the mode's planner
+    forget what the kernel holds: the first trial that applies is a full
+    plan, later ones only bring in their ports. ``failure`` names what failed
+    in the log ("restore failed").
+    """
+    invalidate()
+    if retried is None:
+        names = {n for n, sp in desired.service_ports.items() if family(sp.cluster_ip) == fam}
+        names.update(n for n, sp in good().service_ports.items() if family(sp.cluster_ip) == fam)
+    else:
+        names = set(retried)
+    candidates = sorted(names)
+    pending = set(candidates)
+    log.warning("%s: %s (%s); isolating the refused service ports among %d",
+                mode, failure, first_error.strip()[:200], len(candidates))
+
+    async def attempt(include: frozenset[ServicePortName]) -> str | None:
+        err = await apply(hold_back(desired, good(), pending - include), include)
+        if err is None:
+            pending.difference_update(include)
+        return err
+
+    try:
+        refused, trials = await isolate(candidates, first_error, attempt)
+    except NodeWideFailure:
+        invalidate()
+        raise
+    metrics.QUARANTINE_TRIALS.labels(mode=mode).inc(trials)
+    log.info("%s: %d service port(s) refused, the others applied, in %d more transactions",
+             mode, len(refused), trials)
+    return refused

@@ -55,7 +55,7 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 "$work/runtime/bin/pip" install -q --no-index --
   "$work"/wheels/proxyd-*.whl
 (
   cd /  # import the installed package, not the source tree
-  "$work/runtime/bin/python" -c "import proxyd.conntable as c; assert c.NATIVE, 'native conntable missing'"
+  "$work/runtime/bin/python" -c "import proxyd.modes.userspace.conntable as c; assert c.NATIVE, 'native conntable missing'"
   "$work/runtime/bin/proxyd" --version
 )
 

@@ -43,7 +43,7 @@ extras=""
 [ "$want_test" = 1 ] && extras="[test,bench]"
 # The extension must build here: a silent fall-back to the pure twin would hide a broken build.
 PROXYD_REQUIRE_EXTENSIONS=1 .venv/bin/pip install -q -c constraints.txt -e ".$extras"
-.venv/bin/python -c 'import proxyd.conntable as c, proxyd.modes.userspace.engine as e; print("proxyd installed; native conntable:", c.NATIVE, "native TCP engine:", e.NATIVE)'
+.venv/bin/python -c 'import proxyd.modes.userspace.conntable as c, proxyd.modes.userspace.engine as e; print("proxyd installed; native conntable:", c.NATIVE, "native TCP engine:", e.NATIVE)'
 
 if [ "$want_test" = 1 ] && [ -x scripts/ipvs-vm-setup.sh ]; then
   scripts/ipvs-vm-setup.sh

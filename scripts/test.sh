@@ -28,7 +28,7 @@ stage "mypy (strict, proxyd/)"
 stage "pytest (host kernel: unit, api, netns, reliability)"
 # The suite must exercise the Cython connection table, not silently the twin.
 export PROXYD_REQUIRE_EXTENSIONS=${PROXYD_REQUIRE_EXTENSIONS:-1}
-.venv/bin/python -c 'import proxyd.conntable as c; assert c.NATIVE, "Cython extension not built"; print("conntable: native extension in use")' || status=1
+.venv/bin/python -c 'import proxyd.modes.userspace.conntable as c; assert c.NATIVE, "Cython extension not built"; print("conntable: native extension in use")' || status=1
 rm -f "$results/host.xml"  # a run that dies before writing it must not be counted from an old one
 .venv/bin/pytest -m "not ipvs" -p no:cacheprovider -q -rfEs --junitxml="$results/host.xml" "$@"
 rc=$?

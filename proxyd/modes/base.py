@@ -14,7 +14,7 @@ import abc
 import importlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from proxyd.quarantine import Quarantine
 
@@ -123,6 +123,22 @@ class ProxyMode(abc.ABC):
     @abc.abstractmethod
     async def cleanup(cls, config: Config) -> None:
         """Remove everything this mode may ever have created (``--cleanup``)."""
+
+
+ApplierT = TypeVar("ApplierT")
+
+
+class AppliedMode(ProxyMode, Generic[ApplierT]):
+    """A mode whose applier exists once ``start`` ran (iptables, nftables): the first sync starts it."""
+
+    applier: ApplierT | None = None
+
+    async def started_applier(self) -> ApplierT:
+        """The applier, starting the mode first if no sync did yet."""
+        if self.applier is None:
+            await self.start()
+        assert self.applier is not None
+        return self.applier
 
 
 MODES: dict[str, str] = {

@@ -2,7 +2,9 @@
 
 ``backend``: which iptables back end (legacy or nft) and running its tools
 asynchronously; ``jumps``: the base-chain jump rules a mode needs;
-``tables``: restores, jumps, canaries and their verification, cleanup.
+``tables``: restores, jumps, canaries and their verification, cleanup;
+``render`` and ``planning``: checked rule text (addresses, protocols) and the planner base shared by
+the iptables and nftables planners.
 """
 
 from proxyd.netfilter.backend import BACKENDS, Backend, IptablesError, chains_of, detect, run

@@ -19,13 +19,12 @@ import pytest
 
 from tests.api.fake_apiserver import write_kubeconfig
 from tests.capability import fail_or_skip_without_netns
-from tests.netns.topology import HEALTHZ, METRICS, Topology, wait_until
+from tests.netns.topology import FAKE_API_PORT, HEALTHZ, METRICS, Topology, fake_api, wait_until
 
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXYD = str(Path(sys.executable).parent / "proxyd")
-FAKE_PORT = 16443
 CLUSTER_IP = "10.96.0.10"
 
 @pytest.fixture
@@ -33,20 +32,6 @@ def topology() -> Iterator[Topology]:
     fail_or_skip_without_netns()
     with Topology() as topo:
         yield topo
-
-
-def admin(topo: Topology, action: str, payload: dict[str, Any] | None = None) -> Any:
-    """POST /fake/<action> to the fake inside the node namespace."""
-    body = json.dumps(payload or {}).encode()
-    with topo.connect(topo.node, "127.0.0.1", FAKE_PORT, timeout=5) as sock:
-        sock.sendall(b"POST /fake/%s HTTP/1.0\r\nHost: fake\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (action.encode(), len(body), body))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert b" 200 " in head.split(b"\r\n", 1)[0], data[:300]
-    return json.loads(rest)
 
 
 def web_service() -> dict[str, Any]:
@@ -81,15 +66,15 @@ def test_traffic_follows_api_changes(topology: Topology, tmp_path: Path, mode: s
     for pod in (pod1, pod2):
         topology.start_tcp_server(pod, 8080)
     fake = topology.spawn(topology.node, [sys.executable, "-m", "tests.api.fake_apiserver",
-                                          "--host", "127.0.0.1", "--port", str(FAKE_PORT)],
+                                          "--host", "127.0.0.1", "--port", str(FAKE_API_PORT)],
                           log_name="fake-apiserver", env={"PYTHONPATH": str(ROOT)})
     wait_until(lambda: "listening" in topology.log_of(fake) or fake.poll() is not None, timeout=15,
                what="fake API server")
     assert fake.poll() is None, topology.log_of(fake)
-    admin(topology, "apply", {"resource": "nodes", "object": {
+    fake_api(topology, "apply", {"resource": "nodes", "object": {
         "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "z1"}}}})
 
-    kubeconfig = write_kubeconfig(str(tmp_path / "kubeconfig"), f"http://127.0.0.1:{FAKE_PORT}")
+    kubeconfig = write_kubeconfig(str(tmp_path / "kubeconfig"), f"http://127.0.0.1:{FAKE_API_PORT}")
     proc = topology.spawn(topology.node, [
         PROXYD, "--proxy-mode", mode, "--kubeconfig", kubeconfig, "--hostname-override", "node1",
         "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}",
@@ -102,22 +87,22 @@ def test_traffic_follows_api_changes(topology: Topology, tmp_path: Path, mode: s
         assert proc.poll() is None, topology.log_of(proc)[-3000:]
 
         # create
-        admin(topology, "apply", {"resource": "services", "object": web_service()})
-        admin(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip])})
+        fake_api(topology, "apply", {"resource": "services", "object": web_service()})
+        fake_api(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip])})
         wait_until(lambda: answering(topology) == {"pod1"}, timeout=15, what="service created")
         # scale up
-        admin(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip, pod2.ip])})
+        fake_api(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip, pod2.ip])})
         wait_until(lambda: answering(topology, tries=30) == {"pod1", "pod2"}, timeout=15, what="scaled to 2")
         # scale down to pod2 only
-        admin(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod2.ip])})
+        fake_api(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod2.ip])})
         wait_until(lambda: answering(topology) == {"pod2"}, timeout=15, what="scaled to pod2")
         # the watch is dropped: resumed (and counted), and changes made meanwhile still arrive
         reconnects_before = topology.metric_sum("proxyd_source_reconnects_total") or 0.0
-        admin(topology, "drop", {"truncate": True})
-        admin(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip])})
+        fake_api(topology, "drop", {"truncate": True})
+        fake_api(topology, "apply", {"resource": "endpointslices", "object": web_slice([pod1.ip])})
         wait_until(lambda: answering(topology) == {"pod1"}, timeout=15, what="change after a dropped stream")
         # delete
-        admin(topology, "delete", {"resource": "services", "namespace": "default", "name": "web"})
+        fake_api(topology, "delete", {"resource": "services", "namespace": "default", "name": "web"})
         wait_until(lambda: answering(topology, tries=1) == set(), timeout=15, what="service deleted")
 
         assert topology.http_get(topology.node, *HEALTHZ, "/healthz")[0] == 200
@@ -132,7 +117,7 @@ def test_traffic_follows_api_changes(topology: Topology, tmp_path: Path, mode: s
 
 
 def admin_requests(topo: Topology) -> list[dict[str, Any]]:
-    with topo.connect(topo.node, "127.0.0.1", FAKE_PORT, timeout=5) as sock:
+    with topo.connect(topo.node, "127.0.0.1", FAKE_API_PORT, timeout=5) as sock:
         sock.sendall(b"GET /fake/requests HTTP/1.0\r\nHost: fake\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):

@@ -8,8 +8,9 @@ against the real daemon in a fresh ``Topology``.
 Clients are chosen as real traffic would come: ClusterIPs from a pod on the
 node, NodePorts / externalIPs / LB IPs from the external ``client``
 namespace. Which backend answered comes from the backend's greeting. Tests
-that only hold for one mode (userspace's connect retry, kernel modes'
-source IP preservation) belong in that mode's module.
+that hold for the kernel NAT modes only (source IP preservation,
+masquerading, hairpin, UDP conntrack) are in ``KernelNatBehaviour`` (IPv4);
+those of one mode (userspace's connect retry) belong in that mode's module.
 
 Every test runs in the address families ``families`` names: ``(4,)`` (the
 default), ``(6,)`` for single-stack IPv6 services, ``(4, 6)`` for dual-stack
@@ -41,8 +42,10 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.netns.topology import (
+    CLIENT_IP,
     NODE_IP,
     NODE_IP6,
+    POD_GATEWAY,
     Topology,
     af,
     endpoint,
@@ -118,6 +121,20 @@ def web(*, endpoints: list[dict], name: str = "web", cluster_ip: str = CLUSTER_I
 
 def local_eps(*ips: str) -> list[dict]:
     return [endpoint(ip) for ip in ips]
+
+
+def dns(*ips: str) -> list[dict]:
+    """A UDP service 53 -> 5353 with the given node1 endpoints."""
+    return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
+            endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(*ips))]
+
+
+def reachable(topo: Topology, ns: str, ip: str, port_: int) -> bool:
+    """True when a backend greets a client of ``ip:port_`` within half a second."""
+    try:
+        return bool(topo.hello(ns, ip, port_, timeout=0.5).pod)
+    except (OSError, ValueError):
+        return False
 
 
 def refused(topo: Topology, ns: str, ip: str, port_: int, *, timeout: float = 1.0) -> bool:
@@ -521,3 +538,67 @@ class ServiceBehaviour:
                 with pytest.raises(ConnectionRefusedError):
                     sock.recv(100)
                 assert time.monotonic() - started < 5
+
+
+class KernelNatBehaviour(ServiceBehaviour):
+    """Mixin for the kernel NAT modes (iptables, nftables): addresses as kube-proxy's rules leave them."""
+
+    def test_client_ip_preserved_with_external_policy_local(self, topology: Topology) -> None:
+        docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], type_="NodePort",
+                   node_port=30083, external_local=True)
+        self.start(topology, docs, tcp=("pod1",))
+        for _ in range(5):
+            greeting = topology.hello(topology.client, NODE_IP, 30083)
+            assert greeting.pod == "pod1" and greeting.peer_ip == CLIENT_IP
+
+    def test_external_traffic_with_cluster_policy_is_masqueraded(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1), type_="LoadBalancer", node_port=30084,
+                                 lb_ips=[LB_IP]), tcp=("pod1",))
+        for ip, port_ in ((NODE_IP, 30084), (LB_IP, 80)):
+            greeting = topology.hello(topology.client, ip, port_)
+            assert greeting.pod == "pod1" and greeting.peer_ip == POD_GATEWAY, (ip, greeting)
+
+    def test_pod_to_cluster_ip_keeps_its_address(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).peer_ip == POD3
+
+    def test_hairpin_is_masqueraded(self, topology: Topology) -> None:
+        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
+        greeting = topology.hello(topology.pod("pod1").ns, CLUSTER_IP, 80)
+        assert greeting.pod == "pod1" and greeting.peer_ip == POD_GATEWAY
+
+    def test_stale_udp_conntrack_is_cleared(self, topology: Topology) -> None:
+        self.start(topology, dns(POD1), tcp=(), udp=("pod1", "pod2"))
+        ns = topology.pod("pod3").ns
+        sock = topology.udp_socket(ns)
+        with sock:
+            assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == "pod1"
+            # pod1 still answers, so only the conntrack entry could keep the flow there
+            topology.write_manifest("services.yaml", dns(POD2))
+
+            def moved() -> bool:
+                return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
+
+            wait_until(moved, timeout=CHANGE_DEADLINE, what="UDP flow moved to the new endpoint")
+
+    def test_udp_service_gaining_its_first_endpoint(self, topology: Topology) -> None:
+        self.start(topology, dns(), tcp=(), udp=("pod1",))
+        ns = topology.pod("pod3").ns
+        sock = topology.udp_socket(ns)
+        with sock:
+            sock.settimeout(0.3)
+            sock.sendto(b"early", (CLUSTER_IP, 53))
+            try:
+                sock.recvfrom(100)
+                raise AssertionError("a service without endpoints answered")
+            except (TimeoutError, ConnectionRefusedError):
+                pass
+            topology.write_manifest("services.yaml", dns(POD1))
+
+            def answered() -> bool:
+                try:
+                    return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod1"
+                except (TimeoutError, ConnectionRefusedError):
+                    return False
+
+            wait_until(answered, timeout=CHANGE_DEADLINE, what="UDP flow served after the first endpoint")

@@ -161,17 +161,17 @@ def test_unusable_kubeconfig_exits_2_naming_it(topology, tmp_path):
 
 def test_userspace_uses_the_native_connection_table(topology):
     """The daemon says which connection table it runs; with the extension built it must be the native one."""
-    import proxyd.conntable
+    import proxyd.modes.userspace.conntable
 
     demo_manifests(topology)
     proc = topology.start_proxyd("userspace")
     topology.stop_proxyd(proc)
     line = next(line for line in topology.log_of(proc).splitlines() if "connection table:" in line)
     print(line)
-    expected = "native (Cython extension)" if proxyd.conntable.NATIVE else "pure-Python twin"
+    expected = "native (Cython extension)" if proxyd.modes.userspace.conntable.NATIVE else "pure-Python twin"
     assert expected in line
     if os.environ.get("PROXYD_REQUIRE_EXTENSIONS") == "1":
-        assert proxyd.conntable.NATIVE, "the Cython extension is required but not built"
+        assert proxyd.modes.userspace.conntable.NATIVE, "the Cython extension is required but not built"
 
 
 def test_userspace_uses_the_native_tcp_engine(topology):

@@ -1,10 +1,9 @@
 """iptables mode against the real daemon, on both back ends (legacy x_tables and nf_tables).
 
-Every shared behaviour test runs twice (``PROXYD_IPTABLES_BACKEND``), plus
-what only a kernel NAT mode shows: the client source address preserved with
-externalTrafficPolicy Local and masqueraded where kube-proxy masquerades,
-hairpin, established connections surviving endpoint removal and a proxyd
-restart, stale UDP conntrack entries cleared when an endpoint goes, a
+Every shared behaviour test (``ServiceBehaviour``, ``KernelNatBehaviour``:
+source address preserved or masqueraded, hairpin, UDP conntrack) runs twice
+(``PROXYD_IPTABLES_BACKEND``), plus what only iptables mode shows:
+established connections surviving endpoint removal and a proxyd restart, a
 resync after someone flushes the tables, and ``--cleanup`` leaving nothing
 in either back end. The IPv6 and dual-stack tests of
 ``netfilter_dualstack.DualStackNat`` run on both back ends too, with the
@@ -23,10 +22,10 @@ from tests.netns.behaviour import (
     LB_IP,
     POD1,
     POD2,
-    POD3,
-    REMOTE_POD,
+    KernelNatBehaviour,
     ServiceBehaviour,
     local_eps,
+    reachable,
     web,
 )
 from tests.netns.netfilter_dualstack import (
@@ -39,12 +38,8 @@ from tests.netns.netfilter_dualstack import (
     web6,
 )
 from tests.netns.topology import (
-    CLIENT_IP,
-    NODE_IP,
-    POD_GATEWAY,
     ConnectProber,
     Topology,
-    endpoint,
     endpoint_slice,
     in_netns,
     port,
@@ -62,7 +57,7 @@ def ruleset(topo: Topology, tool: str) -> str:
     return topo.ns_run(topo.node, [tool], check=False).stdout
 
 
-class _IptablesBehaviour(ServiceBehaviour):
+class _IptablesBehaviour(KernelNatBehaviour):
     mode = "iptables"
     backend = ""
 
@@ -83,30 +78,6 @@ class _IptablesBehaviour(ServiceBehaviour):
         assert "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" in text
         other = ruleset(topology, f"iptables-{'nft' if self.backend == 'legacy' else 'legacy'}-save")
         assert "KUBE-SVC-" not in other
-
-    def test_client_ip_preserved_with_external_policy_local(self, topology: Topology) -> None:
-        docs = web(endpoints=[endpoint(POD1), endpoint(REMOTE_POD, node="node2")], type_="NodePort",
-                   node_port=30083, external_local=True)
-        self.start(topology, docs, tcp=("pod1",))
-        for _ in range(5):
-            greeting = topology.hello(topology.client, NODE_IP, 30083)
-            assert greeting.pod == "pod1" and greeting.peer_ip == CLIENT_IP
-
-    def test_external_traffic_with_cluster_policy_is_masqueraded(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1), type_="LoadBalancer", node_port=30084,
-                                 lb_ips=[LB_IP]), tcp=("pod1",))
-        for ip, port_ in ((NODE_IP, 30084), (LB_IP, 80)):
-            greeting = topology.hello(topology.client, ip, port_)
-            assert greeting.pod == "pod1" and greeting.peer_ip == POD_GATEWAY, (ip, greeting)
-
-    def test_pod_to_cluster_ip_keeps_its_address(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
-        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).peer_ip == POD3
-
-    def test_hairpin_is_masqueraded(self, topology: Topology) -> None:
-        self.start(topology, web(endpoints=local_eps(POD1)), tcp=("pod1",))
-        greeting = topology.hello(topology.pod("pod1").ns, CLUSTER_IP, 80)
-        assert greeting.pod == "pod1" and greeting.peer_ip == POD_GATEWAY
 
     def test_load_balancer_source_ranges(self, topology: Topology) -> None:
         docs = [service("web", cluster_ip=CLUSTER_IP, type_="LoadBalancer", lb_ips=[LB_IP],
@@ -131,7 +102,7 @@ class _IptablesBehaviour(ServiceBehaviour):
                         source_ranges=["203.0.113.0/24"]),
                 endpoint_slice("web", ports=[{"port": 8080}], endpoints=local_eps(POD1))]
         topology.write_manifest("services.yaml", docs)
-        wait_until(lambda: _reachable(topology, topology.client, LB_IP, 80), timeout=DEADLINE,
+        wait_until(lambda: reachable(topology, topology.client, LB_IP, 80), timeout=DEADLINE,
                    what="LB IP open to the allowed range")
 
     def test_established_connection_survives_endpoint_removal_and_restart(self, topology: Topology) -> None:
@@ -167,42 +138,6 @@ class _IptablesBehaviour(ServiceBehaviour):
             assert read_line(held) == b"three\n"
             assert _kube_lines(self.save(topology)) == _kube_lines(before)
 
-    def test_stale_udp_conntrack_is_cleared(self, topology: Topology) -> None:
-        self.start(topology, dns(POD1), tcp=(), udp=("pod1", "pod2"))
-        ns = topology.pod("pod3").ns
-        sock = topology.udp_socket(ns)
-        with sock:
-            assert topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock)[0].pod == "pod1"
-            # pod1 still answers, so only the conntrack entry could keep the flow there
-            topology.write_manifest("services.yaml", dns(POD2))
-
-            def moved() -> bool:
-                return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
-
-            wait_until(moved, timeout=DEADLINE, what="UDP flow moved to the new endpoint")
-
-    def test_udp_service_gaining_its_first_endpoint(self, topology: Topology) -> None:
-        self.start(topology, dns(), tcp=(), udp=("pod1",))
-        ns = topology.pod("pod3").ns
-        sock = topology.udp_socket(ns)
-        with sock:
-            sock.settimeout(0.3)
-            sock.sendto(b"early", (CLUSTER_IP, 53))
-            try:
-                sock.recvfrom(100)
-                raise AssertionError("a service without endpoints answered")
-            except (TimeoutError, ConnectionRefusedError):
-                pass
-            topology.write_manifest("services.yaml", dns(POD1))
-
-            def answered() -> bool:
-                try:
-                    return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod1"
-                except (TimeoutError, ConnectionRefusedError):
-                    return False
-
-            wait_until(answered, timeout=DEADLINE, what="UDP flow served after the first endpoint")
-
     def test_resync_after_external_flush(self, topology: Topology) -> None:
         proc = self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns
@@ -216,7 +151,7 @@ class _IptablesBehaviour(ServiceBehaviour):
         # see the gap: synchronise on its own account of the flush instead of racing it.
         wait_until(lambda: topology.log_of(proc).count("flushed by someone else") > noticed, timeout=30,
                    what="the daemon noticing the flush")
-        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=30, what="rules restored")
+        wait_until(lambda: reachable(topology, ns, CLUSTER_IP, 80), timeout=30, what="rules restored")
         assert "KUBE-PROXY-CANARY" in self.save(topology)
 
     def test_nat_flush_repaired_within_a_sync_period(self, topology: Topology) -> None:
@@ -238,30 +173,17 @@ class _IptablesBehaviour(ServiceBehaviour):
     def _assert_repaired(self, topology: Topology, proc: subprocess.Popen[str], what: str) -> None:
         ns = topology.pod("pod3").ns
         broken = time.monotonic()
-        assert not _reachable(topology, ns, CLUSTER_IP, 80)
+        assert not reachable(topology, ns, CLUSTER_IP, 80)
         # The check runs once per sync period (2 s); the margin is for a busy machine.
-        wait_until(lambda: _reachable(topology, ns, CLUSTER_IP, 80), timeout=20.0, what="rules repaired")
+        wait_until(lambda: reachable(topology, ns, CLUSTER_IP, 80), timeout=20.0, what="rules repaired")
         print(f"{self.backend}: {what}: served again {time.monotonic() - broken:.1f}s after the damage")
         assert topology.metric("proxyd_netfilter_repairs_total", {"mode": "iptables"}) == 1.0
         lines = [line for line in topology.log_of(proc).splitlines() if "full resync" in line]
         assert len(lines) == 1 and what in lines[0], lines
 
 
-def dns(*ips: str) -> list[dict]:
-    """A UDP service 53 -> 5353 with the given node1 endpoints."""
-    return [service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)]),
-            endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}], endpoints=local_eps(*ips))]
-
-
 def _kube_lines(text: str) -> list[str]:
     return sorted(line for line in text.splitlines() if "KUBE-" in line and not line.startswith("#"))
-
-
-def _reachable(topo: Topology, ns: str, ip: str, port_: int) -> bool:
-    try:
-        return bool(topo.hello(ns, ip, port_, timeout=0.5).pod)
-    except (OSError, ValueError):
-        return False
 
 
 class TestIptablesNft(_IptablesBehaviour):

@@ -1,7 +1,8 @@
 """``proxyd status``, ``proxyd trace`` and ``--log-format json`` against the real daemon and real traffic.
 
-For each mode this kernel runs (userspace, iptables; ipvs runs in the QEMU
-guest: ``tests/vm/test_ipvs.py``), the daemon serves three services: ``web``
+For each mode this kernel runs (userspace, iptables, nftables with both ways
+of driving nft; ipvs runs in the QEMU guest: ``tests/vm/test_ipvs.py``), the
+daemon serves three services: ``web``
 (three local endpoints, a NodePort), ``empty`` (no endpoints) and an invalid
 one in its own file. The test sends connections, then checks that:
 
@@ -14,6 +15,9 @@ one in its own file. The test sends connections, then checks that:
   rejected with the reason; a flow from outside to the NodePort is
   masqueraded;
 * every log line is one JSON object with the stable keys.
+
+In nftables mode, an element deleted behind proxyd's back is named as a
+mismatch by ``status``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def ask(sock: Path, *args: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def start(topo: Topology, mode: str) -> tuple[Any, Path]:
+def start(topo: Topology, mode: str, env: dict[str, str] | None = None) -> tuple[Any, Path]:
     for pod in ("pod1", "pod2", "pod3"):
         topo.start_tcp_server(pod, 8080)
     docs = [*web(endpoints=local_eps(POD1, POD2, POD3), type_="NodePort", node_port=NODE_PORT),
@@ -55,7 +59,7 @@ def start(topo: Topology, mode: str) -> tuple[Any, Path]:
     # An invalid Service in its own file: rejected with a reason, the rest still served.
     topo.write_manifest("bad.yaml", [service("bad", cluster_ip="10.96.0.30", ports=[port(70000)])])
     sock = topo._tmp / "status.sock"
-    proc = topo.start_proxyd(mode, extra_args=("--status-socket", str(sock), "--log-format", "json"))
+    proc = topo.start_proxyd(mode, extra_args=("--status-socket", str(sock), "--log-format", "json"), env=env)
     return proc, sock
 
 
@@ -67,12 +71,18 @@ def endpoints_of(status: dict[str, Any], name: str) -> dict[str, dict[str, Any]]
 def counted(ep: dict[str, Any], mode: str) -> int:
     """Connections the kernel (or the connection table) counted for one endpoint."""
     counters = ep.get("counters", {})
-    return counters.get("packets" if mode == "iptables" else "connections", 0)
+    return counters.get("packets" if mode in ("iptables", "nftables") else "connections", 0)
 
 
-@pytest.mark.parametrize("mode", ["userspace", "iptables"])
-def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str) -> None:
-    proc, sock = start(topology, mode)
+NFT_SUBPROCESS = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+@pytest.mark.parametrize("mode,env", [("userspace", None), ("iptables", None), ("nftables", None),
+                                      ("nftables", NFT_SUBPROCESS)],
+                         ids=["userspace", "iptables", "nftables-library", "nftables-subprocess"])
+def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str,
+                                              env: dict[str, str] | None) -> None:
+    proc, sock = start(topology, mode, env)
     eps = {f"{ip}:8080" for ip in (POD1, POD2, POD3)}
     by_pod = {topology.pod(name).name: f"{topology.pod(name).ip}:8080" for name in ("pod1", "pod2", "pod3")}
 
@@ -146,6 +156,29 @@ def test_status_and_trace_follow_real_traffic(topology: Topology, mode: str) -> 
         assert {"ts", "level", "logger", "msg", "service", "endpoint", "reason"} <= set(record), record
     assert any(json.loads(line)["reason"] for line in lines if "bad" in line)
     assert not sock.exists()  # removed on shutdown
+
+
+@pytest.mark.parametrize("env", [None, NFT_SUBPROCESS], ids=["library", "subprocess"])
+def test_nftables_status_names_an_element_deleted_behind_its_back(topology: Topology,
+                                                                  env: dict[str, str] | None) -> None:
+    _proc, sock = start(topology, "nftables", env)
+    first = wait_until(lambda: (s := ask(sock, "status")) and s["sync"]["last"] and s,
+                       timeout=20, what="a status answer after the first sync")
+    assert first["kernel"]["matches"] is True, first["kernel"]
+    listed = topology.ns_run(topology.node, ["nft", "list", "map", "ip", "proxyd", "svc-backends-tcp"]).stdout
+    assert f"{CLUSTER_IP} . tcp . 80 . 1 counter packets" in listed, listed
+    topology.ns_run(topology.node, ["nft", "delete", "element", "ip", "proxyd", "svc-backends-tcp",
+                                    f"{{ {CLUSTER_IP} . tcp . 80 . 1 }}"])
+    for args in (("status",), ("status", "web")):
+        kernel = ask(sock, *args)["kernel"]
+        assert kernel["matches"] is False, (args, kernel)
+        gone = f"svc-backends-tcp: element {CLUSTER_IP} . tcp . 80 . 1 : "
+        assert any(m.startswith(gone) and "missing" in m for m in kernel["mismatches"]), (args, kernel)
+    # The trace, read back now, sees the hole: the pick chain's numgen finds no element 1.
+    trace = ask(sock, "trace", topology.pod("pod1").ip, CLUSTER_IP, "80")
+    assert not trace["supported"] and "no element" in " ".join(trace["notes"]), trace
+    text = proxyd_cli("status", "--socket", str(sock)).stdout
+    assert "svc-backends-tcp" in text, text
 
 
 def test_status_refuses_bad_requests(topology: Topology) -> None:

@@ -2,7 +2,7 @@
 
 Only userspace mode retries a failed connect on the next endpoint, shows the
 endpoint the node's address as the client (the connection is proxyd's
-own), and holds service addresses on ``proxyd0``.
+own), and holds service addresses as ``local`` routes via ``proxyd0``.
 
 Every class runs twice: against the native TCP engine (the default; the
 extension must be built) and against its pure-Python twin
@@ -30,6 +30,7 @@ from tests.netns.behaviour import (
     refused,
     web,
 )
+from tests.netns.holder import device_addresses, holder_addresses
 from tests.netns.topology import (
     POD_GATEWAY,
     Topology,
@@ -39,14 +40,6 @@ from tests.netns.topology import (
     service,
     wait_until,
 )
-
-
-def holder_addresses(topo: Topology) -> set[str]:
-    out = topo.ns_run(topo.node, ["ip", "-o", "-4", "addr", "show", "dev", "proxyd0"], check=False)
-    if out.returncode != 0:
-        return set()
-    return {line.split()[3].split("/")[0] for line in out.stdout.splitlines()}
-
 
 TWIN = {"PROXYD_NO_EXTENSIONS": "1"}
 
@@ -179,6 +172,7 @@ class TestUserspace(ServiceBehaviour):
                 service("headless", cluster_ip="None", ports=[port(80)])]
         proc = self.start(topology, docs, tcp=("pod1",))
         assert holder_addresses(topology) == {CLUSTER_IP, EXTERNAL_IP}
+        assert device_addresses(topology) == set()  # local routes only: no address on any device
         topology.write_manifest("services.yaml", web(endpoints=local_eps(POD1), cluster_ip="10.96.0.11"))
         wait_until(lambda: holder_addresses(topology) == {"10.96.0.11"}, timeout=30, what="address swap")
         assert topology.hello(topology.pod("pod2").ns, "10.96.0.11", 80).pod == "pod1"

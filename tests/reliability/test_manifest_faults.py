@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.netns.holder import holder_addresses
 from tests.netns.topology import Topology, endpoint, endpoint_slice, port, service, wait_until
 from tests.reliability.harness import healthz, metric_sum, rss_kib, start_daemon
 
@@ -36,12 +37,6 @@ def web(pod: str, *, name: str = "web", cluster_ip: str = CLUSTER_IP) -> list[di
 def text(docs: list[dict]) -> str:
     return yaml.safe_dump_all(docs, sort_keys=False)
 
-
-def holder_addresses(topo: Topology) -> set[str]:
-    out = topo.ns_run(topo.node, ["ip", "-o", "-4", "addr", "show", "dev", "proxyd0"], check=False)
-    if out.returncode != 0:
-        return set()
-    return {line.split()[3].split("/")[0] for line in out.stdout.splitlines()}
 
 
 def rejected(topo: Topology, reason: str | None = None) -> float:

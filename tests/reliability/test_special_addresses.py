@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.netns.holder import holder_addresses
 from tests.netns.topology import (
     NODE_IP,
     Topology,
@@ -49,12 +50,6 @@ def manifests(topo: Topology) -> None:
         endpoint_slice("ext", ports=[{"port": 8081}], endpoints=[endpoint(pod1)]),
     ])
 
-
-def holder_addresses(topo: Topology) -> set[str]:
-    out = topo.ns_run(topo.node, ["ip", "-o", "-4", "addr", "show", "dev", "proxyd0"], check=False)
-    if out.returncode != 0:
-        return set()
-    return {line.split()[3].split("/")[0] for line in out.stdout.splitlines()}
 
 
 @pytest.mark.parametrize("mode", ["userspace", "iptables"])

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxyd import conntable
-from proxyd.conntable import ConnTableNative, ConnTablePy
+from proxyd.modes.userspace import conntable
+from proxyd.modes.userspace.conntable import ConnTableNative, ConnTablePy
 
 IMPLS = [pytest.param(ConnTablePy, id="py")]
 if ConnTableNative is not None:
@@ -74,11 +74,11 @@ def test_extension_is_not_stale() -> None:
     """An in-place build older than its sources would test yesterday's code: rebuild with pip install -e ."""
     if ConnTableNative is None:
         pytest.skip("the Cython extension is not built")
-    import proxyd._conntable as ext
+    import proxyd.modes.userspace._conntable as ext
 
     native = Path(__file__).resolve().parents[2] / "native"
     built = Path(ext.__file__)
-    if not (native / "conntable.pyx").exists() or built.parent.parent != native.parent:
+    if not (native / "conntable.pyx").exists() or built.parents[3] != native.parent:
         pytest.skip("not an in-place build of this checkout")
     # its own sources only: native/ also holds the engine's, which build into another module
     sources = ("conntable.pyx", "*conntable.pxd")
@@ -87,7 +87,7 @@ def test_extension_is_not_stale() -> None:
 
 
 def test_no_extensions_env_forces_the_twin() -> None:
-    code = "import proxyd.conntable as c; print(c.NATIVE, c.ConnTable is c.ConnTablePy)"
+    code = "import proxyd.modes.userspace.conntable as c; print(c.NATIVE, c.ConnTable is c.ConnTablePy)"
     env = {**os.environ, "PROXYD_NO_EXTENSIONS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

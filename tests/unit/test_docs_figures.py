@@ -45,3 +45,63 @@ def test_failed_tests_figures_are_not_counted() -> None:
 def test_old_figures_without_outcomes_count_nothing() -> None:
     old = {"a::t": {"connections_held": 10}}
     assert reliability_figures.totals(reliability_figures.tests_of(old))["held"] == 0
+
+
+# -- the scale regions: each from a benchmark's --save file (bench/runmeta.py) ----------------------
+
+SCALE_REGIONS = sorted(n for n, (_, src, _) in docs_figures.REGIONS.items()
+                       if src not in (docs_figures.FULL, docs_figures.RELIABILITY))
+
+
+@pytest.mark.parametrize("name", SCALE_REGIONS)
+def test_a_hand_edited_scale_region_is_caught_and_rewritten(name: str) -> None:
+    file, source, _ = docs_figures.REGIONS[name]
+    text = (docs_figures.REPO / file).read_text()
+    body = docs_figures.region_pattern(name).search(text)
+    assert body is not None, f"{file} lost its figures:{name} region"
+    region = body.group(2)
+    figures = region.index("\n\n")  # past the line naming the run: edit a figure itself
+    digit = next(i for i, ch in enumerate(region) if ch.isdigit() and i > figures)
+    edited = region[:digit] + ("8" if region[digit] != "8" else "9") + region[digit + 1:]
+    hand = text[:body.start(2)] + edited + text[body.end(2):]
+    out, found = docs_figures.update(hand, name)
+    assert found and out == text, "the command must restore the stored run's figures"
+    assert "commit `" in region and "load average (1 min)" in region and source in region
+
+
+def _run(load: float, points: list[dict[str, object]]) -> dict[str, object]:
+    return {"format": 1, "mode": "nftables", "points": points, "meta": {
+        "date": "2026-01-01 00:00 UTC", "commit": "abc123", "cpus": 2, "cpu": "X",
+        "load average before": [load, 0, 0], "load average after": [load, 0, 0],
+        "command": "python -m bench.sync_scale --mode nftables --save"}}
+
+
+def test_the_run_line_names_the_run_and_a_loaded_machine() -> None:
+    from bench import scale_figures
+
+    busy = scale_figures.run_line(_run(6.0, []))
+    assert "2026-01-01" in busy and "`abc123`" in busy and "--save" in busy and "6.0 before" in busy
+    assert "loaded machine" in busy
+    assert "loaded machine" not in scale_figures.run_line(_run(0.2, []))
+
+
+def test_a_failed_point_is_shown_and_targets_are_judged() -> None:
+    from bench import scale_figures
+
+    good = {"services": 10000, "endpoints": 10, "backend": "library", "full_s": 4.0, "full_cpu_s": 1.5,
+            "incremental_s": 0.002, "incremental_cpu_s": 0.001, "rss_mib": 100.0, "plan_full_s": 1.0,
+            "rules": 130000}
+    bad = {"services": 30000, "backend": "library", "error": "Traceback ...\nOSError: no room"}
+    text = scale_figures.sync_table(_run(1.0, [good, bad]))
+    assert "30,000 services failed in this run: OSError: no room" in text
+    assert "full sync ≤ 2 s: **not met** (4 s; CPU 1.5 s)" in text
+    assert "incremental ≤ 10 ms: met (2 ms; CPU 1 ms)" in text
+    assert "RSS ≤ 150 MB: met (105 MB)" in text
+
+
+def test_a_missing_results_file_fails_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    regions = dict(docs_figures.REGIONS)
+    regions["nftables-summary"] = ("README.md", "bench/results/no-such-run.json",
+                                   regions["nftables-summary"][2])
+    monkeypatch.setattr(docs_figures, "REGIONS", regions)
+    assert docs_figures.main(["--check"]) == 1

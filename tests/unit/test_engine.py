@@ -38,9 +38,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxyd.conntable import ConnTablePy
 from proxyd.model import Protocol, ServicePortName
 from proxyd.modes.userspace import engine as engine_mod
+from proxyd.modes.userspace.conntable import ConnTablePy
 from proxyd.modes.userspace.engine import EngineNative, NativeTcpPath, PyTcpPath, ServiceNative
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter
 from proxyd.modes.userspace.planner import ListenerKey, TableEntry, TableKey

@@ -145,35 +145,35 @@ add set ip proxyd hairpin { type ipv4_addr . ipv4_addr ; }
 flush set ip proxyd hairpin
 add map ip proxyd svc-pick { type ipv4_addr . inet_proto . inet_service : verdict ; }
 flush map ip proxyd svc-pick
-add map ip proxyd svc-backends-tcp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; }
+add map ip proxyd svc-backends-tcp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; counter ; }
 flush map ip proxyd svc-backends-tcp
-add map ip proxyd svc-backends-udp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; }
+add map ip proxyd svc-backends-udp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; counter ; }
 flush map ip proxyd svc-backends-udp
-add map ip proxyd svc-backends-sctp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; }
+add map ip proxyd svc-backends-sctp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd svc-backends-sctp
 add map ip proxyd svc-short-pick { type ipv4_addr . inet_proto . inet_service : verdict ; }
 flush map ip proxyd svc-short-pick
-add map ip proxyd svc-short-backends-tcp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; }
+add map ip proxyd svc-short-backends-tcp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; counter ; }
 flush map ip proxyd svc-short-backends-tcp
-add map ip proxyd svc-short-backends-udp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; }
+add map ip proxyd svc-short-backends-udp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; counter ; }
 flush map ip proxyd svc-short-backends-udp
-add map ip proxyd svc-short-backends-sctp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; }
+add map ip proxyd svc-short-backends-sctp { typeof ip daddr . meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd svc-short-backends-sctp
 add map ip proxyd np-pick { type inet_proto . inet_service : verdict ; }
 flush map ip proxyd np-pick
-add map ip proxyd np-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; }
+add map ip proxyd np-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; counter ; }
 flush map ip proxyd np-backends-tcp
-add map ip proxyd np-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; }
+add map ip proxyd np-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; counter ; }
 flush map ip proxyd np-backends-udp
-add map ip proxyd np-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; }
+add map ip proxyd np-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd np-backends-sctp
 add map ip proxyd np-short-pick { type inet_proto . inet_service : verdict ; }
 flush map ip proxyd np-short-pick
-add map ip proxyd np-short-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; }
+add map ip proxyd np-short-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . tcp dport ; counter ; }
 flush map ip proxyd np-short-backends-tcp
-add map ip proxyd np-short-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; }
+add map ip proxyd np-short-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . udp dport ; counter ; }
 flush map ip proxyd np-short-backends-udp
-add map ip proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; }
+add map ip proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd np-short-backends-sctp
 add rule ip proxyd filter-prerouting ct state new jump firewall-check
 add rule ip proxyd filter-input ct state new jump nodeport-endpoints-check
@@ -554,35 +554,35 @@ add set ip6 proxyd hairpin { type ipv6_addr . ipv6_addr ; }
 flush set ip6 proxyd hairpin
 add map ip6 proxyd svc-pick { type ipv6_addr . inet_proto . inet_service : verdict ; }
 flush map ip6 proxyd svc-pick
-add map ip6 proxyd svc-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; }
+add map ip6 proxyd svc-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
 flush map ip6 proxyd svc-backends-tcp
-add map ip6 proxyd svc-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; }
+add map ip6 proxyd svc-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
 flush map ip6 proxyd svc-backends-udp
-add map ip6 proxyd svc-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; }
+add map ip6 proxyd svc-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd svc-backends-sctp
 add map ip6 proxyd svc-short-pick { type ipv6_addr . inet_proto . inet_service : verdict ; }
 flush map ip6 proxyd svc-short-pick
-add map ip6 proxyd svc-short-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; }
+add map ip6 proxyd svc-short-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
 flush map ip6 proxyd svc-short-backends-tcp
-add map ip6 proxyd svc-short-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; }
+add map ip6 proxyd svc-short-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
 flush map ip6 proxyd svc-short-backends-udp
-add map ip6 proxyd svc-short-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; }
+add map ip6 proxyd svc-short-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd svc-short-backends-sctp
 add map ip6 proxyd np-pick { type inet_proto . inet_service : verdict ; }
 flush map ip6 proxyd np-pick
-add map ip6 proxyd np-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; }
+add map ip6 proxyd np-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
 flush map ip6 proxyd np-backends-tcp
-add map ip6 proxyd np-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; }
+add map ip6 proxyd np-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
 flush map ip6 proxyd np-backends-udp
-add map ip6 proxyd np-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; }
+add map ip6 proxyd np-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd np-backends-sctp
 add map ip6 proxyd np-short-pick { type inet_proto . inet_service : verdict ; }
 flush map ip6 proxyd np-short-pick
-add map ip6 proxyd np-short-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; }
+add map ip6 proxyd np-short-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-tcp
-add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; }
+add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-udp
-add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; }
+add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-sctp
 add rule ip6 proxyd filter-prerouting ct state new jump firewall-check
 add rule ip6 proxyd filter-input ct state new jump nodeport-endpoints-check

@@ -16,6 +16,7 @@ import math
 
 import pytest
 
+from bench.quarantine import RefusingApplier
 from proxyd import metrics
 from proxyd.config import Config
 from proxyd.health import ProxierHealth
@@ -161,35 +162,6 @@ def _services(n: int, bad_ip: str | None, bad_index: int) -> ProxyState:
     return state(*entries)
 
 
-class RefusingApplier:
-    """iptables mode's applier, in memory; refuses any restore holding ``refuse``."""
-
-    def __init__(self) -> None:
-        self.refuse: str | None = None
-        self.restores = 0
-        self.applied: list[str] = []
-
-    async def ensure_canaries(self) -> None:
-        pass
-
-    async def ensure_jumps(self) -> None:
-        pass
-
-    async def missing(self) -> list[str]:
-        return []
-
-    async def chains(self, table: str) -> set[str]:
-        return set()
-
-    async def restore(self, text: str) -> None:
-        from proxyd.netfilter.backend import IptablesError
-
-        self.restores += 1
-        if self.refuse is not None and self.refuse in text:
-            raise IptablesError(["iptables-restore"], 1, f"iptables-restore: line 42 failed ({self.refuse})")
-        self.applied.append(text)
-
-
 def test_iptables_mode_quarantines_the_refused_port_and_applies_the_others() -> None:
     from proxyd.modes.iptables import IptablesMode
 
@@ -202,17 +174,17 @@ def test_iptables_mode_quarantines_the_refused_port_and_applies_the_others() -> 
 
     async def scenario() -> None:
         await mode.sync(SyncRequest(first, None))
-        assert fake.restores == 1 and not mode.quarantine
+        assert fake.transactions == 1 and not mode.quarantine
         # Every endpoint moves; the bad port's new endpoint is refused by the "kernel".
         fake.refuse = f"--to-destination {BAD_IP}:80"
         second = ProxyState(service_ports=first.service_ports,
                             endpoints={k: (Endpoint(BAD_IP if k == bad_name else "10.2.0.1", 80),)
                                        for k in first.service_ports}, node_name="node1")
         changed = frozenset(n.service for n in first.service_ports)
-        fake.restores = 0
+        fake.transactions = 0
         await mode.sync(SyncRequest(second, changed, frozenset(first.service_ports)))
         # partial + full retry + about log2(64) trials
-        assert fake.restores <= 2 + math.ceil(math.log2(n)) + 2
+        assert fake.transactions <= 2 + math.ceil(math.log2(n)) + 2
         assert set(mode.quarantine.entries) == {bad_name}
         assert "line 42 failed" in mode.quarantined()[f"{bad_name}/TCP"]
         cache = mode.planner.cache
@@ -220,16 +192,16 @@ def test_iptables_mode_quarantines_the_refused_port_and_applies_the_others() -> 
             want = "10.1." if name == bad_name else "10.2.0.1"
             assert any(f"--to-destination {want}" in r for r in cache[name].chain_rules), name
         # A partial sync of something else leaves it held back, unretried.
-        fake.restores = 0
+        fake.transactions = 0
         await mode.sync(SyncRequest(second, frozenset(), frozenset()))
-        assert fake.restores == 0 and bad_name in mode.quarantine  # nothing to re-render: no restore
+        assert fake.transactions == 0 and bad_name in mode.quarantine  # nothing to re-render: no restore
         # Fixing the object clears the quarantine.
         third = ProxyState(service_ports=second.service_ports,
                            endpoints={**second.endpoints, bad_name: (Endpoint("10.3.0.1", 80),)},
                            node_name="node1")
-        fake.restores = 0
+        fake.transactions = 0
         await mode.sync(SyncRequest(third, frozenset({bad_name.service}), frozenset({bad_name})))
-        assert fake.restores == 1 and not mode.quarantine
+        assert fake.transactions == 1 and not mode.quarantine
         assert any("--to-destination 10.3.0.1" in r for r in mode.planner.cache[bad_name].chain_rules)
 
     asyncio.run(scenario())
@@ -247,7 +219,7 @@ def test_iptables_new_refused_port_gets_no_rules_on_a_first_full_sync() -> None:
     asyncio.run(mode.sync(SyncRequest(desired, None)))
     assert set(mode.quarantine.entries) == {bad_name}
     assert bad_name not in mode.planner.cache and len(mode.planner.cache) == 199
-    assert fake.restores <= 1 + math.ceil(math.log2(200)) + 2
+    assert fake.transactions <= 1 + math.ceil(math.log2(200)) + 2
     # The next full sync retries it; still refused, it stays (logged and counted once).
     total = metrics.QUARANTINED_TOTAL.labels(mode="iptables", reason="restore")._value.get()
     asyncio.run(mode.sync(SyncRequest(desired, None)))

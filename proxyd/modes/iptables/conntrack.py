@@ -12,12 +12,15 @@ it rejected must go so the next datagram is DNATed. TCP needs none of this
 renderings; ``clear`` dumps UDP entries once over NETLINK_NETFILTER and
 deletes the matching ones in netlink batches. Both are blocking: call ``clear`` in a worker
 thread. Errors are the caller's to log: a failed cleanup must never fail
-a sync whose rules were applied.
+a sync whose rules were applied. ``clear_stale`` does all that for the
+iptables and nftables modes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from proxyd.model import Protocol, ServicePort, ServicePortName
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.netlink import NETLINK_NETFILTER, BatchSocket, Request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -109,6 +114,23 @@ def clear(flows: list[Flow], *, family: int = 4) -> int:
         return 0
     with BatchSocket(NETLINK_NETFILTER, kind="conntrack") as sock:
         return sock.run(requests).applied
+
+
+async def clear_stale(mode: str, family: int, names: Iterable[ServicePortName], *,
+                      old_ports: Mapping[ServicePortName, ServicePort],
+                      old_renders: Mapping[ServicePortName, PortRender],
+                      new_ports: Mapping[ServicePortName, ServicePort],
+                      new_renders: Mapping[ServicePortName, PortRender]) -> None:
+    """After ``mode``'s sync: delete the stale flows of ``names`` in a worker thread; a failure is logged."""
+    flows = stale_flows(names, old_ports=old_ports, old_renders=old_renders,
+                        new_ports=new_ports, new_renders=new_renders)
+    if not flows:
+        return
+    try:
+        deleted = await asyncio.to_thread(clear, flows, family=family)
+        log.debug("%s: deleted %d stale UDP conntrack entries", mode, deleted)
+    except Exception as err:
+        log.warning("%s: stale UDP conntrack cleanup failed: %s", mode, err)
 
 
 def delete_request(af: int, saddr: str, sport: int, daddr: str, dport: int) -> Request:

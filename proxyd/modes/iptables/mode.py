@@ -22,7 +22,7 @@ entries (``conntrack``). The shape follows kube-proxy's syncProxyRules:
 * a failed restore changes nothing in the kernel (one transaction); it is
   counted, a failed partial one is retried at once as a full one (the cache
   may be stale), and if that fails too the ports of the transaction are
-  bisected (``proxyd.quarantine.isolate``): the ports the kernel refuses are
+  bisected (``proxyd.quarantine.isolate_ports``): the ports the kernel refuses are
   quarantined and keep their last good rules (none if new), the others are
   applied. A clean sync stays one transaction. Only a failure that remains
   without any candidate port (node-wide) goes to the runner, which retries.
@@ -42,14 +42,14 @@ from collections.abc import Callable, Collection, Mapping
 from proxyd import metrics
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
-from proxyd.model import ProxyState, ServiceName, ServicePort, ServicePortName, family
-from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.model import ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.applier import Applier, cleanup_all
 from proxyd.modes.iptables.planner import Plan, Planner, PlannerOptions, PortRender
 from proxyd.netfilter import Backend, detect
 from proxyd.netfilter.backend import IptablesError
-from proxyd.quarantine import NodeWideFailure, hold_back, isolate
+from proxyd.quarantine import hold_back, isolate_ports
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _all_local_addresses(family: int) -> list[str]:
     return list(local_addresses(family=family))
 
 
-class IptablesMode(ProxyMode):
+class IptablesMode(AppliedMode[Applier]):
     """Services realised as iptables NAT rules (kube-proxy's default mode)."""
 
     name = "iptables"
@@ -137,10 +137,7 @@ class IptablesMode(ProxyMode):
         await self.applier.ensure_canaries()
 
     async def sync(self, request: SyncRequest) -> None:
-        if self.applier is None:
-            await self.start()
-        assert self.applier is not None
-        applier = self.applier
+        applier = await self.started_applier()
         full = request.changed is None or self.planner.needs_full
         now = self._clock()
         if not full and (self._verified is None or now - self._verified >= self.config.sync_period):
@@ -187,7 +184,11 @@ class IptablesMode(ProxyMode):
                     existing = await applier.chains("nat")
                     err = await self._attempt(desired, None, None, existing, touched)
             if err is not None:
-                refused = await self._isolate(desired, retried, err, existing, touched)
+                refused = await isolate_ports(
+                    self.name, "restore failed", err, fam=self.family, desired=desired,
+                    good=lambda: self._good, retried=retried, invalidate=self.planner.invalidate,
+                    apply=lambda state, include: self._attempt(
+                        state, frozenset(n.service for n in include), include, existing, touched))
         except Exception:
             if not counted:
                 metrics.IPTABLES_RESTORE_FAILURES.inc()
@@ -248,41 +249,6 @@ class IptablesMode(ProxyMode):
             touched.update(plan.cache)
         return None
 
-    async def _isolate(self, desired: ProxyState, retried: set[ServicePortName] | None, first_error: str,
-                       existing: set[str], touched: set[ServicePortName]) -> dict[ServicePortName, str]:
-        """Bisect the ports of the failed restore; apply the others, return the refused ones -> reason."""
-        fam = self.family
-        # The first trial that applies is a full plan (what a full sync owes, and after a failed
-        # partial one the cache is not trusted); later trials only re-render the ports they bring in.
-        self.planner.invalidate()
-        if retried is None:
-            names = {n for n, sp in desired.service_ports.items() if family(sp.cluster_ip) == fam}
-            names.update(n for n, sp in self._good.service_ports.items() if family(sp.cluster_ip) == fam)
-        else:
-            names = set(retried)
-        candidates = sorted(names)
-        pending = set(candidates)
-        log.warning("iptables: restore failed (%s); isolating the refused service ports among %d",
-                    first_error.strip()[:200], len(candidates))
-
-        async def attempt(include: frozenset[ServicePortName]) -> str | None:
-            state = hold_back(desired, self._good, pending - include)
-            err = await self._attempt(state, frozenset(n.service for n in include), include, existing,
-                                      touched)
-            if err is None:
-                pending.difference_update(include)
-            return err
-
-        try:
-            refused, trials = await isolate(candidates, first_error, attempt)
-        except NodeWideFailure:
-            self.planner.invalidate()
-            raise
-        metrics.QUARANTINE_TRIALS.labels(mode=self.name).inc(trials)
-        log.info("iptables: %d service port(s) refused, the others applied, in %d more transactions",
-                 len(refused), trials)
-        return refused
-
     async def _clear_conntrack(self, touched: set[ServicePortName], full: bool,
                                old_ports: Mapping[ServicePortName, ServicePort],
                                old_renders: Mapping[ServicePortName, PortRender],
@@ -290,15 +256,9 @@ class IptablesMode(ProxyMode):
         names = set(touched)
         if full:
             names |= set(old_ports)
-        flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
-                                      new_ports=new_ports, new_renders=self.planner.cache)
-        if not flows:
-            return
-        try:
-            deleted = await asyncio.to_thread(conntrack.clear, flows, family=self.family)
-            log.debug("iptables: deleted %d stale UDP conntrack entries", deleted)
-        except Exception as err:
-            log.warning("iptables: stale UDP conntrack cleanup failed: %s", err)
+        await conntrack.clear_stale(self.name, self.family, names, old_ports=old_ports,
+                                    old_renders=old_renders, new_ports=new_ports,
+                                    new_renders=self.planner.cache)
 
     async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
         """Counters of each endpoint's DNAT rule and kernel-versus-plan, read back from the kernel."""

@@ -46,14 +46,17 @@ re-parsed with ``ipaddress`` before use.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, family
+from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName, family
 from proxyd.modes.iptables import chains as ch
+from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
+from proxyd.netfilter.render import PROTO as _PROTO
+from proxyd.netfilter.render import addresses as _addresses
+from proxyd.netfilter.render import networks as _networks
+from proxyd.netfilter.render import safe_ip as _safe_ip
 from proxyd.policy import categorize, uses_cluster_endpoints, uses_local_endpoints
 
 # kube-proxy: above this many endpoints in total, comments are left out of
@@ -78,23 +81,9 @@ def _comment(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class PlannerOptions:
-    """The node-wide settings a plan depends on.
+class PlannerOptions(NodeOptions):
+    """The node-wide settings a plan depends on (``NodeOptions``'s, and iptables mode's own)."""
 
-    ``nodeport_addresses`` are --nodeport-addresses CIDRs (empty: every local
-    address, matched with ``-m addrtype --dst-type LOCAL``); ``node_ips`` are
-    this node's addresses inside them (used only when CIDRs are given).
-    ``node_ip`` is the primary node address (LB source ranges that contain it
-    also admit the LB IPs as sources, as kube-proxy does).
-    """
-
-    family: int = 4
-    cluster_cidrs: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[str, ...] = ()
-    node_ips: tuple[str, ...] = ()
-    node_ip: str | None = None
     random_fully: bool = True
     conntrack_liberal: bool = False
     # Split full plans into transactions of about this many service-chain
@@ -103,25 +92,6 @@ class PlannerOptions:
     # whole-table copy per transaction, so only the nft back end sets this.
     chunk_rules: int = 0
     large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
-
-    def __post_init__(self) -> None:
-        if self.family not in (4, 6):
-            raise ValueError(f"family must be 4 or 6, got {self.family!r}")
-        if not 0 <= self.masquerade_bit <= 31:
-            raise ValueError(f"masquerade_bit must be in 0..31, got {self.masquerade_bit!r}")
-
-    @property
-    def mark(self) -> str:
-        return f"{1 << self.masquerade_bit:#x}"
-
-    @property
-    def local_cidr(self) -> str | None:
-        """kube-proxy's LocalTrafficDetector by cluster CIDR: the first CIDR of this family."""
-        for cidr in self.cluster_cidrs:
-            net = ipaddress.ip_network(cidr, strict=False)
-            if net.version == self.family:
-                return str(net)
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,11 +146,11 @@ class Plan:
     chunks: list[str] = field(default_factory=list)
 
 
-class Planner:
+class Planner(MirrorPlanner[PlannerOptions]):
     """Renders ProxyStates into restore input, caching per service port for partial syncs."""
 
     def __init__(self, options: PlannerOptions) -> None:
-        self.options = options
+        super().__init__(options)
         self._cache: dict[ServicePortName, PortRender] = {}
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
         self._chains: set[str] = set()  # nat service chains the kernel holds (as far as we know)
@@ -189,25 +159,10 @@ class Planner:
         self._busy: frozenset[ServicePortName] = frozenset()
         self._large: bool | None = None
         self._tail: tuple[str, ...] = ()
-        self._valid = False  # False until a full plan was committed
-
-    @property
-    def needs_full(self) -> bool:
-        return not self._valid
 
     @property
     def cache(self) -> Mapping[ServicePortName, PortRender]:
         return self._cache
-
-    def invalidate(self) -> None:
-        """Forget what the kernel holds: the next plan is full."""
-        self._valid = False
-
-    def set_node_ips(self, node_ips: Iterable[str]) -> None:
-        """Update this node's NodePort addresses (only the KUBE-SERVICES tail depends on them)."""
-        ips = tuple(node_ips)
-        if ips != self.options.node_ips:
-            self.options = dataclasses.replace(self.options, node_ips=ips)
 
     # -- planning ---------------------------------------------------------
 
@@ -509,45 +464,10 @@ def _delta(old: tuple[str, ...], new: tuple[str, ...], deletes: list[str], inser
             inserts.append(f"-I {chain} 1 {rest}")
 
 
-def _safe_ip(ip: str) -> str:
-    """``ip`` itself once it is known to be a plain address (ValueError otherwise).
-
-    Sources already canonicalise addresses; this is the cheap guarantee (C
-    inet_pton, ~0.3 µs, where ``ipaddress`` costs ~10 µs and 100k endpoints
-    are rendered per full sync) that no other text reaches the restore input.
-    """
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
-    except (OSError, TypeError) as err:
-        raise ValueError(f"not an IP address: {ip!r}") from err
-    return ip
-
-
 def _endpoint_text(ep: Endpoint) -> str:
     """kube-proxy's endpoint string (net.JoinHostPort), from a checked address."""
     ip = _safe_ip(ep.ip)
     return f"[{ip}]:{ep.port}" if ":" in ip else f"{ip}:{ep.port}"
-
-
-def _addresses(values: Iterable[str], family: int) -> list[str]:
-    out = []
-    for v in values:
-        a = ipaddress.ip_address(v)
-        if a.version == family:
-            out.append(str(a))
-    return out
-
-
-def _networks(values: Iterable[str], family: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    out = []
-    for v in values:
-        n = ipaddress.ip_network(v, strict=False)
-        if n.version == family:
-            out.append(n)
-    return out
-
-
-_PROTO = {Protocol.TCP: "tcp", Protocol.UDP: "udp", Protocol.SCTP: "sctp"}
 
 
 def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: PlannerOptions,

@@ -206,8 +206,10 @@ def maps(fam: Family) -> list[tuple[str, str]]:
         out.append((pick.name, f"type {svc_key if pick.by_address else np_key} : verdict"))
         for proto in PROTOCOLS:
             # typeof: numgen's type has no name that "type" accepts.
+            # counter: every element (one service address or NodePort × endpoint) counts the new
+            # connections DNATed to it, read back by ``proxyd status`` (``status.py``).
             out.append((backends_map(pick, proto), f"typeof {_key(fam, pick)} . numgen random mod 2 : "
-                                                   f"{fam.addr} daddr . {proto} dport"))
+                                                   f"{fam.addr} daddr . {proto} dport ; counter"))
     return out
 
 

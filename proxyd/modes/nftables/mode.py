@@ -17,7 +17,7 @@ helper, shared). The life cycle:
 * a failed transaction changes nothing in the kernel (nor in the planner's
   mirror, which adopts only committed plans); it is counted, a failed
   partial one is retried at once as a full one, and if that fails too the
-  ports of the transaction are bisected (``proxyd.quarantine.isolate``): the
+  ports of the transaction are bisected (``proxyd.quarantine.isolate_ports``): the
   refused ports are quarantined with their last good elements (none if new),
   the others applied. Only a node-wide failure goes to the runner, which
   retries with back-off.
@@ -29,14 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from proxyd import metrics
 from proxyd.config import Config
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
-from proxyd.model import family as _family_of
-from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.mode import _node_addresses as iptables_node_addresses
 from proxyd.modes.iptables.mode import family_cidrs
@@ -45,7 +45,7 @@ from proxyd.modes.nftables import layout as lay
 from proxyd.modes.nftables.applier import Applier
 from proxyd.modes.nftables.libnft import Nft
 from proxyd.modes.nftables.planner import Plan, Planner, PlannerOptions
-from proxyd.quarantine import NodeWideFailure, hold_back, isolate
+from proxyd.quarantine import hold_back, isolate_ports
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _Track:
     synced: bool
 
 
-class NftablesMode(ProxyMode):
+class NftablesMode(AppliedMode[Applier]):
     """Services realised as elements of a few nftables maps."""
 
     name = "nftables"
@@ -102,10 +102,7 @@ class NftablesMode(ProxyMode):
         self.planner = Planner(self._options(node_ips=tuple(node_ips), node_ip=primary))
 
     async def sync(self, request: SyncRequest) -> None:
-        if self.applier is None:
-            await self.start()
-        assert self.applier is not None
-        applier = self.applier
+        applier = await self.started_applier()
         full = request.changed is None or self.planner.needs_full
         present = await applier.canary_present()
         if not full and not present:
@@ -136,7 +133,11 @@ class NftablesMode(ProxyMode):
                 stale = await self._stale()
                 err = await self._attempt(desired, None, stale, track)
         if err is not None:
-            refused = await self._isolate(desired, retried, err, stale, track)
+            refused = await isolate_ports(
+                self.name, "transaction failed", err, fam=self.family, desired=desired,
+                good=lambda: self._good, retried=retried, invalidate=self.planner.invalidate,
+                apply=lambda state, include: self._attempt(
+                    state, frozenset(n.service for n in include), stale, track))
         self.quarantine.settle(retried, refused)
         self._ports = self._good.service_ports
         if self._synced:
@@ -194,52 +195,42 @@ class NftablesMode(ProxyMode):
             track.new_renders.pop(name, None)
         return None
 
-    async def _isolate(self, desired: ProxyState, retried: set[ServicePortName] | None, first_error: str,
-                       stale: set[str], track: _Track) -> dict[ServicePortName, str]:
-        """Bisect the ports of the failed transaction; apply the others, return the refused ones -> reason."""
-        fam = self.family
-        # The first trial that applies is a full one; later ones only send the ports they bring in.
-        self.planner.invalidate()
-        if retried is None:
-            names = {n for n, sp in desired.service_ports.items() if _family_of(sp.cluster_ip) == fam}
-            names.update(n for n, sp in self._good.service_ports.items() if _family_of(sp.cluster_ip) == fam)
-        else:
-            names = set(retried)
-        candidates = sorted(names)
-        pending = set(candidates)
-        log.warning("nftables: transaction failed (%s); isolating the refused service ports among %d",
-                    first_error.strip()[:200], len(candidates))
-
-        async def attempt(include: frozenset[ServicePortName]) -> str | None:
-            state = hold_back(desired, self._good, pending - include)
-            err = await self._attempt(state, frozenset(n.service for n in include), stale, track)
-            if err is None:
-                pending.difference_update(include)
-            return err
-
-        try:
-            refused, trials = await isolate(candidates, first_error, attempt)
-        except NodeWideFailure:
-            self.planner.invalidate()
-            raise
-        metrics.QUARANTINE_TRIALS.labels(mode=self.name).inc(trials)
-        log.info("nftables: %d service port(s) refused, the others applied, in %d more transactions",
-                 len(refused), trials)
-        return refused
-
     async def _clear_conntrack(self, names: set[ServicePortName],
                                old_ports: Mapping[ServicePortName, ServicePort],
                                old_renders: Mapping[ServicePortName, PortRender],
                                new_renders: Mapping[ServicePortName, PortRender]) -> None:
-        flows = conntrack.stale_flows(names, old_ports=old_ports, old_renders=old_renders,
-                                      new_ports=self._ports, new_renders=new_renders)
-        if not flows:
-            return
-        try:
-            deleted = await asyncio.to_thread(conntrack.clear, flows, family=self.family)
-            log.debug("nftables: deleted %d stale UDP conntrack entries", deleted)
-        except Exception as err:
-            log.warning("nftables: stale UDP conntrack cleanup failed: %s", err)
+        await conntrack.clear_stale(self.name, self.family, names, old_ports=old_ports,
+                                    old_renders=old_renders, new_ports=self._ports, new_renders=new_renders)
+
+    async def status(self, names: Collection[ServicePortName] | None = None) -> ModeStatus:
+        """Per-endpoint counters of the backends maps and kernel-versus-last-sync (``status.py``)."""
+        from proxyd.modes.nftables import status
+
+        if self.applier is None or not self._synced:
+            return ModeStatus(matches=None, notes=["nftables: no sync yet: nothing to compare with"])
+        before = self.last_plan
+        result = await status.read_status(self.applier.nft, self.planner, self._good, names,
+                                          run=asyncio.to_thread)
+        if self.last_plan is not before:
+            result.matches = None
+            result.mismatches.clear()
+            result.notes.append("a sync committed during the read: run status again to compare")
+        return result
+
+    async def trace(self, packet: TracePacket) -> TraceResult:
+        """The packet walked through the table read back from the kernel now (``status.py``)."""
+        from proxyd.modes.iptables.mode import _all_local_addresses
+        from proxyd.modes.nftables import status
+
+        if self.applier is None:
+            return TraceResult(supported=False, notes=["nftables: not started yet"])
+        node_ips = await asyncio.to_thread(_all_local_addresses, self.family)
+        before = self.last_plan
+        result = await asyncio.to_thread(status.trace_now, self.applier.nft, lay.Family(self.family), packet,
+                                         node_ips)
+        if self.last_plan is not before:
+            result.notes.append("a sync committed during the trace: its sets may come from both sides of it")
+        return result
 
     async def shutdown(self) -> None:
         """Leave the table: traffic keeps flowing while proxyd is down."""

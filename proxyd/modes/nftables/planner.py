@@ -34,18 +34,22 @@ Text safety: the only text reaching nft is addresses (checked with
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import Endpoint, ProxyState, ServiceName, ServicePort, ServicePortName
+from proxyd.model import family as _family_of
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
+from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
+from proxyd.netfilter.render import PROTO as _PROTO
+from proxyd.netfilter.render import addresses as _addresses
+from proxyd.netfilter.render import networks as _networks
+from proxyd.netfilter.render import safe_ip as _safe_ip
 from proxyd.policy import categorize
 
-_PROTO = {Protocol.TCP: "tcp", Protocol.UDP: "udp", Protocol.SCTP: "sctp"}
 REJECT = f"goto {lay.REJECT_CHAIN}"
 
 # Sets whose elements several ports may share (refcounted, no value).
@@ -57,38 +61,17 @@ _GONE = "\0gone"  # marks an element a partial plan deletes (never valid nft tex
 
 
 @dataclass(frozen=True, slots=True)
-class PlannerOptions:
-    """The node-wide settings a plan depends on (see iptables' PlannerOptions for the meaning)."""
-
-    family: int = 4
-    cluster_cidrs: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[str, ...] = ()
-    node_ips: tuple[str, ...] = ()
-    node_ip: str | None = None
-
-    def __post_init__(self) -> None:
-        lay.Family(self.family)
-        if not 0 <= self.masquerade_bit <= 31:
-            raise ValueError(f"masquerade_bit must be in 0..31, got {self.masquerade_bit!r}")
+class PlannerOptions(NodeOptions):
+    """The node-wide settings a plan depends on (``NodeOptions``'s)."""
 
     @property
     def fam(self) -> lay.Family:
         return lay.Family(self.family)
 
     @property
-    def local_cidr(self) -> str | None:
-        for cidr in self.cluster_cidrs:
-            net = ipaddress.ip_network(cidr, strict=False)
-            if net.version == self.family:
-                return str(net)
-        return None
-
-    @property
     def layout(self) -> lay.LayoutOptions:
         return lay.LayoutOptions(family=self.fam, cluster_cidr=self.local_cidr,
-                                 masquerade_all=self.masquerade_all, mark=f"{1 << self.masquerade_bit:#x}",
+                                 masquerade_all=self.masquerade_all, mark=self.mark,
                                  nodeport_addresses=bool(self.nodeport_addresses))
 
 
@@ -140,36 +123,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.text.strip()
-
-
-def _safe_ip(ip: str) -> str:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
-    except (OSError, TypeError) as err:
-        raise ValueError(f"not an IP address: {ip!r}") from err
-    return ip
-
-
-def _family_of(ip: str) -> int:
-    return 6 if ":" in ip else 4
-
-
-def _addresses(values: Iterable[str], family: int) -> list[str]:
-    out = []
-    for v in values:
-        a = ipaddress.ip_address(v)
-        if a.version == family:
-            out.append(str(a))
-    return out
-
-
-def _networks(values: Iterable[str], family: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    out = []
-    for v in values:
-        n = ipaddress.ip_network(v, strict=False)
-        if n.version == family:
-            out.append(n)
-    return out
 
 
 def _suffix(chain: str) -> str:
@@ -328,7 +281,7 @@ def _join(ep: Endpoint) -> str:
     return f"[{ip}]:{ep.port}" if ":" in ip else f"{ip}:{ep.port}"
 
 
-class Planner:
+class Planner(MirrorPlanner[PlannerOptions]):
     """Plans transactions from ProxyStates, mirroring the kernel's elements for partial syncs.
 
     What it keeps between syncs is the mirror of the kernel's elements (set
@@ -340,7 +293,7 @@ class Planner:
     """
 
     def __init__(self, options: PlannerOptions) -> None:
-        self.options = options
+        super().__init__(options)
         self._state = ProxyState()
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
         self._kernel: dict[str, dict[str, str | None]] = {}
@@ -351,11 +304,6 @@ class Planner:
         self._pick_refs: dict[str, int] = {}
         self._doomed_chains: tuple[str, ...] = ()
         self._node_ips: tuple[str, ...] = ()
-        self._valid = False
-
-    @property
-    def needs_full(self) -> bool:
-        return not self._valid
 
     @property
     def kernel(self) -> Mapping[str, Mapping[str, str | None]]:
@@ -369,16 +317,6 @@ class Planner:
     @property
     def dynamic_chains(self) -> Mapping[str, tuple[str, ...]]:
         return self._chains
-
-    def invalidate(self) -> None:
-        self._valid = False
-
-    def set_node_ips(self, node_ips: Iterable[str]) -> None:
-        ips = tuple(node_ips)
-        if ips != self.options.node_ips:
-            fields = {f: getattr(self.options, f) for f in PlannerOptions.__dataclass_fields__}
-            fields["node_ips"] = ips
-            self.options = PlannerOptions(**fields)
 
     def _wanted_node_ips(self) -> tuple[str, ...]:
         if not self.options.nodeport_addresses:

@@ -74,6 +74,8 @@ class Packet:
     protocol: str
     mark: int = 0
     dnat: str | None = None
+    steps: tuple[str, ...] = ()  # chains entered so far (for ``trace_paths``)
+    odds: float = 1.0  # probability of this path, from ``numgen random`` forks
 
 
 def parse_rule(text: str) -> tuple[Statement, ...]:
@@ -226,7 +228,7 @@ class Tracer:
         rules = self.ruleset.chains.get(chain)
         if rules is None:
             raise ValueError(f"jump to missing chain {chain}")
-        return self._from(rules, 0, pkt, depth)
+        return self._from(rules, 0, replace(pkt, steps=(*pkt.steps, chain)), depth)
 
     def _from(self, rules: list[tuple[Statement, ...]], start: int, pkt: Packet, depth: int) -> list[Path]:
         out: list[Path] = []
@@ -308,7 +310,7 @@ class Tracer:
                     if dest is None:
                         raise ValueError(f"{a[2]} has no element {self._key(pkt, a[0])} . {j} (mod {n})")
                     ip, _, port = dest.partition(" . ")
-                    out.append(("dnat", _dnat(pkt, ip, int(port))))
+                    out.append(("dnat", _dnat(replace(pkt, odds=pkt.odds / n), ip, int(port))))
                 return out
             elif k == "dnat":
                 to_ip, to_port = split_host_port(a[0] or "")
@@ -319,7 +321,7 @@ class Tracer:
                 if sorted(entries) != [str(j) for j in range(int(a[0] or "0"))]:
                     raise ValueError(f"numgen vmap does not cover 0..{a[0]}: {entries}")
                 for value in entries.values():
-                    out.extend(self._verdict(value, pkt, depth))
+                    out.extend(self._verdict(value, replace(pkt, odds=pkt.odds / len(entries)), depth))
                 return out
             elif k == "masquerade":
                 return [("masquerade", pkt)]
@@ -365,12 +367,22 @@ class Tracer:
     def trace(self, *, src: str, dst: str, port: int, protocol: str = "tcp",
               local_origin: bool = False) -> list[Outcome]:
         """Every way the first packet ``src`` -> ``dst:port`` can end."""
+        seen: dict[Outcome, None] = {}
+        for o, _, _ in self.trace_paths(src=src, dst=dst, port=port, protocol=protocol,
+                                        local_origin=local_origin):
+            seen.setdefault(o, None)
+        return list(seen)
+
+    def trace_paths(self, *, src: str, dst: str, port: int, protocol: str = "tcp",
+                    local_origin: bool = False) -> list[tuple[Outcome, tuple[str, ...], float]]:
+        """``trace`` with, for each path, the chains it entered and its probability (paths add up to 1)."""
         pkt = Packet(src=src, dst=dst, dport=port, protocol=protocol.lower())
-        outcomes: list[Outcome] = []
+        outcomes: list[tuple[Outcome, tuple[str, ...], float]] = []
         first = self._hook("output" if local_origin else "prerouting", [pkt])
         for verdict, p in first:
             if verdict in ("drop", "reject"):
-                outcomes.append(Outcome(verdict.upper(), host_port(p.dst, p.dport), False, False))
+                dropped = Outcome(verdict.upper(), host_port(p.dst, p.dport), False, False)
+                outcomes.append((dropped, p.steps, p.odds))
                 continue
             local = self._local(p.dst)
             if not local_origin:
@@ -379,17 +391,18 @@ class Tracer:
                 second = [(None, p)]
             for v2, q in second:
                 if v2 in ("drop", "reject"):
-                    outcomes.append(Outcome(v2.upper(), host_port(q.dst, q.dport), False, local))
+                    dropped = Outcome(v2.upper(), host_port(q.dst, q.dport), False, local)
+                    outcomes.append((dropped, q.steps, q.odds))
                     continue
                 masq = False
+                steps = q.steps
                 if not local or local_origin:
-                    masq = any(v == "masquerade" for v, _ in self._hook("postrouting", [q]))
-                outcomes.append(Outcome("ACCEPT", host_port(q.dst, q.dport), masq,
-                                        local and not local_origin))
-        seen: dict[Outcome, None] = {}
-        for o in outcomes:
-            seen.setdefault(o, None)
-        return list(seen)
+                    for v3, r in self._hook("postrouting", [q]):
+                        if v3 == "masquerade":
+                            masq, steps = True, r.steps
+                delivered = Outcome("ACCEPT", host_port(q.dst, q.dport), masq, local and not local_origin)
+                outcomes.append((delivered, steps, q.odds))
+        return outcomes
 
 
 def _dnat(pkt: Packet, ip: str, port: int) -> Packet:

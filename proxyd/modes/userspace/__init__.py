@@ -2,7 +2,8 @@
 
 ``mode`` (``UserspaceMode``: the sync cycle and lifecycle), ``planner``
 (pure: state → addresses, listeners, endpoint tables), ``applier`` (the
-kernel side: service addresses on ``proxyd0`` and listening sockets),
+kernel side: service addresses as local routes via ``proxyd0``, listening
+sockets),
 ``addresses``, ``listeners``, ``tcp``/``pump``/``udp`` (the data path),
 ``stats``, ``poller``.
 """

@@ -1,8 +1,8 @@
 """Userspace mode's applier: the kernel side of a plan (service addresses on ``proxyd0``, listening sockets).
 
 The mode decides (``planner``) and moves the endpoint tables; this object
-holds what the kernel holds for it: the addresses on ``proxyd0``
-(``addresses.AddressHolder``) and one listening socket per service
+holds what the kernel holds for it: the service addresses, local routes via
+``proxyd0`` (``addresses.AddressHolder``), and one listening socket per service
 ``ip:port`` and NodePort. A listener that cannot be opened (port taken by
 another program, no NET_BIND_SERVICE, no room in the descriptor budget) is
 logged once and retried at every sync; it does not fail the sync, like

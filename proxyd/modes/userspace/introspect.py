@@ -1,8 +1,8 @@
 """Userspace mode's answers to ``proxyd status`` and ``proxyd trace``, from its own live objects.
 
 In this mode proxyd itself is the data path, so "the kernel" is the set of
-listening sockets that are really open, the addresses really held on
-``proxyd0`` and the endpoint lists installed in the connection table:
+listening sockets that are really open, the addresses really held (local
+routes via ``proxyd0``) and the endpoint lists installed in the connection table:
 
 * **status**: per service port and endpoint, the connections open now (the
   connection table's count), connections opened and bytes each way (the
@@ -64,7 +64,7 @@ def status(mode: UserspaceMode, plan: Plan | None) -> ModeStatus:
             result.mismatch(f"listener {listener} ({plan.listeners[listener].name}) not open: {why}")
     missing = plan.addresses - mode.applier.holder.current
     for ip in sorted(missing)[:5]:
-        result.mismatch(f"address {ip} not held on proxyd0")
+        result.mismatch(f"address {ip} not held (no local route via proxyd0)")
     for table_key, table_entry in plan.tables.items():
         if mode.tables.get(table_key) != table_entry:
             result.mismatch(f"connection table entry {table_key} differs from the last sync")

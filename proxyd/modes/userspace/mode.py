@@ -1,7 +1,7 @@
 """Userspace mode's mode class: proxyd itself accepts every service connection and relays it to an endpoint.
 
 The node owns every service address (ClusterIPs, externalIPs, LB ingress
-IPs) as host addresses on the port-less bridge ``proxyd0``
+IPs) as ``local`` routes via the port-less bridge ``proxyd0``
 (``addresses.py``), and proxyd listens on each service ``ip:port`` and on
 each NodePort of the node addresses allowed by ``--nodeport-addresses``
 (``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2)
@@ -35,12 +35,12 @@ desired state never holds endpoints that are proxyd's own addresses
 
 Shutdown (SIGTERM): listeners close at once (new connections are refused),
 open connections get ``SHUTDOWN_GRACE`` seconds to finish and are then
-reset. The service addresses stay on ``proxyd0``: a stopped proxyd then
+reset. The service routes via ``proxyd0`` stay: a stopped proxyd then
 refuses connections to services at once (RST from the node's own stack)
 instead of letting them hang or leak elsewhere, and the next start adopts
 the addresses without a gap — the same choice kube-proxy userspace made by
 leaving its iptables rules in place. ``--cleanup`` deletes ``proxyd0`` and
-with it every address.
+with it every route.
 """
 
 from __future__ import annotations
@@ -48,19 +48,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
-from proxyd.conntable import NATIVE, ConnTable
+from proxyd.fdlimit import raise_fd_limit
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
+from proxyd.modes.userspace.conntable import NATIVE, ConnTable
 from proxyd.modes.userspace.engine import NATIVE as ENGINE_NATIVE
 from proxyd.modes.userspace.engine import NativeTcpPath, PyTcpPath, TcpPath, default_workers
 from proxyd.modes.userspace.planner import (
@@ -79,20 +79,6 @@ SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
 __all__ = ["UserspaceMode"]
-
-
-def _raise_fd_limit() -> int:
-    """Lift the soft descriptor limit to the hard one: every connection costs two sockets and two pipes."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def refused_ports(state: ProxyState, failed: Mapping[str, int]) -> dict[ServicePortName, str]:
@@ -136,7 +122,7 @@ class UserspaceMode(ProxyMode):
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        limit = _raise_fd_limit()
+        limit = raise_fd_limit()
         # Each UDP flow holds a socket; keep flows well inside the descriptor budget.
         max_flows = max(64, min(65536, limit // 4))
         self.table = ConnTable(max_udp_flows=max_flows)
@@ -302,7 +288,7 @@ class UserspaceMode(ProxyMode):
 
     @classmethod
     async def cleanup(cls, config: Config) -> None:
-        """Delete ``proxyd0`` and every service address on it; the rest lives and dies with the process."""
+        """Delete ``proxyd0`` and every service route via it; the rest lives and dies with the process."""
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(None, AddressHolder.delete_device):
             log.info("userspace: deleted %s", "proxyd0")

@@ -92,6 +92,13 @@ class Stats:
 
     def closed(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None = None) -> None:
         self.active -= 1
+        self._moved(to_endpoint, to_client, ep)
+
+    def add_bytes(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None = None) -> None:
+        if to_endpoint or to_client:
+            self._moved(to_endpoint, to_client, ep)
+
+    def _moved(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None) -> None:
         self.pending_in += to_endpoint
         self.pending_out += to_client
         self._dirty.add(self)
@@ -99,16 +106,6 @@ class Stats:
             counts = self._endpoint(ep)
             counts[1] += to_endpoint
             counts[2] += to_client
-
-    def add_bytes(self, to_endpoint: int, to_client: int, ep: tuple[str, int] | None = None) -> None:
-        if to_endpoint or to_client:
-            self.pending_in += to_endpoint
-            self.pending_out += to_client
-            self._dirty.add(self)
-            if ep is not None:
-                counts = self._endpoint(ep)
-                counts[1] += to_endpoint
-                counts[2] += to_client
 
     def reject(self, reason: str) -> None:
         self.reject_many(reason, 1)

@@ -81,7 +81,7 @@ _EINPROGRESS, _EAGAIN = errno.EINPROGRESS, errno.EAGAIN
 
 
 class EndpointTable(Protocol):
-    """The part of ``proxyd.conntable.ConnTable`` the TCP path uses."""
+    """The part of ``proxyd.modes.userspace.conntable.ConnTable`` the TCP path uses."""
 
     def pick(self, key: str, client_ip: str, now: float,
              exclude: Collection[tuple[str, int]] = ()) -> tuple[str, int] | None: ...

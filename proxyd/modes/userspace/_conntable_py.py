@@ -1,6 +1,6 @@
 """Pure-Python connection table of userspace mode (the twin of ``native/conntable.pyx``).
 
-See ``proxyd.conntable`` for the semantics both implementations share; this
+See ``proxyd.modes.userspace.conntable`` for the semantics both implementations share; this
 module is the reference: the Cython extension must behave identically, and
 ``tests/unit/test_conntable.py`` checks that with random operation sequences.
 
@@ -70,7 +70,7 @@ def _check_timeout(value: float) -> float:
 
 
 class ConnTable:
-    """Per-connection state of userspace mode; see ``proxyd.conntable`` for the contract."""
+    """Per-connection state of userspace mode; see ``proxyd.modes.userspace.conntable`` for the contract."""
 
     def __init__(self, *, max_udp_flows: int = 65536) -> None:
         if isinstance(max_udp_flows, bool) or not isinstance(max_udp_flows, int) or max_udp_flows < 1:

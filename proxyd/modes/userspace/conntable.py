@@ -2,8 +2,8 @@
 
 ``ConnTable`` is the one object the userspace data path consults on every new
 connection or datagram. Two implementations share one contract:
-``ConnTablePy`` (``proxyd/_conntable_py.py``, the reference) and
-``ConnTableNative`` (the Cython extension ``proxyd._conntable`` built from
+``ConnTablePy`` (``proxyd/modes/userspace/_conntable_py.py``, the reference) and
+``ConnTableNative`` (the Cython extension ``proxyd.modes.userspace._conntable`` built from
 ``native/conntable.pyx``). ``ConnTable`` is the extension when it imports and
 the twin otherwise; ``PROXYD_NO_EXTENSIONS=1`` in the environment forces the
 twin (as ``AIOHTTP_NO_EXTENSIONS`` does). ``NATIVE`` says which one is in use.
@@ -68,13 +68,13 @@ from __future__ import annotations
 
 import os
 
-from proxyd._conntable_py import ConnTable as ConnTablePy
+from proxyd.modes.userspace._conntable_py import ConnTable as ConnTablePy
 
 ConnTableNative: type | None
 try:
-    import proxyd._conntable
+    from proxyd.modes.userspace._conntable import ConnTable as _Native
 
-    ConnTableNative = proxyd._conntable.ConnTable
+    ConnTableNative = _Native
 except ImportError:  # no compiler at install time: the pure twin serves
     ConnTableNative = None
 

@@ -1,2 +1,0 @@
-# Cython finds a module's .pxd by its full name (proxyd._conntable): the declarations live in native/conntable.pxd.
-include "../conntable.pxd"

@@ -1,0 +1,3 @@
+# Cython finds a module's .pxd by its full name (proxyd.modes.userspace._conntable): the declarations
+# live in native/conntable.pxd.
+include "../../../conntable.pxd"
