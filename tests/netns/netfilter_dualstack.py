@@ -15,7 +15,8 @@ tests check what that must give, as kube-proxy's per-family proxiers do:
   addresses, each family with its own family's endpoints only;
 * the client's IPv6 address preserved with externalTrafficPolicy Local;
 * a hairpin over IPv6 masqueraded;
-* an IPv6 UDP flow moved when its endpoint goes (stale conntrack cleared);
+* an IPv6 UDP flow moved when its endpoint goes, and one served once its
+  service gets a first endpoint (stale conntrack cleared);
 * one family's state flushed behind the daemon's back repaired, the other
   family untouched;
 * a restart adopting both families' state (connections of both kept, the
@@ -246,6 +247,28 @@ class DualStackNat:
                     return False
 
             wait_until(moved, timeout=DEADLINE, what="IPv6 UDP flow moved to the new endpoint")
+
+    def test_ipv6_udp_service_gaining_its_first_endpoint(self, topology: Topology) -> None:
+        self.start(topology, dns6(topology), tcp=(), udp=("pod1",))
+        ns = topology.pod("pod3").ns
+        with topology.udp_socket(ns, 6) as sock:
+            sock.settimeout(0.3)
+            sock.sendto(b"early", (CLUSTER_IP6, 53))
+            try:
+                sock.recvfrom(100)
+                raise AssertionError("a service without endpoints answered")
+            except (TimeoutError, ConnectionRefusedError):
+                pass
+            # The entry made while the service rejected must go, or this flow keeps being rejected.
+            topology.write_manifest("services.yaml", dns6(topology, "pod1"))
+
+            def answered() -> bool:
+                try:
+                    return topology.udp_hello(ns, CLUSTER_IP6, 53, sock=sock, timeout=0.5)[0].pod == "pod1"
+                except OSError:
+                    return False
+
+            wait_until(answered, timeout=DEADLINE, what="IPv6 UDP flow served after the first endpoint")
 
     def test_one_family_flushed_is_repaired_and_the_other_untouched(self, topology: Topology) -> None:
         proc = self.start(topology, web6(topology, "pod2", families=(4, 6), v4_pods=("pod1",)),
