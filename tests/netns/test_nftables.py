@@ -213,7 +213,9 @@ class TestNftablesDualStackNat(DualStackNat):
         v6, v4 = self.ruleset(topology, 6), self.ruleset(topology, 4)
         assert "type ipv6_addr . inet_proto . inet_service : verdict" in v6
         assert f"{CLUSTER_IP6} . tcp . 80 : goto svc-int" in v6
-        assert f"{CLUSTER_IP6} . tcp . 80 . 0 : {topology.pod('pod1').ip6} . 8080" in v6
+        # Backends elements carry counters ("proxyd status" reads them).
+        pod1 = topology.pod("pod1").ip6
+        assert f"{CLUSTER_IP6} . tcp . 80 . 0 counter packets 0 bytes 0 : {pod1} . 8080" in v6
         assert f"{EMPTY_IP6} . tcp . 80 : goto reject-chain" in v6
         assert "ip6 saddr != fd00:10:244::/48 jump mark-for-masquerade" in v6
         assert "fib daddr type local ip6 daddr != ::1 " in v6
