@@ -77,7 +77,8 @@ def http(topo: Topology, *, target: tuple[str, int], seconds: int, connections: 
             "-s", str(script)]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{ip}:{port}/{PAYLOAD}")
+    host = f"[{ip}]" if ":" in ip else ip
+    argv.append(f"http://{host}:{port}/{PAYLOAD}")
     meter.start()
     try:
         proc = topo.ns_run(topo.client, pinned(LOAD_CPU, argv), timeout=seconds + 20, check=False)

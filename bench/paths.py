@@ -9,6 +9,13 @@
 * ``haproxy-2t`` and ``proxyd-userspace-2w`` — HAProxy with two threads and
   proxyd's engine with two workers, both unpinned (the same two CPUs the
   load generator and backends use): the multi-core case of issue 15.
+* ``<path>-ipv6`` — the same path over IPv6 (issue 16), measured right
+  after the IPv4 path in the same turn (same daemon, same HAProxy): the
+  client's IPv6 address to the pods' IPv6 addresses (``direct-ipv6``), to
+  HAProxy on the node's IPv6 address, or to single-stack IPv6 services
+  (``HTTP_VIP6``, ``BULK_VIP6``) through proxyd; compared with
+  ``direct-ipv6``. A mode that does not serve IPv6 yet has its IPv6 path
+  skipped with the reason (its IPv6 service does not accept).
 
 The daemon is pinned to the proxy CPU by pinning the calling thread while
 it is spawned (affinity is inherited across fork and exec, so every thread
@@ -33,7 +40,7 @@ from pathlib import Path
 from bench.dataplane import Endpoints
 from bench.measure import CpuMeter
 from bench.servers import HTTP_PORT, IPERF_PORT, PROXY_CPU, wait_tcp
-from netnstopo.topology import NODE_IP, Topology, run
+from netnstopo.topology import NODE_IP, NODE_IP6, Topology, run
 
 HTTP_VIP = "10.96.0.10"
 BULK_VIP = "10.96.0.11"
@@ -45,7 +52,12 @@ HAPROXY2 = "haproxy-2t"
 HAPROXY_HOLD_PORT = 9101
 HOLD_VIP = "10.96.0.13"
 USERSPACE_2W = "proxyd-userspace-2w"
+HTTP_VIP6 = "fd00:10:96::10"
+BULK_VIP6 = "fd00:10:96::11"
+IPV6 = "-ipv6"  # suffix of a path's IPv6 twin
+# Paths with an IPv6 twin (the two-core variants have none: they are about cores, not families).
 KERNEL_MODES = ("iptables", "ipvs", "nftables")
+HAS_IPV6 = ("direct", "haproxy", "proxyd-userspace", *(f"proxyd-{m}" for m in KERNEL_MODES))
 
 CPU_NOTES = {
     "direct": f"no proxy: busy time of CPU {PROXY_CPU} (the proxy CPU) from /proc/stat, an idle reference",
@@ -60,6 +72,7 @@ CPU_NOTES = {
     "proxyd-nftables": f"kernel data path (softirq): busy time of CPU {PROXY_CPU} from /proc/stat, as for "
                        "iptables",
 }
+CPU_NOTES.update({f"{p}{IPV6}": f"as {p}, over IPv6" for p in HAS_IPV6 if p in CPU_NOTES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +83,15 @@ class Running:
     meter: CpuMeter
 
 
-def direct(topo: Topology) -> Running:
-    pod = topo.pod_list[0]
-    return Running(Endpoints(http=(pod.ip, HTTP_PORT), bulk=(pod.ip, IPERF_PORT)), CpuMeter(cpu=PROXY_CPU))
+def direct(topo: Topology, fam: int = 4) -> Running:
+    ip = topo.pod_list[0].address(fam)
+    return Running(Endpoints(http=(ip, HTTP_PORT), bulk=(ip, IPERF_PORT)), CpuMeter(cpu=PROXY_CPU))
 
 
-def haproxy(proc: subprocess.Popen[str]) -> Running:
-    return Running(Endpoints(http=(NODE_IP, HAPROXY_HTTP_PORT), bulk=(NODE_IP, HAPROXY_BULK_PORT)),
+def haproxy(proc: subprocess.Popen[str], fam: int = 4) -> Running:
+    """HAProxy's listeners: on the node's IPv4 address, or (``fam`` 6) its IPv6 one, same ports."""
+    ip = NODE_IP6 if fam == 6 else NODE_IP
+    return Running(Endpoints(http=(ip, HAPROXY_HTTP_PORT), bulk=(ip, HAPROXY_BULK_PORT)),
                    CpuMeter(pid=proc.pid))
 
 
@@ -155,8 +170,18 @@ class ProxydPath:
             log = self.topo.log_of(self.proc)[-1500:]
             self.stop()
             raise RuntimeError(f"{err}; proxyd log tail: {log}") from None
-        meter = CpuMeter(cpu=PROXY_CPU) if self.mode in KERNEL_MODES else CpuMeter(pid=self.proc.pid)
-        return Running(Endpoints(http=(HTTP_VIP, HTTP_PORT), bulk=(BULK_VIP, IPERF_PORT)), meter)
+        return Running(Endpoints(http=(HTTP_VIP, HTTP_PORT), bulk=(BULK_VIP, IPERF_PORT)), self._meter())
+
+    def _meter(self) -> CpuMeter:
+        assert self.proc is not None
+        return CpuMeter(cpu=PROXY_CPU) if self.mode in KERNEL_MODES else CpuMeter(pid=self.proc.pid)
+
+    def running6(self) -> Running:
+        """The started daemon's IPv6 services; RuntimeError when they do not accept (no IPv6 in the mode)."""
+        assert self.proc is not None
+        # The IPv4 service accepts already, so the first sync (both families' services) is done: a short wait.
+        wait_tcp(self.topo, self.topo.client, HTTP_VIP6, HTTP_PORT, timeout=3.0)
+        return Running(Endpoints(http=(HTTP_VIP6, HTTP_PORT), bulk=(BULK_VIP6, IPERF_PORT)), self._meter())
 
     def stop(self) -> str:
         """Stop the daemon and remove what it programmed; returns a note when something went wrong."""

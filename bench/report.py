@@ -9,7 +9,8 @@ root. A sample is one measurement of one path in one round::
 ``METRICS`` says which sample field becomes which reported quantity;
 ``TARGETS`` are the acceptance ratios (issue 7 for the kernel modes, issue 15
 for userspace: one pinned core each, and two workers against two HAProxy
-threads); ``memory_lines`` judges the idle-connection memory (issue 15). A ratio is always
+threads; issue 16: the same for the IPv6 paths against the IPv6 baselines);
+``memory_lines`` judges the idle-connection memory (issue 15). A ratio is always
 median(path) / median(baseline); a verdict is "met", "not met" or "no data"
 (baseline or path missing, skipped, or a zero baseline), never a guess.
 """
@@ -28,7 +29,11 @@ USERSPACE = "proxyd-userspace"
 HAPROXY_2T = "haproxy-2t"
 USERSPACE_2W = "proxyd-userspace-2w"
 KERNEL_PATHS = ("proxyd-iptables", "proxyd-ipvs", "proxyd-nftables")
-PATH_ORDER = (DIRECT, HAPROXY, USERSPACE, *KERNEL_PATHS, HAPROXY_2T, USERSPACE_2W)
+IPV6 = "-ipv6"  # the IPv6 twin of a path (issue 16): bulk and new connections only
+DIRECT6, HAPROXY6, USERSPACE6 = DIRECT + IPV6, HAPROXY + IPV6, USERSPACE + IPV6
+KERNEL_PATHS6 = tuple(p + IPV6 for p in KERNEL_PATHS)
+PATH_ORDER = (DIRECT, HAPROXY, USERSPACE, *KERNEL_PATHS, HAPROXY_2T, USERSPACE_2W,
+              DIRECT6, HAPROXY6, USERSPACE6, *KERNEL_PATHS6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,10 @@ def _targets() -> tuple[Target, ...]:
     out = [Target(m, USERSPACE, HAPROXY, op, t) for m, op, t in userspace]
     out += [Target(m, USERSPACE_2W, HAPROXY_2T, op, t) for m, op, t in userspace]
     out += [Target(m, path, DIRECT, op, t) for path in KERNEL_PATHS for m, op, t in kernel]
+    # IPv6 (issue 16): the same targets against the IPv6 baselines, for what the IPv6 paths measure
+    measured6 = ("bulk_", "nc_")
+    out += [Target(m, USERSPACE6, HAPROXY6, op, t) for m, op, t in userspace if m.startswith(measured6)]
+    out += [Target(m, path, DIRECT6, op, t) for path in KERNEL_PATHS6 for m, op, t in kernel]
     return tuple(out)
 
 
@@ -226,7 +235,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                   f"{_escape(str(s['error']))[:300]}" for s in errors[:20]]
         lines.append("")
     lines += memory_markdown(results.get("memory", {}))
-    lines += ["## Targets (issues 7 and 15)", "", "| path | vs | metric | ratio | target | verdict |",
+    lines += ["## Targets (issues 7, 15 and 16)", "", "| path | vs | metric | ratio | target | verdict |",
               "|---|---|---|---|---|---|"]
     for verdict in judge(summary, skipped):
         target = verdict.target

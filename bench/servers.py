@@ -54,6 +54,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen {port} reuseport backlog=4096;
+        listen [::]:{port} reuseport backlog=4096;
         root {workdir}/www;
     }}
 }}
@@ -77,9 +78,14 @@ def haproxy_config(*, listeners: Sequence[tuple[str, int, Sequence[tuple[str, in
         "    timeout server 60s",
     ]
     for index, (ip, port, servers) in enumerate(listeners):
-        out += [f"listen l{index}", f"    bind {ip}:{port}", f"    maxconn {maxconn}"]
-        out += [f"    server s{n} {sip}:{sport}" for n, (sip, sport) in enumerate(servers)]
+        out += [f"listen l{index}", f"    bind {_hostport(ip, port)}", f"    maxconn {maxconn}"]
+        out += [f"    server s{n} {_hostport(sip, sport)}" for n, (sip, sport) in enumerate(servers)]
     return "\n".join(out) + "\n"
+
+
+def _hostport(ip: str, port: int) -> str:
+    """``ip:port``, or ``[ip]:port`` for IPv6 (HAProxy and URLs both take the brackets)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def wait_tcp(topo: Topology, ns: str, ip: str, port: int, *, timeout: float = 10.0) -> None:

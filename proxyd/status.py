@@ -200,7 +200,7 @@ def service_for(state: ProxyState, packet: TracePacket, local_ips: Iterable[str]
         if str(svc.protocol) != proto:
             continue
         if svc.port == packet.port:
-            if packet.dst == svc.cluster_ip:
+            if packet.dst in svc.cluster_ips:  # a dual-stack port: either family's cluster IP
                 return str(name), "cluster IP"
             if packet.dst in svc.external_ips:
                 return str(name), "external IP"

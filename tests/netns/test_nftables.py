@@ -136,6 +136,18 @@ class TestNftables(KernelNatBehaviour):
         assert time.monotonic() - started < 5.0
         assert (topology.metric("proxyd_nftables_table_repairs_total") or 0) >= 1
 
+    def test_a_table_an_older_layout_left_is_replaced_whole(self, topology: Topology) -> None:
+        # An older proxyd declared a map otherwise (e.g. without per-element counters): nft refuses
+        # to redefine it ("File exists"), so only replacing the table in one transaction can adopt it.
+        topology.ns_run(topology.node, ["nft", "add", "table", "ip", "proxyd"])
+        topology.ns_run(topology.node, ["nft", "add", "map", "ip", "proxyd", "service-ips",
+                                        "{ type ipv4_addr : verdict ; }"])
+        proc = self.start(topology, web(endpoints=local_eps(POD1)))
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        assert "replacing table ip proxyd" in topology.log_of(proc)
+        assert "inet_proto . inet_service : verdict" in table(topology)
+        assert not topology.metric_sum("proxyd_quarantined_service_ports")
+
     def test_canary_flushed_is_repaired(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns

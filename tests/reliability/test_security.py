@@ -108,9 +108,11 @@ def test_listening_sockets_are_only_the_configured_ones(topology: Topology) -> N
     out = topology.ns_run(topology.node, ["ss", "-lntupH"]).stdout
     mine = sorted({line.split()[4] for line in out.splitlines() if f"pid={pid}," in line})
     expected = {
-        "0.0.0.0:10256",  # /healthz (as configured here)
+        "0.0.0.0:10256",  # /healthz (as configured here) ...
+        "[::]:10256",  # ... a wildcard serves both families, as kube-proxy's Go listener does
         "127.0.0.1:10249",  # /metrics: loopback only
-        f"0.0.0.0:{HCNP}",  # healthCheckNodePort
+        f"0.0.0.0:{HCNP}",  # healthCheckNodePort, on each family the node serves
+        f"[::]:{HCNP}",
         f"{CLUSTER_IP}:80",  # the service
     }
     # NodePort listeners: one per node address (all addresses by default) or the wildcard.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -105,6 +106,31 @@ def test_targets_cover_issues_7_and_15() -> None:
     for path in ("proxyd-iptables", "proxyd-ipvs"):
         assert (path, DIRECT, "bulk_gbps", ">=", 0.95) in keys
         assert (path, DIRECT, "nc_cps", ">=", 0.8) in keys
+
+
+def test_ipv6_paths_are_judged_against_the_ipv6_baselines() -> None:
+    """Issue 16: each IPv6 path against its IPv6 anchor, on what the IPv6 paths measure (bulk, newconn)."""
+    keys = {(t.path, t.baseline, t.metric) for t in report.TARGETS}
+    assert (report.USERSPACE6, report.HAPROXY6, "bulk_gbps") in keys
+    assert (report.USERSPACE6, report.HAPROXY6, "nc_cpu") in keys
+    assert not any(t.path.endswith(report.IPV6) and t.metric.startswith("ka_") for t in report.TARGETS)
+    for path in ("proxyd-iptables-ipv6", "proxyd-nftables-ipv6"):
+        assert (path, report.DIRECT6, "bulk_gbps") in keys and (path, report.DIRECT6, "nc_cps") in keys
+    samples = [bulk(report.DIRECT6, 12, 0.01), bulk("proxyd-iptables-ipv6", 11.7, 0.02),
+               bulk(DIRECT, 100, 0.01), newconn(report.DIRECT6, 10000, 2000, 5),
+               newconn("proxyd-iptables-ipv6", 7000, 1500, 9)]
+    got = verdicts_by_key(samples)
+    assert got[("proxyd-iptables-ipv6", "bulk_gbps")].ratio == pytest.approx(11.7 / 12)
+    assert got[("proxyd-iptables-ipv6", "nc_cps")].status == "not met"
+    assert got[(report.USERSPACE6, "bulk_gbps")].status == "no data"
+    assert report.ordered_paths({report.DIRECT6, "proxyd-userspace-ipv6", DIRECT, report.USERSPACE_2W}) == [
+        DIRECT, report.USERSPACE_2W, report.DIRECT6, report.USERSPACE6]
+
+
+def test_haproxy_and_urls_bracket_ipv6() -> None:
+    conf = haproxy_config(listeners=[("2001:db8:203::1", 8080, [("fd00:10:244:1::11", 80)])])
+    assert "bind [2001:db8:203::1]:8080" in conf and "server s0 [fd00:10:244:1::11]:80" in conf
+    assert "listen [::]:80 " in nginx_config(workdir=Path("/w"), port=80)
 
 
 def test_judge_ratios_of_medians_and_verdicts() -> None:

@@ -478,6 +478,66 @@ def test_ipv6_style_clients(table: object) -> None:
     assert table.udp_get(K, client, 1.0) == (("fd00::10", 53), "s")
 
 
+# IPv6: one table holds both families (a dual-stack port has one key per family); client and endpoint
+# addresses are the kernel's canonical text, keys the planner's ``.../IPv6`` ids.
+K6 = "ns/svc:80/TCP/IPv6"
+A6, B6, C6 = ("fd00:10:244:1::11", 8080), ("fd00:10:244:1::12", 8080), ("fd00:10:244:2::11", 8080)
+
+
+def test_ipv6_round_robin_and_affinity_by_ipv6_client(table: object) -> None:
+    table.set_endpoints(K6, [A6, B6, C6], 10, 0.0)
+    assert picks(table, 3, key=K6, client="2001:db8:203::2") == [A6, A6, A6]
+    assert table.pick(K6, "2001:db8:198::2", 0.0) == B6
+    # ::ffff:a.b.c.d and a.b.c.d are different clients for the table (the kernel never mixes them
+    # within one listener: IPv6 listeners are V6ONLY).
+    assert table.pick(K6, "fd00:10:244:1::13", 0.0) == C6
+    assert table.pick(K6, "2001:db8:203::2", 5.0) == A6
+    assert table.affinity_count() == 3
+    # expiry since last use, as for IPv4 clients
+    assert table.pick(K6, "2001:db8:203::2", 15.0) == A6
+    assert table.pick(K6, "2001:db8:203::2", 25.0) == B6
+
+
+def test_ipv6_affinity_dropped_with_its_endpoint_only(table: object) -> None:
+    table.set_endpoints(K6, [A6, B6], 60, 0.0)
+    assert table.pick(K6, "2001:db8::1", 0.0) == A6
+    assert table.pick(K6, "2001:db8::2", 0.0) == B6
+    table.set_endpoints(K6, [B6], 60, 1.0)
+    assert table.affinity_count() == 1
+    assert table.pick(K6, "2001:db8::2", 2.0) == B6
+
+
+def test_ipv6_retry_excludes_tried_endpoints(table: object) -> None:
+    table.set_endpoints(K6, [A6, B6], 0, 0.0)
+    assert table.pick(K6, "2001:db8::1", 0.0) == A6
+    assert table.pick(K6, "2001:db8::1", 0.0, exclude={A6}) == B6
+    assert table.pick(K6, "2001:db8::1", 0.0, exclude={A6, B6}) is None
+
+
+def test_families_of_one_port_are_separate_entries(table: object) -> None:
+    table.set_endpoints(K, [A, B], 10, 0.0)
+    table.set_endpoints(K6, [A6], 10, 0.0)
+    assert table.pick(K, "1.1.1.1", 0.0) == A
+    assert table.pick(K6, "2001:db8::1", 0.0) == A6
+    table.open(K6, A6)
+    assert table.active(K6) == {A6: 1} and table.active(K) == {}
+    assert sorted(table.services()) == sorted([K, K6])
+    table.close(K6, A6)
+    table.remove_service(K6)
+    assert table.services() == [K] and table.pick(K, "1.1.1.1", 1.0) == A
+
+
+def test_ipv6_udp_flows_keyed_by_ipv6_client(table: object) -> None:
+    table.set_endpoints(K6, [A6, B6], 0, 0.0)
+    c1, c2 = ("2001:db8:203::2", 40000), ("2001:db8:203::2", 40001)
+    assert table.udp_set(K6, c1, A6, "s1", 0.0) == []
+    assert table.udp_set(K6, c2, B6, "s2", 0.0) == []
+    assert table.udp_get(K6, c1, 1.0) == (A6, "s1")
+    assert table.udp_get(K6, c2, 1.0) == (B6, "s2")
+    assert table.set_endpoints(K6, [B6], 0, 2.0) == [(c1, A6, "s1")]
+    assert table.udp_expire(100.0, 10.0) == [(K6, c2, B6, "s2")]
+
+
 def test_many_flows_expire_in_order(impl: type) -> None:
     t = impl(max_udp_flows=1000)
     evicted = []
@@ -492,10 +552,11 @@ def test_many_flows_expire_in_order(impl: type) -> None:
 # -- both twins against each other ------------------------------------------------------------------
 
 # small pools so random histories revisit the same keys, clients and endpoints often
-KEYS = ("a/s:53/UDP", "b/s:80/TCP")
-POOL = (A, B, C, D, ("10.0.0.5", 80))
-CLIENT_IPS = ("1.1.1.1", "2.2.2.2")
-UDP_CLIENTS = (("1.1.1.1", 1000), ("1.1.1.1", 1001), ("2.2.2.2", 1000), ("3.3.3.3", 9))
+KEYS = ("a/s:53/UDP", "b/s:80/TCP", "b/s:80/TCP/IPv6")
+POOL = (A, B, C, D, ("10.0.0.5", 80), A6, B6)
+CLIENT_IPS = ("1.1.1.1", "2.2.2.2", "2001:db8::1")
+UDP_CLIENTS = (("1.1.1.1", 1000), ("1.1.1.1", 1001), ("2.2.2.2", 1000), ("3.3.3.3", 9), ("2001:db8::1", 1000),
+               ("2001:db8::2", 9))
 TOKENS = tuple(f"sock{i}" for i in range(6))
 
 # equal but distinct objects too: the extension has identity fast paths that must not change results

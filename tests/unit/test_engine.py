@@ -182,13 +182,14 @@ TestPickMachine = PickMachine.TestCase
 class Backends:
     """Loopback TCP servers: greet with their name, echo, answer EOF with BYE and close."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socks: list[socket.socket] = []
         self.threads: list[threading.Thread] = []
         self.stop = threading.Event()
         for i in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            sock = socket.socket(family)
+            sock.bind((host, 0))
             sock.listen(64)
             sock.settimeout(0.1)
             self.socks.append(sock)
@@ -196,11 +197,11 @@ class Backends:
             thread.start()
             self.threads.append(thread)
         # a port nobody listens on: connects are refused and retried on the next endpoint
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.dead = ("127.0.0.1", probe.getsockname()[1])
+        probe = socket.socket(family)
+        probe.bind((host, 0))
+        self.dead = (host, probe.getsockname()[1])
         probe.close()
-        self.live = [("127.0.0.1", s.getsockname()[1]) for s in self.socks]
+        self.live = [(host, s.getsockname()[1]) for s in self.socks]
 
     def _serve(self, sock: socket.socket, name: str) -> None:
         while not self.stop.is_set():
@@ -252,9 +253,10 @@ class LoopThread:
         self.loop.close()
 
 
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    sock.bind(("127.0.0.1", 0))
+def _listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.bind((host, 0))
     sock.listen(256)
     return sock
 
@@ -266,13 +268,13 @@ TKEY = TableKey(NAME)
 class Side:
     """One implementation behind its own listener."""
 
-    def __init__(self, *, native: bool) -> None:
+    def __init__(self, *, native: bool, host: str = "127.0.0.1") -> None:
         self.native = native
         self.stats = StatsCache()
         self.loop = None if native else LoopThread()
-        self.sock = _listening_socket()
-        self.addr = self.sock.getsockname()
-        self.lkey = ListenerKey("127.0.0.1", self.addr[1], Protocol.TCP)
+        self.sock = _listening_socket(host)
+        self.addr = self.sock.getsockname()[:2]
+        self.lkey = ListenerKey(host, self.addr[1], Protocol.TCP)
         if native:
             self.path: Any = NativeTcpPath(workers=2, stats_of=lambda k: self.stats.get(k.name),
                                            fd_limit=4096, other_fds=lambda: 0)
@@ -464,6 +466,39 @@ def test_counters_listener_removal_and_drain(backends: Backends) -> None:
         assert path.engine.fds() == 0
     finally:
         path.engine.stop()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native, id="engine"),
+                                    pytest.param(False, id="twin")])
+def test_ipv6_listener_endpoints_retry_affinity_and_source_ranges(native: bool) -> None:
+    """An IPv6 listener (the engine's sockaddr_in6 accept and connect, and the twin's): a refused
+    endpoint is retried on the next, ClientIP affinity keys the IPv6 client, IPv6 source ranges filter."""
+    six = Backends(2, host="::1")
+    side = Side(native=native, host="::1")
+    try:
+        entry = TableEntry((six.dead, *six.live), 60)
+        side.do(lambda: side.path.set_endpoints(TKEY, entry, time.monotonic()))
+        names = {_talk(side.addr, b"v6")[0] for _ in range(6)}
+        assert len(names) == 1  # one client (::1): one endpoint, the dead one skipped
+        side.do(lambda: side.path.set_endpoints(TKEY, TableEntry(entry.endpoints, 0), time.monotonic()))
+        assert {_talk(side.addr, b"v6")[0] for _ in range(6)} == {"ep0", "ep1"}
+
+        def admit(ranges: tuple[str, ...]) -> None:
+            side.listener.admits = SourceFilter(ranges)
+
+        side.do(lambda: admit(("2001:db8::/32", "127.0.0.0/8")))  # ::1 is in neither
+        try:
+            with socket.create_connection(side.addr, timeout=5) as other:
+                assert read_line(other)[1] == "reset"
+        except ConnectionResetError:
+            pass
+        side.do(lambda: admit(("::1/128",)))
+        assert _talk(side.addr, b"ok")[0] in ("ep0", "ep1")
+    finally:
+        side.close()
+        if native:
+            side.path.engine.stop()
+        six.close()
 
 
 def _talk(addr: tuple[str, int], payload: bytes) -> tuple[str, int]:

@@ -282,6 +282,20 @@ def test_golden_full_partial_and_deferred_deletes() -> None:
     assert planner.plan(state(CHANGED), frozenset()).empty
 
 
+def test_a_replacing_full_plan_swaps_the_whole_table_and_deletes_nothing_stale() -> None:
+    planner = Planner(OPTS)
+    planner.commit(planner.plan(state(ENTRIES), None))
+    plan = planner.plan(state(CHANGED), frozenset(), stale_chains={"svc-ep-stale"}, stale_sets={"aff-stale"},
+                        replace=True)
+    table = lay.Family(4).table
+    assert plan.full
+    assert plan.text.startswith(f"add table {table}\ndelete table {table}\nadd table {table}\n")
+    assert "stale" not in plan.text
+    # Past the swap it is the ordinary full plan of the same state.
+    fresh = Planner(OPTS).plan(state(CHANGED), None).text
+    assert plan.text.split("\n", 2)[2] == fresh
+
+
 def test_the_golden_transactions_are_what_the_tracer_accepts() -> None:
     tracer = Tracer(GOLDEN_FULL, GOLDEN_PARTIAL, GOLDEN_NEXT, node_ips=["192.168.0.2"])
     assert flow(tracer, src="10.0.0.2", dst="172.30.0.41:80") == \

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -118,6 +119,15 @@ def test_parse_trace_request_and_service_lookup():
     assert service_for(state(), TracePacket("1.1.1.1", "192.0.2.1", 30080), ["192.0.2.1"]) == (
         "default/web:http", "node port")
     assert service_for(state(), TracePacket("1.1.1.1", "10.96.0.10", 80, "udp"), []) is None
+
+
+def test_service_lookup_finds_a_dual_stack_port_by_either_cluster_ip():
+    base = state()
+    web = dataclasses.replace(base.service_ports[WEB], secondary_cluster_ip="fd00:10:96::10")
+    dual = ProxyState(service_ports={WEB: web}, endpoints={WEB: ()}, node_name=NODE)
+    for dst in ("10.96.0.10", "fd00:10:96::10"):
+        assert service_for(dual, TracePacket("fd00::1", dst, 80), []) == ("default/web:http", "cluster IP")
+    assert service_for(base, TracePacket("fd00::1", "fd00:10:96::10", 80), []) is None
 
 
 def test_socket_round_trip_and_stale_socket():

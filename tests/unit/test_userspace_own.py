@@ -148,3 +148,47 @@ async def test_udp_flow_is_not_opened_when_the_descriptor_budget_is_full() -> No
     finally:
         listener.close()
         proxy.close()
+
+
+def test_pktinfo_destination_of_both_families() -> None:
+    """The address a client used on a wildcard UDP listener, from IP_PKTINFO or IPV6_PKTINFO."""
+    from proxyd.modes.userspace.udp import IP_PKTINFO, IPV6_PKTINFO, _pktinfo_dst
+
+    v4 = socket.inet_pton(socket.AF_INET, "203.0.113.1")
+    v6 = socket.inet_pton(socket.AF_INET6, "2001:db8:203::1")
+    assert _pktinfo_dst([(socket.IPPROTO_IP, IP_PKTINFO, b"\1\0\0\0" + v4 + v4)]) == v4
+    assert _pktinfo_dst([(socket.IPPROTO_IPV6, IPV6_PKTINFO, v6 + b"\2\0\0\0")]) == v6
+    # truncated or foreign control messages carry no destination
+    assert _pktinfo_dst([(socket.IPPROTO_IPV6, IPV6_PKTINFO, v6[:10])]) is None
+    assert _pktinfo_dst([(socket.SOL_SOCKET, 1, b"x" * 20)]) is None
+    assert _pktinfo_dst([]) is None
+
+
+async def test_ipv6_udp_flow_replies_from_the_service_address() -> None:
+    """An IPv6 client's datagrams reach an IPv6 endpoint and the replies come from the listener."""
+    loop = asyncio.get_running_loop()
+    echo = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    echo.bind(("::1", 0))
+    echo.setblocking(False)
+    sock = open_socket(ListenerKey("::1", 0, UDP))
+    service = sock.getsockname()[:2]
+    table = OneEndpoint(echo.getsockname()[:2])
+    stats = StatsCache()
+    proxy = UdpProxy(loop=loop, table=table, stats_of=lambda key: stats.get(key.name), idle_timeout=30)
+    listener = UdpListener(proxy=proxy, sock=sock, key=TableKey(ServicePortName("default", "v6", "", UDP),
+                                                                family=6))
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    try:
+        client.sendto(b"ping", service)
+        data, peer = await asyncio.wait_for(loop.sock_recvfrom(echo, 100), 10)
+        assert data == b"ping" and peer[0] == "::1"
+        await loop.sock_sendto(echo, b"pong", peer)
+        data, source = await asyncio.wait_for(loop.sock_recvfrom(client, 100), 10)
+        assert data == b"pong" and source[:2] == service
+        assert table.flows and table.flows[0].client[0] == "::1"  # keyed by the IPv6 client
+    finally:
+        client.close()
+        echo.close()
+        listener.close()
+        proxy.close()

@@ -21,6 +21,7 @@ from proxyd.modes.userspace.planner import (
     TableKey,
     merge,
     nodeport_listen_ips,
+    nodeport_node_ips,
     plan_port,
 )
 from proxyd.nodeaddrs import filter_addresses
@@ -237,3 +238,129 @@ def test_wildcard_nodeport_sharing_a_port_with_a_service_address_splits_per_node
     # No collision: the wildcard stays.
     alone = merge({a: plans[a]}, ["203.0.113.1"])
     assert ListenerKey("0.0.0.0", 30080, TCP) in alone.listeners
+
+
+# -- IPv6 and dual-stack: one instance, each family planned on its own view with its own endpoints --
+
+CIP6 = "fd00:10:96::10"
+POD6 = ("fd00:10:244:1::11", "fd00:10:244:1::12")
+NODEPORT_BOTH = ("0.0.0.0", "::")
+
+
+def dual(name, **fields) -> ServicePort:
+    return svc(name, secondary_cluster_ip=CIP6, **fields)
+
+
+def test_ipv6_single_stack_golden() -> None:
+    name = spn()
+    port = svc(name, CIP6, type=ServiceType.LOAD_BALANCER, node_port=30080, external_ips=("2001:db8:2::10",),
+               load_balancer_ips=("2001:db8:2::20",), load_balancer_source_ranges=("2001:db8:203::/64",),
+               affinity_timeout=60)
+    plan = plan_one(port, (ep(POD6[0]), ep(POD6[1])), nodeport_ips=NODEPORT_BOTH)
+    internal, external = TableKey(name, family=6), TableKey(name, external=True, family=6)
+    assert plan.addresses == (CIP6, "2001:db8:2::10", "2001:db8:2::20")
+    assert plan.listeners == (
+        (ListenerKey(CIP6, 80, TCP), internal),
+        (ListenerKey("2001:db8:2::10", 80, TCP), external),
+        (ListenerKey("2001:db8:2::20", 80, TCP), external),
+        (ListenerKey("::", 30080, TCP), external),
+    )
+    both = ((POD6[0], 8080), (POD6[1], 8080))
+    assert plan.tables == ((internal, TableEntry(both, 60)), (external, TableEntry(both, 60)))
+    assert plan.source_ranges == ((ListenerKey("2001:db8:2::20", 80, TCP), ("2001:db8:203::/64",)),)
+    assert internal.id == "default/web/TCP/IPv6" and external.id == "default/web/TCP/external/IPv6"
+    assert str(ListenerKey(CIP6, 80, TCP)) == f"[{CIP6}]:80/TCP"
+
+
+def test_dual_stack_golden_per_family() -> None:
+    """A dual-stack port listens on both cluster IPs (and each family's external IPs and NodePort
+    wildcard), each listener feeding a table of only its own family's endpoints."""
+    name = spn()
+    port = dual(name, type=ServiceType.NODE_PORT, node_port=30080,
+                external_ips=("192.0.2.10", "2001:db8:2::10"), load_balancer_source_ranges=())
+    eps4, eps6 = (ep("10.244.1.11"), ep("10.244.1.12")), (ep(POD6[0]),)
+    plan = plan_one(port, (*eps4, *eps6), nodeport_ips=NODEPORT_BOTH)
+    t4, e4 = TableKey(name), TableKey(name, external=True)
+    t6, e6 = TableKey(name, family=6), TableKey(name, external=True, family=6)
+    assert plan.addresses == ("10.96.0.10", "192.0.2.10", CIP6, "2001:db8:2::10")
+    assert plan.listeners == (
+        (ListenerKey("10.96.0.10", 80, TCP), t4),
+        (ListenerKey("192.0.2.10", 80, TCP), e4),
+        (ListenerKey("0.0.0.0", 30080, TCP), e4),
+        (ListenerKey(CIP6, 80, TCP), t6),
+        (ListenerKey("2001:db8:2::10", 80, TCP), e6),
+        (ListenerKey("::", 30080, TCP), e6),
+    )
+    v4 = (("10.244.1.11", 8080), ("10.244.1.12", 8080))
+    v6 = ((POD6[0], 8080),)
+    assert plan.tables == ((t4, TableEntry(v4, 0)), (e4, TableEntry(v4, 0)),
+                           (t6, TableEntry(v6, 0)), (e6, TableEntry(v6, 0)))
+    # Each family's plan equals the plan of that family's view (kube-proxy's per-family proxier).
+    for fam, view_eps in ((4, eps4), (6, eps6)):
+        view = port.for_family(fam)
+        assert view is not None
+        alone = plan_one(view, view_eps, nodeport_ips=NODEPORT_BOTH)
+        assert set(alone.listeners) <= set(plan.listeners) and set(alone.tables) <= set(plan.tables)
+
+
+def test_dual_stack_family_without_endpoints_has_an_empty_table() -> None:
+    name = spn()
+    plan = plan_one(dual(name), (ep("10.244.1.11"),))
+    assert dict(plan.tables)[TableKey(name, family=6)].endpoints == ()
+    assert dict(plan.tables)[TableKey(name)].endpoints == (("10.244.1.11", 8080),)
+
+
+def test_single_stack_port_ignores_the_other_family() -> None:
+    """A single-stack IPv4 port never reaches an IPv6 endpoint, external IP or source range."""
+    name = spn()
+    port = svc(name, type=ServiceType.LOAD_BALANCER, node_port=30080, external_ips=("2001:db8:2::10",),
+               load_balancer_ips=("192.0.2.20",), load_balancer_source_ranges=("2001:db8::/32",))
+    plan = plan_one(port, (ep("10.244.1.11"), ep(POD6[0])), nodeport_ips=NODEPORT_BOTH)
+    assert plan.addresses == ("10.96.0.10", "192.0.2.20")
+    assert {k.ip for k, _ in plan.listeners} == {"10.96.0.10", "192.0.2.20", "0.0.0.0"}
+    assert all(e.endpoints == (("10.244.1.11", 8080),) for _, e in plan.tables)
+    assert plan.source_ranges == ()
+
+
+def test_families_the_node_does_not_serve_are_left_out() -> None:
+    name = spn()
+    plan = plan_port(dual(name), (ep("10.244.1.11"), ep(POD6[0])), node_name="node1", node_zone=None,
+                     nodeport_ips=["0.0.0.0"], families=(4,))
+    assert plan.addresses == ("10.96.0.10",) and [t.family for t, _ in plan.tables] == [4]
+    v6_only = plan_port(svc(name, CIP6), (ep(POD6[0]),), node_name="node1", node_zone=None,
+                        nodeport_ips=["0.0.0.0"], families=(4,))
+    assert v6_only.addresses == () and v6_only.listeners == () and v6_only.tables == ()
+
+
+def test_planner_partial_sync_of_a_dual_stack_port() -> None:
+    name = spn()
+    planner = Planner()
+    full = planner.plan(state((dual(name), (ep("10.244.1.11"),))), changed=None,
+                        nodeport_ips=["0.0.0.0", "::"])
+    assert full.addresses == {"10.96.0.10", CIP6}
+    part = planner.plan(state((dual(name), (ep("10.244.1.11"), ep(POD6[1])))),
+                        changed=frozenset({name.service}), nodeport_ips=["0.0.0.0", "::"])
+    # A re-planned port names all its tables; the mode installs only entries that differ.
+    assert part.changes is not None and TableKey(name, family=6) in part.changes.tables
+    assert part.tables[TableKey(name)] == full.tables[TableKey(name)]
+    assert part.tables[TableKey(name, family=6)].endpoints == ((POD6[1], 8080),)
+    gone = planner.plan(state((svc(name), (ep("10.244.1.11"),))), changed=frozenset({name.service}),
+                        nodeport_ips=["0.0.0.0", "::"])
+    assert gone.changes is not None and gone.changes.removed_addresses == {CIP6}
+    assert ListenerKey(CIP6, 80, TCP) not in gone.listeners and TableKey(name, family=6) not in gone.tables
+
+
+@pytest.mark.parametrize(("cidrs", "families", "listen", "node"), [
+    ((), (4, 6), ["0.0.0.0", "::"], ["203.0.113.1", "127.0.0.1", "2001:db8:203::1", "::1"]),
+    ((), (4,), ["0.0.0.0"], ["203.0.113.1", "127.0.0.1"]),
+    # Only IPv4 CIDRs: IPv6 NodePorts stay on every IPv6 address (kube-proxy's per-family rule).
+    (("203.0.113.0/24",), (4, 6), ["203.0.113.1", "::"], ["203.0.113.1", "2001:db8:203::1", "::1"]),
+    (("2001:db8:203::/64",), (4, 6), ["0.0.0.0", "2001:db8:203::1"], ["203.0.113.1", "127.0.0.1",
+                                                                      "2001:db8:203::1"]),
+    (("198.51.100.0/24", "2001:db8:198::/64"), (4, 6), [], []),
+])
+def test_nodeport_addresses_per_family(cidrs, families, listen, node) -> None:
+    local = ["203.0.113.1", "127.0.0.1", "2001:db8:203::1", "fe80::1", "::1"]
+    node_ips = nodeport_node_ips(cidrs, local, families)
+    assert node_ips == node  # never link-local: it binds only with a scope
+    assert nodeport_listen_ips(cidrs, node_ips, families) == listen

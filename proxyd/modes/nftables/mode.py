@@ -85,6 +85,7 @@ class NftablesMode(AppliedMode[Applier]):
         self._ports: Mapping[ServicePortName, ServicePort] = {}
         self._good = ProxyState()  # what the kernel last accepted (quarantined ports keep it)
         self._synced = False
+        self._replaced = False  # the table was replaced whole once since start (see sync)
         self.last_plan: Plan | None = None
 
     def _options(self, *, node_ips: tuple[str, ...], node_ip: str | None) -> PlannerOptions:
@@ -132,6 +133,15 @@ class NftablesMode(AppliedMode[Applier]):
                 self.planner.invalidate()
                 stale = await self._stale()
                 err = await self._attempt(desired, None, stale, track)
+        if err is not None and not self._replaced:
+            # Every full transaction fails on a table whose maps an older proxyd declared otherwise
+            # (nft will not redefine a map): replace the whole table, atomically, once per start,
+            # before blaming any service.
+            self._replaced = True
+            log.warning("nftables: full transaction refused (%s); replacing table %s in one transaction",
+                        err.strip().splitlines()[-1] if err.strip() else err, lay.Family(self.family).table)
+            self.planner.invalidate()
+            err = await self._attempt(desired, None, set(), track, replace=True)
         if err is not None:
             refused = await isolate_ports(
                 self.name, "transaction failed", err, fam=self.family, desired=desired,
@@ -153,7 +163,7 @@ class NftablesMode(AppliedMode[Applier]):
         return {c for c in await self.applier.chains() if lay.is_dynamic_chain(c)}
 
     async def _attempt(self, state: ProxyState, changed: frozenset[ServiceName] | None, stale: set[str],
-                       track: _Track) -> str | None:
+                       track: _Track, *, replace: bool = False) -> str | None:
         """Plan ``state`` and apply it in one transaction; None once applied, else the kernel's refusal.
 
         The planner's mirror adopts a plan only once the kernel committed it
@@ -167,7 +177,7 @@ class NftablesMode(AppliedMode[Applier]):
                 # Rendering every service takes ~0.5 s of CPU at 10,000: keep the event loop
                 # (health, metrics, the source) responsive. Partial plans take well under a ms.
                 plan = await asyncio.to_thread(self.planner.plan, state, None, stale_chains=stale,
-                                               stale_sets=stale_sets)
+                                               stale_sets=stale_sets, replace=replace)
             else:
                 plan = self.planner.plan(state, changed)
             if not plan.empty:

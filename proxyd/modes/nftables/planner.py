@@ -343,15 +343,20 @@ class Planner(MirrorPlanner[PlannerOptions]):
     # -- planning ---------------------------------------------------------
 
     def plan(self, state: ProxyState, changed: frozenset[ServiceName] | None, *,
-             stale_chains: Iterable[str] = (), stale_sets: Iterable[str] = ()) -> Plan:
+             stale_chains: Iterable[str] = (), stale_sets: Iterable[str] = (), replace: bool = False) -> Plan:
         """The transaction from the committed state to ``state``.
 
         ``changed`` None (or nothing committed yet) gives a full plan;
         ``stale_chains``/``stale_sets`` are dynamic chains and sets found in
         the kernel (after a restart): a full plan empties them now and the
-        next plan deletes them.
+        next plan deletes them. ``replace`` (full plans only) deletes the
+        whole table first, in the same transaction: for a table whose maps
+        were declared otherwise (an older proxyd's layout), which nft refuses
+        to redefine. The swap is atomic; only affinity entries are lost.
         """
-        if changed is None or not self._valid:
+        if changed is None or not self._valid or replace:
+            if replace:
+                return self._plan_full(state, (), (), replace=True)
             return self._plan_full(state, stale_chains, stale_sets)
         return self._plan_partial(state, changed)
 
@@ -373,7 +378,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
             names.update(old.keys() - new.keys())
         return names
 
-    def _plan_full(self, state: ProxyState, stale_chains: Iterable[str], stale_sets: Iterable[str]) -> Plan:
+    def _plan_full(self, state: ProxyState, stale_chains: Iterable[str], stale_sets: Iterable[str], *,
+                   replace: bool = False) -> Plan:
         opts = self.options
         fam = opts.fam
         table = fam.table
@@ -408,7 +414,9 @@ class Planner(MirrorPlanner[PlannerOptions]):
         canary = {lay.CANARY: [fam.canary_element]}
 
         chains, sets, pick_refs = self._dynamic(fresh)
-        out = [f"add table {table}"]
+        # "add" first makes the delete succeed whether or not the table exists.
+        out = [f"add table {table}", f"delete table {table}", f"add table {table}"] if replace else [
+            f"add table {table}"]
         fixed = lay.chains(opts.layout)
         base = {c[0]: c for c in lay.BASE_CHAINS}
         for chain in fixed:
@@ -419,7 +427,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 out.append(f"add chain {table} {chain}")
         for chain in chains:
             out.append(f"add chain {table} {chain}")
-        known = set(stale_chains) | set(self._chains) | set(self._doomed_chains)
+        known = set() if replace else set(stale_chains) | set(self._chains) | set(self._doomed_chains)
         stale_c = sorted(c for c in known if lay.is_dynamic_chain(c) and c not in chains)
         for chain in stale_c:
             out.append(f"add chain {table} {chain}")
@@ -432,7 +440,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
             kind = "map" if ":" in body else "set"
             out.append(f"add {kind} {table} {set_name} {{ {body} ; }}")
             out.append(f"flush {kind} {table} {set_name}")
-        stale_s = sorted(s for s in set(stale_sets) | set(self._sets) if s not in sets)
+        stale_s = [] if replace else sorted(s for s in set(stale_sets) | set(self._sets) if s not in sets)
         # Nothing references them once the chains above are flushed; "add" first makes the delete
         # succeed whether or not the set still exists.
         for set_name in stale_s:

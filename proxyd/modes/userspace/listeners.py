@@ -140,9 +140,12 @@ def _bindable(ip: str) -> bool:
 
 
 def nonlocal_bind() -> bool:
-    """net.ipv4.ip_nonlocal_bind of this namespace (read at each sync)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
-            return f.read().strip() != "0"
-    except OSError:
-        return False
+    """net.ipv4.ip_nonlocal_bind or net.ipv6.ip_nonlocal_bind of this namespace (read at each sync)."""
+    for fam in ("ipv4", "ipv6"):
+        try:
+            with open(f"/proc/sys/net/{fam}/ip_nonlocal_bind") as f:
+                if f.read().strip() != "0":
+                    return True
+        except OSError:
+            pass
+    return False

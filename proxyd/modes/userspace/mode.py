@@ -58,6 +58,7 @@ from proxyd.fdlimit import raise_fd_limit
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServicePortName
 from proxyd.modes.base import ProxyMode, SyncRequest
+from proxyd.modes.dualstack import node_families
 from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.applier import Applier
 from proxyd.modes.userspace.conntable import NATIVE, ConnTable
@@ -69,6 +70,7 @@ from proxyd.modes.userspace.planner import (
     TableEntry,
     TableKey,
     nodeport_listen_ips,
+    nodeport_node_ips,
 )
 from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
 from proxyd.modes.userspace.udp import UdpProxy
@@ -90,7 +92,7 @@ def refused_ports(state: ProxyState, failed: Mapping[str, int]) -> dict[ServiceP
         return {}
     out: dict[ServicePortName, str] = {}
     for name, sp in state.service_ports.items():
-        for ip in (sp.cluster_ip, *sp.external_ips, *sp.load_balancer_ips):
+        for ip in (*sp.cluster_ips, *sp.external_ips, *sp.load_balancer_ips):
             code = failed.get(ip)
             if code is not None:
                 out.setdefault(name, f"cannot add address {ip}: {os.strerror(code)}")
@@ -114,6 +116,9 @@ class UserspaceMode(ProxyMode):
         self._flusher: asyncio.TimerHandle | None = None
         self._started = False
         self._last_plan: Plan | None = None  # for ``status``: what the last sync asked for
+        # One instance serves both families (one listener set, one proxyd0): kube-proxy's per-family
+        # split happens per service port in the planner. A node without IPv6 serves IPv4 only.
+        self.families = node_families()
 
     def _stats_of(self, key: TableKey) -> Stats:
         return self.stats.get(key.name)
@@ -170,10 +175,11 @@ class UserspaceMode(ProxyMode):
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
     async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
-        """Where NodePorts listen (a wildcard when unrestricted), and the node addresses behind that."""
+        """Where NodePorts listen (a family's wildcard when it is unrestricted), and the node addresses
+        behind that, for every family this node serves (``--nodeport-addresses`` per family)."""
         cidrs = self.config.nodeport_addresses
-        node_ips = await nodeaddrs.node_addresses_async(cidrs)
-        return nodeport_listen_ips(cidrs, node_ips), node_ips
+        node_ips = nodeport_node_ips(cidrs, await nodeaddrs.node_addresses_async(()), self.families)
+        return nodeport_listen_ips(cidrs, node_ips, self.families), node_ips
 
     async def sync(self, request: SyncRequest) -> None:
         await self._sync(request)
@@ -186,7 +192,8 @@ class UserspaceMode(ProxyMode):
             await self.start()
         nodeport_ips, node_ips = await self._nodeport_ips()
         plan = self.planner.plan(request.state, changed=request.changed, nodeport_ips=nodeport_ips,
-                                 local_ips=node_ips, changed_ports=request.changed_ports)
+                                 local_ips=node_ips, changed_ports=request.changed_ports,
+                                 families=self.families)
         for text in plan.conflicts:
             if text not in self._conflicts:
                 log.warning("userspace: %s; not serving it twice", text)

@@ -36,7 +36,8 @@ differs (``Plan.changes``): its cost follows the change, not the cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import ipaddress
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from proxyd.model import Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, family
@@ -62,18 +63,25 @@ class ListenerKey:
 class TableKey:
     """A connection-table entry: one service port's endpoints for one kind of traffic.
 
+    ``family`` is the address family of the listeners it feeds and of its
+    endpoints: a dual-stack service port has one entry per family, each
+    holding only that family's endpoints (kube-proxy's per-family proxiers).
     ``id`` is the string the connection table is keyed by
-    (``ns/name:port/TCP``, with ``/external`` appended for external traffic),
-    computed once here so the data path never formats it.
+    (``ns/name:port/TCP``, with ``/external`` appended for external traffic
+    and ``/IPv6`` for the IPv6 family), computed once here so the data path
+    never formats it.
     """
 
     name: ServicePortName
     external: bool = False
     id: str = field(default="", compare=False)
+    family: int = 4
 
     def __post_init__(self) -> None:
         if not self.id:
             suffix = "/external" if self.external else ""
+            if self.family == 6:
+                suffix += "/IPv6"
             object.__setattr__(self, "id", f"{self.name}/{self.name.protocol}{suffix}")
 
     def __str__(self) -> str:
@@ -131,21 +139,57 @@ def _pairs(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
 
 
 def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str, node_zone: str | None,
-              nodeport_ips: Sequence[str]) -> PortPlan:
-    """The addresses, listeners and table entries of one service port.
+              nodeport_ips: Sequence[str], families: Collection[int] = (4, 6)) -> PortPlan:
+    """The addresses, listeners and table entries of one service port, every family it has.
 
+    Each family is planned on its own view of the port (``ServicePort.for_family``:
+    its cluster IP, external/LB IPs and source ranges) with only its own
+    endpoints, and the plans are joined: a dual-stack port listens on both
+    cluster IPs, each listener feeding a table of its family's endpoints.
     ``nodeport_ips`` are the node addresses accepting NodePorts (a wildcard
-    address for all of them); only those of the service's family are used.
+    address per family for all of them); each family uses only its own.
+    Families the node does not serve (not in ``families``) are left out.
     """
-    fam = family(svc.cluster_ip)
+    if not svc.secondary_cluster_ip:
+        fam = family(svc.cluster_ip)
+        if fam not in families:
+            return _NOTHING
+        view = svc.for_family(fam) or svc
+        return _plan_family(view, fam, _of_family(endpoints, fam), node_name=node_name, node_zone=node_zone,
+                            nodeport_ips=nodeport_ips)
+    parts = []
+    for fam in (4, 6):
+        half = svc.for_family(fam) if fam in families else None
+        if half is not None:
+            parts.append(_plan_family(half, fam, _of_family(endpoints, fam), node_name=node_name,
+                                      node_zone=node_zone, nodeport_ips=nodeport_ips))
+    return PortPlan(addresses=tuple(dict.fromkeys(ip for p in parts for ip in p.addresses)),
+                    listeners=tuple(item for p in parts for item in p.listeners),
+                    tables=tuple(item for p in parts for item in p.tables),
+                    source_ranges=tuple(item for p in parts for item in p.source_ranges))
+
+
+_NOTHING = PortPlan(addresses=(), listeners=(), tables=())
+
+
+def _of_family(endpoints: Sequence[Endpoint], fam: int) -> Sequence[Endpoint]:
+    """Only ``fam``'s endpoints (the sequence itself when nothing is dropped: the usual case)."""
+    if all(family(ep.ip) == fam for ep in endpoints):
+        return endpoints
+    return tuple(ep for ep in endpoints if family(ep.ip) == fam)
+
+
+def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, node_name: str,
+                 node_zone: str | None, nodeport_ips: Sequence[str]) -> PortPlan:
+    """One family's plan of one port; ``svc`` is that family's view, ``endpoints`` of that family."""
     filters: tuple[tuple[ListenerKey, tuple[str, ...]], ...] = ()
     cat = categorize(svc, endpoints, node_name=node_name, node_zone=node_zone)
-    internal = TableKey(svc.name, external=False)
+    internal = TableKey(svc.name, external=False, family=fam)
     tables = [(internal, TableEntry(_pairs(cat.internal), svc.affinity_timeout))]
     listeners = [(ListenerKey(svc.cluster_ip, svc.port, svc.protocol), internal)]
     addresses = [svc.cluster_ip]
     if svc.has_external:
-        external = TableKey(svc.name, external=True)
+        external = TableKey(svc.name, external=True, family=fam)
         tables.append((external, TableEntry(_pairs(cat.external), svc.affinity_timeout)))
         for ip in svc.external_addresses:
             addresses.append(ip)
@@ -348,18 +392,20 @@ class Planner:
     def __init__(self) -> None:
         self._merged = Merged()
         self._inputs: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...]]] = {}
-        self._context: tuple[str, str | None, tuple[str, ...], tuple[str, ...]] | None = None
+        self._context: tuple[str, str | None, tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None = None
 
     def plan(self, state: ProxyState, *, changed: frozenset[ServiceName] | None,
              nodeport_ips: Sequence[str], local_ips: Sequence[str] = (),
-             changed_ports: Iterable[ServicePortName] | None = None) -> Plan:
+             changed_ports: Iterable[ServicePortName] | None = None,
+             families: Sequence[int] = (4, 6)) -> Plan:
         """The node's plan; a partial one (``changes`` set) when ``changed`` is not None.
 
         ``changed_ports`` (the tracker's index) names the ports to re-plan;
         without it the ports of ``changed`` services are looked up by a scan.
         ``local_ips`` (the node's addresses) stand in for a contested wildcard.
+        ``families`` are the address families the node serves.
         """
-        context = (state.node_name, state.node_zone, tuple(nodeport_ips), tuple(local_ips))
+        context = (state.node_name, state.node_zone, tuple(nodeport_ips), tuple(local_ips), tuple(families))
         if context != self._context:
             # Node name, zone or addresses moved: every port may plan differently.
             changed = None
@@ -375,7 +421,7 @@ class Planner:
                 part = old_ports.get(name)
                 if part is None or old_inputs.get(name) != (svc, eps):
                     part = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
-                                     nodeport_ips=nodeport_ips)
+                                     nodeport_ips=nodeport_ips, families=families)
                 self._inputs[name] = (svc, eps)
                 self._merged.put(name, part)
             self._merged.take_changes()
@@ -398,15 +444,44 @@ class Planner:
                 continue
             self._inputs[name] = (svc_port, eps)
             self._merged.put(name, plan_port(svc_port, eps, node_name=state.node_name,
-                                             node_zone=state.node_zone, nodeport_ips=nodeport_ips))
+                                             node_zone=state.node_zone, nodeport_ips=nodeport_ips,
+                                             families=families))
         return self._merged.plan(self._merged.take_changes())
 
 
 _WILDCARDS = frozenset(WILDCARD.values())
 
 
-def nodeport_listen_ips(cidrs: Sequence[str], node_ips: Sequence[str]) -> list[str]:
-    """Where NodePorts listen: the wildcards when no CIDR restricts them, else the matching node IPs."""
-    if not cidrs:
-        return [WILDCARD[4]]
-    return list(node_ips)
+def nodeport_node_ips(cidrs: Sequence[str], local_ips: Sequence[str],
+                      families: Sequence[int] = (4,)) -> list[str]:
+    """The node addresses accepting NodePorts, per family like kube-proxy's ``--nodeport-addresses``.
+
+    For each family served, the local addresses inside that family's CIDRs,
+    or every local address of the family when no CIDR of it is given. IPv6
+    link-local addresses are left out: a socket binds them only with a
+    scope (interface), and kube-proxy does not serve NodePorts on them.
+    """
+    out: list[str] = []
+    for fam in families:
+        mine = [ipaddress.ip_network(c, strict=False) for c in cidrs if family(c) == fam]
+        for ip in local_ips:
+            if family(ip) != fam:
+                continue
+            addr = ipaddress.ip_address(ip)
+            if (fam == 6 and addr.is_link_local) or (mine and not any(addr in net for net in mine)):
+                continue
+            out.append(ip)
+    return out
+
+
+def nodeport_listen_ips(cidrs: Sequence[str], node_ips: Sequence[str],
+                        families: Sequence[int] = (4,)) -> list[str]:
+    """Where NodePorts listen: per family, the wildcard when no CIDR of the family restricts them,
+    else that family's matching node IPs (``node_ips`` as ``nodeport_node_ips`` gives them)."""
+    out: list[str] = []
+    for fam in families:
+        if not any(family(c) == fam for c in cidrs):
+            out.append(WILDCARD[fam])
+        else:
+            out.extend(ip for ip in node_ips if family(ip) == fam)
+    return out

@@ -8,7 +8,10 @@ connected to it; the flow is stored in the connection table's flow table
 endpoint socket are sent back through the listening socket, so they come
 from the service address and port the client talked to; on a wildcard
 NodePort listener the address the client used is taken from ``IP_PKTINFO``
-and replies are sent from it.
+(``IPV6_PKTINFO`` on the IPv6 wildcard) and replies are sent from it. IPv6
+flows work like IPv4 ones: the client key is ``(address, port)``, the
+endpoint socket is of the endpoint's family (always the listener's: each
+family's listeners feed only that family's endpoints).
 
 A flow ends when idle for ``udp_idle_timeout`` (kube-proxy's --udp-timeout;
 ``UdpProxy`` sweeps with ``udp_expire``), when the flow table is full (the
@@ -43,7 +46,10 @@ RECV_BATCH = 64
 MAX_DATAGRAM = 65535
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
-_ANC_SIZE = socket.CMSG_SPACE(_PKTINFO.size)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo: addr, ifindex
+_ANC_SIZE = socket.CMSG_SPACE(max(_PKTINFO.size, _PKTINFO6.size))
 
 
 class Flow:
@@ -197,10 +203,12 @@ class UdpListener:
         self.key_id = key.id
         self.admits: Callable[[str], bool] | None = None
         self.wildcard = sock.getsockname()[0] in ("0.0.0.0", "::")
-        if self.wildcard and sock.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        else:
-            self.wildcard = False
+        self.v6 = sock.family == socket.AF_INET6
+        if self.wildcard:
+            if self.v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self._fd = sock.fileno()
         self.loop.add_reader(self._fd, self._on_readable)
 
@@ -232,7 +240,10 @@ class UdpListener:
     def reply(self, flow: Flow, data: bytes) -> None:
         try:
             if flow.local is not None:
-                anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, flow.local, b"\0" * 4))]
+                if self.v6:
+                    anc = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, _PKTINFO6.pack(flow.local, 0))]
+                else:
+                    anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, flow.local, b"\0" * 4))]
                 self.sock.sendmsg([data], anc, 0, flow.client)
             else:
                 self.sock.sendto(data, flow.client)
@@ -247,8 +258,12 @@ class UdpListener:
 
 
 def _pktinfo_dst(ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
+    """The destination address the client used, packed, from IP_PKTINFO or IPV6_PKTINFO."""
     for level, kind, data in ancillary:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
             dst: bytes = _PKTINFO.unpack_from(data)[2]  # ipi_addr: the destination the client used
             return dst
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= _PKTINFO6.size:
+            dst6: bytes = _PKTINFO6.unpack_from(data)[0]  # ipi6_addr
+            return dst6
     return None
