@@ -4,7 +4,8 @@ Modes that realise one family per instance (``ProxyMode.per_family``:
 iptables with ``iptables``/``ip6tables``, nftables with its ``ip``/``ip6``
 tables, ipvs with per-family ipsets) run as one instance per family the node
 serves. Each instance sees only its family's view of the desired state
-(``SyncRequest.for_family``), so planners stay single-family and a dual-stack
+(``SyncRequest.for_family``; partial requests patch the previous views,
+``familyviews``), so planners stay single-family and a dual-stack
 service is served on both of its cluster IPs, each with its own family's
 endpoints.
 
@@ -27,6 +28,7 @@ from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.logformat import event
 from proxyd.model import family
 from proxyd.modes.base import ProxyMode, SyncRequest, mode_class
+from proxyd.modes.familyviews import FamilyViews
 
 if TYPE_CHECKING:
     from proxyd.config import Config
@@ -65,6 +67,7 @@ class DualStackMode(ProxyMode):
         if not families:
             raise ValueError("no address family to serve")
         self.families = tuple(families)
+        self._views = FamilyViews(self.families)  # each family's view, patched by partial requests
         # One constructor signature for every per-family mode: (config, *, family=4|6).
         self.proxiers: dict[int, ProxyMode] = {fam: mode_cls(config, family=fam)  # type: ignore[call-arg]
                                                for fam in self.families}
@@ -86,13 +89,15 @@ class DualStackMode(ProxyMode):
         # Every family is attempted even when one fails, so a broken ip6tables does not starve IPv4;
         # the first failure is raised afterwards and the runner retries with a full sync.
         failure: BaseException | None = None
+        requests = self._views.split(request)
         for fam, proxier in self.proxiers.items():
             try:
-                await proxier.sync(request.for_family(fam))
+                await proxier.sync(requests[fam])
             except Exception as err:
                 log.error("%s: IPv%d sync failed: %s", self.name, fam, err)
                 failure = failure or err
         if failure is not None:
+            self._views.forget()
             raise failure
 
     def _report_unserved(self, request: SyncRequest) -> None:

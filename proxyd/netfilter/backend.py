@@ -11,6 +11,10 @@ it detects the back end exactly like Kubernetes' iptables-wrapper
 2. otherwise count rules (``^-`` lines of ``*-save``): legacy if it holds
    more than nft, else nft.
 
+Both steps read the IPv4 and the IPv6 rulesets (``iptables-*`` and
+``ip6tables-*``) and make one decision for both families, as the wrapper
+does: the two per-family proxiers always use the same back end.
+
 ``PROXYD_IPTABLES_BACKEND=legacy|nft`` overrides detection (tests run both).
 
 All tools are run as argv lists (never a shell) by ``run``, an asyncio
@@ -112,10 +116,13 @@ def detect(*, family: int = 4, environ: Mapping[str, str] | None = None) -> Back
         if forced not in BACKENDS:
             raise ValueError(f"{ENV_OVERRIDE} must be legacy or nft, got {forced!r}")
         return Backend(forced, family)
-    stem = "ip6tables" if family == 6 else "iptables"
-    name = choose(nft_mangle=_output([f"{stem}-nft-save", "-t", "mangle"]),
-                  legacy_save=_output([f"{stem}-legacy-save"]),
-                  nft_save=_output([f"{stem}-nft-save"]))
+    # One decision for both families, from both families' rulesets, as iptables-wrapper makes it
+    # (kubelet may leave its hint chain in only one of them): the IPv4 and IPv6 proxiers must
+    # write where each other and the host write.
+    stems = ("iptables", "ip6tables")
+    name = choose(nft_mangle="".join(_output([f"{s}-nft-save", "-t", "mangle"]) for s in stems),
+                  legacy_save="".join(_output([f"{s}-legacy-save"]) for s in stems),
+                  nft_save="".join(_output([f"{s}-nft-save"]) for s in stems))
     return Backend(name, family)
 
 

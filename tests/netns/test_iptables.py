@@ -5,7 +5,9 @@ source address preserved or masqueraded, hairpin, UDP conntrack) runs twice
 (``PROXYD_IPTABLES_BACKEND``), plus what only iptables mode shows:
 established connections surviving endpoint removal and a proxyd restart, a
 resync after someone flushes the tables, and ``--cleanup`` leaving nothing
-in either back end.
+in either back end. The IPv6 and dual-stack tests of
+``netfilter_dualstack.DualStackNat`` run on both back ends too, with the
+IPv6 rule text kube-proxy's IPv6 proxier writes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from tests.netns.behaviour import (
     POD1,
     POD2,
     KernelNatBehaviour,
+    ServiceBehaviour,
     local_eps,
     reachable,
     web,
+)
+from tests.netns.netfilter_dualstack import (
+    CLUSTER_IP6,
+    EMPTY_IP6,
+    DualStackNat,
+    Icmp6Refusal,
+    dual_service,
+    slice_of,
+    web6,
 )
 from tests.netns.topology import (
     ConnectProber,
@@ -37,6 +49,7 @@ from tests.netns.topology import (
 )
 
 SAVE_TOOLS = ("iptables-legacy-save", "iptables-nft-save")
+SAVE6_TOOLS = ("ip6tables-legacy-save", "ip6tables-nft-save")
 DEADLINE = 30.0  # waits for changes: far beyond the 1 s minimum sync period, on a busy machine
 
 
@@ -52,7 +65,8 @@ class _IptablesBehaviour(KernelNatBehaviour):
         return ruleset(topo, f"iptables-{self.backend}-save")
 
     def assert_clean(self, topo: Topology) -> None:
-        for tool in SAVE_TOOLS:
+        # --cleanup removes both families' state in both back ends.
+        for tool in (*SAVE_TOOLS, *SAVE6_TOOLS):
             text = ruleset(topo, tool)
             assert "KUBE-" not in text, (tool, text)
 
@@ -198,3 +212,75 @@ class TestIptablesLegacy(_IptablesBehaviour):
         assert sorted(t for t in targets if t.startswith("KUBE-SEP-")) == sorted(
             ch.sep_chain(name, f"{ip}:8080") for ip in (POD1, POD2))
 
+
+
+class TestIptablesNftIPv6(Icmp6Refusal, ServiceBehaviour):
+    """The shared suite with single-stack IPv6 services (ip6tables-nft-restore)."""
+
+    mode = "iptables"
+    families = (6,)
+    env = {"PROXYD_IPTABLES_BACKEND": "nft"}
+    assert_clean = _IptablesBehaviour.assert_clean
+
+
+class TestIptablesNftDualStack(TestIptablesNftIPv6):
+    """The shared suite with dual-stack services reached on both of their addresses."""
+
+    families = (4, 6)
+
+
+class TestIptablesLegacyIPv6(TestIptablesNftIPv6):
+    env = {"PROXYD_IPTABLES_BACKEND": "legacy"}
+
+
+class TestIptablesLegacyDualStack(TestIptablesNftIPv6):
+    families = (4, 6)
+    env = {"PROXYD_IPTABLES_BACKEND": "legacy"}
+
+
+class _IptablesDualStack(DualStackNat):
+    mode = "iptables"
+    backend = ""
+
+    def ruleset(self, topo: Topology, fam: int) -> str:
+        return ruleset(topo, f"{'ip6tables' if fam == 6 else 'iptables'}-{self.backend}-save")
+
+    def flush_family(self, topo: Topology, fam: int) -> None:
+        tool = f"{'ip6tables' if fam == 6 else 'iptables'}-{self.backend}"
+        for table in ("mangle", "nat", "filter"):
+            topo.ns_run(topo.node, [tool, "-t", table, "-F"])
+            topo.ns_run(topo.node, [tool, "-t", table, "-X"])
+
+    def assert_clean(self, topo: Topology) -> None:
+        for tool in (*SAVE_TOOLS, *SAVE6_TOOLS):
+            text = ruleset(topo, tool)
+            assert "KUBE-" not in text, (tool, text)
+
+    def test_ipv6_rules_with_kube_proxy_names_and_icmp6_reject(self, topology: Topology) -> None:
+        docs = web6(topology, "pod1", families=(4, 6), v4_pods=("pod1",))
+        docs += [dual_service("empty", families=(6,), cluster_ips={6: EMPTY_IP6}, ports=[port(80)]),
+                 slice_of("empty", 6, [], [{"port": 80}])]
+        self.start(topology, docs, tcp=("pod1",))
+        v6, v4 = self.ruleset(topology, 6), self.ruleset(topology, 4)
+        name = ServicePortName("default", "web", "", Protocol.TCP)
+        # Same chain names in both families (the hash does not depend on the family), each family
+        # with its own endpoint chain ("[ip]:port" is hashed for IPv6, as kube-proxy does).
+        assert f":{ch.svc_chain(name)} " in v6 and f":{ch.svc_chain(name)} " in v4
+        sep6 = ch.sep_chain(name, f"[{topology.pod('pod1').ip6}]:8080")
+        assert f":{sep6} " in v6 and sep6 not in v4
+        assert f"-j DNAT --to-destination [{topology.pod('pod1').ip6}]:8080" in v6
+        assert "-j REJECT --reject-with icmp6-port-unreachable" in v6
+        # iptables-save's order: the NodePort tail skips ::1, off-cluster IPv6 sources are masqueraded.
+        assert "-A KUBE-SERVICES ! -d ::1/128 " in v6
+        assert f"! -s fd00:10:244::/48 -d {CLUSTER_IP6}/128 -p tcp " in v6
+        assert EMPTY_IP6 not in v4 and "fd00:" not in v4
+
+
+class TestIptablesNftDualStackNat(_IptablesDualStack):
+    backend = "nft"
+    env = {"PROXYD_IPTABLES_BACKEND": "nft"}
+
+
+class TestIptablesLegacyDualStackNat(_IptablesDualStack):
+    backend = "legacy"
+    env = {"PROXYD_IPTABLES_BACKEND": "legacy"}

@@ -5,6 +5,8 @@ preserved or masqueraded, hairpin, UDP conntrack): the fixed table layout, a
 restart under load that adopts the table without losing a connection, ``nft
 flush ruleset`` repaired within one sync period, ``--cleanup`` leaving
 nothing, and both ways of driving nft (libnftables in process, ``nft -f -``).
+The IPv6 and dual-stack tests of ``netfilter_dualstack.DualStackNat`` run both
+ways too.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ from tests.netns.behaviour import (
     POD2,
     POD3,
     KernelNatBehaviour,
+    ServiceBehaviour,
     local_eps,
     reachable,
     web,
+)
+from tests.netns.netfilter_dualstack import (
+    CLUSTER_IP6,
+    EMPTY_IP6,
+    DualStackNat,
+    Icmp6Refusal,
+    dual_service,
+    refused,
+    slice_of,
+    web6,
 )
 from tests.netns.topology import (
     Topology,
@@ -162,6 +175,69 @@ class TestNftables(KernelNatBehaviour):
 class TestNftablesSubprocess(TestNftables):
     """The same suite with ``nft -f -`` instead of libnftables in process."""
 
+    env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+class TestNftablesIPv6(Icmp6Refusal, ServiceBehaviour):
+    """The shared suite with single-stack IPv6 services (the ip6 proxyd table)."""
+
+    mode = "nftables"
+    families = (6,)
+    assert_clean = TestNftables.assert_clean
+
+
+class TestNftablesDualStack(TestNftablesIPv6):
+    """The shared suite with dual-stack services reached on both of their addresses."""
+
+    families = (4, 6)
+
+
+class TestNftablesSubprocessIPv6(TestNftablesIPv6):
+    env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+class TestNftablesSubprocessDualStack(TestNftablesIPv6):
+    families = (4, 6)
+    env = {"PROXYD_NFT_BACKEND": "subprocess"}
+
+
+class TestNftablesDualStackNat(DualStackNat):
+    """IPv6 and dual-stack: the ``ip6 proxyd`` table beside ``ip proxyd``, one proxier per family."""
+
+    mode = "nftables"
+
+    def ruleset(self, topo: Topology, fam: int) -> str:
+        return topo.ns_run(topo.node, ["nft", "list", "table", "ip6" if fam == 6 else "ip", "proxyd"],
+                           check=False).stdout
+
+    def flush_family(self, topo: Topology, fam: int) -> None:
+        topo.ns_run(topo.node, ["nft", "delete", "table", "ip6" if fam == 6 else "ip", "proxyd"])
+
+    def assert_clean(self, topo: Topology) -> None:
+        text = topo.ns_run(topo.node, ["nft", "list", "ruleset"]).stdout
+        assert "proxyd" not in text, text
+
+    def test_ipv6_table_layout_and_icmpv6_reject(self, topology: Topology) -> None:
+        docs = web6(topology, "pod1", families=(4, 6), v4_pods=("pod1",))
+        docs += [dual_service("empty", families=(6,), cluster_ips={6: EMPTY_IP6}, ports=[port(80)]),
+                 slice_of("empty", 6, [], [{"port": 80}])]
+        self.start(topology, docs, tcp=("pod1",))
+        v6, v4 = self.ruleset(topology, 6), self.ruleset(topology, 4)
+        assert "type ipv6_addr . inet_proto . inet_service : verdict" in v6
+        assert f"{CLUSTER_IP6} . tcp . 80 : goto svc-int" in v6
+        # Backends elements carry counters ("proxyd status" reads them).
+        pod1 = topology.pod("pod1").ip6
+        assert f"{CLUSTER_IP6} . tcp . 80 . 0 counter packets 0 bytes 0 : {pod1} . 8080" in v6
+        assert f"{EMPTY_IP6} . tcp . 80 : goto reject-chain" in v6
+        assert "ip6 saddr != fd00:10:244::/48 jump mark-for-masquerade" in v6
+        assert "fib daddr type local ip6 daddr != ::1 " in v6
+        # An ip6 table's plain "reject" answers with ICMPv6 port unreachable (kube-proxy writes the same).
+        assert "reject" in v6.split("chain reject-chain", 1)[1].split("}", 1)[0]
+        assert refused(topology, topology.pod("pod3").ns, EMPTY_IP6, 80)
+        assert f"{CLUSTER_IP} . tcp . 80 : goto svc-int" in v4 and "fd00:" not in v4
+
+
+class TestNftablesSubprocessDualStackNat(TestNftablesDualStackNat):
     env = {"PROXYD_NFT_BACKEND": "subprocess"}
 
 

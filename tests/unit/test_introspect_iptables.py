@@ -29,7 +29,8 @@ from proxyd.modes.iptables.status import (
     split_counters,
     trace_saved,
 )
-from tests.unit.test_iptables_tracer import FLOWS, NODE, NODE_IP, SERVICES
+from proxyd.modes.iptables.tracer import split_host_port
+from tests.unit.test_iptables_tracer import FLOWS, FLOWS6, NODE, NODE_IP, NODE_IPS6, SERVICES
 
 DATA = Path(__file__).parent / "data"
 SAVED = {tool: (DATA / f"iptables-{tool}-save-c.txt").read_text() for tool in ("nft", "legacy")}
@@ -184,3 +185,22 @@ def test_dispatch_check_of_a_large_node():
     bad = build_dispatch_status(gone, planned)
     assert bad.matches is False and any(svc in m and "no jump" in m for m in bad.mismatches)
     assert build_dispatch_status({}, planned).matches is False
+
+
+# ip6tables-save -c of both back ends after restoring the IPv6 proxier's plan for the tracer tests'
+# services moved to IPv6 (tests/unit/test_iptables_tracer.py's SERVICES6, kube-proxy's jump rules
+# added): /128 destinations, icmp6-port-unreachable rejects, [ip]:port DNAT targets read back.
+SAVED6 = {tool: (DATA / f"ip6tables-{tool}-save-c.txt").read_text() for tool in ("nft", "legacy")}
+
+
+@pytest.mark.parametrize("tool", sorted(SAVED6))
+@pytest.mark.parametrize(("what", "src", "dst", "proto", "local_origin", "expected"), FLOWS6,
+                         ids=[f[0] for f in FLOWS6])
+def test_saved_ipv6_rules_trace_like_the_planned_ones(tool, what, src, dst, proto, local_origin, expected):
+    nat, filt = tables(SAVED6[tool])
+    ip, port = split_host_port(dst)
+    result = trace_saved(nat, filt, TracePacket(src, ip, port, proto), node_ips=NODE_IPS6, source="test")
+    assert result.supported, result.notes
+    assert summary(result) == expected, (what, result)
+    assert abs(sum(p.odds for p in result.paths) - 1) < 1e-9
+    assert "--reject-with icmp6-port-unreachable" in filt and "/128 " in nat

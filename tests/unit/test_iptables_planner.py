@@ -23,7 +23,13 @@ from proxyd.model import (
 )
 from proxyd.modes.iptables import chains as ch
 from proxyd.modes.iptables.conntrack import Flow, stale_flows
-from proxyd.modes.iptables.planner import Planner, PlannerOptions, compute_probability, render_port
+from proxyd.modes.iptables.planner import (
+    NODEPORTS_COMMENT,
+    Planner,
+    PlannerOptions,
+    compute_probability,
+    render_port,
+)
 from proxyd.modes.iptables.tracer import parse
 from proxyd.netfilter import Jump
 from proxyd.netfilter.backend import Backend, chains_of, choose
@@ -566,3 +572,200 @@ def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:
     order = [line for b in bodies for line in b[1:-1]]
     assert order == lines[1:-1]
     assert cleanup_inputs("nat", [], 4) == []
+
+
+# -- IPv6 and dual-stack ------------------------------------------------------------------------------
+#
+# The IPv6 proxier's text for the golden services moved to IPv6: what kube-proxy's IPv6 proxier writes
+# (ip6tables-restore input): the same chain names (the service hashes do not depend on the family), the
+# endpoint chains hashed over "[ip]:port", the NodePort tail skipping ::1 (IPv6 has no route_localnet),
+# the family's cluster CIDR for masquerading, and a plain "-j REJECT" (ip6tables' default answer is
+# icmp6-port-unreachable, which ip6tables-save prints back).
+
+OPTS6 = PlannerOptions(family=6, cluster_cidrs=("10.0.0.0/8", "fd00:10::/32"), node_ip="2001:db8:168::2",
+                       random_fully=False)
+SVC1_6 = sp("svc1", "fd00:172:30::41", namespace="ns1")
+SVC2_6 = sp("svc2", "fd00:172:30::42", namespace="ns2", type=ServiceType.LOAD_BALANCER, node_port=3001,
+            external_ips=("2001:db8:99::22",), load_balancer_ips=("2001:db8:1::4",),
+            load_balancer_source_ranges=("2001:db8:203::/64",), external_policy_local=True,
+            health_check_node_port=30000)
+SVC3_6 = sp("svc3", "fd00:172:30::43", namespace="ns3", node_port=3003, type=ServiceType.NODE_PORT)
+GOLDEN6_STATE = state(
+    (SVC1_6, (Endpoint("fd00:10:180::1", 80),)),
+    (SVC2_6, (Endpoint("fd00:10:180::2", 80, node_name=NODE), Endpoint("fd00:10:180::3", 80, node_name="node2"))),
+    (SVC3_6, ()),
+)
+
+GOLDEN6 = """\
+*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints" -m tcp -p tcp -d fd00:172:30::43 --dport 80 -j REJECT
+-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3003 -j REJECT
+-A KUBE-PROXY-FIREWALL -m comment --comment "ns2/svc2:p80 traffic not accepted by KUBE-FW-GNZBNJ2PO5MGZ6GT" -m tcp -p tcp -d 2001:db8:1::4 --dport 80 -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+:KUBE-SEP-OGYCNMB4EMRUSJ6N - [0:0]
+:KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-FW-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SVL-GNZBNJ2PO5MGZ6GT - [0:0]
+:KUBE-SEP-HVN4VNKVYQ7L4BSW - [0:0]
+:KUBE-SEP-FSFULW5ZXQDYZS5P - [0:0]
+:KUBE-SEP-STALE0000000000 - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 2001:db8:99::22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 2001:db8:1::4 --dport 80 -j KUBE-FW-GNZBNJ2PO5MGZ6GT
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::41 --dport 80 ! -s fd00:10::/32 -j KUBE-MARK-MASQ
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> [fd00:10:180::1]:80" -j KUBE-SEP-OGYCNMB4EMRUSJ6N
+-A KUBE-SEP-OGYCNMB4EMRUSJ6N -m comment --comment ns1/svc1:p80 -s fd00:10:180::1 -j KUBE-MARK-MASQ
+-A KUBE-SEP-OGYCNMB4EMRUSJ6N -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:180::1]:80
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::42 --dport 80 ! -s fd00:10::/32 -j KUBE-MARK-MASQ
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s fd00:10::/32 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -j KUBE-SVL-GNZBNJ2PO5MGZ6GT
+-A KUBE-FW-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 loadbalancer IP" -s 2001:db8:203::/64 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+-A KUBE-FW-GNZBNJ2PO5MGZ6GT -m comment --comment "other traffic to ns2/svc2:p80 will be dropped by KUBE-PROXY-FIREWALL"
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> [fd00:10:180::2]:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-HVN4VNKVYQ7L4BSW
+-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> [fd00:10:180::3]:80" -j KUBE-SEP-FSFULW5ZXQDYZS5P
+-A KUBE-SVL-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> [fd00:10:180::2]:80" -j KUBE-SEP-HVN4VNKVYQ7L4BSW
+-A KUBE-SEP-HVN4VNKVYQ7L4BSW -m comment --comment ns2/svc2:p80 -s fd00:10:180::2 -j KUBE-MARK-MASQ
+-A KUBE-SEP-HVN4VNKVYQ7L4BSW -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:180::2]:80
+-A KUBE-SEP-FSFULW5ZXQDYZS5P -m comment --comment ns2/svc2:p80 -s fd00:10:180::3 -j KUBE-MARK-MASQ
+-A KUBE-SEP-FSFULW5ZXQDYZS5P -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:180::3]:80
+-X KUBE-SEP-STALE0000000000
+COMMIT
+"""
+
+
+def test_golden_ipv6_full_plan() -> None:
+    plan = Planner(OPTS6).plan(GOLDEN6_STATE, None,
+                               existing_chains=["KUBE-SEP-STALE0000000000", "CNI-FOO", "KUBE-SERVICES"])
+    assert plan.text == GOLDEN6
+    assert plan.full and plan.deleted_chains == ("KUBE-SEP-STALE0000000000",)
+    name = ServicePortName("ns1", "svc1", "p80", Protocol.TCP)
+    assert ch.sep_chain(name, Endpoint("fd00:10:180::1", 80)) == "KUBE-SEP-" + ch._hash16(
+        "ns1/svc1:p80tcp[fd00:10:180::1]:80") == "KUBE-SEP-OGYCNMB4EMRUSJ6N"
+
+
+def _dual(v4: ServicePort, v6: ServicePort) -> ServicePort:
+    """The dual-stack service port whose two families' views are ``v4`` and ``v6``."""
+    return dataclasses.replace(v4, secondary_cluster_ip=v6.cluster_ip, external_ips=v4.external_ips + v6.external_ips,
+                               load_balancer_ips=v6.load_balancer_ips + v4.load_balancer_ips,
+                               load_balancer_source_ranges=v4.load_balancer_source_ranges + v6.load_balancer_source_ranges)
+
+
+DUAL_STATE = state(*((_dual(a, b), GOLDEN_STATE.endpoints[a.name] + GOLDEN6_STATE.endpoints[b.name])
+                     for a, b in ((SVC1, SVC1_6), (SVC2, SVC2_6), (SVC3, SVC3_6))))
+
+
+def test_dual_stack_services_give_each_family_its_golden_view() -> None:
+    existing = ["KUBE-SEP-STALE0000000000"]
+    assert Planner(OPTS).plan(DUAL_STATE.for_family(4), None, existing_chains=existing).text == GOLDEN
+    assert Planner(OPTS6).plan(DUAL_STATE.for_family(6), None, existing_chains=existing).text == GOLDEN6
+    # Single-family ports are shared, not copied, by the views (a v4-only sync costs no more than before).
+    assert GOLDEN_STATE.for_family(4).service_ports[SVC1.name] is SVC1
+    assert not GOLDEN_STATE.for_family(6).service_ports
+
+
+def test_dual_stack_partial_sync_of_each_family_reaches_its_full_plan() -> None:
+    moved = dataclasses.replace(DUAL_STATE, endpoints={**DUAL_STATE.endpoints, SVC1.name: (
+        Endpoint("10.180.0.9", 80), Endpoint("fd00:10:180::9", 80))})
+    for fam, opts in ((4, OPTS), (6, OPTS6)):
+        planner = Planner(opts)
+        planner.commit(planner.plan(DUAL_STATE.for_family(fam), None))
+        partial = planner.plan(moved.for_family(fam), frozenset({SVC1.name.service}))
+        assert not partial.full and "--to-destination" in partial.text
+        assert ("[fd00:10:180::9]:80" in partial.text) == (fam == 6)
+        assert ("10.180.0.9:80" in partial.text) == (fam == 4)
+        full = Planner(opts).plan(moved.for_family(fam), None)
+        assert _normalise(_simulate(GOLDEN if fam == 4 else GOLDEN6, partial.text)) == \
+            _normalise(_simulate(full.text.replace("-X KUBE-SEP-STALE0000000000\n", "")))
+
+
+def test_nodeport_addresses_of_the_other_family_leave_this_one_on_every_address() -> None:
+    from proxyd.modes.iptables.mode import family_cidrs
+
+    cidrs = ("192.168.0.0/16", "2001:db8:203::/64")
+    assert family_cidrs(cidrs, 4) == ("192.168.0.0/16",) and family_cidrs(cidrs, 6) == ("2001:db8:203::/64",)
+    assert family_cidrs(("192.168.0.0/16",), 6) == ()
+    only6 = Planner(dataclasses.replace(OPTS6, nodeport_addresses=family_cidrs(cidrs, 6),
+                                        node_ips=("2001:db8:203::1", "::1"))).plan(GOLDEN6_STATE, None).text
+    assert [line for line in only6.splitlines() if line.endswith("-j KUBE-NODEPORTS")] == [
+        f"-A KUBE-SERVICES -m comment --comment {NODEPORTS_COMMENT} -d 2001:db8:203::1 -j KUBE-NODEPORTS"]
+    every6 = Planner(dataclasses.replace(OPTS6, nodeport_addresses=family_cidrs(("192.168.0.0/16",), 6))).plan(
+        GOLDEN6_STATE, None).text
+    assert "-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS" in every6
+
+
+def test_dual_stack_mode_runs_one_iptables_proxier_per_family() -> None:
+    import asyncio
+
+    from proxyd import metrics
+    from proxyd.config import Config
+    from proxyd.modes.base import SyncRequest
+    from proxyd.modes.dualstack import DualStackMode
+    from proxyd.modes.iptables import IptablesMode
+
+    assert IptablesMode.per_family
+    mode = DualStackMode(Config(cluster_cidrs=("10.0.0.0/8", "fd00:10::/32"), sync_period=30.0), IptablesMode, (4, 6))
+    fakes = {fam: FakeApplier() for fam in (4, 6)}
+    for fam, proxier in mode.proxiers.items():
+        proxier.applier = fakes[fam]  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        await mode.sync(SyncRequest(GOLDEN_STATE, None))
+        assert [len(f.restored) for f in fakes.values()] == [1, 1]
+        assert "172.30.0.41" in fakes[4].restored[0] and "172.30" not in fakes[6].restored[0]
+        # An IPv4-only change: the IPv6 proxier has nothing to do and runs no ip6tables-restore.
+        changed = _bump(GOLDEN_STATE, svc1=(SVC1, (Endpoint("10.180.0.9", 80),)))
+        await mode.sync(SyncRequest(changed, frozenset({SVC1.name.service}), frozenset({SVC1.name})))
+        assert [len(f.restored) for f in fakes.values()] == [2, 1]
+        # A dual-stack state: each family gets its own golden view, both counted in the rules gauge.
+        await mode.sync(SyncRequest(DUAL_STATE, None))
+        assert fakes[6].restored[-1].startswith(GOLDEN6[:200]) and "fd00:172:30::41" in fakes[6].restored[-1]
+        plans = [p.last_plan for p in mode.proxiers.values()]  # type: ignore[attr-defined]
+        assert metrics.IPTABLES_TOTAL_RULES.labels("nat")._value.get() == sum(p.nat_rules for p in plans)
+
+    asyncio.run(scenario())
+
+
+def test_backend_detection_reads_both_families_and_decides_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxyd.netfilter import backend
+
+    outputs: dict[tuple[str, ...], str] = {}
+    monkeypatch.setattr(backend, "_output", lambda argv, timeout=5.0: outputs.get(tuple(argv), ""))
+
+    def both() -> set[str]:
+        return {backend.detect(family=f, environ={}).name for f in (4, 6)}
+
+    # kubelet's hint only in the IPv6 nf_tables mangle table: nft for both families (iptables-wrapper).
+    outputs[("ip6tables-nft-save", "-t", "mangle")] = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+    outputs[("iptables-legacy-save",)] = "*nat\n" + "-A X -j Y\n" * 5
+    assert both() == {"nft"}
+    # No hint anywhere: the rules of both families are counted; IPv6 legacy rules tip IPv4 too.
+    outputs.clear()
+    outputs[("ip6tables-legacy-save",)] = "*filter\n" + "-A X -j Y\n" * 3
+    outputs[("iptables-nft-save",)] = "*filter\n" + "-A X -j Y\n" * 2
+    assert both() == {"legacy"}
+    assert {backend.detect(family=f, environ={}).family for f in (4, 6)} == {4, 6}

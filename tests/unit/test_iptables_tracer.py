@@ -11,6 +11,9 @@ proxyd with --cluster-cidr 10.0.0.0/8; pods are 10.0.0.0/8, outside clients
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import re
 from functools import partial
 
 import pytest
@@ -155,3 +158,84 @@ def test_tracer_refuses_what_it_does_not_understand() -> None:
     loop = Tracer("*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j KUBE-SERVICES\nCOMMIT\n", node_ips=[])
     with pytest.raises(ValueError):
         loop.trace(src=POD, dst="1.1.1.1", port=1)
+
+
+# -- IPv6: every flow above, on the IPv6 proxier's rules ---------------------------------------------
+#
+# The same services and flows moved to IPv6 by one mapping that keeps CIDR membership (a.b.c.d ->
+# fd00:0:<a.b.c.d as 32 bits>::, a /n -> a /(32+n)), so every case must come out the same way on the
+# rules of the family-6 planner: what kube-proxy's IPv6 proxier does. Loopback maps to ::1.
+
+_V4 = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3})(/\d{1,2}|:\d+)?")
+
+
+def v6(addr: str) -> str:
+    """``addr`` (address, CIDR or ``ip:port``) moved to IPv6; endpoints as ``[ip]:port``."""
+    return _V4.sub(_v6_match, addr)
+
+
+def _v6_match(m: re.Match[str]) -> str:
+    ip, suffix = m.group(1), m.group(2) or ""
+    six = "::1" if ip == "127.0.0.1" else str(ipaddress.IPv6Address((0xFD00 << 112) | (int(ipaddress.IPv4Address(ip)) << 64)))
+    if suffix.startswith("/"):
+        return f"{six}/{32 + int(suffix[1:])}"
+    if suffix:
+        return f"[{six}]{suffix}"
+    return six
+
+
+def v6_expected(expected: str) -> str:
+    """A flow's expected outcome moved to IPv6 (endpoints re-sorted: hex sorts differently)."""
+    if expected in ("REJECT", "DROP"):
+        return expected
+    dests, _, tag = expected.rpartition(" ")
+    return ", ".join(sorted(v6(d) for d in dests.split(", "))) + " " + tag
+
+
+def v6_services(services=SERVICES):  # type: ignore[no-untyped-def]
+    out = []
+    for svc, eps in services:
+        svc6 = dataclasses.replace(svc, cluster_ip=v6(svc.cluster_ip),
+                                   external_ips=tuple(v6(a) for a in svc.external_ips),
+                                   load_balancer_ips=tuple(v6(a) for a in svc.load_balancer_ips),
+                                   load_balancer_source_ranges=tuple(v6(c) for c in svc.load_balancer_source_ranges))
+        out.append((svc6, tuple(dataclasses.replace(e, ip=v6(e.ip)) for e in eps)))
+    return out
+
+
+SERVICES6 = v6_services()
+NODE_IPS6 = [v6(NODE_IP), v6("172.16.0.1")]
+FLOWS6 = [(what, v6(src), v6(dst), proto, local, v6_expected(expected))
+          for what, src, dst, proto, local, expected in FLOWS]
+
+
+def build6(**opts: object) -> Tracer:
+    options = PlannerOptions(**{"family": 6, "cluster_cidrs": ("10.0.0.0/8", v6("10.0.0.0/8")),  # type: ignore[arg-type]
+                                "node_ip": v6(NODE_IP), **opts})
+    return Tracer(Planner(options).plan(state(*SERVICES6, node=NODE), None).text, node_ips=NODE_IPS6)
+
+
+TRACER6 = build6()
+
+
+def test_ipv6_mapping_keeps_membership() -> None:
+    assert v6("10.0.0.2") == "fd00:0:a00:2::" and v6("10.0.0.0/8") == "fd00:0:a00::/40"
+    assert v6("10.180.0.1:80") == "[fd00:0:ab4:1::]:80" and v6("127.0.0.1:3012") == "[::1]:3012"
+    assert ipaddress.ip_address(v6(OUTSIDE)) in ipaddress.ip_network(v6("203.0.113.0/25"))
+    assert ipaddress.ip_address(v6("203.0.113.200")) not in ipaddress.ip_network(v6("203.0.113.0/25"))
+
+
+@pytest.mark.parametrize("what,src,dst,proto,local,expected", FLOWS6, ids=[f[0] for f in FLOWS6])
+def test_ipv6_flow(what: str, src: str, dst: str, proto: str, local: bool, expected: str) -> None:
+    assert flow(TRACER6, src=src, dst=dst, protocol=proto, local_origin=local) == expected
+
+
+def test_ipv6_rules_hold_no_ipv4_and_ipv4_rules_no_ipv6() -> None:
+    both = SERVICES + SERVICES6
+    text4 = Planner(PlannerOptions(cluster_cidrs=("10.0.0.0/8",))).plan(state(*both, node=NODE), None).text
+    text6 = Planner(PlannerOptions(family=6)).plan(state(*both, node=NODE), None).text
+    assert "fd00:" not in text4
+    assert not _V4.search(text6.replace("0.5000000000", "").replace("0.3333333333", ""))
+    # A v4 flow through the v6 rules is nobody's business: untouched.
+    tracer6 = Tracer(text6, node_ips=NODE_IPS6)
+    assert flow(tracer6, src=POD, dst="172.30.0.41:80") == "172.30.0.41:80 no-masq"

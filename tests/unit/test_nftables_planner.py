@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -408,8 +409,7 @@ def test_ipv6_table_is_the_same_layout_with_ip6() -> None:
     assert "ip6 saddr != fd00:10::/64 jump mark-for-masquerade" in text
     assert "172.30.0.1" not in text and "10.0.0.5" not in text
     tracer = Tracer(text, node_ips=[])
-    assert flow(tracer, src="fd00:10::9", dst="[fd00:96::10]:80".replace("[", "").replace("]", "")) == \
-        "fd00:10::5:8080 no-masq"  # type: ignore[arg-type]
+    assert flow(tracer, src="fd00:10::9", dst="[fd00:96::10]:80") == "[fd00:10::5]:8080 no-masq"  # type: ignore[arg-type]
 
 
 def test_two_ports_claiming_one_address_keep_the_first() -> None:
@@ -459,3 +459,254 @@ def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError):
         PlannerOptions(masquerade_bit=32)
     assert isinstance(ServiceName("a", "b"), ServiceName)
+
+
+# -- IPv6 and dual-stack ------------------------------------------------------------------------------
+#
+# The IPv6 proxier's table for the golden services moved to IPv6: the same layout in "ip6 proxyd"
+# (ipv6_addr keys, ip6 payload matches, "::1" instead of 127.0.0.0/8 for NodePorts, as kube-proxy's
+# nftables mode), its family's cluster CIDR for masquerading, "dnat to [ip]:port" for affinity, and a
+# plain "reject" (ICMPv6 port unreachable in an ip6 table).
+
+OPTS6 = PlannerOptions(family=6, cluster_cidrs=("10.0.0.0/8", "fd00:10::/32"), node_ip="2001:db8:168::2")
+WEB6 = sp("web", "fd00:172:30::41")
+LB6 = sp("lb", "fd00:172:30::42", type=ServiceType.LOAD_BALANCER, node_port=3001, external_ips=("2001:db8:99::22",),
+         load_balancer_ips=("2001:db8:1::4",), load_balancer_source_ranges=("2001:db8:203::/64",),
+         external_policy_local=True, health_check_node_port=30000)
+EMPTY6 = sp("empty", "fd00:172:30::43", port=53, protocol=Protocol.UDP, port_name="dns", type=ServiceType.NODE_PORT,
+            node_port=3003)
+STICKY6 = sp("sticky", "fd00:172:30::44", affinity_timeout=600)
+ENTRIES6 = [
+    (WEB6, (Endpoint("fd00:10:180::1", 8080, node_name=NODE), Endpoint("fd00:10:180::2", 8080, node_name="node2"))),
+    (LB6, (Endpoint("fd00:10:180::3", 80, node_name=NODE), Endpoint("fd00:10:180::4", 80, node_name="node2"))),
+    (EMPTY6, ()),
+    (STICKY6, (Endpoint("fd00:10:180::5", 80, node_name="node2"),)),
+]
+
+GOLDEN6_FULL = """\
+add table ip6 proxyd
+add chain ip6 proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
+add chain ip6 proxyd filter-input { type filter hook input priority -110 ; }
+add chain ip6 proxyd filter-forward { type filter hook forward priority -110 ; }
+add chain ip6 proxyd filter-output { type filter hook output priority -110 ; }
+add chain ip6 proxyd filter-output-post-dnat { type filter hook output priority -90 ; }
+add chain ip6 proxyd nat-prerouting { type nat hook prerouting priority -100 ; }
+add chain ip6 proxyd nat-output { type nat hook output priority -100 ; }
+add chain ip6 proxyd nat-postrouting { type nat hook postrouting priority 100 ; }
+add chain ip6 proxyd firewall-check
+add chain ip6 proxyd service-endpoints-check
+add chain ip6 proxyd nodeport-endpoints-check
+add chain ip6 proxyd cluster-ips-check
+add chain ip6 proxyd reject-chain
+add chain ip6 proxyd mark-for-masquerade
+add chain ip6 proxyd masquerading
+add chain ip6 proxyd services
+add chain ip6 proxyd svc-int
+add chain ip6 proxyd svc-ext
+add chain ip6 proxyd svc-extl
+add chain ip6 proxyd svc-short
+add chain ip6 proxyd np-ext
+add chain ip6 proxyd np-extl
+add chain ip6 proxyd np-short
+add chain ip6 proxyd svc-pick-tcp-2
+add chain ip6 proxyd svc-pick-tcp-1
+add chain ip6 proxyd svc-short-pick-tcp-2
+add chain ip6 proxyd np-pick-tcp-1
+add chain ip6 proxyd np-short-pick-tcp-2
+add chain ip6 proxyd endpoint-3qc77sh7jbmjxw2f
+add chain ip6 proxyd sticky-u7tl6mk3ianqqakg
+flush chain ip6 proxyd filter-prerouting
+flush chain ip6 proxyd filter-input
+flush chain ip6 proxyd filter-forward
+flush chain ip6 proxyd filter-output
+flush chain ip6 proxyd filter-output-post-dnat
+flush chain ip6 proxyd nat-prerouting
+flush chain ip6 proxyd nat-output
+flush chain ip6 proxyd nat-postrouting
+flush chain ip6 proxyd firewall-check
+flush chain ip6 proxyd service-endpoints-check
+flush chain ip6 proxyd nodeport-endpoints-check
+flush chain ip6 proxyd cluster-ips-check
+flush chain ip6 proxyd reject-chain
+flush chain ip6 proxyd mark-for-masquerade
+flush chain ip6 proxyd masquerading
+flush chain ip6 proxyd services
+flush chain ip6 proxyd svc-int
+flush chain ip6 proxyd svc-ext
+flush chain ip6 proxyd svc-extl
+flush chain ip6 proxyd svc-short
+flush chain ip6 proxyd np-ext
+flush chain ip6 proxyd np-extl
+flush chain ip6 proxyd np-short
+flush chain ip6 proxyd svc-pick-tcp-2
+flush chain ip6 proxyd svc-pick-tcp-1
+flush chain ip6 proxyd svc-short-pick-tcp-2
+flush chain ip6 proxyd np-pick-tcp-1
+flush chain ip6 proxyd np-short-pick-tcp-2
+flush chain ip6 proxyd endpoint-3qc77sh7jbmjxw2f
+flush chain ip6 proxyd sticky-u7tl6mk3ianqqakg
+add set ip6 proxyd affinity-3qc77sh7jbmjxw2f { type ipv6_addr ; flags dynamic,timeout ; timeout 600s ; }
+add set ip6 proxyd canary { type ipv6_addr ; }
+flush set ip6 proxyd canary
+add set ip6 proxyd cluster-ips { type ipv6_addr ; }
+flush set ip6 proxyd cluster-ips
+add set ip6 proxyd nodeport-ips { type ipv6_addr ; }
+flush set ip6 proxyd nodeport-ips
+add map ip6 proxyd service-ips { type ipv6_addr . inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd service-ips
+add map ip6 proxyd service-nodeports { type inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd service-nodeports
+add map ip6 proxyd no-endpoint-services { type ipv6_addr . inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd no-endpoint-services
+add map ip6 proxyd no-endpoint-nodeports { type inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd no-endpoint-nodeports
+add set ip6 proxyd firewall-ips { type ipv6_addr . inet_proto . inet_service ; }
+flush set ip6 proxyd firewall-ips
+add set ip6 proxyd firewall-allow { type ipv6_addr . inet_proto . inet_service . ipv6_addr ; flags interval ; }
+flush set ip6 proxyd firewall-allow
+add set ip6 proxyd hairpin { type ipv6_addr . ipv6_addr ; }
+flush set ip6 proxyd hairpin
+add map ip6 proxyd svc-pick { type ipv6_addr . inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd svc-pick
+add map ip6 proxyd svc-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
+flush map ip6 proxyd svc-backends-tcp
+add map ip6 proxyd svc-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
+flush map ip6 proxyd svc-backends-udp
+add map ip6 proxyd svc-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
+flush map ip6 proxyd svc-backends-sctp
+add map ip6 proxyd svc-short-pick { type ipv6_addr . inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd svc-short-pick
+add map ip6 proxyd svc-short-backends-tcp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
+flush map ip6 proxyd svc-short-backends-tcp
+add map ip6 proxyd svc-short-backends-udp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
+flush map ip6 proxyd svc-short-backends-udp
+add map ip6 proxyd svc-short-backends-sctp { typeof ip6 daddr . meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
+flush map ip6 proxyd svc-short-backends-sctp
+add map ip6 proxyd np-pick { type inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd np-pick
+add map ip6 proxyd np-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
+flush map ip6 proxyd np-backends-tcp
+add map ip6 proxyd np-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
+flush map ip6 proxyd np-backends-udp
+add map ip6 proxyd np-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
+flush map ip6 proxyd np-backends-sctp
+add map ip6 proxyd np-short-pick { type inet_proto . inet_service : verdict ; }
+flush map ip6 proxyd np-short-pick
+add map ip6 proxyd np-short-backends-tcp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . tcp dport ; counter ; }
+flush map ip6 proxyd np-short-backends-tcp
+add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . udp dport ; counter ; }
+flush map ip6 proxyd np-short-backends-udp
+add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
+flush map ip6 proxyd np-short-backends-sctp
+add rule ip6 proxyd filter-prerouting ct state new jump firewall-check
+add rule ip6 proxyd filter-input ct state new jump nodeport-endpoints-check
+add rule ip6 proxyd filter-input ct state new jump service-endpoints-check
+add rule ip6 proxyd filter-forward ct state new jump service-endpoints-check
+add rule ip6 proxyd filter-forward ct state new jump cluster-ips-check
+add rule ip6 proxyd filter-output ct state new jump service-endpoints-check
+add rule ip6 proxyd filter-output ct state new jump firewall-check
+add rule ip6 proxyd filter-output-post-dnat ct state new jump cluster-ips-check
+add rule ip6 proxyd nat-prerouting jump services
+add rule ip6 proxyd nat-output jump services
+add rule ip6 proxyd nat-postrouting ct status dnat ip6 saddr . ip6 daddr @hairpin jump mark-for-masquerade
+add rule ip6 proxyd nat-postrouting jump masquerading
+add rule ip6 proxyd firewall-check ip6 daddr . meta l4proto . th dport @firewall-ips ip6 daddr . meta l4proto . th dport . ip6 saddr != @firewall-allow drop
+add rule ip6 proxyd service-endpoints-check ip6 daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule ip6 proxyd nodeport-endpoints-check fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports
+add rule ip6 proxyd cluster-ips-check ip6 daddr @cluster-ips reject
+add rule ip6 proxyd reject-chain reject
+add rule ip6 proxyd mark-for-masquerade meta mark set meta mark | 0x4000
+add rule ip6 proxyd masquerading meta mark & 0x4000 == 0 return
+add rule ip6 proxyd masquerading meta mark set meta mark ^ 0x4000
+add rule ip6 proxyd masquerading masquerade fully-random
+add rule ip6 proxyd services ip6 daddr . meta l4proto . th dport vmap @service-ips
+add rule ip6 proxyd services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports
+add rule ip6 proxyd svc-int ip6 saddr != fd00:10::/32 jump mark-for-masquerade
+add rule ip6 proxyd svc-int ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-ext jump mark-for-masquerade
+add rule ip6 proxyd svc-ext ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-extl ip6 saddr fd00:10::/32 goto svc-short
+add rule ip6 proxyd svc-extl fib saddr type local jump mark-for-masquerade
+add rule ip6 proxyd svc-extl fib saddr type local goto svc-short
+add rule ip6 proxyd svc-extl ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-short ip6 daddr . meta l4proto . th dport vmap @svc-short-pick
+add rule ip6 proxyd np-ext jump mark-for-masquerade
+add rule ip6 proxyd np-ext meta l4proto . th dport vmap @np-pick
+add rule ip6 proxyd np-extl ip6 saddr fd00:10::/32 goto np-short
+add rule ip6 proxyd np-extl fib saddr type local jump mark-for-masquerade
+add rule ip6 proxyd np-extl fib saddr type local goto np-short
+add rule ip6 proxyd np-extl meta l4proto . th dport vmap @np-pick
+add rule ip6 proxyd np-short meta l4proto . th dport vmap @np-short-pick
+add rule ip6 proxyd svc-pick-tcp-2 dnat ip6 addr . port to ip6 daddr . meta l4proto . th dport . numgen random mod 2 map @svc-backends-tcp
+add rule ip6 proxyd svc-pick-tcp-1 dnat ip6 addr . port to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map @svc-backends-tcp
+add rule ip6 proxyd svc-short-pick-tcp-2 dnat ip6 addr . port to ip6 daddr . meta l4proto . th dport . numgen random mod 2 map @svc-short-backends-tcp
+add rule ip6 proxyd np-pick-tcp-1 dnat ip6 addr . port to meta l4proto . th dport . numgen random mod 1 map @np-backends-tcp
+add rule ip6 proxyd np-short-pick-tcp-2 dnat ip6 addr . port to meta l4proto . th dport . numgen random mod 2 map @np-short-backends-tcp
+add rule ip6 proxyd endpoint-3qc77sh7jbmjxw2f update @affinity-3qc77sh7jbmjxw2f { ip6 saddr }
+add rule ip6 proxyd endpoint-3qc77sh7jbmjxw2f meta l4proto tcp dnat to [fd00:10:180::5]:80
+add rule ip6 proxyd sticky-u7tl6mk3ianqqakg ip6 saddr @affinity-3qc77sh7jbmjxw2f goto endpoint-3qc77sh7jbmjxw2f
+add rule ip6 proxyd sticky-u7tl6mk3ianqqakg numgen random mod 1 vmap { 0 : goto endpoint-3qc77sh7jbmjxw2f }
+add element ip6 proxyd cluster-ips { fd00:172:30::43, fd00:172:30::42, fd00:172:30::44, fd00:172:30::41 }
+add element ip6 proxyd no-endpoint-services { fd00:172:30::43 . udp . 53 : goto reject-chain }
+add element ip6 proxyd no-endpoint-nodeports { udp . 3003 : goto reject-chain }
+add element ip6 proxyd service-ips { fd00:172:30::42 . tcp . 80 : goto svc-int, 2001:db8:99::22 . tcp . 80 : goto svc-extl, 2001:db8:1::4 . tcp . 80 : goto svc-extl, fd00:172:30::44 . tcp . 80 : goto svc-int, fd00:172:30::41 . tcp . 80 : goto svc-int }
+add element ip6 proxyd svc-pick { fd00:172:30::42 . tcp . 80 : goto svc-pick-tcp-2, 2001:db8:99::22 . tcp . 80 : goto svc-pick-tcp-1, 2001:db8:1::4 . tcp . 80 : goto svc-pick-tcp-1, fd00:172:30::44 . tcp . 80 : goto sticky-u7tl6mk3ianqqakg, fd00:172:30::41 . tcp . 80 : goto svc-pick-tcp-2 }
+add element ip6 proxyd svc-backends-tcp { fd00:172:30::42 . tcp . 80 . 0 : fd00:10:180::3 . 80, fd00:172:30::42 . tcp . 80 . 1 : fd00:10:180::4 . 80, 2001:db8:99::22 . tcp . 80 . 0 : fd00:10:180::3 . 80, 2001:db8:1::4 . tcp . 80 . 0 : fd00:10:180::3 . 80, fd00:172:30::41 . tcp . 80 . 0 : fd00:10:180::1 . 8080, fd00:172:30::41 . tcp . 80 . 1 : fd00:10:180::2 . 8080 }
+add element ip6 proxyd svc-short-pick { 2001:db8:99::22 . tcp . 80 : goto svc-short-pick-tcp-2, 2001:db8:1::4 . tcp . 80 : goto svc-short-pick-tcp-2 }
+add element ip6 proxyd svc-short-backends-tcp { 2001:db8:99::22 . tcp . 80 . 0 : fd00:10:180::3 . 80, 2001:db8:99::22 . tcp . 80 . 1 : fd00:10:180::4 . 80, 2001:db8:1::4 . tcp . 80 . 0 : fd00:10:180::3 . 80, 2001:db8:1::4 . tcp . 80 . 1 : fd00:10:180::4 . 80 }
+add element ip6 proxyd firewall-ips { 2001:db8:1::4 . tcp . 80 }
+add element ip6 proxyd firewall-allow { 2001:db8:1::4 . tcp . 80 . 2001:db8:203::/64 }
+add element ip6 proxyd service-nodeports { tcp . 3001 : goto np-extl }
+add element ip6 proxyd np-pick { tcp . 3001 : goto np-pick-tcp-1 }
+add element ip6 proxyd np-backends-tcp { tcp . 3001 . 0 : fd00:10:180::3 . 80 }
+add element ip6 proxyd np-short-pick { tcp . 3001 : goto np-short-pick-tcp-2 }
+add element ip6 proxyd np-short-backends-tcp { tcp . 3001 . 0 : fd00:10:180::3 . 80, tcp . 3001 . 1 : fd00:10:180::4 . 80 }
+add element ip6 proxyd hairpin { fd00:10:180::3 . fd00:10:180::3, fd00:10:180::1 . fd00:10:180::1 }
+add element ip6 proxyd canary { :: }
+"""
+
+
+def test_golden_ipv6_full_plan_and_flows() -> None:
+    plan = Planner(OPTS6).plan(state(ENTRIES6), None)
+    assert plan.full and plan.text == GOLDEN6_FULL
+    tracer = Tracer(GOLDEN6_FULL, node_ips=["2001:db8:168::2"])
+    assert flow(tracer, src="fd00:10::2", dst="[fd00:172:30::41]:80") == \
+        "[fd00:10:180::1]:8080, [fd00:10:180::2]:8080 no-masq"  # type: ignore[arg-type]
+    assert flow(tracer, src="fd00:10::2", dst="[fd00:172:30::44]:80") == "[fd00:10:180::5]:80 no-masq"  # type: ignore[arg-type]
+    assert flow(tracer, src="2001:db8:203::5", dst="[2001:db8:1::4]:80") == "[fd00:10:180::3]:80 no-masq"  # type: ignore[arg-type]
+    assert flow(tracer, src="2001:db8:204::5", dst="[2001:db8:1::4]:80") == "DROP"  # type: ignore[arg-type]
+    assert flow(tracer, src="fd00:10::2", dst="[fd00:172:30::43]:53", protocol="udp") == "REJECT"  # type: ignore[arg-type]
+    assert flow(tracer, src="2001:db8:168::2", dst="[::1]:3001", local_origin=True) == \
+        "[::1]:3001 no-masq"  # type: ignore[arg-type]
+
+
+def _dual(v4: ServicePort, v6: ServicePort) -> ServicePort:
+    """The dual-stack service port whose two families' views are ``v4`` and ``v6``."""
+    return replace(v4, secondary_cluster_ip=v6.cluster_ip, external_ips=v6.external_ips + v4.external_ips,
+                   load_balancer_ips=v4.load_balancer_ips + v6.load_balancer_ips,
+                   load_balancer_source_ranges=v6.load_balancer_source_ranges + v4.load_balancer_source_ranges)
+
+
+def test_dual_stack_services_give_each_family_its_golden_view() -> None:
+    dual = state([(_dual(a, b), ea + eb) for (a, ea), (b, eb) in zip(ENTRIES, ENTRIES6, strict=True)])
+    assert Planner(OPTS).plan(dual.for_family(4), None).text == GOLDEN_FULL
+    assert Planner(OPTS6).plan(dual.for_family(6), None).text == GOLDEN6_FULL
+    # The partial transaction of the IPv4 view is the golden one; the IPv6 view's only touches ip6.
+    changed6 = dict(zip((s.name for s, _ in ENTRIES6), (e for _, e in ENTRIES6), strict=True))
+    changed6[WEB6.name] = (Endpoint("fd00:10:180::1", 8080, node_name=NODE), Endpoint("fd00:10:180::6", 8080))
+    changed6[STICKY6.name] = ()
+    moved = state([(_dual(a, b), ea + changed6[b.name]) for (a, ea), (b, _) in zip(CHANGED, ENTRIES6, strict=True)])
+    names = frozenset({WEB.name.service, STICKY.name.service})
+    for fam, opts, golden in ((4, OPTS, GOLDEN_FULL), (6, OPTS6, GOLDEN6_FULL)):
+        planner = Planner(opts)
+        planner.commit(planner.plan(dual.for_family(fam), None))
+        partial = planner.plan(moved.for_family(fam), names)
+        assert not partial.full
+        if fam == 4:
+            assert partial.text == GOLDEN_PARTIAL
+        else:
+            assert all(" ip6 proxyd " in line for line in partial.text.splitlines())
+            tracer = Tracer(golden, partial.text, node_ips=["2001:db8:168::2"])
+            assert flow(tracer, src="fd00:10::2", dst="[fd00:172:30::41]:80") == \
+                "[fd00:10:180::1]:8080, [fd00:10:180::6]:8080 no-masq"  # type: ignore[arg-type]
+            assert flow(tracer, src="fd00:10::2", dst="[fd00:172:30::44]:80") == "REJECT"  # type: ignore[arg-type]

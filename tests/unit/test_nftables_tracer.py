@@ -18,7 +18,17 @@ from proxyd.modes.iptables.tracer import flow
 from proxyd.modes.nftables.planner import Planner, PlannerOptions
 from proxyd.modes.nftables.tracer import Ruleset, Tracer, parse_rule
 from tests.unit.test_iptables_tracer import FLOWS as IPTABLES_FLOWS
-from tests.unit.test_iptables_tracer import NODE, NODE_IP, OUTSIDE, POD, SERVICES
+from tests.unit.test_iptables_tracer import (
+    NODE,
+    NODE_IP,
+    NODE_IPS6,
+    OUTSIDE,
+    POD,
+    SERVICES,
+    SERVICES6,
+    v6,
+    v6_expected,
+)
 
 NODE_IPS = [NODE_IP, "172.16.0.1"]
 
@@ -127,3 +137,49 @@ def test_tracer_refuses_what_it_does_not_understand() -> None:
                    "add element ip proxyd b { 1.1.1.1 . tcp . 1 . 0 : 10.0.0.1 . 80 }\n", node_ips=[])
     with pytest.raises(ValueError):
         short.trace(src=POD, dst="1.1.1.1", port=1)
+
+
+# -- IPv6: every flow above on the ip6 table (the iptables tracer tests' mapping to IPv6) ----------------
+
+FLOWS6 = [(what, v6(src), v6(dst), proto, local, v6_expected(expected))
+          for what, src, dst, proto, local, expected in FLOWS]
+
+
+def _options6(**opts: object) -> PlannerOptions:
+    return PlannerOptions(**{"family": 6, "cluster_cidrs": ("10.0.0.0/8", v6("10.0.0.0/8")),  # type: ignore[arg-type]
+                             "node_ip": v6(NODE_IP), **opts})
+
+
+def build6_incrementally() -> Tracer:
+    planner = Planner(_options6())
+    first = SERVICES6[: len(SERVICES6) // 2]
+    plan = planner.plan(_state(first), None)
+    texts = [plan.text]
+    planner.commit(plan)
+    for i in range(len(first), len(SERVICES6)):
+        plan = planner.plan(_state(SERVICES6[: i + 1]), frozenset({SERVICES6[i][0].name.service}))
+        assert not plan.full
+        texts.append(plan.text)
+        planner.commit(plan)
+    return Tracer(*texts, node_ips=NODE_IPS6)
+
+
+TRACER6 = Tracer(Planner(_options6()).plan(_state(SERVICES6), None).text, node_ips=NODE_IPS6)
+INCREMENTAL6 = build6_incrementally()
+
+
+@pytest.mark.parametrize("what,src,dst,proto,local,expected", FLOWS6, ids=[f[0] for f in FLOWS6])
+def test_ipv6_flow(what: str, src: str, dst: str, proto: str, local: bool, expected: str) -> None:
+    assert flow(TRACER6, src=src, dst=dst, protocol=proto, local_origin=local) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what,src,dst,proto,local,expected", FLOWS6, ids=[f[0] for f in FLOWS6])
+def test_ipv6_flow_after_partial_syncs(what: str, src: str, dst: str, proto: str, local: bool,
+                                       expected: str) -> None:
+    assert flow(INCREMENTAL6, src=src, dst=dst, protocol=proto, local_origin=local) == expected  # type: ignore[arg-type]
+
+
+def test_ipv6_table_only() -> None:
+    text = Planner(_options6()).plan(_state(SERVICES + SERVICES6), None).text
+    assert all(" ip6 proxyd" in line for line in text.splitlines() if line.startswith(("add ", "flush ", "delete ")))
+    assert "172.30." not in text and "ipv4_addr" not in text and "ipv6_addr" in text

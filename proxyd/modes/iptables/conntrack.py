@@ -101,7 +101,9 @@ def clear(flows: list[Flow], *, family: int = 4) -> int:
 
     af = socket.AF_INET6 if family == 6 else socket.AF_INET
     requests: list[Request] = []
-    with Conntrack() as ct:
+    # The socket's family, not the filter tuple's, decides what the kernel dumps: pyroute2 stamps
+    # every request with it (AF_INET unless told), so an IPv6 dump needs an AF_INET6 socket.
+    with Conntrack(nfgen_family=af) as ct:
         for entry in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, proto=socket.IPPROTO_UDP)):
             o, r = entry.tuple_orig, entry.tuple_reply
             if o.proto != socket.IPPROTO_UDP:

@@ -57,8 +57,32 @@ RESOURCE_PROBLEM = 4  # iptables-restore's exit code when the xtables lock could
 
 __all__ = ["IptablesMode"]
 
+# Rules each family's instance owns, per table: the gauge counts every rule proxyd owns, so with an
+# iptables and an ip6tables instance it is their sum (each setting it would hide the other's).
+_OWNED_RULES: dict[tuple[int, str], int] = {}
+
+
+def _count_rules(family: int, table: str, n: int) -> None:
+    _OWNED_RULES[(family, table)] = n
+    total = sum(v for (_fam, t), v in _OWNED_RULES.items() if t == table)
+    metrics.IPTABLES_TOTAL_RULES.labels(table).set(total)
+
+
+def family_cidrs(cidrs: Collection[str], family: int) -> tuple[str, ...]:
+    """The ``--nodeport-addresses`` CIDRs of ``family`` (kube-proxy's NewNodePortAddresses).
+
+    None of that family given means every address of that family, as when no CIDR is given at all:
+    ``--nodeport-addresses 192.168.0.0/16`` limits IPv4 NodePorts and leaves IPv6 ones on every
+    IPv6 node address.
+    """
+    return tuple(c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family)
+
+
 def _node_addresses(cidrs: tuple[str, ...], family: int) -> tuple[list[str], str | None]:
-    """(addresses accepting NodePorts, primary node address) — blocking netlink dump."""
+    """(addresses accepting NodePorts, primary node address) — blocking netlink dump.
+
+    ``cidrs`` are this family's (``family_cidrs``); none: NodePorts match every local address.
+    """
     from proxyd.nodeaddrs import filter_addresses, local_addresses
 
     local = local_addresses(family=family)
@@ -80,6 +104,9 @@ class IptablesMode(AppliedMode[Applier]):
     """Services realised as iptables NAT rules (kube-proxy's default mode)."""
 
     name = "iptables"
+    # One instance per family (``iptables``/``ip6tables``) behind ``DualStackMode``, as kube-proxy runs
+    # one proxier per family.
+    per_family = True
 
     def __init__(self, config: Config, *, backend: Backend | None = None, family: int = 4,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -89,9 +116,10 @@ class IptablesMode(AppliedMode[Applier]):
         self.family = family
         self._backend = backend
         self.applier: Applier | None = None
+        self._nodeport_cidrs = family_cidrs(config.nodeport_addresses, family)
         self.planner = Planner(PlannerOptions(
             family=family, cluster_cidrs=config.cluster_cidrs, masquerade_all=config.masquerade_all,
-            masquerade_bit=config.masquerade_bit, nodeport_addresses=config.nodeport_addresses))
+            masquerade_bit=config.masquerade_bit, nodeport_addresses=self._nodeport_cidrs))
         self._ports: Mapping[ServicePortName, ServicePort] = {}
         self._good = ProxyState()  # what the kernel was last seen to accept (quarantined ports keep it)
         self._synced = False
@@ -103,8 +131,7 @@ class IptablesMode(AppliedMode[Applier]):
             backend = await asyncio.to_thread(detect, family=self.family)
         self.applier = Applier(backend)
         log.info("iptables: using the %s back end", backend.name)
-        node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
-                                                    self.family)
+        node_ips, primary = await asyncio.to_thread(_node_addresses, self._nodeport_cidrs, self.family)
         self.planner = Planner(dataclasses.replace(self.planner.options, node_ips=tuple(node_ips),
                                                    node_ip=primary, chunk_rules=backend.chunk_lines))
         await self.applier.ensure_canaries()
@@ -123,9 +150,8 @@ class IptablesMode(AppliedMode[Applier]):
                 full = True
             else:
                 self._verified = now
-        if self.config.nodeport_addresses:
-            node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
-                                                  self.family)
+        if self._nodeport_cidrs:
+            node_ips, _ = await asyncio.to_thread(_node_addresses, self._nodeport_cidrs, self.family)
             self.planner.set_node_ips(node_ips)
         existing: set[str] = set()
         if full:
@@ -173,8 +199,8 @@ class IptablesMode(AppliedMode[Applier]):
         plan = self.last_plan
         assert plan is not None
         self._ports = self._good.service_ports
-        metrics.IPTABLES_TOTAL_RULES.labels("filter").set(plan.filter_rules)
-        metrics.IPTABLES_TOTAL_RULES.labels("nat").set(plan.nat_rules)
+        _count_rules(self.family, "filter", plan.filter_rules)
+        _count_rules(self.family, "nat", plan.nat_rules)
         if self._synced:
             # On the first sync after a start nothing is known about what
             # conntrack holds; clearing every UDP service would break flows
@@ -199,9 +225,13 @@ class IptablesMode(AppliedMode[Applier]):
         applied = 0
         try:
             plan = self.planner.plan(state, changed, existing_chains=existing, changed_ports=changed_ports)
-            for chunk in plan.chunks:
-                await self.applier.restore(chunk)
-                applied += 1
+            # A partial plan that re-renders and removes nothing would only rewrite the filter table
+            # with what it holds: the other family's changes (a v4-only cluster's IPv6 proxier sees
+            # every change as one of no port of its own) cost no ip6tables-restore.
+            if plan.full or plan.rerendered or plan.removed:
+                for chunk in plan.chunks:
+                    await self.applier.restore(chunk)
+                    applied += 1
         except Exception as err:
             if applied:
                 self.planner.invalidate()

@@ -42,7 +42,7 @@ from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, c
 from proxyd.model import ServicePortName
 from proxyd.modes.iptables import chains as ch
 from proxyd.modes.iptables.planner import PortRender
-from proxyd.modes.iptables.tracer import Tracer
+from proxyd.modes.iptables.tracer import Tracer, host_port
 from proxyd.netfilter.backend import run
 
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\]\s+(.*)$")
@@ -280,7 +280,7 @@ def trace_saved(nat_save: str, filter_save: str, packet: TracePacket, *, node_ip
         return result
     if local_origin:
         result.notes.append(f"{packet.src} is this node: traced from nat OUTPUT")
-    original = f"{packet.dst}:{packet.port}"
+    original = host_port(packet.dst, packet.port)
     paths = []
     for outcome, steps, odds in raw:
         endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination

@@ -146,6 +146,17 @@ def _in(addr: str, cidr: str) -> bool:
     return ipaddress.ip_address(addr) in ipaddress.ip_network(cidr, strict=False)
 
 
+def host_port(ip: str, port: int) -> str:
+    """``ip:port``, ``[ip]:port`` for IPv6 (net.JoinHostPort): how outcomes name a destination."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host_port``'s inverse: (``ip``, ``port``) of ``ip:port`` or ``[ip]:port``."""
+    ip, _, port = text.rpartition(":")
+    return ip.removeprefix("[").removesuffix("]"), int(port)
+
+
 class Tracer:
     """Traces packets through one ruleset on a node with the given local addresses."""
 
@@ -246,8 +257,8 @@ class Tracer:
                 return out
             if target == "DNAT":
                 dest = rule.target_args[rule.target_args.index("--to-destination") + 1]
-                ip, _, port = dest.rpartition(":")
-                out.append(("DNAT", replace(pkt, dst=ip.strip("[]"), dport=int(port), dnat=dest)))
+                ip, port = split_host_port(dest)
+                out.append(("DNAT", replace(pkt, dst=ip, dport=port, dnat=dest)))
                 return out
             if target == "MARK":
                 if "--or-mark" in rule.target_args:
@@ -290,7 +301,7 @@ class Tracer:
             hook = "OUTPUT" if local_origin else ("INPUT" if local else "FORWARD")
             for fverdict, fp in self._run("filter", hook, p):
                 if fverdict in ("DROP", "REJECT"):
-                    dropped = Outcome(fverdict, f"{fp.dst}:{fp.dport}", False, local)
+                    dropped = Outcome(fverdict, host_port(fp.dst, fp.dport), False, local)
                     outcomes.append((dropped, fp.path, fp.odds))
                     continue
                 masq = False
@@ -300,7 +311,7 @@ class Tracer:
                         if pverdict == "MASQUERADE":
                             masq = True
                             path = pp.path
-                outcome = Outcome("ACCEPT", f"{fp.dst}:{fp.dport}", masq, local and not local_origin)
+                outcome = Outcome("ACCEPT", host_port(fp.dst, fp.dport), masq, local and not local_origin)
                 outcomes.append((outcome, path, fp.odds))
         return outcomes
 
@@ -329,10 +340,10 @@ def _dedup(outcomes: list[Outcome]) -> list[Outcome]:
 def flow(tracer: Tracer, *, src: str, dst: str, protocol: str = "tcp", local_origin: bool = False) -> str:
     """One-line summary: sorted reachable endpoints (``ip:port``, comma-separated) or the verdict,
     then ``masq`` / ``no-masq`` when delivered (all paths agree on masquerading or it says ``mixed``).
-    ``dst`` is ``ip:port``.
+    ``dst`` is ``ip:port`` (``[ip]:port`` for IPv6), endpoints are written the same way.
     """
-    ip, _, port = dst.rpartition(":")
-    outs = tracer.trace(src=src, dst=ip, port=int(port), protocol=protocol, local_origin=local_origin)
+    ip, port = split_host_port(dst)
+    outs = tracer.trace(src=src, dst=ip, port=port, protocol=protocol, local_origin=local_origin)
     verdicts = {o.verdict for o in outs}
     if verdicts != {"ACCEPT"}:
         if len(verdicts) == 1:

@@ -39,6 +39,7 @@ from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, Service
 from proxyd.modes.base import AppliedMode, SyncRequest
 from proxyd.modes.iptables import conntrack
 from proxyd.modes.iptables.mode import _node_addresses as iptables_node_addresses
+from proxyd.modes.iptables.mode import family_cidrs
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
 from proxyd.modes.nftables.applier import Applier
@@ -70,10 +71,14 @@ class NftablesMode(AppliedMode[Applier]):
     """Services realised as elements of a few nftables maps."""
 
     name = "nftables"
+    # One instance per family (its ``ip`` / ``ip6 proxyd`` table) behind ``DualStackMode``, as
+    # kube-proxy's nftables mode runs one proxier per family.
+    per_family = True
 
     def __init__(self, config: Config, *, family: int = 4, nft: Nft | None = None) -> None:
         super().__init__(config)
         self.family = family
+        self._nodeport_cidrs = family_cidrs(config.nodeport_addresses, family)
         self._nft = nft
         self.applier: Applier | None = None
         self.planner = Planner(self._options(node_ips=(), node_ip=None))
@@ -87,15 +92,14 @@ class NftablesMode(AppliedMode[Applier]):
         c = self.config
         return PlannerOptions(family=self.family, cluster_cidrs=c.cluster_cidrs,
                               masquerade_all=c.masquerade_all, masquerade_bit=c.masquerade_bit,
-                              nodeport_addresses=c.nodeport_addresses,
+                              nodeport_addresses=self._nodeport_cidrs,
                               node_ips=node_ips, node_ip=node_ip)
 
     async def start(self) -> None:
         nft = self._nft or Nft(os.environ.get(BACKEND_ENV) or None)
         self.applier = Applier(lay.Family(self.family), nft)
         log.info("nftables: driving %s through %s", lay.Family(self.family).table, nft.backend)
-        node_ips, primary = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
-                                                    self.family)
+        node_ips, primary = await asyncio.to_thread(_node_addresses, self._nodeport_cidrs, self.family)
         self.planner = Planner(self._options(node_ips=tuple(node_ips), node_ip=primary))
 
     async def sync(self, request: SyncRequest) -> None:
@@ -108,9 +112,8 @@ class NftablesMode(AppliedMode[Applier]):
             metrics.NFTABLES_REPAIRS.inc()
             self.planner.invalidate()
             full = True
-        if self.config.nodeport_addresses:
-            node_ips, _ = await asyncio.to_thread(_node_addresses, self.config.nodeport_addresses,
-                                                  self.family)
+        if self._nodeport_cidrs:
+            node_ips, _ = await asyncio.to_thread(_node_addresses, self._nodeport_cidrs, self.family)
             self.planner.set_node_ips(node_ips)
         stale = await self._stale() if full and present else set()
         retried = request.ports_to_plan(self._ports.keys()) if not full else None

@@ -54,6 +54,7 @@ from typing import Any
 
 from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, counter_key, merge_paths
 from proxyd.model import ProxyState, ServicePortName
+from proxyd.modes.iptables.tracer import host_port
 from proxyd.modes.nftables import layout as lay
 from proxyd.modes.nftables import nlread
 from proxyd.modes.nftables.libnft import Nft, NftError
@@ -724,7 +725,7 @@ def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[st
         return result
     if local_origin:
         result.notes.append(f"{packet.src} is this node: traced from the output hook")
-    original = f"{packet.dst}:{packet.port}"
+    original = host_port(packet.dst, packet.port)  # outcomes name IPv6 destinations [ip]:port
     paths = []
     for outcome, steps, odds in raw:
         endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination
@@ -733,9 +734,6 @@ def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[st
             reason = _reason(outcome.verdict, steps)
         elif endpoint == original:
             reason = "not a service address: not translated"
-        if endpoint is not None and ":" in endpoint.rpartition(":")[0]:
-            host, _, port = endpoint.rpartition(":")
-            endpoint = f"[{host}]:{port}"
         paths.append(TracePath(outcome.verdict, endpoint, odds, outcome.masquerade, steps, reason))
     result.paths = merge_paths(paths)
     return result

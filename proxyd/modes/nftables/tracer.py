@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from proxyd.modes.iptables.tracer import Outcome
+from proxyd.modes.iptables.tracer import Outcome, host_port, split_host_port
 
 _A = r"(?:ip6?)"
 _KEY = rf"(?:({_A}) daddr \. )?meta l4proto \. th dport"
@@ -313,8 +313,8 @@ class Tracer:
                     out.append(("dnat", _dnat(replace(pkt, odds=pkt.odds / n), ip, int(port))))
                 return out
             elif k == "dnat":
-                ip, _, port = (a[0] or "").rpartition(":")
-                return [("dnat", _dnat(pkt, ip.strip("[]"), int(port)))]
+                to_ip, to_port = split_host_port(a[0] or "")
+                return [("dnat", _dnat(pkt, to_ip, to_port))]
             elif k == "numgen_vmap":
                 out = []
                 entries = dict(e.split(" : ") for e in _split_elements(a[1] or ""))
@@ -381,7 +381,7 @@ class Tracer:
         first = self._hook("output" if local_origin else "prerouting", [pkt])
         for verdict, p in first:
             if verdict in ("drop", "reject"):
-                dropped = Outcome(verdict.upper(), f"{p.dst}:{p.dport}", False, False)
+                dropped = Outcome(verdict.upper(), host_port(p.dst, p.dport), False, False)
                 outcomes.append((dropped, p.steps, p.odds))
                 continue
             local = self._local(p.dst)
@@ -391,7 +391,7 @@ class Tracer:
                 second = [(None, p)]
             for v2, q in second:
                 if v2 in ("drop", "reject"):
-                    dropped = Outcome(v2.upper(), f"{q.dst}:{q.dport}", False, local)
+                    dropped = Outcome(v2.upper(), host_port(q.dst, q.dport), False, local)
                     outcomes.append((dropped, q.steps, q.odds))
                     continue
                 masq = False
@@ -400,11 +400,11 @@ class Tracer:
                     for v3, r in self._hook("postrouting", [q]):
                         if v3 == "masquerade":
                             masq, steps = True, r.steps
-                outcomes.append((Outcome("ACCEPT", f"{q.dst}:{q.dport}", masq, local and not local_origin),
-                                 steps, q.odds))
+                delivered = Outcome("ACCEPT", host_port(q.dst, q.dport), masq, local and not local_origin)
+                outcomes.append((delivered, steps, q.odds))
         return outcomes
 
 
 def _dnat(pkt: Packet, ip: str, port: int) -> Packet:
-    return replace(pkt, dst=str(ipaddress.ip_address(ip)), dport=port, dnat=f"{ip}:{port}")
+    return replace(pkt, dst=str(ipaddress.ip_address(ip)), dport=port, dnat=host_port(ip, port))
 
