@@ -165,6 +165,10 @@ JUMPS: tuple[Jump, ...] = (
 )
 
 
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class VSKey:
     """A virtual server's identity in the kernel."""
@@ -174,7 +178,7 @@ class VSKey:
     protocol: Protocol
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.protocol}"
+        return f"{_hostport(self.ip, self.port)}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -183,7 +187,7 @@ class RealServer:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return _hostport(self.ip, self.port)
 
 
 @dataclass(frozen=True, slots=True)
