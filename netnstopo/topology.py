@@ -610,9 +610,19 @@ def service(name: str, *, cluster_ip: str, ports: Sequence[Mapping[str, Any]], n
             type_: str = "ClusterIP", external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
             affinity_timeout: int | None = None, external_local: bool = False, internal_local: bool = False,
             health_check_node_port: int | None = None, source_ranges: Sequence[str] = (),
-            labels: Mapping[str, str] | None = None, external_name: str | None = None) -> dict[str, Any]:
-    """A v1 Service as a dict; ``cluster_ip="None"`` makes it headless."""
+            labels: Mapping[str, str] | None = None, external_name: str | None = None,
+            cluster_ips: Sequence[str] = (), family_policy: str | None = None) -> dict[str, Any]:
+    """A v1 Service as a dict; ``cluster_ip="None"`` makes it headless.
+
+    ``cluster_ips`` (primary first, one per family) makes it dual-stack: ``clusterIPs`` and
+    ``ipFamilies`` follow them, ``ipFamilyPolicy`` is ``family_policy`` (RequireDualStack for two).
+    """
     spec: dict[str, Any] = {"type": type_, "clusterIP": cluster_ip, "ports": [dict(p) for p in ports]}
+    if cluster_ips:
+        spec["clusterIPs"] = list(cluster_ips)
+        spec["ipFamilies"] = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
+        dual = len(cluster_ips) > 1
+        spec["ipFamilyPolicy"] = family_policy or ("RequireDualStack" if dual else "SingleStack")
     if external_name is not None:
         spec = {"type": "ExternalName", "externalName": external_name, "ports": spec["ports"]}
     if external_ips:
@@ -649,13 +659,13 @@ def endpoint(ip: str, *, node: str | None = "node1", ready: bool = True, serving
 
 def endpoint_slice(service_name: str, *, ports: Sequence[Mapping[str, Any]],
                    endpoints: Sequence[Mapping[str, Any]], namespace: str = "default",
-                   name: str | None = None) -> dict[str, Any]:
+                   name: str | None = None, address_type: str = "IPv4") -> dict[str, Any]:
     """A discovery.k8s.io/v1 EndpointSlice; ``ports`` items: {"name"?, "port", "protocol"?}."""
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name or f"{service_name}-slice", "namespace": namespace,
                      "labels": {"kubernetes.io/service-name": service_name}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": [{"protocol": "TCP", **dict(p)} for p in ports],
         "endpoints": [dict(e) for e in endpoints],
     }
