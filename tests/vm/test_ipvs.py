@@ -17,8 +17,11 @@ family-blind code); ``test_dual_stack_kernel_objects`` shows the two
 per-family instances sharing ``kube-ipvs0`` and the IPVS table.
 
 Issue 18: ``test_refused_real_server_quarantines_one_service`` makes the
-kernel refuse one service's real server (a blackhole route to its
-endpoint, which IPVS rejects as a destination) among several.
+kernel refuse one service's real server among several: a route in the
+local table making its endpoint's address a broadcast address, which IPVS
+rejects as a destination (EINVAL: a real server must route as unicast or
+local; a blackhole route does not do it, its lookup fails and counts as
+unicast).
 """
 
 from __future__ import annotations
@@ -340,20 +343,19 @@ def _healthz(topo: Topology) -> tuple[int, dict]:
 
 
 def test_refused_real_server_quarantines_one_service(topology: Topology) -> None:
-    """IPVS refuses a real server whose address routes as a blackhole (not unicast): only that service
+    """IPVS refuses a real server whose address routes as broadcast (not unicast): only that service
     is quarantined; the others are programmed and serve, /healthz stays 200 and names it, and removing
     the conflicting route clears the quarantine at the next full sync."""
     bad_ip, other_ip = "10.96.0.12", "10.96.0.11"
-    route = topology.ns_run(topology.node, ["ip", "-o", "route", "show", f"{POD3}/32"]).stdout.strip()
-    assert route, "no route to pod3 in the node namespace"
+    conflict = ["broadcast", POD3, "dev", "vpod3", "table", "local"]
     docs = (web(endpoints=local_eps(POD1), name="web") + web(endpoints=local_eps(POD2), name="other",
                                                              cluster_ip=other_ip)
             + web(endpoints=local_eps(POD3), name="bad", cluster_ip=bad_ip))
     for pod in ("pod1", "pod2", "pod3"):
         topology.start_tcp_server(pod, 8080)
     topology.write_manifest("services.yaml", docs)
-    # The conflicting object: pod3's address routes nowhere, so IPVS rejects it as a destination (EINVAL).
-    topology.ns_run(topology.node, ["ip", "route", "replace", "blackhole", f"{POD3}/32"])
+    # The conflicting object: pod3's address is a broadcast address, so IPVS rejects it as a destination.
+    topology.ns_run(topology.node, ["ip", "route", "add", *conflict])
     try:
         proc = topology.start_proxyd("ipvs", extra_args=("--sync-period", "5s"))
         labels = {"mode": "ipvs"}
@@ -374,8 +376,8 @@ def test_refused_real_server_quarantines_one_service(topology: Topology) -> None
         # the bad service's virtual server is there, without the refused real server
         assert ipvs_table(topology)[(bad_ip, 80, "TCP")]["dests"] == {}
     finally:
-        # Fix the object: pod3's own route back.
-        topology.ns_run(topology.node, ["ip", "route", "replace", *route.split()])
+        # Fix the object: the conflicting route goes.
+        topology.ns_run(topology.node, ["ip", "route", "del", *conflict])
     wait_until(lambda: topology.metric("proxyd_quarantined_service_ports", labels) == 0, timeout=60,
                what="quarantine cleared by the next full sync")
     wait_until(lambda: topology.hello(ns, bad_ip, 80).pod == "pod3", timeout=30, what="bad service served")

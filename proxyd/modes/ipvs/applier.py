@@ -196,8 +196,11 @@ def _key_attrs(key: VSKey) -> list[tuple[str, Any]]:
             ("IPVS_SVC_ATTR_ADDR", key.ip), ("IPVS_SVC_ATTR_PORT", key.port)]
 
 
-# The kernel reads the netmask as a big-endian u32: a mask for IPv4, a prefix length (1-128) for IPv6.
-_NETMASK = {4: "255.255.255.255", 6: "0.0.0.128"}
+# The kernel keeps the netmask attribute's 4 bytes as they come: a mask for IPv4, and for IPv6 a prefix
+# length it reads in host byte order (1-128, else EINVAL; ipvsadm and kube-proxy's libipvs send a native
+# u32). pyroute2 encodes the attribute as an IPv4 address, so the prefix is written as the address whose
+# bytes are 128 in host order ("128.0.0.0" on little-endian machines).
+_NETMASK = {4: "255.255.255.255", 6: socket.inet_ntoa((128).to_bytes(4, sys.byteorder))}
 
 
 def _ipvs_msg(cmd: int, attrs: list[tuple[str, Any]]) -> Any:
