@@ -28,7 +28,7 @@ MINIMUMS: dict[str, int] = {
     "api": 48,
     "netns": 240,
     "reliability": 48,
-    "vm": 29,
+    "vm": 48,
 }
 
 

@@ -12,7 +12,8 @@
 # Env: RESULTS_DIR (default build/test-results; the guest writes to
 # $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default
 # 1500: the suite takes ~8 min on a quiet host, more on a busy one),
-# VM_MEMORY (default 2G), PROXYD_VM_DIR (kernel location, see
+# VM_MEMORY (default 2G), VM_VERBOSE=1 (the guest's console and kernel log
+# into $RESULTS_DIR/vm/vng.log: where a silent hang stopped), PROXYD_VM_DIR (kernel location, see
 # scripts/ipvs-vm-setup.sh, which is run here when the kernel is missing).
 #
 # `vng` exits 255 even when the guest command succeeded, so the guest writes
@@ -40,6 +41,8 @@ finish() {
 trap finish EXIT
 timeout_s=${VM_TIMEOUT:-1500}
 memory=${VM_MEMORY:-2G}
+verbose=()
+[ "${VM_VERBOSE:-0}" = 1 ] && verbose=(--verbose)
 
 command=""
 pytest_args=()
@@ -101,8 +104,11 @@ echo "run-in-vm: bundle $(du -h "$out/bundle.tar" | cut -f1) built in $((SECONDS
 
 # Runs inside the guest (as root, host FS read-only, /tmp /etc /var overlaid). The guest
 # exists to provide IPVS: without the module nothing could test it, so that fails at once.
-# No comments or single quotes inside: vng passes the script on in single quotes, and a
-# comment line there stops the guest from running the rest.
+# The script travels as a file in the shared directory, and the guest is only told to run it:
+# vng passes its --exec text base64-encoded on the kernel command line, whose 2048 bytes this
+# script plus a few pytest arguments (or a long directory name) overflowed, and the guest
+# kernel then panicked at boot (fortify: buffer overflow in strlen) with nothing on the console:
+# the silent boot hangs seen before. No comments or single quotes inside the script.
 guest_script="set -u
 exec >>$out/guest.log 2>&1
 modprobe ip_vs && modprobe dummy || { echo run-in-vm: modprobe ip_vs or dummy failed; echo 1 > $out/rc; exit 1; }
@@ -120,12 +126,13 @@ export PATH=\$g/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
 cd \$g/repo
 (eval $(printf '%q' "$command"))
 echo \$? > $out/rc"
+printf '%s\n' "$guest_script" > "$out/guest.sh"
 
 export PATH="$repo/.venv/bin:$PATH"
 echo "run-in-vm: booting Debian kernel $kver under QEMU (TCG, timeout ${timeout_s}s)"
 start=$(date +%s)
-timeout --kill-after=20 "$timeout_s" vng --run "$kernel" --memory "$memory" --cpus 2 --disable-kvm \
-  --rwdir "$out" --exec "$guest_script" >"$out/vng.log" 2>&1 </dev/null
+timeout --kill-after=20 "$timeout_s" vng --run "$kernel" --memory "$memory" --cpus 2 --disable-kvm ${verbose[@]+"${verbose[@]}"} \
+  --rwdir "$out" --exec "sh $out/guest.sh" >"$out/vng.log" 2>&1 </dev/null
 vng_rc=$?
 rm -f "$out/bundle.tar"
 elapsed=$(( $(date +%s) - start ))

@@ -7,11 +7,28 @@ removal of real servers (weight 0 while connections last), adoption of the
 kernel's state across a restart without cutting connections, and the
 kernel objects the mode owns. The kernel's view is read from
 ``/proc/net/ip_vs`` inside the node namespace.
+
+IPv6 and dual-stack (issue 16): the behaviour suite runs again for
+single-stack IPv6 services (``TestIpvsIPv6``) and dual-stack services reached
+on both addresses (``TestIpvsDualStack``), each with the behaviour tests
+that exercise what differs per family in ipvs mode (``FAMILY_TESTS``: every
+test costs ~20 s under software emulation, and the others only repeat
+family-blind code); ``test_dual_stack_kernel_objects`` shows the two
+per-family instances sharing ``kube-ipvs0`` and the IPVS table.
+
+Issue 18: ``test_refused_real_server_quarantines_one_service`` makes the
+kernel refuse one service's real server among several: a route in the
+local table making its endpoint's address a broadcast address, which IPVS
+rejects as a destination (EINVAL: a real server must route as unicast or
+local; a blackhole route does not do it, its lookup fails and counts as
+unicast).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -22,13 +39,16 @@ from tests.netns.behaviour import (
     POD2,
     POD3,
     REMOTE_POD,
+    V6,
     ServiceBehaviour,
     local_eps,
     web,
 )
 from tests.netns.topology import (
     CLIENT_IP,
+    HEALTHZ,
     NODE_IP,
+    NODE_IP6,
     Topology,
     endpoint,
     endpoint_slice,
@@ -42,6 +62,10 @@ pytestmark = pytest.mark.ipvs
 
 
 def _hex_addr(text: str) -> tuple[str, int]:
+    """``0A60000A:0050`` (IPv4, hex) or ``[fd00:0010:...:0010]:0050`` (IPv6) -> (canonical ip, port)."""
+    if text.startswith("["):
+        ip, _, port_hex = text[1:].partition("]:")
+        return str(ipaddress.ip_address(ip)), int(port_hex, 16)
     ip_hex, port_hex = text.split(":")
     raw = int(ip_hex, 16)
     return ".".join(str((raw >> s) & 0xFF) for s in (24, 16, 8, 0)), int(port_hex, 16)
@@ -79,9 +103,10 @@ class TestIpvs(ServiceBehaviour):
         assert "kube-ipvs0" not in links
         assert ipvs_table(topo) == {}
         assert "KUBE-" not in ipsets(topo)
-        for table in ("nat", "filter"):
-            rules = topo.ns_run(topo.node, ["iptables", "-t", table, "-S"]).stdout
-            assert "KUBE-" not in rules, rules
+        for tool in ("iptables", "ip6tables"):
+            for table in ("nat", "filter"):
+                rules = topo.ns_run(topo.node, [tool, "-t", table, "-S"]).stdout
+                assert "KUBE-" not in rules, (tool, rules)
 
     def test_kernel_objects(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1, POD2), type_="NodePort", node_port=30090))
@@ -220,3 +245,141 @@ class TestIpvs(ServiceBehaviour):
             lambda: (r := topology.http_get(topology.client, NODE_IP, 32100, "/"))[0] == 503 and r,
             timeout=120, what="healthCheckNodePort 503")
         assert json.loads(body)["localEndpoints"] == 0
+
+
+# --- IPv6 and dual-stack (issue 16) ----------------------------------------------------------------
+
+# What differs per family in ipvs mode: virtual/real servers and their spread, UDP, persistence, NodePorts
+# on the family's node address, externalIPs bound on kube-ipvs0, the LB source-range ipsets and
+# ip6tables firewall, the kernel's refusal without real servers, and --cleanup of both families.
+FAMILY_TESTS = frozenset({
+    "test_cluster_ip_spreads_over_endpoints", "test_udp", "test_client_ip_affinity",
+    "test_node_port_from_outside", "test_external_ip", "test_load_balancer_source_ranges",
+    "test_no_endpoints_refused_at_once", "test_cleanup_leaves_nothing",
+})
+
+
+def _family_tests_only(cls: type[ServiceBehaviour]) -> type[ServiceBehaviour]:
+    """Leave only ``FAMILY_TESTS`` of the behaviour suite to pytest in ``cls``."""
+    for name in dir(ServiceBehaviour):
+        if name.startswith("test_") and name not in FAMILY_TESTS:
+            setattr(cls, name, None)  # not a function: not collected
+    return cls
+
+
+@_family_tests_only
+class TestIpvsIPv6(ServiceBehaviour):
+    mode = "ipvs"
+    families = (6,)
+    assert_clean = TestIpvs.assert_clean
+
+
+@_family_tests_only
+class TestIpvsDualStack(ServiceBehaviour):
+    mode = "ipvs"
+    families = (4, 6)
+    assert_clean = TestIpvs.assert_clean
+
+
+def test_family_test_selection_is_real() -> None:
+    assert FAMILY_TESTS <= {n for n in dir(ServiceBehaviour) if n.startswith("test_")}
+    for cls in (TestIpvsIPv6, TestIpvsDualStack):
+        assert {n for n in dir(cls) if n.startswith("test_") and callable(getattr(cls, n))} == FAMILY_TESTS
+
+
+def test_dual_stack_kernel_objects(topology: Topology) -> None:
+    """Both families' instances share kube-ipvs0 and the IPVS table, each with its own sets and rules."""
+    cip6, pod1_6, pod2_6 = V6.cluster_ip, V6.pods["pod1"], V6.pods["pod2"]
+    docs = [service("web", cluster_ip=CLUSTER_IP, cluster_ips=[CLUSTER_IP, cip6], type_="NodePort",
+                    ports=[port(80, target_port=8080, node_port=30090)]),
+            endpoint_slice("web", name="web-ipv4", ports=[{"port": 8080}], endpoints=local_eps(POD1, POD2)),
+            endpoint_slice("web", name="web-ipv6", address_type="IPv6", ports=[{"port": 8080}],
+                           endpoints=local_eps(pod1_6, pod2_6))]
+    for pod in ("pod1", "pod2"):
+        topology.start_tcp_server(pod, 8080)
+    topology.write_manifest("services.yaml", docs)
+    topology.start_proxyd("ipvs", extra_args=("--sync-period", "5s"))
+    ns = topology.pod("pod3").ns
+    for ip in (CLUSTER_IP, cip6):
+        assert topology.hello(ns, ip, 80).pod in {"pod1", "pod2"}
+    for ip in (NODE_IP, NODE_IP6):
+        assert topology.hello(topology.client, ip, 30090).pod in {"pod1", "pod2"}
+
+    def table_ok() -> bool:
+        table = ipvs_table(topology)
+        v6 = set(table.get((cip6, 80, "TCP"), {}).get("dests", {}))
+        v4 = set(table.get((CLUSTER_IP, 80, "TCP"), {}).get("dests", {}))
+        return (v6 == {(pod1_6, 8080), (pod2_6, 8080)} and v4 == {(POD1, 8080), (POD2, 8080)}
+                and (NODE_IP6, 30090, "TCP") in table and (NODE_IP, 30090, "TCP") in table)
+
+    # Several full syncs (5 s period) later, neither instance has removed the other's servers.
+    wait_until(table_ok, timeout=30, what="both families' virtual servers")
+    time.sleep(12)
+    assert table_ok(), ipvs_table(topology)
+    table = ipvs_table(topology)
+    assert not any(ipaddress.ip_address(ip).is_link_local for ip, _, _ in table), table
+    addrs = topology.ns_run(topology.node, ["ip", "-o", "addr", "show", "dev", "kube-ipvs0"]).stdout
+    assert f"{CLUSTER_IP}/32" in addrs and f"{cip6}/128" in addrs, addrs
+    names = ipsets(topology).split()
+    assert "KUBE-CLUSTER-IP" in names and "KUBE-6-CLUSTER-IP" in names, names
+    members = topology.ns_run(topology.node, ["ipset", "list", "KUBE-6-CLUSTER-IP"]).stdout
+    assert "inet6" in members and f"{cip6},tcp:80" in members, members
+    assert f"{CLUSTER_IP},tcp:80" not in members
+    rules6 = topology.ns_run(topology.node, ["ip6tables", "-t", "nat", "-S", "KUBE-SERVICES"]).stdout
+    assert "KUBE-6-CLUSTER-IP" in rules6 and "KUBE-CLUSTER-IP " not in rules6, rules6
+    # another port of an IPv6 service IP is rejected by the IPv6 KUBE-IPVS-FILTER, not left to hang
+    from tests.netns.behaviour import refused
+    assert refused(topology, ns, cip6, 81)
+
+
+# --- issue 18: one refused object never blocks the node -------------------------------------------
+
+def _healthz(topo: Topology) -> tuple[int, dict]:
+    status, body = topo.http_get(topo.node, *HEALTHZ, "/healthz")
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, {}
+
+
+def test_refused_real_server_quarantines_one_service(topology: Topology) -> None:
+    """IPVS refuses a real server whose address routes as broadcast (not unicast): only that service
+    is quarantined; the others are programmed and serve, /healthz stays 200 and names it, and removing
+    the conflicting route clears the quarantine at the next full sync."""
+    bad_ip, other_ip = "10.96.0.12", "10.96.0.11"
+    conflict = ["broadcast", POD3, "dev", "vpod3", "table", "local"]
+    docs = (web(endpoints=local_eps(POD1), name="web") + web(endpoints=local_eps(POD2), name="other",
+                                                             cluster_ip=other_ip)
+            + web(endpoints=local_eps(POD3), name="bad", cluster_ip=bad_ip))
+    for pod in ("pod1", "pod2", "pod3"):
+        topology.start_tcp_server(pod, 8080)
+    topology.write_manifest("services.yaml", docs)
+    # The conflicting object: pod3's address is a broadcast address, so IPVS rejects it as a destination.
+    topology.ns_run(topology.node, ["ip", "route", "add", *conflict])
+    try:
+        proc = topology.start_proxyd("ipvs", extra_args=("--sync-period", "5s"))
+        labels = {"mode": "ipvs"}
+        wait_until(lambda: topology.metric("proxyd_quarantined_service_ports", labels) == 1, timeout=60,
+                   what="one quarantined service port")
+        ns = topology.pod("pod1").ns
+        assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
+        assert topology.hello(ns, other_ip, 80).pod == "pod2"
+        status, answer = _healthz(topology)
+        assert status == 200, answer
+        assert answer.get("quarantinedTotal") == 1, answer
+        assert set(answer["quarantined"]) == {"default/bad/TCP"}, answer
+        reason = answer["quarantined"]["default/bad/TCP"]
+        assert f"{POD3}:8080" in reason and "add_dest" in reason, reason
+        total = topology.metric_sum("proxyd_quarantined_total")
+        assert total is not None and total >= 1
+        assert "quarantined" in topology.log_of(proc)
+        # the bad service's virtual server is there, without the refused real server
+        assert ipvs_table(topology)[(bad_ip, 80, "TCP")]["dests"] == {}
+    finally:
+        # Fix the object: the conflicting route goes.
+        topology.ns_run(topology.node, ["ip", "route", "del", *conflict])
+    wait_until(lambda: topology.metric("proxyd_quarantined_service_ports", labels) == 0, timeout=60,
+               what="quarantine cleared by the next full sync")
+    wait_until(lambda: topology.hello(ns, bad_ip, 80).pod == "pod3", timeout=30, what="bad service served")
+    status, answer = _healthz(topology)
+    assert status == 200 and "quarantined" not in answer, answer

@@ -16,6 +16,13 @@ detection, asynchronous ``iptables-restore --noflush``), as in iptables mode.
 The applier reads what the kernel holds (``read_servers``, ``read_sets``,
 ``read_bound``) so that the mode can diff against it and change only
 differences: nothing is ever flushed except by ``cleanup``.
+
+One applier serves one address family (``family``), as its mode instance
+does: the IPv4 and IPv6 instances share ``kube-ipvs0`` and the IPVS table,
+so every read is filtered by family (each instance sees, diffs and deletes
+only its family's addresses and virtual servers), the IPv6 sets carry
+kube-proxy's ``KUBE-6-`` names (``planner.set_name``; plans use the IPv4
+names, mapped here) and the rules go through ``ip6tables``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pyroute2.netlink.nfnetlink.ipset import IPSET_CMD_ADD, IPSET_CMD_DEL, ipset
 
 from proxyd import metrics
 from proxyd.model import Protocol
+from proxyd.model import family as ip_family
 from proxyd.modes.ipvs.planner import (
     DEVICE,
     FILTER_CHAINS,
@@ -57,6 +65,8 @@ from proxyd.modes.ipvs.planner import (
     RealServer,
     VirtualServer,
     VSKey,
+    host_bits,
+    set_name,
 )
 from proxyd.netfilter import Backend, Netfilter, cleanup_everywhere, detect
 from proxyd.netlink import (
@@ -106,8 +116,13 @@ def _port_entry(text: str) -> PortEntry:
 IPSET_PROTOCOL = 6  # the oldest protocol revision every kernel with ipset accepts
 
 
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY_OF_AF = {socket.AF_INET: 4, socket.AF_INET6: 6}
+
+
 def _ip_attr(ip: str) -> dict[str, Any]:
-    return {"attrs": [("IPSET_ATTR_IPADDR_IPV4", ip)]}
+    kind = "IPSET_ATTR_IPADDR_IPV6" if ip_family(ip) == 6 else "IPSET_ATTR_IPADDR_IPV4"
+    return {"attrs": [(kind, ip)]}
 
 
 def ipset_data(set_type: str, entry: str) -> list[tuple[str, Any]]:
@@ -127,15 +142,17 @@ def ipset_data(set_type: str, entry: str) -> list[tuple[str, Any]]:
             ip2, _, cidr = parts[2].partition("/")
             data.append(("IPSET_ATTR_IP2", _ip_attr(ip2)))
             if set_type == "hash:ip,port,net":
-                data.append(("IPSET_ATTR_CIDR2", int(cidr) if cidr else 32))
+                data.append(("IPSET_ATTR_CIDR2", int(cidr) if cidr else host_bits(ip_family(ip2))))
         return data
     raise ValueError(f"entry {entry!r} does not fit a {set_type} set")
 
 
-def ipset_request(add: bool, name: str, set_type: str, entry: str, *, subject: object = None) -> Request:
-    """Add (or delete) one entry of set ``name``; an entry already there (or already gone) is harmless."""
+def ipset_request(add: bool, name: str, set_type: str, entry: str, *, subject: object = None,
+                  family: int = 4) -> Request:
+    """Add (or delete) one entry of set ``name`` (its kernel name: ``set_name``) of a ``family`` set; an
+    entry already there (or already gone) is harmless."""
     msg = ipset_msg()
-    msg["nfgen_family"] = socket.AF_INET
+    msg["nfgen_family"] = _AF[family]
     msg["attrs"] = [("IPSET_ATTR_PROTOCOL", IPSET_PROTOCOL), ("IPSET_ATTR_SETNAME", name),
                     ("IPSET_ATTR_DATA", {"attrs": ipset_data(set_type, entry)})]
     cmd = IPSET_CMD_ADD if add else IPSET_CMD_DEL
@@ -164,16 +181,26 @@ def entry_text(set_type: str, data: Any) -> str:
         return text
     ip2 = _nested_ip(attrs["IPSET_ATTR_IP2"])
     if set_type == "hash:ip,port,net":
-        cidr = attrs.get("IPSET_ATTR_CIDR2", 32)
-        return f"{text},{ip2}" if cidr == 32 else f"{text},{ip2}/{cidr}"
+        full = host_bits(ip_family(ip2))
+        cidr = attrs.get("IPSET_ATTR_CIDR2", full)
+        return f"{text},{ip2}" if cidr == full else f"{text},{ip2}/{cidr}"
     return f"{text},{ip2}"
 
 
 # --- virtual servers -----------------------------------------------------------------------
 
 def _key_attrs(key: VSKey) -> list[tuple[str, Any]]:
-    return [("IPVS_SVC_ATTR_AF", socket.AF_INET), ("IPVS_SVC_ATTR_PROTOCOL", _PROTO_NUM[key.protocol]),
+    # The address is encoded by the family attribute before it (pyroute2's "target" type).
+    return [("IPVS_SVC_ATTR_AF", _AF[ip_family(key.ip)]),
+            ("IPVS_SVC_ATTR_PROTOCOL", _PROTO_NUM[key.protocol]),
             ("IPVS_SVC_ATTR_ADDR", key.ip), ("IPVS_SVC_ATTR_PORT", key.port)]
+
+
+# The kernel keeps the netmask attribute's 4 bytes as they come: a mask for IPv4, and for IPv6 a prefix
+# length it reads in host byte order (1-128, else EINVAL; ipvsadm and kube-proxy's libipvs send a native
+# u32). pyroute2 encodes the attribute as an IPv4 address, so the prefix is written as the address whose
+# bytes are 128 in host order ("128.0.0.0" on little-endian machines).
+_NETMASK = {4: "255.255.255.255", 6: socket.inet_ntoa((128).to_bytes(4, sys.byteorder))}
 
 
 def _ipvs_msg(cmd: int, attrs: list[tuple[str, Any]]) -> Any:
@@ -194,7 +221,7 @@ def server_request(family_id: int, op: Op) -> Request:
     vs: VirtualServer = op.args[0]
     attrs = [*_key_attrs(vs.key), ("IPVS_SVC_ATTR_SCHED_NAME", vs.scheduler),
              ("IPVS_SVC_ATTR_FLAGS", {"flags": vs.flags, "mask": 0xFFFFFFFF}),
-             ("IPVS_SVC_ATTR_TIMEOUT", vs.timeout), ("IPVS_SVC_ATTR_NETMASK", "255.255.255.255")]
+             ("IPVS_SVC_ATTR_TIMEOUT", vs.timeout), ("IPVS_SVC_ATTR_NETMASK", _NETMASK[ip_family(vs.key.ip)])]
     cmd = genl_ipvs.IPVS_CMD_NEW_SERVICE if op.kind == "add_server" else genl_ipvs.IPVS_CMD_SET_SERVICE
     return Request(_ipvs_msg(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": attrs})]), family_id, 0, op)
 
@@ -205,11 +232,12 @@ def dest_request(family_id: int, op: Op) -> Request:
     server: RealServer = op.args[1]
     service = ("IPVS_CMD_ATTR_SERVICE", {"attrs": _key_attrs(key)})
     if op.kind == "delete_dest":
-        dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
-                          ("IPVS_DEST_ATTR_PORT", server.port)]}
+        dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", _AF[ip_family(server.ip)]),
+                          ("IPVS_DEST_ATTR_ADDR", server.ip), ("IPVS_DEST_ATTR_PORT", server.port)]}
         msg = _ipvs_msg(genl_ipvs.IPVS_CMD_DEL_DEST, [service, ("IPVS_CMD_ATTR_DEST", dest)])
         return Request(msg, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
-    dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET), ("IPVS_DEST_ATTR_ADDR", server.ip),
+    dest = {"attrs": [("IPVS_DEST_ATTR_ADDR_FAMILY", _AF[ip_family(server.ip)]),
+                      ("IPVS_DEST_ATTR_ADDR", server.ip),
                       ("IPVS_DEST_ATTR_PORT", server.port), ("IPVS_DEST_ATTR_FWD_METHOD", FWD_MASQ),
                       ("IPVS_DEST_ATTR_WEIGHT", op.args[2]), ("IPVS_DEST_ATTR_U_THRESH", 0),
                       ("IPVS_DEST_ATTR_L_THRESH", 0)]}
@@ -236,31 +264,43 @@ def _u32(value: bytes | None) -> int:
     return int.from_bytes(value[:4], sys.byteorder) if value is not None and len(value) >= 4 else 0
 
 
-def parse_service(data: bytes) -> VirtualServer | None:
-    """The IPv4 virtual server of one IPVS service dump reply; None for others and for garbage."""
+def _addr_len(af: int) -> int:
+    return 16 if af == socket.AF_INET6 else 4
+
+
+def parse_service(data: bytes, family: int = 4) -> VirtualServer | None:
+    """The virtual server (of ``family``: 4 or 6) of one IPVS service dump reply; None for other
+    families, fwmark services and garbage."""
+    want = _AF[family]
     attrs = _nested(data, _CMD_ATTR_SERVICE)
     af, proto = attrs.get(_SVC_AF), attrs.get(_SVC_PROTOCOL)
     addr, port = attrs.get(_SVC_ADDR), attrs.get(_SVC_PORT)
-    if af is None or len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET:
+    if af is None or len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != want:
         return None
     protocol = _NUM_PROTO.get(int.from_bytes(proto[:2], sys.byteorder)) if proto and len(proto) >= 2 else None
-    if protocol is None or addr is None or len(addr) < 4 or port is None or len(port) < 2:
+    size = _addr_len(want)
+    if protocol is None or addr is None or len(addr) < size or port is None or len(port) < 2:
         return None
-    key = VSKey(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"), protocol)
+    key = VSKey(socket.inet_ntop(want, addr[:size]), int.from_bytes(port[:2], "big"), protocol)
     sched = attrs.get(_SVC_SCHED, b"").split(b"\0", 1)[0].decode("ascii", "replace")
     flags = _u32(attrs.get(_SVC_FLAGS)) & ~FLAG_HASHED
     return VirtualServer(key, sched, flags, _u32(attrs.get(_SVC_TIMEOUT)))
 
 
-def parse_dest(data: bytes) -> KernelDest | None:
-    """The IPv4 real server of one IPVS destination dump reply; None for others and for garbage."""
+def parse_dest(data: bytes, family: int = 4) -> KernelDest | None:
+    """The real server (of ``family``) of one IPVS destination dump reply; None for others and garbage.
+
+    Kernels before 4.x send no address family for a real server: it is then its service's.
+    """
+    want = _AF[family]
     attrs = _nested(data, _CMD_ATTR_DEST)
     addr, port, af = attrs.get(_DEST_ADDR), attrs.get(_DEST_PORT), attrs.get(_DEST_AF)
-    if af is not None and (len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != socket.AF_INET):
+    if af is not None and (len(af) < 2 or int.from_bytes(af[:2], sys.byteorder) != want):
         return None
-    if addr is None or len(addr) < 4 or port is None or len(port) < 2:
+    size = _addr_len(want)
+    if addr is None or len(addr) < size or port is None or len(port) < 2:
         return None
-    server = RealServer(socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port[:2], "big"))
+    server = RealServer(socket.inet_ntop(want, addr[:size]), int.from_bytes(port[:2], "big"))
     return KernelDest(server, _u32(attrs.get(_DEST_WEIGHT)), _u32(attrs.get(_DEST_FWD)),
                       _u32(attrs.get(_DEST_ACTIVE)), _u32(attrs.get(_DEST_INACTIVE)))
 
@@ -274,9 +314,12 @@ _AS_UPDATE = {"add_server": "update_server", "add_dest": "set_weight"}
 
 
 class IpvsApplier:
-    """Blocking kernel operations, run one at a time on a private worker thread."""
+    """Blocking kernel operations of one address family, run one at a time on a private worker thread."""
 
-    def __init__(self, *, backend: Backend | None = None) -> None:
+    def __init__(self, *, backend: Backend | None = None, family: int = 4) -> None:
+        if family not in _AF:
+            raise ValueError(f"address family must be 4 or 6, not {family!r}")
+        self.family = family
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipvs-kernel")
         self._ipset: IPSet | None = None
         self._ipr: IPRoute | None = None
@@ -354,7 +397,10 @@ class IpvsApplier:
         kind = op.kind
         if kind in ("set_add", "set_del"):
             name, entry = op.args
-            return ipset_request(kind == "set_add", name, IPSET_BY_NAME[name].type, entry, subject=op)
+            if ip_family(entry.split(",", 1)[0]) != self.family and IPSET_BY_NAME[name].type != "bitmap:port":
+                raise ValueError(f"entry {entry!r} is not IPv{self.family}")
+            return ipset_request(kind == "set_add", set_name(name, self.family), IPSET_BY_NAME[name].type,
+                                 entry, subject=op, family=self.family)
         if kind in ("bind", "unbind"):
             index = self._device_index if self._device_index is not None else self.ensure_device()
             return address_request(kind == "bind", index, op.args[0], subject=op)
@@ -432,14 +478,16 @@ class IpvsApplier:
     def read_bound(self) -> set[str]:
         index = self._device_index if self._device_index is not None else self.ensure_device()
         # One dump, each reply parsed once for just its address.
+        # Only this family's: the other family's instance owns the rest of the device.
         return {ip for _fam, _plen, ip in dump_addresses(self._batch_socket("address"), index,
-                                                          family=socket.AF_INET)}
+                                                          family=_AF[self.family])}
 
     # -- IPVS ------------------------------------------------------------------------------
 
-    def read_servers(self, *, with_dests: bool = True
+    def read_servers(self, *, with_dests: bool = True, family: int | None = None
                      ) -> dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]]:
-        """Every IPv4 virtual server in the kernel with its real servers (unread without ``with_dests``).
+        """Every virtual server of this family in the kernel with its real servers (unread without
+        ``with_dests``); the other family's belong to the other instance.
 
         One dump of the virtual servers and one per virtual server of its
         real servers (the kernel dumps real servers per service), each reply
@@ -449,8 +497,8 @@ class IpvsApplier:
         out: dict[VSKey, tuple[VirtualServer, dict[RealServer, KernelDest]]] = {}
         sock = self._batch_socket("ipvs")
         for _type, data in sock.dump(_ipvs_msg(genl_ipvs.IPVS_CMD_GET_SERVICE, []), self._ipvs_family()):
-            vs = parse_service(data)
-            if vs is not None:  # fwmark or IPv6 services are not proxyd's
+            vs = parse_service(data, family or self.family)
+            if vs is not None:  # fwmark services and the other family's are not this instance's
                 out[vs.key] = (vs, self.read_dests(vs.key) if with_dests else {})
         return out
 
@@ -465,7 +513,7 @@ class IpvsApplier:
             raise
         dests: dict[RealServer, KernelDest] = {}
         for _type, data in replies:
-            dest = parse_dest(data)
+            dest = parse_dest(data, ip_family(key.ip))
             if dest is not None:
                 dests[dest.server] = dest
         return dests
@@ -477,16 +525,19 @@ class IpvsApplier:
             kwargs: dict[str, Any] = {"exclusive": False, "comment": False}
             if info.type == "bitmap:port":
                 kwargs["bitmap_ports_range"] = (0, 65535)
-            self.ipset.create(info.name, stype=info.type, family=socket.AF_INET, **kwargs)
+            self.ipset.create(set_name(info.name, self.family), stype=info.type, family=_AF[self.family],
+                              **kwargs)
 
     def read_sets(self) -> dict[str, set[str]]:
-        """Entries of proxyd's ipsets as ``ipset save`` text (sets missing in the kernel are absent)."""
+        """Entries of this family's ipsets as ``ipset save`` text, keyed by the plan's (IPv4) set names
+        (sets missing in the kernel are absent)."""
         out: dict[str, set[str]] = {}
+        by_kernel_name = {set_name(info.name, self.family): info for info in IPSETS}
         for msg in self.ipset.list():
-            name = msg.get_attr("IPSET_ATTR_SETNAME")
-            info = IPSET_BY_NAME.get(name)
+            info = by_kernel_name.get(msg.get_attr("IPSET_ATTR_SETNAME"))
             if info is None:
                 continue
+            name = info.name
             bucket = out.setdefault(name, set())
             adt = msg.get_attr("IPSET_ATTR_ADT")
             if not adt:
@@ -498,24 +549,26 @@ class IpvsApplier:
                     log.warning("unreadable element in ipset %s: %s", name, err)
         return out
 
-    def destroy_sets(self) -> list[str]:
+    def destroy_sets(self, families: Sequence[int] = (4, 6)) -> list[str]:
         failed = []
-        for info in IPSETS:
-            try:
-                self.ipset.destroy(info.name)
-            except NetlinkError as err:
-                if err.code != errno.ENOENT:
-                    failed.append(f"{info.name}: {err}")
+        for fam in families:
+            for info in IPSETS:
+                name = set_name(info.name, fam)
+                try:
+                    self.ipset.destroy(name)
+                except NetlinkError as err:
+                    if err.code != errno.ENOENT:
+                        failed.append(f"{name}: {err}")
         return failed
 
     # -- iptables --------------------------------------------------------------------------
 
     async def netfilter(self) -> Netfilter:
-        """The netfilter layer for IPv4 in the host's back end (detected once)."""
+        """This family's netfilter layer (iptables or ip6tables) in the host's back end, detected once."""
         if self._netfilter is None:
             backend = self._backend
             if backend is None:
-                backend = await asyncio.to_thread(detect, family=4)
+                backend = await asyncio.to_thread(detect, family=self.family)
             self._netfilter = Netfilter(backend)
         return self._netfilter
 
@@ -529,16 +582,17 @@ class IpvsApplier:
     # -- cleanup ---------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
-        """Remove kube-ipvs0, every IPv4 virtual server and proxyd's ipsets; return errors.
-
-        The iptables part goes with ``remove_rules``.
+        """Remove kube-ipvs0, every virtual server of both families and proxyd's ipsets of both families;
+        return errors. The iptables part goes with ``remove_rules``.
         """
         failed: list[str] = []
         try:
-            # One dump of the virtual servers (their real servers go with them), one batch of deletions.
-            gone = [Op("delete_server", (key,)) for key in self.read_servers(with_dests=False)]
-            refused = self.apply(gone)
-            failed.extend(f"cannot delete virtual server {op.args[0]}" for op in gone if op in refused)
+            for fam in (4, 6):
+                # One dump of the virtual servers (their real servers go with them), one batch of deletions.
+                held = self.read_servers(with_dests=False, family=fam)
+                gone = [Op("delete_server", (key,)) for key in held]
+                refused = self.apply(gone)
+                failed.extend(f"cannot delete virtual server {op.args[0]}" for op in gone if op in refused)
         except (NetlinkError, OSError) as err:
             # No IPVS in this kernel (the family does not resolve): nothing to remove.
             log.debug("IPVS not available for cleanup: %s", err)
@@ -557,7 +611,7 @@ class IpvsApplier:
 
 async def remove_rules() -> list[str]:
     """Unlink and delete ipvs mode's chains in both back ends; return errors (missing things are not)."""
-    return await cleanup_everywhere(JUMPS, {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}, families=(4,))
+    return await cleanup_everywhere(JUMPS, {"nat": NAT_CHAINS, "filter": FILTER_CHAINS}, families=(4, 6))
 
 
 def ipvs_available() -> str | None:

@@ -1,6 +1,7 @@
 """ipvs mode's answers to ``proxyd status`` and ``proxyd trace``: the IPVS table read back over netlink.
 
-* **status**: one dump of every IPv4 virtual server with its real servers
+* **status**: one dump of every virtual server of the mode instance's
+  address family (IPv4 or IPv6) with its real servers
   and their kernel statistics (connections scheduled, packets and bytes
   each way, active and inactive connections) — ``ipvsadm -Ln --stats`` in
   one answer. It matches the last sync when every planned virtual server
@@ -60,7 +61,8 @@ def dest_counters(attrs: Mapping[str, Any]) -> dict[str, int]:
 
 
 def read_table(applier: Any) -> KernelTable:
-    """Every IPv4 virtual server with its real servers and their counters (blocking; run in a thread)."""
+    """Every virtual server of the applier's family with its real servers and their counters (blocking;
+    run in a thread)."""
     from pyroute2 import IPVS
     from pyroute2.ipvs import IPVSService
     from pyroute2.netlink.exceptions import NetlinkError
@@ -172,7 +174,7 @@ def build_trace(table: KernelTable, packet: TracePacket, state: ProxyState | Non
     # NodePorts have one virtual server per node address, so one lookup covers every kind.
     found = table.get(key)
     if found is None:
-        result.paths = [TracePath("ACCEPT", f"{packet.dst}:{packet.port}", 1.0, False,
+        result.paths = [TracePath("ACCEPT", str(RealServer(packet.dst, packet.port)), 1.0, False,
                                   (f"no IPVS virtual server {key}",),
                                   "not a service address: not load balanced")]
         return result

@@ -30,9 +30,18 @@ built-in chains gone) and the jumps into it, then remove: real servers that left
 addresses, surplus set entries.
 
 Every virtual server in the kernel that the plan does not want is deleted
-(kube-proxy owns the node's IPVS table the same way); only IPv4 is handled.
+(kube-proxy owns the node's IPVS table the same way).
+
+One instance serves one address family (``per_family``: the daemon runs an
+IPv4 and, when the node has IPv6, an IPv6 instance behind
+``DualStackMode``, kube-proxy's meta-proxier). The two share
+``kube-ipvs0`` and the IPVS table; each reads, diffs and removes only its
+family's addresses and virtual servers there, and owns its family's ipsets
+(``KUBE-6-`` names for IPv6) and rules (iptables or ip6tables). NodePorts of
+a family are served on that family's node addresses (loopback and IPv6
+link-local excluded: IPVS cannot tell the interface of a link-local one).
 Shutdown leaves everything in place; ``cleanup`` removes ``kube-ipvs0``,
-every virtual server, proxyd's ipvs-mode chains and ipsets.
+every virtual server, proxyd's ipvs-mode chains and ipsets, of both families.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from proxyd import metrics, nodeaddrs
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import ProxyState, ServicePortName
+from proxyd.model import family as family_of
 from proxyd.modes.base import ProxyMode, SyncRequest
 from proxyd.modes.ipvs.applier import IpvsApplier, remove_rules
 from proxyd.modes.ipvs.graceful import GracefulTerminator
@@ -95,15 +105,19 @@ def ipvs_sysctls(*, strict_arp: bool, kernel_release: str | None = None) -> dict
 
 class IpvsMode(ProxyMode):
     name = "ipvs"
+    per_family = True
 
-    def __init__(self, config: Config, *, applier: IpvsApplier | None = None,
+    def __init__(self, config: Config, *, family: int = 4, applier: IpvsApplier | None = None,
                  graceful_interval: float = 2.0) -> None:
         super().__init__(config)
+        if family not in (4, 6):
+            raise ValueError(f"address family must be 4 or 6, not {family!r}")
+        self.family = family
         self.scheduler = validate_scheduler(config.ipvs_scheduler or "rr")
-        self.applier = applier or IpvsApplier()
+        self.applier = applier or IpvsApplier(family=family)
         self.graceful = GracefulTerminator(self.applier, interval=graceful_interval)
         self._lock = asyncio.Lock()
-        self._ctx = PlanContext(scheduler=self.scheduler, node_name=config.node_name)
+        self._ctx = PlanContext(scheduler=self.scheduler, node_name=config.node_name, family=family)
         self._assembly = Assembly()  # the per-port plans, merged
         # What the kernel holds, as of the last sync (None: unknown, re-read at the next sync).
         self._held: Held | None = None
@@ -186,8 +200,8 @@ class IpvsMode(ProxyMode):
         elif state.node_zone != self._ctx.node_zone:
             # Topology depends on the node's zone: every port must be re-planned.
             self._ctx = PlanContext(scheduler=self._ctx.scheduler, node_name=self._ctx.node_name,
-                                    node_zone=state.node_zone, node_ips=self._ctx.node_ips,
-                                    local_addresses=self._ctx.local_addresses)
+                                    family=self.family, node_zone=state.node_zone,
+                                    node_ips=self._ctx.node_ips, local_addresses=self._ctx.local_addresses)
             self._assembly = Assembly()
             names = state.service_ports
         else:
@@ -218,12 +232,16 @@ class IpvsMode(ProxyMode):
         self.quarantine.settle(retried, self._refused)
 
     async def _refresh_context(self, node_name: str, zone: str | None) -> None:
-        local = await nodeaddrs.node_addresses_async((), family=4)
-        wanted = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, family=4)
-        # kube-proxy never serves NodePorts on loopback addresses in ipvs mode.
-        node_ips = tuple(ip for ip in wanted if not ipaddress.ip_address(ip).is_loopback)
-        self._ctx = PlanContext(scheduler=self.scheduler, node_name=node_name, node_zone=zone,
-                                node_ips=node_ips, local_addresses=frozenset(local))
+        local = await nodeaddrs.node_addresses_async((), family=self.family)
+        # --nodeport-addresses without a CIDR of this family: every address of it (kube-proxy's rule).
+        cidrs = [c for c in self.config.nodeport_addresses if family_of(c) == self.family]
+        wanted = await nodeaddrs.node_addresses_async(cidrs, family=self.family)
+        # kube-proxy never serves NodePorts on loopback addresses in ipvs mode; an IPv6 link-local
+        # address is one per interface, which a virtual server cannot tell apart.
+        addrs = [ipaddress.ip_address(ip) for ip in wanted]
+        node_ips = tuple(str(a) for a in addrs if not (a.is_loopback or a.is_link_local))
+        self._ctx = PlanContext(scheduler=self.scheduler, node_name=node_name, family=self.family,
+                                node_zone=zone, node_ips=node_ips, local_addresses=frozenset(local))
 
     async def _read_kernel(self) -> None:
         a = self.applier
@@ -259,7 +277,7 @@ class IpvsMode(ProxyMode):
         # 4. the fixed iptables ruleset.
         rules = iptables_rules(plan, cluster_cidrs=self.config.cluster_cidrs,
                                masquerade_all=self.config.masquerade_all,
-                               masquerade_bit=self.config.masquerade_bit)
+                               masquerade_bit=self.config.masquerade_bit, family=self.family)
         repair = not full and await self._jumps_gone()
         if full or repair or rules != self._rules:
             try:

@@ -33,7 +33,13 @@ re-plans only the services that changed; ``Assembly`` merges the pieces
 incrementally (``assemble`` in one go).
 ``diff`` compares a plan with what the kernel holds (``Held``) and returns
 the operations (``Op``) that the applier runs, in batches.
-Only IPv4 is planned: IPv6 service ports are skipped (and reported).
+
+A plan is for one address family (``PlanContext.family``), as kube-proxy's
+per-family proxiers: the mode runs one instance per family behind
+``DualStackMode``. Plans always use the IPv4 set names above; the kernel
+names of the IPv6 sets are kube-proxy's ``KUBE-6-`` ones (``set_name``),
+mapped where sets meet the kernel (the applier) and the rules
+(``iptables_rules``), so both families' sets coexist.
 """
 
 from __future__ import annotations
@@ -120,6 +126,20 @@ IPSETS: tuple[SetInfo, ...] = (
 )
 IPSET_BY_NAME: Mapping[str, SetInfo] = {s.name: s for s in IPSETS}
 
+IPSET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
+
+
+def set_name(name: str, fam: int) -> str:
+    """The kernel name of set ``name`` for family ``fam``: kube-proxy renames IPv6 sets
+    ``KUBE-`` -> ``KUBE-6-`` (cut to ipset's 31 characters) so both families' sets coexist."""
+    if fam != 6 or not name.startswith("KUBE-"):
+        return name
+    return ("KUBE-6-" + name[len("KUBE-"):])[:IPSET_NAME_MAX]
+
+
+def host_bits(fam: int) -> int:
+    return 128 if fam == 6 else 32
+
 _NODE_PORT_SETS = {
     Protocol.TCP: (NODE_PORT_TCP, NODE_PORT_LOCAL_TCP),
     Protocol.UDP: (NODE_PORT_UDP, NODE_PORT_LOCAL_UDP),
@@ -145,6 +165,10 @@ JUMPS: tuple[Jump, ...] = (
 )
 
 
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class VSKey:
     """A virtual server's identity in the kernel."""
@@ -154,7 +178,7 @@ class VSKey:
     protocol: Protocol
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}/{self.protocol}"
+        return f"{_hostport(self.ip, self.port)}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -163,7 +187,7 @@ class RealServer:
     port: int
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return _hostport(self.ip, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +212,7 @@ class PlanContext:
 
     scheduler: str = "rr"
     node_name: str = ""
+    family: int = 4
     node_zone: str | None = None
     node_ips: tuple[str, ...] = ()
     local_addresses: frozenset[str] = frozenset()
@@ -363,19 +388,20 @@ def proto_name(protocol: Protocol) -> str:
     return protocol.value.lower()
 
 
-def _ipv4(ip: str) -> bool:
-    return family(ip) == 4
-
-
-def _dests(endpoints: Iterable[Endpoint]) -> tuple[RealServer, ...]:
-    out = {RealServer(ep.ip, ep.port) for ep in endpoints if _ipv4(ep.ip) and 0 < ep.port < 65536}
+def _dests(endpoints: Iterable[Endpoint], fam: int) -> tuple[RealServer, ...]:
+    # IPVS masquerading cannot cross families: a real server is of its virtual server's family.
+    out = {RealServer(ep.ip, ep.port) for ep in endpoints if family(ep.ip) == fam and 0 < ep.port < 65536}
     return tuple(sorted(out))
 
 
 def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContext) -> PortPlan:
     """The virtual servers, real servers, set entries and addresses of one service port."""
-    if not _ipv4(svc.cluster_ip):
-        return PortPlan(skipped=f"{svc.name}: IPv6 is not supported by ipvs mode yet")
+    fam = ctx.family
+    if family(svc.cluster_ip) != fam:
+        # The dual-stack wrapper hands each family's instance only its family's ports; a port of the
+        # other family reaching this instance is a caller's mistake, named rather than mis-planned.
+        return PortPlan(skipped=f"{svc.name}: cluster IP {svc.cluster_ip} is not IPv{fam} (this "
+                                f"proxier serves IPv{fam})")
     proto = proto_name(svc.protocol)
     cat = categorize(svc, endpoints, node_name=ctx.node_name, node_zone=ctx.node_zone)
     flags = 0
@@ -385,9 +411,9 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
         timeout = svc.affinity_timeout
     if ctx.scheduler == "mh":
         flags |= FLAG_SOURCE_HASH
-    internal = _dests(cat.internal)
+    internal = _dests(cat.internal, fam)
     # Under externalTrafficPolicy Local, external traffic only ever reaches local endpoints.
-    external = _dests(cat.local if svc.uses_local_external else cat.cluster)
+    external = _dests(cat.local if svc.uses_local_external else cat.cluster, fam)
 
     servers: list[VirtualServer] = []
     dests: list[tuple[VSKey, tuple[RealServer, ...]]] = []
@@ -402,7 +428,7 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
 
     for ep in endpoints:
         # Hairpin: a local pod reaching itself through the service is masqueraded.
-        if ep.is_local(ctx.node_name) and _ipv4(ep.ip) and ep.port:
+        if ep.is_local(ctx.node_name) and family(ep.ip) == fam and ep.port:
             entries.append((LOOP_BACK, f"{ep.ip},{proto}:{ep.port},{ep.ip}"))
 
     entries.append((CLUSTER_IP, f"{svc.cluster_ip},{proto}:{svc.port}"))
@@ -410,7 +436,7 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
     bind.append(svc.cluster_ip)
 
     for ip in svc.external_ips:
-        if not _ipv4(ip):
+        if family(ip) != fam:
             continue
         ext_set = EXTERNAL_IP_LOCAL if svc.external_policy_local else EXTERNAL_IP
         entries.append((ext_set, f"{ip},{proto}:{svc.port}"))
@@ -420,18 +446,18 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
 
     node_ips_in_ranges = [ipaddress.ip_address(ip) for ip in ctx.node_ips]
     for ip in svc.load_balancer_ips:
-        if not _ipv4(ip):
+        if family(ip) != fam:
             continue
         entry = f"{ip},{proto}:{svc.port}"
         entries.append((LOAD_BALANCER, entry))
         if svc.external_policy_local:
             entries.append((LOAD_BALANCER_LOCAL, entry))
         ranges = [ipaddress.ip_network(c, strict=False) for c in svc.load_balancer_source_ranges]
-        ranges = [r for r in ranges if r.version == 4]
+        ranges = [r for r in ranges if r.version == fam]
         if ranges:
             entries.append((LOAD_BALANCER_FW, entry))
             for net in ranges:
-                text = str(net.network_address) if net.prefixlen == 32 else str(net)
+                text = str(net.network_address) if net.prefixlen == host_bits(fam) else str(net)
                 entries.append((LOAD_BALANCER_SOURCE_CIDR, f"{entry},{text}"))
             # The node reaches an LB IP held locally with the LB IP itself as source.
             if any(addr in net for net in ranges for addr in node_ips_in_ranges):
@@ -442,17 +468,18 @@ def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContex
         if ip not in ctx.local_addresses:
             bind.append(ip)
 
-    if svc.node_port and ctx.node_ips:
+    node_ips = tuple(ip for ip in ctx.node_ips if family(ip) == fam)
+    if svc.node_port and node_ips:
         np_set, np_local_set = _NODE_PORT_SETS[svc.protocol]
         if svc.protocol is Protocol.SCTP:
-            np_entries = [f"{ip},sctp:{svc.node_port}" for ip in ctx.node_ips]
+            np_entries = [f"{ip},sctp:{svc.node_port}" for ip in node_ips]
         else:
             np_entries = [str(svc.node_port)]
         for entry in np_entries:
             entries.append((np_set, entry))
             if svc.external_policy_local:
                 entries.append((np_local_set, entry))
-        for ip in ctx.node_ips:
+        for ip in node_ips:
             server(ip, svc.node_port, external)
 
     if svc.health_check_node_port:
@@ -566,25 +593,27 @@ def _q(text: str) -> str:
 
 
 def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_all: bool = False,
-                   masquerade_bit: int = 14, random_fully: bool = True) -> str:
-    """``iptables-restore --noflush`` input for the nat and filter tables (IPv4).
+                   masquerade_bit: int = 14, random_fully: bool = True, family: int = 4) -> str:
+    """``iptables-restore --noflush`` input for the nat and filter tables of ``family``
+    (``ip6tables-restore`` input for 6: the same chains, the ``KUBE-6-`` sets).
 
     Chains are declared (so they are flushed and rewritten whole); rules that
     match a set are only written when the set has entries, as kube-proxy
     does, so the ruleset stays a few dozen lines whatever the cluster size.
     """
+    fam = family
     mark = f"{1 << masquerade_bit:#08x}"
     nonempty = {name for name, entries in plan.ipsets.items() if entries}
     nat: list[str] = ["*nat", *(f":{c} - [0:0]" for c in NAT_CHAINS)]
     flt: list[str] = ["*filter", *(f":{c} - [0:0]" for c in FILTER_CHAINS)]
 
     def setmatch(name: str, how: str | None = None) -> str:
-        return f"-m set --match-set {name} {how or IPSET_BY_NAME[name].match}"
+        return f"-m set --match-set {set_name(name, fam)} {how or IPSET_BY_NAME[name].match}"
 
     def comment(name: str) -> str:
         return f"-m comment --comment {_q(IPSET_BY_NAME[name].comment)}"
 
-    nat.append("-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN")
+    nat.append(f"-A KUBE-SERVICES -s {'::1/128' if fam == 6 else '127.0.0.0/8'} -j RETURN")
     if LOOP_BACK in nonempty:
         nat.append(f"-A KUBE-POSTROUTING {comment(LOOP_BACK)} {setmatch(LOOP_BACK, 'dst,dst,src')} -j "
                    f"MASQUERADE")
@@ -611,7 +640,7 @@ def iptables_rules(plan: Plan, *, cluster_cidrs: Iterable[str] = (), masquerade_
 
     if CLUSTER_IP in nonempty:
         base = f"-A KUBE-SERVICES {comment(CLUSTER_IP)} {setmatch(CLUSTER_IP)}"
-        cidrs = [c for c in cluster_cidrs if family(c) == 4]
+        cidrs = [c for c in cluster_cidrs if (6 if ":" in c else 4) == fam]
         if masquerade_all:
             nat.append(f"{base} -j KUBE-MARK-MASQ")
         elif cidrs:
