@@ -198,3 +198,17 @@ def test_a_node_serving_both_families_reports_nothing(caplog) -> None:
     asyncio.run(meta.sync(SyncRequest(state((service_port("v6", V6), [])), None)))
     assert _ignored_unserved("manifests") == before
     assert not [r for r in caplog.records if "not served" in r.getMessage() or "only" in r.getMessage()]
+
+
+def test_the_quarantine_gauge_is_the_sum_of_both_families() -> None:
+    from proxyd import metrics
+
+    class Refusing(Recorder):
+        async def sync(self, request: SyncRequest) -> None:
+            for name in request.state.service_ports:
+                self.quarantine.add(name, f"IPv{self.family} refused it")
+
+    meta = DualStackMode(Config(), Refusing, (4, 6))
+    sp, eps = dual()
+    asyncio.run(meta.sync(SyncRequest(state((sp, eps)), None)))
+    assert metrics.QUARANTINED_PORTS.labels(mode="recorder")._value.get() == 2

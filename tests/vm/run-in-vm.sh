@@ -11,7 +11,7 @@
 #
 # Env: RESULTS_DIR (default build/test-results; the guest writes to
 # $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default
-# 1500: the suite takes ~8 min on a quiet host, more on a busy one),
+# 2400: the suite takes ~15 min on a quiet host, more on a busy one),
 # VM_MEMORY (default 2G), VM_VERBOSE=1 (the guest's console and kernel log
 # into $RESULTS_DIR/vm/vng.log: where a silent hang stopped), PROXYD_VM_DIR (kernel location, see
 # scripts/ipvs-vm-setup.sh, which is run here when the kernel is missing).
@@ -39,7 +39,7 @@ finish() {
   rm -rf "$out"
 }
 trap finish EXIT
-timeout_s=${VM_TIMEOUT:-1500}
+timeout_s=${VM_TIMEOUT:-2400}
 memory=${VM_MEMORY:-2G}
 verbose=()
 [ "${VM_VERBOSE:-0}" = 1 ] && verbose=(--verbose)
