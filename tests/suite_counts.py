@@ -24,9 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 MINIMUMS: dict[str, int] = {
-    "unit": 1850,
-    "api": 48,
-    "netns": 240,
+    "unit": 2350,
+    "api": 52,
+    "netns": 420,
     "reliability": 48,
     "vm": 48,
 }

@@ -330,7 +330,9 @@ def test_dual_stack_kernel_objects(topology: Topology) -> None:
     assert "KUBE-6-CLUSTER-IP" in rules6 and "KUBE-CLUSTER-IP " not in rules6, rules6
     # another port of an IPv6 service IP is rejected by the IPv6 KUBE-IPVS-FILTER, not left to hang
     from tests.netns.behaviour import refused
-    assert refused(topology, ns, cip6, 81)
+    # The ICMPv6 error reaches the client during connect(), which drops it: refused at the next SYN
+    # (~1 s later; see netfilter_dualstack.Icmp6Refusal), so wait past it.
+    assert refused(topology, ns, cip6, 81, timeout=3.0)
 
 
 # --- issue 18: one refused object never blocks the node -------------------------------------------
