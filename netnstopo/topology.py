@@ -531,6 +531,14 @@ class Topology:
         except (IndexError, ValueError):
             return 0, raw
 
+    def healthz_json(self) -> tuple[int, dict[str, Any]]:
+        """proxyd's /healthz: (status, decoded body; {} when the body is not JSON)."""
+        status, body = self.http_get(self.node, *HEALTHZ, "/healthz")
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {}
+
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         """One sample from proxyd's /metrics (None when absent)."""
         status, body = self.http_get(self.node, *METRICS, "/metrics")

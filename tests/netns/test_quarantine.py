@@ -12,14 +12,13 @@ quarantine.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.netns.behaviour import POD1, POD2, POD3, local_eps, web
-from tests.netns.topology import HEALTHZ, Topology, wait_until
+from tests.netns.topology import Topology, wait_until
 
 DEADLINE = 60.0  # far beyond the 1 s minimum sync period and a bisection, on a busy machine
 WEB_IP, OTHER_IP, BAD_IP = "10.96.0.10", "10.96.0.11", "10.96.0.12"
@@ -62,13 +61,6 @@ def _docs(bad_endpoint: str, *, other: bool) -> list[dict]:
     return docs
 
 
-def _healthz(topo: Topology) -> tuple[int, dict]:
-    status, body = topo.http_get(topo.node, *HEALTHZ, "/healthz")
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, {}
-
 
 def _scenario(topo: Topology, mode: str, env: dict[str, str]) -> None:
     for pod in ("pod1", "pod2", "pod3"):
@@ -88,7 +80,7 @@ def _scenario(topo: Topology, mode: str, env: dict[str, str]) -> None:
     assert wait_until(lambda: _served_by(topo, client, OTHER_IP) == "pod2", timeout=DEADLINE)
     assert topo.hello(client, WEB_IP, 80).pod == "pod1"
     assert {topo.hello(client, BAD_IP, 80).pod for _ in range(5)} == {"pod2"}
-    status, answer = _healthz(topo)
+    status, answer = topo.healthz_json()
     assert status == 200, answer
     assert answer.get("quarantinedTotal") == 1
     assert REASON in answer["quarantined"]["default/bad/TCP"], answer
@@ -98,7 +90,7 @@ def _scenario(topo: Topology, mode: str, env: dict[str, str]) -> None:
     topo.write_manifest("services.yaml", _docs(POD1, other=True))
     assert wait_until(lambda: topo.metric("proxyd_quarantined_service_ports", labels) == 0, timeout=DEADLINE)
     assert wait_until(lambda: _served_by(topo, client, BAD_IP) == "pod1", timeout=DEADLINE)
-    status, answer = _healthz(topo)
+    status, answer = topo.healthz_json()
     assert status == 200 and "quarantined" not in answer, answer
 
 

@@ -47,7 +47,6 @@ from tests.netns.behaviour import (
 from tests.netns.netfilter_dualstack import Icmp6Refusal
 from tests.netns.topology import (
     CLIENT_IP,
-    HEALTHZ,
     NODE_IP,
     NODE_IP6,
     Topology,
@@ -337,13 +336,6 @@ def test_dual_stack_kernel_objects(topology: Topology) -> None:
 
 # --- issue 18: one refused object never blocks the node -------------------------------------------
 
-def _healthz(topo: Topology) -> tuple[int, dict]:
-    status, body = topo.http_get(topo.node, *HEALTHZ, "/healthz")
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, {}
-
 
 def test_refused_real_server_quarantines_one_service(topology: Topology) -> None:
     """IPVS refuses a real server whose address routes as broadcast (not unicast): only that service
@@ -367,7 +359,7 @@ def test_refused_real_server_quarantines_one_service(topology: Topology) -> None
         ns = topology.pod("pod1").ns
         assert topology.hello(ns, CLUSTER_IP, 80).pod == "pod1"
         assert topology.hello(ns, other_ip, 80).pod == "pod2"
-        status, answer = _healthz(topology)
+        status, answer = topology.healthz_json()
         assert status == 200, answer
         assert answer.get("quarantinedTotal") == 1, answer
         assert set(answer["quarantined"]) == {"default/bad/TCP"}, answer
@@ -389,5 +381,5 @@ def test_refused_real_server_quarantines_one_service(topology: Topology) -> None
                what="quarantine cleared when the service changed")
     wait_until(lambda: {topology.hello(ns, bad_ip, 80).pod for _ in range(8)} == {"pod2", "pod3"}, timeout=30,
                what="bad service served by both endpoints")
-    status, answer = _healthz(topology)
+    status, answer = topology.healthz_json()
     assert status == 200 and "quarantined" not in answer, answer
