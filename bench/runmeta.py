@@ -3,7 +3,7 @@
 Every benchmark whose figures the docs quote takes ``--save``; it then writes
 ``bench/results/<name>.json`` as ``{"format": 1, "meta": {...}, ...figures}``
 where ``meta`` names the run: ``date`` (UTC), ``commit`` (``git describe``
-of the tree that ran, ``-dirty`` when it had uncommitted changes), the
+of the tree that ran, ``-dirty`` when it had uncommitted changes outside ``bench/results``), the
 machine (``cpus``, ``cpu``, ``kernel``), ``load average before`` and
 ``load average after`` (1, 5, 15 min: this machine is shared, so a figure
 measured at load 6 is not an idle machine's figure) and the exact
@@ -42,11 +42,18 @@ def _cpu_model() -> str:
 
 def _commit() -> str:
     try:
-        got = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO,
-                             capture_output=True, text=True, timeout=30, check=False)
+        described = subprocess.run(["git", "describe", "--always", "--abbrev=12"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=30, check=False)
+        # Results files written by earlier benchmarks of the same session do not make the code dirty.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)bench/results"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return got.stdout.strip() or "?"
+    commit = described.stdout.strip()
+    if not commit:
+        return "?"
+    return commit + "-dirty" if changed.stdout.strip() else commit
 
 
 class Run:
