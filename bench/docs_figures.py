@@ -7,7 +7,7 @@ A region is the text between ``<!-- figures:NAME ... -->`` and
 ``<!-- /figures:NAME -->``; only that text is replaced, so prose around it
 stays as written. Each region says which stored run it comes from:
 
-* ``bench-dataplane``, ``bench-targets``, ``sync-scale``, ``programming``
+* ``bench-dataplane``, ``bench-targets``, ``programming``
   (README.md): ``bench/results/full.json``, written by ``python -m bench``;
 * ``reliability`` (docs/reliability.md): ``bench/results/reliability.json``,
   written by ``python -m bench.reliability_figures`` (figures of failed tests
@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import reliability_figures, scale_figures
+from bench.paths import HAPROXY2, IPV6, USERSPACE_2W
 from bench.report import (
     DIRECT,
     HAPROXY,
@@ -77,9 +78,15 @@ RELIABILITY = "bench/results/reliability.json"
 _R = "bench/results/"
 
 _COLUMNS = {DIRECT: "direct", HAPROXY: "HAProxy (splice)", USERSPACE: "proxyd userspace",
-            "proxyd-iptables": "proxyd iptables", "proxyd-ipvs": "proxyd ipvs"}
+            "proxyd-iptables": "proxyd iptables", "proxyd-ipvs": "proxyd ipvs",
+            "proxyd-nftables": "proxyd nftables", HAPROXY2: "HAProxy 2 threads",
+            USERSPACE_2W: "proxyd userspace 2 workers"}
+_SINGLE_FAMILY = (HAPROXY2, USERSPACE_2W)  # the two-core case runs on IPv4 only
+_COLUMNS |= {path + IPV6: name for path, name in list(_COLUMNS.items()) if path not in _SINGLE_FAMILY}
 _SHORT = {DIRECT: "direct", HAPROXY: "HAProxy", USERSPACE: "userspace", "proxyd-iptables": "iptables",
-          "proxyd-ipvs": "ipvs"}
+          "proxyd-ipvs": "ipvs", "proxyd-nftables": "nftables", HAPROXY2: "HAProxy 2 threads",
+          USERSPACE_2W: "userspace 2 workers"}
+_SHORT |= {path + IPV6: name + " IPv6" for path, name in list(_SHORT.items()) if path not in _SINGLE_FAMILY}
 _TARGET_LABEL = {"bulk_gbps": "bulk throughput", "bulk_cpu_per_gb": "CPU per GB",
                  "ka_cpu": "CPU per keep-alive request", "nc_cpu": "CPU per new connection",
                  "nc_p99": "new-connection p99", "nc_cps": "new-connection rate"}
@@ -102,7 +109,7 @@ def _source(rel: str, data: Mapping[str, Any], target: str = "README.md") -> str
 # -- README: the full benchmark run ----------------------------------------------------------------
 
 def _kernel_path(path: str) -> bool:
-    return path.startswith("proxyd-") and path != USERSPACE
+    return path.removesuffix(IPV6) in ("proxyd-iptables", "proxyd-ipvs", "proxyd-nftables")
 
 
 def _dataplane(data: Mapping[str, Any]) -> str:
@@ -115,7 +122,7 @@ def _dataplane(data: Mapping[str, Any]) -> str:
         return "–" if got is None else show(got.median)
 
     def cpu(path: str, key: str, show: Callable[[float], str]) -> str:
-        if path == DIRECT:
+        if path.removesuffix(IPV6) == DIRECT:
             return "–"
         if _kernel_path(path):
             return "(kernel)"
@@ -133,11 +140,25 @@ def _dataplane(data: Mapping[str, Any]) -> str:
     lines = [f"Run `{meta.get('run', '?')}` of {meta.get('date', '?')}: {meta.get('rounds', '?')} rounds × "
              f"{meta.get('seconds per run', '?')} s, interleaved, medians; kernel {meta.get('kernel', '?')}, "
              f"{meta.get('cpu', '?')}, {meta.get('pinning', '')}; load average "
-             f"{meta.get('load average at start', '?')} at start.", "",
-             "| metric | " + " | ".join(_COLUMNS[p] for p in paths) + " |",
-             "|---|" + "---|" * len(paths)]
-    for label, show in rows:
-        lines.append(f"| {label} | " + " | ".join(show(p) for p in paths) + " |")
+             f"{meta.get('load average at start', '?')} at start."
+             + "".join(f" {note[0].upper()}{note[1:]}." for note in data.get("notes", []))]
+    for title, family in (("IPv4", [p for p in paths if not p.endswith(IPV6)]),
+                          ("IPv6", [p for p in paths if p.endswith(IPV6)])):
+        if not family:
+            continue
+        lines += ["", f"{title}:", "", "| metric | " + " | ".join(_COLUMNS[p] for p in family) + " |",
+                  "|---|" + "---|" * len(family)]
+        for label, show in rows:
+            cells = [show(p) for p in family]
+            if any(cell not in ("–", "(kernel)") for cell in cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    memory = data.get("memory", {})
+    if memory:
+        lines += ["", "Memory per idle established connection (RSS of the proxy process while holding N idle "
+                  "connections, minus before, over N): " + "; ".join(
+                      f"{_SHORT.get(path, path)} {fmt(m['kib_per_connection'])} KiB ({m['held']:,} held)"
+                      for path, m in memory.items() if isinstance(m, Mapping) and "kib_per_connection" in m
+                      and "held" in m) + "."]
     return "\n".join(lines)
 
 
@@ -175,30 +196,6 @@ def _targets(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _sync_scale(data: Mapping[str, Any]) -> str:
-    scale = data.get("control", {}).get("sync_scale", {})
-    lines = ["| mode | services | full sync | incremental sync | RSS | |", "|---|---|---|---|---|---|"]
-    for mode in sorted(scale):
-        entry = scale[mode]
-        if entry.get("skipped"):
-            lines.append(f"| {mode} | – | – | – | – | not run: {str(entry['skipped']).split(':')[0]} |")
-            continue
-        for point in sorted(entry.get("points", []), key=lambda p: p.get("services") or 0):
-            services = f"{point.get('services', 0):,}"
-            name = f"{mode} ({point['backend']} back end)" if point.get("backend") not in (None, "default") \
-                else mode
-            if point.get("error"):
-                error = str(point["error"])
-                why = error if len(error) < 80 and "\n" not in error else "failed (traceback in full.md)"
-                lines.append(f"| {name} | {services} | – | – | – | {why} |")
-                continue
-            full, inc, rss = (stat([point.get(k)]) for k in ("full_s", "incremental_s", "rss_mib"))
-            lines.append(f"| {name} | {services} | {fmt(full.median) + ' s' if full else '–'} | "
-                         f"{fmt(inc.median * 1000) + ' ms' if inc else '–'} | "
-                         f"{fmt(rss.median) + ' MiB' if rss else '–'} | |")
-    return "\n".join(lines)
-
-
 def _programming(data: Mapping[str, Any]) -> str:
     latency = data.get("control", {}).get("programming", {})
     parts = []
@@ -219,7 +216,6 @@ def _reliability(data: Mapping[str, Any]) -> str:
 REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "bench-dataplane": ("README.md", FULL, _dataplane),
     "bench-targets": ("README.md", FULL, _targets),
-    "sync-scale": ("README.md", FULL, _sync_scale),
     "programming": ("README.md", FULL, _programming),
     "reliability": ("docs/reliability.md", RELIABILITY, _reliability),
     "status-scale": ("README.md", _R + "status_scale.json", scale_figures.status_summary),
