@@ -8,7 +8,8 @@ A region is the text between ``<!-- figures:NAME ... -->`` and
 stays as written. Each region says which stored run it comes from:
 
 * ``bench-dataplane``, ``bench-targets``, ``programming``
-  (README.md): ``bench/results/full.json``, written by ``python -m bench``;
+  (README.md), ``userspace-engine`` (docs/userspace.md):
+  ``bench/results/full.json``, written by ``python -m bench``;
 * ``reliability`` (docs/reliability.md): ``bench/results/reliability.json``,
   written by ``python -m bench.reliability_figures`` (figures of failed tests
   are not counted);
@@ -21,7 +22,8 @@ stays as written. Each region says which stored run it comes from:
     ``bench/results/sync_scale-nftables.json``,
     ``python -m bench.sync_scale --mode nftables --services 1000,10000 --save``
     (the kube-proxy anchor, ``bench/kube_proxy_nft.py``, runs in it);
-  - ``userspace-sync`` (README.md): ``sync_scale-userspace.json``,
+  - ``userspace-sync`` (README.md), ``userspace-sync-docs`` (docs/userspace.md):
+    ``sync_scale-userspace.json``,
     ``python -m bench.sync_scale --mode userspace --services 1000,10000 --save``;
   - ``iptables-sync`` (docs/iptables.md): ``sync_scale-iptables.json``,
     ``python -m bench.sync_scale --mode iptables --backend nft,legacy --services 1000,10000 --save``;
@@ -170,13 +172,15 @@ def _threshold(value: float) -> str:
     return f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
 
 
-def _targets(data: Mapping[str, Any]) -> str:
+def _targets(data: Mapping[str, Any], only: Callable[[str], bool] = lambda path: True) -> str:
     summary = summarise(data.get("samples", []))
     skipped: Mapping[str, str] = data.get("skipped", {})
     lines = ["| comparison | ratio | target | |", "|---|---|---|---|"]
     no_data: dict[str, str] = {}
     for verdict in judge(summary, skipped):
         target = verdict.target
+        if not only(target.path):
+            continue
         if verdict.ratio is None:
             no_data.setdefault(target.path, verdict.why)
             continue
@@ -193,6 +197,37 @@ def _targets(data: Mapping[str, Any]) -> str:
         short = why.split(": ", 2)[1] if why.count(": ") >= 1 else why
         short = short.replace("|", "/")
         lines.append(f"| {_SHORT.get(path, path)} / direct | – | – | no data in this run: {short} |")
+    return "\n".join(lines)
+
+
+def _userspace_engine(data: Mapping[str, Any]) -> str:
+    """docs/userspace.md: the engine's ratios against HAProxy and its idle memory, from the full run."""
+    meta = data.get("meta", {})
+    userspace = (USERSPACE, USERSPACE_2W, USERSPACE + IPV6)
+    summary = summarise(data.get("samples", []))
+    lines = [f"Run `{meta.get('run', '?')}` of {meta.get('date', '?')} ({meta.get('cpu', '?')}, kernel "
+             f"{meta.get('kernel', '?')}, load average {meta.get('load average at start', '?')} at start). "
+             "Single core: proxy pinned to CPU 1, load and backends on CPU 0, one engine worker; two cores: "
+             "`--userspace-workers 2` against HAProxy `nbthread 2`, both unpinned.", "",
+             _targets(data, only=lambda path: path in userspace), "",
+             "| path | CPU per new connection | CPU per keep-alive request | CPU per GB |",
+             "|---|---|---|---|"]
+    for path in (HAPROXY, USERSPACE, HAPROXY2, USERSPACE_2W, HAPROXY + IPV6, USERSPACE + IPV6):
+        got = summary.get(path, {})
+        if not got:
+            continue
+        cells = [f"{fmt(got[key].median)} {unit}" if got.get(key) else "–"
+                 for key, unit in (("nc_cpu", "µs"), ("ka_cpu", "µs"), ("bulk_cpu_per_gb", "s"))]
+        family = " IPv6" if path.endswith(IPV6) else ""
+        lines.append(f"| {_COLUMNS[path]}{family} | " + " | ".join(cells) + " |")
+    memory = data.get("memory", {})
+    held = {path: m for path, m in memory.items() if isinstance(m, Mapping) and "kib_per_connection" in m}
+    if held:
+        lines += ["", "| proxy | connections held | RSS before | RSS holding | per connection |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_COLUMNS.get(path, path)} | {m['held']:,} | {m['rss_before_kib']:,} KiB | "
+                  f"{m['rss_holding_kib']:,} KiB | {fmt(m['kib_per_connection'])} KiB |"
+                  for path, m in held.items()]
     return "\n".join(lines)
 
 
@@ -216,10 +251,13 @@ def _reliability(data: Mapping[str, Any]) -> str:
 REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "bench-dataplane": ("README.md", FULL, _dataplane),
     "bench-targets": ("README.md", FULL, _targets),
+    "userspace-engine": ("docs/userspace.md", FULL, _userspace_engine),
     "programming": ("README.md", FULL, _programming),
     "reliability": ("docs/reliability.md", RELIABILITY, _reliability),
     "status-scale": ("README.md", _R + "status_scale.json", scale_figures.status_summary),
     "userspace-sync": ("README.md", _R + "sync_scale-userspace.json", scale_figures.userspace_summary),
+    "userspace-sync-docs": ("docs/userspace.md", _R + "sync_scale-userspace.json",
+                            scale_figures.userspace_summary),
     "nftables-summary": ("README.md", _R + "sync_scale-nftables.json", scale_figures.nftables_summary),
     "latency-summary": ("README.md", _R + "latency_vs_services.json", scale_figures.latency_summary),
     "e2e-scale": ("README.md", _R + "e2e_scale-10000.json", scale_figures.e2e_table),
