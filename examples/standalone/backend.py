@@ -1,7 +1,7 @@
 """Demo backend for the standalone example: says which pod answered and whom it saw.
 
-HTTP on --http-port (every GET answers one line) and a UDP echo on
---udp-port that prefixes the pod name. Standard library only, so it runs in
+HTTP on --http-port over IPv4 and IPv6 (every GET answers one line) and a
+UDP echo on --udp-port that prefixes the pod name. Standard library only, so it runs in
 any pod namespace without the project's virtual environment.
 """
 
@@ -30,7 +30,8 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = f"hello from {args.name} (you came from {self.client_address[0]})\n".encode()
+            client = self.client_address[0].removeprefix("::ffff:")  # an IPv4 client on the dual-stack socket
+            body = f"hello from {args.name} (you came from {client})\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -40,8 +41,16 @@ def main() -> None:
         def log_message(self, format: str, *rest: object) -> None:
             pass
 
+    class DualStackServer(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+        def server_bind(self) -> None:
+            # One socket for both families (the dual-stack demo service reaches the pod over IPv6).
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
     threading.Thread(target=serve_udp, args=(args.name, args.udp_port), daemon=True).start()
-    ThreadingHTTPServer(("0.0.0.0", args.http_port), Handler).serve_forever()
+    DualStackServer(("::", args.http_port), Handler).serve_forever()
 
 
 if __name__ == "__main__":

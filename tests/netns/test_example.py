@@ -1,4 +1,4 @@
-"""The README's first command: the bundled standalone example shows round robin.
+"""The README's first command: the bundled standalone example shows round robin, over IPv4 and IPv6.
 
 The example gets namespace names of its own (``PXDEMO_PREFIX``) so that a
 concurrent run cannot collide with it, and on a timeout it gets SIGTERM, not
@@ -45,7 +45,12 @@ def test_standalone_example_round_robins():
     assert proc.returncode == 0, stderr[-2000:]
     assert not left, f"run.sh left {left} behind"
     answers = [line for line in stdout.splitlines() if line.startswith("hello from")]
-    assert len(answers) == 4
-    assert {line.split()[2] for line in answers} == {"pod2", "pod3"}
+    assert len(answers) == 8, stdout
+    ipv4, ipv6 = answers[:4], answers[4:]
+    assert {line.split()[2] for line in ipv4} == {"pod2", "pod3"}
+    # The dual-stack service over IPv6: round robin too, and the pods see the node's IPv6 address.
+    assert {line.split()[2] for line in ipv6} == {"pod2", "pod3"}
+    assert all("came from fd00:10:244:1::1)" in line for line in ipv6), ipv6
     assert "curl -s http://10.96.0.10/" in stdout
+    assert "curl -s -g http://[fd00:10:96::12]/" in stdout
     assert f"{prefix}-node" in stdout  # the names it was given are the names it used
