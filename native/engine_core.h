@@ -769,8 +769,16 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
                 h->eof = 1;
                 continue;
             }
+            /* Short read after a clean FIN was reported (RDHUP without HUP or ERR): a TCP recv stops
+             * short only at the end of the receive queue or at urgent data, and RDHUP is raised once
+             * the FIN is queued behind every byte it follows, so this was the last of the data: no
+             * read for the 0. (Stopped at urgent data, the splice that used to read on stopped there
+             * too and returned 0: the same ending.) The send says MSG_MORE then: the shutdown (or
+             * close) that follows at once puts the FIN on the same segment, one packet fewer. */
+            int drained = n < (ssize_t)sizeof(small);
+            if (drained && h->hup == PE_HUP_FIN) h->eof = 1;
             if (h->nagle) pe_nagle_off(h, dst);
-            ssize_t m = send(dst, small, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            ssize_t m = send(dst, small, n, MSG_NOSIGNAL | MSG_DONTWAIT | (h->eof ? MSG_MORE : 0));
             if (m < 0) {
                 if (errno != EAGAIN && errno != EINTR) {
                     rc = -1;
@@ -780,13 +788,6 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             }
             moved += m;
             if (m > 0 && h->nagle == 1) h->nagle = 2;
-            /* Short read after a clean FIN was reported (RDHUP without HUP or ERR): a TCP recv stops
-             * short only at the end of the receive queue or at urgent data, and RDHUP is raised once
-             * the FIN is queued behind every byte it follows, so this was the last of the data: no
-             * read for the 0. (Stopped at urgent data, the splice that used to read on stopped there
-             * too and returned 0: the same ending.) */
-            int drained = n < (ssize_t)sizeof(small);
-            if (drained && h->hup == PE_HUP_FIN) h->eof = 1;
             if (m < n) {
                 if (pe_pipe_get(w, h) < 0 || write(h->pw, small + m, n - m) != n - m) {
                     rc = -1; /* no pipe for the rest: bytes would be lost, so reset as for any error */
