@@ -24,6 +24,11 @@
  *   while the pipe holds data, EOF passed on as shutdown(SHUT_WR), any error
  *   aborts both sockets with SO_LINGER 0 (RST). No endpoint / all failed: RST
  *   to the client at once.
+ *
+ * Per connection only what can matter is paid for: the client socket inherits
+ * TCP_NODELAY and keepalive from the listener; the endpoint socket gets
+ * TCP_NODELAY before its second write and keepalive once it has lived
+ * PE_TUNE_AFTER; a short recv after a clean FIN was reported is the EOF.
  */
 #ifndef PROXYD_ENGINE_CORE_H
 #define PROXYD_ENGINE_CORE_H
@@ -69,6 +74,14 @@
 enum { PE_REJ_NOEP, PE_REJ_FAILED, PE_REJ_SOURCE, PE_REJ_RESOURCES, PE_REJ_GONE, PE_REJ_N };
 
 static const double PE_DIAL_TIMEOUTS[PE_ATTEMPTS] = {0.25, 0.5, 1.0, 2.0};
+/* The endpoint socket's keepalive is switched on this long after the connection was established, from a
+ * fifth timer list (PE_TUNE_LIST): connections that end sooner, most of them, never pay its three
+ * setsockopt calls. Probes still start 15 s after the last segment received (see pe_keepalive). */
+#define PE_TUNE_LIST PE_ATTEMPTS
+#define PE_TUNE_AFTER 1.0
+/* pe_half.hup: what the source reported */
+#define PE_HUP_FIN 1  /* RDHUP alone: the peer's FIN is queued behind its data; a short recv reached it */
+#define PE_HUP_MORE 2 /* HUP or ERR too (a reset, both sides shut): read on until the EOF or the error */
 
 static double pe_now(void) {
     struct timespec ts;
@@ -423,7 +436,8 @@ typedef struct {
     int buffered;
     int eof, done, starved;
     int bulk; /* the last read filled the small buffer: splice straight away */
-    int hup;  /* the source reported RDHUP/HUP: read on to the EOF, a short read does not mean idle */
+    int hup;  /* PE_HUP_* bits: the source reported RDHUP/HUP, a short read does not mean idle */
+    int nagle; /* destination is the endpoint socket, Nagle still on: 1 nothing sent yet, 2 sent once */
 } pe_half;
 
 struct pe_worker;
@@ -439,7 +453,7 @@ typedef struct pe_conn {
     int attempt, ntried, tlist;
     pe_addr tried[PE_ATTEMPTS];
     double deadline;
-    struct pe_conn *tprev, *tnext; /* dial timer list, or starved list */
+    struct pe_conn *tprev, *tnext; /* dial timer list, then the keepalive list (PE_TUNE_LIST) */
     struct pe_conn *prev, *next;   /* worker's connections */
     int on_starved;
     struct pe_conn *snext;  /* closed-this-batch list */
@@ -454,7 +468,7 @@ typedef struct pe_worker {
     struct pe_engine *eng;
     pthread_t thread;
     int ep, efd;
-    pe_tlist timers[PE_ATTEMPTS];
+    pe_tlist timers[PE_ATTEMPTS + 1]; /* one per dial timeout, then PE_TUNE_LIST */
     pe_conn conns; /* sentinel of the connection ring */
     long nconns;
     pe_conn *dead; /* closed this batch, freed after it */
@@ -590,7 +604,7 @@ static int pe_pool_trim(pe_worker *w) {
 static void pe_timer_add(pe_worker *w, pe_conn *c, int list, double now) {
     pe_tlist *t = &w->timers[list];
     c->tlist = list;
-    c->deadline = now + PE_DIAL_TIMEOUTS[list];
+    c->deadline = now + (list < PE_ATTEMPTS ? PE_DIAL_TIMEOUTS[list] : PE_TUNE_AFTER);
     c->tnext = NULL;
     c->tprev = t->tail;
     if (t->tail)
@@ -662,6 +676,19 @@ static void pe_starve(pe_conn *c, pe_half *h) {
     pe_pause(w);
 }
 
+/* Before a write to the endpoint socket. TCP_NODELAY is set there from the second write on: the first
+ * write of a connection leaves nothing unacknowledged behind it, so Nagle's algorithm cannot hold any
+ * of it back (a short tail after full segments goes out too: Minshall's rule delays a small segment
+ * only behind another small one), and a connection that writes once (a request, then the close)
+ * saves the setsockopt. Setting it pushes out anything already queued. */
+static void pe_nagle_off(pe_half *h, int dst) {
+    if (h->nagle == 2) {
+        int one = 1;
+        setsockopt(dst, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        h->nagle = 0;
+    }
+}
+
 /* Move what can be moved in one direction. Returns -1 when the connection ended. */
 static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, atomic_ullong *ctr) {
     pe_worker *w = c->w;
@@ -672,6 +699,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
     for (;;) {
         if (h->buffered) {
             ssize_t m;
+            if (h->nagle) pe_nagle_off(h, dst);
             if (e->copy)
                 m = send(dst, h->buf + h->off, h->buffered, MSG_NOSIGNAL | MSG_DONTWAIT);
             else
@@ -685,6 +713,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             h->buffered -= (int)m;
             h->off += (int)m;
             moved += m;
+            if (m > 0 && h->nagle == 1) h->nagle = 2;
             continue;
         }
         if (h->eof) {
@@ -740,7 +769,16 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
                 h->eof = 1;
                 continue;
             }
-            ssize_t m = send(dst, small, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            /* Short read after a clean FIN was reported (RDHUP without HUP or ERR): a TCP recv stops
+             * short only at the end of the receive queue or at urgent data, and RDHUP is raised once
+             * the FIN is queued behind every byte it follows, so this was the last of the data: no
+             * read for the 0. (Stopped at urgent data, the splice that used to read on stopped there
+             * too and returned 0: the same ending.) The send says MSG_MORE then: the shutdown (or
+             * close) that follows at once puts the FIN on the same segment, one packet fewer. */
+            int drained = n < (ssize_t)sizeof(small);
+            if (drained && h->hup == PE_HUP_FIN) h->eof = 1;
+            if (h->nagle) pe_nagle_off(h, dst);
+            ssize_t m = send(dst, small, n, MSG_NOSIGNAL | MSG_DONTWAIT | (h->eof ? MSG_MORE : 0));
             if (m < 0) {
                 if (errno != EAGAIN && errno != EINTR) {
                     rc = -1;
@@ -749,6 +787,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
                 m = 0;
             }
             moved += m;
+            if (m > 0 && h->nagle == 1) h->nagle = 2;
             if (m < n) {
                 if (pe_pipe_get(w, h) < 0 || write(h->pw, small + m, n - m) != n - m) {
                     rc = -1; /* no pipe for the rest: bytes would be lost, so reset as for any error */
@@ -757,7 +796,8 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
                 h->buffered = (int)(n - m);
                 continue;
             }
-            if (n < (ssize_t)sizeof(small) && !h->hup) break; /* drained (the EOF, if any, raises RDHUP) */
+            if (h->eof) continue;
+            if (drained && !h->hup) break; /* drained (the EOF, if any, raises RDHUP) */
             h->bulk = 1;
             continue;
         }
@@ -806,9 +846,12 @@ static void pe_pump_both(pe_conn *c) {
 
 /* ---- dialing */
 
-static void pe_tune(int fd) {
+/* Keepalive on an established endpoint socket, PE_TUNE_AFTER after it connected (the client socket
+ * inherits it from the listener). The order matters: SO_KEEPALIVE arms the kernel's timer with the
+ * default idle time, then TCP_KEEPIDLE re-arms it for 15 s after the last segment received, so the
+ * first probe comes when it would have with keepalive set before connect. */
+static void pe_keepalive(int fd) {
     int one = 1, idle = PE_KEEPALIVE;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
@@ -819,6 +862,8 @@ static void pe_established(pe_conn *c, int backend_ready) {
     pe_worker *w = c->w;
     pe_timer_del(w, c);
     c->state = 1;
+    pe_timer_add(w, c, PE_TUNE_LIST, pe_now());
+    c->up.nagle = 1; /* the endpoint socket: TCP_NODELAY before its second write (pe_nagle_off) */
     atomic_fetch_add_explicit(&c->svc->opened, 1, memory_order_relaxed);
     if (c->epc) atomic_fetch_add_explicit(&c->epc->opened, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->svc->active, 1, memory_order_relaxed);
@@ -854,7 +899,6 @@ static void pe_dial(pe_conn *c) {
             return;
         }
         atomic_fetch_add_explicit(&e->fds, 1, memory_order_relaxed);
-        pe_tune(fd);
         c->bfd = fd;
         int r = connect(fd, (struct sockaddr *)&ep.sa, ep.len);
         if (r == 0 || errno == EINPROGRESS || errno == EAGAIN) {
@@ -997,7 +1041,7 @@ static void *pe_worker_main(void *arg) {
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
-        for (int i = 0; i < PE_ATTEMPTS; i++)
+        for (int i = 0; i <= PE_TUNE_LIST; i++)
             if (w->timers[i].head && w->timers[i].head->deadline < next) next = w->timers[i].head->deadline;
         if (w->paused && w->resume_at < next) next = w->resume_at;
         if (w->starved && w->starved_at < next) next = w->starved_at;
@@ -1031,10 +1075,11 @@ static void *pe_worker_main(void *arg) {
                     }
                 }
                 if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                    int hup = (ev & (EPOLLHUP | EPOLLERR)) ? PE_HUP_MORE : PE_HUP_FIN;
                     if (tag == PE_TAG_CLIENT)
-                        c->up.hup = 1;
+                        c->up.hup |= hup;
                     else
-                        c->down.hup = 1;
+                        c->down.hup |= hup;
                 }
                 if (tag == PE_TAG_CLIENT) {
                     /* readable: client -> endpoint; writable: endpoint -> client can go on */
@@ -1054,6 +1099,11 @@ static void *pe_worker_main(void *arg) {
         now = pe_now();
         for (int i = 0; i < PE_ATTEMPTS; i++) {
             while (w->timers[i].head && w->timers[i].head->deadline <= now) pe_dial_event(w->timers[i].head, 1, 0);
+        }
+        while (w->timers[PE_TUNE_LIST].head && w->timers[PE_TUNE_LIST].head->deadline <= now) {
+            pe_conn *c = w->timers[PE_TUNE_LIST].head;
+            pe_timer_del(w, c);
+            pe_keepalive(c->bfd);
         }
         if (w->starved && w->starved_at <= now) pe_retry_starved(w);
         if (w->paused && w->resume_at <= now) pe_resume(w);

@@ -336,8 +336,18 @@ def test_half_open_clients_are_reaped_by_keepalive(topology: Topology, figures: 
     socks = open_many(client_ns, CLUSTER_IP, 80, 20)
     try:
         assert all(read_lines(socks, timeout=5))
-        out = topology.ns_run(topology.node, ["ss", "-tnoH", "state", "established"]).stdout
-        mine = [line for line in out.splitlines() if f"{CLUSTER_IP}:80 " in line or ":8080 " in line]
+
+        def proxied() -> tuple[list[str], str]:
+            out = topology.ns_run(topology.node, ["ss", "-tnoH", "state", "established"]).stdout
+            return [line for line in out.splitlines() if f"{CLUSTER_IP}:80 " in line or ":8080 " in line], out
+
+        # The engine switches the endpoint side's keepalive on a second after connecting (docs/userspace.md).
+        def all_keepalive() -> bool:
+            mine = proxied()[0]
+            return len(mine) == 40 and all("keepalive" in line for line in mine)
+
+        wait_until(all_keepalive, timeout=10, interval=0.25, what="keepalive on every proxied socket")
+        mine, out = proxied()
         assert len(mine) == 40, out
         assert all("keepalive" in line for line in mine), "proxied sockets without TCP keepalive:\n" + out
         # The client vanishes: every packet to or from it is dropped from now on.

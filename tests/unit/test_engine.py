@@ -662,3 +662,72 @@ def test_engine_listeners_share_the_descriptor_budget() -> None:
         for listener in listeners:
             listener.close()
         asyncio.run(path.drain(0.0))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n and (data := sock.recv(n - len(got))):
+        got += data
+    return got
+
+
+def _sockets_connected_to(peer: tuple[str, int]) -> list[socket.socket]:
+    """Duplicates of this process's TCP sockets whose peer is ``peer`` (engine workers are threads here)."""
+    found = []
+    seen = set()  # socket inodes: the duplicates made here are sockets too
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+            if not link.startswith("socket:") or link in seen:
+                continue
+            seen.add(link)
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if sock.type == socket.SOCK_STREAM and sock.getpeername()[:2] == peer:
+                found.append(sock)
+                continue
+        except OSError:
+            pass
+        sock.close()
+    return found
+
+
+@needs_native
+def test_engine_endpoint_socket_options_come_when_they_matter(backends: Backends) -> None:
+    """The endpoint socket: TCP_NODELAY before its second write (none on its first: Nagle holds nothing
+    back there), keepalive 15 s / 15 s about a second after connecting (docs/userspace.md)."""
+    side = Side(native=True)
+    path: NativeTcpPath = side.path
+    peer = backends.live[2]
+    try:
+        path.set_endpoints(TKEY, TableEntry((peer,), 0), time.monotonic())
+        before = set()
+        for other in _sockets_connected_to(peer):  # earlier tests' connections still closing
+            with other:
+                before.add(other.getsockname())
+        with socket.create_connection(side.addr, timeout=5) as sock:
+            assert read_line(sock) == (b"ep2\n", "ok")
+            sock.sendall(b"one")
+            assert _recv_exactly(sock, 3) == b"one"
+            found = _sockets_connected_to(peer)
+            (ep,) = [s for s in found if s.getsockname() not in before]
+            for other in found:
+                if other is not ep:
+                    other.close()
+            with ep:
+                assert ep.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+                sock.sendall(b"two")
+                assert _recv_exactly(sock, 3) == b"two"
+                assert ep.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+                _wait(lambda: ep.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0, timeout=10)
+                assert ep.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+                assert ep.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+            sock.sendall(b"three")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_close(sock) == (b"threeBYE\n", "fin")
+        _wait(lambda: path.engine.connections() == 0)
+    finally:
+        side.close()
+        path.engine.stop()
