@@ -54,7 +54,8 @@ def _extensions() -> list[Extension]:
         "proxyd._engine",
         sources=[os.path.join("native", "engine.pyx")],
         include_dirs=[os.path.join(HERE, "native")],
-        depends=[os.path.join("native", "engine_core.h")],
+        depends=[os.path.join("native", "engine_core.h"), os.path.join("native", "engine_udp.h"),
+                 os.path.join("native", "engine_udp.pxi")],
         extra_compile_args=["-pthread", "-std=gnu11"],
         extra_link_args=["-pthread"],
     )

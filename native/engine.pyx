@@ -1,12 +1,14 @@
 # cython: language_level=3
-"""The native TCP engine of userspace mode (compiled as ``proxyd._engine``).
+"""The native TCP and UDP engine of userspace mode (compiled as ``proxyd._engine``).
 
 The hot path is C (``native/engine_core.h``): worker threads started here
 never take the GIL. This module is the control surface Python uses at sync
 time and for metrics: services (endpoint lists, affinity), listeners, the
 descriptor budget, counters, drain and reset. Its pure-Python twin is the
 asyncio data path in ``proxyd/modes/userspace/tcp.py``; the adapter both are
-used through is ``proxyd/modes/userspace/engine.py``.
+used through is ``proxyd/modes/userspace/engine.py``. UDP (``UdpEngine``, one thread
+owning every flow) is in ``native/engine_udp.pxi`` and ``native/engine_udp.h``; its twin is
+``proxyd/modes/userspace/udp.py``, its adapter ``proxyd/modes/userspace/udp_engine.py``.
 """
 
 import ipaddress
@@ -316,3 +318,6 @@ cdef class Engine:
             with nogil:
                 pe_engine_free(self.eng)
             self.eng = NULL
+
+
+include "engine_udp.pxi"

@@ -171,6 +171,7 @@ typedef struct pe_svc {
     atomic_ullong opened, bytes_up, bytes_down, retries;
     atomic_ullong rejected[PE_REJ_N];
     atomic_long active;
+    atomic_uint gen; /* moves with every new endpoint list (engine_udp.h: flows whose endpoint left close) */
 } pe_svc;
 
 static pe_svc *pe_svc_new(void) {
@@ -374,6 +375,7 @@ static int pe_svc_set(pe_svc *s, pe_addr *eps, int n, double timeout) {
             s->cursor = n ? s->cursor % n : 0;
         s->eps = eps;
         s->n = n;
+        atomic_fetch_add_explicit(&s->gen, 1, memory_order_release);
         eps = old; /* freed below */
     }
     s->timeout = timeout;

@@ -74,7 +74,7 @@ _data_path_log = ""
 
 @pytest.fixture(autouse=True, params=list(DATA_PATHS))
 def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which TCP data path the daemons of this test run: the native engine or its twin."""
+    """Which data path (TCP and UDP) the daemons of this test run: the native engine or its twin."""
     monkeypatch.setattr(f"{__name__}._data_path_env", DATA_PATHS[request.param])
     monkeypatch.setattr(f"{__name__}._data_path_log",
                         "native engine" if request.param == "engine" else "pure-Python twin")
@@ -86,6 +86,7 @@ def start_daemon(topo: Topology, mode: str, *, env: dict[str, str] | None = None
     proc = harness.start_daemon(topo, mode, env={**(env or {}), **_data_path_env}, **kwargs)  # type: ignore[arg-type]
     if kwargs.get("wait_healthy", True):
         assert f"TCP data path: {_data_path_log}" in topo.log_of(proc), topo.log_of(proc)[-2000:]
+        assert f"UDP data path: {_data_path_log}" in topo.log_of(proc), topo.log_of(proc)[-2000:]
     return proc
 
 

@@ -24,7 +24,7 @@ from proxyd.modes.userspace.addresses import AddressHolder
 from proxyd.modes.userspace.engine import TcpListenerLike, TcpPath
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter, nonlocal_bind, open_socket
 from proxyd.modes.userspace.planner import ListenerKey, Plan, TableKey
-from proxyd.modes.userspace.udp import UdpListener, UdpProxy
+from proxyd.modes.userspace.udp_engine import UdpListenerLike, UdpPath
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Applier:
     def __init__(self, holder: AddressHolder | None = None) -> None:
         self.holder = holder or AddressHolder()
         self.tcp_listeners: dict[ListenerKey, TcpListenerLike] = {}
-        self.udp_listeners: dict[ListenerKey, UdpListener] = {}
+        self.udp_listeners: dict[ListenerKey, UdpListenerLike] = {}
         self._bind_errors: dict[ListenerKey, tuple[str, str]] = {}  # key -> (metric reason, text)
         self._over_budget = 0
         self._failure_reasons: set[str] = set()
@@ -58,7 +58,7 @@ class Applier:
         """Listeners not open (retried at every sync)."""
         return list(self._bind_errors)
 
-    def update_listeners(self, plan: Plan, keys: Iterable[ListenerKey], tcp: TcpPath, udp: UdpProxy) -> None:
+    def update_listeners(self, plan: Plan, keys: Iterable[ListenerKey], tcp: TcpPath, udp: UdpPath) -> None:
         """Open, retarget, re-filter or close the listeners ``keys`` as ``plan`` wants them."""
         keys = list(keys)
         for key in keys:
@@ -76,7 +76,7 @@ class Applier:
             table_key = plan.listeners.get(key)
             if table_key is None:
                 continue
-            listener: TcpListenerLike | UdpListener | None = (
+            listener: TcpListenerLike | UdpListenerLike | None = (
                 self.tcp_listeners.get(key) if key.protocol == Protocol.TCP else self.udp_listeners.get(key))
             if listener is None:
                 if key.protocol not in (Protocol.TCP, Protocol.UDP):
@@ -96,7 +96,7 @@ class Applier:
                 if key.protocol == Protocol.TCP:
                     listener = self.tcp_listeners[key] = tcp.listen(sock, table_key)
                 else:
-                    listener = self.udp_listeners[key] = UdpListener(proxy=udp, sock=sock, key=table_key)
+                    listener = self.udp_listeners[key] = udp.listen(sock, table_key)
             elif listener.key != table_key:
                 listener.retarget(table_key)
             ranges = plan.source_ranges.get(key)
@@ -126,7 +126,7 @@ class Applier:
         """Service listeners that are not open, and why (for /healthz)."""
         return {str(key): why for key, (_, why) in sorted(self._bind_errors.items())}
 
-    def guard_own_listeners(self, plan: Plan, node_ips: list[str], tcp: TcpPath, udp: UdpProxy) -> None:
+    def guard_own_listeners(self, plan: Plan, node_ips: list[str], tcp: TcpPath, udp: UdpPath) -> None:
         """Tell the data path which sockets are its own, so it never connects or sends to them."""
         local = [*node_ips, *self.holder.current, *plan.addresses]
         loose = nonlocal_bind()

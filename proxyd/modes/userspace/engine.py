@@ -223,7 +223,121 @@ class _NativeListener:
         self.path.budget()
 
 
-class NativeTcpPath:
+class _NativeKeys:
+    """The engine's services per table key, fed without proxyd's own listeners (TCP and UDP alike).
+
+    Endpoint lists never hold an endpoint that is in ``own`` (a listener's
+    exact ``ip:port``, or a wildcard listener's port on a local address):
+    the engine sends without asking Python. Setting ``own`` (the applier
+    does after each sync) re-filters only the table keys with an endpoint on
+    a port whose answer may have changed.
+    """
+
+    own_verb = "connected to"
+
+    def __init__(self, *, stats_of: Callable[[TableKey], Stats]) -> None:
+        self.stats_of = stats_of
+        self.services: dict[TableKey, _NativeService] = {}
+        self.retired: list[_NativeService] = []  # removed keys whose connections or flows still run
+        self._own = OwnListeners()
+        self._by_port: dict[int, set[TableKey]] = {}  # endpoint port -> table keys with such an endpoint
+        self._own_logged: set[tuple[str, tuple[str, int]]] = set()
+
+    def changed(self) -> None:
+        """An endpoint list in the engine changed (UDP: flows whose endpoint left close)."""
+
+    def service(self, key: TableKey) -> _NativeService:
+        svc = self.services.get(key)
+        if svc is None:
+            svc = self.services[key] = _NativeService(ServiceNative(), self.stats_of(key))
+        return svc
+
+    def set_endpoints(self, key: TableKey, entry: TableEntry, now: float) -> None:
+        svc = self.service(key)
+        old = svc.entry
+        if old is not None:
+            self._unindex(key, old.endpoints)
+        svc.entry = entry
+        for _, port in entry.endpoints:
+            self._by_port.setdefault(port, set()).add(key)
+        self._send(key, svc, force=True)
+
+    def _unindex(self, key: TableKey, endpoints: Iterable[tuple[str, int]]) -> None:
+        for _, port in endpoints:
+            keys = self._by_port.get(port)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_port[port]
+
+    def _send(self, key: TableKey, svc: _NativeService, *, force: bool = False) -> None:
+        """Give the engine the key's endpoints without proxyd's own listeners."""
+        assert svc.entry is not None
+        own = self._own
+        keep = []
+        for ep in svc.entry.endpoints:
+            if ep in own:
+                if (key.id, ep) not in self._own_logged and len(self._own_logged) < OWN_LOG_MAX:
+                    self._own_logged.add((key.id, ep))
+                    log.warning("%s: endpoint %s:%d is one of proxyd's own listeners; never %s",
+                                key, *ep, self.own_verb)
+                continue
+            keep.append(ep)
+        endpoints = tuple(keep)
+        if force or endpoints != svc.sent:
+            svc.service.set_endpoints(endpoints, svc.entry.affinity_timeout)
+            svc.sent = endpoints
+            self.changed()
+
+    def remove_service(self, key: TableKey) -> None:
+        svc = self.services.pop(key, None)
+        if svc is not None:
+            if svc.entry is not None:
+                self._unindex(key, svc.entry.endpoints)
+            # Listeners of the key are gone already; its connections keep running and keep counting.
+            svc.service.set_endpoints((), 0)
+            self.retired.append(svc)
+            self.changed()
+
+    @property
+    def own(self) -> OwnListeners:
+        return self._own
+
+    @own.setter
+    def own(self, value: OwnListeners) -> None:
+        old, self._own = self._own, value
+        # Ports whose answer may differ: listeners' ports that came or went, and when the local
+        # addresses or the bind check changed, every wildcard listener's port (old and new).
+        ports = {p for _, p in old.specific ^ value.specific} | (old.wildcard_ports ^ value.wildcard_ports)
+        if old.local_ips != value.local_ips or old.nonlocal_bind != value.nonlocal_bind:
+            ports |= old.wildcard_ports | value.wildcard_ports
+        else:
+            # An address added since the last sync answers the bind check: wildcard ports stay checked.
+            ports |= value.wildcard_ports
+        keys = set().union(*(self._by_port.get(p, ()) for p in ports)) if ports else set()
+        for key in keys:
+            svc = self.services.get(key)
+            if svc is not None and svc.entry is not None:
+                self._send(key, svc)
+
+    def sweep(self, now: float) -> None:
+        for svc in self.services.values():
+            svc.service.sweep(now)
+
+    def flush_services(self) -> None:
+        """Counter deltas of every key into the metrics; a removed key is read until nothing runs on it."""
+        for svc in self.services.values():
+            svc.flush()
+        still = []
+        for svc in self.retired:
+            if svc.flush():
+                still.append(svc)
+            else:
+                svc.retire()
+        self.retired = still
+
+
+class NativeTcpPath(_NativeKeys):
     """The native engine: worker threads own every TCP connection; Python configures and reads counters.
 
     Descriptors: the same budget as the twin's (``TcpProxy``): a listener
@@ -245,19 +359,14 @@ class NativeTcpPath:
     def __init__(self, *, workers: int, stats_of: Callable[[TableKey], Stats], fd_limit: int,
                  other_fds: Callable[[], int]) -> None:
         assert EngineNative is not None
-        self.stats_of = stats_of
         self.other_fds = other_fds
         self.fd_limit = fd_limit
         self.reserve = fd_reserve(fd_limit)
         self.base_fds = open_fds()
         pool = max(1, min(PIPE_POOL_MAX, fd_limit // 32) // workers)
         self.engine = EngineNative(workers, fd_limit, copy=not USE_SPLICE, pipe_size=PIPE_SIZE, pool_max=pool)
-        self.services: dict[TableKey, _NativeService] = {}
-        self.retired: list[_NativeService] = []  # removed keys whose connections still run
+        super().__init__(stats_of=stats_of)
         self.listeners: set[_NativeListener] = set()
-        self._own = OwnListeners()
-        self._by_port: dict[int, set[TableKey]] = {}  # endpoint port -> table keys with such an endpoint
-        self._own_logged: set[tuple[str, tuple[str, int]]] = set()
         self._pauses = 0
         self._last_pause_log = 0.0
         self.budget()
@@ -293,96 +402,12 @@ class NativeTcpPath:
     def listen(self, sock: socket.socket, key: TableKey) -> _NativeListener:
         return _NativeListener(self, sock, key)
 
-    def service(self, key: TableKey) -> _NativeService:
-        svc = self.services.get(key)
-        if svc is None:
-            svc = self.services[key] = _NativeService(ServiceNative(), self.stats_of(key))
-        return svc
-
-    def set_endpoints(self, key: TableKey, entry: TableEntry, now: float) -> None:
-        svc = self.service(key)
-        old = svc.entry
-        if old is not None:
-            self._unindex(key, old.endpoints)
-        svc.entry = entry
-        for _, port in entry.endpoints:
-            self._by_port.setdefault(port, set()).add(key)
-        self._send(key, svc, force=True)
-
-    def _unindex(self, key: TableKey, endpoints: Iterable[tuple[str, int]]) -> None:
-        for _, port in endpoints:
-            keys = self._by_port.get(port)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_port[port]
-
-    def _send(self, key: TableKey, svc: _NativeService, *, force: bool = False) -> None:
-        """Give the engine the key's endpoints without proxyd's own listeners."""
-        assert svc.entry is not None
-        own = self._own
-        keep = []
-        for ep in svc.entry.endpoints:
-            if ep in own:
-                if (key.id, ep) not in self._own_logged and len(self._own_logged) < OWN_LOG_MAX:
-                    self._own_logged.add((key.id, ep))
-                    log.warning("%s: endpoint %s:%d is one of proxyd's own listeners; never connected to",
-                                key, *ep)
-                continue
-            keep.append(ep)
-        endpoints = tuple(keep)
-        if force or endpoints != svc.sent:
-            svc.service.set_endpoints(endpoints, svc.entry.affinity_timeout)
-            svc.sent = endpoints
-
-    def remove_service(self, key: TableKey) -> None:
-        svc = self.services.pop(key, None)
-        if svc is not None:
-            if svc.entry is not None:
-                self._unindex(key, svc.entry.endpoints)
-            # Listeners of the key are gone already; its connections keep running and keep counting.
-            svc.service.set_endpoints((), 0)
-            self.retired.append(svc)
-
-    @property
-    def own(self) -> OwnListeners:
-        return self._own
-
-    @own.setter
-    def own(self, value: OwnListeners) -> None:
-        old, self._own = self._own, value
-        # Ports whose answer may differ: listeners' ports that came or went, and when the local
-        # addresses or the bind check changed, every wildcard listener's port (old and new).
-        ports = {p for _, p in old.specific ^ value.specific} | (old.wildcard_ports ^ value.wildcard_ports)
-        if old.local_ips != value.local_ips or old.nonlocal_bind != value.nonlocal_bind:
-            ports |= old.wildcard_ports | value.wildcard_ports
-        else:
-            # An address added since the last sync answers the bind check: wildcard ports stay checked.
-            ports |= value.wildcard_ports
-        keys = set().union(*(self._by_port.get(p, ()) for p in ports)) if ports else set()
-        for key in keys:
-            svc = self.services.get(key)
-            if svc is not None and svc.entry is not None:
-                self._send(key, svc)
-
     # -- counters, sweep, shutdown
-
-    def sweep(self, now: float) -> None:
-        for svc in self.services.values():
-            svc.service.sweep(now)
 
     def flush(self) -> None:
         self.budget()
         self.engine.collect()
-        for svc in self.services.values():
-            svc.flush()
-        still = []
-        for svc in self.retired:
-            if svc.flush():
-                still.append(svc)
-            else:
-                svc.retire()
-        self.retired = still
+        self.flush_services()
         pauses = self.engine.pauses()
         if pauses != self._pauses:
             metrics.ACCEPT_PAUSES.inc(pauses - self._pauses)

@@ -69,7 +69,8 @@ def status(mode: UserspaceMode, plan: Plan | None) -> ModeStatus:
         if mode.tables.get(table_key) != table_entry:
             result.mismatch(f"connection table entry {table_key} differs from the last sync")
     result.notes.append("per-endpoint counters: connections open now ('active'), opened since start, "
-                        "bytes each way (TCP while open and at close, UDP at flow close)")
+                        "bytes each way (TCP while open and at close; UDP as they move with the engine, "
+                        "at flow close with the twin)")
     return result
 
 

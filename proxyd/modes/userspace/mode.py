@@ -7,10 +7,11 @@ each NodePort of the node addresses allowed by ``--nodeport-addresses``
 (``listeners.py``); ``applier.py`` holds both. TCP is relayed with splice(2)
 by the native engine's worker threads (``engine.py``, ``native/engine.pyx``),
 or by its pure-Python twin (``tcp.py``, ``pump.py``) when the extension is
-missing or ``PROXYD_NO_EXTENSIONS=1``; UDP per client flow (``udp.py``);
-endpoints are chosen by round robin and ClientIP affinity (the engine's C
-table for TCP, the connection table otherwise) among the sets
-``proxyd.policy`` allows (``planner.py``).
+missing or ``PROXYD_NO_EXTENSIONS=1``; UDP per client flow by the engine's
+UDP thread (``udp_engine.py``, ``native/engine_udp.h``) or its twin
+(``udp.py``); endpoints are chosen by round robin and ClientIP affinity (the
+engine's C table with the engine, the connection table otherwise) among the
+sets ``proxyd.policy`` allows (``planner.py``).
 
 A sync re-plans the changed service ports (the tracker's index), then
 applies the difference: add new addresses (a full sync does this in the
@@ -74,6 +75,7 @@ from proxyd.modes.userspace.planner import (
 )
 from proxyd.modes.userspace.stats import FLUSH_INTERVAL, Stats, StatsCache
 from proxyd.modes.userspace.udp import UdpProxy
+from proxyd.modes.userspace.udp_engine import NativeUdpPath, UdpPath
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class UserspaceMode(ProxyMode):
         self.stats = StatsCache()
         self.table: Any = None
         self.tcp: TcpPath | None = None
-        self.udp: UdpProxy | None = None
+        self.udp: UdpPath | None = None
         self.tables: dict[TableKey, TableEntry] = {}
         self._conflicts: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -147,8 +149,14 @@ class UserspaceMode(ProxyMode):
             log.info("userspace: TCP data path: pure-Python twin (asyncio)")
             metrics.USERSPACE_ENGINE_NATIVE.set(0)
         self.tcp = tcp
-        self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
-                            idle_timeout=self.config.udp_idle_timeout, has_room=tcp.has_room)
+        if isinstance(tcp, NativeTcpPath):
+            self.udp = NativeUdpPath(tcp=tcp, stats_of=self._stats_of, max_flows=max_flows,
+                                     idle_timeout=self.config.udp_idle_timeout)
+        else:
+            self.udp = UdpProxy(loop=loop, table=self.table, stats_of=self._stats_of,
+                                idle_timeout=self.config.udp_idle_timeout, has_room=tcp.has_room)
+        log.info("userspace: UDP data path: %s", "native engine (one UDP thread)" if self.udp.native
+                 else "pure-Python twin (asyncio)")
         await self.applier.holder.ensure()
         self._sweeper = loop.call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
         self._flusher = loop.call_later(FLUSH_INTERVAL, self._flush_stats)
@@ -156,8 +164,9 @@ class UserspaceMode(ProxyMode):
         self._started = True
 
     def _flush_counts(self) -> None:
-        assert self.tcp is not None
+        assert self.tcp is not None and self.udp is not None
         self.tcp.flush()
+        self.udp.flush()
         self.stats.flush()
 
     def _flush_stats(self) -> None:
@@ -165,13 +174,14 @@ class UserspaceMode(ProxyMode):
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_stats)
 
     def _udp_fds(self) -> int:
-        return len(self.applier.udp_listeners) + (self.table.udp_count() if self.table is not None else 0)
+        return len(self.applier.udp_listeners) + (self.udp.flow_fds() if self.udp is not None else 0)
 
     def _sweep_affinity(self) -> None:
-        assert self.table is not None and self.tcp is not None
+        assert self.table is not None and self.tcp is not None and self.udp is not None
         now = time.monotonic()
         self.table.sweep(now)
         self.tcp.sweep(now)
+        self.udp.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(AFFINITY_SWEEP_INTERVAL, self._sweep_affinity)
 
     async def _nodeport_ips(self) -> tuple[list[str], list[str]]:
@@ -261,8 +271,7 @@ class UserspaceMode(ProxyMode):
             if key.name.protocol == Protocol.TCP:
                 self.tcp.set_endpoints(key, entry, now)
             else:
-                dropped = self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now)
-                self.udp.closed_by_table(dropped)
+                self.udp.set_endpoints(key, entry, now)
             self.tables[key] = entry
 
     def _remove_tables(self, plan: Plan, keys: Iterable[TableKey]) -> None:
@@ -271,7 +280,7 @@ class UserspaceMode(ProxyMode):
             if key.name.protocol == Protocol.TCP:
                 self.tcp.remove_service(key)
             else:
-                self.udp.closed_by_table(self.table.remove_service(key.id))
+                self.udp.remove_service(key)
             del self.tables[key]
 
     async def shutdown(self) -> None:

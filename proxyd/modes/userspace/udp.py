@@ -1,5 +1,10 @@
 """UDP in userspace mode: one flow per client address, one connected endpoint socket per flow.
 
+This asyncio path is the twin of the native engine's UDP thread
+(``native/engine_udp.h``, driven through ``udp_engine.NativeUdpPath``): it
+serves when the extension is missing or ``PROXYD_NO_EXTENSIONS=1``, and the
+tests drive both with the same datagrams (``tests/unit/test_udp_engine.py``).
+
 A ``UdpListener`` owns the socket bound to the service address (or a
 NodePort). The first datagram of a client picks an endpoint from the
 connection table (round robin, ClientIP affinity) and opens a socket
@@ -37,7 +42,7 @@ from typing import Any
 
 from proxyd import metrics
 from proxyd.modes.userspace.listeners import OwnListeners
-from proxyd.modes.userspace.planner import TableKey
+from proxyd.modes.userspace.planner import TableEntry, TableKey
 from proxyd.modes.userspace.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -161,6 +166,29 @@ class UdpProxy:
             self._sweeper = self.loop.call_later(self.idle_timeout, self._sweep)
         return flow
 
+    # -- the interface userspace mode and its applier use (``udp_engine.UdpPath``)
+
+    native = False
+
+    def listen(self, sock: socket.socket, key: TableKey) -> UdpListener:
+        return UdpListener(proxy=self, sock=sock, key=key)
+
+    def set_endpoints(self, key: TableKey, entry: TableEntry, now: float) -> None:
+        self.closed_by_table(self.table.set_endpoints(key.id, entry.endpoints, entry.affinity_timeout, now))
+
+    def remove_service(self, key: TableKey) -> None:
+        self.closed_by_table(self.table.remove_service(key.id))
+
+    def sweep(self, now: float) -> None:
+        pass  # the shared table's sweep covers UDP keys
+
+    def flush(self) -> None:
+        pass  # flows update their Stats themselves
+
+    def flow_fds(self) -> int:
+        """Descriptors the flows hold (one socket each)."""
+        return int(self.table.udp_count())
+
     def close_flow(self, flow: Flow) -> None:
         """Close a flow's endpoint socket (idempotent); its table entry goes by replacement or expiry."""
         if flow.closed:
@@ -202,13 +230,8 @@ class UdpListener:
         self.key = key
         self.key_id = key.id
         self.admits: Callable[[str], bool] | None = None
-        self.wildcard = sock.getsockname()[0] in ("0.0.0.0", "::")
+        self.wildcard = receive_pktinfo(sock)
         self.v6 = sock.family == socket.AF_INET6
-        if self.wildcard:
-            if self.v6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self._fd = sock.fileno()
         self.loop.add_reader(self._fd, self._on_readable)
 
@@ -255,6 +278,17 @@ class UdpListener:
         self.loop.remove_reader(self._fd)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def receive_pktinfo(sock: socket.socket) -> bool:
+    """On a wildcard listener, ask for the address each datagram was sent to; whether it is one."""
+    if sock.getsockname()[0] not in ("0.0.0.0", "::"):
+        return False
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    return True
 
 
 def _pktinfo_dst(ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
