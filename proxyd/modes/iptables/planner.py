@@ -99,12 +99,15 @@ class PlannerOptions(NodeOptions):
 class PortRender:
     """Everything one service port contributes to the ruleset.
 
-    A fresh rendering holds its own chains' rules (``chain_rules``); the
-    planner's cache keeps the ``committed()`` form, without them: a partial
-    plan writes only re-rendered ports' rules, and those rules are nine
-    tenths of a rendering (50 MB at 10,000 services × 10 endpoints).
-    ``chain_counts`` (rules per own chain) and ``rules_digest`` stay, for
-    the kernel-versus-plan check and to tell an unchanged port.
+    A fresh rendering holds its own chains' rules as one text
+    (``rules_text``, one line per rule; ``chain_rules`` splits it): tens of
+    thousands of small strings that outlive the port's rendering would keep
+    the allocator's pages of a whole full plan in use. The planner's cache
+    keeps the ``committed()`` form, without them: a partial plan writes
+    only re-rendered ports' rules, and those rules are nine tenths of a
+    rendering (50 MB at 10,000 services × 10 endpoints). ``chain_counts``
+    (rules per own chain) and ``rules_digest`` stay, for the
+    kernel-versus-plan check and to tell an unchanged port.
     """
 
     filter_services: tuple[str, ...] = ()
@@ -114,19 +117,24 @@ class PortRender:
     nat_services: tuple[str, ...] = ()
     nat_nodeports: tuple[str, ...] = ()
     chains: tuple[str, ...] = ()  # own nat chains, declaration order
-    chain_rules: tuple[str, ...] = ()  # "-A <own chain> ..." lines (empty once committed)
+    rules_text: str = ""  # "-A <own chain> ..." lines joined by newlines ("" once committed)
     # For conntrack cleanup: every endpoint this node may DNAT to, and
     # whether the port currently has usable endpoints at all.
     reachable: tuple[Endpoint, ...] = ()
     has_endpoints: bool = False
     n_endpoints: int = 0  # as given (before family filtering): for large-cluster mode
     chain_counts: tuple[int, ...] = ()  # rules of each of ``chains``, in that order
-    rules_digest: bytes = b""  # of ``chain_rules``: equal renderings have equal digests
+    rules_digest: bytes = b""  # of ``rules_text``: equal renderings have equal digests
 
     @property
     def busy_filter(self) -> bool:
         return bool(self.filter_services or self.filter_external or self.filter_firewall
                     or self.filter_nodeports)
+
+    @property
+    def chain_rules(self) -> tuple[str, ...]:
+        """The "-A <own chain> ..." lines of a fresh rendering (none once committed)."""
+        return tuple(self.rules_text.split("\n")) if self.rules_text else ()
 
     @property
     def n_chain_rules(self) -> int:
@@ -138,10 +146,10 @@ class PortRender:
 
     def committed(self) -> PortRender:
         """This rendering as the cache keeps it: everything but the text of its own chains' rules."""
-        if not self.chain_rules:
+        if not self.rules_text:
             return self
         return PortRender(self.filter_services, self.filter_external, self.filter_firewall,
-                          self.filter_nodeports, self.nat_services, self.nat_nodeports, self.chains, (),
+                          self.filter_nodeports, self.nat_services, self.nat_nodeports, self.chains, "",
                           self.reachable, self.has_endpoints, self.n_endpoints, self.chain_counts,
                           self.rules_digest)
 
@@ -259,8 +267,10 @@ class Planner(MirrorPlanner[PlannerOptions]):
         stale = sorted(c for c in set(existing_chains) | self._chains
                        if ch.is_service_chain(c) and c not in wanted)
         busy = frozenset(n for n in order if cache[n].busy_filter)
+        # The committed forms before the text: what lives on is allocated before what dies.
+        committed = _committed(cache)
         if self.options.chunk_rules > 0:
-            return self._plan_full_chunked(cache, order, wanted, stale, large, tail, total, busy)
+            return self._plan_full_chunked(cache, committed, order, wanted, stale, large, tail, total, busy)
         filt = self._filter_section(cache, busy)
         nat: list[str] = ["*nat"]
         nat.extend(f":{c} - [0:0]" for c in ch.NAT_TOP_CHAINS)
@@ -273,18 +283,19 @@ class Planner(MirrorPlanner[PlannerOptions]):
         nat.extend(tail)
         for name in order:
             nat.extend(cache[name].nat_nodeports)
-        for name in order:
-            nat.extend(cache[name].chain_rules)
+        nat.extend(r for r in (cache[name].rules_text for name in order) if r)
         nat.extend(f"-X {c}" for c in stale)
         nat.append("COMMIT")
         nat_rules = 4 + len(tail) + sum(r.nat_total for r in cache.values())
         text = "\n".join(filt + nat) + "\n"
-        return Plan(full=True, cache=_committed(cache), chains=wanted,
+        del nat, cache
+        return Plan(full=True, cache=committed, chains=wanted,
                     large=large, tail=tail, rerendered=frozenset(order), deleted_chains=tuple(stale),
                     filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules,
                     endpoints=total, busy=busy, chunks=[text])
 
-    def _plan_full_chunked(self, cache: dict[ServicePortName, PortRender], order: list[ServicePortName],
+    def _plan_full_chunked(self, cache: dict[ServicePortName, PortRender],
+                           committed: dict[ServicePortName, PortRender], order: list[ServicePortName],
                            wanted: set[str], stale: list[str], large: bool, tail: tuple[str, ...], total: int,
                            busy: frozenset[ServicePortName]) -> Plan:
         limit = self.options.chunk_rules
@@ -292,13 +303,16 @@ class Planner(MirrorPlanner[PlannerOptions]):
         chunks: list[str] = []
         decl: list[str] = [f":{ch.KUBE_MARK_MASQ} - [0:0]"]  # service rules jump to it: make sure it exists
         rules: list[str] = [line for line in fixed if line.startswith(f"-A {ch.KUBE_MARK_MASQ} ")]
+        count = len(rules)
         for name in order:
             r = cache[name]
             decl.extend(f":{c} - [0:0]" for c in r.chains)
-            rules.extend(r.chain_rules)
-            if len(rules) >= limit:
+            if r.rules_text:
+                rules.append(r.rules_text)
+                count += r.n_chain_rules
+            if count >= limit:
                 chunks.append("\n".join(["*nat", *decl, *rules, "COMMIT", ""]))
-                decl, rules = [], []
+                decl, rules, count = [], [], 0
         if rules or decl:
             chunks.append("\n".join(["*nat", *decl, *rules, "COMMIT", ""]))
         filt = self._filter_section(cache, busy)
@@ -315,7 +329,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
         nat.append("COMMIT")
         chunks.append("\n".join(filt + nat) + "\n")
         nat_rules = 4 + len(tail) + sum(r.nat_total for r in cache.values())
-        return Plan(full=True, cache=_committed(cache), chains=wanted, large=large,
+        return Plan(full=True, cache=committed, chains=wanted, large=large,
                     tail=tail, rerendered=frozenset(order), deleted_chains=tuple(stale),
                     filter_rules=sum(1 for line in filt if line.startswith("-A ")), nat_rules=nat_rules,
                     endpoints=total, busy=busy, chunks=chunks)
@@ -407,8 +421,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
         nat.extend(f":{c} - [0:0]" for c in stale)
         nat.extend(delete_lines)
         nat.extend(insert_lines)
-        for name in sorted(fresh):
-            nat.extend(fresh[name].chain_rules)
+        nat.extend(r for r in (fresh[name].rules_text for name in sorted(fresh)) if r)
         nat.extend(f"-X {c}" for c in stale)
         nat.append("COMMIT")
         text = "\n".join(filt + nat) + "\n"
@@ -675,12 +688,14 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
     for rule in rules:
         chain = rule[3:rule.index(" ", 3)]  # every rule here is "-A <own chain> ..."
         counts[chain] = counts.get(chain, 0) + 1
-    digest = hashlib.blake2b("\n".join(rules).encode(), digest_size=16).digest() if rules else b""
+    text = "\n".join(rules)
+    del rules  # the lines die here, port by port: only the joined text lives on
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if text else b""
     return PortRender(
         filter_services=tuple(f_services), filter_external=tuple(f_external),
         filter_firewall=tuple(f_firewall), filter_nodeports=tuple(f_nodeports),
         nat_services=tuple(n_services), nat_nodeports=tuple(n_nodeports),
-        chains=tuple(own), chain_rules=tuple(rules), reachable=cat.all_reachable,
+        chains=tuple(own), rules_text=text, reachable=cat.all_reachable,
         has_endpoints=has_endpoints, n_endpoints=len(endpoints),
         chain_counts=tuple(counts[c] for c in own), rules_digest=digest)
 
