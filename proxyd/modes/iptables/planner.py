@@ -116,7 +116,7 @@ class PortRender:
     filter_nodeports: tuple[str, ...] = ()
     nat_services: tuple[str, ...] = ()
     nat_nodeports: tuple[str, ...] = ()
-    chains: tuple[str, ...] = ()  # own nat chains, declaration order
+    chain_names: str = ""  # own nat chains, declaration order, space-separated (``chains``)
     rules_text: str = ""  # "-A <own chain> ..." lines joined by newlines ("" once committed)
     # For conntrack cleanup: every endpoint this node may DNAT to, and
     # whether the port currently has usable endpoints at all.
@@ -130,6 +130,11 @@ class PortRender:
     def busy_filter(self) -> bool:
         return bool(self.filter_services or self.filter_external or self.filter_firewall
                     or self.filter_nodeports)
+
+    @property
+    def chains(self) -> tuple[str, ...]:
+        """Own nat chains in declaration order (kept as one string: 11 names a port at 10 endpoints)."""
+        return tuple(self.chain_names.split(" ")) if self.chain_names else ()
 
     @property
     def chain_rules(self) -> tuple[str, ...]:
@@ -149,7 +154,7 @@ class PortRender:
         if not self.rules_text:
             return self
         return PortRender(self.filter_services, self.filter_external, self.filter_firewall,
-                          self.filter_nodeports, self.nat_services, self.nat_nodeports, self.chains, "",
+                          self.filter_nodeports, self.nat_services, self.nat_nodeports, self.chain_names, "",
                           self.reachable, self.has_endpoints, self.n_endpoints, self.chain_counts,
                           self.rules_digest)
 
@@ -388,12 +393,13 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 # A changed service can have unchanged ports: leave them be.
                 del fresh[name]
                 continue
-            declare.extend(new.chains)
-            added.update(new.chains)
+            new_chains = new.chains
+            declare.extend(new_chains)
+            added.update(new_chains)
             nat_total += new.nat_total
             if prev is not None:
                 nat_total -= prev.nat_total
-                dead.update(c for c in prev.chains if c not in new.chains)
+                dead.update(c for c in prev.chains if c not in new_chains)
                 _delta(prev.nat_services + prev.nat_nodeports, new.nat_services + new.nat_nodeports,
                        delete_lines, insert_lines)
             else:
@@ -694,7 +700,7 @@ def render_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], *, options: P
         filter_services=tuple(f_services), filter_external=tuple(f_external),
         filter_firewall=tuple(f_firewall), filter_nodeports=tuple(f_nodeports),
         nat_services=tuple(n_services), nat_nodeports=tuple(n_nodeports),
-        chains=tuple(own), rules_text=text, reachable=cat.all_reachable,
+        chain_names=" ".join(own), rules_text=text, reachable=cat.all_reachable,
         has_endpoints=has_endpoints, n_endpoints=len(endpoints),
         chain_counts=tuple(counts[c] for c in own), rules_digest=digest)
 
