@@ -77,8 +77,9 @@ Except a re-read of a big ``kind: List`` (JSON, or YAML in the block style
 kubectl writes) in which at most ``REREAD_NEW_ITEMS`` items are new: its
 items are found and digested by their text in the daemon
 (``_json_list_spans``, ``yamlstream.split_list``) and only the new ones are
-built, so there is no process to start and no document to build (13 MB
-re-read in ~0.2 s instead of seconds).
+built, so there is no process to start and no document to build (13 MB at
+10,000 services re-read in 0.6 s as JSON, 1.5 s as YAML, on a loaded 2-core
+machine: ``bench/state_memory.py``).
 Listing, reading and parsing run in a worker thread (small files first, then
 big ones one by one, each applied as soon as it is read), so the event loop
 never blocks and a good file never waits behind a huge one. Files are
