@@ -221,7 +221,7 @@ class IptablesDriver(NetfilterDriver):
 
     def rules(self) -> int:
         plan = self.mode.last_plan
-        return sum(len(r.chain_rules) + len(r.nat_services) for r in plan.cache.values()) if plan else 0
+        return sum(r.n_chain_rules + len(r.nat_services) for r in plan.cache.values()) if plan else 0
 
     compares = False  # the restore tools' own figures: bench/iptables_tools.py
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from proxyd import metrics, nodeaddrs
+from proxyd import heap, metrics, nodeaddrs
 from proxyd.config import Config, ConfigError, HostPort
 from proxyd.fdlimit import raise_fd_limit
 from proxyd.health import ProxierHealth, health_routes, metrics_routes
@@ -144,6 +144,8 @@ class Daemon:
         if full:
             self._needs_full = False
             self._last_full = now
+            # A full sync built the whole ruleset once (tens of MB at 10,000 services): return the pages.
+            await asyncio.to_thread(heap.trim)
         if self._unapplied_since is not None:
             metrics.NETWORK_PROGRAMMING_DURATION.observe(time.monotonic() - self._unapplied_since)
             self._unapplied_since = None

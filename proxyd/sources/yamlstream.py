@@ -30,6 +30,7 @@ applies). Nothing here knows about Kubernetes kinds beyond the ``items`` key.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -208,7 +209,7 @@ class _Builder:
             if len(events) > limit:
                 raise ParseError(f"an object has more than {self.limits.max_nodes} nodes")
         following = self.loader.peek_event()
-        digest = self.digest(first.start_mark, following.start_mark)
+        digest = self.item_digest(first.start_mark, following.start_mark)
         if self.known is not None and digest in self.known:
             return Item(None, digest, index, True)
         replay = iter(events)
@@ -223,10 +224,29 @@ class _Builder:
 
     def digest(self, start: Any, end: Any) -> bytes:
         h = hashlib.blake2b(digest_size=16)
+        h.update(b"S")
         h.update(self.salt)
         h.update(start.column.to_bytes(4, "little"))
         h.update(self.text[start.index:end.index].encode("utf-8", "surrogatepass"))
         return h.digest()
+
+    def item_digest(self, start: Any, end: Any) -> bytes:
+        """A List item's digest: by its lines (``split_list``'s) when it starts a line with ``- ``.
+
+        The lines run from the item's ``- `` to the line of the next event
+        (the next item's ``- ``, or the key after the list): exactly what
+        ``split_list`` cuts from the text without parsing it. Other items
+        (flow style, indented, on the line after their ``-``) keep the span
+        digest; the two never collide (a different first byte).
+        """
+        text = self.text
+        line = text.rfind("\n", 0, start.index) + 1
+        stop = text.rfind("\n", 0, end.index) + 1
+        # What follows must start its line: the next "- " (with its item on that line) or a key.
+        follows = end.index == stop or (end.index - stop == 2 and text[stop] == "-")
+        if start.index - line != 2 or text[line] != "-" or stop <= line or not follows:
+            return self.digest(start, end)
+        return _line_digest(self.salt, text, line, stop)
 
     def counted(self) -> None:
         self.items += 1
@@ -289,7 +309,7 @@ class _Builder:
                     value = self.node(ev, 2)
                     # The item's text runs to where the next event starts.
                     following = self.loader.peek_event()
-                    yield Item(value, self.digest(ev.start_mark, following.start_mark), index, True)
+                    yield Item(value, self.item_digest(ev.start_mark, following.start_mark), index, True)
                 self.nodes = outer_nodes
                 streamed = True
                 rest.pop(k, None)
@@ -310,6 +330,101 @@ class _Builder:
 
 
 _MISSING = object()
+
+
+def _line_digest(salt: bytes, text: str, start: int, stop: int) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"L")
+    h.update(salt)
+    h.update(text[start:stop].encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+# Line breaks libyaml knows besides "\n": a file holding one is not split by lines.
+_OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+_ITEMS_KEY = re.compile(r"^items:[ ]*(?:#[^\n]*)?$", re.M)
+_DOCUMENT_MARK = re.compile(r"^(?:---|\.\.\.|%)", re.M)
+# Where the items end: the first line at column 0 that is not an item ("- …"), a continuation
+# (indented), a comment or blank.
+_AFTER_ITEMS = re.compile(r"^(?:[^ \-#\n]|-[^ \n])", re.M)
+_ITEM_START = re.compile(r"^-(?=[ \n])", re.M)
+
+
+def split_list(text: str, limits: Limits, known: Container[bytes],
+               max_new: int) -> list[tuple[Any, bytes]] | None:
+    """(value, or None when its digest is ``known``; digest) of each item of a block-style ``kind: List``.
+
+    For a re-read of a big List in which few items changed: the items are cut
+    from the text by lines (the ``- `` at column 0 that kubectl and PyYAML
+    write), digested as ``Builder.item_digest`` digests them, and only the
+    items whose digest is not known (at most ``max_new``) are parsed, each
+    alone. None when the text is not such a List or anything is not as
+    expected — the caller then parses the whole text, which gives the
+    answer (or the error) it always gave.
+
+    Why cutting by lines is safe: an item parsed alone (or known, i.e. parsed
+    before as one complete item) leaves no quote, bracket or block scalar
+    open, so the next ``- `` at column 0 starts the next item for the real
+    parser too; a line that would continue something still open makes the
+    piece before it fail to parse alone. The text before ``items:`` must parse
+    alone for the same reason, and with what follows the items it must be a
+    mapping whose ``kind`` is ``List`` (and holds no other ``items``).
+    """
+    if any(c in text for c in _OTHER_BREAKS) or _DOCUMENT_MARK.search(text):
+        return None
+    keys = list(_ITEMS_KEY.finditer(text))
+    if len(keys) != 1:
+        return None
+    head = keys[0].start()
+    first = keys[0].end() + 1
+    after = _AFTER_ITEMS.search(text, first)
+    end = after.start() if after is not None else len(text)
+    starts = [m.start() for m in _ITEM_START.finditer(text, first, end)]
+    # Only comments and blank lines may come between ``items:`` and the first item.
+    if not starts or not all(not line.strip(" ") or line.lstrip(" ").startswith("#")
+                             for line in text[first:starts[0]].split("\n")):
+        return None
+    if len(starts) > limits.max_items:
+        return None
+    bounds = [*starts, end]
+    out: list[tuple[Any, bytes]] = []
+    new = 0
+    for i in range(len(starts)):
+        digest = _line_digest(b"", text, bounds[i], bounds[i + 1])
+        if digest in known:
+            out.append((None, digest))
+            continue
+        new += 1
+        if new > max_new:
+            return None
+        value = _alone(text[bounds[i]:bounds[i + 1]], limits)
+        if not isinstance(value, list) or len(value) != 1:
+            return None
+        out.append((value[0], digest))
+    frame = _alone(text[:head], limits, empty_ok=True)
+    rest = _alone(text[:head] + text[end:], limits, empty_ok=True)
+    if frame is not None and not isinstance(frame, dict):
+        return None
+    if not isinstance(rest, dict) or rest.get("kind") != "List" or "items" in rest:
+        return None
+    return out
+
+
+def _alone(text: str, limits: Limits, *, empty_ok: bool = False) -> Any:
+    """The one value of ``text`` parsed by itself; None when it is empty (``empty_ok``) or not one value."""
+    try:
+        entries = list(iter_objects(text, limits))
+    except (ParseError, yaml.YAMLError, RecursionError):
+        return _BAD
+    items = [e for e in entries if isinstance(e, Item)]
+    if not items:
+        return None if empty_ok else _BAD
+    if len(items) != 1 or items[0].listed:
+        return _BAD
+    return items[0].value
+
+
+_BAD: Any = object()  # not None, not a list or dict: fails every check above
 
 
 def _show(value: object, limit: int = 60) -> str:

@@ -666,6 +666,111 @@ async def test_memory_after_20_changes_equals_memory_after_1(tmp_path, start):
     assert len(src._files["all.yaml"].known) == 600  # one digest per object, no pile-up
 
 
+@pytest.mark.parametrize("suffix", ["json", "yaml"])
+def test_a_big_list_with_few_new_items_is_reread_without_a_child(tmp_path, monkeypatch, suffix):
+    def dump(doc: dict, *, compact: bool = False) -> str:
+        if suffix == "yaml":
+            return yaml.safe_dump(doc, indent=4 if compact else 2)
+        return json.dumps(doc) if compact else json.dumps(doc, indent=2)
+
+    path = tmp_path / f"all.{suffix}"
+    path.write_text(dump(many(200)))
+    children: list[int] = []
+    real_parse = manifests.parsechild.parse
+    monkeypatch.setattr(manifests.parsechild, "parse",
+                        lambda *a, **k: children.append(1) or real_parse(*a, **k))
+    calls: list[str] = []
+    real = manifests._convert
+    monkeypatch.setattr(manifests, "_convert",
+                        lambda kind, raw, notes: calls.append(kind) or real(kind, raw, notes))
+    tracker = Tracker("node-a")
+    src = ManifestSource(str(tmp_path), tracker, on_change=lambda: None, child_parse_size=1)
+    src.read_all()
+    assert children == [1] and len(calls) == 400 and len(tracker) == 200
+    tracker.take()
+    calls.clear()
+    atomic_write(path, dump(many(200, changed=7, generation=1)))
+    src.read_all()
+    # One new item: read here, and only it is built and converted.
+    assert children == [1] and calls == ["EndpointSlice"]
+    assert tracker.take().changed == {ServiceName("default", "s7")}
+    assert tracker.slice(("default", "s7-abcde")).endpoints[0].ip == "10.245.0.2"
+    # More new items than REREAD_NEW_ITEMS: the child parses the file, as for a first read.
+    monkeypatch.setattr(manifests, "REREAD_NEW_ITEMS", 1)
+    calls.clear()
+    atomic_write(path, dump(many(200, changed=8, generation=2)))  # s7 back, s8 new
+    src.read_all()
+    assert children == [1, 1] and sorted(calls) == ["EndpointSlice"] * 2
+    assert tracker.take().changed == {ServiceName("default", "s7"), ServiceName("default", "s8")}
+    assert len(src._files[path.name].known) == 400
+    # The same objects written otherwise (other line breaks): other texts, every item new, so the child.
+    calls.clear()
+    atomic_write(path, dump(many(200, changed=8, generation=2), compact=True))
+    src.read_all()
+    assert children == [1, 1, 1] and not tracker.take().changed
+
+
+_JSON_ODD = [
+    '{"kind": "List", "items": []}',
+    '{"items": [], "kind": "List"}',
+    '{"kind": "List"}',
+    '{}',
+    ' \t\r\n{ "items" : [ {"a": 1} , {"b": "}]\\"[{"} ] , "kind" : "List" } \n',
+    '{"kind": "List", "items": [{"a": 1}], "items": [{"b": 2}]}',
+    '{"kind": "List", "items": {"a": 1}}',
+    '{"kind": "List", "items": [1, "x", null, [2]]}',
+    '{"kind": "Service", "items": [{"a": 1}]}',
+    '{"kind": "List", "kind": "Other", "items": [{"a": 1}]}',
+    '{"kind": "List", "items": [{"a": 1}]} trailing',
+    '{"kind": "List", "items": [{"a": 1},]}',
+    '{"kind": "List", "items": [{"a": 1}] "x": 2}',
+    '{"kind": "List" "items": []}',
+    '{kind: "List"}',
+    '{"kind": "List", "items": [' + '[' * 100_000 + ']' * 100_000 + ']}',
+    '{"kind": "List", "items": [{"a": NaN}, {"\\ud800": "\\u00e9"}]}',
+    '["kind", "List"]',
+]
+
+
+@pytest.mark.parametrize("text", _JSON_ODD, ids=range(len(_JSON_ODD)))
+def test_json_items_by_text_give_what_the_whole_document_gives(text):
+    def whole():
+        return [obj for obj, _ in manifests._objects_with_digests([json.loads(text)])]
+
+    try:
+        want = whole()
+    except (ValueError, RecursionError) as err:
+        with pytest.raises(type(err)):
+            list(manifests._json_items(text))
+        return
+    assert [obj for obj, _ in manifests._json_items(text)] == want
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_values, max_size=6), st.sampled_from([None, 0, 2]),
+       st.dictionaries(st.sampled_from(["apiVersion", "metadata", "x"]), _values, max_size=3),
+       st.booleans())
+def test_json_list_items_by_text_equal_json_loads(items, indent, extra, kind_last):
+    doc = ({**extra, "items": items, "kind": "List"} if kind_last
+           else {"kind": "List", **extra, "items": items})
+    text = json.dumps(doc, indent=indent)
+    spans = manifests._json_list_spans(text)
+    assert spans is not None and len(spans) == len(items)
+    assert [obj for obj, _ in manifests._json_items(text)] == items
+    # An item is digested by its text: equal items in equal text, equal digests; known ones are not built.
+    digests = [d for _, d in spans]
+    again = list(manifests._json_items(text, known=set(digests)))
+    assert [d for _, d in again] == digests and all(obj is None for obj, _ in again)
+
+
+def test_json_item_digest_changes_with_that_item_only():
+    first = json.dumps(many(20), indent=2)
+    second = json.dumps(many(20, changed=3, generation=1), indent=2)
+    a = [d for _, d in manifests._json_list_spans(first)]
+    b = [d for _, d in manifests._json_list_spans(second)]
+    assert [i for i in range(len(a)) if a[i] != b[i]] == [7]  # s3's slice is item 7
+
+
 async def test_a_change_looks_at_the_changed_file_only(tmp_path, start, monkeypatch):
     for i in range(200):
         write(tmp_path / f"s{i:03}.yaml", service(f"s{i}", ip=f"10.96.0.{i + 1}"))

@@ -103,3 +103,99 @@ def test_known_items_are_not_built():
     assert [e.value for e in again] == [None, {"name": "b"}, None]
     with pytest.raises(yamlstream.ParseError, match="deeper than"):
         list(yamlstream.iter_objects("kind: List\nitems:\n- " + "[" * 120 + "]" * 120 + "\n", known=set()))
+
+
+# ------------------------------------------------------------------ split_list: a re-read by lines
+
+
+def _listed(text: str) -> list[yamlstream.Item]:
+    return [e for e in yamlstream.iter_objects(text) if isinstance(e, yamlstream.Item) and e.listed]
+
+
+LIMITS = yamlstream.Limits()
+BLOCK_LISTS = {
+    "kubectl": ("apiVersion: v1\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata:\n    name: a\n"
+                "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: b\n"
+                "    labels: {x: \"é – ü\"}\n"
+                "kind: List\nmetadata:\n  resourceVersion: \"\"\n"),
+    "items last": "kind: List\nitems:\n- a: 1\n- b: [1, 2]\n- - 4\n  - 5\n",
+    "comments and blank lines": ("# head\nkind: List\nitems:\n# before\n\n- a: 1\n  # inside\n\n# between\n"
+                                 "- b: 2\n# after\n\nmetadata: {}\n"),
+    "block scalar": "kind: List\nitems:\n- a: |\n    - not an item\n    text\n  b: 1\n- c: >-\n    folded\n",
+    "multi-line quoted": "kind: List\nitems:\n- a: \"one\n    two\"\n- b: 'x\n\n    y'\n",
+    "non-ASCII before": ("kind: List\nnote: \"ééé 漢字\"\nitems:\n"
+                         "- name: ü\n- name: \"漢\"\n- name: c\n"),
+}
+
+
+def test_split_list_reads_an_item_begun_on_the_line_after_its_dash_right():
+    # Not the style kubectl writes: such items are digested otherwise, so they are always "new".
+    text = "kind: List\nitems:\n- a: 1\n-\n  c: 3\n- d: 4\n"
+    cut = yamlstream.split_list(text, LIMITS, set(), max_new=100)
+    assert cut is not None and [v for v, _ in cut] == [e.value for e in _listed(text)]
+    known = {e.digest for e in _listed(text)}
+    again = yamlstream.split_list(text, LIMITS, known, max_new=100)
+    # The first item is followed by a line that is not "- …" and the second starts on the line after its
+    # dash: both are digested by their span, so only the last is known to the cut by lines.
+    assert again is not None and [v for v, _ in again] == [{"a": 1}, {"c": 3}, None]
+
+
+@pytest.mark.parametrize("case", sorted(BLOCK_LISTS))
+def test_split_list_cuts_what_the_parser_reads_with_the_same_digests(case):
+    text = BLOCK_LISTS[case]
+    full = _listed(text)
+    cut = yamlstream.split_list(text, LIMITS, set(), max_new=100)
+    assert cut is not None
+    assert [v for v, _ in cut] == [e.value for e in full]
+    assert [d for _, d in cut] == [e.digest for e in full]
+    # Known items are not built; more new ones than allowed: not split at all.
+    known = {cut[0][1]}
+    again = yamlstream.split_list(text, LIMITS, known, max_new=100)
+    assert again is not None and again[0] == (None, cut[0][1]) and again[1:] == cut[1:]
+    assert yamlstream.split_list(text, LIMITS, known, max_new=len(cut) - 2) is None
+
+
+TRICKS = {
+    # A quoted scalar running on at column 0 with "- ": the real parser reads one item.
+    "quote over a dash": "kind: List\nitems:\n- a: \"x\n- b\"\n- c: 1\n",
+    "flow over a dash": "kind: List\nitems:\n- a: [1,\n- 2]\n",
+    "unclosed quote before items": "kind: List\nx: \"a\nitems:\n- a: 1\ny: b\"\n",
+    "not a List": "kind: Other\nitems:\n- a: 1\n",
+    "two items keys": "kind: List\nitems:\n- a: 1\nitems2: 1\nitems:\n- b: 1\n",
+    "items twice, one in flow": "kind: List\nitems:\n- a: 1\nmore: {items: [1]}\n",
+    "document marker": "---\nkind: List\nitems:\n- a: 1\n",
+    "directive": "%YAML 1.1\n---\nkind: List\nitems:\n- a: 1\n",
+    "indented items": "kind: List\nitems:\n  - a: 1\n  - b: 2\n",
+    "flow items": "kind: List\nitems: [{a: 1}, {b: 2}]\n",
+    "carriage returns": "kind: List\r\nitems:\r\n- a: 1\r\n",
+    "two documents": "kind: List\nitems:\n- a: 1\n...\nkind: List\nitems:\n- b: 1\n",
+    "alias": "kind: List\nitems:\n- &x {a: 1}\n- *x\n",
+    "a key at column 0 after items": "kind: List\nitems:\n- a: 1\n-x: 2\n",
+    "empty": "",
+    "garbage": "kind: List\nitems:\n- a: [\n",
+}
+
+
+NOT_SPLIT = {"quote over a dash", "flow over a dash", "unclosed quote before items", "not a List",
+             "two items keys", "document marker", "directive", "indented items",
+             "flow items", "carriage returns", "two documents", "alias", "empty", "garbage"}
+
+
+@pytest.mark.parametrize("case", sorted(TRICKS))
+def test_split_list_gives_up_where_lines_would_mislead(case):
+    text = TRICKS[case]
+    cut = yamlstream.split_list(text, LIMITS, set(), max_new=100)
+    if case in NOT_SPLIT:
+        assert cut is None
+    try:
+        entries = list(yamlstream.iter_objects(text))
+    except (yamlstream.ParseError, yaml.YAMLError):
+        assert cut is None
+        return
+    ends = [e for e in entries if isinstance(e, yamlstream.DocumentEnd)]
+    if len(ends) != 1 or not ends[0].is_list:
+        assert cut is None
+    elif cut is not None:
+        # Where it does cut, it reads what the parser reads.
+        listed = [e.value for e in entries if isinstance(e, yamlstream.Item) and e.listed]
+        assert [v for v, _ in cut] == listed

@@ -241,7 +241,9 @@ class IptablesMode(AppliedMode[Applier]):
                 raise
             return str(err) or type(err).__name__
         self.planner.commit(plan)
-        self.last_plan = plan
+        # Its counts and change index, not its text nor its chain names: a full plan's restore input
+        # is tens of MB at 10,000 services, held until the next sync for nothing.
+        self.last_plan = dataclasses.replace(plan, chunks=[], chains=set())
         self._good = state
         touched.update(plan.rerendered)
         touched.update(plan.removed)

@@ -164,13 +164,8 @@ def dnat_counters(save_text: str) -> dict[str, tuple[int, int]]:
 
 
 def chain_rule_counts(render: PortRender) -> dict[str, int]:
-    """The planned number of rules of each of a port's own chains."""
-    counts = dict.fromkeys(render.chains, 0)
-    for rule in render.chain_rules:
-        chain = _chain_of(rule)
-        if chain is not None:
-            counts[chain] = counts.get(chain, 0) + 1
-    return counts
+    """The planned number of rules of each of a port's own chains (kept by the cache without the rules)."""
+    return dict(zip(render.chains, render.chain_counts, strict=True))
 
 
 def build_status(nat_save: str, filter_save: str, cache: Mapping[ServicePortName, PortRender],

@@ -197,7 +197,7 @@ class NftablesMode(AppliedMode[Applier]):
                     if render is not None:
                         track.old_renders[name] = render
         self.planner.commit(plan)
-        self.last_plan = plan
+        self.last_plan = plan.applied()
         self._good = state
         track.touched.update(names)
         track.new_renders.update((n, p.render) for n, p in plan.ports.items())

@@ -33,6 +33,7 @@ Text safety: the only text reaching nft is addresses (checked with
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,17 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.text.strip()
+
+    def applied(self) -> Plan:
+        """This plan as a mode keeps it once the kernel took it: what changed, not the text or renderings.
+
+        A full plan's text and per-port renderings are tens of MB at 10,000
+        services; the mirror it carries is the planner's own (shared, no copy).
+        """
+        return dataclasses.replace(self, text="", ports=dict.fromkeys(self.ports, _APPLIED))
+
+
+_APPLIED = PortPlan()  # stands for a port's rendering in an applied plan
 
 
 def _suffix(chain: str) -> str:
