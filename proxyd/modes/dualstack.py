@@ -96,9 +96,6 @@ class DualStackMode(ProxyMode):
             except Exception as err:
                 log.error("%s: IPv%d sync failed: %s", self.name, fam, err)
                 failure = failure or err
-        # Each family's quarantine sets the mode's gauge to its own count: the node's is their sum.
-        metrics.QUARANTINED_PORTS.labels(mode=self.name).set(
-            sum(len(p.quarantine) for p in self.proxiers.values()))
         if failure is not None:
             self._views.forget()
             raise failure
