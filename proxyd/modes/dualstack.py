@@ -164,8 +164,11 @@ class DualStackMode(ProxyMode):
 
     @classmethod
     async def cleanup(cls, config: Config) -> None:
-        raise NotImplementedError("clean up through the wrapped mode's class: it removes every family")
-
+        """The wrapped mode's cleanup, once: a per-family mode's cleanup removes every family's state."""
+        mode_cls = mode_class(config.proxy_mode)
+        if not mode_cls.per_family:
+            raise ValueError(f"{config.proxy_mode} mode does not run one instance per family")
+        await mode_cls.cleanup(config)
 
 
 def build_mode(config: Config) -> ProxyMode:

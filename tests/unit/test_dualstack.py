@@ -226,3 +226,23 @@ def test_the_quarantine_gauge_is_the_node_s_total_at_every_step() -> None:
     asyncio.run(meta.sync(SyncRequest(state((sp, eps)), None)))
     assert seen == [(4, 1), (6, 0)] and gauge._value.get() == 0
 
+
+def test_cleanup_is_the_wrapped_mode_s_once(monkeypatch) -> None:
+    """``--cleanup`` of a per-family mode: its own cleanup removes every family; run it once."""
+    import proxyd.modes.dualstack as dualstack
+
+    calls: list[str] = []
+
+    class Cleaned(Recorder):
+        @classmethod
+        async def cleanup(cls, config: Config) -> None:
+            calls.append(config.proxy_mode)
+
+    monkeypatch.setattr(dualstack, "mode_class", lambda name: Cleaned)
+    asyncio.run(DualStackMode.cleanup(Config(proxy_mode="iptables")))
+    assert calls == ["iptables"]
+
+
+def test_cleanup_refuses_a_mode_that_is_not_per_family() -> None:
+    with pytest.raises(ValueError, match="userspace mode does not run one instance per family"):
+        asyncio.run(DualStackMode.cleanup(Config(proxy_mode="userspace")))
