@@ -25,6 +25,7 @@ iptables-restore.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -141,6 +142,12 @@ async def run(argv: Sequence[str], *, stdin: str | None = None, time_limit: floa
         proc.kill()
         await proc.wait()
         raise IptablesError(argv, None, f"timed out after {time_limit}s") from None
+    except asyncio.CancelledError:
+        # The caller gave up (a status read at shutdown): in its own session the tool would outlive it.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         raise IptablesError(argv, proc.returncode, err.decode(errors="replace"))
     return out.decode(errors="replace")

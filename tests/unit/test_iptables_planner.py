@@ -556,6 +556,34 @@ def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
     asyncio.run(scenario())
 
 
+def test_a_tool_runs_in_its_own_session_and_dies_with_a_cancelled_caller(tmp_path) -> None:
+    """A signal to the daemon's process group is not the tool's; a caller that gives up takes it along."""
+    import asyncio
+    import os
+
+    from proxyd.netfilter.backend import run
+
+    marker = tmp_path / "ids"
+
+    async def scenario() -> int:
+        task = asyncio.create_task(run(["sh", "-c", f"echo $$ > {marker}.tmp; mv {marker}.tmp {marker}; "
+                                        "exec sleep 30"]))
+        for _ in range(1000):  # bounded: the shell writes its ids at once
+            if marker.exists():
+                break
+            await asyncio.sleep(0.01)
+        pid = int(marker.read_text())
+        assert os.getsid(pid) == pid != os.getsid(0)  # the tool leads a session of its own
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pid
+
+    pid = asyncio.run(scenario())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(pid, 0)
+
+
 def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:
     from proxyd.netfilter import cleanup_inputs
 
