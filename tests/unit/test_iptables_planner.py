@@ -464,6 +464,53 @@ def _mode_with(fake: FakeApplier, clock=lambda: 0.0):
     return mode
 
 
+@pytest.mark.parametrize("code", [4, None])  # the xtables lock held past -w 5; the tool timed out
+def test_a_held_xtables_lock_at_start_is_not_fatal_the_first_sync_creates_the_canaries(monkeypatch, code) -> None:
+    import asyncio
+
+    from proxyd.modes.base import SyncRequest
+    from proxyd.modes.iptables import mode as iptables_mode
+    from proxyd.netfilter import Backend
+    from proxyd.netfilter.backend import IptablesError
+
+    class Locked(FakeApplier):
+        def __init__(self, backend: Backend) -> None:
+            super().__init__()
+            self.canaries = 0
+            self.locked = True
+
+        async def ensure_canaries(self) -> None:
+            if self.locked:
+                raise IptablesError(["iptables-nft", "-w", "5"], code, "Can't lock /run/xtables.lock")
+            self.canaries += 1
+
+    monkeypatch.setattr(iptables_mode, "Applier", Locked)
+    monkeypatch.setattr(iptables_mode, "_node_addresses", lambda cidrs, family: ([], None))
+    from proxyd.config import Config
+
+    mode = iptables_mode.IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend("nft"))
+
+    async def scenario() -> None:
+        await mode.start()
+        applier = mode.applier
+        assert isinstance(applier, Locked) and applier.canaries == 0
+        applier.locked = False
+        await mode.sync(SyncRequest(GOLDEN_STATE, None))
+        assert applier.canaries == 1 and applier.restored
+
+    asyncio.run(scenario())
+    # Any other failure of the start is still the start's failure.
+    monkeypatch.setattr(iptables_mode, "Applier", type("Broken", (Locked,), {"ensure_canaries": _refuse}))
+    with pytest.raises(IptablesError, match="exited 1"):
+        asyncio.run(iptables_mode.IptablesMode(Config(), backend=Backend("nft")).start())
+
+
+async def _refuse(self) -> None:
+    from proxyd.netfilter.backend import IptablesError
+
+    raise IptablesError(["iptables-nft"], 1, "Permission denied")
+
+
 def test_mode_full_then_partial_then_failure_then_full() -> None:
     import asyncio
 
