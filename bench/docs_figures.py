@@ -239,6 +239,7 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "iptables-tools": ("docs/iptables.md", _R + "iptables_tools.json", scale_figures.iptables_tools_table),
     "iptables-restore": ("docs/iptables.md", _R + "iptables_tools.json",
                          scale_figures.iptables_planner_input),
+    "dualstack-cost": ("docs/dualstack.md", _R + "dualstack_sync.json", scale_figures.dualstack_cost),
     "nftables-status": ("docs/nftables.md", _R + "status_scale.json", scale_figures.nftables_status),
 }
 
