@@ -30,7 +30,7 @@ stays as written. Each region says which stored run it comes from:
   - ``latency-summary`` (README.md), ``latency-vs-services``
     (docs/nftables.md): ``latency_vs_services.json``,
     ``python bench/latency_vs_services.py --services 10,100,1000,10000 --connects 1000``;
-  - ``status-scale`` (README.md): ``status_scale.json``,
+  - ``status-scale`` (README.md), ``nftables-status`` (docs/nftables.md): ``status_scale.json``,
     ``python bench/status_scale.py --services 10000 --save``;
   - ``e2e-scale``, ``e2e-scale-1k`` (README.md): ``e2e_scale-10000.json``,
     ``e2e_scale-1000.json``,
@@ -39,8 +39,10 @@ stays as written. Each region says which stored run it comes from:
     ``python -m bench.e2e_scale --idle-files 10000 --save``;
   - ``quarantine`` (docs/reliability.md): ``quarantine.json``,
     ``python -m bench.quarantine --services 10000 --save``;
-  - ``iptables-tools`` (docs/iptables.md): ``iptables_tools.json``,
-    ``python bench/iptables_tools.py --rules 10000 --save``.
+  - ``iptables-tools``, ``iptables-restore`` (docs/iptables.md):
+    ``iptables_tools.json``, ``python bench/iptables_tools.py --rules 10000 --save``;
+  - ``dualstack-cost`` (docs/dualstack.md): ``dualstack_sync.json``,
+    ``python -m bench.dualstack_sync --mode nftables,iptables --services 10000 --save``.
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -269,6 +271,10 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "iptables-sync": ("docs/iptables.md", _R + "sync_scale-iptables.json", scale_figures.sync_table),
     "quarantine": ("docs/reliability.md", _R + "quarantine.json", scale_figures.quarantine_table),
     "iptables-tools": ("docs/iptables.md", _R + "iptables_tools.json", scale_figures.iptables_tools_table),
+    "iptables-restore": ("docs/iptables.md", _R + "iptables_tools.json",
+                         scale_figures.iptables_planner_input),
+    "dualstack-cost": ("docs/dualstack.md", _R + "dualstack_sync.json", scale_figures.dualstack_cost),
+    "nftables-status": ("docs/nftables.md", _R + "status_scale.json", scale_figures.nftables_status),
 }
 
 

@@ -10,7 +10,7 @@ A point that failed is shown as failed, never left out silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bench.report import fmt as _fmt
@@ -278,6 +278,12 @@ def status_summary(data: Data) -> str:
     return "\n\n".join(f"{part}." for part in parts) if parts else "No status point stored."
 
 
+def nftables_status(data: Data) -> str:
+    """The nftables point of ``status_summary`` (docs/nftables.md)."""
+    points = [p for p in data.get("points", []) if p.get("mode") == "nftables"]
+    return status_summary({"points": points}) if points else "No nftables point in this run."
+
+
 # -- e2e_scale ---------------------------------------------------------------------------------------
 
 def _range(values: Sequence[float] | None) -> str:
@@ -355,3 +361,65 @@ def iptables_tools_table(data: Data) -> str:
     return (f"{_count(data.get('rules'))} nat rules `-d <ip> -p tcp -m tcp --dport 80 -j RETURN` in "
             f"{_count(data.get('chains'))} chain(s), written in one transaction, read back, deleted:\n\n"
             + "\n".join(lines))
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.1f} MB" if isinstance(n, int) else "?"
+
+
+def iptables_planner_input(data: Data) -> str:
+    """The restore tools alone on the planner's input (``planner_input`` of ``bench/iptables_tools.py``)."""
+    inputs: Mapping[str, Data] = data.get("planner_input") or {}
+    if not inputs:
+        return "Not measured in this run (`--services 0`)."
+    flavours = [f for f in ("legacy", "nft") if f in inputs]
+    ok = {f: inputs[f] for f in flavours if "error" not in inputs[f]}
+    first = next(iter(ok.values()), {})
+    rows: list[tuple[str, Callable[[Data], str]]] = [
+        ("the full input", lambda r: f"{_s(r.get('full_s'))} ({_count(r.get('lines'))} lines, "
+                                     f"{_mb(r.get('bytes'))}, {_count(r.get('transactions'))} "
+                                     f"transaction{'s' if r.get('transactions') != 1 else ''})"),
+        ("declaring (flushing) one chain", lambda r: _ms(r.get("declare_chain_s"))),
+        ("appending `-j RETURN` to a chain no base chain reaches",
+         lambda r: _ms(r.get("append_unreachable_s"))),
+        ("inserting one jump into `KUBE-SERVICES`", lambda r: _ms(r.get("insert_jump_s"))),
+        ("deleting it again", lambda r: _ms(r.get("delete_jump_s"))),
+        ("one endpoint of one service changed: the partial plan's restore",
+         lambda r: _ms(r.get("incremental_restore_s"))),
+        ("… and the planner's share of that change (planning only)",
+         lambda r: _ms(r.get("incremental_plan_s"))),
+        ("the sync-period check of canaries and jumps (proxyd's code)",
+         lambda r: _ms(r.get("canary_check_s"))),
+        ("`--cleanup` of the loaded table (proxyd's code)", lambda r: _ms(r.get("cleanup_s"))),
+    ]
+    lines = ["| restore of | " + " | ".join(flavours) + " |", "|---|" + "---|" * len(flavours)]
+    for label, show in rows:
+        lines.append(f"| {label} | " + " | ".join(show(ok[f]) if f in ok else "–" for f in flavours) + " |")
+    head = (f"The input iptables mode's planner writes for {_count(first.get('services'))} ClusterIP "
+            f"services × {_count(first.get('endpoints'))} endpoints "
+            f"({_count(first.get('nat_rules'))} nat rules), "
+            "through each back end's restore tool alone (`--noflush --counters -w 5`, proxyd's flags) in a "
+            "fresh namespace, no proxyd code on the clock; the small transactions run against the loaded "
+            f"table, medians of {_count(first.get('repeat'))}:")
+    failed = [f"{f}: failed in this run: {str(inputs[f]['error'])[:160].replace('|', '/')}."
+              for f in flavours if f not in ok]
+    return "\n".join([head, "", *lines, *(["", *failed] if failed else [])])
+
+
+# -- dualstack_sync ----------------------------------------------------------------------------------
+
+def dualstack_cost(data: Data) -> str:
+    """A per-family mode alone against behind ``DualStackMode`` (``bench/dualstack_sync.py --save``)."""
+    runs: Sequence[Data] = data.get("runs", [])
+    if not runs:
+        return "No run stored."
+    lines = ["| mode | families | services × endpoints | full sync | incremental (median / min) | load |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (str(r.get("mode")), str(r.get("families")))):
+        lines.append(f"| {r.get('mode')} | {r.get('families')} | {_count(r.get('services'))} × "
+                     f"{_count(r.get('endpoints'))} | {_s(r.get('full_s'))} | "
+                     f"{fmt(r.get('incremental_median_ms'))} ms / {fmt(r.get('incremental_min_ms'))} ms | "
+                     f"{r.get('loadavg_1m', '?')} |")
+    return (f"v4-only services, alone and wrapped alternately; incremental = one endpoint of one service "
+            f"changed, {_count(data.get('repeat'))} times per run; load = 1-minute load average after the "
+            "run:\n\n" + "\n".join(lines))

@@ -15,7 +15,18 @@ waiting, and is retried by the runner.
 
 SIGTERM/SIGINT stop the runner and the source, then ``mode.shutdown()``:
 kernel modes leave their rules in place so traffic keeps flowing while
-proxyd is down; userspace mode drains its connections.
+proxyd is down; userspace mode drains its connections. A stop during
+``mode.start()`` lets the start finish (it is short and bounded), then shuts
+down the same way: exit 0.
+
+Helper processes (iptables tools, nft, modprobe, the manifest parser) run in
+a session of their own (``start_new_session``), so a signal sent to the
+daemon's whole process group (Ctrl-C in a terminal, ``kill -TERM -PGID``, a
+test harness's ``killpg``) reaches the daemon alone, which lets the tool in
+flight finish and stops in order. A supervisor that signals every process of
+the daemon's cgroup (systemd's default ``KillMode``) still reaches the tool:
+a start that fails while a stop is requested is part of the stop, logged,
+not a fatal error.
 """
 
 from __future__ import annotations
@@ -188,7 +199,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stop_requested, sig, stop)
         await self._serve_http(self.config.healthz_bind_address, health_routes(self.health), "healthz")
         await self._serve_http(self.config.metrics_bind_address,
                                metrics_routes(self.health, self.config.proxy_mode), "metrics")
@@ -199,7 +210,15 @@ class Daemon:
                  "+".join(f"IPv{f}" for f in self.families), limit)
         source_task: asyncio.Task[None] | None = None
         try:
-            await self.mode.start()
+            try:
+                await self.mode.start()
+            except Exception as err:
+                if not stop.is_set():
+                    raise
+                # The stop signal reached a tool of the start too (a whole cgroup was signalled).
+                log.warning("start interrupted by the stop request (%s: %s); shutting down",
+                            type(err).__name__, err)
+                return 0
             source_task = asyncio.create_task(self.source.run(), name="source")
             stop_task = asyncio.create_task(stop.wait())
             ready_task = asyncio.create_task(self.source.ready.wait())
@@ -237,6 +256,12 @@ class Daemon:
         await self.status.close()
         for server in self._servers:
             await server.close()
+
+
+def _stop_requested(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.info("%s received: stopping", sig.name)
+    stop.set()
 
 
 def allocator_for(config: Config) -> Allocator:

@@ -12,9 +12,9 @@ whose keys are a stable interface for scripts (``proxyd status --json``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # Per-endpoint counter names a mode may report (absent ones are simply not shown).
 COUNTER_NAMES = (
@@ -127,3 +127,61 @@ def counter_key(name: Any) -> str:
 
 def as_int_map(values: Mapping[str, Any]) -> dict[str, int]:
     return {k: int(v) for k, v in values.items() if k in COUNTER_NAMES}
+
+
+class TraceOutcome(Protocol):
+    """Where one path of a rule tracer ends (``proxyd.modes.iptables.tracer.Outcome``)."""
+
+    @property
+    def verdict(self) -> str: ...  # "ACCEPT", "DROP" or "REJECT"
+
+    @property
+    def destination(self) -> str: ...  # "ip:port" ("[ip]:port" for IPv6) the packet is delivered to
+
+    @property
+    def masquerade(self) -> bool: ...
+
+
+class RuleTracer(Protocol):
+    """A packet walk through rules read back from the kernel (the iptables and nftables tracers)."""
+
+    def is_local(self, ip: str) -> bool: ...
+
+    def trace_paths(self, *, src: str, dst: str, port: int, protocol: str = "tcp",
+                    local_origin: bool = False) -> Sequence[tuple[TraceOutcome, tuple[str, ...], float]]: ...
+
+
+def trace_rules(build: Callable[[], RuleTracer], packet: TracePacket, *, source: str, rules: str,
+                local_hook: str, original: str,
+                refusal: Callable[[str, tuple[str, ...]], str]) -> TraceResult:
+    """``packet`` through the rules a kernel mode read back: the trace step both netfilter modes share.
+
+    ``build`` makes the tracer (it may fail on rules it cannot read, as the walk may: either gives
+    an unsupported result naming ``rules``); a packet from one of the node's own addresses is
+    traced from ``local_hook``, and the result says so. ``original`` is the packet's destination as
+    the tracer writes it (``ip:port``, ``[ip]:port``): a path delivered there was not translated.
+    ``refusal(verdict, steps)`` says why a path ends in DROP or REJECT, in the mode's terms.
+    """
+    result = TraceResult(source=source)
+    try:
+        tracer = build()
+        local_origin = tracer.is_local(packet.src)
+        raw = tracer.trace_paths(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol,
+                                 local_origin=local_origin)
+    except (ValueError, KeyError, IndexError) as err:
+        result.supported = False
+        result.notes.append(f"cannot trace through {rules}: {err}")
+        return result
+    if local_origin:
+        result.notes.append(f"{packet.src} is this node: traced from {local_hook}")
+    paths = []
+    for outcome, steps, odds in raw:
+        endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination
+        reason = ""
+        if outcome.verdict in ("DROP", "REJECT"):
+            reason = refusal(outcome.verdict, steps)
+        elif endpoint == original:
+            reason = "not a service address: not translated"
+        paths.append(TracePath(outcome.verdict, endpoint, odds, outcome.masquerade, steps, reason))
+    result.paths = merge_paths(paths)
+    return result

@@ -15,6 +15,11 @@ kernel's reason), ``proxyd_quarantined_service_ports{mode}`` (gauge) and
 ``proxyd_quarantined_total{mode,reason}`` (counter; the reason label is a
 short class, the kernel's full text is in the log and in /healthz), and
 ``/healthz`` names the quarantine in its body while answering 200.
+
+A mode that runs one instance per address family (``DualStackMode``) has
+one quarantine per family; the quarantines of one mode share a tally, so
+each change sets the mode's gauge to the node's total, never to one
+family's count.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -65,13 +71,30 @@ def _short(reason: str) -> str:
     return re.sub(r"\s+", " ", reason).strip()[:MAX_REASON] or "refused"
 
 
+class _Tally:
+    """The live quarantines of one mode (one per address family): the gauge is their sum."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        # Weak: a mode instance that is dropped (tests, a rebuilt mode) leaves the sum with it.
+        self.members: weakref.WeakSet[Quarantine] = weakref.WeakSet()
+
+    def publish(self) -> None:
+        metrics.QUARANTINED_PORTS.labels(mode=self.mode).set(sum(len(q) for q in self.members))
+
+
+_TALLIES: dict[str, _Tally] = {}
+
+
 class Quarantine:
-    """One mode's quarantined service ports: name -> Entry."""
+    """One mode's quarantined service ports (of one address family): name -> Entry."""
 
     def __init__(self, mode: str, *, wall: Callable[[], float] = time.time) -> None:
         self.mode = mode
         self._wall = wall
         self._entries: dict[ServicePortName, Entry] = {}
+        self._tally = _TALLIES.setdefault(mode, _Tally(mode))
+        self._tally.members.add(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -128,7 +151,7 @@ class Quarantine:
         return {f"{n}/{n.protocol.value}": e.reason for n, e in self._entries.items()}
 
     def _gauge(self) -> None:
-        metrics.QUARANTINED_PORTS.labels(mode=self.mode).set(len(self._entries))
+        self._tally.publish()
 
 
 def hold_back(state: ProxyState, good: ProxyState, held: Collection[ServicePortName]) -> ProxyState:

@@ -96,9 +96,6 @@ class DualStackMode(ProxyMode):
             except Exception as err:
                 log.error("%s: IPv%d sync failed: %s", self.name, fam, err)
                 failure = failure or err
-        # Each family's quarantine sets the mode's gauge to its own count: the node's is their sum.
-        metrics.QUARANTINED_PORTS.labels(mode=self.name).set(
-            sum(len(p.quarantine) for p in self.proxiers.values()))
         if failure is not None:
             self._views.forget()
             raise failure
@@ -167,8 +164,11 @@ class DualStackMode(ProxyMode):
 
     @classmethod
     async def cleanup(cls, config: Config) -> None:
-        raise NotImplementedError("clean up through the wrapped mode's class: it removes every family")
-
+        """The wrapped mode's cleanup, once: a per-family mode's cleanup removes every family's state."""
+        mode_cls = mode_class(config.proxy_mode)
+        if not mode_cls.per_family:
+            raise ValueError(f"{config.proxy_mode} mode does not run one instance per family")
+        await mode_cls.cleanup(config)
 
 
 def build_mode(config: Config) -> ProxyMode:

@@ -25,6 +25,7 @@ iptables-restore.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -102,7 +103,9 @@ def choose(*, nft_mangle: str, legacy_save: str, nft_save: str) -> str:
 
 def _output(argv: list[str], timeout: float = 5.0) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        # Own session: a signal to the daemon's process group is not the tool's (proxyd.daemon).
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                              start_new_session=True)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout if done.returncode == 0 else ""
@@ -130,7 +133,8 @@ async def run(argv: Sequence[str], *, stdin: str | None = None, time_limit: floa
     """Run ``argv`` (no shell); its stdout, or IptablesError on non-zero exit or timeout."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)  # a signal to the daemon's process group is not the tool's (proxyd.daemon)
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None),
                                           time_limit)
@@ -138,6 +142,12 @@ async def run(argv: Sequence[str], *, stdin: str | None = None, time_limit: floa
         proc.kill()
         await proc.wait()
         raise IptablesError(argv, None, f"timed out after {time_limit}s") from None
+    except asyncio.CancelledError:
+        # The caller gave up (a status read at shutdown): in its own session the tool would outlive it.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     if proc.returncode != 0:
         raise IptablesError(argv, proc.returncode, err.decode(errors="replace"))
     return out.decode(errors="replace")

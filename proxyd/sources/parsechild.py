@@ -20,6 +20,7 @@ with an unpickler that accepts nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -62,7 +63,9 @@ def parse(data: bytes, *, is_json: bool, known: Any) -> Iterator[tuple[Any, byte
     del data
     try:
         argv = [sys.executable, "-m", "proxyd.sources.parsechild", "json" if is_json else "yaml"]
-        proc = subprocess.run(argv, input=request, capture_output=True, timeout=TIMEOUT, check=False)
+        # Own session: a signal to the daemon's process group is not the parser's (proxyd.daemon).
+        proc = subprocess.run(argv, input=request, capture_output=True, timeout=TIMEOUT, check=False,
+                              start_new_session=True)
     except subprocess.TimeoutExpired:
         raise ChildFailed(f"does not parse: took longer than {TIMEOUT:.0f}s", "parse") from None
     except OSError as err:
@@ -105,6 +108,10 @@ def _records(out: bytes) -> Iterator[tuple[Any, bytes]]:
 
 def _main() -> int:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    # In a session of its own the child outlives a daemon killed with its process group: its CPU
+    # is bounded here as its memory is (the parent's timeout is gone with the parent).
+    with contextlib.suppress(ValueError, OSError):  # a lower hard limit set by the operator stays
+        resource.setrlimit(resource.RLIMIT_CPU, (int(TIMEOUT), int(TIMEOUT) + 5))
     from proxyd.sources.manifests import _Unusable, iter_objects
 
     request = sys.stdin.buffer.read()

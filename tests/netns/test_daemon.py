@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -96,6 +97,10 @@ def test_healthz_503_with_its_body_before_the_first_sync(topology, tmp_path, mod
     # /livez answers once the process serves HTTP; /healthz is served by the same server.
     wait_until(lambda: proc.poll() is not None
                or topology.http_get(topology.node, *HEALTHZ, "/livez")[0] == 200, timeout=60, what="livez")
+    # The mode has started and the source has met the silent API server: the steady "never synced"
+    # state, not the start (whose own stop is tested below).
+    wait_until(lambda: proc.poll() is not None or "relisting in" in topology.log_of(proc), timeout=60,
+               what="the source's first failed list")
     assert proc.poll() is None, topology.log_of(proc)[-2000:]
     status, body = topology.http_get(topology.node, *HEALTHZ, "/healthz")
     assert status == 503, (status, body)
@@ -104,6 +109,71 @@ def test_healthz_503_with_its_body_before_the_first_sync(topology, tmp_path, mod
     assert payload["lastUpdated"] == "" and payload["currentTime"].endswith("+0000 UTC")
     assert topology.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") in (None, 0.0)
     assert topology.stop_proxyd(proc) == 0
+
+
+_SLOW_TOOL = """#!/bin/sh
+# Stand-in for {name}: its first call says so (with its pid), takes {delay} s, then runs the real tool.
+first=0
+if mkdir {state}/first 2>/dev/null; then
+    first=1; echo $$ > {state}/pid; mv {state}/pid {state}/started; sleep {delay}
+fi
+"{real}" "$@"
+rc=$?
+[ $first = 1 ] && touch {state}/finished
+exit $rc
+"""
+
+
+def _slow_iptables(tmp_path: Path, delay: float) -> tuple[dict[str, str], Path]:
+    """A PATH whose ``iptables-nft`` is slow on its first call (the start's canary), and its state dir."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    real = shutil.which("iptables-nft")
+    assert real is not None, "iptables-nft is part of the test environment"
+    tool = bin_dir / "iptables-nft"
+    tool.write_text(_SLOW_TOOL.format(name="iptables-nft", state=state, delay=delay, real=real))
+    tool.chmod(0o755)
+    path = f"{bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return {"PATH": path, "PROXYD_IPTABLES_BACKEND": "nft"}, state
+
+
+def _start_with_slow_canary(topology, tmp_path: Path, delay: float):
+    demo_manifests(topology)
+    env, state = _slow_iptables(tmp_path, delay)
+    proc = topology.spawn(topology.node, [
+        PROXYD, "--proxy-mode", "iptables", "--manifests", str(topology.manifests), "--hostname-override",
+        "node1", "--healthz-bind-address", f"{HEALTHZ[0]}:{HEALTHZ[1]}"], log_name="proxyd-slowstart",
+        env=env)
+    wait_until(lambda: proc.poll() is not None or (state / "started").exists(), timeout=60,
+               what="the start's first iptables-nft call")
+    assert proc.poll() is None, topology.log_of(proc)[-2000:]
+    return proc, state
+
+
+def test_sigterm_to_the_process_group_during_start_lets_the_tool_finish_and_exits_0(topology, tmp_path):
+    """Ctrl-C or ``kill -TERM -PGID`` while the start runs an iptables tool: the tool is not the target."""
+    proc, state = _start_with_slow_canary(topology, tmp_path, delay=3)
+    code = topology.kill(proc, sig=signal.SIGTERM, wait=60)  # the daemon's whole process group
+    log = topology.log_of(proc)
+    assert code == 0, log[-3000:]
+    assert (state / "finished").exists(), "the tool in flight was killed with the daemon's group"
+    assert "SIGTERM received: stopping" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_sigterm_reaching_the_start_tool_too_exits_0(topology, tmp_path):
+    """A supervisor that signals the whole cgroup (systemd's default) kills the tool as well: still a stop."""
+    proc, state = _start_with_slow_canary(topology, tmp_path, delay=30)
+    tool = int((state / "started").read_text())
+    os.killpg(proc.pid, signal.SIGTERM)
+    wait_until(lambda: "SIGTERM received: stopping" in topology.log_of(proc), timeout=30,
+               what="the daemon saw its SIGTERM")
+    os.killpg(tool, signal.SIGTERM)  # the tool is the leader of its own session (proxyd.daemon)
+    code = topology.stop_proxyd(proc, timeout=60)
+    log = topology.log_of(proc)
+    assert code == 0, log[-3000:]
+    assert "start interrupted by the stop request" in log and "Traceback" not in log, log[-3000:]
+    assert not (state / "finished").exists()
 
 
 @pytest.mark.parametrize("mode", ["userspace", "iptables"])

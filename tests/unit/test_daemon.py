@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+
 import pytest
 
 from proxyd import daemon, metrics
@@ -131,3 +135,51 @@ async def test_health_check_node_ports_follow_nodeport_addresses_per_family(tmp_
     assert asked == [(("192.0.2.0/24",), 4)]
     both = dual_daemon(tmp_path, monkeypatch, (4, 6), ("2001:db8::/64", "192.0.2.0/24"))
     assert await both._healthcheck_addresses() == ["192.0.2.1", "2001:db8::1"]
+
+
+# ------------------------------------------------------------------ a stop during the mode's start
+
+
+class ToolKilledAtStart(FakeMode):
+    """A start whose tool dies of a signal, as when a supervisor signals the daemon's whole cgroup."""
+
+    signal_first = True
+    stopping: asyncio.Event
+
+    async def start(self) -> None:
+        if self.signal_first:
+            os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler takes it
+            await asyncio.wait_for(ToolKilledAtStart.stopping.wait(), timeout=30)
+        raise RuntimeError("iptables-nft -w 5 -t mangle -N KUBE-PROXY-CANARY... exited -15")
+
+
+def _quiet_daemon(tmp_path, monkeypatch) -> daemon.Daemon:
+    monkeypatch.setattr(daemon, "build_mode", ToolKilledAtStart)
+    ToolKilledAtStart.stopping = asyncio.Event()
+    original = daemon._stop_requested
+
+    def seen(sig, stop):
+        original(sig, stop)
+        ToolKilledAtStart.stopping.set()
+
+    monkeypatch.setattr(daemon, "_stop_requested", seen)
+    # No HTTP servers and no status socket: nothing of the host is touched.
+    return daemon.Daemon(Config(proxy_mode="userspace", manifests=str(tmp_path), node_name="node1",
+                                healthz_bind_address=None, metrics_bind_address=None, status_socket=None))
+
+
+async def test_a_start_failing_because_of_the_stop_signal_is_a_clean_stop(tmp_path, monkeypatch, caplog):
+    made = _quiet_daemon(tmp_path, monkeypatch)
+    caplog.set_level("INFO", "proxyd.daemon")
+    assert await made.serve() == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert "SIGTERM received: stopping" in messages
+    interrupted = "start interrupted by the stop request (RuntimeError: iptables-nft"
+    assert any(m.startswith(interrupted) for m in messages), messages
+
+
+async def test_a_start_failing_on_its_own_is_still_fatal(tmp_path, monkeypatch):
+    made = _quiet_daemon(tmp_path, monkeypatch)
+    monkeypatch.setattr(ToolKilledAtStart, "signal_first", False)
+    with pytest.raises(RuntimeError, match="exited -15"):
+        await made.serve()

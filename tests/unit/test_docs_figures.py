@@ -105,3 +105,32 @@ def test_a_missing_results_file_fails_the_command(monkeypatch: pytest.MonkeyPatc
                                    regions["nftables-summary"][2])
     monkeypatch.setattr(docs_figures, "REGIONS", regions)
     assert docs_figures.main(["--check"]) == 1
+
+
+def test_the_restore_tools_table_shows_a_failed_back_end_and_each_small_transaction() -> None:
+    from bench import scale_figures
+
+    nft = {"services": 10000, "endpoints": 10, "nat_rules": 320004, "lines": 430000, "bytes": 32_600_000,
+           "transactions": 78, "full_s": 10.3, "declare_chain_s": 0.02, "append_unreachable_s": 0.015,
+           "insert_jump_s": 0.108, "delete_jump_s": 0.144, "incremental_plan_s": 0.009,
+           "incremental_restore_s": 0.12, "canary_check_s": 0.03, "cleanup_s": 5.0, "repeat": 5}
+    failed = {"error": "RuntimeError: iptables-legacy-restore exited 4"}
+    text = scale_figures.iptables_planner_input({"planner_input": {"legacy": failed, "nft": nft}})
+    assert "10,000 ClusterIP services × 10 endpoints (320,004 nat rules)" in text and "medians of 5" in text
+    assert "| the full input | – | 10.3 s (430,000 lines, 32.6 MB, 78 transactions) |" in text
+    assert "| inserting one jump into `KUBE-SERVICES` | – | 108 ms |" in text
+    assert "legacy: failed in this run: RuntimeError: iptables-legacy-restore exited 4." in text
+    assert scale_figures.iptables_planner_input({}) == "Not measured in this run (`--services 0`)."
+
+
+def test_the_dual_stack_cost_table_has_every_run() -> None:
+    from bench import scale_figures
+
+    runs = [{"mode": "nftables", "families": f, "services": 10000, "endpoints": 10, "full_s": full,
+             "incremental_median_ms": inc, "incremental_min_ms": inc / 2, "loadavg_1m": 3.5}
+            for f, full, inc in (("4 (mode alone)", 1.6, 0.6), ("4,6 (DualStackMode)", 1.8, 1.0))]
+    text = scale_figures.dualstack_cost({"repeat": 15, "runs": runs})
+    assert "15 times per run" in text
+    assert "| nftables | 4 (mode alone) | 10,000 × 10 | 1.6 s | 0.6 ms / 0.3 ms | 3.5 |" in text
+    assert "| nftables | 4,6 (DualStackMode) | 10,000 × 10 | 1.8 s | 1 ms / 0.5 ms | 3.5 |" in text
+    assert scale_figures.dualstack_cost({"runs": []}) == "No run stored."

@@ -200,15 +200,49 @@ def test_a_node_serving_both_families_reports_nothing(caplog) -> None:
     assert not [r for r in caplog.records if "not served" in r.getMessage() or "only" in r.getMessage()]
 
 
-def test_the_quarantine_gauge_is_the_sum_of_both_families() -> None:
+def test_the_quarantine_gauge_is_the_node_s_total_at_every_step() -> None:
+    """Each family's quarantine changes the gauge as it syncs: the value is the node's total throughout."""
     from proxyd import metrics
 
+    gauge = metrics.QUARANTINED_PORTS.labels(mode="refusing")
+    seen: list[tuple[int, float]] = []
+
     class Refusing(Recorder):
+        name = "refusing"
+        refuse = True
+
         async def sync(self, request: SyncRequest) -> None:
-            for name in request.state.service_ports:
-                self.quarantine.add(name, f"IPv{self.family} refused it")
+            names = list(request.state.service_ports)
+            self.quarantine.settle(None, {n: f"IPv{self.family} refused it" for n in names}
+                                   if Refusing.refuse else {})
+            seen.append((self.family, gauge._value.get()))
 
     meta = DualStackMode(Config(), Refusing, (4, 6))
     sp, eps = dual()
     asyncio.run(meta.sync(SyncRequest(state((sp, eps)), None)))
-    assert metrics.QUARANTINED_PORTS.labels(mode="recorder")._value.get() == 2
+    assert seen == [(4, 1), (6, 2)] and gauge._value.get() == 2
+    seen.clear()
+    Refusing.refuse = False  # both apply now: IPv4 first, while IPv6 still holds its port
+    asyncio.run(meta.sync(SyncRequest(state((sp, eps)), None)))
+    assert seen == [(4, 1), (6, 0)] and gauge._value.get() == 0
+
+
+def test_cleanup_is_the_wrapped_mode_s_once(monkeypatch) -> None:
+    """``--cleanup`` of a per-family mode: its own cleanup removes every family; run it once."""
+    import proxyd.modes.dualstack as dualstack
+
+    calls: list[str] = []
+
+    class Cleaned(Recorder):
+        @classmethod
+        async def cleanup(cls, config: Config) -> None:
+            calls.append(config.proxy_mode)
+
+    monkeypatch.setattr(dualstack, "mode_class", lambda name: Cleaned)
+    asyncio.run(DualStackMode.cleanup(Config(proxy_mode="iptables")))
+    assert calls == ["iptables"]
+
+
+def test_cleanup_refuses_a_mode_that_is_not_per_family() -> None:
+    with pytest.raises(ValueError, match="userspace mode does not run one instance per family"):
+        asyncio.run(DualStackMode.cleanup(Config(proxy_mode="userspace")))

@@ -464,6 +464,53 @@ def _mode_with(fake: FakeApplier, clock=lambda: 0.0):
     return mode
 
 
+@pytest.mark.parametrize("code", [4, None])  # the xtables lock held past -w 5; the tool timed out
+def test_a_held_xtables_lock_at_start_is_not_fatal_the_first_sync_creates_the_canaries(monkeypatch, code) -> None:
+    import asyncio
+
+    from proxyd.modes.base import SyncRequest
+    from proxyd.modes.iptables import mode as iptables_mode
+    from proxyd.netfilter import Backend
+    from proxyd.netfilter.backend import IptablesError
+
+    class Locked(FakeApplier):
+        def __init__(self, backend: Backend) -> None:
+            super().__init__()
+            self.canaries = 0
+            self.locked = True
+
+        async def ensure_canaries(self) -> None:
+            if self.locked:
+                raise IptablesError(["iptables-nft", "-w", "5"], code, "Can't lock /run/xtables.lock")
+            self.canaries += 1
+
+    monkeypatch.setattr(iptables_mode, "Applier", Locked)
+    monkeypatch.setattr(iptables_mode, "_node_addresses", lambda cidrs, family: ([], None))
+    from proxyd.config import Config
+
+    mode = iptables_mode.IptablesMode(Config(cluster_cidrs=("10.0.0.0/8",)), backend=Backend("nft"))
+
+    async def scenario() -> None:
+        await mode.start()
+        applier = mode.applier
+        assert isinstance(applier, Locked) and applier.canaries == 0
+        applier.locked = False
+        await mode.sync(SyncRequest(GOLDEN_STATE, None))
+        assert applier.canaries == 1 and applier.restored
+
+    asyncio.run(scenario())
+    # Any other failure of the start is still the start's failure.
+    monkeypatch.setattr(iptables_mode, "Applier", type("Broken", (Locked,), {"ensure_canaries": _refuse}))
+    with pytest.raises(IptablesError, match="exited 1"):
+        asyncio.run(iptables_mode.IptablesMode(Config(), backend=Backend("nft")).start())
+
+
+async def _refuse(self) -> None:
+    from proxyd.netfilter.backend import IptablesError
+
+    raise IptablesError(["iptables-nft"], 1, "Permission denied")
+
+
 def test_mode_full_then_partial_then_failure_then_full() -> None:
     import asyncio
 
@@ -557,6 +604,34 @@ def test_tool_runner_argv_stdin_errors_and_time_limit() -> None:
             await run(["/nonexistent/iptables-restore"])
 
     asyncio.run(scenario())
+
+
+def test_a_tool_runs_in_its_own_session_and_dies_with_a_cancelled_caller(tmp_path) -> None:
+    """A signal to the daemon's process group is not the tool's; a caller that gives up takes it along."""
+    import asyncio
+    import os
+
+    from proxyd.netfilter.backend import run
+
+    marker = tmp_path / "ids"
+
+    async def scenario() -> int:
+        task = asyncio.create_task(run(["sh", "-c", f"echo $$ > {marker}.tmp; mv {marker}.tmp {marker}; "
+                                        "exec sleep 30"]))
+        for _ in range(1000):  # bounded: the shell writes its ids at once
+            if marker.exists():
+                break
+            await asyncio.sleep(0.01)
+        pid = int(marker.read_text())
+        assert os.getsid(pid) == pid != os.getsid(0)  # the tool leads a session of its own
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pid
+
+    pid = asyncio.run(scenario())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(pid, 0)
 
 
 def test_cleanup_inputs_flush_every_chain_before_deleting_any() -> None:

@@ -64,3 +64,32 @@ def test_checker_catches_what_it_should():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_package_module_runs_no_shell(path):
     assert find_problems(path.read_text(), str(path)) == []
+
+
+# Helper processes run in a session of their own, so a signal sent to the daemon's process group
+# (Ctrl-C, ``kill -TERM -PGID``) reaches the daemon only and the tool in flight finishes (proxyd.daemon).
+SPAWNING = {"subprocess.run", "subprocess.Popen", "asyncio.create_subprocess_exec"}
+
+
+def outside_own_session(source: str, filename: str) -> list[str]:
+    problems = []
+    for call in _calls(ast.parse(source, filename)):
+        if _name(call.func) not in SPAWNING:
+            continue
+        own = any(k.arg == "start_new_session" and isinstance(k.value, ast.Constant) and k.value.value is True
+                  for k in call.keywords)
+        if not own:
+            problems.append(f"{filename}:{call.lineno}: {_name(call.func)} without start_new_session=True")
+    return problems
+
+
+def test_session_checker_catches_what_it_should():
+    bad = ("import asyncio, subprocess\nsubprocess.run(['ip'])\n"
+           "subprocess.run(['ip'], start_new_session=False)\n"
+           "asyncio.create_subprocess_exec('nft')\nsubprocess.run(['ip'], start_new_session=True)\n")
+    assert [p.split(":")[1] for p in outside_own_session(bad, "bad.py")] == ["2", "3", "4"]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_package_helper_processes_run_in_their_own_session(path):
+    assert outside_own_session(path.read_text(), str(path)) == []

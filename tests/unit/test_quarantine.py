@@ -121,6 +121,27 @@ def test_record_logs_once_counts_reports_and_clears(caplog: pytest.LogCaptureFix
     assert not q and metrics.QUARANTINED_PORTS.labels(mode="testmode")._value.get() == 0
 
 
+def test_the_quarantines_of_one_mode_share_its_gauge() -> None:
+    """One quarantine per address family: every change sets the gauge to the node's total."""
+    gauge = metrics.QUARANTINED_PORTS.labels(mode="sharedmode")
+    v4, v6 = Quarantine("sharedmode"), Quarantine("sharedmode")
+    a = ServicePortName("ns", "a", "", service_port().protocol)
+    b = ServicePortName("ns", "b", "", service_port().protocol)
+    v4.add(a, "refused")
+    v6.add(a, "refused")
+    v6.add(b, "refused")
+    assert gauge._value.get() == 3
+    v4.settle(None, {})  # IPv4 applied: the IPv6 ports are still quarantined
+    assert gauge._value.get() == 2
+    other = Quarantine("othermode")
+    other.add(a, "refused")
+    assert gauge._value.get() == 2  # another mode's quarantine is not this mode's
+    assert metrics.QUARANTINED_PORTS.labels(mode="othermode")._value.get() == 1
+    del v6  # a dropped mode instance leaves the sum with its quarantine
+    v4.add(b, "refused")
+    assert gauge._value.get() == 1
+
+
 def test_reason_label_is_bounded() -> None:
     assert reason_class("x" * 10_000) == "other"
     assert reason_class("_IPSetError: (4353, 'Unknown error 4353')") == "netlink"

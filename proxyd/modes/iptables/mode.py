@@ -134,7 +134,15 @@ class IptablesMode(AppliedMode[Applier]):
         node_ips, primary = await asyncio.to_thread(_node_addresses, self._nodeport_cidrs, self.family)
         self.planner = Planner(dataclasses.replace(self.planner.options, node_ips=tuple(node_ips),
                                                    node_ip=primary, chunk_rules=backend.chunk_lines))
-        await self.applier.ensure_canaries()
+        try:
+            await self.applier.ensure_canaries()
+        except IptablesError as err:
+            if err.returncode not in (None, RESOURCE_PROBLEM):
+                raise
+            # Another program holds the xtables lock (or the tool hung): the node's problem of the
+            # moment, not a reason to die. The first sync is full and creates them, with the runner's
+            # retries and back-off, as kube-proxy's first sync does.
+            log.warning("iptables: canaries not created at start (%s); the first sync creates them", err)
 
     async def sync(self, request: SyncRequest) -> None:
         applier = await self.started_applier()

@@ -38,7 +38,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 
-from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, counter_key, merge_paths
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult, counter_key, trace_rules
 from proxyd.model import ServicePortName
 from proxyd.modes.iptables import chains as ch
 from proxyd.modes.iptables.planner import PortRender
@@ -263,31 +263,15 @@ def trace_saved(nat_save: str, filter_save: str, packet: TracePacket, *, node_ip
                 source: str) -> TraceResult:
     """Trace ``packet`` through saved tables (pure; tests feed it saved text)."""
     text = own_rules(nat_save, packet) + own_rules(filter_save, packet)
-    result = TraceResult(source=source)
-    try:
-        tracer = Tracer(text, node_ips=node_ips, jumps=False)
-        local_origin = tracer._local(packet.src)
-        raw = tracer.trace_paths(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol,
-                                 local_origin=local_origin)
-    except (ValueError, KeyError, IndexError) as err:
-        result.supported = False
-        result.notes.append(f"cannot trace through the rules read back: {err}")
-        return result
-    if local_origin:
-        result.notes.append(f"{packet.src} is this node: traced from nat OUTPUT")
-    original = host_port(packet.dst, packet.port)
-    paths = []
-    for outcome, steps, odds in raw:
-        endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination
-        reason = ""
-        if outcome.verdict in ("DROP", "REJECT"):
-            last = steps[-1] if steps else ""
-            reason = last.partition(" (")[2].rstrip(")") or f"{outcome.verdict.lower()} by {last}"
-        elif endpoint == original:
-            reason = "not a service address: not translated"
-        paths.append(TracePath(outcome.verdict, endpoint, odds, outcome.masquerade, steps, reason))
-    result.paths = merge_paths(paths)
-    return result
+    return trace_rules(lambda: Tracer(text, node_ips=node_ips, jumps=False), packet, source=source,
+                       rules="the rules read back", local_hook="nat OUTPUT",
+                       original=host_port(packet.dst, packet.port), refusal=_refusal)
+
+
+def _refusal(verdict: str, steps: tuple[str, ...]) -> str:
+    """Why a path ends in DROP or REJECT: the reason the deciding rule's comment gives, else its chain."""
+    last = steps[-1] if steps else ""
+    return last.partition(" (")[2].rstrip(")") or f"{verdict.lower()} by {last}"
 
 
 def dispatch_targets(rules: Iterable[str]) -> set[tuple[str, str]]:

@@ -171,7 +171,8 @@ class Tracer:
                 chains.setdefault(argv[1], []).append(_parse_rule(argv[1], argv[2:]))
         self.node_ips = frozenset(str(ipaddress.ip_address(ip)) for ip in node_ips)
 
-    def _local(self, ip: str) -> bool:
+    def is_local(self, ip: str) -> bool:
+        """Whether ``ip`` is this node's (one of ``node_ips``, or loopback)."""
         return ip in self.node_ips or ipaddress.ip_address(ip).is_loopback
 
     # -- matching ---------------------------------------------------------
@@ -217,7 +218,7 @@ class Tracer:
     def _addrtype(self, ip: str, kind: str) -> bool:
         if kind != "LOCAL":
             raise ValueError(f"unsupported addrtype {kind}")
-        return self._local(ip)
+        return self.is_local(ip)
 
     # -- walking ----------------------------------------------------------
 
@@ -297,7 +298,7 @@ class Tracer:
         for verdict, p in self._run("nat", "OUTPUT" if local_origin else "PREROUTING", pkt):
             if verdict not in (None, "DNAT"):
                 raise ValueError(f"unexpected nat verdict {verdict}")
-            local = self._local(p.dst)
+            local = self.is_local(p.dst)
             hook = "OUTPUT" if local_origin else ("INPUT" if local else "FORWARD")
             for fverdict, fp in self._run("filter", hook, p):
                 if fverdict in ("DROP", "REJECT"):

@@ -443,7 +443,8 @@ class IpvsApplier:
             return
         for module in ("ip_vs", "nf_conntrack"):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["modprobe", module], capture_output=True, timeout=30, check=False)
+                subprocess.run(["modprobe", module], capture_output=True, timeout=30, check=False,
+                               start_new_session=True)
 
     @staticmethod
     def set_sysctls(values: Mapping[str, int]) -> list[str]:

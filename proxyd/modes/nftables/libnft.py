@@ -162,10 +162,10 @@ class Nft:
                 raise NftError("one list command at a time with the nft tool", commands=commands)
             proc = subprocess.run(["nft", "-j", "-a", *(["-t"] if terse else []), *commands.split()],
                                   capture_output=True, text=True,
-                                  timeout=300, check=False)
+                                  timeout=300, check=False, start_new_session=True)
         else:
             proc = subprocess.run(["nft", "-f", "-"], input=commands, capture_output=True, text=True,
-                                  timeout=300, check=False)
+                                  timeout=300, check=False, start_new_session=True)
         if proc.returncode != 0:
             raise NftError(proc.stderr or f"nft exited {proc.returncode}", commands=commands)
         return proc.stdout

@@ -52,7 +52,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.introspect import ModeStatus, TracePacket, TracePath, TraceResult, counter_key, merge_paths
+from proxyd.introspect import ModeStatus, TracePacket, TraceResult, counter_key, trace_rules
 from proxyd.model import ProxyState, ServicePortName
 from proxyd.modes.iptables.tracer import host_port
 from proxyd.modes.nftables import layout as lay
@@ -713,30 +713,10 @@ def trace_snapshot(snap: Snapshot, packet: TracePacket, *, node_ips: Iterable[st
                    sets: dict[str, dict[str, str | None]] | None = None) -> TraceResult:
     """Trace ``packet`` through what was read back (pure unless ``sets`` reads lazily; tests feed it
     snapshots)."""
-    result = TraceResult(source=source)
-    try:
-        tracer = tracer_for(snap, node_ips, sets)
-        local_origin = tracer._local(packet.src)
-        raw = tracer.trace_paths(src=packet.src, dst=packet.dst, port=packet.port, protocol=packet.protocol,
-                                 local_origin=local_origin)
-    except (ValueError, KeyError, IndexError) as err:
-        result.supported = False
-        result.notes.append(f"cannot trace through the ruleset read back: {err}")
-        return result
-    if local_origin:
-        result.notes.append(f"{packet.src} is this node: traced from the output hook")
-    original = host_port(packet.dst, packet.port)  # outcomes name IPv6 destinations [ip]:port
-    paths = []
-    for outcome, steps, odds in raw:
-        endpoint = None if outcome.verdict != "ACCEPT" else outcome.destination
-        reason = ""
-        if outcome.verdict in ("DROP", "REJECT"):
-            reason = _reason(outcome.verdict, steps)
-        elif endpoint == original:
-            reason = "not a service address: not translated"
-        paths.append(TracePath(outcome.verdict, endpoint, odds, outcome.masquerade, steps, reason))
-    result.paths = merge_paths(paths)
-    return result
+    return trace_rules(lambda: tracer_for(snap, node_ips, sets), packet, source=source,
+                       rules="the ruleset read back", local_hook="the output hook",
+                       original=host_port(packet.dst, packet.port),  # outcomes name IPv6 as [ip]:port
+                       refusal=_reason)
 
 
 def trace_now(nft: Nft, fam: lay.Family, packet: TracePacket, node_ips: Iterable[str]) -> TraceResult:

@@ -207,7 +207,8 @@ class Tracer:
             self.ruleset.load(text)
         self.node_ips = frozenset(str(ipaddress.ip_address(ip)) for ip in node_ips)
 
-    def _local(self, ip: str) -> bool:
+    def is_local(self, ip: str) -> bool:
+        """Whether ``ip`` is this node's (one of ``node_ips``, or loopback)."""
         return ip in self.node_ips or ipaddress.ip_address(ip).is_loopback
 
     def _key(self, pkt: Packet, by_address: str | None) -> str:
@@ -266,10 +267,10 @@ class Tracer:
                 if allowed:
                     return [("continue", pkt)]
             elif k == "daddr_local":
-                if not self._local(pkt.dst):
+                if not self.is_local(pkt.dst):
                     return [("continue", pkt)]
             elif k == "saddr_local":
-                if not self._local(pkt.src):
+                if not self.is_local(pkt.src):
                     return [("continue", pkt)]
             elif k == "daddr_not_cidr":
                 if _in(pkt.dst, a[0] or ""):
@@ -384,7 +385,7 @@ class Tracer:
                 dropped = Outcome(verdict.upper(), host_port(p.dst, p.dport), False, False)
                 outcomes.append((dropped, p.steps, p.odds))
                 continue
-            local = self._local(p.dst)
+            local = self.is_local(p.dst)
             if not local_origin:
                 second = self._hook("input" if local else "forward", [p])
             else:
