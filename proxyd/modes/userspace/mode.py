@@ -25,10 +25,11 @@ userspace's per-port errors, and it is named in /healthz
 (``listen_failures``) and counted in ``proxyd_listen_failures``.
 
 Descriptors: listeners, connections and UDP flows share one budget
-(``TcpProxy``, ``NativeTcpPath``): listeners get at most half of what the start-up
-descriptors and the control reserve (``tcp.fd_reserve``: /healthz,
-/metrics, the source, netlink) leave; ports beyond that are refused with
-one log line per change and counted, and open as soon as room appears. The
+(``TcpProxy``, ``NativeTcpPath``): listeners (one descriptor each) may take
+all but a quarter of what the start-up descriptors and the control reserve
+(``tcp.fd_reserve``: /healthz, /metrics, the source, netlink) leave
+(``tcp.listener_cap``); ports beyond that wait in service order, are logged
+when the refusals start and end and counted, and open as soon as room appears. The
 data path never connects to its own listeners (``OwnListeners``), and the
 desired state never holds endpoints that are proxyd's own addresses
 (``proxyd.selfloop``).
@@ -212,7 +213,7 @@ class UserspaceMode(ProxyMode):
             adding = asyncio.ensure_future(holder.apply(holder.current | plan.addresses))
             try:
                 self._update_tables(plan, plan.tables)
-                every = [*a.tcp_listeners, *a.udp_listeners, *a.bind_errors, *plan.listeners]
+                every = [*a.tcp_listeners, *a.udp_listeners, *a.not_open, *plan.listeners]
                 a.update_listeners(plan, dict.fromkeys(every), self.tcp, self.udp)
                 self._remove_tables(plan, list(self.tables))
             finally:
