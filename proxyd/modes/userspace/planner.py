@@ -170,7 +170,9 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
         fam = family(svc.cluster_ip)
         if fam not in families:
             return _NOTHING
-        view = svc.for_family(fam) or svc
+        # A port without external or LB IPs or ranges is its own view (for_family would say so, slower).
+        plain = not (svc.external_ips or svc.load_balancer_ips or svc.load_balancer_source_ranges)
+        view = svc if plain else (svc.for_family(fam) or svc)
         return _plan_family(view, fam, _of_family(endpoints, fam), node_name=node_name, node_zone=node_zone,
                             nodeport_ips=nodeport_ips)
     parts = []
