@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import socket
 import time
@@ -74,6 +75,7 @@ DRAIN_POLL = 0.05
 PAUSE_LOG_EVERY = 10.0
 ENGINE_FD_RESERVE = 16  # PE_FD_RESERVE in native/engine_core.h: the engine keeps this many free by itself
 OWN_LOG_MAX = 1024
+_PORT = operator.itemgetter(1)  # an endpoint's port
 
 __all__ = ["NATIVE", "NativeTcpPath", "PyTcpPath", "TcpListenerLike", "TcpPath", "default_workers"]
 
@@ -318,12 +320,12 @@ class NativeTcpPath:
         if old is not None:
             self._unindex(key, old.endpoints)
         svc.entry = entry
-        for port in {port for _, port in entry.endpoints}:
+        for port in set(map(_PORT, entry.endpoints)):
             self._by_port.setdefault(port, set()).add(key)
         self._send(key, svc, force=True)
 
     def _unindex(self, key: TableKey, endpoints: Iterable[tuple[str, int]]) -> None:
-        for port in {port for _, port in endpoints}:
+        for port in set(map(_PORT, endpoints)):
             keys = self._by_port.get(port)
             if keys is not None:
                 keys.discard(key)
