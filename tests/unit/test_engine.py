@@ -666,3 +666,21 @@ def test_engine_listeners_share_the_descriptor_budget() -> None:
         for listener in listeners:
             listener.close()
         asyncio.run(path.drain(0.0))
+
+
+@needs_native
+def test_an_adopted_descriptor_is_closed_when_adding_the_listener_fails() -> None:
+    """``add_listener(fd, ..., adopt=True)`` owns ``fd`` from the call on, also when it raises."""
+    engine = EngineNative(1, 1024)
+    try:
+        fd = _listening_socket().detach()
+        with pytest.raises(ValueError):
+            engine.add_listener(fd, ServiceNative(), ["not-a-cidr"], adopt=True)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed by the engine, not leaked
+        fd = _listening_socket().detach()
+        listener = engine.add_listener(fd, ServiceNative(), ["192.0.2.0/24"], adopt=True)
+        assert listener.fd == fd and listener.ranges == ("192.0.2.0/24",)
+        engine.remove_listener(listener)
+    finally:
+        engine.stop()
