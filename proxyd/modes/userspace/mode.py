@@ -47,10 +47,12 @@ with it every route.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from proxyd import metrics, nodeaddrs
@@ -82,6 +84,18 @@ SHUTDOWN_GRACE = 5.0
 AFFINITY_SWEEP_INTERVAL = 60.0
 
 __all__ = ["UserspaceMode"]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (left as it was after it; nests)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def refused_ports(state: ProxyState, failed: Mapping[str, int]) -> dict[ServicePortName, str]:
@@ -183,7 +197,14 @@ class UserspaceMode(ProxyMode):
         return nodeport_listen_ips(cidrs, node_ips, self.families), node_ips
 
     async def sync(self, request: SyncRequest) -> None:
-        await self._sync(request)
+        if request.changed is None:
+            # A full sync allocates ~a million long-lived objects (plans, tables, listeners): the
+            # cyclic GC would scan the whole heap several times over while nothing becomes garbage
+            # (0.3 s of a 10,000-service sync's 0.8 s of CPU). It runs again once the sync is done.
+            with _gc_paused():
+                await self._sync(request)
+        else:
+            await self._sync(request)
         # Service addresses the kernel refused (each fails only itself and is retried every sync):
         # their service ports are reported like any mode's quarantine.
         self.quarantine.settle(None, refused_ports(request.state, self.applier.holder.failed))
