@@ -232,6 +232,7 @@ class UserspaceMode(ProxyMode):
             # listener before its address exists); old addresses go last,
             # after their listeners closed.
             adding = asyncio.ensure_future(holder.apply(holder.current | plan.addresses))
+            await asyncio.sleep(0)  # let the task hand its batch to the netlink thread before we go on
             try:
                 self._update_tables(plan, plan.tables)
                 every = [*a.tcp_listeners, *a.udp_listeners, *a.not_open, *plan.listeners]
