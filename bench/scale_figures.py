@@ -213,8 +213,8 @@ def userspace_summary(data: Data) -> str:
         text += f"; incremental {_ms(p.get('incremental_s'))}; RSS {fmt(p.get('rss_mib'))} MiB"
         held = p.get("rules")
         if isinstance(held, int) and held < p["services"]:
-            text += (f"; only {_count(held)} of the {_count(p['services'])} listeners held (listeners get at "
-                     f"most half of the descriptor limit; the rest were refused)")
+            text += (f"; only {_count(held)} of the {_count(p['services'])} listeners held (the descriptor "
+                     f"budget was short; the rest were refused)")
         parts.append(text)
     lines = ["userspace mode: " + "; ".join(parts) + "." if parts else "userspace mode: no point succeeded.",
              "", sync_targets(data)]

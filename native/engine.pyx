@@ -208,12 +208,18 @@ cdef tuple _endpoint(const pe_addr *a):
 
 
 cdef class Listener:
-    """A listening socket handed to the engine (the engine owns a duplicate of its descriptor)."""
+    """A listening socket handed to the engine (the engine owns the descriptor ``fd``).
+
+    ``fd`` stays open until ``remove_listener`` (and until no worker can still be
+    handling an event for it); a replacement listener on the same socket takes
+    a duplicate of it.
+    """
 
     cdef pe_lst *lst
     cdef Engine engine
     cdef readonly Service service
     cdef readonly tuple ranges
+    cdef readonly int fd
 
 
 cdef class Engine:
@@ -239,17 +245,29 @@ cdef class Engine:
         if err:
             raise OSError(err, os.strerror(err))
 
-    def add_listener(self, sock, Service service, ranges=None):
-        """Serve ``service`` on the listening socket ``sock`` (ranges: the source CIDRs it admits, or None)."""
+    def add_listener(self, sock, Service service, ranges=None, bint adopt=False):
+        """Serve ``service`` on the listening socket ``sock`` (ranges: the source CIDRs it admits, or None).
+
+        The engine duplicates ``sock``'s descriptor; with ``adopt``, ``sock`` is a
+        descriptor (int) the engine takes over instead (closed by the engine, also
+        when this call fails), so a listener costs the process one descriptor.
+        """
         cdef pe_cidr *cidrs = NULL
         cdef char buf[16]
         cdef int n = 0
         cdef Py_ssize_t i
         cdef const unsigned char *pk
-        nets = [ipaddress.ip_network(r, strict=False) for r in ranges] if ranges else []
+        try:
+            nets = [ipaddress.ip_network(r, strict=False) for r in ranges] if ranges else []
+        except BaseException:
+            if adopt:
+                os.close(sock)
+            raise
         if ranges:
             cidrs = <pe_cidr *>calloc(len(nets) if nets else 1, sizeof_pe_cidr)
             if cidrs == NULL:
+                if adopt:
+                    os.close(sock)
                 raise MemoryError()
             for net in nets:
                 packed = net.network_address.packed
@@ -258,8 +276,11 @@ cdef class Engine:
                     buf[i] = <char>pk[i]
                 pe_cidr_set(<pe_cidr *>(<char *>cidrs + n * sizeof_pe_cidr), net.version, buf, net.prefixlen)
                 n += 1
-        fd = os.dup(sock.fileno())
-        os.set_inheritable(fd, False)
+        if adopt:
+            fd = sock
+        else:
+            fd = os.dup(sock.fileno())
+            os.set_inheritable(fd, False)
         cdef pe_lst *lst = pe_listener_add(self.eng, fd, service.svc, cidrs, n)
         if lst == NULL:
             free(cidrs)
@@ -270,6 +291,7 @@ cdef class Engine:
         out.engine = self
         out.service = service
         out.ranges = tuple(ranges) if ranges else None
+        out.fd = fd
         return out
 
     def remove_listener(self, Listener listener, bint stop=True):

@@ -104,22 +104,10 @@ SOURCE_CONNECTED = Gauge(
     "proxyd_source_connected", "1 while the source's watches are established",
     registry=REGISTRY)
 
-# proxyd's own: userspace data path.
-ACTIVE_CONNECTIONS = Gauge(
-    "proxyd_active_connections", "Open proxied TCP connections and UDP flows",
-    ["service", "protocol"], registry=REGISTRY)
-CONNECTIONS_TOTAL = Counter(
-    "proxyd_connections_total", "Proxied TCP connections and UDP flows opened",
-    ["service", "protocol"], registry=REGISTRY)
-BYTES_TOTAL = Counter(
-    "proxyd_bytes_total", "Bytes proxied", ["service", "direction"], registry=REGISTRY)
-CONNECT_RETRIES = Counter(
-    "proxyd_connect_retries_total", "Backend connects that failed and moved to the next endpoint",
-    ["service"], registry=REGISTRY)
-CONNECTIONS_REJECTED = Counter(
-    "proxyd_connections_rejected_total",
-    "Connections refused: no endpoint, or every endpoint failed",
-    ["service", "reason"], registry=REGISTRY)
+# proxyd's own: userspace data path. The per-service-port series (proxyd_active_connections,
+# proxyd_connections_total, proxyd_bytes_total, proxyd_connect_retries_total,
+# proxyd_connections_rejected_total) are built at scrape time from plain counts by the collector
+# proxyd.modes.userspace.stats.SERIES, registered here when userspace mode is imported.
 ACCEPT_PAUSES = Counter(
     "proxyd_accept_pauses_total", "Times accepting paused because file descriptors ran out",
     registry=REGISTRY)

@@ -161,3 +161,38 @@ def test_addresses_an_earlier_proxyd_put_on_the_device_become_routes(ns: str) ->
     assert inside(ns, body) == {*V4, *V6}
     assert routed(ns) == {*V4, *V6}
     assert device_addresses(ns) == {"198.51.100.1"}
+
+
+def test_adoption_is_logged_at_start_and_when_the_kernel_differs_not_at_every_full_sync(
+        ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every full sync re-reads the device (``ensure``); only a start or a difference says so."""
+    caplog.set_level(logging.INFO, logger="proxyd.modes.userspace.addresses")
+
+    async def first() -> None:
+        holder = AddressHolder()
+        try:
+            await holder.ensure()
+            await holder.apply(V4)
+        finally:
+            holder.close()
+
+    inside(ns, first)
+
+    async def restart() -> None:
+        holder = AddressHolder()
+        try:
+            for _ in range(3):  # the start, then two periodic full syncs
+                await holder.ensure()
+            run(["ip", "-n", ns, "route", "del", "local", V4[0], "dev", DEVICE, "table", "local"])
+            await holder.ensure()  # someone removed a route behind proxyd's back
+            await holder.ensure()
+        finally:
+            holder.close()
+
+    caplog.clear()
+    inside(ns, restart)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "adopted" in line] == [f"adopted {len(V4)} service addresses routed "
+                                                             f"via {DEVICE}"], lines
+    differ = [line for line in lines if "not the" in line]
+    assert len(differ) == 1 and "1 missing" in differ[0], lines

@@ -637,16 +637,18 @@ def test_engine_never_holds_an_own_listener_endpoint(backends: Backends) -> None
 
 @needs_native
 def test_engine_listeners_share_the_descriptor_budget() -> None:
-    """Each engine listener costs two descriptors; listener_room never lets listeners take the reserve."""
+    """Each engine listener costs one descriptor (the engine's); listener_room never lets listeners take
+    the reserve, nor the quarter of the budget connections keep."""
     from proxyd.modes.userspace.tcp import fd_reserve, open_fds
 
-    limit = open_fds() + 200
+    before = open_fds()
+    limit = before + 200
     stats = StatsCache()
     path = NativeTcpPath(workers=1, stats_of=lambda k: stats.get(k.name), fd_limit=limit, other_fds=lambda: 0)
     listeners = []
     try:
         room = path.listener_room(0)
-        assert 0 < room < 100
+        assert 0 < room <= (limit - path.base_fds - fd_reserve(limit)) * 3 // 4 + 1
         for _ in range(room + 5):
             if path.listener_room(len(listeners)) <= 0:
                 break
@@ -655,6 +657,8 @@ def test_engine_listeners_share_the_descriptor_budget() -> None:
         assert len(listeners) <= room
         assert path.fds_in_use() + fd_reserve(limit) <= limit
         assert path.has_room()
+        # One descriptor per listener: the applier's socket was handed over, not duplicated.
+        assert open_fds() - before <= len(listeners) + 8  # + the engine's epoll sets and wake-up fds
         for listener in listeners:
             listener.close()
         assert path.listener_room(0) == room
@@ -731,3 +735,19 @@ def test_engine_endpoint_socket_options_come_when_they_matter(backends: Backends
     finally:
         side.close()
         path.engine.stop()
+@needs_native
+def test_an_adopted_descriptor_is_closed_when_adding_the_listener_fails() -> None:
+    """``add_listener(fd, ..., adopt=True)`` owns ``fd`` from the call on, also when it raises."""
+    engine = EngineNative(1, 1024)
+    try:
+        fd = _listening_socket().detach()
+        with pytest.raises(ValueError):
+            engine.add_listener(fd, ServiceNative(), ["not-a-cidr"], adopt=True)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed by the engine, not leaked
+        fd = _listening_socket().detach()
+        listener = engine.add_listener(fd, ServiceNative(), ["192.0.2.0/24"], adopt=True)
+        assert listener.fd == fd and listener.ranges == ("192.0.2.0/24",)
+        engine.remove_listener(listener)
+    finally:
+        engine.stop()

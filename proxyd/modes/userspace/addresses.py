@@ -107,9 +107,17 @@ class AddressHolder:
 
     async def ensure(self) -> set[str]:
         """Create (if missing) and bring up the device; adopt and return the service IPs on it."""
+        before = self.current
         self._index, self.current = await self._call(self._ensure_sync)
-        if self.current:
-            log.info("adopted %d service addresses routed via %s", len(self.current), self.device)
+        # Logged when the kernel held other than proxyd thought (a start, or routes changed behind its
+        # back), not at every full sync.
+        if self.current != before:
+            if before:
+                log.warning("%s holds %d service addresses, not the %d proxyd held (%d missing, %d extra)",
+                            self.device, len(self.current), len(before), len(before - self.current),
+                            len(self.current - before))
+            else:
+                log.info("adopted %d service addresses routed via %s", len(self.current), self.device)
         return set(self.current)
 
     async def check(self) -> bool:

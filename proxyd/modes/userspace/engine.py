@@ -12,8 +12,8 @@ the mode (endpoint tables) use; the behaviour tests run against each.
 
 What crosses the Python boundary, and when (never per connection):
 
-* at each sync: listeners (a duplicate of the listening socket's descriptor,
-  with the source ranges it admits), endpoint lists and affinity timeouts per
+* at each sync: listeners (the listening socket's descriptor, which the
+  engine takes over, with the source ranges it admits), endpoint lists and affinity timeouts per
   table key, without the endpoints that are proxyd's own listeners (see
   ``NativeTcpPath.own``); retargeting or re-filtering a listener replaces it
   in the engine;
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import socket
 import time
@@ -45,7 +46,14 @@ from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter
 from proxyd.modes.userspace.planner import TableEntry, TableKey
 from proxyd.modes.userspace.pump import PIPE_POOL_MAX, PIPE_SIZE, USE_SPLICE
 from proxyd.modes.userspace.stats import Stats
-from proxyd.modes.userspace.tcp import EndpointTable, TcpListener, TcpProxy, fd_reserve, open_fds
+from proxyd.modes.userspace.tcp import (
+    EndpointTable,
+    TcpListener,
+    TcpProxy,
+    fd_reserve,
+    listener_cap,
+    open_fds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ DRAIN_POLL = 0.05
 PAUSE_LOG_EVERY = 10.0
 ENGINE_FD_RESERVE = 16  # PE_FD_RESERVE in native/engine_core.h: the engine keeps this many free by itself
 OWN_LOG_MAX = 1024
+_PORT = operator.itemgetter(1)  # an endpoint's port
 
 __all__ = ["NATIVE", "NativeTcpPath", "PyTcpPath", "TcpListenerLike", "TcpPath", "default_workers"]
 
@@ -163,7 +172,7 @@ class _NativeService:
         for ep, opened, to_endpoint, to_client in self.service.take_endpoint_counts():
             self.stats.add_endpoint_counts(ep, opened, to_endpoint, to_client)
         if now[3] != last[3]:
-            self.stats.retries.inc(now[3] - last[3])
+            self.stats.retry(now[3] - last[3])
         for i, reason in enumerate(REJECT_REASONS):
             delta = now[5 + i] - last[5 + i]
             if delta:
@@ -176,23 +185,31 @@ class _NativeService:
 
 
 class _NativeListener:
-    """One listening socket served by the engine; a new table key or source filter replaces it there."""
+    """One listening socket served by the engine; a new table key or source filter replaces it there.
 
-    __slots__ = ("_admits", "handle", "key", "path", "sock")
+    The engine owns the socket's only descriptor (``handle.fd``): a listener
+    costs the process one descriptor, as on the twin, so 10,000 service ports
+    fit a 20,000-descriptor limit with room left for connections.
+    """
+
+    __slots__ = ("_admits", "handle", "key", "path")
 
     def __init__(self, path: NativeTcpPath, sock: socket.socket, key: TableKey) -> None:
         self.path = path
-        self.sock = sock
         self.key = key
         self._admits: SourceFilter | None = None
-        self.handle: Any = path.engine.add_listener(sock, path.service(key).service, None)
+        # The engine takes the descriptor over (and closes it, also when adding fails).
+        service = path.service(key).service
+        self.handle: Any = path.engine.add_listener(sock.detach(), service, None, adopt=True)
         path.listeners.add(self)
         path.budget()
 
     def _replace(self) -> None:
         ranges = self._admits.ranges if self._admits is not None else None
-        # A listener's configuration is immutable in the engine: a new one replaces it on the same socket.
-        handle = self.path.engine.add_listener(self.sock, self.path.service(self.key).service, ranges or None)
+        # A listener's configuration is immutable in the engine: a new one replaces it on the same socket
+        # (a duplicate of the engine's descriptor; the old one closes once no worker can be using it).
+        handle = self.path.engine.add_listener(os.dup(self.handle.fd), self.path.service(self.key).service,
+                                               ranges or None, adopt=True)
         self.path.engine.remove_listener(self.handle, stop=False)
         self.handle = handle
 
@@ -218,8 +235,7 @@ class _NativeListener:
         if self not in self.path.listeners:
             return
         self.path.listeners.discard(self)
-        self.path.engine.remove_listener(self.handle)
-        self.sock.close()
+        self.path.engine.remove_listener(self.handle)  # shut down now; the engine closes the descriptor
         self.path.budget()
 
 
@@ -258,12 +274,12 @@ class _NativeKeys:
         if old is not None:
             self._unindex(key, old.endpoints)
         svc.entry = entry
-        for _, port in entry.endpoints:
+        for port in set(map(_PORT, entry.endpoints)):
             self._by_port.setdefault(port, set()).add(key)
         self._send(key, svc, force=True)
 
     def _unindex(self, key: TableKey, endpoints: Iterable[tuple[str, int]]) -> None:
-        for _, port in endpoints:
+        for port in set(map(_PORT, endpoints)):
             keys = self._by_port.get(port)
             if keys is not None:
                 keys.discard(key)
@@ -274,9 +290,12 @@ class _NativeKeys:
         """Give the engine the key's endpoints without proxyd's own listeners."""
         assert svc.entry is not None
         own = self._own
+        specific, wildcard_ports = own.specific, own.wildcard_ports
         keep = []
         for ep in svc.entry.endpoints:
-            if ep in own:
+            # Only an exact listener or a wildcard listener's port can be ours (set lookups first:
+            # 100,000 endpoints in a full sync at 10,000 services).
+            if (ep in specific or ep[1] in wildcard_ports) and ep in own:
                 if (key.id, ep) not in self._own_logged and len(self._own_logged) < OWN_LOG_MAX:
                     self._own_logged.add((key.id, ep))
                     log.warning("%s: endpoint %s:%d is one of proxyd's own listeners; never %s",
@@ -308,12 +327,18 @@ class _NativeKeys:
         old, self._own = self._own, value
         # Ports whose answer may differ: listeners' ports that came or went, and when the local
         # addresses or the bind check changed, every wildcard listener's port (old and new).
-        ports = {p for _, p in old.specific ^ value.specific} | (old.wildcard_ports ^ value.wildcard_ports)
-        if old.local_ips != value.local_ips or old.nonlocal_bind != value.nonlocal_bind:
-            ports |= old.wildcard_ports | value.wildcard_ports
+        if value is old:
+            # The same sets (nothing they are made of changed): only an address added since the last
+            # sync may answer the bind check, so wildcard ports stay checked.
+            ports = set(value.wildcard_ports)
         else:
-            # An address added since the last sync answers the bind check: wildcard ports stay checked.
-            ports |= value.wildcard_ports
+            ports = {p for _, p in old.specific ^ value.specific}
+            ports |= old.wildcard_ports ^ value.wildcard_ports
+            if old.local_ips != value.local_ips or old.nonlocal_bind != value.nonlocal_bind:
+                ports |= old.wildcard_ports | value.wildcard_ports
+            else:
+                # An address added since the last sync answers the bind check: wildcard ports stay checked.
+                ports |= value.wildcard_ports
         keys = set().union(*(self._by_port.get(p, ()) for p in ports)) if ports else set()
         for key in keys:
             svc = self.services.get(key)
@@ -341,8 +366,8 @@ class NativeTcpPath(_NativeKeys):
     """The native engine: worker threads own every TCP connection; Python configures and reads counters.
 
     Descriptors: the same budget as the twin's (``TcpProxy``): a listener
-    costs two descriptors here (the applier's socket and the engine's
-    duplicate); ``listener_room``/``has_room`` answer as the twin does, and
+    costs one descriptor (the engine takes the applier's socket over);
+    ``listener_room``/``has_room`` answer as the twin does, and
     the engine keeps ``fd_reserve`` free (its own ``PE_FD_RESERVE`` plus the
     rest, handed over as descriptors held elsewhere).
 
@@ -376,17 +401,16 @@ class NativeTcpPath(_NativeKeys):
 
     def fds_in_use(self) -> int:
         """Estimated descriptors held by the process (the engine counts its connections and pipes)."""
-        return self.base_fds + 2 * len(self.listeners) + int(self.engine.fds()) + self.other_fds()
+        return self.base_fds + len(self.listeners) + int(self.engine.fds()) + self.other_fds()
 
     def listener_room(self, listeners: int) -> int:
         """How many more listening sockets may open now, with ``listeners`` open (TCP and UDP).
 
-        As ``TcpProxy.listener_room``, counting each engine listener's second descriptor, and two
-        descriptors for every new one (it may be TCP).
+        As ``TcpProxy.listener_room``: an engine listener holds one descriptor (the engine's).
         """
-        cap = (self.fd_limit - self.base_fds - self.reserve) // 2
+        cap = listener_cap(self.fd_limit, self.base_fds, self.reserve)
         free = self.fd_limit - self.reserve - self.fds_in_use()
-        return max(0, min(cap - listeners - len(self.listeners), free) // 2)
+        return max(0, min(cap - listeners, free))
 
     def has_room(self) -> bool:
         """Whether one more socket fits the budget without touching the reserve (UDP flows ask)."""
@@ -395,7 +419,7 @@ class NativeTcpPath(_NativeKeys):
     def budget(self) -> None:
         """Tell the engine what the rest of the process holds (and the reserve beyond its own)."""
         extra = max(0, self.reserve - ENGINE_FD_RESERVE)
-        self.engine.set_other_fds(self.base_fds + 2 * len(self.listeners) + self.other_fds() + extra)
+        self.engine.set_other_fds(self.base_fds + len(self.listeners) + self.other_fds() + extra)
 
     # -- listeners and endpoints
 

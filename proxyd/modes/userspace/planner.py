@@ -48,11 +48,23 @@ WILDCARD = {4: "0.0.0.0", 6: "::"}
 
 @dataclass(frozen=True, slots=True, order=True)
 class ListenerKey:
-    """One listening socket: the address, port and protocol it is bound to."""
+    """One listening socket: the address, port and protocol it is bound to.
+
+    The hash is computed once (a dataclass's own hashes a fresh tuple and the
+    protocol enum's name in Python at every dict lookup: a third of a
+    10,000-service plan went there).
+    """
 
     ip: str
     port: int
     protocol: Protocol
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.ip, self.port, self.protocol.value)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
@@ -76,6 +88,7 @@ class TableKey:
     external: bool = False
     id: str = field(default="", compare=False)
     family: int = 4
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -83,6 +96,11 @@ class TableKey:
             if self.family == 6:
                 suffix += "/IPv6"
             object.__setattr__(self, "id", f"{self.name}/{self.name.protocol}{suffix}")
+        # Computed once, as ListenerKey's (from the compared fields: ``id`` may be given otherwise).
+        object.__setattr__(self, "_hash", hash((self.name, self.external, self.family)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return self.id
@@ -132,10 +150,8 @@ class Plan:
 
 
 def _pairs(endpoints: Iterable[Endpoint]) -> tuple[tuple[str, int], ...]:
-    seen: dict[tuple[str, int], None] = {}
-    for ep in endpoints:
-        seen.setdefault((ep.ip, ep.port), None)
-    return tuple(seen)
+    """(ip, port) of each endpoint, duplicates dropped (the first kept)."""
+    return tuple(dict.fromkeys([(ep.ip, ep.port) for ep in endpoints]))
 
 
 def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str, node_zone: str | None,
@@ -154,7 +170,9 @@ def plan_port(svc: ServicePort, endpoints: Sequence[Endpoint], *, node_name: str
         fam = family(svc.cluster_ip)
         if fam not in families:
             return _NOTHING
-        view = svc.for_family(fam) or svc
+        # A port without external or LB IPs or ranges is its own view (for_family would say so, slower).
+        plain = not (svc.external_ips or svc.load_balancer_ips or svc.load_balancer_source_ranges)
+        view = svc if plain else (svc.for_family(fam) or svc)
         return _plan_family(view, fam, _of_family(endpoints, fam), node_name=node_name, node_zone=node_zone,
                             nodeport_ips=nodeport_ips)
     parts = []
@@ -174,9 +192,11 @@ _NOTHING = PortPlan(addresses=(), listeners=(), tables=())
 
 def _of_family(endpoints: Sequence[Endpoint], fam: int) -> Sequence[Endpoint]:
     """Only ``fam``'s endpoints (the sequence itself when nothing is dropped: the usual case)."""
-    if all(family(ep.ip) == fam for ep in endpoints):
-        return endpoints
-    return tuple(ep for ep in endpoints if family(ep.ip) == fam)
+    v6 = fam == 6
+    for ep in endpoints:
+        if (":" in ep.ip) != v6:
+            return tuple(ep for ep in endpoints if family(ep.ip) == fam)
+    return endpoints
 
 
 def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, node_name: str,
@@ -231,6 +251,7 @@ class Merged:
         self._specific: dict[tuple[int, Protocol, int], int] = {}  # (port, protocol, family) -> count
         self._counted: set[ListenerKey] = set()  # the specific keys counted there
         self._expanded: dict[ListenerKey, tuple[ListenerKey, ...]] = {}  # wildcard -> keys it stands on
+        self._wild_groups: set[tuple[int, Protocol, int]] = set()  # (port, protocol, family) of _expanded
         self.conflicts: dict[ListenerKey, tuple[str, ...]] = {}
         self.tables: dict[TableKey, TableEntry] = {}
         self._tables_changed: set[TableKey] = set()
@@ -289,16 +310,24 @@ class Merged:
             self.wanted.pop(key, None)
             self.wanted_ranges.pop(key, None)
         else:
-            winner = min(claims)
-            table = claims[winner]
+            if len(claims) == 1:  # the usual case: no order to settle, no conflict
+                winner, table = next(iter(claims.items()))
+                lost: tuple[str, ...] = ()
+            else:
+                winner = min(claims)
+                table = claims[winner]
+                lost = tuple(f"{key} wanted by {claims[n].name} is already served by {table.name}"
+                             for n in sorted(claims) if n != winner)
             self.wanted[key] = table
-            ranges = dict(self.ports[winner].source_ranges).get(key)
+            ranges = None
+            for ranged, their in self.ports[winner].source_ranges:
+                if ranged == key:
+                    ranges = their
+                    break
             if ranges:
                 self.wanted_ranges[key] = ranges
             else:
                 self.wanted_ranges.pop(key, None)
-            lost = tuple(f"{key} wanted by {claims[n].name} is already served by {table.name}"
-                         for n in sorted(claims) if n != winner)
             if lost:
                 self.conflicts[key] = lost
             else:
@@ -322,6 +351,8 @@ class Merged:
                 else:
                     self._counted.add(key)
             self._show(key, self.wanted.get(key), self.wanted_ranges.get(key))
+            if group not in self._wild_groups:
+                return  # no wildcard of this port wanted or split: nothing below can change
         wildcard = ListenerKey(WILDCARD[fam], key.port, key.protocol)
         table = self.wanted.get(wildcard)
         shown: dict[ListenerKey, TableKey] = {}
@@ -340,8 +371,10 @@ class Merged:
             self._show(split, split_table, self.wanted_ranges.get(wildcard))
         if table is None:
             self._expanded.pop(wildcard, None)
+            self._wild_groups.discard(group)
         else:
             self._expanded[wildcard] = tuple(shown)
+            self._wild_groups.add(group)
 
     def _show(self, key: ListenerKey, table: TableKey | None, ranges: tuple[str, ...] | None) -> None:
         if self.listeners.get(key) != table or self.ranges.get(key) != ranges:
@@ -415,15 +448,17 @@ class Planner:
             old_inputs = self._inputs
             old_ports = self._merged.ports
             self._merged = Merged(local_ips)
-            self._inputs = {}
+            self._inputs = inputs = {}
+            node_name, node_zone, endpoints = state.node_name, state.node_zone, state.endpoints
+            put = self._merged.put
             for name, svc in state.service_ports.items():
-                eps = state.endpoints_of(name)
+                eps = endpoints.get(name, ())
                 part = old_ports.get(name)
                 if part is None or old_inputs.get(name) != (svc, eps):
-                    part = plan_port(svc, eps, node_name=state.node_name, node_zone=state.node_zone,
+                    part = plan_port(svc, eps, node_name=node_name, node_zone=node_zone,
                                      nodeport_ips=nodeport_ips, families=families)
-                self._inputs[name] = (svc, eps)
-                self._merged.put(name, part)
+                inputs[name] = (svc, eps)
+                put(name, part)
             self._merged.take_changes()
             return self._merged.plan()
         if changed_ports is None:

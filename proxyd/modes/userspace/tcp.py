@@ -71,6 +71,24 @@ def fd_reserve(limit: int) -> int:
     hold a few dozen clients at once).
     """
     return max(FD_RESERVE, min(FD_RESERVE_MAX, limit // 16))
+
+
+CONNECTION_SHARE = 4  # connections always keep 1/CONNECTION_SHARE of the budget from listeners
+
+
+def listener_cap(limit: int, base: int, reserve: int) -> int:
+    """The most descriptors listening sockets (TCP and UDP, one each) may hold under ``limit``.
+
+    The budget is what the descriptors held at start (``base``) and the
+    control reserve leave. As with kube-proxy userspace, which opened a
+    socket per service port and let connections have the rest, service
+    ports come first: listeners may take all of it but a quarter, which
+    connections always keep (at a 20,000 limit: ~14,700 listeners, and
+    ~4,900 descriptors for connections, ~2,400 with data in flight or
+    ~4,900 idle, beyond what listeners leave unused).
+    """
+    usable = max(0, limit - base - reserve)
+    return usable - usable // CONNECTION_SHARE
 BYTES_FLUSH_INTERVAL = 5.0
 
 _AF_INET, _AF_INET6 = socket.AF_INET.value, socket.AF_INET6.value
@@ -151,7 +169,7 @@ class _Dial:
         self._give_up("no endpoint" if not self.tried else "all endpoints failed")
 
     def _count_retry(self, ep: tuple[str, int], why: str) -> None:
-        self.stats.retries.inc()
+        self.stats.retry()
         log.debug("%s: connect to %s:%d failed (%s)", self.key, ep[0], ep[1], why)
 
     def _on_writable(self) -> None:
@@ -258,10 +276,10 @@ class TcpProxy:
     def listener_room(self, listeners: int) -> int:
         """How many more listening sockets may open now, with ``listeners`` open (TCP and UDP).
 
-        Listeners may take at most half of what the reserve and the descriptors held at start leave,
-        so connections always keep the other half; and never what connections already hold.
+        Listeners may take at most ``listener_cap`` (connections always keep a quarter of the budget),
+        and never what connections already hold.
         """
-        cap = (self.fd_limit - self.base_fds - self.reserve) // 2
+        cap = listener_cap(self.fd_limit, self.base_fds, self.reserve)
         free = self.fd_limit - self.reserve - self.fds_in_use()
         return max(0, min(cap - listeners, free))
 
