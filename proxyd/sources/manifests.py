@@ -94,7 +94,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import gc
 import hashlib
 import json
 import logging
@@ -434,23 +433,6 @@ def _guarded(data: bytes, *, is_json: bool,
         yield from _yaml_items(text, known)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while a file's objects are built, converted and dropped.
-
-    Building a kubectl dump's objects triggers collection after collection
-    over an ever larger heap (0.2 s of a 0.6 s re-read of a 13.5 MB file).
-    Nothing built here is cyclic, so nothing is lost.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
     """The decoded documents of one file; ``_Unusable`` when it does not parse.
 
@@ -461,7 +443,7 @@ def parse_documents(data: bytes, *, is_json: bool) -> list[Any]:
     with _parse_errors():
         if _json_fast_path(text, len(data)):
             try:
-                with _gc_paused():
+                with heap.gc_paused():
                     return [json.loads(text)]
             except json.JSONDecodeError as err:
                 if is_json:
@@ -927,7 +909,7 @@ class ManifestSource:
         else:
             items = iter_objects(data, is_json=is_json, known=state.known)
         try:
-            with _gc_paused():
+            with heap.gc_paused():
                 objects, known = self._convert_all(name, items, state.objects, state.known)
         except _Unusable as err:
             self._reject_file(name, state, err)
