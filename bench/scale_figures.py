@@ -264,7 +264,7 @@ def ipvs_targets(data: Data) -> str:
 def ipvs_table(data: Data) -> str:
     """docs/ipvs.md: proxyd's full and incremental sync next to the C tools doing the same work."""
     lines = ["| services × endpoints | full sync wall (CPU) | plan | C tools, full | ratio | "
-             "incremental wall (CPU) | `ipvsadm-restore`, incremental | ratio | RSS | virtual servers |",
+             "incremental wall (CPU) | `ipvsadm -R`, incremental | ratio | RSS | virtual servers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     tools = []
     for p in _sorted(_ok(data.get("points", []))):
@@ -298,7 +298,7 @@ def ipvs_summary(data: Data) -> str:
                      f"({_ratio(p.get('full_ratio'))})")
         text += f", one endpoint change in {_ms(p.get('incremental_s'))}"
         if "c_incremental_s" in p:
-            text += (f" against {_ms(p['c_incremental_s'])} for `ipvsadm-restore` "
+            text += (f" against {_ms(p['c_incremental_s'])} for `ipvsadm -R` "
                      f"({_ratio(p.get('incremental_ratio'))})")
         parts.append(text)
     text = ("ipvs mode, inside the QEMU guest (software emulation: absolute times are far above real "

@@ -303,6 +303,31 @@ def server_request(family_id: int, op: Op) -> Request:
     return Request(_genl(_CMD[op.kind], _attr(_CMD_ATTR_SERVICE, service)), family_id, 0, op)
 
 
+@functools.lru_cache(maxsize=4096)
+def _service_attr(key: VSKey) -> bytes:
+    """IPVS_CMD_ATTR_SERVICE naming virtual server ``key``: the first half of each of its real servers'
+    requests."""
+    return _attr(_CMD_ATTR_SERVICE, _key_attrs_packed(key))
+
+
+# The constant parts of a real server's attributes, per address family and per weight: a full sync packs
+# 100,000 of these, so each is a few concatenations.
+_DEST_AF_ADDR = {af: _attr(_DEST_AF, _U16.pack(af)) + _NLA_HDR.pack(_NLA_HDR.size + size, _DEST_ADDR)
+                 for af, size in ((socket.AF_INET, 4), (socket.AF_INET6, 16))}
+_DEST_PORT_HDR = _NLA_HDR.pack(_NLA_HDR.size + 2, _DEST_PORT)
+_DEST_FWD_ATTR = _attr(_DEST_FWD, _U32S.pack(FWD_MASQ))
+_DEST_THRESH = _attr(_DEST_U_THRESH, _U32S.pack(0)) + _attr(_DEST_L_THRESH, _U32S.pack(0))
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_tail(weight: int) -> bytes:
+    return _DEST_FWD_ATTR + _attr(_DEST_WEIGHT, _U32S.pack(weight)) + _DEST_THRESH
+
+
+_GENL_OF = {kind: _GENL_HDR_S.pack(cmd, genl_ipvs.GENL_VERSION, 0) for kind, cmd in _CMD.items()}
+_DEST_OK_GONE = frozenset({errno.ESRCH, errno.ENOENT})
+
+
 def dest_request(family_id: int, op: Op) -> Request:
     """The IPVS generic-netlink request of a real-server ``op`` (add_dest/set_weight/delete_dest).
 
@@ -311,18 +336,19 @@ def dest_request(family_id: int, op: Op) -> Request:
     key: VSKey = op.args[0]
     server: RealServer = op.args[1]
     try:
-        service = _attr(_CMD_ATTR_SERVICE, _key_attrs_packed(key))
+        service = _service_attr(key)
         af, raw = _packed_ip(server.ip)
-        dest = (_attr(_DEST_AF, _U16.pack(af)) + _attr(_DEST_ADDR, raw)
-                + _attr(_DEST_PORT, _BE16.pack(server.port)))
-        if op.kind == "delete_dest":
-            payload = _genl(_CMD[op.kind], service, _attr(_CMD_ATTR_DEST, dest))
-            return Request(payload, family_id, 0, op, frozenset({errno.ESRCH, errno.ENOENT}))
-        dest += (_attr(_DEST_FWD, _U32S.pack(FWD_MASQ)) + _attr(_DEST_WEIGHT, _U32S.pack(op.args[2]))
-                 + _attr(_DEST_U_THRESH, _U32S.pack(0)) + _attr(_DEST_L_THRESH, _U32S.pack(0)))
+        # address (4 or 16 bytes: no padding), then the port (2 bytes + 2 of padding)
+        dest = _DEST_AF_ADDR[af] + raw + _DEST_PORT_HDR + _BE16.pack(server.port) + b"\0\0"
+        if op.kind != "delete_dest":
+            dest += _weight_tail(op.args[2])
+        nest = _NLA_HDR.pack(_NLA_HDR.size + len(dest), _CMD_ATTR_DEST)
+        payload = _GENL_OF[op.kind] + service + nest + dest
     except struct.error as err:
         raise ValueError(f"{op}: {err}") from err
-    return Request(_genl(_CMD[op.kind], service, _attr(_CMD_ATTR_DEST, dest)), family_id, 0, op)
+    if op.kind == "delete_dest":
+        return Request(payload, family_id, 0, op, _DEST_OK_GONE)
+    return Request(payload, family_id, 0, op)
 
 
 _GENL_HDR = 20  # nlmsghdr + genlmsghdr
