@@ -38,7 +38,12 @@ stays as written. Each region says which stored run it comes from:
   - ``quarantine`` (docs/reliability.md): ``quarantine.json``,
     ``python -m bench.quarantine --services 10000 --save``;
   - ``iptables-tools`` (docs/iptables.md): ``iptables_tools.json``,
-    ``python bench/iptables_tools.py --rules 10000 --save``.
+    ``python bench/iptables_tools.py --rules 10000 --save``;
+  - ``ipvs-summary`` (README.md), ``ipvs-sync`` (docs/ipvs.md):
+    ``sync_scale-ipvs.json``, inside the QEMU guest (this host's kernel has
+    no IPVS): ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale
+    --mode ipvs --services 1000,10000 --save'``, which copies the file the
+    guest saved to ``bench/results/``.
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -235,6 +240,8 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "iptables-sync": ("docs/iptables.md", _R + "sync_scale-iptables.json", scale_figures.sync_table),
     "quarantine": ("docs/reliability.md", _R + "quarantine.json", scale_figures.quarantine_table),
     "iptables-tools": ("docs/iptables.md", _R + "iptables_tools.json", scale_figures.iptables_tools_table),
+    "ipvs-summary": ("README.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_summary),
+    "ipvs-sync": ("docs/ipvs.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_table),
 }
 
 

@@ -62,7 +62,7 @@ def guest_run_line(meta: Data, guest: Data) -> str:
                if host_cpus and busy >= host_cpus / 2 else "")
     return (f"run of {meta.get('date', '?')}, commit `{meta.get('commit', '?')}`, inside the QEMU guest "
             f"(Debian kernel {guest.get('kernel', '?')}, {guest.get('emulation', '?')}) on a "
-            f"{host_cpus or '?'}-CPU host (kernel {guest.get('host kernel', '?')}, {meta.get('cpu', '?')}), "
+            f"{host_cpus or '?'}-CPU host (kernel {guest.get('host kernel', '?')}), "
             f"host load average (1 min) {host_before} before, {host_after} after{warning}; "
             f"`tests/vm/run-in-vm.sh --cmd '{meta.get('command', '?')}'`")
 
@@ -275,10 +275,16 @@ def ipvs_table(data: Data) -> str:
                      f"{_ratio(p.get('incremental_ratio'))} | {fmt(p.get('rss_mib'))} MiB | "
                      f"{_count(p.get('rules'))} |")
         if "c_full_s" in p:
-            tools.append(f"{_count(p['services'])} × {p.get('endpoints', '?')}: `ip -batch` "
-                         f"{_s(p.get('c_ip_batch_s'))}, `ipset restore` {_s(p.get('c_ipset_restore_s'))}, "
-                         f"`ipvsadm-restore` {_s(p.get('c_ipvsadm_restore_s'))}, `iptables-restore` "
-                         f"{_s(p.get('c_iptables_restore_s'))}")
+            text = (f"{_count(p['services'])} × {p.get('endpoints', '?')}: `ip -batch` "
+                    f"{_s(p.get('c_ip_batch_s'))}, `ipset restore` {_s(p.get('c_ipset_restore_s'))}, "
+                    f"`ipvsadm-restore` {_s(p.get('c_ipvsadm_restore_s'))}, `iptables-restore` "
+                    f"{_s(p.get('c_iptables_restore_s'))}")
+            rest = p["c_full_s"] - (p.get("c_ipset_restore_s") or 0)
+            if p.get("c_ipset_restore_s") and rest > 0 and p.get("full_s"):
+                # proxyd's full sync includes its set entries: this ratio is the one least in its favour.
+                ratio = round(p["full_s"] / rest, 2)
+                text += f" (without `ipset restore`: {_s(round(rest, 3))}, ratio {_ratio(ratio)})"
+            tools.append(text)
     text = "\n".join(lines)
     if tools:
         text += "\n\nThe C tools' full figure, per tool: " + "; ".join(tools) + "."
