@@ -42,7 +42,12 @@ stays as written. Each region says which stored run it comes from:
   - ``iptables-tools``, ``iptables-restore`` (docs/iptables.md):
     ``iptables_tools.json``, ``python bench/iptables_tools.py --rules 10000 --save``;
   - ``dualstack-cost`` (docs/dualstack.md): ``dualstack_sync.json``,
-    ``python -m bench.dualstack_sync --mode nftables,iptables --services 10000 --save``.
+    ``python -m bench.dualstack_sync --mode nftables,iptables --services 10000 --save``;
+  - ``ipvs-summary`` (README.md), ``ipvs-sync`` (docs/ipvs.md):
+    ``sync_scale-ipvs.json``, inside the QEMU guest (this host's kernel has
+    no IPVS): ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale
+    --mode ipvs --services 1000,10000 --save'``, which copies the file the
+    guest saved to ``bench/results/``.
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -275,6 +280,8 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
                          scale_figures.iptables_planner_input),
     "dualstack-cost": ("docs/dualstack.md", _R + "dualstack_sync.json", scale_figures.dualstack_cost),
     "nftables-status": ("docs/nftables.md", _R + "status_scale.json", scale_figures.nftables_status),
+    "ipvs-summary": ("README.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_summary),
+    "ipvs-sync": ("docs/ipvs.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_table),
 }
 
 

@@ -9,6 +9,17 @@ machine (``cpus``, ``cpu``, ``kernel``), ``load average before`` and
 measured at load 6 is not an idle machine's figure) and the exact
 ``command``. ``python -m bench.docs_figures`` renders README.md and docs/
 from these files only.
+
+A benchmark run inside the QEMU guest (``tests/vm/run-in-vm.sh --cmd``,
+which sets ``PROXYD_IN_VM=1``) also records ``guest``: that it ran there,
+the emulation, the guest's kernel, CPUs and memory, and the host's kernel
+and load average before the guest booted and after it stopped (the guest's
+own load average does not show the host's other work, which slows an
+emulated CPU). The runner hands the guest the host's ``git describe``
+(``PROXYD_BENCH_COMMIT``: the guest runs a copy without ``.git``) and a
+directory to save into (``PROXYD_BENCH_RESULTS``), whose files it copies to
+``bench/results/`` afterwards, adding the host's load average after
+(``python -m bench.runmeta --host-load-after FILE``).
 """
 
 from __future__ import annotations
@@ -41,6 +52,9 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    given = os.environ.get("PROXYD_BENCH_COMMIT")
+    if given:  # the QEMU guest runs a copy of the tree without .git: the host says which commit it is
+        return given
     try:
         described = subprocess.run(["git", "describe", "--always", "--abbrev=12"], cwd=REPO,
                                    capture_output=True, text=True, timeout=30, check=False)
@@ -76,10 +90,14 @@ class Run:
             "load average after": load_average(),
             "seconds": round(time.time() - self.started, 1),
             "command": self.command,
+            **({"guest": guest_meta()} if os.environ.get("PROXYD_IN_VM") == "1" else {}),
         }
 
-    def save(self, name: str, figures: dict[str, Any], directory: Path = RESULTS) -> Path:
-        """Write ``<directory>/<name>.json`` and return its path."""
+    def save(self, name: str, figures: dict[str, Any], directory: Path | None = None) -> Path:
+        """Write ``<directory>/<name>.json`` (default: ``bench/results``, or ``PROXYD_BENCH_RESULTS``
+        when set) and return its path."""
+        if directory is None:
+            directory = Path(os.environ.get("PROXYD_BENCH_RESULTS") or RESULTS)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.json"
         path.write_text(json.dumps({"format": 1, "meta": self.meta(), **figures}, indent=1) + "\n")
@@ -89,3 +107,52 @@ class Run:
 def module_command(module: str, argv: list[str]) -> list[str]:
     """The command line a reader reruns: ``python -m MODULE ARGS`` (the interpreter path left out)."""
     return ["python", "-m", module, *argv]
+
+
+def _memory_mib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _loads(text: str | None) -> list[float] | None:
+    try:
+        return [round(float(x), 2) for x in (text or "").split()[:3]] or None
+    except ValueError:
+        return None
+
+
+def guest_meta() -> dict[str, Any]:
+    """What the QEMU guest run was: emulation, the guest's machine, the host's (from run-in-vm.sh)."""
+    return {
+        "in QEMU guest": True,
+        "emulation": os.environ.get("PROXYD_VM_EMULATION", "?"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "memory MiB": _memory_mib(),
+        "host kernel": os.environ.get("PROXYD_VM_HOST_KERNEL", "?"),
+        "host cpus": int(os.environ.get("PROXYD_VM_HOST_CPUS", "0") or 0) or None,
+        "host load average before": _loads(os.environ.get("PROXYD_VM_HOST_LOAD")),
+    }
+
+
+def add_host_load_after(path: Path) -> None:
+    """Record the host's load average now in the ``guest`` part of a results file the guest wrote."""
+    data = json.loads(path.read_text())
+    guest = data.get("meta", {}).get("guest")
+    if isinstance(guest, dict):
+        guest["host load average after"] = load_average()
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="annotate results files a QEMU guest run wrote")
+    parser.add_argument("--host-load-after", nargs="+", type=Path, required=True, metavar="FILE")
+    for file in parser.parse_args().host_load_after:
+        add_host_load_after(file)

@@ -27,8 +27,9 @@ same in CPU seconds: proxyd's netlink thread, the tool's process);
 ipvs — ``ip -batch`` (addresses), ``ipset restore`` (sets and entries),
 ``ipvsadm-restore`` (virtual and real servers) and ``iptables-restore``
 (the same ruleset), summed as ``c_full_s`` against ``full_s``
-(``full_ratio``), and ``ipvsadm-restore`` of the incremental change (one
-real server added, the replaced one set to weight 0) as
+(``full_ratio``), and ``ipvsadm -R`` of the incremental change (one
+real server added, the replaced one set to weight 0; ``ipvsadm-restore``
+would first flush the table) as
 ``c_incremental_s`` (``incremental_ratio``).
 
 Targets (README "Benchmarks"): full ≤ 2 s and incremental ≤ 100 ms at 10,000
@@ -39,7 +40,10 @@ with ``nft -f`` in the same namespace (``bench/kube_proxy_nft.py``) and
 prints the ratio. Modes are pluggable: ``DRIVERS`` maps ``--mode`` to a factory of
 a ``Driver`` (async ``start``/``full``/``partial``/``close``); ``--mode
 ipvs`` needs IPVS, so run it inside the QEMU guest:
-``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs'``.
+``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs --services 1000,10000 --save'``
+(the runner copies the file the guest saves to ``bench/results/``).
+``--profile`` prints a cProfile of each point's full sync (main thread and the
+mode's kernel worker thread) on stderr.
 ``--save`` also writes ``bench/results/sync_scale-MODE.json`` (every point
 and the run's metadata, ``bench/runmeta.py``) for ``python -m bench.docs_figures``.
 Output: a table on stderr; with ``--json`` one JSON object on the last
@@ -264,7 +268,8 @@ class IpvsDriver(PlannerTimedDriver):
         Run after proxyd's own objects were removed (``--cleanup``), on an
         empty IPVS table, as proxyd's full sync was. The incremental figure
         is the equivalent of proxyd's partial sync: one real server added and
-        the one it replaces set to weight 0, through ``ipvsadm-restore``.
+        the one it replaces set to weight 0, through ``ipvsadm -R`` (what
+        ``ipvsadm-restore`` runs after flushing the whole table).
         """
         from proxyd.modes.ipvs.planner import IPSETS
 
@@ -299,7 +304,8 @@ class IpvsDriver(PlannerTimedDriver):
                 new = f"10.251.{gen // 256 % 256}.{gen % 256}"
                 text = (f"-a -t {first.ip}:{first.port} -r {new}:{old.port} -m -w 1\n"
                         f"-e -t {first.ip}:{first.port} -r {old.ip}:{old.port} -m -w 0\n")
-                times.append(timed_tool(["ipvsadm-restore"], text))
+                # ipvsadm -R: ipvsadm-restore without the table flush its wrapper script starts with.
+                times.append(timed_tool(["ipvsadm", "-R"], text))
             out["c_incremental_s"] = statistics.median(times)
         finally:
             subprocess.run(["ipvsadm", "-C"], check=False, timeout=120, capture_output=True)
@@ -425,12 +431,15 @@ def rss_mib() -> float:
 
 
 async def measure(mode: str, backend: str, services: int, endpoints: int, repeat: int,
-                  compare: bool = True) -> dict[str, Any]:
+                  compare: bool = True, profile: bool = False) -> dict[str, Any]:
     driver = DRIVERS[mode](backend)
     await driver.start()
     state = build_state(services, endpoints)
     gc.collect()
-    full = await driver.full(state)
+    if profile:
+        full = await _profiled(driver, state)
+    else:
+        full = await driver.full(state)
     changed = frozenset({ServiceName("bench", "svc-0")})
     partials = []
     for gen in range(1, repeat + 1):
@@ -476,6 +485,45 @@ async def measure(mode: str, backend: str, services: int, endpoints: int, repeat
 
 
 BENCH_PORT = ServicePortName("bench", "svc-0", "http", L4.TCP)  # the port the incremental syncs change
+
+
+async def _profiled(driver: Driver, state: ProxyState) -> dict[str, float]:
+    """The full sync under cProfile, then the top functions on stderr (times inflated by the profiler).
+
+    The main thread (planning, diff) and, for a mode with an ``applier`` running kernel work on its
+    worker thread (ipvs), that thread too: cProfile sees only the thread that enables it.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    main, worker = cProfile.Profile(), cProfile.Profile()
+    applier = getattr(getattr(driver, "mode", None), "applier", None)
+    call = getattr(applier, "call", None)
+    if call is not None:
+        async def profiled_call(func: Callable[..., Any], *args: Any) -> Any:
+            def run() -> Any:
+                worker.enable()
+                try:
+                    return func(*args)
+                finally:
+                    worker.disable()
+            return await call(run)
+        applier.call = profiled_call  # type: ignore[union-attr]
+    main.enable()
+    try:
+        return await driver.full(state)
+    finally:
+        main.disable()
+        if call is not None:
+            applier.call = call  # type: ignore[union-attr]
+        text = io.StringIO()
+        stats = pstats.Stats(main, stream=text)
+        with contextlib.suppress(TypeError):  # a worker that never ran has no stats
+            stats.add(worker)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(25)
+        print(text.getvalue(), file=sys.stderr, flush=True)
 
 
 def _kube_proxy_anchor(state: ProxyState, full_s: float) -> dict[str, Any]:
@@ -545,7 +593,8 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Each point in a fresh child so memory and rules do not carry over.
             argv = [*COMMAND, "--mode", args.mode, "--services", str(count), "--endpoints",
                     str(args.endpoints), "--backend", backend, "--repeat", str(args.repeat), "--point",
-                    *(["--no-compare"] if args.no_compare else [])]
+                    *(["--no-compare"] if args.no_compare else []),
+                    *(["--profile"] if args.profile else [])]
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=POINT_TIMEOUT,
                                       check=False, cwd=REPO, env={**os.environ, INSIDE_ENV: "1"})
@@ -560,6 +609,8 @@ def inside(args: argparse.Namespace) -> list[dict[str, Any]]:
                                 "error": proc.stderr.strip()[-400:]})
                 report(results[-1])
                 continue
+            if args.profile:
+                print(proc.stderr, file=sys.stderr, flush=True)
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             report(results[-1])
             # Leave the namespace clean for the next point.
@@ -601,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compare", action="store_true",
                         help="skip the C tools (userspace: ip -batch; ipvs: ip -batch, ipset restore, "
                              "ipvsadm-restore, iptables-restore) that time the same objects after each point")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a cProfile of each point's full sync on stderr (its times are inflated)")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(raw)
     if not args.backend:
@@ -613,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         return in_netns([*raw, "--backend", ",".join(args.backend)] if "--backend" not in raw else raw)
     if args.point:
         result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
-                                     args.repeat, compare=not args.no_compare))
+                                     args.repeat, compare=not args.no_compare, profile=args.profile))
         print(json.dumps(result))
         return 0
     run = runmeta.Run(runmeta.module_command("bench.sync_scale", raw))

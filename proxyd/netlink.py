@@ -31,9 +31,12 @@ How a batch goes:
   the request back); ``NETLINK_EXT_ACK`` adds the kernel's reason text to
   the log line when it has one.
 
-Requests are pyroute2 message objects, or payloads packed here with
-``struct`` where the count is large and the layout small (the ``local``
-routes holding userspace mode's service addresses: ``local_route_request``).
+Requests are pyroute2 message objects, or payloads packed with ``struct``
+where the count is large and the layout small: the ``local`` routes
+holding userspace mode's service addresses (``local_route_request``), the
+addresses on ``kube-ipvs0`` (``address_request``), and ipvs mode's set
+entries and virtual and real servers (``proxyd.modes.ipvs.applier``), each
+in the layout pyroute2 gives it (unit tests compare the bytes).
 
 ``dump`` sends one dump request and returns the raw messages, so callers
 parse each reply once with what they need (``parse_attrs``) instead of
@@ -450,22 +453,29 @@ IFA_LOCAL = 2
 IFA_FLAGS = 8
 IFA_F_NODAD = 0x02
 _IFADDRMSG = struct.Struct("=BBBBI")
+_ADDR_ADD_OK = frozenset({errno.EEXIST})
+_ADDR_DEL_OK = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT})
 
 
 def address_request(add: bool, index: int, ip: str, *, subject: object = None) -> Request:
-    """Add (or delete) host address ``ip`` (/32 or /128) on link ``index``; an IPv6 add skips DAD."""
-    v6 = ":" in ip
-    msg = ifaddrmsg()
-    msg["family"] = socket.AF_INET6 if v6 else socket.AF_INET
-    msg["prefixlen"] = 128 if v6 else 32
-    msg["index"] = index
-    attrs: list[tuple[str, Any]] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)]
-    if v6 and add:
-        attrs.append(("IFA_FLAGS", IFA_F_NODAD))
-    msg["attrs"] = attrs
+    """Add (or delete) host address ``ip`` (/32 or /128) on link ``index``; an IPv6 add skips DAD.
+
+    Packed with ``struct`` in the layout pyroute2's ``ifaddrmsg`` gives it (ipvs mode binds one per
+    service in a full sync); ``ValueError`` when ``ip`` is not an address.
+    """
+    family = _AF_INET6 if ":" in ip else _AF_INET
+    try:
+        raw = socket.inet_pton(family, ip)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"not an IP address: {ip[:64]!r}") from err
+    attr = _NLA.pack(_NLA.size + len(raw), IFA_LOCAL) + raw
+    payload = _IFADDRMSG.pack(family, len(raw) * 8, 0, 0, index) + attr
+    payload += _NLA.pack(_NLA.size + len(raw), IFA_ADDRESS) + raw
     if add:
-        return Request(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, subject or ip, frozenset({errno.EEXIST}))
-    return Request(msg, RTM_DELADDR, 0, subject or ip, frozenset({errno.EADDRNOTAVAIL, errno.ENOENT}))
+        if family == _AF_INET6:
+            payload += _U32_ATTR.pack(_U32_ATTR.size, IFA_FLAGS, IFA_F_NODAD)
+        return Request(payload, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, subject or ip, _ADDR_ADD_OK)
+    return Request(payload, RTM_DELADDR, 0, subject or ip, _ADDR_DEL_OK)
 
 
 def dump_addresses(sock: BatchSocket, index: int, *, family: int = socket.AF_UNSPEC

@@ -119,13 +119,16 @@ def test_ipset_batch_with_a_refused_entry(ns: str, caplog: pytest.LogCaptureFixt
     requests.append(ipset_request(True, "PXD-T-PORTS", "bitmap:port", "30080"))  # out of the set's range
     requests += [ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", e) for e in entries[150:]]
     requests.append(ipset_request(True, "PXD-T-PORTS", "bitmap:port", "443"))
-    requests.append(ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", "10.96.0.256,tcp:80"))  # not an IP
+    # an IPv6 entry in an IPv4 set: the kernel refuses it
+    requests.append(ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", "2001:db8::1,tcp:80", family=6))
+    with pytest.raises(ValueError):  # not an IP: refused before any request is packed (the applier logs it)
+        ipset_request(True, "PXD-T-IPPORT", "hash:ip,port", "10.96.0.256,tcp:80")
     before = failures_counted("ipset")
     with batch_socket(ns, NETLINK_NETFILTER, "ipset") as sock, caplog.at_level(logging.ERROR):
         result = sock.run(requests)
         assert result.applied == 301
         refused = {f.subject for f in result.failures}
-        assert refused == {"PXD-T-PORTS 30080", "PXD-T-IPPORT 10.96.0.256,tcp:80"}
+        assert refused == {"PXD-T-PORTS 30080", "PXD-T-IPPORT 2001:db8::1,tcp:80"}
         # deleting an absent entry is harmless; deleting present ones works in the same batch
         removal = sock.run([ipset_request(False, "PXD-T-IPPORT", "hash:ip,port", e) for e in entries[:10]]
                            + [ipset_request(False, "PXD-T-IPPORT", "hash:ip,port", "10.1.1.1,udp:53")])

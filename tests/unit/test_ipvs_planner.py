@@ -701,7 +701,7 @@ class _RecordingSocket:
     def __init__(self, kind: str, refuse: dict[str, int], batches: list[tuple[str, list[Op]]]) -> None:
         self.kind, self.refuse, self.batches = kind, refuse, batches
 
-    def run(self, requests: list, *, log_failures: bool = True) -> Any:
+    def run(self, requests: list, *, log_failures: bool = True, ack_each: bool = True) -> Any:
         from proxyd.netlink import BatchResult, Failure
 
         ops = [r.subject for r in requests]

@@ -6,8 +6,12 @@
 #
 #   tests/vm/run-in-vm.sh                 # pytest -m ipvs tests/vm
 #   tests/vm/run-in-vm.sh -k affinity     # extra pytest arguments
-#   tests/vm/run-in-vm.sh --cmd 'python bench/sync_scale.py --mode ipvs'
+#   tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale --mode ipvs --services 1000,10000 --save'
 #                                         # any command (run from the repo, .venv/bin first in PATH)
+#
+# A benchmark's --save file written in the guest (bench/runmeta.py: PROXYD_BENCH_RESULTS points the
+# guest at a shared directory) is copied to bench/results/ on the host, with the run's metadata saying
+# it ran in this guest: emulation, guest and host kernels, the host's load average before and after.
 #
 # Env: RESULTS_DIR (default build/test-results; the guest writes to
 # $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default
@@ -41,6 +45,7 @@ finish() {
 trap finish EXIT
 timeout_s=${VM_TIMEOUT:-2400}
 memory=${VM_MEMORY:-2G}
+cpus=2
 verbose=()
 [ "${VM_VERBOSE:-0}" = 1 ] && verbose=(--verbose)
 
@@ -64,8 +69,11 @@ if [ ! -f "$kernel" ] || [ ! -d "/lib/modules/$kver" ]; then
   exit 1
 fi
 
-mkdir -p "$out"
+mkdir -p "$out" "$out/results"
 rm -f "$out/rc" "$out/ipvs.xml" "$out/guest.log" "$out/bundle.tar"
+# Which code runs (the guest's copy has no .git) and on what host, for a benchmark's results file.
+commit=$(git describe --always --dirty --abbrev=12 2>/dev/null || echo "?")
+host_load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 command_given=$command
 if [ -z "$command" ]; then
@@ -122,6 +130,9 @@ echo \$g/repo > \$g/venv/lib/python$pyver/site-packages/proxyd-repo.pth
 printf '#!%s\\nimport sys\\nfrom proxyd.cli import main\\nsys.exit(main())\\n' \$g/venv/bin/python > \$g/venv/bin/proxyd
 chmod +x \$g/venv/bin/proxyd
 export PYTHONHOME=\$g/pyhome LD_LIBRARY_PATH=\$g/pyhome/lib PYTHONDONTWRITEBYTECODE=1 PROXYD_IN_VM=1
+export PROXYD_BENCH_RESULTS=$out/results PROXYD_BENCH_COMMIT=$(printf '%q' "$commit")
+export PROXYD_VM_EMULATION=$(printf '%q' "QEMU TCG software emulation, no KVM, $memory, $cpus vCPUs")
+export PROXYD_VM_HOST_KERNEL=$(uname -r) PROXYD_VM_HOST_CPUS=$(nproc) PROXYD_VM_HOST_LOAD=$(printf '%q' "$host_load")
 export PATH=\$g/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
 cd \$g/repo
 (eval $(printf '%q' "$command"))
@@ -131,7 +142,7 @@ printf '%s\n' "$guest_script" > "$out/guest.sh"
 export PATH="$repo/.venv/bin:$PATH"
 echo "run-in-vm: booting Debian kernel $kver under QEMU (TCG, timeout ${timeout_s}s)"
 start=$(date +%s)
-timeout --kill-after=20 "$timeout_s" vng --run "$kernel" --memory "$memory" --cpus 2 --disable-kvm ${verbose[@]+"${verbose[@]}"} \
+timeout --kill-after=20 "$timeout_s" vng --run "$kernel" --memory "$memory" --cpus "$cpus" --disable-kvm ${verbose[@]+"${verbose[@]}"} \
   --rwdir "$out" --exec "sh $out/guest.sh" >"$out/vng.log" 2>&1 </dev/null
 vng_rc=$?
 rm -f "$out/bundle.tar"
@@ -146,6 +157,16 @@ fi
 rc=$(cat "$out/rc")
 # The guest's own output (pytest's summary included), without kernel log lines.
 cat "$out/guest.log"
+saved=("$out"/results/*.json)
+if [ -f "${saved[0]}" ]; then
+  mkdir -p bench/results
+  copied=()
+  for f in "${saved[@]}"; do
+    cp "$f" bench/results/ && copied+=("bench/results/$(basename "$f")") && echo "run-in-vm: saved ${copied[-1]}"
+  done
+  [ ${#copied[@]} = 0 ] || .venv/bin/python -m bench.runmeta --host-load-after "${copied[@]}" \
+    || echo "run-in-vm: could not add the host load average to the results files" >&2
+fi
 if [ -f "$out/ipvs.xml" ]; then
   # One plain line with the guest's counts, so whoever reads this log sees them.
   .venv/bin/python - "$out/ipvs.xml" <<'EOF'

@@ -45,6 +45,7 @@ mapped where sets meet the kernel (the applier) and the rules
 from __future__ import annotations
 
 import ipaddress
+import operator
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -388,10 +389,14 @@ def proto_name(protocol: Protocol) -> str:
     return protocol.value.lower()
 
 
+_SERVER_ORDER = operator.attrgetter("ip", "port")
+
+
 def _dests(endpoints: Iterable[Endpoint], fam: int) -> tuple[RealServer, ...]:
     # IPVS masquerading cannot cross families: a real server is of its virtual server's family.
     out = {RealServer(ep.ip, ep.port) for ep in endpoints if family(ep.ip) == fam and 0 < ep.port < 65536}
-    return tuple(sorted(out))
+    # The dataclass order, (ip, port), without its generated __lt__ (a third of planning at scale).
+    return tuple(sorted(out, key=_SERVER_ORDER))
 
 
 def plan_port(svc: ServicePort, endpoints: tuple[Endpoint, ...], ctx: PlanContext) -> PortPlan:
