@@ -312,8 +312,9 @@ def _service_attr(key: VSKey) -> bytes:
 
 # The constant parts of a real server's attributes, per address family and per weight: a full sync packs
 # 100,000 of these, so each is a few concatenations.
-_DEST_AF_ADDR = {af: _attr(_DEST_AF, _U16.pack(af)) + _NLA_HDR.pack(_NLA_HDR.size + size, _DEST_ADDR)
-                 for af, size in ((socket.AF_INET, 4), (socket.AF_INET6, 16))}
+_DEST_AF_ADDR: dict[int, bytes] = {
+    af: _attr(_DEST_AF, _U16.pack(af)) + _NLA_HDR.pack(_NLA_HDR.size + size, _DEST_ADDR)
+    for af, size in ((socket.AF_INET, 4), (socket.AF_INET6, 16))}
 _DEST_PORT_HDR = _NLA_HDR.pack(_NLA_HDR.size + 2, _DEST_PORT)
 _DEST_FWD_ATTR = _attr(_DEST_FWD, _U32S.pack(FWD_MASQ))
 _DEST_THRESH = _attr(_DEST_U_THRESH, _U32S.pack(0)) + _attr(_DEST_L_THRESH, _U32S.pack(0))
