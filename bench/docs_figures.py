@@ -34,7 +34,8 @@ stays as written. Each region says which stored run it comes from:
     ``python bench/status_scale.py --services 10000 --save``;
   - ``e2e-scale``, ``e2e-scale-1k`` (README.md): ``e2e_scale-10000.json``,
     ``e2e_scale-1000.json``,
-    ``python -m bench.e2e_scale --services N --modes userspace,iptables,nftables --formats json --api --save``;
+    ``python -m bench.e2e_scale --services N --modes userspace,iptables,nftables
+    --formats json --api --save``;
     ``e2e-idle`` (README.md): ``e2e_scale-idle.json``,
     ``python -m bench.e2e_scale --idle-files 10000 --save``;
   - ``quarantine`` (docs/reliability.md): ``quarantine.json``,
