@@ -41,12 +41,8 @@ from proxyd.modes.userspace.planner import ListenerKey, TableEntry, TableKey
 from proxyd.modes.userspace.stats import StatsCache
 from proxyd.modes.userspace.udp import UdpProxy
 from proxyd.modes.userspace.udp_engine import NativeUdpPath, UdpEngineNative
-from tests.unit.test_engine import LoopThread
+from tests.unit.test_engine import LoopThread, needs_native  # one extension holds both engines
 
-REQUIRED = os.environ.get("PROXYD_REQUIRE_EXTENSIONS", "") not in ("", "0")
-# With PROXYD_REQUIRE_EXTENSIONS=1 (CI, scripts/test.sh) a missing engine fails these tests instead.
-needs_native = pytest.mark.skipif(UdpEngineNative is None and not REQUIRED,
-                                  reason="the Cython engine is not built")
 UDP = Protocol.UDP
 NAME = ServicePortName("test", "udpengine", "", UDP)
 UKEY = TableKey(NAME)

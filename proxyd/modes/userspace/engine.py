@@ -184,7 +184,37 @@ class _NativeService:
             self.stats.live.remove(self.service.active)
 
 
-class _NativeListener:
+class _EngineListener:
+    """What a TCP and a UDP engine listener share: a new table key or source filter is handed to the
+    engine by ``_replace`` (each kind's own way)."""
+
+    __slots__ = ("_admits", "key")
+    key: TableKey
+    _admits: SourceFilter | None
+
+    def _replace(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def admits(self) -> Callable[[str], bool] | None:
+        return self._admits
+
+    @admits.setter
+    def admits(self, value: Callable[[str], bool] | None) -> None:
+        if value is not None and not isinstance(value, SourceFilter):
+            raise TypeError("the engine filters sources by CIDR ranges (a SourceFilter)")
+        if value is self._admits:
+            return
+        self._admits = value
+        self._replace()
+
+    def retarget(self, key: TableKey) -> None:
+        if key != self.key:
+            self.key = key
+            self._replace()
+
+
+class _NativeListener(_EngineListener):
     """One listening socket served by the engine; a new table key or source filter replaces it there.
 
     The engine owns the socket's only descriptor (``handle.fd``): a listener
@@ -192,7 +222,7 @@ class _NativeListener:
     fit a 20,000-descriptor limit with room left for connections.
     """
 
-    __slots__ = ("_admits", "handle", "key", "path")
+    __slots__ = ("handle", "path")
 
     def __init__(self, path: NativeTcpPath, sock: socket.socket, key: TableKey) -> None:
         self.path = path
@@ -212,24 +242,6 @@ class _NativeListener:
                                                ranges or None, adopt=True)
         self.path.engine.remove_listener(self.handle, stop=False)
         self.handle = handle
-
-    @property
-    def admits(self) -> Callable[[str], bool] | None:
-        return self._admits
-
-    @admits.setter
-    def admits(self, value: Callable[[str], bool] | None) -> None:
-        if value is not None and not isinstance(value, SourceFilter):
-            raise TypeError("the engine filters sources by CIDR ranges (a SourceFilter)")
-        if value is self._admits:
-            return
-        self._admits = value
-        self._replace()
-
-    def retarget(self, key: TableKey) -> None:
-        if key != self.key:
-            self.key = key
-            self._replace()
 
     def close(self) -> None:
         if self not in self.path.listeners:

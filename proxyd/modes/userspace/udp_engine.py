@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxyd import metrics
-from proxyd.modes.userspace.engine import NativeTcpPath, _NativeKeys
+from proxyd.modes.userspace.engine import NativeTcpPath, _EngineListener, _NativeKeys
 from proxyd.modes.userspace.listeners import OwnListeners, SourceFilter
 from proxyd.modes.userspace.planner import TableEntry, TableKey
 from proxyd.modes.userspace.stats import Stats
@@ -80,10 +80,10 @@ class UdpPath(Protocol):
     def close(self) -> None: ...
 
 
-class _NativeUdpListener:
+class _NativeUdpListener(_EngineListener):
     """One bound UDP socket served by the UDP thread; a new key or source filter reconfigures it there."""
 
-    __slots__ = ("_admits", "handle", "key", "path", "sock")
+    __slots__ = ("handle", "path", "sock")
 
     def __init__(self, path: NativeUdpPath, sock: socket.socket, key: TableKey) -> None:
         self.path = path
@@ -94,27 +94,10 @@ class _NativeUdpListener:
         self.handle: Any = path.engine.add_listener(sock, path.service(key).service, None)
         path.listeners.add(self)
 
-    def _configure(self) -> None:
+    def _replace(self) -> None:
+        # A UDP listener is reconfigured in place (its flows keep their sockets).
         ranges = self._admits.ranges if self._admits is not None else None
         self.path.engine.configure(self.handle, self.path.service(self.key).service, ranges or None)
-
-    @property
-    def admits(self) -> Callable[[str], bool] | None:
-        return self._admits
-
-    @admits.setter
-    def admits(self, value: Callable[[str], bool] | None) -> None:
-        if value is not None and not isinstance(value, SourceFilter):
-            raise TypeError("the engine filters sources by CIDR ranges (a SourceFilter)")
-        if value is self._admits:
-            return
-        self._admits = value
-        self._configure()
-
-    def retarget(self, key: TableKey) -> None:
-        if key != self.key:
-            self.key = key
-            self._configure()
 
     def close(self) -> None:
         """Stop receiving; flows of this listener end by idle timeout or endpoint changes (as the twin's)."""
