@@ -222,6 +222,30 @@ cdef class Listener:
     cdef readonly int fd
 
 
+cdef pe_cidr *_cidrs(ranges, int *count) except? NULL:
+    """The source ranges as a malloc'd pe_cidr array (NULL and 0 for every source)."""
+    cdef char buf[16]
+    cdef const unsigned char *pk
+    cdef Py_ssize_t i
+    cdef int n = 0
+    count[0] = 0
+    if not ranges:
+        return NULL
+    nets = [ipaddress.ip_network(r, strict=False) for r in ranges]
+    cdef pe_cidr *cidrs = <pe_cidr *>calloc(len(nets) if nets else 1, sizeof_pe_cidr)
+    if cidrs == NULL:
+        raise MemoryError()
+    for net in nets:
+        packed = net.network_address.packed
+        pk = packed
+        for i in range(len(packed)):
+            buf[i] = <char>pk[i]
+        pe_cidr_set(<pe_cidr *>(<char *>cidrs + n * sizeof_pe_cidr), net.version, buf, net.prefixlen)
+        n += 1
+    count[0] = n
+    return cidrs
+
+
 cdef class Engine:
     """N worker threads proxying every TCP connection of userspace mode; see engine_core.h."""
 
@@ -253,29 +277,13 @@ cdef class Engine:
         when this call fails), so a listener costs the process one descriptor.
         """
         cdef pe_cidr *cidrs = NULL
-        cdef char buf[16]
         cdef int n = 0
-        cdef Py_ssize_t i
-        cdef const unsigned char *pk
         try:
-            nets = [ipaddress.ip_network(r, strict=False) for r in ranges] if ranges else []
+            cidrs = _cidrs(ranges, &n)
         except BaseException:
             if adopt:
                 os.close(sock)
             raise
-        if ranges:
-            cidrs = <pe_cidr *>calloc(len(nets) if nets else 1, sizeof_pe_cidr)
-            if cidrs == NULL:
-                if adopt:
-                    os.close(sock)
-                raise MemoryError()
-            for net in nets:
-                packed = net.network_address.packed
-                pk = packed
-                for i in range(len(packed)):
-                    buf[i] = <char>pk[i]
-                pe_cidr_set(<pe_cidr *>(<char *>cidrs + n * sizeof_pe_cidr), net.version, buf, net.prefixlen)
-                n += 1
         if adopt:
             fd = sock
         else:

@@ -29,30 +29,6 @@ cdef extern from "engine_udp.h" nogil:
 UDP_BATCH = PU_BATCH
 
 
-cdef pe_cidr *_udp_cidrs(ranges, int *count) except? NULL:
-    """The source ranges as a malloc'd pe_cidr array (NULL and 0 for every source)."""
-    cdef char buf[16]
-    cdef const unsigned char *pk
-    cdef Py_ssize_t i
-    cdef int n = 0
-    count[0] = 0
-    if not ranges:
-        return NULL
-    nets = [ipaddress.ip_network(r, strict=False) for r in ranges]
-    cdef pe_cidr *cidrs = <pe_cidr *>calloc(len(nets) if nets else 1, sizeof_pe_cidr)
-    if cidrs == NULL:
-        raise MemoryError()
-    for net in nets:
-        packed = net.network_address.packed
-        pk = packed
-        for i in range(len(packed)):
-            buf[i] = <char>pk[i]
-        pe_cidr_set(<pe_cidr *>(<char *>cidrs + n * sizeof_pe_cidr), net.version, buf, net.prefixlen)
-        n += 1
-    count[0] = n
-    return cidrs
-
-
 cdef class UdpListener:
     """A bound UDP socket handed to the UDP thread (which owns a duplicate of its descriptor)."""
 
@@ -92,7 +68,7 @@ cdef class UdpEngine:
         if sock.type != socket.SOCK_DGRAM:
             raise ValueError("a UDP listener needs a datagram socket")
         cdef int n = 0
-        cdef pe_cidr *cidrs = _udp_cidrs(ranges, &n)
+        cdef pe_cidr *cidrs = _cidrs(ranges, &n)
         fd = os.dup(sock.fileno())
         os.set_inheritable(fd, False)
         os.set_blocking(fd, False)
@@ -112,7 +88,7 @@ cdef class UdpEngine:
         if listener.lst == NULL:
             raise ValueError("the listener was removed")
         cdef int n = 0
-        cdef pe_cidr *cidrs = _udp_cidrs(ranges, &n)
+        cdef pe_cidr *cidrs = _cidrs(ranges, &n)
         pu_listener_set(self.u, listener.lst, service.svc, cidrs, n)
         listener.service = service
         listener.ranges = tuple(ranges) if ranges else None
