@@ -136,6 +136,12 @@ SYNC_TARGETS = {  # at 10,000 services (wall time): issue 12 (nftables), 7 (ipta
 }
 
 
+def _listeners_short(p: Data) -> int | None:
+    """How many listeners a userspace point held when that was fewer than its services (else None)."""
+    held = p.get("rules")
+    return held if isinstance(held, int) and held < p["services"] else None
+
+
 def sync_targets(data: Data) -> str:
     checks = SYNC_TARGETS.get(str(data.get("mode")))
     points = data.get("points", [])
@@ -148,8 +154,8 @@ def sync_targets(data: Data) -> str:
         return "" if p.get("backend") in (None, "default") else f"{p.get('backend')} back end, "
 
     def partial(p: Data) -> str:
-        held = p.get("rules")
-        if data.get("mode") == "userspace" and isinstance(held, int) and held < p["services"]:
+        held = _listeners_short(p) if data.get("mode") == "userspace" else None
+        if held is not None:
             return (f" Not comparable with the targets: only {_count(held)} of the {_count(p['services'])} "
                     "listeners were opened, so this sync did less than the whole work.")
         return ""
@@ -233,8 +239,8 @@ def userspace_summary(data: Data) -> str:
             text += (f" against {_s(p['c_addresses_s'])} for `ip -batch` adding the same routes "
                      f"({fmt(p.get('addresses_ratio'))}×)")
         text += f"; incremental {_ms(p.get('incremental_s'))}; RSS {fmt(p.get('rss_mib'))} MiB"
-        held = p.get("rules")
-        if isinstance(held, int) and held < p["services"]:
+        held = _listeners_short(p)
+        if held is not None:
             text += (f"; only {_count(held)} of the {_count(p['services'])} listeners held (the descriptor "
                      f"budget was short; the rest were refused)")
         parts.append(text)
