@@ -78,7 +78,7 @@ typedef struct pu_engine {
     pthread_t thread;
     int started;
     int ep, efd;
-    atomic_int stop, recheck;
+    atomic_int stop;
     pu_lst *listeners, *graveyard;
     pu_flow **buckets;
     size_t nbuckets;
@@ -504,7 +504,6 @@ static void *pu_main(void *arg) {
                 (void)r;
             }
         }
-        if (atomic_exchange(&u->recheck, 0)) pu_recheck_all(u);
         pu_expire(u, pe_now());
         pu_free_dead(u);
         pthread_mutex_unlock(&u->mu);
@@ -619,10 +618,14 @@ static void pu_listener_remove(pu_engine *u, pu_lst *l) {
     pthread_mutex_unlock(&u->mu);
 }
 
-/* Endpoint lists changed: the UDP thread closes the flows whose endpoint left (at its next wake-up). */
+/* Endpoint lists changed: the flows whose endpoint left close now, before the caller goes on (as the
+ * twin's set_endpoints closes them), so an endpoint removed and put back at once still ends them. The
+ * UDP thread skips a closed flow's pending events and frees it after its batch. */
 static void pu_recheck(pu_engine *u) {
-    atomic_store(&u->recheck, 1);
-    pu_wake(u);
+    pthread_mutex_lock(&u->mu);
+    pu_recheck_all(u);
+    if (!u->started) pu_free_dead(u); /* no thread: no event can name it */
+    pthread_mutex_unlock(&u->mu);
 }
 
 static void pu_engine_free(pu_engine *u) {

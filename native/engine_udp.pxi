@@ -100,8 +100,9 @@ cdef class UdpEngine:
             listener.lst = NULL
 
     def recheck(self):
-        """Endpoint lists changed: flows whose endpoint left their service close (at once, in the UDP thread)."""
-        pu_recheck(self.u)
+        """Endpoint lists changed: flows whose endpoint left their service close before this returns."""
+        with nogil:
+            pu_recheck(self.u)
 
     def close_flows(self):
         """Close every flow (shutdown)."""

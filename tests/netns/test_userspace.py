@@ -27,8 +27,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from tests.netns.behaviour import (
     CLUSTER_IP,
     EXTERNAL_IP,
@@ -72,11 +70,6 @@ class TestUserspace(ServiceBehaviour):
     def assert_clean(self, topo: Topology) -> None:
         links = topo.ns_run(topo.node, ["ip", "-o", "link", "show"]).stdout
         assert "proxyd0" not in links
-
-    @pytest.mark.xfail(strict=True, reason="known gap (issue 20): userspace drops the datagrams of a UDP "
-                                           "service without endpoints instead of refusing them")
-    def test_udp_without_endpoints_is_refused(self, topology: Topology) -> None:
-        super().test_udp_without_endpoints_is_refused(topology)
 
     def test_retries_next_endpoint_when_one_is_down(self, topology: Topology) -> None:
         # pod3 runs no server: its connects are refused and retried elsewhere
@@ -208,6 +201,43 @@ class TestUserspace(ServiceBehaviour):
                 return topology.udp_hello(ns, CLUSTER_IP, 53, sock=sock, timeout=0.5)[0].pod == "pod2"
 
             wait_until(moved, timeout=30, what="flow moved to pod2")
+
+    def test_udp_refusal_follows_endpoints(self, topology: Topology) -> None:
+        # A UDP port without endpoints holds no socket (the kernel refuses), and gets one back with them.
+        svc = service("dns", cluster_ip=CLUSTER_IP, ports=[port(53, protocol="UDP", target_port=5353)])
+
+        def docs(*ips: str) -> list[dict]:
+            return [svc, endpoint_slice("dns", ports=[{"port": 5353, "protocol": "UDP"}],
+                                        endpoints=local_eps(*ips))]
+
+        self.start(topology, docs(POD1), tcp=(), udp=("pod1",))
+        ns = topology.pod("pod3").ns
+
+        def udp_refused() -> bool:
+            with topology.udp_socket(ns) as sock:
+                sock.settimeout(0.5)
+                sock.connect((CLUSTER_IP, 53))
+                sock.send(b"anyone?")
+                try:
+                    sock.recv(100)
+                except ConnectionRefusedError:
+                    return True
+                except TimeoutError:
+                    return False
+                return False
+
+        def served() -> bool:
+            try:
+                return topology.udp_hello(ns, CLUSTER_IP, 53, timeout=0.5)[0].pod == "pod1"
+            except OSError:
+                return False
+
+        assert served()
+        topology.write_manifest("services.yaml", docs())
+        wait_until(udp_refused, timeout=30, what="datagrams refused once the endpoints are gone")
+        assert CLUSTER_IP in holder_addresses(topology)  # still local: refused here, never routed on
+        topology.write_manifest("services.yaml", docs(POD1))
+        wait_until(served, timeout=30, what="served again once an endpoint is back")
 
     def test_running_out_of_descriptors_pauses_accepting(self, topology: Topology) -> None:
         # With 64 descriptors proxyd can hold only a few proxied connections
@@ -555,11 +585,6 @@ class TestUserspaceIPv6SpecificTwin(TestUserspaceIPv6Specific):
 class _UserspaceFamilies(ServiceBehaviour):
     mode = "userspace"
     assert_clean = TestUserspace.assert_clean
-
-    @pytest.mark.xfail(strict=True, reason="known gap (issue 20): userspace drops the datagrams of a UDP "
-                                           "service without endpoints instead of refusing them")
-    def test_udp_without_endpoints_is_refused(self, topology: Topology) -> None:
-        super().test_udp_without_endpoints_is_refused(topology)
 
 
 # Each family variant runs on one data path (IPv6 on the engine, dual-stack on the twin), so both

@@ -264,9 +264,30 @@ def test_flow_closes_when_its_endpoint_leaves(udp_backends: UdpBackends, native:
             assert again is not None and again[1] == first[1]  # the same flow
             side.set(TableEntry((udp_backends.live[1],), 0))
             if native:
-                _wait(lambda: side.path.flows() == 0)  # closed by the UDP thread, without a datagram
+                assert side.path.flows() == 0  # closed before set_endpoints returned, without a datagram
             moved = ask(client, side.addr)
             assert moved is not None and moved[0] == "ep1"
+            opened, *_ = side.counts()
+            assert opened == 2
+    finally:
+        side.close()
+
+
+@pytest.mark.parametrize("native", BOTH)
+def test_endpoint_removed_and_put_back_at_once_still_ends_its_flows(udp_backends: UdpBackends,
+                                                                     native: bool) -> None:
+    """The flow ends at the removal, however soon the endpoint returns (the engine once kept it)."""
+    side = UdpSide(native=native)
+    ep0, ep1 = udp_backends.live[:2]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            side.set(TableEntry((ep0,), 0))
+            first = ask(client, side.addr)
+            assert first is not None and first[0] == "ep0"
+            side.set(TableEntry((ep1,), 0))
+            side.set(TableEntry((ep0, ep1), 0))  # at once: before the UDP thread would get a turn
+            again = ask(client, side.addr)
+            assert again is not None and again[1] != first[1]  # a new flow
             opened, *_ = side.counts()
             assert opened == 2
     finally:

@@ -152,9 +152,47 @@ def test_external_ip_equal_to_cluster_ip_is_not_a_conflict() -> None:
 
 def test_tcp_and_udp_on_one_port_are_separate() -> None:
     tcp, udp = spn(port="dns-tcp"), spn(port="dns", protocol=UDP)
-    merged = merge({tcp: plan_one(svc(tcp, port=53), ()), udp: plan_one(svc(udp, port=53), ())})
+    eps = (ep("10.244.1.11"),)
+    merged = merge({tcp: plan_one(svc(tcp, port=53), eps), udp: plan_one(svc(udp, port=53), eps)})
     assert set(merged.listeners) == {ListenerKey("10.96.0.10", 53, TCP), ListenerKey("10.96.0.10", 53, UDP)}
     assert merged.conflicts == ()
+
+
+def test_udp_port_without_endpoints_holds_no_listener() -> None:
+    """No socket, so the kernel refuses its datagrams (REJECT); the address stays local and the table kept."""
+    udp = spn(port="dns", protocol=UDP)
+    plan = plan_one(svc(udp, port=53, type=ServiceType.NODE_PORT, node_port=30053), ())
+    assert plan.listeners == () and plan.addresses == ("10.96.0.10",)
+    assert [entry.endpoints for _, entry in plan.tables] == [(), ()]
+    assert len(plan_one(svc(udp, port=53, type=ServiceType.NODE_PORT, node_port=30053),
+                        (ep("10.244.1.11"),)).listeners) == 2
+    # TCP without endpoints keeps its listener (it refuses each connection itself)
+    tcp = spn(port="dns-tcp")
+    assert plan_one(svc(tcp, port=53), ()).listeners
+
+
+def test_udp_port_with_only_remote_endpoints_under_local_policy_keeps_its_listener() -> None:
+    """Remote endpoints exist: datagrams are dropped (kube-proxy's DROP), not refused."""
+    udp = spn(port="dns", protocol=UDP)
+    remote = (ep("10.244.2.11", node="node2"),)
+    plan = plan_one(svc(udp, port=53, internal_policy_local=True), remote)
+    assert [key for key, _ in plan.listeners] == [ListenerKey("10.96.0.10", 53, UDP)]
+    assert [entry.endpoints for _, entry in plan.tables] == [()]
+
+
+def test_partial_sync_closes_and_reopens_a_udp_listener_as_endpoints_go_and_come() -> None:
+    udp = spn("dns", port="dns", protocol=UDP)
+    planner = Planner()
+    key = ListenerKey("10.96.0.1", 53, UDP)
+    name = frozenset({ServiceName("default", "dns")})
+    with_eps = state((svc(udp, ip="10.96.0.1", port=53), (ep("10.244.1.11"),)))
+    without = state((svc(udp, ip="10.96.0.1", port=53), ()))
+    assert key in planner.plan(with_eps, changed=None, nodeport_ips=["0.0.0.0"]).listeners
+    gone = planner.plan(without, changed=name, nodeport_ips=["0.0.0.0"])
+    assert key not in gone.listeners and gone.changes is not None and key in gone.changes.listeners
+    assert "10.96.0.1" in gone.addresses
+    back = planner.plan(with_eps, changed=name, nodeport_ips=["0.0.0.0"])
+    assert key in back.listeners and back.changes is not None and key in back.changes.listeners
 
 
 def test_planner_partial_sync_replans_only_changed() -> None:

@@ -97,8 +97,12 @@ def trace(mode: UserspaceMode, packet: TracePacket, local_ips: set[str]) -> Trac
         return result
     found = _listener_for(mode, packet, protocol, local_ips)
     if found is None:
-        why = ("no proxyd listener on this address and port: not a service here "
-               "(the node's own stack answers, usually with a reset)")
+        if protocol == Protocol.UDP and packet.dst in mode.applier.holder.current:
+            why = ("no proxyd listener on this service address and port: a UDP service port without "
+                   "endpoints holds none, so the kernel answers ICMP port unreachable")
+        else:
+            why = ("no proxyd listener on this address and port: not a service here "
+                   "(the node's own stack answers, usually with a reset)")
         result.paths = [TracePath("REJECT", None, 1.0, False, (f"no listener {packet.dst}:{packet.port}/"
                                                                f"{protocol}",), why)]
         return result

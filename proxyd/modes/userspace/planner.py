@@ -8,6 +8,8 @@ No I/O here. For every service port the planner decides:
 * which sockets to listen on: ``(ip, port, protocol)`` for the ClusterIP,
   the externalIPs and LB IPs, and ``(node ip, nodePort, protocol)`` for each
   node address accepting NodePorts (``0.0.0.0`` when every address does);
+  none for a UDP port without any endpoint, so the kernel refuses its
+  datagrams with a port unreachable, as kube-proxy's REJECT does;
 * which LB-IP listeners admit only ``loadBalancerSourceRanges`` sources;
 * which endpoints each kind of traffic may reach, as ``proxyd.policy``
   categorises them: ClusterIP traffic uses ``internal``, traffic to a
@@ -207,6 +209,10 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
     internal = TableKey(svc.name, external=False, family=fam)
     tables = [(internal, TableEntry(_pairs(cat.internal), svc.affinity_timeout))]
     listeners = [(ListenerKey(svc.cluster_ip, svc.port, svc.protocol), internal)]
+    # A UDP port with no endpoint anywhere holds no socket, so the kernel answers its datagrams with a
+    # port unreachable (kube-proxy's REJECT). Endpoints that exist but are all remote under a Local
+    # policy keep the listener: those datagrams are dropped (kube-proxy's DROP).
+    refuse = svc.protocol == Protocol.UDP and not cat.has_any
     addresses = [svc.cluster_ip]
     if svc.has_external:
         external = TableKey(svc.name, external=True, family=fam)
@@ -224,6 +230,8 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
             for ip in nodeport_ips:
                 if family(ip) == fam:
                     listeners.append((ListenerKey(ip, svc.node_port, svc.protocol), external))
+    if refuse:
+        listeners, filters = [], ()
     return PortPlan(addresses=tuple(dict.fromkeys(addresses)), listeners=tuple(listeners),
                     tables=tuple(tables), source_ranges=filters)
 

@@ -13,8 +13,8 @@ What crosses the Python boundary, and when (never per datagram or flow):
 * at each sync: listeners (a duplicate of the bound socket, the key's
   ``Service``, the source ranges it admits; a new key or new ranges
   reconfigure it in place), endpoint lists and affinity timeouts per table
-  key without proxyd's own UDP listeners, then a wake-up that makes the UDP
-  thread close the flows whose endpoint left their list;
+  key without proxyd's own UDP listeners, then the flows whose endpoint left
+  their list close (under the UDP thread's lock, before the sync goes on);
 * every ``FLUSH_INTERVAL`` and before a scrape: the keys' cumulative
   counters (flows opened, bytes each way, rejections per reason; the same
   ``Service`` counters as TCP) turned into metric deltas, per-endpoint
