@@ -18,8 +18,15 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.capability import fail_if_missing
+
+# The suite runs on shared, busy machines: a per-example deadline or a "too slow" health check would
+# fail a property test on the machine's load, not on the property. Tests keep their own bounds.
+settings.register_profile("busy-machine", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("busy-machine")
 
 HOLDERS = ("proxyd0", "kube-ipvs0")
 
