@@ -17,7 +17,8 @@
  *
  * Connection life (kube-proxy userspace's semantics, as proxyd/modes/userspace/tcp.py):
  *   accept4 (batches of 64) -> source ranges -> pick (affinity, round robin,
- *   skipping endpoints tried) -> non-blocking connect with per-attempt timeouts
+ *   skipping endpoints tried until each was, then round again) -> non-blocking
+ *   connect with four attempts, per-attempt timeouts
  *   250 ms, 500 ms, 1 s, 2 s (four FIFO timer lists: one timeout each, so
  *   insertion order is expiry order) -> splice(2) each direction through a
  *   pooled pipe (lent only while it holds data), backpressure by not reading
@@ -889,7 +890,11 @@ static void pe_dial(pe_conn *c) {
     while (c->attempt < PE_ATTEMPTS) {
         pe_addr ep;
         pe_epc_release(&c->epc); /* the previous attempt's endpoint */
-        if (!pe_pick(c->svc, &c->cip, now, c->tried, c->ntried, &ep, &c->epc)) break;
+        if (!pe_pick(c->svc, &c->cip, now, c->tried, c->ntried, &ep, &c->epc)) {
+            /* every endpoint tried, attempts left: round again, as kube-proxy picks anew per attempt */
+            if (!c->ntried || !pe_pick(c->svc, &c->cip, now, NULL, 0, &ep, &c->epc)) break;
+            c->ntried = 0;
+        }
         c->tried[c->ntried++] = ep;
         int list = c->attempt++;
         int fd = socket(ep.sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -197,10 +197,13 @@ class Backends:
             thread.start()
             self.threads.append(thread)
         # a port nobody listens on: connects are refused and retried on the next endpoint
-        probe = socket.socket(family)
+        probe, probe2 = socket.socket(family), socket.socket(family)
         probe.bind((host, 0))
+        probe2.bind((host, 0))
         self.dead = (host, probe.getsockname()[1])
+        self.dead2 = (host, probe2.getsockname()[1])
         probe.close()
+        probe2.close()
         self.live = [(host, s.getsockname()[1]) for s in self.socks]
 
     def _serve(self, sock: socket.socket, name: str) -> None:
@@ -499,6 +502,33 @@ def test_ipv6_listener_endpoints_retry_affinity_and_source_ranges(native: bool) 
         if native:
             side.path.engine.stop()
         six.close()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native, id="engine"),
+                                    pytest.param(False, id="twin")])
+def test_a_lone_failing_endpoint_gets_all_four_attempts(backends: Backends, native: bool) -> None:
+    """kube-proxy picks anew for each of its four attempts: with one endpoint that one is tried four
+    times (its 500 ms, 1 s and 2 s chances too), then the client is reset; two endpoints go round twice."""
+    side = Side(native=native)
+    try:
+        for endpoints, attempts in (((backends.dead,), 4), ((backends.dead, backends.dead2), 4)):
+            before = side.stats.get(NAME).retried
+            side.do(lambda eps=endpoints: side.path.set_endpoints(TKEY, TableEntry(eps, 0), time.monotonic()))
+            try:
+                with socket.create_connection(side.addr, timeout=5) as sock:
+                    assert read_line(sock)[1] == "reset"
+            except ConnectionResetError:
+                pass
+
+            def counted(before: int = before, attempts: int = attempts) -> bool:
+                side.do(side.path.flush)
+                return side.stats.get(NAME).retried - before == attempts
+
+            _wait(counted)
+    finally:
+        side.close()
+        if native:
+            side.path.engine.stop()
 
 
 def _talk(addr: tuple[str, int], payload: bytes) -> tuple[str, int]:

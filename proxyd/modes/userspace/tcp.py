@@ -5,8 +5,10 @@ non-blocking socket driven by ``loop.add_reader``. For each connection the
 ``TcpProxy`` asks the connection table for an endpoint (round robin, ClientIP
 affinity) among those the planner allowed, and connects to it without
 blocking. A failed or timed-out connect moves on to the next endpoint not
-tried yet, with kube-proxy userspace's per-attempt timeouts 250 ms, 500 ms,
-1 s and 2 s; the client sees an error only when every attempt failed. A port
+tried yet (round again once every endpoint was tried, as kube-proxy picks
+anew for each attempt), with kube-proxy userspace's per-attempt timeouts
+250 ms, 500 ms, 1 s and 2 s; the client sees an error only when all four
+attempts failed. A port
 with no usable endpoint answers at once with an RST (``SO_LINGER`` 0 close),
 so clients are refused, never left hanging.
 
@@ -130,7 +132,14 @@ class _Dial:
         while self.attempt < len(DIAL_TIMEOUTS):
             ep = proxy.table.pick(self.key.id, self.client_ip, time.monotonic(), self.tried)
             if ep is None:
-                break
+                # Every endpoint tried and attempts left: go round again, as kube-proxy's NextEndpoint
+                # does for each attempt (one slow endpoint gets its 500 ms, 1 s and 2 s tries too).
+                # Our own listeners stay excluded; a round with no real attempt ends the dial.
+                again = [t for t in self.tried if t in proxy.own]
+                if len(again) == len(self.tried):
+                    break
+                self.tried = again
+                continue
             self.tried.append(ep)
             if ep in proxy.own:
                 # Our own listener: connecting would proxy this connection to ourselves, again and again.
