@@ -98,8 +98,9 @@ def raise_nofile(held: int) -> dict[str, int]:
         with contextlib.suppress(ValueError, OSError):  # no CAP_SYS_RESOURCE: keep the hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    top = want if hard == resource.RLIM_INFINITY else hard  # RLIM_INFINITY is -1: no plain comparison
+    if soft != resource.RLIM_INFINITY and soft < top:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return limits | {"soft": soft, "hard": hard}
 
