@@ -191,12 +191,13 @@ class ProxydPath:
         """Stop the daemon and remove what it programmed; returns a note when something went wrong."""
         notes = []
         if self.proc is not None:
-            code = self.topo.stop_proxyd(self.proc)
+            code = self.topo.stop_proxyd(self.proc, timeout=max(15.0, self.start_timeout / 2))
             if code not in (0, -signal.SIGTERM):
                 notes.append(f"proxyd exited {code} on SIGTERM: {self.topo.log_of(self.proc)[-500:]}")
             self.proc = None
         self._kill_leftovers()
-        cleanup = self.topo.run_proxyd(["--cleanup", "--proxy-mode", self.mode], timeout=30.0)
+        cleanup = self.topo.run_proxyd(["--cleanup", "--proxy-mode", self.mode],
+                                       timeout=max(30.0, self.start_timeout))
         if cleanup.returncode != 0:
             notes.append(f"proxyd --cleanup -> {cleanup.returncode}: {cleanup.stderr.strip()[-300:]}")
         return "; ".join(notes)
