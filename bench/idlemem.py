@@ -113,7 +113,7 @@ class _Greetings:
     def __init__(self) -> None:
         self.ep = select.epoll()
         self.waiting: dict[int, socket.socket] = {}
-        self.counts = {"greeted": 0, "closed": 0, "reset": 0}
+        self.counts = {"greeted": 0, "closed": 0, "reset": 0, "not connected": 0}
 
     def add(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -157,7 +157,14 @@ def _hold(target: tuple[str, int], held: int, socks: list[socket.socket], *, win
             sock = socket.socket()
             socks.append(sock)
             sock.settimeout(connect_timeout)
-            sock.connect(target)
+            try:
+                sock.connect(target)
+            except ConnectionResetError:  # accepted and reset before the connect returned
+                greetings.counts["reset"] += 1
+                continue
+            except OSError:  # refused or timed out: counted, the rest still measured
+                greetings.counts["not connected"] += 1
+                continue
             greetings.add(sock)
             greetings.poll(0)
         while greetings.waiting and time.monotonic() < deadline:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import resource
+import socket
+import struct
+import threading
 
 import pytest
 
@@ -145,3 +148,62 @@ def test_rendering_shows_a_failed_or_short_run() -> None:
     assert "HAProxy failed in this run:" in text and "no verdict" in text
     assert len(text) < 2000 and "haproxy | boom" not in text
     assert "no verdict" in scale_figures.idle_memory({})
+
+
+def test_hold_counts_each_outcome_within_its_window() -> None:
+    """A loopback server greets some connections, closes some and resets others: each is counted."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=64)
+    kept: list[socket.socket] = []
+
+    def serve() -> None:
+        for n in range(12):
+            conn, _ = srv.accept()
+            if n % 3 == 0:
+                conn.send(b"h")
+                kept.append(conn)
+            elif n % 3 == 1:
+                conn.close()
+            else:  # SO_LINGER 0: close sends a reset
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    socks: list[socket.socket] = []
+    try:
+        counts = idlemem._hold(srv.getsockname(), 12, socks, window=2, connect_timeout=5.0,
+                               greeting_timeout=30.0)
+        assert counts == {"greeted": 4, "closed": 4, "reset": 4, "not connected": 0, "never answered": 0}
+        assert len(socks) == 12
+    finally:
+        server.join(timeout=10)
+        for sock in [*socks, *kept, srv]:
+            sock.close()
+
+
+def test_hold_stops_when_nothing_answers() -> None:
+    """A listener that never greets: the window fills, the deadline ends the wait, all are counted."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=64)
+    socks: list[socket.socket] = []
+    try:
+        counts = idlemem._hold(srv.getsockname(), 50, socks, window=4, connect_timeout=5.0,
+                               greeting_timeout=1.0)
+        assert counts == {"greeted": 0, "closed": 0, "reset": 0, "not connected": 0,
+                          "never answered": 50}
+        assert len(socks) == 4  # no connection beyond the window while none was answered
+    finally:
+        for sock in [*socks, srv]:
+            sock.close()
+
+
+def test_hold_counts_refused_connects() -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    target = srv.getsockname()
+    srv.close()  # nothing listens there now: every connect is refused
+    socks: list[socket.socket] = []
+    try:
+        counts = idlemem._hold(target, 5, socks, window=2, connect_timeout=5.0, greeting_timeout=5.0)
+        assert counts["not connected"] == 5 and counts["greeted"] == 0 and counts["never answered"] == 0
+    finally:
+        for sock in socks:
+            sock.close()
