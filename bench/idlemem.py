@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import re
 import resource
 import select
 import socket
@@ -41,7 +43,7 @@ from typing import Any
 
 from bench import paths, report, runmeta
 from bench.servers import HOLD_PORT, start_haproxy, start_hold_server
-from netnstopo.topology import NODE_IP, Topology, endpoint, endpoint_slice, in_netns, port, service
+from netnstopo.topology import METRICS, NODE_IP, Topology, endpoint, endpoint_slice, in_netns, port, service
 
 HELD = 10_000
 CONNECT_TIMEOUT = 5.0
@@ -133,8 +135,13 @@ class _Greetings:
                 continue
             except OSError:
                 self.counts["reset"] += 1
+                sock.close()  # its descriptors in the proxy go too: only held connections stay
                 continue
-            self.counts["greeted" if got == b"h" else "closed"] += 1
+            if got == b"h":
+                self.counts["greeted"] += 1
+            else:
+                self.counts["closed"] += 1
+                sock.close()
 
     def close(self) -> None:
         self.ep.close()
@@ -142,34 +149,43 @@ class _Greetings:
 
 def _hold(target: tuple[str, int], held: int, socks: list[socket.socket], *, window: int,
           connect_timeout: float, greeting_timeout: float) -> dict[str, int]:
-    """Open ``held`` connections to ``target`` (appended to ``socks``), at most ``window`` of them waiting
-    for their greeting at a time, so that neither the proxy's nor the backend's accept queue overflows on a
-    slow (emulated) CPU: the figure is idle memory, not burst handling. Counts of greeted, closed, reset and
-    never answered."""
+    """Open connections to ``target`` (appended to ``socks``) until ``held`` are greeted, at most ``window``
+    waiting for their greeting at a time, so that neither the proxy's nor the backend's accept queue
+    overflows on a slow (emulated) CPU: the figure is idle memory, not burst handling.
+
+    One the proxy closes or resets while it is being established is closed here and replaced by a new one,
+    at most ``held // 10 + 100`` times in all; the counts (greeted, closed, reset, not connected, never
+    answered, opened) say how many."""
     greetings = _Greetings()
+    counts = greetings.counts
+    budget = held + held // 10 + 100
+    opened = 0
     deadline = time.monotonic() + greeting_timeout
     try:
-        for _ in range(held):
-            while len(greetings.waiting) >= window and time.monotonic() < deadline:
+        while counts["greeted"] < held and time.monotonic() < deadline:
+            waiting = len(greetings.waiting)
+            if counts["greeted"] + waiting < held and waiting < window and opened < budget:
+                opened += 1
+                sock = socket.socket()
+                socks.append(sock)
+                sock.settimeout(connect_timeout)
+                try:
+                    sock.connect(target)
+                except ConnectionResetError:  # accepted and reset before the connect returned
+                    counts["reset"] += 1
+                    sock.close()
+                    continue
+                except OSError:  # refused or timed out: counted, replaced
+                    counts["not connected"] += 1
+                    sock.close()
+                    continue
+                greetings.add(sock)
+                greetings.poll(0)
+            elif waiting:
                 greetings.poll(0.5)
-            if len(greetings.waiting) >= window:
-                break
-            sock = socket.socket()
-            socks.append(sock)
-            sock.settimeout(connect_timeout)
-            try:
-                sock.connect(target)
-            except ConnectionResetError:  # accepted and reset before the connect returned
-                greetings.counts["reset"] += 1
-                continue
-            except OSError:  # refused or timed out: counted, the rest still measured
-                greetings.counts["not connected"] += 1
-                continue
-            greetings.add(sock)
-            greetings.poll(0)
-        while greetings.waiting and time.monotonic() < deadline:
-            greetings.poll(0.5)
-        return greetings.counts | {"never answered": held - sum(greetings.counts.values())}
+            else:
+                break  # the budget of replacements is spent
+        return counts | {"never answered": len(greetings.waiting), "opened": opened}
     finally:
         greetings.close()
 
@@ -194,8 +210,11 @@ def measure(topo: Topology, *, pid: int, target: tuple[str, int], held: int = HE
             f"RSS {before} -> {holding} KiB")
         if greeted < held:
             return {"error": f"only {greeted} of {held} connections were established end to end: {counts}"}
+        # Replaced connections (closed or reset by the proxy while being established) are said, not hidden.
+        replaced = {k: v for k, v in counts.items() if k in ("closed", "reset", "not connected") and v}
         return {"held": held, "rss_before_kib": before, "rss_holding_kib": holding,
-                "kib_per_connection": round((holding - before) / held, 3)}
+                "kib_per_connection": round((holding - before) / held, 3),
+                **({"replaced": replaced} if replaced else {})}
     finally:
         for sock in socks:
             sock.close()
@@ -210,6 +229,31 @@ def write_hold_manifest(topo: Topology) -> None:
                        endpoints=[endpoint(topo.pod_list[0].ip)])])
 
 
+# proxyd's own account of connections it could not complete (docs/userspace.md, proxyd/metrics.py)
+PROXYD_COUNTERS = ("proxyd_connections_total", "proxyd_connect_retries_total",
+                   "proxyd_connections_rejected_total", "proxyd_accept_pauses_total")
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{.*\})?\s+(\S+)")
+
+
+def metric_sums(text: str, names: Sequence[str] = PROXYD_COUNTERS) -> dict[str, float]:
+    """Each named family summed over its labels, from a Prometheus text exposition (malformed lines
+    skipped: the figure is context, never worth failing the run)."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines()[:100_000]:
+        match = _SAMPLE.match(line)
+        if match is None or match.group(1) not in names:
+            continue
+        try:
+            value = float(match.group(2))
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            sums[match.group(1)] = sums.get(match.group(1), 0.0) + value
+    return sums
+
+
 def through_proxyd(topo: Topology, *, held: int, log: Callable[[str], None], start_timeout: float = 20.0,
                    **timeouts: float) -> dict[str, Any]:
     """``held`` idle connections through proxyd's userspace mode (pinned, one engine worker)."""
@@ -220,6 +264,10 @@ def through_proxyd(topo: Topology, *, held: int, log: Callable[[str], None], sta
         assert running.meter.pid is not None
         got = measure(topo, pid=running.meter.pid, held=held, target=(paths.HOLD_VIP, HOLD_PORT), log=log,
                       **timeouts)
+        status, body = topo.http_get(topo.node, *METRICS, "/metrics", timeout=30.0)
+        if status == 200:
+            got["proxyd counters"] = metric_sums(body)
+            log(f"  proxyd counters: {got['proxyd counters']}")
     except (RuntimeError, OSError) as err:
         got = {"error": f"{type(err).__name__}: {err}"[-500:]}
     finally:

@@ -156,7 +156,7 @@ def test_hold_counts_each_outcome_within_its_window() -> None:
     kept: list[socket.socket] = []
 
     def serve() -> None:
-        for n in range(12):
+        for n in range(10):
             conn, _ = srv.accept()
             if n % 3 == 0:
                 conn.send(b"h")
@@ -171,10 +171,12 @@ def test_hold_counts_each_outcome_within_its_window() -> None:
     server.start()
     socks: list[socket.socket] = []
     try:
-        counts = idlemem._hold(srv.getsockname(), 12, socks, window=2, connect_timeout=5.0,
+        # 4 greeted held: the 6 the server closed or reset on the way are replaced as they fail
+        counts = idlemem._hold(srv.getsockname(), 4, socks, window=2, connect_timeout=5.0,
                                greeting_timeout=30.0)
-        assert counts == {"greeted": 4, "closed": 4, "reset": 4, "not connected": 0, "never answered": 0}
-        assert len(socks) == 12
+        assert counts == {"greeted": 4, "closed": 3, "reset": 3, "not connected": 0, "never answered": 0,
+                          "opened": 10}
+        assert len(socks) == 10 and sum(s.fileno() >= 0 for s in socks) == 4  # the failed ones closed
     finally:
         server.join(timeout=10)
         for sock in [*socks, *kept, srv]:
@@ -189,7 +191,7 @@ def test_hold_stops_when_nothing_answers() -> None:
         counts = idlemem._hold(srv.getsockname(), 50, socks, window=4, connect_timeout=5.0,
                                greeting_timeout=1.0)
         assert counts == {"greeted": 0, "closed": 0, "reset": 0, "not connected": 0,
-                          "never answered": 50}
+                          "never answered": 4, "opened": 4}
         assert len(socks) == 4  # no connection beyond the window while none was answered
     finally:
         for sock in [*socks, srv]:
@@ -202,8 +204,23 @@ def test_hold_counts_refused_connects() -> None:
     srv.close()  # nothing listens there now: every connect is refused
     socks: list[socket.socket] = []
     try:
-        counts = idlemem._hold(target, 5, socks, window=2, connect_timeout=5.0, greeting_timeout=5.0)
-        assert counts["not connected"] == 5 and counts["greeted"] == 0 and counts["never answered"] == 0
+        counts = idlemem._hold(target, 5, socks, window=2, connect_timeout=5.0, greeting_timeout=30.0)
+        # every one refused: replaced until the budget (held // 10 + 100 more) is spent, then it stops
+        assert counts["not connected"] == counts["opened"] == 105 and counts["greeted"] == 0
+        assert counts["never answered"] == 0
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_proxyd_counters_are_summed_over_labels_and_bad_lines_skipped() -> None:
+    text = "\n".join([
+        "# HELP proxyd_connect_retries_total x", "# TYPE proxyd_connect_retries_total counter",
+        'proxyd_connect_retries_total{service="a b",port="p"} 3.0',
+        'proxyd_connect_retries_total{service="c",port="q"} 4',
+        "proxyd_accept_pauses_total 1", "proxyd_accept_pauses_total NaN", "proxyd_accept_pauses_total x",
+        'proxyd_connections_rejected_total{service="d"', "other_total 9", "", "{}", "x" * 100_000,
+    ])
+    assert idlemem.metric_sums(text) == {"proxyd_connect_retries_total": 7.0,
+                                         "proxyd_accept_pauses_total": 1.0}
+    assert idlemem.metric_sums("") == {}
