@@ -549,7 +549,8 @@ def idle_memory(data: Data) -> str:
              f"(fs.nr_open {_count(limits.get('nr_open'))}).", "",
              "| proxy | connections held | RSS before | RSS holding | per connection |",
              "|---|---|---|---|---|"]
-    failed = []
+    failed: list[str] = []
+    notes: list[str] = []
     for proxy, got in memory.items():
         name = _PROXY_NAMES.get(proxy, proxy)
         if not isinstance(got, Mapping) or "kib_per_connection" not in got:
@@ -560,6 +561,16 @@ def idle_memory(data: Data) -> str:
         cells = [f"{_count(got.get('held'))}{short}", f"{_count(got.get('rss_before_kib'))} KiB",
                  f"{_count(got.get('rss_holding_kib'))} KiB", f"{fmt(got.get('kib_per_connection'))} KiB"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        replaced = got.get("replaced")
+        if isinstance(replaced, Mapping) and replaced:
+            what = ", ".join(f"{_count(n)} {kind}" for kind, n in replaced.items())
+            counters = got.get("proxyd counters", {})
+            told = "" if not isinstance(counters, Mapping) or not counters else (
+                f" (its counters: {_count(int(counters.get('proxyd_connect_retries_total', 0)))} connect "
+                f"retries, {_count(int(counters.get('proxyd_connections_rejected_total', 0)))} connections "
+                "rejected)")
+            notes.append(f"{name}: {what} while being established, each replaced by a new connection; only "
+                         f"held connections are counted{told}.")
     ours = memory.get("proxyd-userspace", {}).get("kib_per_connection")
     theirs = memory.get("haproxy", {}).get("kib_per_connection")
     if isinstance(ours, int | float) and isinstance(theirs, int | float):
@@ -568,4 +579,4 @@ def idle_memory(data: Data) -> str:
                       f"({fmt(ours / theirs if theirs else None)}×): {status}."]
     else:
         lines += ["", "proxyd ≤ HAProxy per idle connection: no verdict (a proxy has no figure in this run)."]
-    return "\n".join(lines + (["", *failed] if failed else []))
+    return "\n".join(lines + (["", *notes, *failed] if notes or failed else []))

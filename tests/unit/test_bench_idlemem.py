@@ -224,3 +224,12 @@ def test_proxyd_counters_are_summed_over_labels_and_bad_lines_skipped() -> None:
     assert idlemem.metric_sums(text) == {"proxyd_connect_retries_total": 7.0,
                                          "proxyd_accept_pauses_total": 1.0}
     assert idlemem.metric_sums("") == {}
+
+
+def test_rendering_says_what_was_replaced() -> None:
+    held = {"held": 10_000, "rss_before_kib": 40_000, "rss_holding_kib": 48_000, "kib_per_connection": 0.8,
+            "replaced": {"reset": 77}, "proxyd counters": {"proxyd_connect_retries_total": 80.0,
+                                                           "proxyd_connections_rejected_total": 77.0}}
+    text = scale_figures.idle_memory(_data(held, {"held": 10_000, "kib_per_connection": 3.3}))
+    assert "proxyd userspace (engine): 77 reset while being established" in text
+    assert "80 connect retries, 77 connections rejected" in text
