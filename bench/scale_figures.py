@@ -559,7 +559,7 @@ def idle_memory(data: Data) -> str:
             continue
         short = " (fewer than asked)" if isinstance(asked, int) and got.get("held", 0) < asked else ""
         cells = [f"{_count(got.get('held'))}{short}", f"{_count(got.get('rss_before_kib'))} KiB",
-                 f"{_count(got.get('rss_holding_kib'))} KiB", f"{fmt(got.get('kib_per_connection'))} KiB"]
+                 f"{_count(got.get('rss_holding_kib'))} KiB", f"{_fmt(got.get('kib_per_connection'))} KiB"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         replaced = got.get("replaced")
         if isinstance(replaced, Mapping) and replaced:
@@ -575,7 +575,7 @@ def idle_memory(data: Data) -> str:
     theirs = memory.get("haproxy", {}).get("kib_per_connection")
     if isinstance(ours, int | float) and isinstance(theirs, int | float):
         status = "met" if ours <= theirs else "**not met**"
-        lines += ["", f"proxyd ≤ HAProxy per idle connection: {fmt(ours)} KiB vs {fmt(theirs)} KiB "
+        lines += ["", f"proxyd ≤ HAProxy per idle connection: {_fmt(ours)} KiB vs {_fmt(theirs)} KiB "
                       f"({fmt(ours / theirs if theirs else None)}×): {status}."]
     else:
         lines += ["", "proxyd ≤ HAProxy per idle connection: no verdict (a proxy has no figure in this run)."]

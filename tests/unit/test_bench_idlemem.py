@@ -132,8 +132,8 @@ def test_rendering_shows_both_proxies_and_the_verdict() -> None:
     haproxy = held | {"rss_holding_kib": 73_000, "kib_per_connection": 3.3}
     text = scale_figures.idle_memory(_data(held, haproxy))
     assert "raised from 4,096 to 26,024" in text
-    assert "| proxyd userspace (engine) | 10,000 | 40,000 KiB | 48,000 KiB | 0.8 KiB |" in text
-    assert "| HAProxy | 10,000 | 40,000 KiB | 73,000 KiB | 3.3 KiB |" in text
+    assert "| proxyd userspace (engine) | 10,000 | 40,000 KiB | 48,000 KiB | 0.800 KiB |" in text
+    assert "| HAProxy | 10,000 | 40,000 KiB | 73,000 KiB | 3.30 KiB |" in text
     assert text.endswith("(0.242×): met.")
     worse = scale_figures.idle_memory(_data(held | {"kib_per_connection": 4.0}, held))
     assert worse.endswith("**not met**.")
