@@ -48,7 +48,12 @@ stays as written. Each region says which stored run it comes from:
     ``sync_scale-ipvs.json``, inside the QEMU guest (this host's kernel has
     no IPVS): ``tests/vm/run-in-vm.sh --cmd 'python -m bench.sync_scale
     --mode ipvs --services 1000,10000 --save'``, which copies the file the
-    guest saved to ``bench/results/``.
+    guest saved to ``bench/results/``;
+  - ``idlemem-guest`` (README.md): ``idlemem-guest.json``, the memory per
+    idle connection with 10,000 held through proxyd and HAProxy, inside the
+    QEMU guest (where the descriptor hard limit can be raised):
+    ``tests/vm/run-in-vm.sh --cmd 'python -m bench.idlemem --held 10000
+    --save'`` (with longer timeouts for the emulated CPU).
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -328,6 +333,7 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "nftables-status": ("docs/nftables.md", _R + "status_scale.json", scale_figures.nftables_status),
     "ipvs-summary": ("README.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_summary),
     "ipvs-sync": ("docs/ipvs.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_table),
+    "idlemem-guest": ("README.md", _R + "idlemem-guest.json", scale_figures.idle_memory),
 }
 
 

@@ -48,7 +48,6 @@ from typing import Any
 
 from bench import dataplane, idlemem, paths, plots, programming, report, sync_scale
 from bench.servers import (
-    HOLD_PORT,
     HTTP_PORT,
     IPERF_PORT,
     start_haproxy,
@@ -119,11 +118,7 @@ def manifests(topo: Topology) -> None:
         endpoint_slice("bench-bulk6", ports=[{"name": "iperf", "port": IPERF_PORT}], address_type="IPv6",
                        endpoints=[endpoint(pods[0].ip6)])])
     topo.write_manifest(programming.FILENAME, programming.manifest(pods[0]))
-    hold_port = [port(HOLD_PORT, name="hold", target_port=HOLD_PORT)]
-    topo.write_manifest("bench-hold.yaml", [
-        service("bench-hold", cluster_ip=paths.HOLD_VIP, ports=hold_port),
-        endpoint_slice("bench-hold", ports=[{"name": "hold", "port": HOLD_PORT}],
-                       endpoints=[endpoint(pods[0].ip)])])
+    idlemem.write_hold_manifest(topo)
 
 
 def setup(topo: Topology) -> tuple[Any, Any]:
@@ -272,36 +267,9 @@ def idle_memory(topo: Topology, *, plan: Plan, modes: Sequence[str], results: di
         return
     out = results.setdefault("memory", {})
     _log(f"memory per idle connection: {plan.idle_held} held through proxyd-userspace")
-    path = paths.ProxydPath(topo, "userspace")
-    try:
-        running = path.start()
-        assert running.meter.pid is not None
-        out["proxyd-userspace"] = idlemem.measure(topo, pid=running.meter.pid, held=plan.idle_held,
-                                                  target=(paths.HOLD_VIP, HOLD_PORT), log=_log)
-    except (RuntimeError, OSError) as err:
-        out["proxyd-userspace"] = {"error": f"{type(err).__name__}: {err}"[-500:]}
-    finally:
-        path.stop()
-    held = idlemem.possible(plan.idle_held)
-    _log(f"memory per idle connection: {held} held through haproxy")
-    try:
-        # HAProxy sizes its descriptor needs from maxconn (two per connection) and refuses to start beyond
-        # the hard limit: give it just what the measurement holds.
-        backend = [(topo.pod_list[0].ip, HOLD_PORT)]
-        proc = start_haproxy(topo, workdir=topo.manifests.parent / "bench" / "haproxy-hold",
-                             maxconn=held + 16,
-                             listeners=[(NODE_IP, paths.HAPROXY_HOLD_PORT, backend)])
-    except RuntimeError as err:
-        out["haproxy"] = {"error": f"did not start: {err}"[-500:]}
-        return
-    try:
-        out["haproxy"] = idlemem.measure(topo, pid=proc.pid, held=plan.idle_held,
-                                         target=(NODE_IP, paths.HAPROXY_HOLD_PORT), log=_log)
-    except OSError as err:
-        out["haproxy"] = {"error": f"{type(err).__name__}: {err}"[-500:]}
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+    out["proxyd-userspace"] = idlemem.through_proxyd(topo, held=plan.idle_held, log=_log)
+    _log(f"memory per idle connection: {idlemem.possible(plan.idle_held)} held through haproxy")
+    out["haproxy"] = idlemem.through_haproxy(topo, held=plan.idle_held, log=_log)
 
 
 def programming_latency(topo: Topology, *, plan: Plan, modes: Sequence[str],
@@ -402,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     # Also when started from a script with SIGINT ignored (``cmd &``): Ctrl-C/SIGINT must always clean up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Before any process starts (the hold server, proxyd, HAProxy inherit it): where this process may raise
+    # its descriptor hard limit (the QEMU guest), the idle-memory case then holds all it was asked for.
+    idlemem.raise_nofile(plan.idle_held)
     started = time.monotonic()
     results: dict[str, Any] = {"meta": meta(plan, args.quick), "plan": asdict(plan), "paths": [],
                                "skipped": {}, "cpu_notes": {}, "samples": [], "notes": [], "control": {}}

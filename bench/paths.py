@@ -148,8 +148,11 @@ class ProxydPath:
     """One proxyd mode: ``start()`` → Running, ``stop()``; failures raise RuntimeError with the reason."""
 
     def __init__(self, topo: Topology, mode: str, *, env: Mapping[str, str] | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, start_timeout: float = 20.0,
+                 ready: tuple[str, int] = (HTTP_VIP, HTTP_PORT)) -> None:
         self.topo, self.mode, self.env = topo, mode, env
+        # start_timeout: healthy within it (more in the emulated guest); ready: the service that must accept
+        self.start_timeout, self.ready = start_timeout, ready
         self.name = f"proxyd-{mode}" if workers is None else f"proxyd-{mode}-{workers}w"
         # workers given: the engine's worker count, and the daemon is not pinned (the multi-core case)
         self.workers = workers
@@ -159,13 +162,14 @@ class ProxydPath:
         extra = () if self.workers is None else ("--userspace-workers", str(self.workers))
         with _thread_pinned(PROXY_CPU) if self.workers is None else contextlib.nullcontext():
             try:
-                self.proc = self.topo.start_proxyd(self.mode, extra_args=extra, timeout=20.0, env=self.env)
+                self.proc = self.topo.start_proxyd(self.mode, extra_args=extra, timeout=self.start_timeout,
+                                                   env=self.env)
             except RuntimeError:
                 # start_proxyd leaves an unhealthy daemon running: end it before anything else runs.
                 self._kill_leftovers()
                 raise
         try:
-            wait_tcp(self.topo, self.topo.client, HTTP_VIP, HTTP_PORT, timeout=10.0)
+            wait_tcp(self.topo, self.topo.client, *self.ready, timeout=max(10.0, self.start_timeout / 2))
         except RuntimeError as err:
             log = self.topo.log_of(self.proc)[-1500:]
             self.stop()
@@ -187,12 +191,13 @@ class ProxydPath:
         """Stop the daemon and remove what it programmed; returns a note when something went wrong."""
         notes = []
         if self.proc is not None:
-            code = self.topo.stop_proxyd(self.proc)
+            code = self.topo.stop_proxyd(self.proc, timeout=max(15.0, self.start_timeout / 2))
             if code not in (0, -signal.SIGTERM):
                 notes.append(f"proxyd exited {code} on SIGTERM: {self.topo.log_of(self.proc)[-500:]}")
             self.proc = None
         self._kill_leftovers()
-        cleanup = self.topo.run_proxyd(["--cleanup", "--proxy-mode", self.mode], timeout=30.0)
+        cleanup = self.topo.run_proxyd(["--cleanup", "--proxy-mode", self.mode],
+                                       timeout=max(30.0, self.start_timeout))
         if cleanup.returncode != 0:
             notes.append(f"proxyd --cleanup -> {cleanup.returncode}: {cleanup.stderr.strip()[-300:]}")
         return "; ".join(notes)

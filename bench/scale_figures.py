@@ -529,3 +529,54 @@ def dualstack_cost(data: Data) -> str:
     return (f"v4-only services, alone and wrapped alternately; incremental = one endpoint of one service "
             f"changed, {_count(data.get('repeat'))} times per run; load = 1-minute load average after the "
             "run:\n\n" + "\n".join(lines))
+
+
+# -- idle memory (python -m bench.idlemem --save, in the QEMU guest) ---------------------------------
+
+_PROXY_NAMES = {"proxyd-userspace": "proxyd userspace (engine)", "haproxy": "HAProxy"}
+
+
+def idle_memory(data: Data) -> str:
+    """RSS per idle established connection through each proxy, the descriptor limits it ran under and the
+    verdict of issue 15 (proxyd ≤ HAProxy); a proxy whose run failed is shown as failed."""
+    memory: Mapping[str, Data] = data.get("memory", {})
+    limits: Data = data.get("descriptor limits", {})
+    asked = data.get("held requested")
+    before, hard = limits.get("hard before"), limits.get("hard")
+    raised = (f"raised from {_count(before)} to {_count(hard)}" if before != hard
+              else f"{_count(hard)}, not raised (no CAP_SYS_RESOURCE)")
+    lines = [f"{_count(asked)} idle connections asked for; descriptor hard limit {raised} "
+             f"(fs.nr_open {_count(limits.get('nr_open'))}).", "",
+             "| proxy | connections held | RSS before | RSS holding | per connection |",
+             "|---|---|---|---|---|"]
+    failed: list[str] = []
+    notes: list[str] = []
+    for proxy, got in memory.items():
+        name = _PROXY_NAMES.get(proxy, proxy)
+        if not isinstance(got, Mapping) or "kib_per_connection" not in got:
+            error = str(got.get("error", "no figure") if isinstance(got, Mapping) else got)
+            failed.append(f"{name} failed in this run: {error.strip()[-160:].replace('|', '/')}.")
+            continue
+        short = " (fewer than asked)" if isinstance(asked, int) and got.get("held", 0) < asked else ""
+        cells = [f"{_count(got.get('held'))}{short}", f"{_count(got.get('rss_before_kib'))} KiB",
+                 f"{_count(got.get('rss_holding_kib'))} KiB", f"{_fmt(got.get('kib_per_connection'))} KiB"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        replaced = got.get("replaced")
+        if isinstance(replaced, Mapping) and replaced:
+            what = ", ".join(f"{_count(n)} {kind}" for kind, n in replaced.items())
+            counters = got.get("proxyd counters", {})
+            told = "" if not isinstance(counters, Mapping) or not counters else (
+                f" (its counters: {_count(int(counters.get('proxyd_connect_retries_total', 0)))} connect "
+                f"retries, {_count(int(counters.get('proxyd_connections_rejected_total', 0)))} connections "
+                "rejected)")
+            notes.append(f"{name}: {what} while being established, each replaced by a new connection; only "
+                         f"held connections are counted{told}.")
+    ours = memory.get("proxyd-userspace", {}).get("kib_per_connection")
+    theirs = memory.get("haproxy", {}).get("kib_per_connection")
+    if isinstance(ours, int | float) and isinstance(theirs, int | float):
+        status = "met" if ours <= theirs else "**not met**"
+        lines += ["", f"proxyd ≤ HAProxy per idle connection: {_fmt(ours)} KiB vs {_fmt(theirs)} KiB "
+                      f"({fmt(ours / theirs if theirs else None)}×): {status}."]
+    else:
+        lines += ["", "proxyd ≤ HAProxy per idle connection: no verdict (a proxy has no figure in this run)."]
+    return "\n".join(lines + (["", *notes, *failed] if notes or failed else []))

@@ -124,7 +124,7 @@ def start_iperf3(topo: Topology, pod: Pod) -> subprocess.Popen[str]:
 
 def start_haproxy(topo: Topology, *, workdir: Path,
                   listeners: Sequence[tuple[str, int, Sequence[tuple[str, int]]]], nbthread: int = 1,
-                  maxconn: int = 4000, pin: bool = True) -> subprocess.Popen[str]:
+                  maxconn: int = 4000, pin: bool = True, timeout: float = 10.0) -> subprocess.Popen[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "haproxy.cfg"
     conf.write_text(haproxy_config(listeners=listeners, nbthread=nbthread, maxconn=maxconn))
@@ -135,7 +135,7 @@ def start_haproxy(topo: Topology, *, workdir: Path,
     argv = ["haproxy", "-db", "-f", str(conf)]
     proc = topo.spawn(topo.node, pinned(PROXY_CPU, argv) if pin else argv, log_name=f"haproxy-{workdir.name}")
     for _, port, _ in listeners:
-        wait_listening(topo, topo.node, port)
+        wait_listening(topo, topo.node, port, timeout=timeout)
     return proc
 
 
@@ -190,8 +190,8 @@ while True:
 HOLD_PORT = 9100
 
 
-def start_hold_server(topo: Topology, pod: Pod) -> subprocess.Popen[str]:
+def start_hold_server(topo: Topology, pod: Pod, *, timeout: float = 10.0) -> subprocess.Popen[str]:
     proc = topo.spawn(pod.ns, pinned(LOAD_CPU, [sys.executable, "-c", HOLD_SERVER, str(HOLD_PORT)]),
                       log_name=f"{pod.name}-hold")
-    wait_listening(topo, pod.ns, HOLD_PORT)
+    wait_listening(topo, pod.ns, HOLD_PORT, timeout=timeout)
     return proc
