@@ -28,7 +28,8 @@
  * Per connection only what can matter is paid for: the client socket inherits
  * TCP_NODELAY and keepalive from the listener; the endpoint socket gets
  * TCP_NODELAY before its second write and keepalive once it has lived
- * PE_TUNE_AFTER; a short recv after a clean FIN was reported is the EOF.
+ * PE_TUNE_AFTER; a short recv after a clean FIN was reported is the EOF; the
+ * endpoint handshake's last ACK rides on the client's first bytes (pe_defer_ack).
  */
 #ifndef PROXYD_ENGINE_CORE_H
 #define PROXYD_ENGINE_CORE_H
