@@ -29,7 +29,8 @@
  * Per connection only what can matter is paid for: the client socket inherits
  * TCP_NODELAY and keepalive from the listener; the endpoint socket gets
  * TCP_NODELAY before its second write and keepalive once it has lived
- * PE_TUNE_AFTER; a short recv after a clean FIN was reported is the EOF.
+ * PE_TUNE_AFTER; a short recv after a clean FIN was reported is the EOF; the
+ * endpoint handshake's last ACK rides on the client's first bytes (pe_defer_ack).
  */
 #ifndef PROXYD_ENGINE_CORE_H
 #define PROXYD_ENGINE_CORE_H
@@ -849,6 +850,23 @@ static void pe_pump_both(pe_conn *c) {
 
 /* ---- dialing */
 
+/* Hold back the ACK that ends the endpoint handshake, as the kernel does for a connecting socket with
+ * TCP_DEFER_ACCEPT (tcp_rcv_synsent_state_process: "save one ACK"): the connection is established and
+ * reported writable as before, and the client's first bytes, sent at once by pe_established, carry
+ * the ACK. The node sends one packet fewer per connection, and the endpoint's kernel creates its
+ * connection from the data segment instead of from a bare ACK first. The option has no other effect
+ * on a socket that never listens. When nothing is sent at once pe_quickack sends the ACK. */
+static void pe_defer_ack(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one));
+}
+
+/* Send a held-back ACK now (TCP_QUICKACK pushes an ACK the socket has scheduled). */
+static void pe_quickack(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+}
+
 /* Keepalive on an established endpoint socket, PE_TUNE_AFTER after it connected (the client socket
  * inherits it from the listener). The order matters: SO_KEEPALIVE arms the kernel's timer with the
  * default idle time, then TCP_KEEPIDLE re-arms it for 15 s after the last segment received, so the
@@ -880,6 +898,10 @@ static void pe_established(pe_conn *c, int backend_ready) {
     /* the client got its handshake before accept and has usually sent already: read it now;
      * the endpoint's side only when it said it has something (else its next input raises an event) */
     if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) return;
+    /* The handshake's last ACK was held back (pe_defer_ack) for the client's first bytes to carry it.
+     * Nothing went to the endpoint (the client has not spoken yet, or the endpoint speaks first):
+     * send the ACK now, so the endpoint's accept is not delayed. */
+    if (c->up.nagle == 1) pe_quickack(c->bfd);
     if (backend_ready) pe_pump(c, &c->down, &c->up, c->bfd, c->cfd, &c->svc->bytes_down);
 }
 
@@ -907,6 +929,7 @@ static void pe_dial(pe_conn *c) {
         }
         atomic_fetch_add_explicit(&e->fds, 1, memory_order_relaxed);
         c->bfd = fd;
+        pe_defer_ack(fd);
         int r = connect(fd, (struct sockaddr *)&ep.sa, ep.len);
         if (r == 0 || errno == EINPROGRESS || errno == EAGAIN) {
             struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
