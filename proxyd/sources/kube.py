@@ -87,7 +87,7 @@ import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from proxyd import metrics, rejections
+from proxyd import heap, metrics, rejections
 from proxyd.config import Config, ConfigError
 from proxyd.logformat import event
 from proxyd.model import ServiceName
@@ -494,7 +494,16 @@ class KubeSource:
     # ---- list -------------------------------------------------------------
 
     async def _list(self, kind: _Kind) -> str:
-        """List every page; replace the kind's content; the list's resourceVersion."""
+        """List every page; replace the kind's content; the list's resourceVersion.
+
+        A list decodes and converts every object, making values that live on (or die by reference
+        count): no cyclic GC meanwhile, which would rescan the growing heap page after page, and
+        what the initial lists built stays out of later collections (``heap.gc_paused``).
+        """
+        with heap.gc_paused(freeze=not self.ready.is_set()):
+            return await self._list_pages(kind)
+
+    async def _list_pages(self, kind: _Kind) -> str:
         values: dict[Any, Any] = {}
         seen: set[Hashable] = set()
         # resourceVersions of what this list converted: remembered only once the
