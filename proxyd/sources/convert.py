@@ -285,16 +285,7 @@ def _special_kind(ip: str) -> str | None:
         except (OSError, ValueError):
             packed = b""
         if packed:
-            first = packed[0]
-            if packed == b"\0\0\0\0":
-                return "unspecified_ip"
-            if first == 127:
-                return "loopback_ip"
-            if first == 169 and packed[1] == 254:
-                return "link_local_ip"
-            if 224 <= first <= 239:
-                return "multicast_ip"
-            return None
+            return _special_v4(packed)
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
@@ -305,6 +296,20 @@ def _special_kind(ip: str) -> str | None:
     if addr.is_link_local:
         return "link_local_ip"
     if addr.is_multicast:
+        return "multicast_ip"
+    return None
+
+
+def _special_v4(packed: bytes) -> str | None:
+    """``_special_kind`` of an IPv4 address by its 4 bytes."""
+    first = packed[0]
+    if packed == b"\0\0\0\0":
+        return "unspecified_ip"
+    if first == 127:
+        return "loopback_ip"
+    if first == 169 and packed[1] == 254:
+        return "link_local_ip"
+    if 224 <= first <= 239:
         return "multicast_ip"
     return None
 
@@ -810,7 +815,9 @@ def _slice(obj: object, notes: list[Note]) -> EndpointSlice | None:
 
     endpoints: list[SliceEndpoint] = []
     for i, raw in enumerate(_opt_list(obj, "endpoints", "", limit=MAX_SLICE_ENDPOINTS)):
-        endpoint = _slice_endpoint(raw, f"endpoints[{i}]", fam, notes)
+        endpoint = _plain_endpoint(raw) if fam == 4 else None
+        if endpoint is None:
+            endpoint = _slice_endpoint(raw, f"endpoints[{i}]", fam, notes)
         if endpoint is not None:
             endpoints.append(endpoint)
     return EndpointSlice(namespace=namespace, name=name, service=service, ports=tuple(ports),
@@ -870,6 +877,56 @@ def _slice_endpoint(raw: object, path: str, fam: int, notes: list[Note]) -> Slic
         zone=sys.intern(zone) if zone else None,
         zone_hints=tuple(zones),
     )
+
+
+def _plain_endpoint(raw: object) -> SliceEndpoint | None:
+    """The usual IPv4 endpoint the short way, else None: ``_slice_endpoint`` then decides.
+
+    Usual: one usable IPv4 address in canonical text, conditions true, false
+    or absent, a node name already checked (or none), no zone, no hints. What
+    comes out is what ``_slice_endpoint`` makes of it (test_convert compares
+    both on every shape); anything else, valid or not, takes its way, which
+    alone reports.
+    """
+    if type(raw) is not dict:
+        return None
+    addresses = raw.get("addresses")
+    if type(addresses) is not list or len(addresses) != 1:
+        return None
+    ip = addresses[0]
+    if type(ip) is not str or len(ip) > 15:
+        return None
+    try:
+        packed = socket.inet_pton(socket.AF_INET, ip)
+    except (OSError, ValueError):
+        return None
+    if socket.inet_ntop(socket.AF_INET, packed) != ip or _special_v4(packed) is not None:
+        return None
+    conditions = raw.get("conditions")
+    if conditions is None:
+        ready = serving = terminating = None
+    elif type(conditions) is dict:
+        ready, serving = conditions.get("ready"), conditions.get("serving")
+        terminating = conditions.get("terminating")
+        for value in (ready, serving, terminating):
+            if value is not None and value is not True and value is not False:
+                return None
+    else:
+        return None
+    node = raw.get("nodeName")
+    if node is not None:
+        if type(node) is not str:
+            return None
+        if node:
+            node = _NODE_NAMES.get(node)
+            if node is None:
+                return None
+        else:
+            node = None
+    if raw.get("zone") is not None or raw.get("hints") is not None:
+        return None
+    return SliceEndpoint(ip=ip, ready=ready is None or ready, serving=serving is None or serving,
+                         terminating=bool(terminating), node_name=node)
 
 
 def _canonical_v4(value: object) -> str | None:

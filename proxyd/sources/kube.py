@@ -190,6 +190,8 @@ class _Kind:
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
         self.notes: list[Note] = []  # what the last convert() did not serve; reported by _accepted
+        # proxyd_source_events_total of this kind, looked up once (labels() costs more than the count).
+        self.events = metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=self.name)
 
     def list_call(self, client: k8s_client.ApiClient) -> Callable[..., Awaitable[Any]]:
         raise NotImplementedError
@@ -570,7 +572,7 @@ class KubeSource:
     def _collect(self, kind: _Kind, raw: object, values: dict[Any, Any], seen: set[Hashable],
                  versions: dict[Hashable, str | None]) -> None:
         """One listed item into ``values`` (keeping the previous good version of an invalid one)."""
-        metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind.name).inc()
+        kind.events.inc()
         if not isinstance(raw, dict):
             self._reject(kind, None, "malformed", f"list item is {type(raw).__name__}")
             return
@@ -667,7 +669,7 @@ class KubeSource:
             rv = None
         if etype == "BOOKMARK":
             return rv
-        metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind.name).inc()
+        kind.events.inc()
         if etype not in ("ADDED", "MODIFIED", "DELETED"):
             self._reject(kind, None, "bad-event", f"unknown event type {etype[:40]!r}")
             return rv

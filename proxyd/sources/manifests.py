@@ -94,6 +94,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -148,6 +149,13 @@ FULL_RESCAN = 60.0
 MAX_ALLOCATION_LINES = 50
 
 _SOURCE = "manifests"
+
+
+@functools.cache
+def _events(kind: str) -> Any:
+    """proxyd_source_events_total of one kind, looked up once (labels() costs more than the count)."""
+    return metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind)
+
 
 # The order of ServiceName (namespace, then name) as a key: 10,000 names sort without one Python-level
 # comparison each.
@@ -1055,7 +1063,7 @@ class ManifestSource:
             other_kinds.setdefault(f"{api_version} {kind}", []).append(
                 f"{key[1]}/{key[2]}" if key else f"#{index + 1}")
             return None, _IGNORED
-        metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=our_kind).inc()
+        _events(our_kind).inc()
         notes: list[Note] = []
         try:
             key, value = _convert(our_kind, raw, notes)

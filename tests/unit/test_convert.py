@@ -782,3 +782,45 @@ def test_node_names_are_checked_and_shared_and_their_memory_is_bounded(monkeypat
     # A bad name is refused whether or not the memory is full.
     invalid(slice_from_dict, eps([{"addresses": ["10.244.9.3"], "nodeName": "Bad_Node"}]),
             "endpoints[0].nodeName")
+
+
+def test_the_short_way_for_usual_endpoints_gives_what_the_full_check_gives(monkeypatch):
+    from proxyd.sources import convert
+
+    addresses = [["10.244.1.2"], ["10.244.001.2"], ["127.0.0.1"], ["0.0.0.0"], ["224.0.0.1"], ["fd00::1"],
+                 ["10.244.1.2", "10.244.1.3"], [], ["x"], [7], None, "10.244.1.2", ["10.244.1.2" * 3]]
+    conditions = [None, {}, {"ready": True}, {"ready": False, "serving": True, "terminating": True},
+                  {"ready": None, "serving": None, "terminating": None}, {"ready": 1}, {"serving": "yes"},
+                  [], "ready"]
+    nodes = [None, "", "node1", "node-2.example", "Bad_Node", 5, "a" * 300]
+    extras = [{}, {"zone": "zone-a"}, {"zone": ""}, {"zone": None}, {"hints": {"forZones": [{"name": "a"}]}},
+              {"hints": None}, {"targetRef": {"kind": "Pod"}}]
+    entries: list[object] = [None, 5, "x", []]
+    for address in addresses:
+        for condition in conditions:
+            for node in nodes:
+                for extra in extras:
+                    entry: dict = {"addresses": address, **extra}
+                    if condition is not None:
+                        entry["conditions"] = condition
+                    if node is not None:
+                        entry["nodeName"] = node
+                    entries.append(entry)
+
+    def outcome(entry: object, short: bool) -> object:
+        if not short:
+            monkeypatch.setattr(convert, "_plain_endpoint", lambda raw: None)
+        monkeypatch.setattr(convert, "_NODE_NAMES", {"node1": "node1"})  # the short way knows node1
+        notes: list = []
+        try:
+            return slice_from_dict(eps([entry]), notes), notes
+        except InvalidObject as err:
+            return err.reason
+        finally:
+            monkeypatch.undo()
+
+    for entry in entries:
+        assert outcome(entry, True) == outcome(entry, False), entry
+    monkeypatch.setattr(convert, "_NODE_NAMES", {"node1": "node1"})
+    short_taken = sum(convert._plain_endpoint(entry) is not None for entry in entries)
+    assert short_taken >= 60  # the short way is exercised, not only the full one
