@@ -1154,6 +1154,8 @@ class ManifestSource:
         return changed
 
     def _note_duplicates(self, key: ObjKey, owners: list[str] | None) -> None:
+        if (owners is None or len(owners) == 1) and key not in self._duplicates:
+            return  # defined once, and was: the usual case, 20,000 times in a first read
         pairs = {(owners[i], owners[i + 1]) for i in range(len(owners) - 1)} if owners else set()
         before = self._duplicates.get(key, set())
         for loser, winner in sorted(pairs - before):
