@@ -129,6 +129,14 @@ class Daemon:
         self.runner.run()
 
     async def _sync(self) -> None:
+        # A full sync builds long-lived objects only: no cyclic GC meanwhile (heap.gc_paused). What
+        # the first one built (the whole state, and what the source's initial read left) stays out
+        # of later collections.
+        full = self._needs_full or time.monotonic() - self._last_full >= FULL_SYNC_PERIOD
+        with heap.gc_paused(freeze=self._last_full == 0.0) if full else contextlib.nullcontext():
+            await self._sync_now()
+
+    async def _sync_now(self) -> None:
         snapshot = self.tracker.take()
         if snapshot.oldest_change is not None and self._unapplied_since is None:
             self._unapplied_since = snapshot.oldest_change

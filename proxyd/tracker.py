@@ -92,6 +92,7 @@ def merge_endpoints(
     want_family: int | None = family(port.cluster_ip) if port.cluster_ip else None
     if port.secondary_cluster_ip:
         want_family = None  # dual-stack: both families' endpoints
+    v6 = want_family == 6  # family(ip) == 6, inline: this loop sees every endpoint of a full take
     pname = port.name.port
     proto = port.protocol
     merged: dict[tuple[str, int], Endpoint] = {}
@@ -101,11 +102,11 @@ def merge_endpoints(
                 continue
             number = eport.port
             for sep in sl.endpoints:
-                if want_family is not None and family(sep.ip) != want_family:
+                ip = sep.ip
+                if want_family is not None and (":" in ip) != v6:
                     continue
-                key = (sep.ip, number)
-                old = merged.get(key)
-                if old is not None and not _beats(sep.ready, sep.node_name, old, node_name):
+                key = (ip, number)
+                if key in merged and not _beats(sep.ready, sep.node_name, merged[key], node_name):
                     continue
                 merged[key] = sep.at_port(number)
     if not merged:

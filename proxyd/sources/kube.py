@@ -87,7 +87,7 @@ import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from proxyd import metrics, rejections
+from proxyd import heap, metrics, rejections
 from proxyd.config import Config, ConfigError
 from proxyd.logformat import event
 from proxyd.model import ServiceName
@@ -107,6 +107,7 @@ _SOURCE = "kube"
 # headless labels take a Service, and its slices, away from the default proxy).
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 PAGE_LIMIT = 500
+PAGE_YIELD = 100  # list items converted between two turns of the loop while the next page loads
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 MAX_PAGE_BYTES = 256 * 1024 * 1024
 MAX_ERROR_BODY = 4096
@@ -190,6 +191,8 @@ class _Kind:
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
         self.notes: list[Note] = []  # what the last convert() did not serve; reported by _accepted
+        # proxyd_source_events_total of this kind, looked up once (labels() costs more than the count).
+        self.events = metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=self.name)
 
     def list_call(self, client: k8s_client.ApiClient) -> Callable[..., Awaitable[Any]]:
         raise NotImplementedError
@@ -494,7 +497,16 @@ class KubeSource:
     # ---- list -------------------------------------------------------------
 
     async def _list(self, kind: _Kind) -> str:
-        """List every page; replace the kind's content; the list's resourceVersion."""
+        """List every page; replace the kind's content; the list's resourceVersion.
+
+        A list decodes and converts every object, making values that live on (or die by reference
+        count): no cyclic GC meanwhile, which would rescan the growing heap page after page, and
+        what the initial lists built stays out of later collections (``heap.gc_paused``).
+        """
+        with heap.gc_paused(freeze=not self.ready.is_set()):
+            return await self._list_pages(kind)
+
+    async def _list_pages(self, kind: _Kind) -> str:
         values: dict[Any, Any] = {}
         seen: set[Hashable] = set()
         # resourceVersions of what this list converted: remembered only once the
@@ -503,40 +515,41 @@ class KubeSource:
         versions: dict[Hashable, str | None] = {}
         token: str | None = None
         rv = ""
-        while True:
-            kwargs: dict[str, Any] = {**kind.selectors(), "limit": self._page_limit}
-            if token:
-                kwargs["_continue"] = token
-            resp = await kind.list_call(self._api)(**kwargs, _preload_content=False,
-                                                      _request_timeout=aiohttp.ClientTimeout(
-                                                          total=LIST_TIMEOUT, sock_connect=CONNECT_TIMEOUT))
-            try:
-                await _check_status(resp)
-                body = await _read_capped(resp, MAX_PAGE_BYTES)
-            finally:
-                resp.close()
-            try:
-                page = json.loads(body)
-            except (ValueError, RecursionError) as err:
-                raise _HttpError(resp.status, f"list page is not JSON ({type(err).__name__})") from None
-            del body
-            if not isinstance(page, dict):
-                raise _HttpError(resp.status, "list page is not an object")
-            raw_meta = page.get("metadata")
-            meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-            items = page.get("items") or []
-            if not isinstance(items, list):
-                raise _HttpError(resp.status, "list items is not a list")
-            del page
-            for raw in items:
-                self._collect(kind, raw, values, seen, versions)
-            del items
-            page_rv = meta.get("resourceVersion")
-            if isinstance(page_rv, str) and page_rv:
-                rv = page_rv
-            token = meta.get("continue") if isinstance(meta.get("continue"), str) else None
-            if not token:
-                break
+        # The server prepares the next page while this one is converted (two cores, two processes).
+        fetch: asyncio.Future[tuple[int, bytes]] | None = asyncio.ensure_future(self._page(kind, None))
+        try:
+            while fetch is not None:
+                status, body = await fetch
+                fetch = None
+                try:
+                    page = json.loads(body)
+                except (ValueError, RecursionError) as err:
+                    raise _HttpError(status, f"list page is not JSON ({type(err).__name__})") from None
+                del body
+                if not isinstance(page, dict):
+                    raise _HttpError(status, "list page is not an object")
+                raw_meta = page.get("metadata")
+                meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+                items = page.get("items") or []
+                if not isinstance(items, list):
+                    raise _HttpError(status, "list items is not a list")
+                del page
+                page_rv = meta.get("resourceVersion")
+                if isinstance(page_rv, str) and page_rv:
+                    rv = page_rv
+                token = meta.get("continue") if isinstance(meta.get("continue"), str) else None
+                if token:
+                    fetch = asyncio.ensure_future(self._page(kind, token))
+                for n, raw in enumerate(items):
+                    self._collect(kind, raw, values, seen, versions)
+                    if fetch is not None and n % PAGE_YIELD == 0:
+                        await asyncio.sleep(0)  # lets the next page's request go out meanwhile
+                del items
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch
         if not rv:
             raise _HttpError(200, "list without a resourceVersion")
         # Objects rejected before and gone now need no "valid again" memory.
@@ -558,10 +571,24 @@ class KubeSource:
         self._check_ready()
         return rv
 
+    async def _page(self, kind: _Kind, token: str | None) -> tuple[int, bytes]:
+        """(HTTP status, body) of one list page."""
+        kwargs: dict[str, Any] = {**kind.selectors(), "limit": self._page_limit}
+        if token:
+            kwargs["_continue"] = token
+        resp = await kind.list_call(self._api)(**kwargs, _preload_content=False,
+                                                  _request_timeout=aiohttp.ClientTimeout(
+                                                      total=LIST_TIMEOUT, sock_connect=CONNECT_TIMEOUT))
+        try:
+            await _check_status(resp)
+            return resp.status, await _read_capped(resp, MAX_PAGE_BYTES)
+        finally:
+            resp.close()
+
     def _collect(self, kind: _Kind, raw: object, values: dict[Any, Any], seen: set[Hashable],
                  versions: dict[Hashable, str | None]) -> None:
         """One listed item into ``values`` (keeping the previous good version of an invalid one)."""
-        metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind.name).inc()
+        kind.events.inc()
         if not isinstance(raw, dict):
             self._reject(kind, None, "malformed", f"list item is {type(raw).__name__}")
             return
@@ -658,7 +685,7 @@ class KubeSource:
             rv = None
         if etype == "BOOKMARK":
             return rv
-        metrics.SOURCE_EVENTS.labels(source=_SOURCE, kind=kind.name).inc()
+        kind.events.inc()
         if etype not in ("ADDED", "MODIFIED", "DELETED"):
             self._reject(kind, None, "bad-event", f"unknown event type {etype[:40]!r}")
             return rv

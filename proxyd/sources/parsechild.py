@@ -10,7 +10,8 @@ makes the parser do costs the node a bounded, temporary amount.
 
 Protocol (binary, one request per process): stdin carries the number of
 known digests (4 bytes, little endian), the digests (16 bytes each) and then
-the file's bytes. stdout carries one record per object: ``K`` + digest for
+the file's bytes. stdout carries one record per object, read by the parent
+as they come: ``K`` + digest for
 an object whose digest was known (the parent reuses what it converted
 before), ``N`` + digest + length + pickle for a new one; or one ``E`` record
 (length + JSON ``[reason, category]``) when the file is unusable. Pickles
@@ -24,12 +25,16 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import pickle
 import resource
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from typing import Any
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 DIGEST = 16
 MEMORY_LIMIT = 768 * 1024 * 1024  # address space; measured peaks: 13.5 MB JSON 145 MB RSS, YAML 169 MB
@@ -57,50 +62,95 @@ class ChildFailed(Exception):
 
 
 def parse(data: bytes, *, is_json: bool, known: Any) -> Iterator[tuple[Any, bytes]]:
-    """(raw object or ``KNOWN``, digest) of every object, parsed in a child; ``ChildFailed``."""
+    """(raw object or ``KNOWN``, digest) of every object, parsed in a child; ``ChildFailed``.
+
+    Records come as the child writes them: the caller converts the first
+    objects while the child still parses the rest (on two cores the parse
+    costs the start little more than the child's own start). A caller that
+    stops early (an error while converting) ends the child.
+    """
     digests = list(known)
     request = b"".join([len(digests).to_bytes(4, "little"), *digests, data])
     del data
-    try:
-        argv = [sys.executable, "-m", "proxyd.sources.parsechild", "json" if is_json else "yaml"]
-        # Own session: a signal to the daemon's process group is not the parser's (proxyd.daemon).
-        proc = subprocess.run(argv, input=request, capture_output=True, timeout=TIMEOUT, check=False,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise ChildFailed(f"does not parse: took longer than {TIMEOUT:.0f}s", "parse") from None
-    except OSError as err:
-        raise ChildFailed(f"cannot start the parser ({err.strerror})", "unreadable") from None
-    del request
-    out = proc.stdout
-    if proc.returncode != 0 and not out.startswith(b"E"):
-        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1][:200] if lines else f"exit {proc.returncode}"
-        raise ChildFailed(f"does not parse: the parser failed ({_printable(detail)})", "parse")
-    return _records(out)
+    argv = [sys.executable, "-m", "proxyd.sources.parsechild", "json" if is_json else "yaml"]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            # Own session: a signal to the daemon's process group is not the parser's (proxyd.daemon).
+            # Its complaints go to a file: a pipe nobody reads could stall it.
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                    start_new_session=True, bufsize=1 << 16)
+        except OSError as err:
+            raise ChildFailed(f"cannot start the parser ({err.strerror})", "unreadable") from None
+        assert proc.stdin is not None and proc.stdout is not None
+        timed_out = threading.Event()
+        timer = threading.Timer(TIMEOUT, _stop, (proc, timed_out))
+        timer.daemon = True
+        timer.start()
+        try:
+            # The child reads the whole request before it writes anything: no deadlock.
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(request)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            del request
+            yield from _records(proc.stdout, lambda: _failure(proc, errors, timed_out))
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                _stop(proc, None)
+            proc.stdout.close()
+            proc.wait()
+
+
+def _stop(proc: subprocess.Popen[bytes], timed_out: threading.Event | None) -> None:
+    if timed_out is not None:
+        timed_out.set()
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _failure(proc: subprocess.Popen[bytes], errors: Any, timed_out: threading.Event) -> ChildFailed | None:
+    """Why the child's output ended where it did; None when it exited well."""
+    proc.wait()
+    if proc.returncode == 0:
+        return None
+    if timed_out.is_set():
+        return ChildFailed(f"does not parse: took longer than {TIMEOUT:.0f}s", "parse")
+    errors.seek(0, os.SEEK_END)
+    errors.seek(max(0, errors.tell() - (1 << 16)))  # the end says why (a traceback's last line)
+    lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+    detail = lines[-1][:200] if lines else f"exit {proc.returncode}"
+    return ChildFailed(f"does not parse: the parser failed ({_printable(detail)})", "parse")
 
 
 def _printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)[1:-1]
 
 
-def _records(out: bytes) -> Iterator[tuple[Any, bytes]]:
-    view = memoryview(out)
-    pos = 0
-    while pos < len(view):
-        tag = view[pos:pos + 1].tobytes()
+def _records(out: IO[bytes], failure: Callable[[], ChildFailed | None]) -> Iterator[tuple[Any, bytes]]:
+    def exactly(size: int) -> bytes:
+        chunk = out.read(size)
+        if len(chunk) != size:  # cut short: the child died, or wrote garbage
+            raise failure() or ChildFailed("does not parse: the parser's answer is garbled", "parse")
+        return chunk
+
+    while True:
+        tag = out.read(1)
+        if not tag:
+            failed = failure()
+            if failed is not None:
+                raise failed
+            return
         if tag == b"K":
-            yield KNOWN, view[pos + 1:pos + 1 + DIGEST].tobytes()
-            pos += 1 + DIGEST
+            yield KNOWN, exactly(DIGEST)
         elif tag == b"N":
-            digest = view[pos + 1:pos + 1 + DIGEST].tobytes()
-            size = int.from_bytes(view[pos + 1 + DIGEST:pos + 5 + DIGEST], "little")
-            start = pos + 5 + DIGEST
-            value = _PlainUnpickler(io.BytesIO(view[start:start + size])).load()
-            pos = start + size
+            digest = exactly(DIGEST)
+            size = int.from_bytes(exactly(4), "little")
+            value = _PlainUnpickler(io.BytesIO(exactly(size))).load()
             yield value, digest
         elif tag == b"E":
-            size = int.from_bytes(view[pos + 1:pos + 5], "little")
-            reason, category = json.loads(view[pos + 5:pos + 5 + size].tobytes())
+            size = int.from_bytes(exactly(4), "little")
+            reason, category = json.loads(exactly(size))
             raise ChildFailed(str(reason), str(category))
         else:
             raise ChildFailed("does not parse: the parser's answer is garbled", "parse")

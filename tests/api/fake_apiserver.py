@@ -216,7 +216,7 @@ class FakeApiServer:
         self.fail_next: list[tuple[str | None, str | None, int]] = []  # (resource, verb, status)
         self.event_delay = 0.0
         self.watchers: set[_Watcher] = set()
-        self._snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        self._snapshots: dict[str, tuple[int, list[str]]] = {}
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.app = self._make_app()
@@ -421,7 +421,10 @@ class FakeApiServer:
             offset = int(token.split(":", 1)[1])
         else:
             list_rv = self.rv
-            items = [copy.deepcopy(o) for _, o in sorted(self.objects[resource].items()) if matches(o)]
+            # The list is a snapshot: later changes must not show in its next pages. Held as JSON text,
+            # which is such a copy at a seventh of deepcopy's cost (0.1 s for 10,000 slices, on the
+            # critical path of every start measured through this server).
+            items = [json.dumps(o) for _, o in sorted(self.objects[resource].items()) if matches(o)]
             offset = 0
         page = items[offset:offset + limit] if limit else items[offset:]
         meta: dict[str, Any] = {"resourceVersion": str(list_rv)}
@@ -434,8 +437,9 @@ class FakeApiServer:
             self._snapshots.pop(token.split(":", 1)[0], None)
         list_kind = RESOURCES[resource][2]
         record.status = 200
-        body = {"kind": list_kind, "apiVersion": _API_VERSION[resource], "metadata": meta, "items": page}
-        return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+        head = json.dumps({"kind": list_kind, "apiVersion": _API_VERSION[resource], "metadata": meta})
+        body = f'{head[:-1]}, "items": [{", ".join(page)}]}}'
+        return web.Response(body=body.encode(), content_type="application/json")
 
     async def _watch(self, request: web.Request, record: Request, resource: str,
                      matches: Any) -> web.StreamResponse:

@@ -10,6 +10,7 @@ reload, an API outage with the tracker kept, hostile streams, and scale.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -206,6 +207,35 @@ async def test_relist_after_410_notices_deletions(fake, start_source, as_status)
     assert sample("proxyd_source_reconnects_total", kind="services", reason="expired") >= 1
     relist = fake.requests_for("services", "list")[-1]
     assert "resourceVersion" not in relist.query or relist.query["resourceVersion"] in ("", "0")
+
+
+async def test_lists_convert_without_the_cyclic_gc_and_initial_ones_freeze(fake, start_source, monkeypatch):
+    from proxyd.sources import kube
+
+    collector: list[bool] = []
+    frozen: list[str] = []
+    real = kube.service_from_dict
+
+    def spy(raw, notes=None):
+        collector.append(gc.isenabled())
+        return real(raw, notes)
+
+    monkeypatch.setattr(kube, "service_from_dict", spy)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append("freeze"))
+    seed(fake, 3)
+    run = await start_source()
+    await asyncio.wait_for(run.source.ready.wait(), 10)
+    assert collector == [False] * 3 and gc.isenabled()
+    assert len(frozen) == 3  # services, slices and the node: each initial list, once
+    await wait_for(lambda: fake.watch_count() == 3, what="watches")
+    fake.apply("services", service("s9", "10.96.0.99"))
+    await wait_for(lambda: len(collector) == 4, what="watch event converted")
+    assert collector[3] is True  # one event: the collector as usual
+    fake.compact()
+    fake.expire_watches("services")
+    await wait_for(lambda: len(fake.requests_for("services", "list")) >= 2, what="relist")
+    await wait_for(lambda: len(fake.requests_for("services", "watch")) >= 2, what="watching after the relist")
+    assert len(frozen) == 3 and gc.isenabled()  # a relist pauses the collector but freezes nothing
 
 
 async def test_relist_converts_only_what_changed(fake, start_source, monkeypatch):

@@ -24,6 +24,7 @@ from proxyd.sources.convert import (
     service_spec,
     slice_from_dict,
     slices_from_endpoints,
+    special_address,
 )
 
 
@@ -550,6 +551,39 @@ SPECIAL = [
 ]
 
 
+def _reference_special(ip: str) -> str | None:
+    """What ``special_address`` says of ``ip``, from ``ipaddress``'s properties alone."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for category, prop in (("unspecified_ip", "is_unspecified"), ("loopback_ip", "is_loopback"),
+                           ("link_local_ip", "is_link_local"), ("multicast_ip", "is_multicast")):
+        if getattr(addr, prop):
+            return category
+    return None
+
+
+def test_special_address_ipv4_fast_path_agrees_with_ipaddress():
+    # The IPv4 path reads the packed bytes; every range edge and a sweep of first octets must
+    # come out as ipaddress's properties say (and the message names the address as written).
+    edges = ["0.0.0.0", "0.0.0.1", "0.255.255.255", "1.0.0.0", "126.255.255.255", "127.0.0.0",
+             "127.255.255.255", "128.0.0.0", "169.253.255.255", "169.254.0.0", "169.254.255.255",
+             "169.255.0.0", "168.254.0.1", "223.255.255.255", "224.0.0.0", "239.255.255.255",
+             "240.0.0.0", "255.255.255.255", "10.244.1.2", "192.0.2.1"]
+    sweep = [f"{a}.{b}.{c}.{d}" for a in range(256) for b, c, d in ((0, 0, 0), (254, 1, 2), (255, 255, 255))]
+    for ip in edges + sweep:
+        got = special_address(ip)
+        assert (got[0] if got else None) == _reference_special(ip), ip
+        if got:
+            assert got[1].startswith(f"{ip} may not be ")
+
+
+@pytest.mark.parametrize("text", ["10.0.0.01", "10.0.0", "10.0.0.256", " 10.0.0.1", "10.0.0.1\0", "1e1.0.0.1",
+                                  "١٠.0.0.1", "0x0a.0.0.1", "10.0.0.1.2", ""])
+def test_endpoint_address_not_in_canonical_dotted_quad_is_invalid(text):
+    invalid(slice_from_dict, eps([{"addresses": [text]}]), "is not a valid IP address")
+
+
 @pytest.mark.parametrize(("ip", "category"), SPECIAL)
 def test_special_external_ip_is_refused_alone(ip, category):
     notes: list = []
@@ -731,3 +765,62 @@ def test_endpoints_with_only_ipv6_addresses_make_one_ipv6_slice():
         {"addresses": [{"ip": "fd00:10:244:1::a"}, {"ip": "FD00:10:244:1::B"}], "ports": [{"port": 80}]}]))
     assert [(s.address_family, [e.ip for e in s.endpoints]) for s in slices] == [
         (6, ["fd00:10:244:1::a", "fd00:10:244:1::b"])]
+
+
+def test_node_names_are_checked_and_shared_and_their_memory_is_bounded(monkeypatch):
+    from proxyd.sources import convert
+
+    monkeypatch.setattr(convert, "_NODE_NAMES", {})
+    monkeypatch.setattr(convert, "_NODE_NAMES_MAX", 8)
+    many = [{"addresses": [f"10.244.{i // 250}.{i % 250 + 1}"], "nodeName": f"node-{i}"} for i in range(50)]
+    sl = slice_from_dict(eps(many))
+    assert sl is not None and [e.node_name for e in sl.endpoints] == [f"node-{i}" for i in range(50)]
+    assert len(convert._NODE_NAMES) == 8  # hostile variety does not grow it
+    again = slice_from_dict(eps([{"addresses": ["10.244.9.1"], "nodeName": "node-3"},
+                                 {"addresses": ["10.244.9.2"], "nodeName": "node-3"}]))
+    assert again is not None and again.endpoints[0].node_name is again.endpoints[1].node_name
+    # A bad name is refused whether or not the memory is full.
+    invalid(slice_from_dict, eps([{"addresses": ["10.244.9.3"], "nodeName": "Bad_Node"}]),
+            "endpoints[0].nodeName")
+
+
+def test_the_short_way_for_usual_endpoints_gives_what_the_full_check_gives(monkeypatch):
+    from proxyd.sources import convert
+
+    addresses = [["10.244.1.2"], ["10.244.001.2"], ["127.0.0.1"], ["0.0.0.0"], ["224.0.0.1"], ["fd00::1"],
+                 ["10.244.1.2", "10.244.1.3"], [], ["x"], [7], None, "10.244.1.2", ["10.244.1.2" * 3]]
+    conditions = [None, {}, {"ready": True}, {"ready": False, "serving": True, "terminating": True},
+                  {"ready": None, "serving": None, "terminating": None}, {"ready": 1}, {"serving": "yes"},
+                  [], "ready"]
+    nodes = [None, "", "node1", "node-2.example", "Bad_Node", 5, "a" * 300]
+    extras = [{}, {"zone": "zone-a"}, {"zone": ""}, {"zone": None}, {"hints": {"forZones": [{"name": "a"}]}},
+              {"hints": None}, {"targetRef": {"kind": "Pod"}}]
+    entries: list[object] = [None, 5, "x", []]
+    for address in addresses:
+        for condition in conditions:
+            for node in nodes:
+                for extra in extras:
+                    entry: dict = {"addresses": address, **extra}
+                    if condition is not None:
+                        entry["conditions"] = condition
+                    if node is not None:
+                        entry["nodeName"] = node
+                    entries.append(entry)
+
+    def outcome(entry: object, short: bool) -> object:
+        if not short:
+            monkeypatch.setattr(convert, "_plain_endpoint", lambda raw: None)
+        monkeypatch.setattr(convert, "_NODE_NAMES", {"node1": "node1"})  # the short way knows node1
+        notes: list = []
+        try:
+            return slice_from_dict(eps([entry]), notes), notes
+        except InvalidObject as err:
+            return err.reason
+        finally:
+            monkeypatch.undo()
+
+    for entry in entries:
+        assert outcome(entry, True) == outcome(entry, False), entry
+    monkeypatch.setattr(convert, "_NODE_NAMES", {"node1": "node1"})
+    short_taken = sum(convert._plain_endpoint(entry) is not None for entry in entries)
+    assert short_taken >= 60  # the short way is exercised, not only the full one

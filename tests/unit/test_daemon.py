@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 
@@ -86,6 +87,32 @@ async def test_periodic_full_sync(made, monkeypatch):
     made._last_full -= daemon.FULL_SYNC_PERIOD
     await made._sync()
     assert made.mode.requests[-1].changed is None
+
+
+async def test_full_syncs_run_without_the_cyclic_gc_and_the_first_freezes_what_it_built(made, monkeypatch):
+    seen: list[bool] = []
+    frozen: list[str] = []
+    real_sync = made.mode.sync
+
+    async def sync(request: SyncRequest) -> None:
+        seen.append(gc.isenabled())
+        await real_sync(request)
+
+    monkeypatch.setattr(made.mode, "sync", sync)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append("freeze"))
+    assert gc.isenabled()
+    await made._sync()  # the first: full
+    assert seen == [False] and frozen == ["freeze"] and gc.isenabled()
+    await made._sync()  # partial: the collector runs as usual, nothing more is frozen
+    assert seen == [False, True] and frozen == ["freeze"]
+    made._last_full -= daemon.FULL_SYNC_PERIOD
+    await made._sync()  # a later full sync: paused, but what it replaced is not kept frozen
+    assert seen == [False, True, False] and frozen == ["freeze"] and gc.isenabled()
+    made.mode.fail = True
+    made._needs_full = True
+    with pytest.raises(RuntimeError):
+        await made._sync()
+    assert gc.isenabled()  # a failed sync gives the collector back too
 
 
 def sample(metric, suffix: str) -> float:

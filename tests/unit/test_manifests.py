@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -240,6 +241,27 @@ async def test_works_with_the_real_tracker(tmp_path, start):
     (name,) = state.service_ports
     assert str(name) == "default/demo"
     assert {str(e) for e in state.endpoints_of(name)} == {"10.244.1.2:8080", "10.244.1.3:8080"}
+
+
+async def test_the_first_read_runs_without_the_cyclic_gc_and_freezes_what_it_built(tmp_path, start,
+                                                                                   monkeypatch):
+    write(tmp_path / "demo.yaml", service(), eslice())
+    frozen: list[bool] = []
+    real_commit = ManifestSource._commit
+
+    def commit(self, changes):
+        frozen.append(gc.isenabled())
+        return real_commit(self, changes)
+
+    monkeypatch.setattr(ManifestSource, "_commit", commit)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(None))
+    src, tracker, _changes = await start(rescan_interval=0.05)
+    assert frozen == [False, None] and gc.isenabled()  # committed paused, then frozen once
+    write(tmp_path / "demo.yaml", service(port=81), eslice())
+    await eventually(lambda: tracker.services[ServiceName("default", "demo")].ports[0].port == 81, 3.0,
+                     "edit")
+    await scans_pass(src)
+    assert None not in frozen[2:] and all(frozen[2:])  # later reads: the collector as usual
 
 
 # ------------------------------------------------------------------ changes

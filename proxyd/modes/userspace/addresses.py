@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -53,6 +52,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxyd import metrics
+from proxyd.model import canonical_ip
 from proxyd.netlink import (
     IFF_UP,
     NETLINK_ROUTE,
@@ -72,20 +72,8 @@ ENOENT, EEXIST, EADDRNOTAVAIL, ENODEV = 2, 17, 99, 19
 T = TypeVar("T")
 
 
-def canonical(ip: str) -> str:
-    """``str(ipaddress.ip_address(ip))``, ten times faster for IPv4 (10,000 per first full sync).
-
-    ``ValueError`` when ``ip`` is not an address. glibc's ``inet_pton`` takes
-    exactly the dotted quads ``ipaddress`` takes (no leading zeros, no short
-    forms), and ``inet_ntop`` writes them back as ``ipaddress`` does; IPv6
-    text goes through ``ipaddress`` (its spelling of embedded IPv4 differs).
-    """
-    if ":" not in ip:
-        try:
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip))
-        except (OSError, ValueError):
-            pass  # ipaddress gives the error message
-    return str(ipaddress.ip_address(ip))
+# ``str(ipaddress.ip_address(ip))``, ten times faster for IPv4 (one definition, in the model).
+canonical = canonical_ip
 
 
 class AddressHolder:
