@@ -54,6 +54,7 @@ from proxyd.model import family as _family_of
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
+from proxyd.modes.nftables.keyindex import KeyIndex
 from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
@@ -69,8 +70,8 @@ SHARED_SETS = frozenset({lay.CLUSTER_IPS, lay.HAIRPIN})
 Element = tuple[str, str, str | None]  # (set or map, key, value or None)
 _EMPTY: Mapping[Any, Any] = {}
 # Mirror of one set or map: hash(key) -> owning port (maps) or reference count (shared sets).
-Owned = dict[int, ServicePortName]
-Counts = dict[int, int]
+Owned = KeyIndex[ServicePortName]
+Counts = KeyIndex[int]
 _KEEP = object()  # a partial plan leaves this element as the kernel holds it
 
 
@@ -346,8 +347,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
         if not self._valid:
             return dict
         state, node_ips = self._state, self._node_ips
-        owners = {k: dict(v) for k, v in self._owners.items()}
-        refs = {k: dict(v) for k, v in self._refs.items()}
+        owners = {k: v.copy() for k, v in self._owners.items()}
+        refs = {k: v.copy() for k, v in self._refs.items()}
 
         def render() -> dict[str, dict[str, str | None]]:
             out: dict[str, dict[str, str | None]] = {}
@@ -403,9 +404,11 @@ class Planner(MirrorPlanner[PlannerOptions]):
                    else self._owners.get(set_name, _EMPTY))
 
     @property
-    def mirror(self) -> tuple[dict[str, Owned], dict[str, Counts], tuple[str, ...]]:
+    def mirror(self) -> tuple[dict[str, dict[int, ServicePortName]], dict[str, dict[int, int]],
+                              tuple[str, ...]]:
         """The compact mirror (owners, reference counts, node IPs), for comparing two planners."""
-        return ({k: v for k, v in self._owners.items() if v}, {k: v for k, v in self._refs.items() if v},
+        return ({k: v.to_dict() for k, v in self._owners.items() if len(v)},
+                {k: v.to_dict() for k, v in self._refs.items() if len(v)},
                 self._node_ips)
 
     @property
@@ -483,8 +486,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
         fam = opts.fam
         table = fam.table
         kernel: dict[str, dict[str, str | None]] = {}
-        owners: dict[str, Owned] = {}
-        refs: dict[str, Counts] = {}
+        owners: dict[str, dict[int, ServicePortName]] = {}
+        refs: dict[str, dict[int, int]] = {}
         conflicts = 0
         fresh: dict[ServicePortName, PortPlan] = {}
         by_service: dict[ServiceName, set[ServicePortName] | None] = {}
@@ -554,7 +557,9 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 out.append(f"add element {table} {set_name} {{ {', '.join(items[i:i + 4096])} }}")
         text = "\n".join(out) + "\n"
         return Plan(text=text, full=True, state=state, ports=fresh, removed=frozenset(),
-                    by_service=by_service, kernel=kernel, owners=owners, refs=refs, chains=chains,  # type: ignore[arg-type]
+                    by_service=by_service, kernel=kernel, chains=chains,
+                    owners={k: KeyIndex(v) for k, v in owners.items()},
+                    refs={k: KeyIndex(v) for k, v in refs.items()},  # type: ignore[arg-type]
                     sets=sets, pick_refs=pick_refs, doomed_chains=tuple(stale_c), node_ips=node_ips,  # type: ignore[arg-type]
                     added=sum(len(v) for v in kernel.values()), conflicts=conflicts)
 
@@ -746,6 +751,13 @@ class Planner(MirrorPlanner[PlannerOptions]):
                     chains=chain_updates, sets=set_updates, pick_refs=pick_refs, doomed_chains=doomed_c,
                     node_ips=node_ips, added=added, deleted=deleted, conflicts=conflicts)
 
+    @staticmethod
+    def _index(indexes: dict[str, KeyIndex[Any]], set_name: str) -> KeyIndex[Any]:
+        index = indexes.get(set_name)
+        if index is None:
+            index = indexes[set_name] = KeyIndex()
+        return index
+
     def commit(self, plan: Plan) -> None:
         """Adopt ``plan``: the kernel now holds what it describes."""
         if plan.full:
@@ -763,14 +775,14 @@ class Planner(MirrorPlanner[PlannerOptions]):
                     self._by_service.pop(svc, None)
             for (set_name, key), count in plan.ref_delta.items():
                 if count > 0:
-                    self._refs.setdefault(set_name, {})[hash(key)] = count
+                    self._index(self._refs, set_name)[hash(key)] = count
                 else:
                     self._refs.get(set_name, {}).pop(hash(key), None)
             for (set_name, key), owner in plan.owner_delta.items():
                 if owner is None:
                     self._owners.get(set_name, {}).pop(hash(key), None)
                 else:
-                    self._owners.setdefault(set_name, {})[hash(key)] = owner
+                    self._index(self._owners, set_name)[hash(key)] = owner
             for chain, rules in plan.chains.items():
                 if rules is None:
                     self._chains.pop(chain, None)
