@@ -38,22 +38,42 @@ def test_unknown_name_is_an_attribute_error() -> None:
         _ = client.NoSuchThingAnywhere
 
 
-def test_exports_reads_import_lines_only() -> None:
+def test_exports_reads_module_level_imports_only() -> None:
     text = "\n".join([
         "from __future__ import absolute_import",
         "from pkg.a import A",
         "from pkg.b import B as Bee",
         "import pkg.c as c",
-        "    from pkg.indented import X",     # inside a block: not a module-level export
-        "from pkg.d import (E, F)",           # parenthesised: not understood, left to the fallback
         "import os",
+        "from pkg.d import (E,",
+        "    F)",
+        "from . import relative",
+        "from pkg.star import *",
+        "try:",
+        "    from pkg.t import T",
+        "except ImportError:",
+        "    T = None",
+        "def f():",
+        "    from pkg.inner import Inner",  # not module level: not an export
         "x = 1",
-        "from pkg.e import " + "G" * 100_000,  # huge name: still one entry, no blow-up
-        "\x00garbage from import",
+        "from pkg.e import " + "G" * 100_000,  # huge name: still one entry
     ])
     got = exports(text)
-    assert got["A"] == ("pkg.a", "A")
-    assert got["Bee"] == ("pkg.b", "B")
-    assert got["c"] == ("pkg.c", None)
-    assert "G" * 100_000 in got
-    assert set(got) == {"A", "Bee", "c", "G" * 100_000}
+    assert got == {"A": ("pkg.a", "A"), "Bee": ("pkg.b", "B"), "c": ("pkg.c", None), "E": ("pkg.d", "E"),
+                   "F": ("pkg.d", "F"), "T": ("pkg.t", "T"), "G" * 100_000: ("pkg.e", "G" * 100_000)}
+
+
+@pytest.mark.parametrize("text", ["from pkg import (A", "\x00garbage from import", "def (:", "\ufeff" * 3])
+def test_exports_of_unparsable_text_is_empty(text: str) -> None:
+    assert exports(text) == {}
+
+
+def test_pyroute2_is_lazy_in_the_daemon() -> None:
+    probe = ("import sys, json, proxyd.daemon\n"
+             "from pyroute2 import IPRoute\n"
+             "print(json.dumps({'ndb': 'pyroute2.ndb.main' in sys.modules,"
+             " 'ipdb': 'pyroute2.ipdb' in sys.modules, 'iproute': IPRoute.__module__}))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"ndb": False, "ipdb": False, "iproute": "pyroute2.iproute.linux"}
