@@ -491,8 +491,12 @@ class Planner(MirrorPlanner[PlannerOptions]):
         conflicts = 0
         fresh: dict[ServicePortName, PortPlan] = {}
         by_service: dict[ServiceName, set[ServicePortName] | None] = {}
-        for name in sorted(state.service_ports, key=_order):
+        ordered = sorted(state.service_ports, key=_order)
+        # What outlives the plan is made before the renderings: small long-lived objects made among
+        # tens of MB of short-lived ones would keep the allocator's arenas (RSS) after those are freed.
+        for name in ordered:
             by_service.setdefault(name.service, set()).add(name)  # type: ignore[union-attr]
+        for name in ordered:
             p = self._render(state, name)
             if p is None:
                 continue
