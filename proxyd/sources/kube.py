@@ -84,8 +84,6 @@ from typing import Any
 
 import aiohttp
 import yaml
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
 
 from proxyd import heap, metrics, rejections
 from proxyd.config import Config, ConfigError
@@ -98,6 +96,10 @@ from proxyd.sources.convert import (
     service_from_dict,
     slice_from_dict,
 )
+
+# Through k8simport: kubernetes_asyncio without the ~770 model classes it would import.
+from proxyd.sources.k8simport import client as k8s_client
+from proxyd.sources.k8simport import config as k8s_config
 from proxyd.tracker import Tracker
 
 log = logging.getLogger(__name__)

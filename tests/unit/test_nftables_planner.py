@@ -370,6 +370,15 @@ def test_partial_syncs_keep_the_mirror_equal_to_a_full_plan(seed: int) -> None:
         fresh = Planner(OPTS).plan(st, None)
         assert _nonempty(planner.kernel) == _nonempty(fresh.kernel)
         assert {c: r for c, r in planner.dynamic_chains.items()} == fresh.chains
+        # The compact mirror (hashed keys, owners, counts) itself, not only the texts rendered from it.
+        committed = Planner(OPTS)
+        committed.commit(fresh)
+        assert planner.mirror == committed.mirror
+        # A status of a few ports sees the same elements as the whole mirror, for their keys.
+        whole = _nonempty(planner.kernel)
+        some = sorted(st.service_ports)[::3]
+        for set_name, elements in planner.kernel_for(some).items():
+            assert elements and all(whole[set_name][k] == v for k, v in elements.items()), set_name
     # The tables built both ways hold the same elements.
     built = Ruleset().load("".join(texts))
     fresh_table = Ruleset().load(Planner(OPTS).plan(st, None).text)
@@ -441,6 +450,7 @@ def test_huge_service_is_one_pick_chain_and_many_elements() -> None:
     plan = Planner(OPTS).plan(state([(WEB, eps)]), None)
     assert "numgen random mod 5000 map @svc-backends-tcp" in plan.text
     assert sum(len(v) for v in plan.kernel.values()) > 5000
+    assert plan.added == sum(len(v) for v in plan.kernel.values())
     # element lists are split so no single command grows without bound
     assert max(len(line) for line in plan.text.splitlines()) < 4096 * 64
 

@@ -7,9 +7,9 @@ pick chains (``<pick>-<proto>-N``) it uses and, only for ClientIP
 affinity, its own chains and dynamic sets. Endpoint selection is ``proxyd.policy.categorize``'s;
 nothing here re-derives it.
 
-``Planner`` mirrors in memory what the kernel holds (elements, who owns
-each map key, reference counts of shared set elements, dynamic chains and
-sets) and the last committed state, so a sync sends only differences:
+``Planner`` mirrors in memory what the kernel holds (who owns each map
+key, reference counts of shared set elements, dynamic chains and sets) and
+the last committed state, so a sync sends only differences:
 ``plan(state, changed)`` renders the previous and the new version of just
 the changed services' ports and emits one transaction of element deletes
 and adds, chains created (or flushed and refilled when their rules
@@ -23,6 +23,17 @@ map element naming it, as kube-proxy notes). Like the iptables planner, a
 plan is computed without touching the planner; ``commit(plan)`` adopts it
 once the kernel accepted it.
 
+The mirror is compact: a key is held as its ``hash()`` (in a ``KeyIndex``:
+a sorted 64-bit array, not the text) and maps hold the owning port, not the
+value. Element texts are
+rendered again when needed: a partial plan re-renders the changed ports'
+previous version anyway (the value the kernel holds for a key is what its
+owner rendered), and ``kernel`` (status, tests) renders the committed state.
+At 10,000 services × 10 endpoints this is ~3.5 MiB instead of ~40 MiB of
+key and value strings. A hash collision between two keys of one set would need
+two of ~10^5 keys to share 64 random bits (about one chance in 10^9 per
+set, and the per-process hash secret keeps it from being arranged).
+
 Two service ports claiming the same key (same address, protocol and port)
 cannot both be served: the first in ServicePortName order keeps it, the
 other's element is left out and counted in ``Plan.conflicts``.
@@ -35,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +55,7 @@ from proxyd.model import family as _family_of
 from proxyd.modes.iptables import chains as iptchains
 from proxyd.modes.iptables.planner import PortRender
 from proxyd.modes.nftables import layout as lay
+from proxyd.modes.nftables.keyindex import KeyIndex
 from proxyd.netfilter.planning import MirrorPlanner, NodeOptions
 from proxyd.netfilter.render import PROTO as _PROTO
 from proxyd.netfilter.render import addresses as _addresses
@@ -58,7 +70,10 @@ SHARED_SETS = frozenset({lay.CLUSTER_IPS, lay.HAIRPIN})
 
 Element = tuple[str, str, str | None]  # (set or map, key, value or None)
 _EMPTY: Mapping[Any, Any] = {}
-_GONE = "\0gone"  # marks an element a partial plan deletes (never valid nft text)
+# Mirror of one set or map: hash(key) -> owning port (maps) or reference count (shared sets).
+Owned = KeyIndex[ServicePortName]
+Counts = KeyIndex[int]
+_KEEP = object()  # a partial plan leaves this element as the kernel holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +106,10 @@ class PortPlan:
 class Plan:
     """One nft transaction and what to adopt once the kernel accepted it.
 
-    A full plan carries the whole mirror (``kernel``, ``owners``, ``refs``:
-    set name -> key -> value / owning port / reference count); a partial one
-    only the entries that change (``delta``: (set, key, value or GONE)).
+    A full plan carries the whole mirror (``owners``, ``refs``: set name ->
+    hash(key) -> owning port / reference count) and, until it is applied,
+    the element texts (``kernel``); a partial one only the entries that
+    change (``owner_delta``, ``ref_delta``, keyed by (set, key text)).
     """
 
     text: str
@@ -103,9 +119,8 @@ class Plan:
     removed: frozenset[ServicePortName]
     by_service: dict[ServiceName, set[ServicePortName] | None]
     kernel: dict[str, dict[str, str | None]] = field(default_factory=dict)
-    owners: dict[str, dict[str, ServicePortName]] = field(default_factory=dict)
-    refs: dict[str, dict[str, int]] = field(default_factory=dict)
-    delta: list[tuple[str, str, str | None]] = field(default_factory=list)
+    owners: dict[str, Owned] = field(default_factory=dict)
+    refs: dict[str, Counts] = field(default_factory=dict)
     owner_delta: dict[tuple[str, str], ServicePortName | None] = field(default_factory=dict)
     ref_delta: dict[tuple[str, str], int] = field(default_factory=dict)
     chains: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # dynamic chains
@@ -128,10 +143,11 @@ class Plan:
     def applied(self) -> Plan:
         """This plan as a mode keeps it once the kernel took it: what changed, not the text or renderings.
 
-        A full plan's text and per-port renderings are tens of MB at 10,000
-        services; the mirror it carries is the planner's own (shared, no copy).
+        A full plan's text, element texts and per-port renderings are tens of
+        MB at 10,000 services; the mirror it carries is the planner's own
+        (shared, no copy).
         """
-        return dataclasses.replace(self, text="", ports=dict.fromkeys(self.ports, _APPLIED))
+        return dataclasses.replace(self, text="", kernel={}, ports=dict.fromkeys(self.ports, _APPLIED))
 
 
 _APPLIED = PortPlan()  # stands for a port's rendering in an applied plan
@@ -296,9 +312,9 @@ def _join(ep: Endpoint) -> str:
 class Planner(MirrorPlanner[PlannerOptions]):
     """Plans transactions from ProxyStates, mirroring the kernel's elements for partial syncs.
 
-    What it keeps between syncs is the mirror of the kernel's elements (set
-    -> key -> value), who owns each map key, reference counts of shared set
-    elements and the last committed ProxyState. It keeps no per-port
+    What it keeps between syncs is the compact mirror of the kernel's
+    elements (set -> hash(key) -> owning port, or reference count for shared
+    sets) and the last committed ProxyState. It keeps no per-port
     rendering: a partial plan re-renders a changed port's previous version
     from the previous state (cheap for a few ports, and memory stays
     bounded by the kernel's elements).
@@ -308,9 +324,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
         super().__init__(options)
         self._state = ProxyState()
         self._by_service: dict[ServiceName, set[ServicePortName]] = {}
-        self._kernel: dict[str, dict[str, str | None]] = {}
-        self._owners: dict[str, dict[str, ServicePortName]] = {}
-        self._refs: dict[str, dict[str, int]] = {}
+        self._owners: dict[str, Owned] = {}
+        self._refs: dict[str, Counts] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         self._sets: dict[str, str] = {}
         self._pick_refs: dict[str, int] = {}
@@ -319,12 +334,88 @@ class Planner(MirrorPlanner[PlannerOptions]):
 
     @property
     def kernel(self) -> Mapping[str, Mapping[str, str | None]]:
-        """The elements the kernel holds (set -> key -> value), as far as the planner knows."""
-        return self._kernel
+        """The elements the kernel holds (set -> key -> value), as far as the planner knows.
+
+        Rendered from the committed state, keeping what the mirror holds
+        (about a second at 10,000 services: for status and tests, never on a
+        sync's path).
+        """
+        return self.kernel_renderer()()
+
+    def kernel_renderer(self) -> Callable[[], dict[str, dict[str, str | None]]]:
+        """``kernel`` as a function of a copy of the mirror taken now: it may run in a worker thread
+        while the event loop commits further plans (the copy is a few ms; the rendering is the second)."""
+        if not self._valid:
+            return dict
+        state, node_ips = self._state, self._node_ips
+        owners = {k: v.copy() for k, v in self._owners.items()}
+        refs = {k: v.copy() for k, v in self._refs.items()}
+
+        def render() -> dict[str, dict[str, str | None]]:
+            out: dict[str, dict[str, str | None]] = {}
+            for name in sorted(state.service_ports, key=_order):
+                p = self._render(state, name)
+                if p is None:
+                    continue
+                for set_name, key, value in p.elements:
+                    if set_name in SHARED_SETS:
+                        if hash(key) in refs.get(set_name, _EMPTY):
+                            out.setdefault(set_name, {})[key] = None
+                    elif owners.get(set_name, _EMPTY).get(hash(key)) == name:
+                        out.setdefault(set_name, {}).setdefault(key, value)
+            if node_ips:
+                out[lay.NODEPORT_IPS] = dict.fromkeys(node_ips)
+            return out
+
+        return render
+
+    def kernel_for(self, names: Iterable[ServicePortName]) -> dict[str, dict[str, str | None]]:
+        """``kernel`` restricted to the keys the ports ``names`` render (valued as their owners render
+        them): proportional to those ports, for a status of a few services."""
+        out: dict[str, dict[str, str | None]] = {}
+        if not self._valid:
+            return out
+        renders: dict[ServicePortName, PortPlan | None] = {}
+
+        def rendered(name: ServicePortName) -> PortPlan | None:
+            if name not in renders:
+                renders[name] = self._render(self._state, name)
+            return renders[name]
+
+        for name in names:
+            p = rendered(name)
+            for set_name, key, _ in p.elements if p is not None else ():
+                if set_name in SHARED_SETS:
+                    if hash(key) in self._refs.get(set_name, _EMPTY):
+                        out.setdefault(set_name, {})[key] = None
+                    continue
+                owner = self._owners.get(set_name, _EMPTY).get(hash(key))
+                held = rendered(owner) if owner is not None else None
+                value = next((v for s, k, v in held.elements if s == set_name and k == key), _KEEP) \
+                    if held is not None else _KEEP
+                if value is not _KEEP:
+                    out.setdefault(set_name, {})[key] = value  # type: ignore[assignment]
+        return out
+
+    def count(self, set_name: str) -> int:
+        """How many elements the kernel holds in ``set_name`` (without rendering them)."""
+        if set_name == lay.NODEPORT_IPS:
+            return len(self._node_ips)
+        return len(self._refs.get(set_name, _EMPTY) if set_name in SHARED_SETS
+                   else self._owners.get(set_name, _EMPTY))
+
+    @property
+    def mirror(self) -> tuple[dict[str, dict[int, ServicePortName]], dict[str, dict[int, int]],
+                              tuple[str, ...]]:
+        """The compact mirror (owners, reference counts, node IPs), for comparing two planners."""
+        return ({k: v.to_dict() for k, v in self._owners.items() if len(v)},
+                {k: v.to_dict() for k, v in self._refs.items() if len(v)},
+                self._node_ips)
 
     @property
     def elements(self) -> int:
-        return sum(len(v) for v in self._kernel.values())
+        return (sum(len(v) for v in self._owners.values()) + sum(len(v) for v in self._refs.values())
+                + len(self._node_ips))
 
     @property
     def dynamic_chains(self) -> Mapping[str, tuple[str, ...]]:
@@ -396,29 +487,34 @@ class Planner(MirrorPlanner[PlannerOptions]):
         fam = opts.fam
         table = fam.table
         kernel: dict[str, dict[str, str | None]] = {}
-        owners: dict[str, dict[str, ServicePortName]] = {}
-        refs: dict[str, dict[str, int]] = {}
+        owners: dict[str, dict[int, ServicePortName]] = {}
+        refs: dict[str, dict[int, int]] = {}
         conflicts = 0
         fresh: dict[ServicePortName, PortPlan] = {}
         by_service: dict[ServiceName, set[ServicePortName] | None] = {}
-        for name in sorted(state.service_ports, key=_order):
+        ordered = sorted(state.service_ports, key=_order)
+        # What outlives the plan is made before the renderings: small long-lived objects made among
+        # tens of MB of short-lived ones would keep the allocator's arenas (RSS) after those are freed.
+        for name in ordered:
             by_service.setdefault(name.service, set()).add(name)  # type: ignore[union-attr]
+        for name in ordered:
             p = self._render(state, name)
             if p is None:
                 continue
             fresh[name] = p
             for set_name, key, value in p.elements:
+                h = hash(key)
                 if set_name in SHARED_SETS:
                     counts = refs.setdefault(set_name, {})
-                    counts[key] = counts.get(key, 0) + 1
+                    counts[h] = counts.get(h, 0) + 1
                     kernel.setdefault(set_name, {})[key] = None
                     continue
                 who = owners.setdefault(set_name, {})
-                if key in who:
-                    if who[key] != name:
+                if h in who:
+                    if who[h] != name:
                         conflicts += 1
                     continue
-                who[key] = name
+                who[h] = name
                 kernel.setdefault(set_name, {})[key] = value
         node_ips = self._wanted_node_ips()
         if node_ips:
@@ -466,7 +562,9 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 out.append(f"add element {table} {set_name} {{ {', '.join(items[i:i + 4096])} }}")
         text = "\n".join(out) + "\n"
         return Plan(text=text, full=True, state=state, ports=fresh, removed=frozenset(),
-                    by_service=by_service, kernel=kernel, owners=owners, refs=refs, chains=chains,  # type: ignore[arg-type]
+                    by_service=by_service, kernel=kernel, chains=chains,
+                    owners={k: KeyIndex(v) for k, v in owners.items()},
+                    refs={k: KeyIndex(v) for k, v in refs.items()},  # type: ignore[arg-type]
                     sets=sets, pick_refs=pick_refs, doomed_chains=tuple(stale_c), node_ips=node_ips,  # type: ignore[arg-type]
                     added=sum(len(v) for v in kernel.values()), conflicts=conflicts)
 
@@ -522,20 +620,25 @@ class Planner(MirrorPlanner[PlannerOptions]):
         owners: dict[tuple[str, str], ServicePortName | None] = {}
         conflicts = 0
         touched: set[tuple[str, str]] = set()
+        # What the kernel holds for the map keys of re-rendered ports: their previous rendering's values.
+        held_values: dict[tuple[str, str], str | None] = {}
 
         def owner_of(k: tuple[str, str]) -> ServicePortName | None:
             if k in owners:
                 return owners[k]
-            return self._owners.get(k[0], _EMPTY).get(k[1])
+            return self._owners.get(k[0], _EMPTY).get(hash(k[1]))
 
         for sign, plans in ((-1, olds), (1, fresh)):
             for name, p in plans.items():
-                for set_name, key, _ in p.elements:
+                for set_name, key, value in p.elements:
                     k = (set_name, key)
                     if set_name in SHARED_SETS:
-                        refs[k] = refs.get(k, self._refs.get(set_name, _EMPTY).get(key, 0)) + sign
+                        refs[k] = refs.get(k, self._refs.get(set_name, _EMPTY).get(hash(key), 0)) + sign
                         touched.add(k)
                         continue
+                    if sign < 0 and k not in held_values and \
+                            self._owners.get(set_name, _EMPTY).get(hash(key)) == name:
+                        held_values[k] = value
                     owner = owner_of(k)
                     if sign > 0:
                         if owner is None:
@@ -547,7 +650,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
                         owners[k] = None
                         touched.add(k)
 
-        desired: dict[tuple[str, str], str | None] = {}
+        desired: dict[tuple[str, str], str | object | None] = {}
         for name, p in fresh.items():
             for set_name, key, value in p.elements:
                 k = (set_name, key)
@@ -563,7 +666,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
             owner = owner_of(k)
             if owner is not None and owner not in fresh:
                 # Kept by a port this plan does not re-render: its value is unchanged.
-                desired[k] = self._kernel.get(k[0], _EMPTY).get(k[1])
+                desired[k] = _KEEP
         node_ips = self._wanted_node_ips()
         for ip in set(node_ips) | set(self._node_ips):
             k = (lay.NODEPORT_IPS, ip)
@@ -573,24 +676,27 @@ class Planner(MirrorPlanner[PlannerOptions]):
 
         deletes: dict[str, list[str]] = {}
         adds: dict[str, list[str]] = {}
-        delta: list[tuple[str, str, str | None]] = []
         added = deleted = 0
         for k in sorted(touched):
-            current = self._kernel.get(k[0], _EMPTY)
-            held = k[1] in current
+            set_name, key = k
+            current: str | object | None = None
+            if set_name == lay.NODEPORT_IPS:
+                held = key in self._node_ips
+            elif set_name in SHARED_SETS:
+                held = self._refs.get(set_name, _EMPTY).get(hash(key), 0) > 0
+            else:
+                held = hash(key) in self._owners.get(set_name, _EMPTY)
+                current = held_values.get(k, _KEEP)  # not re-rendered (never here): rewrite it
             want = k in desired
-            if held and want and current[k[1]] == desired[k]:
+            if want and (desired[k] is _KEEP or (held and current == desired[k])):
                 continue
             if held:
-                deletes.setdefault(k[0], []).append(k[1])
+                deletes.setdefault(set_name, []).append(key)
                 deleted += 1
             if want:
                 value = desired[k]
-                adds.setdefault(k[0], []).append(k[1] if value is None else f"{k[1]} : {value}")
-                delta.append((k[0], k[1], value))
+                adds.setdefault(set_name, []).append(key if value is None else f"{key} : {value}")
                 added += 1
-            else:
-                delta.append((k[0], k[1], _GONE))
 
         # Dynamic chains and sets: refcounted pick chains, per-port affinity chains.
         fam = self.options.fam
@@ -646,15 +752,21 @@ class Planner(MirrorPlanner[PlannerOptions]):
             out.append(f"delete set {table} {set_name}")
         text = "\n".join(out) + ("\n" if out else "")
         return Plan(text=text, full=False, state=state, ports=fresh, removed=frozenset(removed),
-                    by_service=by_service, delta=delta, owner_delta=owners, ref_delta=refs,
+                    by_service=by_service, owner_delta=owners, ref_delta=refs,
                     chains=chain_updates, sets=set_updates, pick_refs=pick_refs, doomed_chains=doomed_c,
                     node_ips=node_ips, added=added, deleted=deleted, conflicts=conflicts)
+
+    @staticmethod
+    def _index(indexes: dict[str, KeyIndex[Any]], set_name: str) -> KeyIndex[Any]:
+        index = indexes.get(set_name)
+        if index is None:
+            index = indexes[set_name] = KeyIndex()
+        return index
 
     def commit(self, plan: Plan) -> None:
         """Adopt ``plan``: the kernel now holds what it describes."""
         if plan.full:
             self._by_service = {k: v for k, v in plan.by_service.items() if v}
-            self._kernel = plan.kernel
             self._owners = plan.owners
             self._refs = plan.refs
             self._chains = dict(plan.chains)  # type: ignore[arg-type]
@@ -666,21 +778,16 @@ class Planner(MirrorPlanner[PlannerOptions]):
                     self._by_service[svc] = members
                 else:
                     self._by_service.pop(svc, None)
-            for set_name, key, value in plan.delta:
-                if value is _GONE:
-                    self._kernel.get(set_name, {}).pop(key, None)
-                else:
-                    self._kernel.setdefault(set_name, {})[key] = value
             for (set_name, key), count in plan.ref_delta.items():
                 if count > 0:
-                    self._refs.setdefault(set_name, {})[key] = count
+                    self._index(self._refs, set_name)[hash(key)] = count
                 else:
-                    self._refs.get(set_name, {}).pop(key, None)
+                    self._refs.get(set_name, {}).pop(hash(key), None)
             for (set_name, key), owner in plan.owner_delta.items():
                 if owner is None:
-                    self._owners.get(set_name, {}).pop(key, None)
+                    self._owners.get(set_name, {}).pop(hash(key), None)
                 else:
-                    self._owners.setdefault(set_name, {})[key] = owner
+                    self._index(self._owners, set_name)[hash(key)] = owner
             for chain, rules in plan.chains.items():
                 if rules is None:
                     self._chains.pop(chain, None)

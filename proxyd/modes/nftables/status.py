@@ -524,18 +524,21 @@ def port_counters(snap: Snapshot,
 
 
 def build_status(snap: Snapshot, planner: Planner, state: ProxyState,
-                 names: Collection[ServicePortName] | None, *, whole_table: bool) -> ModeStatus:
+                 names: Collection[ServicePortName] | None, *, whole_table: bool,
+                 mirror: Mapping[str, Mapping[str, str | None]] | None = None) -> ModeStatus:
     """Counters per endpoint and the kernel-versus-last-sync comparison (pure; tests feed it snapshots).
 
     ``names``: the request's service ports (None: the whole node). ``whole_table``: ``snap`` holds the
-    whole table (a whole-node comparison of every set and rule).
+    whole table (a whole-node comparison of every set and rule). ``mirror``: ``planner.kernel`` when
+    already rendered (in a worker thread: ``Planner.kernel_renderer``).
     """
     status = ModeStatus(matches=True)
     fam = planner.options.fam
     if not snap.table:
         status.mismatch(f"table {fam.table} missing from the kernel")
         return status
-    mirror = planner.kernel
+    if mirror is None:
+        mirror = planner.kernel if names is None else planner.kernel_for(names)
     fixed = lay.chains(planner.options.layout)
     wanted_sets = {name: mirror.get(name, {}) for name, _ in lay.maps(fam)}
     wanted_sets[lay.CANARY] = {fam.canary_element: None}
@@ -622,7 +625,7 @@ async def read_status(nft: Nft, planner: Planner, state: ProxyState,
     """Read back (in a worker thread through ``run``, i.e. ``asyncio.to_thread``) and compare."""
     fam = planner.options.fam
     started = time.perf_counter()
-    backends = sum(len(v) for k, v in planner.kernel.items() if k in BACKENDS)
+    backends = sum(planner.count(k) for k in BACKENDS)
     wanted = None if names is None else [n for n in names if n in state.service_ports]
     if wanted is None and backends <= FULL_READ_ELEMENTS:
         snap = await run(read_table, nft, fam)
@@ -637,7 +640,8 @@ async def read_status(nft: Nft, planner: Planner, state: ProxyState,
         how = ("nft list ruleset (terse) and the selected service ports' elements dumped from nf_tables "
                "(nlread)")
         whole = False
-    status = build_status(snap, planner, state, wanted, whole_table=whole)
+    mirror = await run(planner.kernel_renderer()) if wanted is None else None
+    status = build_status(snap, planner, state, wanted, whole_table=whole, mirror=mirror)
     status.notes.append(f"read with {how}; counters are per backends-map element (service address or "
                         "NodePort x endpoint) and count new connections (the nat hooks see a connection's "
                         "first packet)")
