@@ -62,7 +62,6 @@ CHANGED = [
 
 GOLDEN_FULL = """\
 add table ip proxyd
-add chain ip proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
 add chain ip proxyd filter-input { type filter hook input priority -110 ; }
 add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }
 add chain ip proxyd filter-output { type filter hook output priority -110 ; }
@@ -92,7 +91,6 @@ add chain ip proxyd np-pick-tcp-1
 add chain ip proxyd np-short-pick-tcp-2
 add chain ip proxyd endpoint-dvoxwsarum27fjjn
 add chain ip proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip proxyd filter-prerouting
 flush chain ip proxyd filter-input
 flush chain ip proxyd filter-forward
 flush chain ip proxyd filter-output
@@ -175,13 +173,14 @@ add map ip proxyd np-short-backends-udp { typeof meta l4proto . th dport . numge
 flush map ip proxyd np-short-backends-udp
 add map ip proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd np-short-backends-sctp
-add rule ip proxyd filter-prerouting ct state new jump firewall-check
-add rule ip proxyd filter-input ct state new jump nodeport-endpoints-check
-add rule ip proxyd filter-input ct state new jump service-endpoints-check
-add rule ip proxyd filter-forward ct state new jump service-endpoints-check
-add rule ip proxyd filter-forward ct state new jump cluster-ips-check
-add rule ip proxyd filter-output ct state new jump service-endpoints-check
-add rule ip proxyd filter-output ct state new jump firewall-check
+add rule ip proxyd filter-input ct state != new return
+add rule ip proxyd filter-input jump nodeport-endpoints-check
+add rule ip proxyd filter-input jump service-endpoints-check
+add rule ip proxyd filter-forward ct state != new return
+add rule ip proxyd filter-forward jump service-endpoints-check
+add rule ip proxyd filter-forward jump cluster-ips-check
+add rule ip proxyd filter-output ct state != new return
+add rule ip proxyd filter-output jump service-endpoints-check
 add rule ip proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip proxyd nat-prerouting jump services
 add rule ip proxyd nat-output jump services
@@ -200,8 +199,10 @@ add rule ip proxyd services ip daddr . meta l4proto . th dport vmap @service-ips
 add rule ip proxyd services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports
 add rule ip proxyd svc-int ip saddr != 10.0.0.0/8 jump mark-for-masquerade
 add rule ip proxyd svc-int ip daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip proxyd svc-ext jump firewall-check
 add rule ip proxyd svc-ext jump mark-for-masquerade
 add rule ip proxyd svc-ext ip daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip proxyd svc-extl jump firewall-check
 add rule ip proxyd svc-extl ip saddr 10.0.0.0/8 goto svc-short
 add rule ip proxyd svc-extl fib saddr type local jump mark-for-masquerade
 add rule ip proxyd svc-extl fib saddr type local goto svc-short
@@ -485,7 +486,6 @@ ENTRIES6 = [
 
 GOLDEN6_FULL = """\
 add table ip6 proxyd
-add chain ip6 proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
 add chain ip6 proxyd filter-input { type filter hook input priority -110 ; }
 add chain ip6 proxyd filter-forward { type filter hook forward priority -110 ; }
 add chain ip6 proxyd filter-output { type filter hook output priority -110 ; }
@@ -515,7 +515,6 @@ add chain ip6 proxyd np-pick-tcp-1
 add chain ip6 proxyd np-short-pick-tcp-2
 add chain ip6 proxyd endpoint-3qc77sh7jbmjxw2f
 add chain ip6 proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip6 proxyd filter-prerouting
 flush chain ip6 proxyd filter-input
 flush chain ip6 proxyd filter-forward
 flush chain ip6 proxyd filter-output
@@ -598,13 +597,14 @@ add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numg
 flush map ip6 proxyd np-short-backends-udp
 add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-sctp
-add rule ip6 proxyd filter-prerouting ct state new jump firewall-check
-add rule ip6 proxyd filter-input ct state new jump nodeport-endpoints-check
-add rule ip6 proxyd filter-input ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-forward ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-forward ct state new jump cluster-ips-check
-add rule ip6 proxyd filter-output ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-output ct state new jump firewall-check
+add rule ip6 proxyd filter-input ct state != new return
+add rule ip6 proxyd filter-input jump nodeport-endpoints-check
+add rule ip6 proxyd filter-input jump service-endpoints-check
+add rule ip6 proxyd filter-forward ct state != new return
+add rule ip6 proxyd filter-forward jump service-endpoints-check
+add rule ip6 proxyd filter-forward jump cluster-ips-check
+add rule ip6 proxyd filter-output ct state != new return
+add rule ip6 proxyd filter-output jump service-endpoints-check
 add rule ip6 proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip6 proxyd nat-prerouting jump services
 add rule ip6 proxyd nat-output jump services
@@ -623,8 +623,10 @@ add rule ip6 proxyd services ip6 daddr . meta l4proto . th dport vmap @service-i
 add rule ip6 proxyd services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports
 add rule ip6 proxyd svc-int ip6 saddr != fd00:10::/32 jump mark-for-masquerade
 add rule ip6 proxyd svc-int ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-ext jump firewall-check
 add rule ip6 proxyd svc-ext jump mark-for-masquerade
 add rule ip6 proxyd svc-ext ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-extl jump firewall-check
 add rule ip6 proxyd svc-extl ip6 saddr fd00:10::/32 goto svc-short
 add rule ip6 proxyd svc-extl fib saddr type local jump mark-for-masquerade
 add rule ip6 proxyd svc-extl fib saddr type local goto svc-short

@@ -40,7 +40,6 @@ TABLE = "proxyd"
 
 # Base chains: (name, type, hook, priority).
 BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
-    ("filter-prerouting", "filter", "prerouting", -110),
     ("filter-input", "filter", "input", -110),
     ("filter-forward", "filter", "forward", -110),
     ("filter-output", "filter", "output", -110),
@@ -220,13 +219,14 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
                       else f"fib daddr type local {fam.addr} daddr != {fam.loopback}")
     svc_key = _key(fam)
     np_key = _key(fam, by_address=False)
-    new = "ct state new"
+    # Every packet of every connection passes the filter base chains: one test sends all but a
+    # connection's first packet on (kube-proxy tests "ct state new" in each rule instead).
+    not_new = "ct state != new return"
     out: dict[str, list[str]] = {
-        "filter-prerouting": [f"{new} jump {FIREWALL_CHECK}"],
-        "filter-input": [f"{new} jump {NODEPORT_ENDPOINTS_CHECK}", f"{new} jump {SERVICE_ENDPOINTS_CHECK}"],
-        "filter-forward": [f"{new} jump {SERVICE_ENDPOINTS_CHECK}", f"{new} jump {CLUSTER_IPS_CHECK}"],
-        "filter-output": [f"{new} jump {SERVICE_ENDPOINTS_CHECK}", f"{new} jump {FIREWALL_CHECK}"],
-        "filter-output-post-dnat": [f"{new} jump {CLUSTER_IPS_CHECK}"],
+        "filter-input": [not_new, f"jump {NODEPORT_ENDPOINTS_CHECK}", f"jump {SERVICE_ENDPOINTS_CHECK}"],
+        "filter-forward": [not_new, f"jump {SERVICE_ENDPOINTS_CHECK}", f"jump {CLUSTER_IPS_CHECK}"],
+        "filter-output": [not_new, f"jump {SERVICE_ENDPOINTS_CHECK}"],
+        "filter-output-post-dnat": [f"ct state new jump {CLUSTER_IPS_CHECK}"],
         "nat-prerouting": [f"jump {SERVICES}"],
         "nat-output": [f"jump {SERVICES}"],
         "nat-postrouting": [
@@ -254,8 +254,11 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
     for ext, extl, short, key, pick, short_pick in (
             (SVC_EXT, SVC_EXTL, SVC_SHORT, svc_key, PICK_SVC, PICK_SVC_SHORT),
             (NP_EXT, NP_EXTL, NP_SHORT, np_key, PICK_NP, PICK_NP_SHORT)):
-        out[ext] = [f"jump {MARK_FOR_MASQUERADE}", f"{key} vmap @{pick.name}"]
-        local: list[str] = []
+        # Only external addresses reach these chains (nat: a connection's first packet only), so the
+        # loadBalancerSourceRanges check costs ClusterIP traffic and established packets nothing.
+        fw = [f"jump {FIREWALL_CHECK}"] if pick is PICK_SVC else []
+        out[ext] = [*fw, f"jump {MARK_FOR_MASQUERADE}", f"{key} vmap @{pick.name}"]
+        local: list[str] = [*fw]
         if opts.cluster_cidr is not None:
             # Pods reaching an external address act as if they went out and back in: Cluster policy.
             local.append(f"{fam.addr} saddr {opts.cluster_cidr} goto {short}")

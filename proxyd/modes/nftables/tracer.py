@@ -32,6 +32,7 @@ _ADDR = r"[0-9a-fA-F.:/]+"
 # (regex, statement kind); groups become the statement's arguments. Longest forms first.
 _STATEMENTS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) for p, k in (
     (r"ct state new", "ct_new"),
+    (r"ct state != new", "ct_not_new"),
     (r"ct status dnat", "ct_dnat"),
     (rf"{_A} saddr \. {_A} daddr @(\S+)", "pair_in"),
     (rf"{_KEY} \. {_A} saddr != @(\S+)", "key_saddr_not_in"),
@@ -251,6 +252,8 @@ class Tracer:
             k, a = s.kind, s.args
             if k in ("ct_new", "update"):
                 pass
+            elif k == "ct_not_new":
+                return [("continue", pkt)]  # the traced packet is a connection's first
             elif k == "ct_dnat":
                 if pkt.dnat is None:
                     return [("continue", pkt)]
