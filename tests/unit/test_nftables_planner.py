@@ -62,10 +62,6 @@ CHANGED = [
 
 GOLDEN_FULL = """\
 add table ip proxyd
-add chain ip proxyd filter-input { type filter hook input priority -110 ; }
-add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }
-add chain ip proxyd filter-output { type filter hook output priority -110 ; }
-add chain ip proxyd filter-output-post-dnat { type filter hook output priority -90 ; }
 add chain ip proxyd nat-prerouting { type nat hook prerouting priority -100 ; }
 add chain ip proxyd nat-output { type nat hook output priority -100 ; }
 add chain ip proxyd nat-postrouting { type nat hook postrouting priority 100 ; }
@@ -91,10 +87,6 @@ add chain ip proxyd np-pick-tcp-1
 add chain ip proxyd np-short-pick-tcp-2
 add chain ip proxyd endpoint-dvoxwsarum27fjjn
 add chain ip proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip proxyd filter-input
-flush chain ip proxyd filter-forward
-flush chain ip proxyd filter-output
-flush chain ip proxyd filter-output-post-dnat
 flush chain ip proxyd nat-prerouting
 flush chain ip proxyd nat-output
 flush chain ip proxyd nat-postrouting
@@ -173,17 +165,14 @@ add map ip proxyd np-short-backends-udp { typeof meta l4proto . th dport . numge
 flush map ip proxyd np-short-backends-udp
 add map ip proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd np-short-backends-sctp
-add rule ip proxyd filter-input ct state != new return
-add rule ip proxyd filter-input jump nodeport-endpoints-check
-add rule ip proxyd filter-input jump service-endpoints-check
-add rule ip proxyd filter-forward ct state != new return
-add rule ip proxyd filter-forward jump service-endpoints-check
-add rule ip proxyd filter-forward jump cluster-ips-check
-add rule ip proxyd filter-output ct state != new return
-add rule ip proxyd filter-output jump service-endpoints-check
-add rule ip proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip proxyd nat-prerouting jump services
+add rule ip proxyd nat-prerouting jump nodeport-endpoints-check
+add rule ip proxyd nat-prerouting jump service-endpoints-check
+add rule ip proxyd nat-prerouting ip daddr @cluster-ips fib daddr type != local jump cluster-ips-check
+add rule ip proxyd nat-output jump service-endpoints-check
 add rule ip proxyd nat-output jump services
+add rule ip proxyd nat-output jump cluster-ips-check
+add rule ip proxyd nat-output jump nodeport-endpoints-check
 add rule ip proxyd nat-postrouting ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade
 add rule ip proxyd nat-postrouting jump masquerading
 add rule ip proxyd firewall-check ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
@@ -295,6 +284,31 @@ def test_a_replacing_full_plan_swaps_the_whole_table_and_deletes_nothing_stale()
     # Past the swap it is the ordinary full plan of the same state.
     fresh = Planner(OPTS).plan(state(CHANGED), None).text
     assert plan.text.split("\n", 2)[2] == fresh
+
+
+# The filter base chains of the layout before the checks moved into the nat chains.
+OLD_BASE_CHAINS = """\
+add table ip proxyd
+add chain ip proxyd firewall-check
+add chain ip proxyd service-endpoints-check
+add chain ip proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
+add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }
+add rule ip proxyd filter-prerouting ct state new jump firewall-check
+add rule ip proxyd filter-forward ct state new jump service-endpoints-check
+"""
+
+
+def test_a_full_plan_deletes_an_older_layouts_base_chains() -> None:
+    stale = {"filter-prerouting", "filter-forward", "svc-pick-tcp-9"}
+    plan = Planner(OPTS).plan(state(ENTRIES), None, stale_chains=stale)
+    for chain in ("filter-prerouting", "filter-forward"):
+        assert f"flush chain ip proxyd {chain}\ndelete chain ip proxyd {chain}\n" in plan.text
+    assert "delete chain ip proxyd svc-pick-tcp-9" not in plan.text  # dynamic: emptied, deleted next time
+    tracer = Tracer(OLD_BASE_CHAINS, plan.text, node_ips=["192.168.0.2"])
+    assert set(tracer.ruleset.base) == {name for name, *_ in lay.BASE_CHAINS}
+    assert {hook for _t, hook, _p in tracer.ruleset.base.values()} == {"prerouting", "output", "postrouting"}
+    assert {typ for typ, _h, _p in tracer.ruleset.base.values()} == {"nat"}
+    assert flow(tracer, src="10.0.0.2", dst="172.30.0.43:53", protocol="udp") == "REJECT"  # type: ignore[arg-type]
 
 
 def test_the_golden_transactions_are_what_the_tracer_accepts() -> None:
@@ -486,10 +500,6 @@ ENTRIES6 = [
 
 GOLDEN6_FULL = """\
 add table ip6 proxyd
-add chain ip6 proxyd filter-input { type filter hook input priority -110 ; }
-add chain ip6 proxyd filter-forward { type filter hook forward priority -110 ; }
-add chain ip6 proxyd filter-output { type filter hook output priority -110 ; }
-add chain ip6 proxyd filter-output-post-dnat { type filter hook output priority -90 ; }
 add chain ip6 proxyd nat-prerouting { type nat hook prerouting priority -100 ; }
 add chain ip6 proxyd nat-output { type nat hook output priority -100 ; }
 add chain ip6 proxyd nat-postrouting { type nat hook postrouting priority 100 ; }
@@ -515,10 +525,6 @@ add chain ip6 proxyd np-pick-tcp-1
 add chain ip6 proxyd np-short-pick-tcp-2
 add chain ip6 proxyd endpoint-3qc77sh7jbmjxw2f
 add chain ip6 proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip6 proxyd filter-input
-flush chain ip6 proxyd filter-forward
-flush chain ip6 proxyd filter-output
-flush chain ip6 proxyd filter-output-post-dnat
 flush chain ip6 proxyd nat-prerouting
 flush chain ip6 proxyd nat-output
 flush chain ip6 proxyd nat-postrouting
@@ -597,17 +603,14 @@ add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numg
 flush map ip6 proxyd np-short-backends-udp
 add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-sctp
-add rule ip6 proxyd filter-input ct state != new return
-add rule ip6 proxyd filter-input jump nodeport-endpoints-check
-add rule ip6 proxyd filter-input jump service-endpoints-check
-add rule ip6 proxyd filter-forward ct state != new return
-add rule ip6 proxyd filter-forward jump service-endpoints-check
-add rule ip6 proxyd filter-forward jump cluster-ips-check
-add rule ip6 proxyd filter-output ct state != new return
-add rule ip6 proxyd filter-output jump service-endpoints-check
-add rule ip6 proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip6 proxyd nat-prerouting jump services
+add rule ip6 proxyd nat-prerouting jump nodeport-endpoints-check
+add rule ip6 proxyd nat-prerouting jump service-endpoints-check
+add rule ip6 proxyd nat-prerouting ip6 daddr @cluster-ips fib daddr type != local jump cluster-ips-check
+add rule ip6 proxyd nat-output jump service-endpoints-check
 add rule ip6 proxyd nat-output jump services
+add rule ip6 proxyd nat-output jump cluster-ips-check
+add rule ip6 proxyd nat-output jump nodeport-endpoints-check
 add rule ip6 proxyd nat-postrouting ct status dnat ip6 saddr . ip6 daddr @hairpin jump mark-for-masquerade
 add rule ip6 proxyd nat-postrouting jump masquerading
 add rule ip6 proxyd firewall-check ip6 daddr . meta l4proto . th dport @firewall-ips ip6 daddr . meta l4proto . th dport . ip6 saddr != @firewall-allow drop

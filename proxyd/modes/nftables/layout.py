@@ -38,16 +38,17 @@ from dataclasses import dataclass
 
 TABLE = "proxyd"
 
-# Base chains: (name, type, hook, priority).
+# Base chains: (name, type, hook, priority). Only nat chains: netfilter runs them for a connection's
+# first packet only, so established packets evaluate no rule of ours (kube-proxy's filter chains,
+# which test "ct state new" on every packet, are folded into them; see ``chains``).
 BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
-    ("filter-input", "filter", "input", -110),
-    ("filter-forward", "filter", "forward", -110),
-    ("filter-output", "filter", "output", -110),
-    ("filter-output-post-dnat", "filter", "output", -90),
     ("nat-prerouting", "nat", "prerouting", -100),
     ("nat-output", "nat", "output", -100),
     ("nat-postrouting", "nat", "postrouting", 100),
 )
+# Base chains of earlier layouts: a full sync that adopts such a table deletes them.
+RETIRED_CHAINS = ("filter-prerouting", "filter-input", "filter-forward", "filter-output",
+                  "filter-output-post-dnat")
 
 FIREWALL_CHECK = "firewall-check"
 SERVICE_ENDPOINTS_CHECK = "service-endpoints-check"
@@ -219,16 +220,20 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
                       else f"fib daddr type local {fam.addr} daddr != {fam.loopback}")
     svc_key = _key(fam)
     np_key = _key(fam, by_address=False)
-    # Every packet of every connection passes the filter base chains: one test sends all but a
-    # connection's first packet on (kube-proxy tests "ct state new" in each rule instead).
-    not_new = "ct state != new return"
+    # kube-proxy's checks ran in filter chains on "ct state new" packets (input, forward, output at
+    # -110, output at -90); here they run in the nat chains, which see exactly those packets, in the
+    # same order relative to DNAT. A DNAT ends the nat chain, so what follows ``services`` sees only
+    # packets it did not DNAT, as kube-proxy's post-DNAT checks saw them with their address unchanged.
+    # prerouting: input's checks (nodeport, service) and forward's (service, cluster IPs; a packet
+    # to a local address takes input, which has no cluster-ips check).
+    # output: service check before DNAT, cluster IPs after, and input's nodeport check for a local
+    # destination (the packet comes back in through loopback, where no nat chain runs again).
     out: dict[str, list[str]] = {
-        "filter-input": [not_new, f"jump {NODEPORT_ENDPOINTS_CHECK}", f"jump {SERVICE_ENDPOINTS_CHECK}"],
-        "filter-forward": [not_new, f"jump {SERVICE_ENDPOINTS_CHECK}", f"jump {CLUSTER_IPS_CHECK}"],
-        "filter-output": [not_new, f"jump {SERVICE_ENDPOINTS_CHECK}"],
-        "filter-output-post-dnat": [f"ct state new jump {CLUSTER_IPS_CHECK}"],
-        "nat-prerouting": [f"jump {SERVICES}"],
-        "nat-output": [f"jump {SERVICES}"],
+        "nat-prerouting": [
+            f"jump {SERVICES}", f"jump {NODEPORT_ENDPOINTS_CHECK}", f"jump {SERVICE_ENDPOINTS_CHECK}",
+            f"{fam.addr} daddr @{CLUSTER_IPS} fib daddr type != local jump {CLUSTER_IPS_CHECK}"],
+        "nat-output": [f"jump {SERVICE_ENDPOINTS_CHECK}", f"jump {SERVICES}", f"jump {CLUSTER_IPS_CHECK}",
+                       f"jump {NODEPORT_ENDPOINTS_CHECK}"],
         "nat-postrouting": [
             f"ct status dnat {fam.addr} saddr . {fam.addr} daddr @{HAIRPIN} jump {MARK_FOR_MASQUERADE}",
             f"jump {MASQUERADING}"],

@@ -32,13 +32,13 @@ _ADDR = r"[0-9a-fA-F.:/]+"
 # (regex, statement kind); groups become the statement's arguments. Longest forms first.
 _STATEMENTS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) for p, k in (
     (r"ct state new", "ct_new"),
-    (r"ct state != new", "ct_not_new"),
     (r"ct status dnat", "ct_dnat"),
     (rf"{_A} saddr \. {_A} daddr @(\S+)", "pair_in"),
     (rf"{_KEY} \. {_A} saddr != @(\S+)", "key_saddr_not_in"),
     (rf"{_KEY} vmap @(\S+)", "vmap"),
     (rf"{_KEY} @(\S+)", "key_in"),
     (r"fib daddr type local", "daddr_local"),
+    (r"fib daddr type != local", "daddr_not_local"),
     (r"fib saddr type local", "saddr_local"),
     (rf"{_A} daddr != ({_ADDR})", "daddr_not_cidr"),
     (rf"{_A} daddr @(\S+)", "daddr_in"),
@@ -252,8 +252,6 @@ class Tracer:
             k, a = s.kind, s.args
             if k in ("ct_new", "update"):
                 pass
-            elif k == "ct_not_new":
-                return [("continue", pkt)]  # the traced packet is a connection's first
             elif k == "ct_dnat":
                 if pkt.dnat is None:
                     return [("continue", pkt)]
@@ -271,6 +269,9 @@ class Tracer:
                     return [("continue", pkt)]
             elif k == "daddr_local":
                 if not self.is_local(pkt.dst):
+                    return [("continue", pkt)]
+            elif k == "daddr_not_local":
+                if self.is_local(pkt.dst):
                     return [("continue", pkt)]
             elif k == "saddr_local":
                 if not self.is_local(pkt.src):
