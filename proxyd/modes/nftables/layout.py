@@ -7,22 +7,26 @@ set elements (``planner``), never in per-service chains, except the few
 chains ClientIP affinity needs. The packet flow (kube-proxy's nftables mode,
 on a compact layout; docs/nftables.md has a worked example):
 
-* filter hooks at priority -110 (before DNAT): ``firewall-check`` drops LB
-  traffic from outside loadBalancerSourceRanges; ``service-endpoints-check``
-  / ``nodeport-endpoints-check`` reject traffic to services without
-  endpoints (or drop it: internalTrafficPolicy Local with none on this node);
-  after DNAT (forward, output at -90) ``cluster-ips-check`` rejects what is
-  still addressed to a ClusterIP, i.e. a port the service does not have.
-* nat prerouting/output (-100) jump to ``services``: ``service-ips`` maps
-  destination . protocol . port to a "kind" chain, NodePorts go through
+* only nat base chains, which netfilter runs for a connection's first packet
+  only: established packets evaluate no rule of proxyd's. nat prerouting and
+  output (-100) jump to ``services``: ``service-ips`` maps destination .
+  protocol . port to a "kind" chain, NodePorts go through
   ``service-nodeports``. A kind chain makes kube-proxy's masquerade decision
   (ClusterIP: from outside the cluster CIDR or --masquerade-all; external
   with Cluster policy: always; external with Local policy: pods and the node
-  itself short-circuit to the cluster endpoints) and dispatches through a
-  ``*-pick`` verdict map to ``<pick>-<protocol>-N``: one chain per
-  protocol and endpoint count N whose single rule DNATs to ``key . numgen
-  random mod N`` looked up in a backends map (value: endpoint address .
-  port).
+  itself short-circuit to the cluster endpoints; external addresses first
+  pass ``firewall-check``, which drops LB traffic from outside
+  loadBalancerSourceRanges) and dispatches through a ``*-pick`` verdict map
+  to ``<pick>-<protocol>-N``: one chain per protocol and endpoint count N
+  whose single rule DNATs to ``key . numgen random mod N`` looked up in a
+  backends map (value: endpoint address . port).
+* kube-proxy's other new-connection checks, which it runs in filter chains
+  on ``ct state new``, follow in the same nat chains (a DNAT ends the
+  chain, so they see what was not DNATed, as kube-proxy's post-DNAT checks
+  did): ``service-endpoints-check`` / ``nodeport-endpoints-check`` reject
+  traffic to services without endpoints (or drop it: internalTrafficPolicy
+  Local with none on this node); ``cluster-ips-check`` rejects what is
+  still addressed to a ClusterIP, i.e. a port the service does not have.
 * nat postrouting (100): an endpoint that reached itself (``hairpin`` set of
   ``addr . addr``) is marked, then marked packets are masqueraded.
 
