@@ -311,6 +311,15 @@ def test_a_full_plan_deletes_an_older_layouts_base_chains() -> None:
     assert flow(tracer, src="10.0.0.2", dst="172.30.0.43:53", protocol="udp") == "REJECT"  # type: ignore[arg-type]
 
 
+def test_a_cluster_ips_unknown_port_is_rejected_where_kube_proxy_checks_it() -> None:
+    # kube-proxy checks cluster IPs in forward and output, not input: the nat chains keep that.
+    remote = Tracer(GOLDEN_FULL, node_ips=["192.168.0.2"])
+    local = Tracer(GOLDEN_FULL, node_ips=["192.168.0.2", "172.30.0.41"])
+    assert flow(remote, src="10.0.0.2", dst="172.30.0.41:81") == "REJECT"  # type: ignore[arg-type]
+    assert flow(local, src="10.0.0.2", dst="172.30.0.41:81") == "172.30.0.41:81 no-masq"  # type: ignore[arg-type]
+    assert flow(local, src="10.0.0.2", dst="172.30.0.41:81", local_origin=True) == "REJECT"  # type: ignore[arg-type]
+
+
 def test_the_golden_transactions_are_what_the_tracer_accepts() -> None:
     tracer = Tracer(GOLDEN_FULL, GOLDEN_PARTIAL, GOLDEN_NEXT, node_ips=["192.168.0.2"])
     assert flow(tracer, src="10.0.0.2", dst="172.30.0.41:80") == \
