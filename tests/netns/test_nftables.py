@@ -148,6 +148,26 @@ class TestNftables(KernelNatBehaviour):
         assert "inet_proto . inet_service : verdict" in table(topology)
         assert not topology.metric_sum("proxyd_quarantined_service_ports")
 
+    def test_an_older_layouts_filter_chains_are_deleted_on_adoption(self, topology: Topology) -> None:
+        # proxyd hooked filter chains before kube-proxy's checks moved into its nat chains: adopting
+        # such a table (canary present, so no replacement) must leave none, as they cost every packet.
+        old = topology.manifests.parent / "old-layout.nft"
+        old.write_text(
+            "add table ip proxyd\n"
+            "add set ip proxyd canary { type ipv4_addr ; }\n"
+            "add element ip proxyd canary { 0.0.0.0 }\n"
+            "add chain ip proxyd service-endpoints-check\n"
+            "add chain ip proxyd filter-prerouting { type filter hook prerouting priority -110 ; }\n"
+            "add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }\n"
+            "add rule ip proxyd filter-forward ct state new jump service-endpoints-check\n")
+        topology.ns_run(topology.node, ["nft", "-f", str(old)])
+        proc = self.start(topology, web(endpoints=local_eps(POD1)))
+        assert topology.hello(topology.pod("pod3").ns, CLUSTER_IP, 80).pod == "pod1"
+        assert "replacing table" not in topology.log_of(proc)
+        listed = table(topology)
+        assert "hook forward" not in listed and "filter-" not in listed, listed
+        assert "type nat hook prerouting" in listed
+
     def test_canary_flushed_is_repaired(self, topology: Topology) -> None:
         self.start(topology, web(endpoints=local_eps(POD1)), extra=("--sync-period", "1s"))
         ns = topology.pod("pod3").ns

@@ -90,7 +90,7 @@ def test_trace_lists_paths_with_odds_steps_and_reasons() -> None:
     assert abs(sum(p.odds for p in result.paths) - 1) < 1e-9
     for p in result.paths:
         assert abs(p.odds - 1 / 3) < 1e-9 and p.verdict == "ACCEPT" and not p.masquerade
-        assert p.steps[:4] == ("filter-prerouting", "firewall-check", "nat-prerouting", "services"), p.steps
+        assert p.steps[:3] == ("nat-prerouting", "services", "svc-int"), p.steps
         assert "svc-pick-tcp-3" in p.steps
     outside = trace(snap, "203.0.113.5", "192.168.0.2", 3012)
     assert outside.paths and all(p.masquerade and "np-ext" in p.steps for p in outside.paths)

@@ -62,11 +62,6 @@ CHANGED = [
 
 GOLDEN_FULL = """\
 add table ip proxyd
-add chain ip proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
-add chain ip proxyd filter-input { type filter hook input priority -110 ; }
-add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }
-add chain ip proxyd filter-output { type filter hook output priority -110 ; }
-add chain ip proxyd filter-output-post-dnat { type filter hook output priority -90 ; }
 add chain ip proxyd nat-prerouting { type nat hook prerouting priority -100 ; }
 add chain ip proxyd nat-output { type nat hook output priority -100 ; }
 add chain ip proxyd nat-postrouting { type nat hook postrouting priority 100 ; }
@@ -92,11 +87,6 @@ add chain ip proxyd np-pick-tcp-1
 add chain ip proxyd np-short-pick-tcp-2
 add chain ip proxyd endpoint-dvoxwsarum27fjjn
 add chain ip proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip proxyd filter-prerouting
-flush chain ip proxyd filter-input
-flush chain ip proxyd filter-forward
-flush chain ip proxyd filter-output
-flush chain ip proxyd filter-output-post-dnat
 flush chain ip proxyd nat-prerouting
 flush chain ip proxyd nat-output
 flush chain ip proxyd nat-postrouting
@@ -175,16 +165,14 @@ add map ip proxyd np-short-backends-udp { typeof meta l4proto . th dport . numge
 flush map ip proxyd np-short-backends-udp
 add map ip proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip daddr . sctp dport ; counter ; }
 flush map ip proxyd np-short-backends-sctp
-add rule ip proxyd filter-prerouting ct state new jump firewall-check
-add rule ip proxyd filter-input ct state new jump nodeport-endpoints-check
-add rule ip proxyd filter-input ct state new jump service-endpoints-check
-add rule ip proxyd filter-forward ct state new jump service-endpoints-check
-add rule ip proxyd filter-forward ct state new jump cluster-ips-check
-add rule ip proxyd filter-output ct state new jump service-endpoints-check
-add rule ip proxyd filter-output ct state new jump firewall-check
-add rule ip proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip proxyd nat-prerouting jump services
+add rule ip proxyd nat-prerouting jump nodeport-endpoints-check
+add rule ip proxyd nat-prerouting jump service-endpoints-check
+add rule ip proxyd nat-prerouting ip daddr @cluster-ips fib daddr type != local jump cluster-ips-check
+add rule ip proxyd nat-output jump service-endpoints-check
 add rule ip proxyd nat-output jump services
+add rule ip proxyd nat-output jump cluster-ips-check
+add rule ip proxyd nat-output jump nodeport-endpoints-check
 add rule ip proxyd nat-postrouting ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade
 add rule ip proxyd nat-postrouting jump masquerading
 add rule ip proxyd firewall-check ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
@@ -200,8 +188,10 @@ add rule ip proxyd services ip daddr . meta l4proto . th dport vmap @service-ips
 add rule ip proxyd services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports
 add rule ip proxyd svc-int ip saddr != 10.0.0.0/8 jump mark-for-masquerade
 add rule ip proxyd svc-int ip daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip proxyd svc-ext jump firewall-check
 add rule ip proxyd svc-ext jump mark-for-masquerade
 add rule ip proxyd svc-ext ip daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip proxyd svc-extl jump firewall-check
 add rule ip proxyd svc-extl ip saddr 10.0.0.0/8 goto svc-short
 add rule ip proxyd svc-extl fib saddr type local jump mark-for-masquerade
 add rule ip proxyd svc-extl fib saddr type local goto svc-short
@@ -294,6 +284,40 @@ def test_a_replacing_full_plan_swaps_the_whole_table_and_deletes_nothing_stale()
     # Past the swap it is the ordinary full plan of the same state.
     fresh = Planner(OPTS).plan(state(CHANGED), None).text
     assert plan.text.split("\n", 2)[2] == fresh
+
+
+# The filter base chains of the layout before the checks moved into the nat chains.
+OLD_BASE_CHAINS = """\
+add table ip proxyd
+add chain ip proxyd firewall-check
+add chain ip proxyd service-endpoints-check
+add chain ip proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
+add chain ip proxyd filter-forward { type filter hook forward priority -110 ; }
+add rule ip proxyd filter-prerouting ct state new jump firewall-check
+add rule ip proxyd filter-forward ct state new jump service-endpoints-check
+"""
+
+
+def test_a_full_plan_deletes_an_older_layouts_base_chains() -> None:
+    stale = {"filter-prerouting", "filter-forward", "svc-pick-tcp-9"}
+    plan = Planner(OPTS).plan(state(ENTRIES), None, stale_chains=stale)
+    for chain in ("filter-prerouting", "filter-forward"):
+        assert f"flush chain ip proxyd {chain}\ndelete chain ip proxyd {chain}\n" in plan.text
+    assert "delete chain ip proxyd svc-pick-tcp-9" not in plan.text  # dynamic: emptied, deleted next time
+    tracer = Tracer(OLD_BASE_CHAINS, plan.text, node_ips=["192.168.0.2"])
+    assert set(tracer.ruleset.base) == {name for name, *_ in lay.BASE_CHAINS}
+    assert {hook for _t, hook, _p in tracer.ruleset.base.values()} == {"prerouting", "output", "postrouting"}
+    assert {typ for typ, _h, _p in tracer.ruleset.base.values()} == {"nat"}
+    assert flow(tracer, src="10.0.0.2", dst="172.30.0.43:53", protocol="udp") == "REJECT"  # type: ignore[arg-type]
+
+
+def test_a_cluster_ips_unknown_port_is_rejected_where_kube_proxy_checks_it() -> None:
+    # kube-proxy checks cluster IPs in forward and output, not input: the nat chains keep that.
+    remote = Tracer(GOLDEN_FULL, node_ips=["192.168.0.2"])
+    local = Tracer(GOLDEN_FULL, node_ips=["192.168.0.2", "172.30.0.41"])
+    assert flow(remote, src="10.0.0.2", dst="172.30.0.41:81") == "REJECT"  # type: ignore[arg-type]
+    assert flow(local, src="10.0.0.2", dst="172.30.0.41:81") == "172.30.0.41:81 no-masq"  # type: ignore[arg-type]
+    assert flow(local, src="10.0.0.2", dst="172.30.0.41:81", local_origin=True) == "REJECT"  # type: ignore[arg-type]
 
 
 def test_the_golden_transactions_are_what_the_tracer_accepts() -> None:
@@ -495,11 +519,6 @@ ENTRIES6 = [
 
 GOLDEN6_FULL = """\
 add table ip6 proxyd
-add chain ip6 proxyd filter-prerouting { type filter hook prerouting priority -110 ; }
-add chain ip6 proxyd filter-input { type filter hook input priority -110 ; }
-add chain ip6 proxyd filter-forward { type filter hook forward priority -110 ; }
-add chain ip6 proxyd filter-output { type filter hook output priority -110 ; }
-add chain ip6 proxyd filter-output-post-dnat { type filter hook output priority -90 ; }
 add chain ip6 proxyd nat-prerouting { type nat hook prerouting priority -100 ; }
 add chain ip6 proxyd nat-output { type nat hook output priority -100 ; }
 add chain ip6 proxyd nat-postrouting { type nat hook postrouting priority 100 ; }
@@ -525,11 +544,6 @@ add chain ip6 proxyd np-pick-tcp-1
 add chain ip6 proxyd np-short-pick-tcp-2
 add chain ip6 proxyd endpoint-3qc77sh7jbmjxw2f
 add chain ip6 proxyd sticky-u7tl6mk3ianqqakg
-flush chain ip6 proxyd filter-prerouting
-flush chain ip6 proxyd filter-input
-flush chain ip6 proxyd filter-forward
-flush chain ip6 proxyd filter-output
-flush chain ip6 proxyd filter-output-post-dnat
 flush chain ip6 proxyd nat-prerouting
 flush chain ip6 proxyd nat-output
 flush chain ip6 proxyd nat-postrouting
@@ -608,16 +622,14 @@ add map ip6 proxyd np-short-backends-udp { typeof meta l4proto . th dport . numg
 flush map ip6 proxyd np-short-backends-udp
 add map ip6 proxyd np-short-backends-sctp { typeof meta l4proto . th dport . numgen random mod 2 : ip6 daddr . sctp dport ; counter ; }
 flush map ip6 proxyd np-short-backends-sctp
-add rule ip6 proxyd filter-prerouting ct state new jump firewall-check
-add rule ip6 proxyd filter-input ct state new jump nodeport-endpoints-check
-add rule ip6 proxyd filter-input ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-forward ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-forward ct state new jump cluster-ips-check
-add rule ip6 proxyd filter-output ct state new jump service-endpoints-check
-add rule ip6 proxyd filter-output ct state new jump firewall-check
-add rule ip6 proxyd filter-output-post-dnat ct state new jump cluster-ips-check
 add rule ip6 proxyd nat-prerouting jump services
+add rule ip6 proxyd nat-prerouting jump nodeport-endpoints-check
+add rule ip6 proxyd nat-prerouting jump service-endpoints-check
+add rule ip6 proxyd nat-prerouting ip6 daddr @cluster-ips fib daddr type != local jump cluster-ips-check
+add rule ip6 proxyd nat-output jump service-endpoints-check
 add rule ip6 proxyd nat-output jump services
+add rule ip6 proxyd nat-output jump cluster-ips-check
+add rule ip6 proxyd nat-output jump nodeport-endpoints-check
 add rule ip6 proxyd nat-postrouting ct status dnat ip6 saddr . ip6 daddr @hairpin jump mark-for-masquerade
 add rule ip6 proxyd nat-postrouting jump masquerading
 add rule ip6 proxyd firewall-check ip6 daddr . meta l4proto . th dport @firewall-ips ip6 daddr . meta l4proto . th dport . ip6 saddr != @firewall-allow drop
@@ -633,8 +645,10 @@ add rule ip6 proxyd services ip6 daddr . meta l4proto . th dport vmap @service-i
 add rule ip6 proxyd services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports
 add rule ip6 proxyd svc-int ip6 saddr != fd00:10::/32 jump mark-for-masquerade
 add rule ip6 proxyd svc-int ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-ext jump firewall-check
 add rule ip6 proxyd svc-ext jump mark-for-masquerade
 add rule ip6 proxyd svc-ext ip6 daddr . meta l4proto . th dport vmap @svc-pick
+add rule ip6 proxyd svc-extl jump firewall-check
 add rule ip6 proxyd svc-extl ip6 saddr fd00:10::/32 goto svc-short
 add rule ip6 proxyd svc-extl fib saddr type local jump mark-for-masquerade
 add rule ip6 proxyd svc-extl fib saddr type local goto svc-short

@@ -7,22 +7,26 @@ set elements (``planner``), never in per-service chains, except the few
 chains ClientIP affinity needs. The packet flow (kube-proxy's nftables mode,
 on a compact layout; docs/nftables.md has a worked example):
 
-* filter hooks at priority -110 (before DNAT): ``firewall-check`` drops LB
-  traffic from outside loadBalancerSourceRanges; ``service-endpoints-check``
-  / ``nodeport-endpoints-check`` reject traffic to services without
-  endpoints (or drop it: internalTrafficPolicy Local with none on this node);
-  after DNAT (forward, output at -90) ``cluster-ips-check`` rejects what is
-  still addressed to a ClusterIP, i.e. a port the service does not have.
-* nat prerouting/output (-100) jump to ``services``: ``service-ips`` maps
-  destination . protocol . port to a "kind" chain, NodePorts go through
+* only nat base chains, which netfilter runs for a connection's first packet
+  only: established packets evaluate no rule of proxyd's. nat prerouting and
+  output (-100) jump to ``services``: ``service-ips`` maps destination .
+  protocol . port to a "kind" chain, NodePorts go through
   ``service-nodeports``. A kind chain makes kube-proxy's masquerade decision
   (ClusterIP: from outside the cluster CIDR or --masquerade-all; external
   with Cluster policy: always; external with Local policy: pods and the node
-  itself short-circuit to the cluster endpoints) and dispatches through a
-  ``*-pick`` verdict map to ``<pick>-<protocol>-N``: one chain per
-  protocol and endpoint count N whose single rule DNATs to ``key . numgen
-  random mod N`` looked up in a backends map (value: endpoint address .
-  port).
+  itself short-circuit to the cluster endpoints; external addresses first
+  pass ``firewall-check``, which drops LB traffic from outside
+  loadBalancerSourceRanges) and dispatches through a ``*-pick`` verdict map
+  to ``<pick>-<protocol>-N``: one chain per protocol and endpoint count N
+  whose single rule DNATs to ``key . numgen random mod N`` looked up in a
+  backends map (value: endpoint address . port).
+* kube-proxy's other new-connection checks, which it runs in filter chains
+  on ``ct state new``, follow in the same nat chains (a DNAT ends the
+  chain, so they see what was not DNATed, as kube-proxy's post-DNAT checks
+  did): ``service-endpoints-check`` / ``nodeport-endpoints-check`` reject
+  traffic to services without endpoints (or drop it: internalTrafficPolicy
+  Local with none on this node); ``cluster-ips-check`` rejects what is
+  still addressed to a ClusterIP, i.e. a port the service does not have.
 * nat postrouting (100): an endpoint that reached itself (``hairpin`` set of
   ``addr . addr``) is marked, then marked packets are masqueraded.
 
@@ -38,17 +42,17 @@ from dataclasses import dataclass
 
 TABLE = "proxyd"
 
-# Base chains: (name, type, hook, priority).
+# Base chains: (name, type, hook, priority). Only nat chains: netfilter runs them for a connection's
+# first packet only, so established packets evaluate no rule of ours (kube-proxy's filter chains,
+# which test "ct state new" on every packet, are folded into them; see ``chains``).
 BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
-    ("filter-prerouting", "filter", "prerouting", -110),
-    ("filter-input", "filter", "input", -110),
-    ("filter-forward", "filter", "forward", -110),
-    ("filter-output", "filter", "output", -110),
-    ("filter-output-post-dnat", "filter", "output", -90),
     ("nat-prerouting", "nat", "prerouting", -100),
     ("nat-output", "nat", "output", -100),
     ("nat-postrouting", "nat", "postrouting", 100),
 )
+# Base chains of earlier layouts: a full sync that adopts such a table deletes them.
+RETIRED_CHAINS = ("filter-prerouting", "filter-input", "filter-forward", "filter-output",
+                  "filter-output-post-dnat")
 
 FIREWALL_CHECK = "firewall-check"
 SERVICE_ENDPOINTS_CHECK = "service-endpoints-check"
@@ -220,15 +224,20 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
                       else f"fib daddr type local {fam.addr} daddr != {fam.loopback}")
     svc_key = _key(fam)
     np_key = _key(fam, by_address=False)
-    new = "ct state new"
+    # kube-proxy's checks ran in filter chains on "ct state new" packets (input, forward, output at
+    # -110, output at -90); here they run in the nat chains, which see exactly those packets, in the
+    # same order relative to DNAT. A DNAT ends the nat chain, so what follows ``services`` sees only
+    # packets it did not DNAT, as kube-proxy's post-DNAT checks saw them with their address unchanged.
+    # prerouting: input's checks (nodeport, service) and forward's (service, cluster IPs; a packet
+    # to a local address takes input, which has no cluster-ips check).
+    # output: service check before DNAT, cluster IPs after, and input's nodeport check for a local
+    # destination (the packet comes back in through loopback, where no nat chain runs again).
     out: dict[str, list[str]] = {
-        "filter-prerouting": [f"{new} jump {FIREWALL_CHECK}"],
-        "filter-input": [f"{new} jump {NODEPORT_ENDPOINTS_CHECK}", f"{new} jump {SERVICE_ENDPOINTS_CHECK}"],
-        "filter-forward": [f"{new} jump {SERVICE_ENDPOINTS_CHECK}", f"{new} jump {CLUSTER_IPS_CHECK}"],
-        "filter-output": [f"{new} jump {SERVICE_ENDPOINTS_CHECK}", f"{new} jump {FIREWALL_CHECK}"],
-        "filter-output-post-dnat": [f"{new} jump {CLUSTER_IPS_CHECK}"],
-        "nat-prerouting": [f"jump {SERVICES}"],
-        "nat-output": [f"jump {SERVICES}"],
+        "nat-prerouting": [
+            f"jump {SERVICES}", f"jump {NODEPORT_ENDPOINTS_CHECK}", f"jump {SERVICE_ENDPOINTS_CHECK}",
+            f"{fam.addr} daddr @{CLUSTER_IPS} fib daddr type != local jump {CLUSTER_IPS_CHECK}"],
+        "nat-output": [f"jump {SERVICE_ENDPOINTS_CHECK}", f"jump {SERVICES}", f"jump {CLUSTER_IPS_CHECK}",
+                       f"jump {NODEPORT_ENDPOINTS_CHECK}"],
         "nat-postrouting": [
             f"ct status dnat {fam.addr} saddr . {fam.addr} daddr @{HAIRPIN} jump {MARK_FOR_MASQUERADE}",
             f"jump {MASQUERADING}"],
@@ -254,8 +263,11 @@ def chains(opts: LayoutOptions) -> dict[str, list[str]]:
     for ext, extl, short, key, pick, short_pick in (
             (SVC_EXT, SVC_EXTL, SVC_SHORT, svc_key, PICK_SVC, PICK_SVC_SHORT),
             (NP_EXT, NP_EXTL, NP_SHORT, np_key, PICK_NP, PICK_NP_SHORT)):
-        out[ext] = [f"jump {MARK_FOR_MASQUERADE}", f"{key} vmap @{pick.name}"]
-        local: list[str] = []
+        # Only external addresses reach these chains (nat: a connection's first packet only), so the
+        # loadBalancerSourceRanges check costs ClusterIP traffic and established packets nothing.
+        fw = [f"jump {FIREWALL_CHECK}"] if pick is PICK_SVC else []
+        out[ext] = [*fw, f"jump {MARK_FOR_MASQUERADE}", f"{key} vmap @{pick.name}"]
+        local: list[str] = [*fw]
         if opts.cluster_cidr is not None:
             # Pods reaching an external address act as if they went out and back in: Cluster policy.
             local.append(f"{fam.addr} saddr {opts.cluster_cidr} goto {short}")

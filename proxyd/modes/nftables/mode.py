@@ -160,7 +160,7 @@ class NftablesMode(AppliedMode[Applier]):
 
     async def _stale(self) -> set[str]:
         assert self.applier is not None
-        return {c for c in await self.applier.chains() if lay.is_dynamic_chain(c)}
+        return {c for c in await self.applier.chains() if lay.is_dynamic_chain(c) or c in lay.RETIRED_CHAINS}
 
     async def _attempt(self, state: ProxyState, changed: frozenset[ServiceName] | None, stale: set[str],
                        track: _Track, *, replace: bool = False) -> str | None:

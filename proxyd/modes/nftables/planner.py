@@ -452,7 +452,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
         ``changed`` None (or nothing committed yet) gives a full plan;
         ``stale_chains``/``stale_sets`` are dynamic chains and sets found in
         the kernel (after a restart): a full plan empties them now and the
-        next plan deletes them. ``replace`` (full plans only) deletes the
+        next plan deletes them; an older layout's base chains among them
+        (``layout.RETIRED_CHAINS``) it deletes at once. ``replace`` (full plans only) deletes the
         whole table first, in the same transaction: for a table whose maps
         were declared otherwise (an older proxyd's layout), which nft refuses
         to redefine. The swap is atomic; only affinity entries are lost.
@@ -535,13 +536,18 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 out.append(f"add chain {table} {chain}")
         for chain in chains:
             out.append(f"add chain {table} {chain}")
-        known = set() if replace else set(stale_chains) | set(self._chains) | set(self._doomed_chains)
+        stale_chains = set(stale_chains)
+        known = set() if replace else stale_chains | set(self._chains) | set(self._doomed_chains)
         stale_c = sorted(c for c in known if lay.is_dynamic_chain(c) and c not in chains)
         for chain in stale_c:
             out.append(f"add chain {table} {chain}")
         # Flush every chain before any map is flushed: rules may reference maps.
         for chain in (*fixed, *chains, *stale_c):
             out.append(f"flush chain {table} {chain}")
+        for chain in sorted(c for c in stale_chains if c in lay.RETIRED_CHAINS):
+            # An older layout's base chain (a table adopted after an upgrade): emptied, as "delete"
+            # needs, and deleted; nothing jumps to a base chain.
+            out.extend((f"flush chain {table} {chain}", f"delete chain {table} {chain}"))
         for set_name, body in sets.items():
             out.append(f"add set {table} {set_name} {{ {body} ; }}")
         for set_name, body in lay.maps(fam):

@@ -38,6 +38,7 @@ _STATEMENTS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) 
     (rf"{_KEY} vmap @(\S+)", "vmap"),
     (rf"{_KEY} @(\S+)", "key_in"),
     (r"fib daddr type local", "daddr_local"),
+    (r"fib daddr type != local", "daddr_not_local"),
     (r"fib saddr type local", "saddr_local"),
     (rf"{_A} daddr != ({_ADDR})", "daddr_not_cidr"),
     (rf"{_A} daddr @(\S+)", "daddr_in"),
@@ -268,6 +269,9 @@ class Tracer:
                     return [("continue", pkt)]
             elif k == "daddr_local":
                 if not self.is_local(pkt.dst):
+                    return [("continue", pkt)]
+            elif k == "daddr_not_local":
+                if self.is_local(pkt.dst):
                     return [("continue", pkt)]
             elif k == "saddr_local":
                 if not self.is_local(pkt.src):
