@@ -568,9 +568,9 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 out.append(f"add element {table} {set_name} {{ {', '.join(items[i:i + 4096])} }}")
         text = "\n".join(out) + "\n"
         return Plan(text=text, full=True, state=state, ports=fresh, removed=frozenset(),
-                    by_service=by_service, kernel=kernel, chains=chains,
+                    by_service=by_service, kernel=kernel, chains=dict[str, tuple[str, ...] | None](chains),
                     owners={k: KeyIndex(v) for k, v in owners.items()},
-                    refs={k: KeyIndex(v) for k, v in refs.items()},  # type: ignore[arg-type]
+                    refs={k: KeyIndex(v) for k, v in refs.items()},
                     sets=sets, pick_refs=pick_refs, doomed_chains=tuple(stale_c), node_ips=node_ips,  # type: ignore[arg-type]
                     added=sum(len(v) for v in kernel.values()), conflicts=conflicts)
 
@@ -639,7 +639,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 for set_name, key, value in p.elements:
                     k = (set_name, key)
                     if set_name in SHARED_SETS:
-                        refs[k] = refs.get(k, self._refs.get(set_name, _EMPTY).get(hash(key), 0)) + sign
+                        refs[k] = refs.get(k, self._refs.get(set_name, _EMPTY).get(hash(key), 0) or 0) + sign
                         touched.add(k)
                         continue
                     if sign < 0 and k not in held_values and \
@@ -689,7 +689,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
             if set_name == lay.NODEPORT_IPS:
                 held = key in self._node_ips
             elif set_name in SHARED_SETS:
-                held = self._refs.get(set_name, _EMPTY).get(hash(key), 0) > 0
+                held = (self._refs.get(set_name, _EMPTY).get(hash(key), 0) or 0) > 0
             else:
                 held = hash(key) in self._owners.get(set_name, _EMPTY)
                 current = held_values.get(k, _KEEP)  # not re-rendered (never here): rewrite it
@@ -700,8 +700,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 deletes.setdefault(set_name, []).append(key)
                 deleted += 1
             if want:
-                value = desired[k]
-                adds.setdefault(set_name, []).append(key if value is None else f"{key} : {value}")
+                shown = desired[k]
+                adds.setdefault(set_name, []).append(key if shown is None else f"{key} : {shown}")
                 added += 1
 
         # Dynamic chains and sets: refcounted pick chains, per-port affinity chains.
@@ -787,11 +787,12 @@ class Planner(MirrorPlanner[PlannerOptions]):
             for (set_name, key), count in plan.ref_delta.items():
                 if count > 0:
                     self._index(self._refs, set_name)[hash(key)] = count
-                else:
-                    self._refs.get(set_name, {}).pop(hash(key), None)
+                elif (counts := self._refs.get(set_name)) is not None:
+                    counts.pop(hash(key), None)
             for (set_name, key), owner in plan.owner_delta.items():
                 if owner is None:
-                    self._owners.get(set_name, {}).pop(hash(key), None)
+                    if (owned := self._owners.get(set_name)) is not None:
+                        owned.pop(hash(key), None)
                 else:
                     self._index(self._owners, set_name)[hash(key)] = owner
             for chain, rules in plan.chains.items():
