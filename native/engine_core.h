@@ -93,8 +93,17 @@ static double pe_now(void) {
 
 /* ---------------------------------------------------------------- addresses */
 
+/* An IPv4 or IPv6 socket address in 28 bytes, not sockaddr_storage's 128: an engine holds one per
+ * endpoint of every service (100,000 at 10,000 services x 10) and four per connection being dialled.
+ * ss_family overlays sin_family / sin6_family, the first member of both. */
+typedef union {
+    sa_family_t ss_family;
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+} pe_sockaddr;
+
 typedef struct {
-    struct sockaddr_storage sa;
+    pe_sockaddr sa;
     socklen_t len;
 } pe_addr;
 

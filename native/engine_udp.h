@@ -111,9 +111,9 @@ static uint64_t pu_hash(const pe_svc *svc, const struct sockaddr_storage *sa) {
 }
 
 static int pu_client_eq(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
-    pe_addr x, y;
-    x.sa = *a;
-    y.sa = *b;
+    pe_addr x, y; /* a client is IPv4 or IPv6: its address fits pe_sockaddr */
+    memcpy(&x.sa, a, sizeof(x.sa));
+    memcpy(&y.sa, b, sizeof(y.sa));
     return pe_addr_eq(&x, &y);
 }
 
