@@ -132,16 +132,15 @@ class Daemon:
         # A full sync builds long-lived objects only: no cyclic GC meanwhile (heap.gc_paused). What
         # the first one built (the whole state, and what the source's initial read left) stays out
         # of later collections.
-        full = self._needs_full or time.monotonic() - self._last_full >= FULL_SYNC_PERIOD
+        now = time.monotonic()
+        full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
         with heap.gc_paused(freeze=self._last_full == 0.0) if full else contextlib.nullcontext():
-            await self._sync_now()
+            await self._sync_now(now, full)
 
-    async def _sync_now(self) -> None:
+    async def _sync_now(self, now: float, full: bool) -> None:
         snapshot = self.tracker.take()
         if snapshot.oldest_change is not None and self._unapplied_since is None:
             self._unapplied_since = snapshot.oldest_change
-        now = time.monotonic()
-        full = self._needs_full or now - self._last_full >= FULL_SYNC_PERIOD
         started = time.perf_counter()
         try:
             node_ips = await nodeaddrs.node_addresses_async(self.config.nodeport_addresses, per_family=True)

@@ -41,6 +41,7 @@ complete (the API server always allocates).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
@@ -280,12 +281,8 @@ def _special_kind(ip: str) -> str | None:
     if ":" not in ip:
         # IPv4 (every endpoint at 10,000 services) by its leading bytes, without ipaddress: the
         # ranges of the properties below (test_convert checks that both always agree).
-        try:
-            packed = socket.inet_pton(socket.AF_INET, ip)
-        except (OSError, ValueError):
-            packed = b""
-        if packed:
-            return _special_v4(packed)
+        with contextlib.suppress(OSError, ValueError):
+            return _special_v4(socket.inet_pton(socket.AF_INET, ip))
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
@@ -830,7 +827,7 @@ def _slice_endpoint(raw: object, path: str, fam: int, notes: list[Note]) -> Slic
     # only spelled out for the error that needs it.
     entry = raw if type(raw) is dict else _mapping(raw, path)
     addresses = _opt_list(entry, "addresses", path, limit=100)
-    canonical = [_canonical_v4(a) or _ip(a, f"{path}.addresses[{j}]") for j, a in enumerate(addresses)]
+    canonical = [_ip(a, f"{path}.addresses[{j}]") for j, a in enumerate(addresses)]
     for j, ip in enumerate(canonical):
         if family(ip) != fam:
             raise _fail(f"{path}.addresses[{j}]", f"{show(ip)} is not an IPv{fam} address")
@@ -927,16 +924,6 @@ def _plain_endpoint(raw: object) -> SliceEndpoint | None:
         return None
     return SliceEndpoint(ip=ip, ready=ready is None or ready, serving=serving is None or serving,
                          terminating=bool(terminating), node_name=node)
-
-
-def _canonical_v4(value: object) -> str | None:
-    """``value`` when it is an IPv4 address in canonical text (see ``canonical_ip``), else None."""
-    if type(value) is not str or len(value) > 15:
-        return None
-    try:
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value))
-    except (OSError, ValueError):
-        return None
 
 
 # Node names already checked, each held once: every endpoint names its node, and a cluster has few.

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from proxyd.modes.userspace.addresses import canonical
+from proxyd.model import canonical_ip as canonical
 
 
 def reference(text: str) -> str | None:
