@@ -314,7 +314,9 @@ class _NativeKeys:
                                 key, *ep, self.own_verb)
                 continue
             keep.append(ep)
-        endpoints = tuple(keep)
+        # The plan's own tuple when nothing was left out (the usual case): one list held, not two.
+        entry_eps = svc.entry.endpoints
+        endpoints = entry_eps if len(keep) == len(entry_eps) else tuple(keep)
         if force or endpoints != svc.sent:
             svc.service.set_endpoints(endpoints, svc.entry.affinity_timeout)
             svc.sent = endpoints
