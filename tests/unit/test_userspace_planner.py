@@ -70,6 +70,10 @@ def test_node_port_external_ips_and_lb_ips() -> None:
         ListenerKey("192.0.2.20", 80, TCP): ext,
         ListenerKey("203.0.113.1", 30080, TCP): ext,  # the v6 node address is skipped for a v4 service
     }
+    # the Cluster policy: both kinds of traffic use the same endpoints, held once
+    tables = dict(plan.tables)
+    assert tables[ext] is tables[TableKey(name)]
+    assert tables[ext].endpoints == (("10.244.1.11", 8080),)
 
 
 def test_source_ranges_guard_lb_ips_only() -> None:

@@ -207,7 +207,8 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
     filters: tuple[tuple[ListenerKey, tuple[str, ...]], ...] = ()
     cat = categorize(svc, endpoints, node_name=node_name, node_zone=node_zone)
     internal = TableKey(svc.name, external=False, family=fam)
-    tables = [(internal, TableEntry(_pairs(cat.internal), svc.affinity_timeout))]
+    internal_entry = TableEntry(_pairs(cat.internal), svc.affinity_timeout)
+    tables = [(internal, internal_entry)]
     listeners = [(ListenerKey(svc.cluster_ip, svc.port, svc.protocol), internal)]
     # A UDP port with no endpoint anywhere holds no socket, so the kernel answers its datagrams with a
     # port unreachable (kube-proxy's REJECT). Endpoints that exist but are all remote under a Local
@@ -216,7 +217,9 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
     addresses = [svc.cluster_ip]
     if svc.has_external:
         external = TableKey(svc.name, external=True, family=fam)
-        tables.append((external, TableEntry(_pairs(cat.external), svc.affinity_timeout)))
+        # Under the Cluster policy both kinds of traffic use the same endpoints: one entry held for both.
+        tables.append((external, internal_entry if cat.external is cat.internal
+                       else TableEntry(_pairs(cat.external), svc.affinity_timeout)))
         for ip in svc.external_addresses:
             addresses.append(ip)
             listeners.append((ListenerKey(ip, svc.port, svc.protocol), external))
