@@ -177,7 +177,8 @@ class Tracker:
         # The live state, patched in place by take().
         self._ports: dict[ServicePortName, ServicePort] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
-        self._port_names: dict[ServiceName, tuple[ServicePortName, ...]] = {}
+        # Each served service's ports as of the last take: the Service's own tuple, not a copy of names.
+        self._port_names: dict[ServiceName, tuple[ServicePort, ...]] = {}
 
     # ---- queries -------------------------------------------------------
 
@@ -343,7 +344,7 @@ class Tracker:
         ``changed_ports``.
         """
         svc = self._services.get(name)
-        old_names = self._port_names.get(name, ())
+        old_names = {p.name: None for p in self._port_names.get(name, ())}  # a name may repeat
         new_ports = service_ports(svc) if svc is not None else {}
         slices = [self._slices[k] for k in self._slices_by_service.get(name, ())]
         new_eps = {pn: merge_endpoints(p, slices, node_name=self.node_name)
@@ -363,8 +364,8 @@ class Tracker:
                 changed_ports.add(pn)
             self._ports[pn] = port
             self._endpoints[pn] = eps
-        if new_ports:
-            self._port_names[name] = tuple(new_ports)
+        if svc is not None and new_ports:
+            self._port_names[name] = svc.ports
         else:
             self._port_names.pop(name, None)
         return changed

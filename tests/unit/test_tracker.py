@@ -106,6 +106,20 @@ def test_many_slices_of_one_service_are_indexed_past_the_small_tuple() -> None:
     assert ips(SPN) == ["10.0.1.3"]
 
 
+def test_a_repeated_port_name_keeps_the_last_and_goes_once() -> None:
+    t = Tracker(NODE)
+    t.update_service(SN, service("ns", "web", sp("web", port=80), sp("web", port=81)))
+    assert t.take().state.service_ports == {SPN: sp("web", port=81)}
+    t.update_service(SN, service("ns", "web", sp("web", port_name="a"), sp("web", port_name="a", port=82)))
+    snap = t.take()
+    a = ServicePortName("ns", "web", "a", TCP)
+    assert snap.state.service_ports == {a: sp("web", port_name="a", port=82)}
+    assert snap.changed_ports == {SPN, a}
+    t.update_service(SN, None)
+    snap = t.take()
+    assert snap.state.service_ports == {} and snap.state.endpoints == {} and snap.changed_ports == {a}
+
+
 def test_duplicate_ready_beats_unready_whatever_the_slice_order() -> None:
     for first_ready in (True, False):
         t = Tracker(NODE)
