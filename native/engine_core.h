@@ -172,7 +172,7 @@ typedef struct pe_svc {
     pthread_mutex_t mu;
     atomic_int refs; /* the Python handle, listeners' configs and connections */
     pe_addr *eps;
-    pe_epc **ctrs; /* one per endpoint of eps (NULL where memory ran out: that endpoint is not counted) */
+    pe_epc **ctrs; /* one per endpoint of eps, made at its first connection (NULL before: nothing counted) */
     pe_epc *gone;  /* counters of endpoints no longer listed */
     int n;
     int cursor;
@@ -281,6 +281,18 @@ static int pe_excluded(const pe_addr *ep, const pe_addr *tried, int ntried) {
     return 0;
 }
 
+/* The counters of the endpoint in slot i, made on its first connection (s->mu held): most endpoints of a
+ * big cluster never see one through this node, and counters for every endpoint of every service were
+ * 8 MB at 10,000 services x 10. NULL when memory ran out (that connection is not counted). */
+static pe_epc *pe_epc_of(pe_svc *s, int i) {
+    pe_epc *c = s->ctrs[i];
+    if (!c && (c = calloc(1, sizeof(pe_epc))) != NULL) {
+        c->addr = s->eps[i];
+        s->ctrs[i] = c;
+    }
+    return c;
+}
+
 /* proxyd.modes.userspace.conntable's pick: a live affinity entry not excluded wins (refreshed, the cursor stays);
  * an expired one is removed; else round robin from the cursor skipping the excluded endpoints,
  * the cursor moving past the choice, which affinity records. 1 and *out set, or 0.
@@ -317,7 +329,7 @@ static int pe_pick(pe_svc *s, const pe_ip *ip, double now, const pe_addr *tried,
         }
     }
     if (epc) {
-        *epc = found ? s->ctrs[slot] : NULL;
+        *epc = found ? pe_epc_of(s, slot) : NULL;
         if (*epc) atomic_fetch_add_explicit(&(*epc)->conns, 1, memory_order_relaxed);
     }
     pthread_mutex_unlock(&s->mu);
@@ -370,12 +382,10 @@ static int pe_svc_set(pe_svc *s, pe_addr *eps, int n, double timeout) {
             if (ctrs[j]) continue;
             pe_epc **g = &s->gone; /* an endpoint that comes back gets its counters back */
             while (*g && !pe_addr_eq(&(*g)->addr, &eps[j])) g = &(*g)->next;
-            if (*g) {
+            if (*g) { /* else none until its first connection (pe_epc_of) */
                 ctrs[j] = *g;
                 *g = (*g)->next;
                 ctrs[j]->next = NULL;
-            } else if ((ctrs[j] = calloc(1, sizeof(pe_epc))) != NULL) {
-                ctrs[j]->addr = eps[j];
             }
         }
         free(s->ctrs);

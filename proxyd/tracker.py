@@ -54,6 +54,9 @@ from proxyd.model import (
 
 SliceKey = tuple[str, str]
 
+# Slices of one service indexed in a tuple; more go to a set.
+_FEW_SLICES = 8
+
 # Sentinel for "not recorded yet" in the change maps (None means "absent").
 _UNSET = object()
 
@@ -154,7 +157,9 @@ class Tracker:
         self._clock = clock
         self._services: dict[ServiceName, Service] = {}
         self._slices: dict[SliceKey, EndpointSlice] = {}
-        self._slices_by_service: dict[ServiceName, set[SliceKey]] = {}
+        # A service's slice keys: a tuple while few (a set costs 216 bytes even for the one slice most
+        # services have: 2 MB at 10,000 services), a set past _FEW_SLICES (no quadratic cost for many).
+        self._slices_by_service: dict[ServiceName, tuple[SliceKey, ...] | set[SliceKey]] = {}
         self._node_labels: Mapping[str, str] = MappingProxyType({})
 
         # Value at the last take() of each service / slice touched since.
@@ -172,7 +177,8 @@ class Tracker:
         # The live state, patched in place by take().
         self._ports: dict[ServicePortName, ServicePort] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
-        self._port_names: dict[ServiceName, tuple[ServicePortName, ...]] = {}
+        # Each served service's ports as of the last take: the Service's own tuple, not a copy of names.
+        self._port_names: dict[ServiceName, tuple[ServicePort, ...]] = {}
 
     # ---- queries -------------------------------------------------------
 
@@ -231,16 +237,12 @@ class Tracker:
         if old == sl:
             return False
         if old is not None:
-            owners = self._slices_by_service.get(old.service_name)
-            if owners is not None:
-                owners.discard(key)
-                if not owners:
-                    del self._slices_by_service[old.service_name]
+            self._unindex_slice(old.service_name, key)
         if sl is None:
             del self._slices[key]
         else:
             self._slices[key] = sl
-            self._slices_by_service.setdefault(sl.service_name, set()).add(key)
+            self._index_slice(sl.service_name, key)
         metrics.ENDPOINT_CHANGES_TOTAL.inc()
         base = self._slice_base.get(key, _UNSET)
         if base is _UNSET:
@@ -342,7 +344,7 @@ class Tracker:
         ``changed_ports``.
         """
         svc = self._services.get(name)
-        old_names = self._port_names.get(name, ())
+        old_names = {p.name: None for p in self._port_names.get(name, ())}  # a name may repeat
         new_ports = service_ports(svc) if svc is not None else {}
         slices = [self._slices[k] for k in self._slices_by_service.get(name, ())]
         new_eps = {pn: merge_endpoints(p, slices, node_name=self.node_name)
@@ -362,11 +364,30 @@ class Tracker:
                 changed_ports.add(pn)
             self._ports[pn] = port
             self._endpoints[pn] = eps
-        if new_ports:
-            self._port_names[name] = tuple(new_ports)
+        if svc is not None and new_ports:
+            self._port_names[name] = svc.ports
         else:
             self._port_names.pop(name, None)
         return changed
+
+    def _index_slice(self, name: ServiceName, key: SliceKey) -> None:
+        keys = self._slices_by_service.get(name, ())
+        if isinstance(keys, set):
+            keys.add(key)
+        elif key not in keys:
+            self._slices_by_service[name] = (*keys, key) if len(keys) < _FEW_SLICES else {*keys, key}
+
+    def _unindex_slice(self, name: ServiceName, key: SliceKey) -> None:
+        keys = self._slices_by_service.get(name)
+        if keys is None:
+            return
+        if isinstance(keys, set):
+            keys.discard(key)
+        elif key in keys:
+            keys = tuple(k for k in keys if k != key)
+            self._slices_by_service[name] = keys
+        if not keys:
+            del self._slices_by_service[name]
 
     def _note_change(self) -> None:
         if self._first_change is None:

@@ -72,6 +72,54 @@ def test_slices_of_one_service_merge_sorted_and_deduplicated() -> None:
     assert [str(e) for e in eps] == ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
 
 
+def test_many_slices_of_one_service_are_indexed_past_the_small_tuple() -> None:
+    """A service's slice index is a tuple while small and a set past it: 20 slices in, some moved to
+    another service and back, then out one by one; the endpoints follow at every step."""
+    t = Tracker(NODE)
+    t.update_service(SN, service("ns", "web"))
+    other = ServiceName("ns", "api")
+    t.update_service(other, service("ns", "api"))
+
+    def put(i: int, svc: str) -> None:
+        t.update_slice(("ns", f"s{i}"), eslice("ns", f"s{i}", svc, [("", 8080, TCP)], [sep(f"10.0.1.{i}")]))
+
+    def ips(name: ServicePortName) -> list[str]:
+        return [e.ip for e in t.take().state.endpoints[name]]
+
+    for i in range(20):
+        put(i, "web")
+        assert ips(SPN) == [f"10.0.1.{j}" for j in range(i + 1)]
+    api = ServicePortName("ns", "api", "", TCP)
+    for i in range(0, 20, 2):
+        put(i, "api")
+    assert ips(SPN) == [f"10.0.1.{j}" for j in range(1, 20, 2)]
+    assert ips(api) == [f"10.0.1.{j}" for j in range(0, 20, 2)]
+    put(4, "web")
+    put(4, "web")  # the same again: indexed once
+    assert ips(SPN) == sorted([f"10.0.1.{j}" for j in range(1, 20, 2)] + ["10.0.1.4"],
+                              key=lambda ip: int(ip.rsplit(".", 1)[1]))
+    for i in range(20):
+        t.update_slice(("ns", f"s{i}"), None)
+    assert ips(SPN) == [] and ips(api) == []
+    assert not t._slices_by_service  # nothing left indexed
+    put(3, "web")
+    assert ips(SPN) == ["10.0.1.3"]
+
+
+def test_a_repeated_port_name_keeps_the_last_and_goes_once() -> None:
+    t = Tracker(NODE)
+    t.update_service(SN, service("ns", "web", sp("web", port=80), sp("web", port=81)))
+    assert t.take().state.service_ports == {SPN: sp("web", port=81)}
+    t.update_service(SN, service("ns", "web", sp("web", port_name="a"), sp("web", port_name="a", port=82)))
+    snap = t.take()
+    a = ServicePortName("ns", "web", "a", TCP)
+    assert snap.state.service_ports == {a: sp("web", port_name="a", port=82)}
+    assert snap.changed_ports == {SPN, a}
+    t.update_service(SN, None)
+    snap = t.take()
+    assert snap.state.service_ports == {} and snap.state.endpoints == {} and snap.changed_ports == {a}
+
+
 def test_duplicate_ready_beats_unready_whatever_the_slice_order() -> None:
     for first_ready in (True, False):
         t = Tracker(NODE)

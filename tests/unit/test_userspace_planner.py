@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import pytest
@@ -11,12 +12,15 @@ from proxyd.model import (
     Protocol,
     ServiceName,
     ServicePort,
+    ServicePortName,
     ServiceType,
 )
 from proxyd.modes.userspace.listeners import SourceFilter
 from proxyd.modes.userspace.planner import (
     ListenerKey,
+    Merged,
     Planner,
+    PortPlan,
     TableEntry,
     TableKey,
     merge,
@@ -66,6 +70,10 @@ def test_node_port_external_ips_and_lb_ips() -> None:
         ListenerKey("192.0.2.20", 80, TCP): ext,
         ListenerKey("203.0.113.1", 30080, TCP): ext,  # the v6 node address is skipped for a v4 service
     }
+    # the Cluster policy: both kinds of traffic use the same endpoints, held once
+    tables = dict(plan.tables)
+    assert tables[ext] is tables[TableKey(name)]
+    assert tables[ext].endpoints == (("10.244.1.11", 8080),)
 
 
 def test_source_ranges_guard_lb_ips_only() -> None:
@@ -141,6 +149,32 @@ def test_conflicting_listeners_first_service_wins() -> None:
     assert merged.listeners[ListenerKey("192.0.2.10", 80, TCP)].name == a
     assert len(merged.conflicts) == 1 and "default/b" in merged.conflicts[0]
     assert merged.addresses == {"10.96.0.1", "10.96.0.2", "192.0.2.10"}
+
+
+def test_a_contested_listener_put_and_dropped_port_by_port_agrees_with_a_fresh_merge() -> None:
+    """Three ports claim one externalIP listener; as they come and go in any order, the incremental
+    merge (one claim held as a pair, several as a dict) names the same winner and conflicts as a merge
+    from scratch, and forgets the listener once nobody claims it."""
+    names = [spn("a"), spn("b"), spn("c")]
+    plans = {n: plan_one(svc(n, ip=f"10.96.0.{i + 1}", external_ips=("192.0.2.10",)), ())
+             for i, n in enumerate(names)}
+    shared = ListenerKey("192.0.2.10", 80, TCP)
+    for order in itertools.permutations(names):
+        merged = Merged()
+        held: dict[ServicePortName, PortPlan] = {}
+        for step in [*order, *order]:  # each put, then each dropped
+            if step in held:
+                del held[step]
+                merged.put(step, None)
+            else:
+                held[step] = plans[step]
+                merged.put(step, plans[step])
+            want, got = merge(held), merged.plan()
+            assert got.listeners == want.listeners and got.conflicts == want.conflicts, (order, step)
+            if held:
+                assert got.listeners[shared].name == min(held)
+                assert len(got.conflicts) == len(held) - 1
+        assert merged.claims == {} and merged.plan().listeners == {}
 
 
 def test_external_ip_equal_to_cluster_ip_is_not_a_conflict() -> None:

@@ -151,6 +151,9 @@ class PyTcpPath(TcpProxy):
         pass  # the asyncio path updates its Stats itself
 
 
+_ZEROS = (0,) * 16  # the counters before anything was counted (more than the engine gives)
+
+
 class _NativeService:
     """A table key's engine service and the counters already turned into metrics."""
 
@@ -159,7 +162,10 @@ class _NativeService:
     def __init__(self, service: Any, stats: Stats) -> None:
         self.service = service
         self.stats = stats
-        self.last = service.counters()
+        now = service.counters()
+        # The cumulative counters at the last flush; None while all are zero (most of 10,000 ports are
+        # never used through this node: no 10-int tuple kept for each).
+        self.last: tuple[int, ...] | None = now if any(now) else None
         self.entry: TableEntry | None = None  # what the plan wants, own listeners included
         self.sent: tuple[tuple[str, int], ...] | None = None  # what the engine holds
         stats.live.append(service.active)
@@ -167,7 +173,11 @@ class _NativeService:
     def flush(self) -> int:
         """Push the deltas since the last flush into the metrics; the connections still open."""
         now = self.service.counters()
-        last, self.last = self.last, now
+        if not any(now):  # nothing counted since the start (counters only grow): nothing to add
+            self.last = None
+            return 0
+        last = self.last if self.last is not None else _ZEROS
+        self.last = now
         self.stats.add_counts(now[0] - last[0], now[1] - last[1], now[2] - last[2])
         for ep, opened, to_endpoint, to_client in self.service.take_endpoint_counts():
             self.stats.add_endpoint_counts(ep, opened, to_endpoint, to_client)
@@ -314,7 +324,9 @@ class _NativeKeys:
                                 key, *ep, self.own_verb)
                 continue
             keep.append(ep)
-        endpoints = tuple(keep)
+        # The plan's own tuple when nothing was left out (the usual case): one list held, not two.
+        entry_eps = svc.entry.endpoints
+        endpoints = entry_eps if len(keep) == len(entry_eps) else tuple(keep)
         if force or endpoints != svc.sent:
             svc.service.set_endpoints(endpoints, svc.entry.affinity_timeout)
             svc.sent = endpoints

@@ -207,7 +207,8 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
     filters: tuple[tuple[ListenerKey, tuple[str, ...]], ...] = ()
     cat = categorize(svc, endpoints, node_name=node_name, node_zone=node_zone)
     internal = TableKey(svc.name, external=False, family=fam)
-    tables = [(internal, TableEntry(_pairs(cat.internal), svc.affinity_timeout))]
+    internal_entry = TableEntry(_pairs(cat.internal), svc.affinity_timeout)
+    tables = [(internal, internal_entry)]
     listeners = [(ListenerKey(svc.cluster_ip, svc.port, svc.protocol), internal)]
     # A UDP port with no endpoint anywhere holds no socket, so the kernel answers its datagrams with a
     # port unreachable (kube-proxy's REJECT). Endpoints that exist but are all remote under a Local
@@ -216,7 +217,9 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
     addresses = [svc.cluster_ip]
     if svc.has_external:
         external = TableKey(svc.name, external=True, family=fam)
-        tables.append((external, TableEntry(_pairs(cat.external), svc.affinity_timeout)))
+        # Under the Cluster policy both kinds of traffic use the same endpoints: one entry held for both.
+        tables.append((external, internal_entry if cat.external is cat.internal
+                       else TableEntry(_pairs(cat.external), svc.affinity_timeout)))
         for ip in svc.external_addresses:
             addresses.append(ip)
             listeners.append((ListenerKey(ip, svc.port, svc.protocol), external))
@@ -236,6 +239,10 @@ def _plan_family(svc: ServicePort, fam: int, endpoints: Sequence[Endpoint], *, n
                     tables=tuple(tables), source_ranges=filters)
 
 
+# One listener's claimants: (name, table) when one port claims it, else name -> table.
+_Claims = tuple[ServicePortName, TableKey] | dict[ServicePortName, TableKey]
+
+
 class Merged:
     """Per-port plans combined into the node's plan, kept up to date one port at a time.
 
@@ -250,7 +257,9 @@ class Merged:
         self.local_ips = tuple(local_ips)
         self.ports: dict[ServicePortName, PortPlan] = {}
         self.addresses: dict[str, int] = {}  # address -> how many ports want it
-        self.claims: dict[ListenerKey, dict[ServicePortName, TableKey]] = {}
+        # The ports claiming each listener: the one (name, table) pair of the usual uncontested listener
+        # (a dict each was 2.4 MB at 10,000 services), a dict name -> table when several claim it.
+        self.claims: dict[ListenerKey, _Claims] = {}
         # The claims' winners as planned, then as listened on (a contested wildcard split per local IP).
         self.wanted: dict[ListenerKey, TableKey] = {}
         self.wanted_ranges: dict[ListenerKey, tuple[str, ...]] = {}
@@ -283,7 +292,7 @@ class Merged:
                     else:
                         self._removed.add(ip)
             for key, _table in old.listeners:
-                self.claims[key].pop(name, None)
+                self._unclaim(key, name)
                 touched.add(key)
             for tkey, _entry in old.tables:
                 del self.tables[tkey]
@@ -301,7 +310,7 @@ class Merged:
             for key, table in plan.listeners:
                 # The same port serving itself twice (an externalIP equal to
                 # the ClusterIP) keeps its first, more specific use.
-                self.claims.setdefault(key, {}).setdefault(name, table)
+                self._claim(key, name, table)
                 touched.add(key)
             for tkey, entry in plan.tables:
                 if self.tables.get(tkey) != entry or old is None:
@@ -310,16 +319,37 @@ class Merged:
         for key in touched:
             self._settle(key)
 
+    def _claim(self, key: ListenerKey, name: ServicePortName, table: TableKey) -> None:
+        claims = self.claims.get(key)
+        if claims is None:
+            self.claims[key] = (name, table)
+        elif isinstance(claims, tuple):
+            if claims[0] != name:  # else the port's first use of the key stays
+                self.claims[key] = {claims[0]: claims[1], name: table}
+        else:
+            claims.setdefault(name, table)
+
+    def _unclaim(self, key: ListenerKey, name: ServicePortName) -> None:
+        claims = self.claims.get(key)
+        if claims is None:
+            return
+        if isinstance(claims, tuple):
+            if claims[0] == name:
+                del self.claims[key]
+            return
+        claims.pop(name, None)
+        if len(claims) == 1:
+            self.claims[key] = next(iter(claims.items()))
+
     def _settle(self, key: ListenerKey) -> None:
         claims = self.claims.get(key)
-        if not claims:
-            self.claims.pop(key, None)
+        if claims is None:
             self.conflicts.pop(key, None)
             self.wanted.pop(key, None)
             self.wanted_ranges.pop(key, None)
         else:
-            if len(claims) == 1:  # the usual case: no order to settle, no conflict
-                winner, table = next(iter(claims.items()))
+            if isinstance(claims, tuple):  # the usual case: no order to settle, no conflict
+                winner, table = claims
                 lost: tuple[str, ...] = ()
             else:
                 winner = min(claims)

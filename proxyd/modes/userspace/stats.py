@@ -42,6 +42,11 @@ TO_CLIENT = "to_client"
 FLUSH_INTERVAL = 1.0
 
 
+# Never written: a ``Stats`` replaces them by its own dict before its first count.
+_NO_REJECTIONS: dict[str, int] = {}
+_NO_ENDPOINTS: dict[tuple[str, int], list[int]] = {}
+
+
 class Stats:
     """The counts of one service port (one protocol), as ``SERIES`` exports them."""
 
@@ -50,7 +55,7 @@ class Stats:
 
     def __init__(self, name: ServicePortName, dirty: set[Stats]) -> None:
         self.label = str(name)
-        self.protocol = str(name.protocol)
+        self.protocol = name.protocol.value  # the enum's own string, not a copy per port
         self.created = time.time()  # the counters' ``_created`` series, as prometheus_client's children had
         self._dirty = dirty
         self.active = 0
@@ -61,14 +66,18 @@ class Stats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.retried = 0
-        self.rejected: dict[str, int] = {}  # reason -> connections (a series once the reason happened)
+        # Both start as the shared empty dicts and get their own at the first count: most of 10,000
+        # service ports never see a rejection or a connection through this node (1.3 MB of empty dicts).
+        self.rejected: dict[str, int] = _NO_REJECTIONS  # reason -> connections (a series once it happened)
         self.live: list[Callable[[], int]] = []
         # endpoint -> [connections opened, bytes to the endpoint, bytes to the client]
-        self.by_endpoint: dict[tuple[str, int], list[int]] = {}
+        self.by_endpoint: dict[tuple[str, int], list[int]] = _NO_ENDPOINTS
 
     def _endpoint(self, ep: tuple[str, int]) -> list[int]:
         counts = self.by_endpoint.get(ep)
         if counts is None:
+            if self.by_endpoint is _NO_ENDPOINTS:
+                self.by_endpoint = {}
             counts = self.by_endpoint[ep] = [0, 0, 0]
         return counts
 
@@ -118,6 +127,8 @@ class Stats:
         self.reject_many(reason, 1)
 
     def reject_many(self, reason: str, count: int) -> None:
+        if self.rejected is _NO_REJECTIONS:
+            self.rejected = {}
         self.rejected[reason] = self.rejected.get(reason, 0) + count
 
     def retry(self, count: int = 1) -> None:
