@@ -479,6 +479,7 @@ typedef struct pe_conn {
     struct pe_conn *tprev, *tnext; /* dial timer list, then the keepalive list (PE_TUNE_LIST) */
     struct pe_conn *prev, *next;   /* worker's connections */
     int on_starved;
+    int cout; /* EPOLLOUT is in the client socket's interest (pe_client_out) */
     struct pe_conn *snext;  /* closed-this-batch list */
     struct pe_conn *starved_next;
 } pe_conn;
@@ -712,6 +713,18 @@ static void pe_nagle_off(pe_half *h, int dst) {
     }
 }
 
+/* The client socket is registered without EPOLLOUT (pe_established); the first time the client does not
+ * take all that is sent to it, EPOLLOUT joins its interest for good (edge-triggered: it costs nothing
+ * while nothing waits). The modification reports the socket writable at once if it already is again,
+ * so no wake-up is lost. Returns -1 when epoll refused. */
+static int pe_client_out(pe_conn *c) {
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                             .data.u64 = (uint64_t)(uintptr_t)c | PE_TAG_CLIENT};
+    if (epoll_ctl(c->w->ep, EPOLL_CTL_MOD, c->cfd, &ev) < 0) return -1;
+    c->cout = 1;
+    return 0;
+}
+
 /* Move what can be moved in one direction. Returns -1 when the connection ended. */
 static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, atomic_ullong *ctr) {
     pe_worker *w = c->w;
@@ -845,6 +858,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
         }
         h->buffered = (int)n;
     }
+    if (rc == 0 && h->buffered && dst == c->cfd && !c->cout && pe_client_out(c) < 0) rc = -1;
     if (moved) {
         atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
         if (c->epc)
@@ -907,7 +921,9 @@ static void pe_established(pe_conn *c, int backend_ready) {
     atomic_fetch_add_explicit(&c->svc->opened, 1, memory_order_relaxed);
     if (c->epc) atomic_fetch_add_explicit(&c->epc->opened, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&c->svc->active, 1, memory_order_relaxed);
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+    /* Without EPOLLOUT until a direction is left holding data for the client (pe_client_out): a socket
+     * added writable raises an event at once, a wasted epoll round per connection. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET,
                              .data.u64 = (uint64_t)(uintptr_t)c | PE_TAG_CLIENT};
     if (epoll_ctl(w->ep, EPOLL_CTL_ADD, c->cfd, &ev) < 0) {
         atomic_fetch_add_explicit(&c->svc->rejected[PE_REJ_GONE], 1, memory_order_relaxed);

@@ -806,3 +806,38 @@ def test_engine_endpoint_that_speaks_first_is_not_kept_waiting(backends: Backend
     finally:
         side.close()
         path.engine.stop()
+
+
+@needs_native
+@pytest.mark.parametrize("copy", [False, True])
+def test_engine_resumes_a_client_that_fell_behind(backends: Backends, copy: bool) -> None:
+    """The client socket is watched for writability only once the client has not taken all that was
+    sent to it (docs/userspace.md): a client that reads nothing while its endpoint echoes megabytes
+    back stalls the stream, and when it reads again every byte arrives, in order, then the FIN."""
+    engine = EngineNative(1, 4096, copy=copy, pipe_size=1 << 16, pool_max=4)
+    svc = ServiceNative()
+    svc.set_endpoints([backends.live[0]], 0)
+    sock = _listening_socket()
+    addr = sock.getsockname()[:2]
+    try:
+        engine.start()
+        listener = engine.add_listener(sock, svc, [])
+        payload = os.urandom(1 << 16) * 128  # 8 MiB: far more than both legs' socket buffers and a pipe
+        with socket.create_connection(addr, timeout=30) as client:
+
+            def send_all() -> None:
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+
+            writer = threading.Thread(target=send_all, daemon=True)
+            writer.start()
+            time.sleep(0.5)  # the client reads nothing: the echo backs up to the engine's send to it
+            got, how = read_until_close(client)
+            writer.join(timeout=30)
+        assert how == "fin" and not writer.is_alive()
+        assert got == b"ep0\n" + payload + b"BYE\n"
+        _wait(lambda: engine.connections() == 0)
+        engine.remove_listener(listener)
+    finally:
+        engine.stop()
+        sock.close()
