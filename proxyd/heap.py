@@ -10,7 +10,12 @@ peak as RSS. ``malloc_trim(0)`` returns the free pages of every arena, not
 only those at the top. It costs a walk of the free lists (milliseconds),
 so it runs after the big events only: a big file read, a full sync.
 
-Not glibc (musl, another libc): nothing to trim, ``trim`` does nothing.
+``bound_malloc`` (nftables mode, at start) fixes glibc's thresholds and
+caps its arenas: see there why libnftables' big temporary trees need it.
+A freezing ``gc_paused`` empties Python's free lists afterwards, see there.
+
+Not glibc (musl, another libc): nothing to trim or tune, ``trim`` and
+``bound_malloc`` do nothing.
 """
 
 from __future__ import annotations
@@ -34,12 +39,66 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 
 _MALLOC_TRIM = _load_malloc_trim()
 
+# mallopt(3) parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+# Blocks from this size on get their own mapping (glibc's default start, 128 KiB, fixed a little higher:
+# a 10,000-entry dict or list is one such block and goes back to the system when freed).
+MMAP_THRESHOLD = 256 << 10
+# An arena's free top beyond this is returned as soon as a free makes it so.
+TRIM_THRESHOLD = 1 << 20
+# The main arena and one for every other thread.
+ARENA_MAX = 2
+
+
+def _load_mallopt() -> Callable[[int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        func = libc.mallopt
+        func.argtypes = [ctypes.c_int, ctypes.c_int]
+        func.restype = ctypes.c_int
+        mallopt: Callable[[int, int], int] = func
+        return mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOPT = _load_mallopt() if _MALLOC_TRIM is not None else None
+
 
 def trim() -> bool:
     """Return free heap pages to the system; True when something was released."""
     if _MALLOC_TRIM is None:
         return False
     return bool(_MALLOC_TRIM(0))
+
+
+def bound_malloc() -> bool:
+    """Fixed mmap and trim thresholds and at most ``ARENA_MAX`` arenas; True when glibc took them.
+
+    For a process whose worker threads hand libnftables a 100,000-element
+    transaction: libnftables builds an expression tree per element (~400 MB
+    of small blocks at 10,000 services × 10 endpoints) in the arena of the
+    thread that runs it and frees it at the end. Left to its defaults glibc
+    (1) raises its mmap threshold, up to 32 MiB, each time a big mapped block
+    is freed, so the next big blocks (dicts and lists of 10,000 entries, the
+    plan's text) come from arenas where small long-lived blocks pin them;
+    (2) raises the trim threshold with it (to 64 MiB), and ``malloc_trim``
+    never shrinks the free top of a thread's arena, so up to that much stays
+    resident in each; (3) gives each new worker thread its own arena (up to
+    8 per core), each keeping such a top. Measured at 10,000 services
+    (nftables, end to end, both sources): ~10 MiB less RSS after the first
+    sync and after 20 changes, a peak ~12 MiB lower, and far less spread
+    between runs. Values set with ``mallopt`` stay fixed (no dynamic
+    adjustment). ``M_ARENA_MAX`` only bounds arenas created afterwards:
+    call it before the threads that will do the big work allocate.
+    """
+    if _MALLOPT is None:
+        return False
+    done = True
+    for param, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                         (M_ARENA_MAX, ARENA_MAX)):
+        done = bool(_MALLOPT(param, value)) and done
+    return done
 
 
 _pause_lock = threading.Lock()
@@ -65,7 +124,12 @@ def gc_paused(*, freeze: bool = False) -> Iterator[None]:
     starts a collection of everything the block made (0.1-0.2 s at that
     size), and later full collections walk it all again. Frozen objects are
     still freed by reference count; only a reference cycle among them would
-    outlive its use, and the state holds none.
+    outlive its use, and the state holds none. Once frozen, one collection
+    runs (cheap: the generations are nearly empty now) for what it does
+    besides: it empties the interpreter's free lists. A build leaves
+    thousands of freed tuples, lists and dicts there, scattered over the
+    allocator's 1 MiB arenas, and each keeps its arena (RSS) alive: ~9 MiB
+    at 10,000 services after nftables mode's first sync.
     """
     global _pauses, _enabled_before
     with _pause_lock:
@@ -82,3 +146,6 @@ def gc_paused(*, freeze: bool = False) -> Iterator[None]:
                 gc.freeze()
             if _pauses == 0 and _enabled_before:
                 gc.enable()
+        if freeze:
+            # Outside the lock: a finaliser it runs may pause the collector itself.
+            gc.collect()

@@ -117,7 +117,7 @@ class Plan:
     state: ProxyState
     ports: dict[ServicePortName, PortPlan]   # the ports (re-)rendered by this plan
     removed: frozenset[ServicePortName]
-    by_service: dict[ServiceName, set[ServicePortName] | None]
+    by_service: dict[ServiceName, tuple[ServicePortName, ...] | None]  # None: the service has no port left
     kernel: dict[str, dict[str, str | None]] = field(default_factory=dict)
     owners: dict[str, Owned] = field(default_factory=dict)
     refs: dict[str, Counts] = field(default_factory=dict)
@@ -323,7 +323,8 @@ class Planner(MirrorPlanner[PlannerOptions]):
     def __init__(self, options: PlannerOptions) -> None:
         super().__init__(options)
         self._state = ProxyState()
-        self._by_service: dict[ServiceName, set[ServicePortName]] = {}
+        # Tuples, not sets: a service has one port or a few (48 bytes instead of 216 for one).
+        self._by_service: dict[ServiceName, tuple[ServicePortName, ...]] = {}
         self._owners: dict[str, Owned] = {}
         self._refs: dict[str, Counts] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
@@ -492,12 +493,15 @@ class Planner(MirrorPlanner[PlannerOptions]):
         refs: dict[str, dict[int, int]] = {}
         conflicts = 0
         fresh: dict[ServicePortName, PortPlan] = {}
-        by_service: dict[ServiceName, set[ServicePortName] | None] = {}
         ordered = sorted(state.service_ports, key=_order)
         # What outlives the plan is made before the renderings: small long-lived objects made among
         # tens of MB of short-lived ones would keep the allocator's arenas (RSS) after those are freed.
+        members: dict[ServiceName, list[ServicePortName]] = {}
         for name in ordered:
-            by_service.setdefault(name.service, set()).add(name)  # type: ignore[union-attr]
+            members.setdefault(name.service, []).append(name)
+        by_service: dict[ServiceName, tuple[ServicePortName, ...] | None] = {
+            svc: tuple(names) for svc, names in members.items()}
+        del members
         for name in ordered:
             p = self._render(state, name)
             if p is None:
@@ -597,7 +601,7 @@ class Planner(MirrorPlanner[PlannerOptions]):
         olds: dict[ServicePortName, PortPlan] = {}
         fresh: dict[ServicePortName, PortPlan] = {}
         removed: set[ServicePortName] = set()
-        by_service: dict[ServiceName, set[ServicePortName] | None] = {}
+        members_of: dict[ServiceName, set[ServicePortName]] = {}
         for name in sorted(names, key=_order):
             old = self._render(self._state, name)
             if old is not None:
@@ -609,18 +613,15 @@ class Planner(MirrorPlanner[PlannerOptions]):
                 removed.add(name)
         for name in names:
             svc = name.service
-            if svc not in by_service:
-                have = set(self._by_service.get(svc, ()))
-                by_service[svc] = have
-            members = by_service[svc]
-            assert members is not None
+            if svc not in members_of:
+                members_of[svc] = set(self._by_service.get(svc, ()))
+            members = members_of[svc]
             if name in state.service_ports:
                 members.add(name)
             else:
                 members.discard(name)
-        for svc, members in list(by_service.items()):
-            if not members:
-                by_service[svc] = None
+        by_service: dict[ServiceName, tuple[ServicePortName, ...] | None] = {
+            svc: tuple(sorted(m, key=_order)) if m else None for svc, m in members_of.items()}
 
         refs: dict[tuple[str, str], int] = {}
         owners: dict[tuple[str, str], ServicePortName | None] = {}
