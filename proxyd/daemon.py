@@ -288,6 +288,9 @@ def _run_loop(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def run(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit code."""
+    # Before any thread allocates: every mode's big temporary work (a re-read 13 MB manifest, a
+    # libnftables transaction) runs in worker threads, whose arenas would keep it resident.
+    heap.bound_malloc()
     try:
         return _run_loop(lambda: Daemon(config).serve())
     except ConfigError as err:

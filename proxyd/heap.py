@@ -10,8 +10,9 @@ peak as RSS. ``malloc_trim(0)`` returns the free pages of every arena, not
 only those at the top. It costs a walk of the free lists (milliseconds),
 so it runs after the big events only: a big file read, a full sync.
 
-``bound_malloc`` (nftables mode, at start) fixes glibc's thresholds and
-caps its arenas: see there why libnftables' big temporary trees need it.
+``bound_malloc`` (the daemon at start, and nftables mode for processes
+that drive it without the daemon) fixes glibc's thresholds and caps its
+arenas: see there why big temporary work in worker threads needs it.
 A freezing ``gc_paused`` empties Python's free lists afterwards, see there.
 
 Not glibc (musl, another libc): nothing to trim or tune, ``trim`` and
@@ -75,10 +76,12 @@ def trim() -> bool:
 def bound_malloc() -> bool:
     """Fixed mmap and trim thresholds and at most ``ARENA_MAX`` arenas; True when glibc took them.
 
-    For a process whose worker threads hand libnftables a 100,000-element
-    transaction: libnftables builds an expression tree per element (~400 MB
-    of small blocks at 10,000 services × 10 endpoints) in the arena of the
-    thread that runs it and frees it at the end. Left to its defaults glibc
+    For a process whose worker threads do big temporary work: the manifests
+    source re-reading a 13 MB file (without this, iptables mode at 10,000
+    services grew from 115 to 142 MiB in three changes), or libnftables
+    taking a 100,000-element transaction (it builds an expression tree per
+    element, ~400 MB of small blocks at 10,000 services × 10 endpoints, in
+    the arena of the thread that runs it, and frees it at the end). Left to its defaults glibc
     (1) raises its mmap threshold, up to 32 MiB, each time a big mapped block
     is freed, so the next big blocks (dicts and lists of 10,000 entries, the
     plan's text) come from arenas where small long-lived blocks pin them;
