@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench import runmeta
+from proxyd import heap
 from proxyd.config import Config
 from proxyd.model import (
     Endpoint,
@@ -665,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         # Detected here, on the host: the namespace's own tables are empty.
         return in_netns([*raw, "--backend", ",".join(args.backend)] if "--backend" not in raw else raw)
     if args.point:
+        heap.bound_malloc()  # the allocator as the daemon sets it at start (proxyd.daemon.run)
         result = asyncio.run(measure(args.mode, args.backend[0], args.services[0], args.endpoints,
                                      args.repeat, compare=not args.no_compare, profile=args.profile))
         print(json.dumps(result))

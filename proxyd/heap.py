@@ -10,8 +10,8 @@ peak as RSS. ``malloc_trim(0)`` returns the free pages of every arena, not
 only those at the top. It costs a walk of the free lists (milliseconds),
 so it runs after the big events only: a big file read, a full sync.
 
-``bound_malloc`` (the daemon at start, and nftables mode for processes
-that drive it without the daemon) fixes glibc's thresholds and caps its
+``bound_malloc`` (the daemon at start, and benchmarks that drive a mode
+without the daemon) fixes glibc's thresholds and caps its
 arenas: see there why big temporary work in worker threads needs it.
 A freezing ``gc_paused`` empties Python's free lists afterwards, see there.
 

@@ -178,7 +178,7 @@ class Tracker:
         self._ports: dict[ServicePortName, ServicePort] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
         # Each served service's ports as of the last take: the Service's own tuple, not a copy of names.
-        self._port_names: dict[ServiceName, tuple[ServicePort, ...]] = {}
+        self._served_ports: dict[ServiceName, tuple[ServicePort, ...]] = {}
 
     # ---- queries -------------------------------------------------------
 
@@ -316,7 +316,7 @@ class Tracker:
             if self._recompute(name, changed_ports):
                 changed.add(name)
         if self._labels_base is not None:
-            changed.update(self._port_names)
+            changed.update(self._served_ports)
             changed_ports.update(self._ports)
         self._svc_base.clear()
         self._slice_base.clear()
@@ -344,7 +344,7 @@ class Tracker:
         ``changed_ports``.
         """
         svc = self._services.get(name)
-        old_names = {p.name: None for p in self._port_names.get(name, ())}  # a name may repeat
+        old_names = {p.name: None for p in self._served_ports.get(name, ())}  # a name may repeat
         new_ports = service_ports(svc) if svc is not None else {}
         slices = [self._slices[k] for k in self._slices_by_service.get(name, ())]
         new_eps = {pn: merge_endpoints(p, slices, node_name=self.node_name)
@@ -365,9 +365,9 @@ class Tracker:
             self._ports[pn] = port
             self._endpoints[pn] = eps
         if svc is not None and new_ports:
-            self._port_names[name] = svc.ports
+            self._served_ports[name] = svc.ports
         else:
-            self._port_names.pop(name, None)
+            self._served_ports.pop(name, None)
         return changed
 
     def _index_slice(self, name: ServiceName, key: SliceKey) -> None:

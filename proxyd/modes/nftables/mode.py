@@ -32,7 +32,7 @@ import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from proxyd import heap, metrics
+from proxyd import metrics
 from proxyd.config import Config
 from proxyd.introspect import ModeStatus, TracePacket, TraceResult
 from proxyd.model import Protocol, ProxyState, ServiceName, ServicePort, ServicePortName
@@ -77,9 +77,6 @@ class NftablesMode(AppliedMode[Applier]):
 
     def __init__(self, config: Config, *, family: int = 4, nft: Nft | None = None) -> None:
         super().__init__(config)
-        # Before any worker thread runs a transaction: libnftables' ~400 MB of temporary trees at
-        # 10,000 services would otherwise leave tens of MiB resident in thread arenas (heap.bound_malloc).
-        heap.bound_malloc()
         self.family = family
         self._nodeport_cidrs = family_cidrs(config.nodeport_addresses, family)
         self._nft = nft
