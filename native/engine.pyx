@@ -40,7 +40,7 @@ cdef extern from "engine_core.h" nogil:
         unsigned long long bytes_down
     int PE_NCOUNTERS
     int PE_ATTEMPTS
-    pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max)
+    pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max, double ack_hold)
     int pe_engine_start(pe_engine *e)
     void pe_engine_stop(pe_engine *e)
     void pe_engine_free(pe_engine *e)
@@ -253,10 +253,15 @@ cdef class Engine:
     cdef readonly int workers
     cdef bint started
 
-    def __cinit__(self, int workers, long fd_limit, bint copy=False, int pipe_size=256 * 1024, int pool_max=256):
+    def __cinit__(self, int workers, long fd_limit, bint copy=False, int pipe_size=256 * 1024, int pool_max=256,
+                  double ack_hold=0.005):
+        # ack_hold: how long a connection to a service whose clients speak first keeps the endpoint
+        # handshake's last ACK for the client's first bytes to carry it (docs/userspace.md)
         if workers < 1:
             raise ValueError("workers must be >= 1")
-        self.eng = pe_engine_new(workers, fd_limit, copy, pipe_size, pool_max)
+        if not 0 <= ack_hold <= 0.2:  # the kernel sends the ACK on its own after 200 ms
+            raise ValueError("ack_hold must be within [0, 0.2] seconds")
+        self.eng = pe_engine_new(workers, fd_limit, copy, pipe_size, pool_max, ack_hold)
         if self.eng == NULL:
             raise OSError("cannot create the engine's epoll sets")
         self.workers = workers

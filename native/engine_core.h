@@ -81,6 +81,10 @@ static const double PE_DIAL_TIMEOUTS[PE_ATTEMPTS] = {0.25, 0.5, 1.0, 2.0};
  * setsockopt calls. Probes still start 15 s after the last segment received (see pe_keepalive). */
 #define PE_TUNE_LIST PE_ATTEMPTS
 #define PE_TUNE_AFTER 1.0
+/* A sixth list (PE_HOLD_LIST): connections whose endpoint handshake ACK is held back for the client's
+ * first bytes to carry it (pe_established), at most the engine's ack_hold seconds. */
+#define PE_HOLD_LIST (PE_ATTEMPTS + 1)
+#define PE_LISTS (PE_ATTEMPTS + 2)
 /* pe_half.hup: what the source reported */
 #define PE_HUP_FIN 1  /* RDHUP alone: the peer's FIN is queued behind its data; a short recv reached it */
 #define PE_HUP_MORE 2 /* HUP or ERR too (a reset, both sides shut): read on until the EOF or the error */
@@ -183,6 +187,7 @@ typedef struct pe_svc {
     atomic_ullong rejected[PE_REJ_N];
     atomic_long active;
     atomic_uint gen; /* moves with every new endpoint list (engine_udp.h: flows whose endpoint left close) */
+    atomic_int client_first; /* the last connection's client sent before its endpoint did */
 } pe_svc;
 
 static pe_svc *pe_svc_new(void) {
@@ -480,6 +485,8 @@ typedef struct pe_conn {
     struct pe_conn *prev, *next;   /* worker's connections */
     int on_starved;
     int cout; /* EPOLLOUT is in the client socket's interest (pe_client_out) */
+    int held; /* the endpoint handshake's last ACK waits for the client's first bytes (PE_HOLD_LIST) */
+    int spoke; /* bytes have moved (and the service learned who spoke first: pe_client_first) */
     struct pe_conn *snext;  /* closed-this-batch list */
     struct pe_conn *starved_next;
 } pe_conn;
@@ -492,7 +499,7 @@ typedef struct pe_worker {
     struct pe_engine *eng;
     pthread_t thread;
     int ep, efd;
-    pe_tlist timers[PE_ATTEMPTS + 1]; /* one per dial timeout, then PE_TUNE_LIST */
+    pe_tlist timers[PE_LISTS]; /* one per dial timeout, then PE_TUNE_LIST and PE_HOLD_LIST */
     pe_conn conns; /* sentinel of the connection ring */
     long nconns;
     pe_conn *dead; /* closed this batch, freed after it */
@@ -520,6 +527,7 @@ typedef struct pe_engine {
     atomic_long reset_count;
     int copy; /* recv/send instead of splice */
     int pipe_size;
+    double ack_hold; /* longest wait of a held handshake ACK for the client's first bytes (pe_established) */
 } pe_engine;
 
 #define PE_TAG_CLIENT 0
@@ -628,7 +636,9 @@ static int pe_pool_trim(pe_worker *w) {
 static void pe_timer_add(pe_worker *w, pe_conn *c, int list, double now) {
     pe_tlist *t = &w->timers[list];
     c->tlist = list;
-    c->deadline = now + (list < PE_ATTEMPTS ? PE_DIAL_TIMEOUTS[list] : PE_TUNE_AFTER);
+    c->deadline = now + (list < PE_ATTEMPTS      ? PE_DIAL_TIMEOUTS[list]
+                         : list == PE_TUNE_LIST ? PE_TUNE_AFTER
+                                                : w->eng->ack_hold);
     c->tnext = NULL;
     c->tprev = t->tail;
     if (t->tail)
@@ -723,6 +733,44 @@ static int pe_client_out(pe_conn *c) {
     if (epoll_ctl(c->w->ep, EPOLL_CTL_MOD, c->cfd, &ev) < 0) return -1;
     c->cout = 1;
     return 0;
+}
+
+/* Hold back the ACK that ends the endpoint handshake, as the kernel does for a connecting socket with
+ * TCP_DEFER_ACCEPT (tcp_rcv_synsent_state_process: "save one ACK"): the connection is established and
+ * reported writable as before, and the client's first bytes carry the ACK. The node sends one packet
+ * fewer per connection, and the endpoint's kernel creates its connection from the data segment instead
+ * of from a bare ACK first (the endpoint wakes once, for a connection with its request). The option has
+ * no other effect on a socket that never listens. pe_established decides how long the ACK waits. */
+static void pe_defer_ack(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one));
+}
+
+/* Send a held-back ACK now (TCP_QUICKACK pushes an ACK the socket has scheduled). */
+static void pe_quickack(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+}
+
+/* Whether the service's clients speak first: set by the first bytes of each connection (pe_pump), read by
+ * pe_established to decide whether the next connection's ACK waits for its client. Written only when it
+ * changes: the workers share the service. */
+static void pe_client_first(pe_svc *s, int yes) {
+    if (atomic_load_explicit(&s->client_first, memory_order_relaxed) != yes)
+        atomic_store_explicit(&s->client_first, yes, memory_order_relaxed);
+}
+
+/* The held ACK went out with the client's first bytes or FIN, or (expired) the client kept quiet for the
+ * engine's ack_hold: send it now, and the service's next connections send it at once until a client
+ * speaks first again (its endpoints may be ones that speak first, and they accept only on the ACK). */
+static void pe_unhold(pe_conn *c, int expired) {
+    pe_timer_del(c->w, c);
+    c->held = 0;
+    if (expired) {
+        pe_quickack(c->bfd);
+        pe_client_first(c->svc, 0);
+    }
+    pe_timer_add(c->w, c, PE_TUNE_LIST, pe_now());
 }
 
 /* Move what can be moved in one direction. Returns -1 when the connection ended. */
@@ -859,6 +907,11 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
         h->buffered = (int)n;
     }
     if (rc == 0 && h->buffered && dst == c->cfd && !c->cout && pe_client_out(c) < 0) rc = -1;
+    if (moved && !c->spoke) {
+        c->spoke = 1;
+        pe_client_first(c->svc, h == &c->up);
+    }
+    if (c->held && rc == 0 && h == &c->up && (h->nagle != 1 || h->done)) pe_unhold(c, 0);
     if (moved) {
         atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
         if (c->epc)
@@ -883,23 +936,6 @@ static void pe_pump_both(pe_conn *c) {
 
 /* ---- dialing */
 
-/* Hold back the ACK that ends the endpoint handshake, as the kernel does for a connecting socket with
- * TCP_DEFER_ACCEPT (tcp_rcv_synsent_state_process: "save one ACK"): the connection is established and
- * reported writable as before, and the client's first bytes, sent at once by pe_established, carry
- * the ACK. The node sends one packet fewer per connection, and the endpoint's kernel creates its
- * connection from the data segment instead of from a bare ACK first. The option has no other effect
- * on a socket that never listens. When nothing is sent at once pe_quickack sends the ACK. */
-static void pe_defer_ack(int fd) {
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one));
-}
-
-/* Send a held-back ACK now (TCP_QUICKACK pushes an ACK the socket has scheduled). */
-static void pe_quickack(int fd) {
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
-}
-
 /* Keepalive on an established endpoint socket, PE_TUNE_AFTER after it connected (the client socket
  * inherits it from the listener). The order matters: SO_KEEPALIVE arms the kernel's timer with the
  * default idle time, then TCP_KEEPIDLE re-arms it for 15 s after the last segment received, so the
@@ -916,7 +952,6 @@ static void pe_established(pe_conn *c, int backend_ready) {
     pe_worker *w = c->w;
     pe_timer_del(w, c);
     c->state = 1;
-    pe_timer_add(w, c, PE_TUNE_LIST, pe_now());
     c->up.nagle = 1; /* the endpoint socket: TCP_NODELAY before its second write (pe_nagle_off) */
     atomic_fetch_add_explicit(&c->svc->opened, 1, memory_order_relaxed);
     if (c->epc) atomic_fetch_add_explicit(&c->epc->opened, 1, memory_order_relaxed);
@@ -930,13 +965,21 @@ static void pe_established(pe_conn *c, int backend_ready) {
         pe_conn_close(c, 1);
         return;
     }
-    /* the client got its handshake before accept and has usually sent already: read it now;
-     * the endpoint's side only when it said it has something (else its next input raises an event) */
-    if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) return;
     /* The handshake's last ACK was held back (pe_defer_ack) for the client's first bytes to carry it.
-     * Nothing went to the endpoint (the client has not spoken yet, or the endpoint speaks first):
-     * send the ACK now, so the endpoint's accept is not delayed. */
-    if (c->up.nagle == 1) pe_quickack(c->bfd);
+     * Where clients speak first (learned from the service's last connection, pe_client_first) it waits for
+     * them, up to ack_hold: the client socket was just added, and epoll reports it at once if its
+     * bytes are already there, so nothing is read here and no read is spent on EAGAIN. Elsewhere the
+     * client is read now, and when nothing went to the endpoint (the client has not spoken yet, or the
+     * endpoint speaks first) the ACK goes out at once, so the endpoint's accept is not delayed. */
+    if (atomic_load_explicit(&c->svc->client_first, memory_order_relaxed)) {
+        c->held = 1;
+        pe_timer_add(w, c, PE_HOLD_LIST, pe_now());
+    } else {
+        if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) return;
+        if (c->up.nagle == 1) pe_quickack(c->bfd);
+        pe_timer_add(w, c, PE_TUNE_LIST, pe_now());
+    }
+    /* the endpoint's side only when it said it has something (else its next input raises an event) */
     if (backend_ready) pe_pump(c, &c->down, &c->up, c->bfd, c->cfd, &c->svc->bytes_down);
 }
 
@@ -1106,7 +1149,7 @@ static void *pe_worker_main(void *arg) {
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
-        for (int i = 0; i <= PE_TUNE_LIST; i++)
+        for (int i = 0; i < PE_LISTS; i++)
             if (w->timers[i].head && w->timers[i].head->deadline < next) next = w->timers[i].head->deadline;
         if (w->paused && w->resume_at < next) next = w->resume_at;
         if (w->starved && w->starved_at < next) next = w->starved_at;
@@ -1165,6 +1208,8 @@ static void *pe_worker_main(void *arg) {
         for (int i = 0; i < PE_ATTEMPTS; i++) {
             while (w->timers[i].head && w->timers[i].head->deadline <= now) pe_dial_event(w->timers[i].head, 1, 0);
         }
+        while (w->timers[PE_HOLD_LIST].head && w->timers[PE_HOLD_LIST].head->deadline <= now)
+            pe_unhold(w->timers[PE_HOLD_LIST].head, 1);
         while (w->timers[PE_TUNE_LIST].head && w->timers[PE_TUNE_LIST].head->deadline <= now) {
             pe_conn *c = w->timers[PE_TUNE_LIST].head;
             pe_timer_del(w, c);
@@ -1187,7 +1232,8 @@ static void *pe_worker_main(void *arg) {
 
 /* ---------------------------------------------------------------- engine control (Python's thread) */
 
-static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max) {
+static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max,
+                                double ack_hold) {
     pe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
     pthread_mutex_init(&e->mu, NULL);
@@ -1195,6 +1241,7 @@ static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_
     e->fd_limit = fd_limit;
     e->copy = copy;
     e->pipe_size = pipe_size;
+    e->ack_hold = ack_hold;
     e->workers = calloc(nworkers, sizeof(pe_worker));
     if (!e->workers) goto fail;
     for (int i = 0; i < nworkers; i++) {

@@ -808,6 +808,102 @@ def test_engine_endpoint_that_speaks_first_is_not_kept_waiting(backends: Backend
         path.engine.stop()
 
 
+TCPI_SEGS_IN = 140  # offset of tcpi_segs_in in struct tcp_info (linux/tcp.h)
+
+
+class _FirstBytesEndpoint:
+    """An endpoint that records, per connection, when it accepted and how many segments its socket had
+    received once the first bytes (or the EOF) were read (tcpi_segs_in counts the SYN: 2 when the
+    client's first bytes carried the handshake's last ACK, 3 when a bare ACK came between). Each
+    connection greets first (b"hi") or waits for the client, as ``greet`` says for it, in order."""
+
+    def __init__(self, greet: list[bool]) -> None:
+        self.sock = _listening_socket()
+        self.sock.setblocking(True)
+        self.addr = self.sock.getsockname()[:2]
+        self.greet = list(greet)
+        self.accepted: list[tuple[float, bytes, int]] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for greet in self.greet:
+            conn, _ = self.sock.accept()
+            at = time.monotonic()
+            with conn:
+                conn.settimeout(10)
+                if greet:
+                    conn.sendall(b"hi\n")
+                data = conn.recv(64)
+                info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                self.accepted.append((at, data, struct.unpack_from("I", info, TCPI_SEGS_IN)[0]))
+                if data:
+                    conn.sendall(b"ok\n")
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@needs_native
+def test_engine_holds_the_endpoint_ack_for_clients_that_speak_first() -> None:
+    """The ACK that completes the endpoint handshake waits for the client's first bytes when the service's
+    last connection began with the client speaking (docs/userspace.md): those bytes carry it, or, when the
+    client keeps quiet, it goes after the engine's ack_hold and a greeting endpoint accepts then. After
+    that the service sends the ACK at once again, so endpoints that greet are not kept waiting. A client
+    that only half-closes while the ACK is held still passes its EOF on."""
+    hold = 0.15  # below the kernel's own 200 ms delayed-ACK timer, which would send it anyway
+    engine = EngineNative(1, 4096, ack_hold=hold)
+    endpoint = _FirstBytesEndpoint([False, False, False, True, True, True, True])
+    svc = ServiceNative()
+    svc.set_endpoints([endpoint.addr], 0)
+    sock = _listening_socket()
+    addr = sock.getsockname()[:2]
+    connected: list[float] = []
+
+    def connect() -> socket.socket:
+        client = socket.create_connection(addr, timeout=10)
+        connected.append(time.monotonic())
+        return client
+
+    try:
+        engine.start()
+        listener = engine.add_listener(sock, svc, [])
+        for first in (b"a\n", b"b\n"):  # the client speaks first: learned, then the ACK waits for it
+            with connect() as client:
+                client.sendall(first)
+                assert read_line(client) == (b"ok\n", "ok")
+        with connect() as client:  # held, and the client half-closes without a byte: the EOF still passes
+            client.shutdown(socket.SHUT_WR)
+            assert read_line(client) == (b"", "fin")
+        for last in (b"c\n", b"d\n", b"e\n", b"f\n"):  # held until ack_hold once, then no more
+            with connect() as client:
+                assert read_line(client) == (b"hi\n", "ok")
+                client.sendall(last)
+                assert read_line(client) == (b"ok\n", "ok")
+        endpoint.close()
+        delays = [at - since for (at, _, _), since in zip(endpoint.accepted, connected, strict=True)]
+        got = [data for _, data, _ in endpoint.accepted]
+        assert got == [b"a\n", b"b\n", b"", b"c\n", b"d\n", b"e\n", b"f\n"]
+        # the SYN, then the request that carried the ACK (a bare ACK between them would make it 3)
+        assert endpoint.accepted[1][2] == 2, endpoint.accepted
+        assert delays[3] >= hold * 0.8, delays  # the greeting endpoint waited for the hold
+        assert min(delays[4:]) < hold * 0.5, delays  # and then no more
+        _wait(lambda: engine.connections() == 0)
+        engine.remove_listener(listener)
+    finally:
+        engine.stop()
+        endpoint.close()
+        sock.close()
+
+
+@needs_native
+def test_engine_ack_hold_is_bounded() -> None:
+    for bad in (-0.1, 0.25):
+        with pytest.raises(ValueError, match="ack_hold"):
+            EngineNative(1, 4096, ack_hold=bad)
+
+
 @needs_native
 @pytest.mark.parametrize("copy", [False, True])
 def test_engine_resumes_a_client_that_fell_behind(backends: Backends, copy: bool) -> None:
