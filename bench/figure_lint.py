@@ -57,6 +57,7 @@ _UNHEALTHY = "/healthz turns 503 after 2 x the sync period (kube-proxy's healthz
 _TEST = "an input of the test named in the row (what is done to proxyd), not a measurement"
 _REL, _USP, _KUBE = "docs/reliability.md", "docs/userspace.md", "docs/kubernetes.md"
 _BENCH = "a parameter of the benchmark's method, set in its code"
+_ACK_HOLD = "the engine's ack_hold default in native/engine.pyx"
 
 # Kept small on purpose: each entry is a constant of the code, of kube-proxy or of the kernel, or an
 # input of a test or benchmark; the figure must match the code (the test file checks the main ones).
@@ -66,6 +67,9 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("README.md", "Files of 1 MiB or more are parsed", "BIG_FILE in proxyd/sources/manifests.py"),
     Allowed(_USP, "timeouts\n   250 ms, 500 ms, 1 s, 2 s.", _RETRY),
     Allowed(_USP, "into a 16 KiB stack buffer", "PE_SMALL in native/engine_core.h"),
+    Allowed(_USP, "up to\n   5 ms (a sixth FIFO list", _ACK_HOLD),
+    Allowed(_USP, "`ack_hold` (5 ms; the\nkernel would send it itself after 200 ms)",
+            f"{_ACK_HOLD}; TCP_DELACK_MAX, the kernel's longest delayed ACK"),
     Allowed(_USP, "(15 s idle, 15 s interval)", _KEEPALIVE),
     Allowed(_USP, "the keepalive timer for 15 s after", _KEEPALIVE),
     Allowed(_USP, "ends or after 1 s.", "the engine's byte-count flush interval"),

@@ -242,6 +242,7 @@ def test_the_allow_listed_design_constants_match_the_code() -> None:
     assert _defaults(kube.Backoff)["initial"] == 0.5 and _defaults(kube.Backoff)["cap"] == 30.0
     assert _defaults(IpvsMode)["graceful_interval"] == 2.0
     assert "#define PE_SMALL (16 * 1024)" in (docs_figures.REPO / "native/engine_core.h").read_text()
+    assert "double ack_hold=0.005" in (docs_figures.REPO / "native/engine.pyx").read_text()
     assert "timeout_s=${VM_TIMEOUT:-2400}" in (docs_figures.REPO / "tests/vm/run-in-vm.sh").read_text()
 
 
