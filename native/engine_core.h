@@ -777,7 +777,7 @@ static void pe_unhold(pe_conn *c, int expired) {
 static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, atomic_ullong *ctr) {
     pe_worker *w = c->w;
     pe_engine *e = w->eng;
-    unsigned long long moved = 0;
+    unsigned long long moved = 0, spliced = 0;
     int rc = 0;
     if (h->done || c->state != 1) return 0;
     for (;;) {
@@ -894,7 +894,9 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             if (errno == EINTR) continue;
             if (errno == EAGAIN) {
                 pe_pipe_put(w, h); /* idle: the pipe goes back to the pool */
-                h->bulk = 0;       /* the next wake-up starts small again */
+                /* The next wake-up starts small again unless this one moved a buffer's worth: a
+                 * stream keeps splicing, instead of copying its first 16 KiB of every wake-up. */
+                if (spliced && spliced < PE_SMALL) h->bulk = 0;
                 break;
             }
             rc = -1;
@@ -905,6 +907,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
             continue;
         }
         h->buffered = (int)n;
+        spliced += n;
     }
     if (rc == 0 && h->buffered && dst == c->cfd && !c->cout && pe_client_out(c) < 0) rc = -1;
     if (moved && !c->spoke) {
