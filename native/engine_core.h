@@ -485,7 +485,6 @@ typedef struct pe_conn {
     struct pe_conn *prev, *next;   /* worker's connections */
     int on_starved;
     int cout; /* EPOLLOUT is in the client socket's interest (pe_client_out) */
-    int held; /* the endpoint handshake's last ACK waits for the client's first bytes (PE_HOLD_LIST) */
     int spoke; /* bytes have moved (and the service learned who spoke first: pe_client_first) */
     struct pe_conn *snext;  /* closed-this-batch list */
     struct pe_conn *starved_next;
@@ -765,7 +764,6 @@ static void pe_client_first(pe_svc *s, int yes) {
  * speaks first again (its endpoints may be ones that speak first, and they accept only on the ACK). */
 static void pe_unhold(pe_conn *c, int expired) {
     pe_timer_del(c->w, c);
-    c->held = 0;
     if (expired) {
         pe_quickack(c->bfd);
         pe_client_first(c->svc, 0);
@@ -914,7 +912,8 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
         c->spoke = 1;
         pe_client_first(c->svc, h == &c->up);
     }
-    if (c->held && rc == 0 && h == &c->up && (h->nagle != 1 || h->done)) pe_unhold(c, 0);
+    /* on PE_HOLD_LIST: the endpoint handshake's last ACK waits for the client's first bytes */
+    if (c->tlist == PE_HOLD_LIST && rc == 0 && h == &c->up && (h->nagle != 1 || h->done)) pe_unhold(c, 0);
     if (moved) {
         atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
         if (c->epc)
@@ -975,7 +974,6 @@ static void pe_established(pe_conn *c, int backend_ready) {
      * client is read now, and when nothing went to the endpoint (the client has not spoken yet, or the
      * endpoint speaks first) the ACK goes out at once, so the endpoint's accept is not delayed. */
     if (atomic_load_explicit(&c->svc->client_first, memory_order_relaxed)) {
-        c->held = 1;
         pe_timer_add(w, c, PE_HOLD_LIST, pe_now());
     } else {
         if (pe_pump(c, &c->up, &c->down, c->cfd, c->bfd, &c->svc->bytes_up) < 0) return;
