@@ -40,7 +40,8 @@ cdef extern from "engine_core.h" nogil:
         unsigned long long bytes_down
     int PE_NCOUNTERS
     int PE_ATTEMPTS
-    pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max, double ack_hold)
+    pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max, double ack_hold,
+                             double nap)
     int pe_engine_start(pe_engine *e)
     void pe_engine_stop(pe_engine *e)
     void pe_engine_free(pe_engine *e)
@@ -49,6 +50,8 @@ cdef extern from "engine_core.h" nogil:
     long pe_engine_conns(pe_engine *e)
     long pe_engine_fds(pe_engine *e)
     unsigned long long pe_engine_pauses(pe_engine *e)
+    unsigned long long pe_engine_batches(pe_engine *e)
+    unsigned long long pe_engine_naps(pe_engine *e)
     void pe_engine_set_other(pe_engine *e, long n)
     long pe_engine_reset_count(pe_engine *e)
     pe_svc *pe_svc_new()
@@ -254,14 +257,18 @@ cdef class Engine:
     cdef bint started
 
     def __cinit__(self, int workers, long fd_limit, bint copy=False, int pipe_size=256 * 1024, int pool_max=256,
-                  double ack_hold=0.005):
+                  double ack_hold=0.005, double nap=30e-6):
         # ack_hold: how long a connection to a service whose clients speak first keeps the endpoint
         # handshake's last ACK for the client's first bytes to carry it (docs/userspace.md)
         if workers < 1:
             raise ValueError("workers must be >= 1")
         if not 0 <= ack_hold <= 0.2:  # the kernel sends the ACK on its own after 200 ms
             raise ValueError("ack_hold must be within [0, 0.2] seconds")
-        self.eng = pe_engine_new(workers, fd_limit, copy, pipe_size, pool_max, ack_hold)
+        # nap: how long a worker under load lets events gather before its next poll (docs/userspace.md);
+        # every event of that batch may wait that long, so it stays far below a connection's round trip
+        if not 0 <= nap <= 0.001:
+            raise ValueError("nap must be within [0, 0.001] seconds")
+        self.eng = pe_engine_new(workers, fd_limit, copy, pipe_size, pool_max, ack_hold, nap)
         if self.eng == NULL:
             raise OSError("cannot create the engine's epoll sets")
         self.workers = workers
@@ -330,6 +337,14 @@ cdef class Engine:
 
     def pauses(self):
         return pe_engine_pauses(self.eng)
+
+    def batches(self):
+        """Event batches (epoll rounds) the workers finished, all together."""
+        return pe_engine_batches(self.eng)
+
+    def naps(self):
+        """Naps the workers took under load before polling again (see ``nap``), all together."""
+        return pe_engine_naps(self.eng)
 
     def collect(self):
         pe_engine_collect(self.eng)

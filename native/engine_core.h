@@ -50,6 +50,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -70,6 +72,13 @@
 #define PE_STARVED_RETRY 0.02
 #define PE_COPY_BUFFER (64 * 1024)
 #define PE_SMALL (16 * 1024) /* first read of a wake-up: recv/send through the stack, as HAProxy does */
+/* A batch that handled at least PE_NAP_EVENTS events or moved PE_NAP_BYTES is a worker under load: it naps
+ * for the engine's nap before it polls again (pe_worker_main). */
+#define PE_NAP_EVENTS 2
+#define PE_NAP_BYTES (64 * 1024)
+/* Every PE_NAP_SAMPLE batches the worker counts how often it was preempted: more than one batch in 10
+ * means it shares its CPU, which then does not go idle between its events, and it does not nap. */
+#define PE_NAP_SAMPLE 64
 #define PE_KEEPALIVE 15
 
 /* rejection reasons, in the order of proxyd.modes.userspace.engine.REJECT_REASONS */
@@ -509,7 +518,12 @@ typedef struct pe_worker {
     int paused;
     double resume_at;
     int started;
+    int nap;                      /* the last batch found the worker under load: nap before the next poll */
+    int shared, sampled;          /* preempted often over the last PE_NAP_SAMPLE batches; batches since */
+    long nivcsw;                  /* involuntary context switches at the last sample */
+    unsigned long long moved;     /* bytes this batch moved */
     _Atomic uint64_t epoch; /* batches finished */
+    _Atomic uint64_t naps;
 } pe_worker;
 
 typedef struct pe_engine {
@@ -527,6 +541,7 @@ typedef struct pe_engine {
     int copy; /* recv/send instead of splice */
     int pipe_size;
     double ack_hold; /* longest wait of a held handshake ACK for the client's first bytes (pe_established) */
+    long nap_ns;     /* a loaded worker's sleep before its next poll (pe_worker_main); 0: none */
 } pe_engine;
 
 #define PE_TAG_CLIENT 0
@@ -915,6 +930,7 @@ static int pe_pump(pe_conn *c, pe_half *h, pe_half *other, int src, int dst, ato
     /* on PE_HOLD_LIST: the endpoint handshake's last ACK waits for the client's first bytes */
     if (c->tlist == PE_HOLD_LIST && rc == 0 && h == &c->up && (h->nagle != 1 || h->done)) pe_unhold(c, 0);
     if (moved) {
+        w->moved += moved;
         atomic_fetch_add_explicit(ctr, moved, memory_order_relaxed);
         if (c->epc)
             atomic_fetch_add_explicit(h == &c->up ? &c->epc->bytes_up : &c->epc->bytes_down, moved,
@@ -1148,6 +1164,8 @@ static void *pe_worker_main(void *arg) {
     /* signals (SIGTERM, SIGCHLD, ...) are Python's business: let them land on its thread, not here */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
+    /* the nap is a few tens of microseconds: the default 50 us timer slack would stretch it past twice that */
+    if (e->nap_ns) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
         for (int i = 0; i < PE_LISTS; i++)
@@ -1155,7 +1173,22 @@ static void *pe_worker_main(void *arg) {
         if (w->paused && w->resume_at < next) next = w->resume_at;
         if (w->starved && w->starved_at < next) next = w->starved_at;
         int ms = next <= now ? 0 : (int)((next - now) * 1000) + 1;
-        int n = epoll_wait(w->ep, evs, PE_EVENTS, ms);
+        int n;
+        if (w->nap && ms) {
+            /* Under load, events gather during a short sleep and are taken in one batch, instead of
+             * each waking the worker: a worker blocked in epoll_wait is woken by the CPU that queued
+             * the event, and waking a halted CPU costs that CPU an interprocessor interrupt, under a
+             * hypervisor an exit to it, on the CPU that runs the clients and endpoints. Asleep here,
+             * the worker is on no wait queue: events only queue up, and its own timer wakes it. */
+            struct timespec nap = {0, e->nap_ns};
+            nanosleep(&nap, NULL);
+            atomic_fetch_add_explicit(&w->naps, 1, memory_order_relaxed);
+            n = epoll_wait(w->ep, evs, PE_EVENTS, 0);
+            if (n == 0) n = epoll_wait(w->ep, evs, PE_EVENTS, ms);
+        } else {
+            n = epoll_wait(w->ep, evs, PE_EVENTS, ms);
+        }
+        w->moved = 0;
         for (int i = 0; i < n; i++) {
             uint64_t d = evs[i].data.u64;
             int tag = (int)(d & 3);
@@ -1220,6 +1253,16 @@ static void *pe_worker_main(void *arg) {
         if (w->paused && w->resume_at <= now) pe_resume(w);
         if (atomic_load(&e->reset)) pe_reset_all(w);
         pe_free_dead(w);
+        if (e->nap_ns && ++w->sampled == PE_NAP_SAMPLE) {
+            struct rusage ru;
+            w->sampled = 0;
+            if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+                w->shared = (ru.ru_nivcsw - w->nivcsw) * 10 > PE_NAP_SAMPLE;
+                w->nivcsw = ru.ru_nivcsw;
+            }
+        }
+        /* a full batch leaves events behind: the next poll takes them at once, without sleeping */
+        w->nap = e->nap_ns && !w->shared && n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES);
         atomic_fetch_add_explicit(&w->epoch, 1, memory_order_release);
     }
     pe_reset_all(w);
@@ -1234,7 +1277,7 @@ static void *pe_worker_main(void *arg) {
 /* ---------------------------------------------------------------- engine control (Python's thread) */
 
 static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max,
-                                double ack_hold) {
+                                double ack_hold, double nap) {
     pe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
     pthread_mutex_init(&e->mu, NULL);
@@ -1243,6 +1286,7 @@ static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_
     e->copy = copy;
     e->pipe_size = pipe_size;
     e->ack_hold = ack_hold;
+    e->nap_ns = (long)(nap * 1e9);
     e->workers = calloc(nworkers, sizeof(pe_worker));
     if (!e->workers) goto fail;
     for (int i = 0; i < nworkers; i++) {
@@ -1508,6 +1552,19 @@ static size_t pe_svc_affinity_count(pe_svc *s) {
 static long pe_engine_conns(pe_engine *e) { return atomic_load(&e->conns); }
 static long pe_engine_fds(pe_engine *e) { return atomic_load(&e->fds); }
 static unsigned long long pe_engine_pauses(pe_engine *e) { return atomic_load(&e->pauses); }
+
+/* batches (epoll rounds) the workers finished, and naps they took before one, all together */
+static unsigned long long pe_engine_batches(pe_engine *e) {
+    unsigned long long n = 0;
+    for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].epoch);
+    return n;
+}
+
+static unsigned long long pe_engine_naps(pe_engine *e) {
+    unsigned long long n = 0;
+    for (int i = 0; i < e->nworkers; i++) n += atomic_load_explicit(&e->workers[i].naps, memory_order_relaxed);
+    return n;
+}
 static void pe_engine_set_other(pe_engine *e, long n) { atomic_store(&e->other_fds, n); }
 static long pe_engine_reset_count(pe_engine *e) { return atomic_load(&e->reset_count); }
 static void pe_engine_reset(pe_engine *e) {

@@ -241,8 +241,12 @@ def test_the_allow_listed_design_constants_match_the_code() -> None:
     assert Config().min_sync_period == 1.0
     assert _defaults(kube.Backoff)["initial"] == 0.5 and _defaults(kube.Backoff)["cap"] == 30.0
     assert _defaults(IpvsMode)["graceful_interval"] == 2.0
-    assert "#define PE_SMALL (16 * 1024)" in (docs_figures.REPO / "native/engine_core.h").read_text()
-    assert "double ack_hold=0.005" in (docs_figures.REPO / "native/engine.pyx").read_text()
+    core = (docs_figures.REPO / "native/engine_core.h").read_text()
+    assert "#define PE_SMALL (16 * 1024)" in core
+    assert "#define PE_NAP_EVENTS 2\n" in core and "#define PE_NAP_BYTES (64 * 1024)" in core
+    assert "prctl(PR_SET_TIMERSLACK, 1UL," in core
+    engine_pyx = (docs_figures.REPO / "native/engine.pyx").read_text()
+    assert "double ack_hold=0.005" in engine_pyx and "double nap=30e-6" in engine_pyx
     assert "timeout_s=${VM_TIMEOUT:-2400}" in (docs_figures.REPO / "tests/vm/run-in-vm.sh").read_text()
 
 

@@ -905,6 +905,105 @@ def test_engine_ack_hold_is_bounded() -> None:
 
 
 @needs_native
+def test_engine_nap_is_bounded() -> None:
+    for bad in (-1e-6, 0.002):
+        with pytest.raises(ValueError, match="nap"):
+            EngineNative(1, 4096, nap=bad)
+
+
+class _Sinks:
+    """A loopback endpoint that reads each connection until EOF and counts the bytes."""
+
+    def __init__(self) -> None:
+        self.sock = _listening_socket()
+        self.sock.settimeout(0.1)
+        self.addr = self.sock.getsockname()[:2]
+        self.received = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._read, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(30)
+            while data := conn.recv(1 << 16):
+                with self.lock:
+                    self.received += len(data)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+@needs_native
+def test_engine_naps_under_load_and_not_at_rest(backends: Backends) -> None:
+    """A worker whose last batch handled several events or moved a stream's worth sleeps for the engine's
+    nap before it polls again, so what arrives meanwhile is taken in one batch instead of each event
+    waking it (docs/userspace.md); a worker at rest polls at once, so a lone exchange is not delayed."""
+    nap = 0.001  # the largest allowed: without naps the worker would take each message in a batch of its own
+    engine = EngineNative(1, 4096, nap=nap)
+    sinks = _Sinks()
+    to_sinks, to_echo = ServiceNative(), ServiceNative()
+    to_sinks.set_endpoints([sinks.addr], 0)
+    to_echo.set_endpoints([backends.live[0]], 0)
+    socks = [_listening_socket(), _listening_socket()]
+    clients: list[socket.socket] = []
+    try:
+        engine.start()
+        listeners = [engine.add_listener(socks[0], to_sinks, []), engine.add_listener(socks[1], to_echo, [])]
+        clients = [socket.create_connection(socks[0].getsockname()[:2], timeout=10) for _ in range(8)]
+        at_rest = socket.create_connection(socks[1].getsockname()[:2], timeout=10)
+        clients.append(at_rest)
+        assert read_line(at_rest) == (b"ep0\n", "ok")
+        _wait(lambda: engine.connections() == 9)
+        time.sleep(0.2)  # a nap after the setup's batches (accepts and connects, several events) ends
+        naps, batches, started = engine.naps(), engine.batches(), time.monotonic()
+        for _ in range(300):  # eight connections with a message each, over and over: under load
+            for client in clients[:-1]:
+                client.sendall(b"x" * 100)
+        sent = 300 * 8 * 100
+        _wait(lambda: sinks.received >= sent)
+        elapsed = time.monotonic() - started
+        took, napped = engine.batches() - batches, engine.naps() - naps
+        assert sinks.received == sent and napped > 0
+        # batches after a nap are at least a nap apart; the others (a poll that found nothing) are few
+        assert took <= 2 * elapsed / nap + 20, (took, napped, elapsed)
+        time.sleep(0.2)
+        before = engine.naps()
+        for i in range(50):  # one event per batch, a few bytes: never a nap
+            at_rest.sendall(b"%d\n" % i)
+            assert read_line(at_rest) == (b"%d\n" % i, "ok")
+        assert engine.naps() == before
+        for client in clients:
+            client.close()
+        _wait(lambda: engine.connections() == 0)
+        for listener in listeners:
+            engine.remove_listener(listener)
+    finally:
+        for client in clients:
+            client.close()
+        engine.stop()
+        sinks.close()
+        for sock in socks:
+            sock.close()
+
+
+@needs_native
 @pytest.mark.parametrize("copy", [False, True])
 def test_engine_resumes_a_client_that_fell_behind(backends: Backends, copy: bool) -> None:
     """The client socket is watched for writability only once the client has not taken all that was
