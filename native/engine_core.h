@@ -44,15 +44,15 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -76,9 +76,6 @@
  * for the engine's nap before it polls again (pe_worker_main). */
 #define PE_NAP_EVENTS 2
 #define PE_NAP_BYTES (64 * 1024)
-/* Every PE_NAP_SAMPLE batches the worker counts how often it was preempted: more than one batch in 10
- * means it shares its CPU, which then does not go idle between its events, and it does not nap. */
-#define PE_NAP_SAMPLE 64
 #define PE_KEEPALIVE 15
 
 /* rejection reasons, in the order of proxyd.modes.userspace.engine.REJECT_REASONS */
@@ -519,11 +516,10 @@ typedef struct pe_worker {
     double resume_at;
     int started;
     int nap;                      /* the last batch found the worker under load: nap before the next poll */
-    int shared, sampled;          /* preempted often over the last PE_NAP_SAMPLE batches; batches since */
-    long nivcsw;                  /* involuntary context switches at the last sample */
+    _Atomic int cpu;              /* the CPU it runs or naps on; -1 while blocked in epoll_wait (pe_alone) */
     unsigned long long moved;     /* bytes this batch moved */
     _Atomic uint64_t epoch; /* batches finished */
-    _Atomic uint64_t naps;
+    _Atomic uint64_t naps;  /* naps taken (read by Python: Engine.naps) */
 } pe_worker;
 
 typedef struct pe_engine {
@@ -1156,6 +1152,24 @@ static void pe_reset_all(pe_worker *w) {
     }
 }
 
+/* Whether no other worker runs or naps on this worker's CPU. A CPU that runs another worker does not go
+ * idle between this one's events, so waking it costs no interrupt, and a nap would only make the two take
+ * turns on one CPU (pe_worker_main). */
+static int pe_alone(pe_worker *w) {
+    pe_engine *e = w->eng;
+    int cpu = atomic_load_explicit(&w->cpu, memory_order_relaxed);
+    for (int i = 0; i < e->nworkers; i++)
+        if (&e->workers[i] != w && atomic_load_explicit(&e->workers[i].cpu, memory_order_relaxed) == cpu)
+            return 0;
+    return 1;
+}
+
+/* Block in epoll_wait, marked as on no CPU meanwhile (pe_alone). */
+static int pe_wait(pe_worker *w, struct epoll_event *evs, int ms) {
+    atomic_store_explicit(&w->cpu, -1, memory_order_relaxed);
+    return epoll_wait(w->ep, evs, PE_EVENTS, ms);
+}
+
 static void *pe_worker_main(void *arg) {
     pe_worker *w = arg;
     pe_engine *e = w->eng;
@@ -1184,10 +1198,11 @@ static void *pe_worker_main(void *arg) {
             nanosleep(&nap, NULL);
             atomic_fetch_add_explicit(&w->naps, 1, memory_order_relaxed);
             n = epoll_wait(w->ep, evs, PE_EVENTS, 0);
-            if (n == 0) n = epoll_wait(w->ep, evs, PE_EVENTS, ms);
+            if (n == 0) n = pe_wait(w, evs, ms);
         } else {
-            n = epoll_wait(w->ep, evs, PE_EVENTS, ms);
+            n = ms ? pe_wait(w, evs, ms) : epoll_wait(w->ep, evs, PE_EVENTS, 0);
         }
+        atomic_store_explicit(&w->cpu, sched_getcpu(), memory_order_relaxed);
         w->moved = 0;
         for (int i = 0; i < n; i++) {
             uint64_t d = evs[i].data.u64;
@@ -1253,16 +1268,8 @@ static void *pe_worker_main(void *arg) {
         if (w->paused && w->resume_at <= now) pe_resume(w);
         if (atomic_load(&e->reset)) pe_reset_all(w);
         pe_free_dead(w);
-        if (e->nap_ns && ++w->sampled == PE_NAP_SAMPLE) {
-            struct rusage ru;
-            w->sampled = 0;
-            if (getrusage(RUSAGE_THREAD, &ru) == 0) {
-                w->shared = (ru.ru_nivcsw - w->nivcsw) * 10 > PE_NAP_SAMPLE;
-                w->nivcsw = ru.ru_nivcsw;
-            }
-        }
         /* a full batch leaves events behind: the next poll takes them at once, without sleeping */
-        w->nap = e->nap_ns && !w->shared && n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES);
+        w->nap = e->nap_ns && n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES) && pe_alone(w);
         atomic_fetch_add_explicit(&w->epoch, 1, memory_order_release);
     }
     pe_reset_all(w);
@@ -1292,6 +1299,7 @@ static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_
     for (int i = 0; i < nworkers; i++) {
         pe_worker *w = &e->workers[i];
         w->eng = e;
+        w->cpu = -1;
         w->conns.next = w->conns.prev = &w->conns;
         w->pool_max = pool_max;
         w->pool = calloc(3 * (pool_max ? pool_max : 1), sizeof(int));
