@@ -70,6 +70,8 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed(_USP, "up to\n   5 ms (a sixth FIFO list", _ACK_HOLD),
     Allowed(_USP, "`ack_hold` (5 ms; the\nkernel would send it itself after 200 ms)",
             f"{_ACK_HOLD}; TCP_DELACK_MAX, the kernel's longest delayed ACK"),
+    Allowed(_USP, "`PE_NAP_BYTES`, 64 KiB, moved)", "PE_NAP_BYTES in native/engine_core.h"),
+    Allowed(_USP, "the engine's `nap`\n(30 µs)", "the engine's nap default in native/engine.pyx"),
     Allowed(_USP, "(15 s idle, 15 s interval)", _KEEPALIVE),
     Allowed(_USP, "the keepalive timer for 15 s after", _KEEPALIVE),
     Allowed(_USP, "ends or after 1 s.", "the engine's byte-count flush interval"),
