@@ -1164,7 +1164,7 @@ static int pe_alone(pe_worker *w) {
     return 1;
 }
 
-/* Block in epoll_wait, marked as on no CPU meanwhile (pe_alone). */
+/* Poll, marked as on no CPU while it may block (pe_alone). */
 static int pe_wait(pe_worker *w, struct epoll_event *evs, int ms) {
     atomic_store_explicit(&w->cpu, -1, memory_order_relaxed);
     return epoll_wait(w->ep, evs, PE_EVENTS, ms);
@@ -1200,7 +1200,7 @@ static void *pe_worker_main(void *arg) {
             n = epoll_wait(w->ep, evs, PE_EVENTS, 0);
             if (n == 0) n = pe_wait(w, evs, ms);
         } else {
-            n = ms ? pe_wait(w, evs, ms) : epoll_wait(w->ep, evs, PE_EVENTS, 0);
+            n = pe_wait(w, evs, ms);
         }
         atomic_store_explicit(&w->cpu, sched_getcpu(), memory_order_relaxed);
         w->moved = 0;
@@ -1561,7 +1561,7 @@ static long pe_engine_conns(pe_engine *e) { return atomic_load(&e->conns); }
 static long pe_engine_fds(pe_engine *e) { return atomic_load(&e->fds); }
 static unsigned long long pe_engine_pauses(pe_engine *e) { return atomic_load(&e->pauses); }
 
-/* batches (epoll rounds) the workers finished, and naps they took before one, all together */
+/* batches (epoll rounds) the workers finished, all together */
 static unsigned long long pe_engine_batches(pe_engine *e) {
     unsigned long long n = 0;
     for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].epoch);
@@ -1570,9 +1570,10 @@ static unsigned long long pe_engine_batches(pe_engine *e) {
 
 static unsigned long long pe_engine_naps(pe_engine *e) {
     unsigned long long n = 0;
-    for (int i = 0; i < e->nworkers; i++) n += atomic_load_explicit(&e->workers[i].naps, memory_order_relaxed);
+    for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].naps);
     return n;
 }
+
 static void pe_engine_set_other(pe_engine *e, long n) { atomic_store(&e->other_fds, n); }
 static long pe_engine_reset_count(pe_engine *e) { return atomic_load(&e->reset_count); }
 static void pe_engine_reset(pe_engine *e) {
