@@ -73,7 +73,8 @@
 #define PE_COPY_BUFFER (64 * 1024)
 #define PE_SMALL (16 * 1024) /* first read of a wake-up: recv/send through the stack, as HAProxy does */
 /* A batch that handled at least PE_NAP_EVENTS events or moved PE_NAP_BYTES is a worker under load: it naps
- * for the engine's nap before it polls again (pe_worker_main). */
+ * before it polls again (pe_worker_main), for the engine's stream_nap after a batch that moved
+ * PE_NAP_BYTES, for its nap otherwise. */
 #define PE_NAP_EVENTS 2
 #define PE_NAP_BYTES (64 * 1024)
 #define PE_KEEPALIVE 15
@@ -515,7 +516,7 @@ typedef struct pe_worker {
     int paused;
     double resume_at;
     int started;
-    int nap;                      /* the last batch found the worker under load: nap before the next poll */
+    long nap_ns;                  /* the last batch found the worker under load: nap this long before polling */
     _Atomic int cpu;              /* the CPU it runs or naps on; -1 while blocked in epoll_wait (pe_alone) */
     unsigned long long moved;     /* bytes this batch moved */
     _Atomic uint64_t epoch; /* batches finished */
@@ -537,7 +538,8 @@ typedef struct pe_engine {
     int copy; /* recv/send instead of splice */
     int pipe_size;
     double ack_hold; /* longest wait of a held handshake ACK for the client's first bytes (pe_established) */
-    long nap_ns;     /* a loaded worker's sleep before its next poll (pe_worker_main); 0: none */
+    long nap_ns;        /* a loaded worker's sleep before its next poll (pe_worker_main); 0: none */
+    long stream_nap_ns; /* the same after a batch that moved PE_NAP_BYTES: bytes, not events, to gather */
 } pe_engine;
 
 #define PE_TAG_CLIENT 0
@@ -1179,7 +1181,7 @@ static void *pe_worker_main(void *arg) {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     /* the nap is a few tens of microseconds: the default 50 us timer slack would stretch it past twice that */
-    if (e->nap_ns) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+    if (e->nap_ns || e->stream_nap_ns) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
         for (int i = 0; i < PE_LISTS; i++)
@@ -1188,13 +1190,13 @@ static void *pe_worker_main(void *arg) {
         if (w->starved && w->starved_at < next) next = w->starved_at;
         int ms = next <= now ? 0 : (int)((next - now) * 1000) + 1;
         int n;
-        if (w->nap && ms) {
+        if (w->nap_ns && ms) {
             /* Under load, events gather during a short sleep and are taken in one batch, instead of
              * each waking the worker: a worker blocked in epoll_wait is woken by the CPU that queued
              * the event, and waking a halted CPU costs that CPU an interprocessor interrupt, under a
              * hypervisor an exit to it, on the CPU that runs the clients and endpoints. Asleep here,
              * the worker is on no wait queue: events only queue up, and its own timer wakes it. */
-            struct timespec nap = {0, e->nap_ns};
+            struct timespec nap = {0, w->nap_ns};
             nanosleep(&nap, NULL);
             atomic_fetch_add_explicit(&w->naps, 1, memory_order_relaxed);
             n = epoll_wait(w->ep, evs, PE_EVENTS, 0);
@@ -1269,7 +1271,9 @@ static void *pe_worker_main(void *arg) {
         if (atomic_load(&e->reset)) pe_reset_all(w);
         pe_free_dead(w);
         /* a full batch leaves events behind: the next poll takes them at once, without sleeping */
-        w->nap = e->nap_ns && n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES) && pe_alone(w);
+        w->nap_ns = 0;
+        if (n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES) && pe_alone(w))
+            w->nap_ns = w->moved >= PE_NAP_BYTES ? e->stream_nap_ns : e->nap_ns;
         atomic_fetch_add_explicit(&w->epoch, 1, memory_order_release);
     }
     pe_reset_all(w);
@@ -1284,7 +1288,7 @@ static void *pe_worker_main(void *arg) {
 /* ---------------------------------------------------------------- engine control (Python's thread) */
 
 static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_size, int pool_max,
-                                double ack_hold, double nap) {
+                                double ack_hold, double nap, double stream_nap) {
     pe_engine *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
     pthread_mutex_init(&e->mu, NULL);
@@ -1294,6 +1298,7 @@ static pe_engine *pe_engine_new(int nworkers, long fd_limit, int copy, int pipe_
     e->pipe_size = pipe_size;
     e->ack_hold = ack_hold;
     e->nap_ns = (long)(nap * 1e9);
+    e->stream_nap_ns = (long)(stream_nap * 1e9);
     e->workers = calloc(nworkers, sizeof(pe_worker));
     if (!e->workers) goto fail;
     for (int i = 0; i < nworkers; i++) {

@@ -909,6 +909,54 @@ def test_engine_nap_is_bounded() -> None:
     for bad in (-1e-6, 0.002):
         with pytest.raises(ValueError, match="nap"):
             EngineNative(1, 4096, nap=bad)
+        with pytest.raises(ValueError, match="stream_nap"):
+            EngineNative(1, 4096, stream_nap=bad)
+
+
+def _stream_naps(backends: Backends, *, stream_nap: float) -> int:
+    """Naps a worker with event naps off took while 8 MiB went through it to an echo endpoint and back."""
+    engine = EngineNative(1, 4096, nap=0, stream_nap=stream_nap)
+    svc = ServiceNative()
+    svc.set_endpoints([backends.live[0]], 0)
+    sock = _listening_socket()
+    total, chunk = 8 << 20, b"y" * 65536
+    try:
+        engine.start()
+        listener = engine.add_listener(sock, svc, [])
+        client = socket.create_connection(sock.getsockname()[:2], timeout=10)
+        assert read_line(client) == (b"ep0\n", "ok")
+        received = [0]
+
+        def drain() -> None:
+            while received[0] < total:
+                data = client.recv(1 << 20)
+                if not data:
+                    return
+                received[0] += len(data)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        before = engine.naps()
+        for _ in range(total // len(chunk)):
+            client.sendall(chunk)
+        reader.join(timeout=30)
+        assert received[0] == total
+        naps = engine.naps() - before
+        client.close()
+        _wait(lambda: engine.connections() == 0)
+        engine.remove_listener(listener)
+        return naps
+    finally:
+        engine.stop()
+        sock.close()
+
+
+@needs_native
+def test_engine_naps_between_batches_of_a_stream(backends: Backends) -> None:
+    """A batch that moved a stream's worth of bytes is followed by the stream nap even with event naps
+    off, and not without it (docs/userspace.md, "Naps under load")."""
+    assert _stream_naps(backends, stream_nap=0.001) > 0
+    assert _stream_naps(backends, stream_nap=0) == 0
 
 
 @needs_native
