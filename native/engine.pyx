@@ -50,7 +50,6 @@ cdef extern from "engine_core.h" nogil:
     long pe_engine_conns(pe_engine *e)
     long pe_engine_fds(pe_engine *e)
     unsigned long long pe_engine_pauses(pe_engine *e)
-    unsigned long long pe_engine_batches(pe_engine *e)
     unsigned long long pe_engine_naps(pe_engine *e)
     void pe_engine_set_other(pe_engine *e, long n)
     long pe_engine_reset_count(pe_engine *e)
@@ -341,10 +340,6 @@ cdef class Engine:
 
     def pauses(self):
         return pe_engine_pauses(self.eng)
-
-    def batches(self):
-        """Event batches (epoll rounds) the workers finished, all together."""
-        return pe_engine_batches(self.eng)
 
     def naps(self):
         """Naps the workers took under load before polling again (see ``nap``), all together."""

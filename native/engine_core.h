@@ -1566,13 +1566,6 @@ static long pe_engine_conns(pe_engine *e) { return atomic_load(&e->conns); }
 static long pe_engine_fds(pe_engine *e) { return atomic_load(&e->fds); }
 static unsigned long long pe_engine_pauses(pe_engine *e) { return atomic_load(&e->pauses); }
 
-/* batches (epoll rounds) the workers finished, all together */
-static unsigned long long pe_engine_batches(pe_engine *e) {
-    unsigned long long n = 0;
-    for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].epoch);
-    return n;
-}
-
 static unsigned long long pe_engine_naps(pe_engine *e) {
     unsigned long long n = 0;
     for (int i = 0; i < e->nworkers; i++) n += atomic_load(&e->workers[i].naps);
