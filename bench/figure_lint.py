@@ -114,7 +114,7 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("docs/iptables.md", "time limit is 900 s", "DEFAULT_TIMEOUT in proxyd/netfilter/backend.py"),
     Allowed("docs/ipvs.md", "every 2 s a bounded", "graceful_interval in proxyd/modes/ipvs/mode.py"),
     Allowed("docs/ipvs.md", "TIME_WAIT timeout (2 min)", "the kernel's IPVS TCP TIME_WAIT timeout"),
-    Allowed("docs/ipvs.md", "(default 2400 s)", "VM_TIMEOUT's default in tests/vm/run-in-vm.sh"),
+    Allowed("docs/ipvs.md", "(default 3600 s)", "VM_TIMEOUT's default in tests/vm/run-in-vm.sh"),
     Allowed(_KUBE, "a random 5–10 min server timeout", "the API server's watch timeout"),
     Allowed(_KUBE, "silent for 150 s", "watch_idle_timeout in proxyd/sources/kube.py"),
     Allowed(_KUBE, "0.5 s to 30 s with jitter", "Backoff's initial and cap in proxyd/sources/kube.py"),
