@@ -1180,7 +1180,7 @@ static void *pe_worker_main(void *arg) {
     /* signals (SIGTERM, SIGCHLD, ...) are Python's business: let them land on its thread, not here */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
-    /* the nap is a few tens of microseconds: the default 50 us timer slack would stretch it past twice that */
+    /* naps are tens to hundreds of microseconds: the default 50 us timer slack would stretch the short one */
     if (e->nap_ns || e->stream_nap_ns) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     while (!atomic_load(&e->stop)) {
         double now = pe_now(), next = now + 1.0;
@@ -1271,9 +1271,9 @@ static void *pe_worker_main(void *arg) {
         if (atomic_load(&e->reset)) pe_reset_all(w);
         pe_free_dead(w);
         /* a full batch leaves events behind: the next poll takes them at once, without sleeping */
+        int stream = w->moved >= PE_NAP_BYTES;
         w->nap_ns = 0;
-        if (n < PE_EVENTS && (n >= PE_NAP_EVENTS || w->moved >= PE_NAP_BYTES) && pe_alone(w))
-            w->nap_ns = w->moved >= PE_NAP_BYTES ? e->stream_nap_ns : e->nap_ns;
+        if (n < PE_EVENTS && (n >= PE_NAP_EVENTS || stream) && pe_alone(w)) w->nap_ns = stream ? e->stream_nap_ns : e->nap_ns;
         atomic_fetch_add_explicit(&w->epoch, 1, memory_order_release);
     }
     pe_reset_all(w);
