@@ -924,26 +924,26 @@ def _stream_naps(backends: Backends, *, stream_nap: float) -> tuple[int, float]:
     try:
         engine.start()
         listener = engine.add_listener(sock, svc, [])
-        client = socket.create_connection(sock.getsockname()[:2], timeout=10)
-        assert read_line(client) == (b"ep0\n", "ok")
-        received = [0]
+        # closed on the way out, a failed assertion included
+        with socket.create_connection(sock.getsockname()[:2], timeout=10) as client:
+            assert read_line(client) == (b"ep0\n", "ok")
+            received = [0]
 
-        def drain() -> None:
-            while received[0] < total:
-                data = client.recv(1 << 20)
-                if not data:
-                    return
-                received[0] += len(data)
+            def drain() -> None:
+                while received[0] < total:
+                    data = client.recv(1 << 20)
+                    if not data:
+                        return
+                    received[0] += len(data)
 
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
-        before, started = engine.naps(), time.monotonic()
-        for _ in range(total // len(chunk)):
-            client.sendall(chunk)
-        reader.join(timeout=30)
-        assert received[0] == total
-        naps, elapsed = engine.naps() - before, time.monotonic() - started
-        client.close()
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            before, started = engine.naps(), time.monotonic()
+            for _ in range(total // len(chunk)):
+                client.sendall(chunk)
+            reader.join(timeout=30)
+            assert received[0] == total
+            naps, elapsed = engine.naps() - before, time.monotonic() - started
         _wait(lambda: engine.connections() == 0)
         engine.remove_listener(listener)
         return naps, elapsed
