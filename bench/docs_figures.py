@@ -53,7 +53,11 @@ stays as written. Each region says which stored run it comes from:
     idle connection with 10,000 held through proxyd and HAProxy, inside the
     QEMU guest (where the descriptor hard limit can be raised):
     ``tests/vm/run-in-vm.sh --cmd 'python -m bench.idlemem --held 10000
-    --save'`` (with longer timeouts for the emulated CPU).
+    --save'`` (with longer timeouts for the emulated CPU);
+  - ``paired-keepalive-1w``, ``paired-keepalive-2w``, ``paired-bulk-1w``
+    (README.md): ``paired-<metric>-<workers>w.json``, HAProxy and proxyd
+    userspace alone, alternated:
+    ``python -m bench.paired --metric keepalive|bulk [--workers 2] --rounds 12 --save``.
 
 Every benchmark above needs root (network namespaces) except quarantine.
 
@@ -81,7 +85,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import figure_lint, reliability_figures, scale_figures
+from bench import figure_lint, paired, reliability_figures, scale_figures
 from bench.paths import HAPROXY2, IPV6, USERSPACE_2W
 from bench.report import (
     DIRECT,
@@ -262,6 +266,17 @@ def _programming(data: Mapping[str, Any]) -> str:
     return "Network programming latency (manifest change to traffic following it): " + ", ".join(parts) + "."
 
 
+def _paired(data: Mapping[str, Any]) -> str:
+    """A paired run (bench/paired.py): its plan and one line per target it measured."""
+    plan = data.get("plan", {})
+    one = plan.get("workers") == 1
+    sides = ("one proxyd worker pinned to CPU 1 against HAProxy's one pinned thread" if one
+             else "two proxyd workers against HAProxy's two threads, both unpinned")
+    rounds, seconds, metric = plan.get("rounds", "?"), plan.get("seconds", "?"), plan.get("metric", "?")
+    head = f"{rounds} rounds × {seconds} s of `{metric}`, {sides}, the side going first alternating:"
+    return "\n".join([head, "", *(f"- {line}" for line in paired.verdict_lines(data))])
+
+
 # -- docs/reliability.md ---------------------------------------------------------------------------
 
 def _reliability(data: Mapping[str, Any]) -> str:
@@ -334,6 +349,9 @@ REGIONS: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], str]]] = {
     "ipvs-summary": ("README.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_summary),
     "ipvs-sync": ("docs/ipvs.md", _R + "sync_scale-ipvs.json", scale_figures.ipvs_table),
     "idlemem-guest": ("README.md", _R + "idlemem-guest.json", scale_figures.idle_memory),
+    "paired-keepalive-1w": ("README.md", _R + "paired-keepalive-1w.json", _paired),
+    "paired-keepalive-2w": ("README.md", _R + "paired-keepalive-2w.json", _paired),
+    "paired-bulk-1w": ("README.md", _R + "paired-bulk-1w.json", _paired),
 }
 
 
