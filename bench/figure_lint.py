@@ -72,7 +72,7 @@ ALLOWED: tuple[Allowed, ...] = (
             f"{_ACK_HOLD}; TCP_DELACK_MAX, the kernel's longest delayed ACK"),
     Allowed(_USP, "`PE_NAP_BYTES`, 64 KiB, moved)", "PE_NAP_BYTES in native/engine_core.h"),
     Allowed(_USP, "the engine's `nap`\n(30 µs)", "the engine's nap default in native/engine.pyx"),
-    Allowed(_USP, "the engine's `stream_nap` (60 µs)", "the stream_nap default in native/engine.pyx"),
+    Allowed(_USP, "the engine's `stream_nap` (150 µs)", "the stream_nap default in native/engine.pyx"),
     Allowed(_USP, "(15 s idle, 15 s interval)", _KEEPALIVE),
     Allowed(_USP, "the keepalive timer for 15 s after", _KEEPALIVE),
     Allowed(_USP, "ends or after 1 s.", "the engine's byte-count flush interval"),

@@ -256,7 +256,7 @@ cdef class Engine:
     cdef bint started
 
     def __cinit__(self, int workers, long fd_limit, bint copy=False, int pipe_size=256 * 1024, int pool_max=256,
-                  double ack_hold=0.005, double nap=30e-6, double stream_nap=60e-6):
+                  double ack_hold=0.005, double nap=30e-6, double stream_nap=150e-6):
         # ack_hold: how long a connection to a service whose clients speak first keeps the endpoint
         # handshake's last ACK for the client's first bytes to carry it (docs/userspace.md)
         if workers < 1:
@@ -267,8 +267,8 @@ cdef class Engine:
         # every event of that batch may wait that long, so it stays far below a connection's round trip
         if not 0 <= nap <= 0.001:
             raise ValueError("nap must be within [0, 0.001] seconds")
-        # stream_nap: the nap after a batch that moved a stream's worth of bytes. Longer, each poll takes
-        # more bytes per system call; too long, a sender that fills the buffer meanwhile waits (docs/userspace.md)
+        # stream_nap: the nap after a batch that moved a stream's worth of bytes; it delays only the tail
+        # of a transfer, by at most its length, while each poll then takes more bytes per system call
         if not 0 <= stream_nap <= 0.001:
             raise ValueError("stream_nap must be within [0, 0.001] seconds")
         self.eng = pe_engine_new(workers, fd_limit, copy, pipe_size, pool_max, ack_hold, nap, stream_nap)

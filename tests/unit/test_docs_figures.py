@@ -247,7 +247,7 @@ def test_the_allow_listed_design_constants_match_the_code() -> None:
     assert "prctl(PR_SET_TIMERSLACK, 1UL," in core
     engine_pyx = (docs_figures.REPO / "native/engine.pyx").read_text()
     assert "double ack_hold=0.005" in engine_pyx and "double nap=30e-6" in engine_pyx
-    assert "double stream_nap=60e-6" in engine_pyx
+    assert "double stream_nap=150e-6" in engine_pyx
     assert "timeout_s=${VM_TIMEOUT:-3600}" in (docs_figures.REPO / "tests/vm/run-in-vm.sh").read_text()
 
 
