@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -138,8 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"paired: cannot run: {problem}", file=sys.stderr)
         return 2
+    # Unwind like Ctrl-C on SIGTERM too (and on SIGINT when started with it ignored): the topology's
+    # teardown then kills every process and deletes every namespace the run made.
+    signal.signal(signal.SIGTERM, harness._terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = runmeta.Run(runmeta.module_command("bench.paired", raw))
-    results = run(args.metric, args.workers, replace(harness.FULL, rounds=args.rounds, seconds=args.seconds))
+    plan = replace(harness.FULL, rounds=args.rounds, seconds=args.seconds)
+    try:
+        results = run(args.metric, args.workers, plan)
+    except KeyboardInterrupt:
+        _log("interrupted: namespaces and processes removed; nothing saved")
+        return 130
     lines = verdict_lines(results)
     for line in lines:
         print(line)

@@ -26,7 +26,8 @@ def test_defaults_and_bounds() -> None:
 def test_targets_are_the_full_runs_targets_of_that_metric() -> None:
     assert [t.metric for t in paired.targets("keepalive", 1)] == ["ka_cpu"]
     assert {t.metric for t in paired.targets("newconn", 2)} == {"nc_cpu", "nc_cps", "nc_p99"}
-    assert {(t.path, t.baseline) for t in paired.targets("bulk", 2)} == {(report.USERSPACE_2W, report.HAPROXY_2T)}
+    two = {(report.USERSPACE_2W, report.HAPROXY_2T)}
+    assert {(t.path, t.baseline) for t in paired.targets("bulk", 2)} == two
     assert all(t in report.TARGETS for m in paired.METRICS for w in (1, 2) for t in paired.targets(m, w))
 
 
