@@ -356,21 +356,33 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def unwind_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so the topology's teardown removes every process and
+    namespace; SIGINT too when started from a script with it ignored (``cmd &``)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def cannot_run() -> str | None:
+    """Why this machine cannot run the data-path benchmarks (`python -m bench`, `bench.paired`), or None."""
     problem = netns_available()
     missing = [t for t in NEEDED_TOOLS if shutil.which(t) is None]
     if problem or missing:
-        print(f"bench: cannot run: {problem or 'missing tools: ' + ', '.join(missing)}", file=sys.stderr)
-        return 2
+        return f"cannot run: {problem or 'missing tools: ' + ', '.join(missing)}"
     if (os.cpu_count() or 1) < 2:
-        print("bench: needs at least 2 CPUs (load on CPU 0, proxy on CPU 1)", file=sys.stderr)
+        return "needs at least 2 CPUs (load on CPU 0, proxy on CPU 1)"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = cannot_run()
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
         return 2
     plan = QUICK if args.quick else FULL
     plan = replace(plan, rounds=args.rounds or plan.rounds, seconds=args.seconds or plan.seconds)
-    signal.signal(signal.SIGTERM, _terminate)
-    # Also when started from a script with SIGINT ignored (``cmd &``): Ctrl-C/SIGINT must always clean up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    unwind_on_signals()
     # Before any process starts (the hold server, proxyd, HAProxy inherit it): where this process may raise
     # its descriptor hard limit (the QEMU guest), the idle-memory case then holds all it was asked for.
     idlemem.raise_nofile(plan.idle_held)

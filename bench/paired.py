@@ -17,9 +17,6 @@ not replace it.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -27,7 +24,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from bench import dataplane, harness, paths, report, runmeta
-from netnstopo.topology import Topology, netns_available
+from netnstopo.topology import Topology
 
 METRICS = ("bulk", "keepalive", "newconn")
 ROUNDS = 10
@@ -133,16 +130,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    missing = [t for t in harness.NEEDED_TOOLS if shutil.which(t) is None]
-    problem = ("needs root" if os.geteuid() != 0 else netns_available()
-               or (f"missing tools: {', '.join(missing)}" if missing else None))
+    problem = harness.cannot_run()
     if problem:
-        print(f"paired: cannot run: {problem}", file=sys.stderr)
+        print(f"paired: {problem}", file=sys.stderr)
         return 2
-    # Unwind like Ctrl-C on SIGTERM too (and on SIGINT when started with it ignored): the topology's
-    # teardown then kills every process and deletes every namespace the run made.
-    signal.signal(signal.SIGTERM, harness._terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    harness.unwind_on_signals()
     started = runmeta.Run(runmeta.module_command("bench.paired", raw))
     plan = replace(harness.FULL, rounds=args.rounds, seconds=args.seconds)
     try:
