@@ -63,8 +63,7 @@ def answering(topo: Topology, *, tries: int = 12) -> set[str]:
 @pytest.mark.parametrize("mode", ["userspace", "iptables", "nftables"])
 def test_traffic_follows_api_changes(topology: Topology, tmp_path: Path, mode: str) -> None:
     pod1, pod2 = topology.pod("pod1"), topology.pod("pod2")
-    for pod in (pod1, pod2):
-        topology.start_tcp_server(pod, 8080)
+    topology.start_servers(tcp=(pod1, pod2))
     fake = topology.spawn(topology.node, [sys.executable, "-m", "tests.api.fake_apiserver",
                                           "--host", "127.0.0.1", "--port", str(FAKE_API_PORT)],
                           log_name="fake-apiserver", env={"PYTHONPATH": str(ROOT)})

@@ -227,10 +227,7 @@ class ServiceBehaviour:
     def start(self, topo: Topology, docs: list[dict], *, tcp: tuple[str, ...] = ("pod1", "pod2", "pod3"),
               udp: tuple[str, ...] = (), tcp_port: int = 8080, udp_port: int = 5353,
               extra: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()):
-        for pod in tcp:
-            topo.start_tcp_server(pod, tcp_port)
-        for pod in udp:
-            topo.start_udp_server(pod, udp_port)
+        topo.start_servers(tcp=tcp, udp=udp, tcp_port=tcp_port, udp_port=udp_port)
         topo.write_manifest("services.yaml", docs)
         return topo.start_proxyd(self.mode, extra_args=(*self.extra_args, *extra), env=self.env,
                                  wrapper=wrapper)

@@ -50,8 +50,7 @@ def ask(sock: Path, *args: str) -> dict[str, Any]:
 
 
 def start(topo: Topology, mode: str, env: dict[str, str] | None = None) -> tuple[Any, Path]:
-    for pod in ("pod1", "pod2", "pod3"):
-        topo.start_tcp_server(pod, 8080)
+    topo.start_servers(tcp=("pod1", "pod2", "pod3"))
     docs = [*web(endpoints=local_eps(POD1, POD2, POD3), type_="NodePort", node_port=NODE_PORT),
             service("empty", cluster_ip=EMPTY_IP, ports=[port(80, target_port=8080)]),
             endpoint_slice("empty", ports=[{"port": 8080}], endpoints=[])]

@@ -138,8 +138,7 @@ def restore(topology: Topology) -> Restore:
 @pytest.mark.parametrize("fault", ["fail", "lock"])
 def test_restore_fault_keeps_rules_backs_off_and_recovers(topology: Topology, restore: Restore,
                                                           figures: dict, fault: str) -> None:
-    for pod in ("pod1", "pod2"):
-        topology.start_tcp_server(pod, 8080)
+    topology.start_servers(tcp=("pod1", "pod2"))
     two_services(topology, with_second=False)
     proc = start_daemon(topology, "iptables", env=restore.env,
                         extra_args=["--sync-period", f"{SYNC_PERIOD:g}s", "--min-sync-period", "100ms"])

@@ -70,8 +70,7 @@ class Prober(threading.Thread):
 
 
 def serving(topo: Topology, figures: dict) -> tuple[object, Prober]:
-    for pod in POD_IPS:
-        topo.start_tcp_server(pod, 8080)
+    topo.start_servers(tcp=POD_IPS)
     topo.write_manifest("web.yaml", web("pod1"))
     proc = start_daemon(topo, "userspace")
     prober = Prober(topo)
@@ -255,8 +254,7 @@ def test_symlink_loops_and_escapes_are_refused(topology: Topology, figures: dict
 
 def test_manifests_dir_given_as_symlink_and_hostile_names(topology: Topology, figures: dict) -> None:
     """The directory the user named may itself be a symlink; names in the log stay one escaped line."""
-    for pod in POD_IPS:
-        topology.start_tcp_server(pod, 8080)
+    topology.start_servers(tcp=POD_IPS)
     link = topology.manifests.parent / "link-to-manifests"
     os.symlink(topology.manifests, link)
     topology.write_manifest("web.yaml", web("pod1"))
