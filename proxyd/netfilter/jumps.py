@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# (table, chain, target, comment): what identifies a jump, whatever its other matches
+JumpKey = tuple[str, str, str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class Jump:
@@ -28,13 +31,13 @@ class Jump:
         """The argv after ``-t T -C/-I/-D CHAIN``, unquoted as exec passes it."""
         return [*self.extra, "-m", "comment", "--comment", self.comment, "-j", self.target]
 
-    def restore_line(self) -> str:
-        """The rule as an ``iptables-restore`` / ``iptables-save`` line."""
-        return " ".join([f"-A {self.chain}", *self.extra, "-m comment --comment", f'"{self.comment}"',
+    def restore_line(self, op: str = "-A") -> str:
+        """The rule as an ``iptables-restore`` / ``iptables-save`` line (``op`` ``-I``: prepended)."""
+        return " ".join([f"{op} {self.chain}", *self.extra, "-m comment --comment", f'"{self.comment}"',
                          f"-j {self.target}"])
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
+    def key(self) -> JumpKey:
         return (self.table, self.chain, self.target, self.comment)
 
     def __str__(self) -> str:
@@ -49,12 +52,18 @@ def restore_lines(jumps: Iterable[Jump], table: str) -> list[str]:
     return [j.restore_line() for j in reversed(tuple(jumps)) if j.table == table]
 
 
-def saved_jumps(saved: str, table: str = "") -> set[tuple[str, str, str, str]]:
+def saved_jumps(saved: str, table: str = "") -> set[JumpKey]:
     """(table, chain, target, comment) of the comment-carrying jumps in ``iptables-save``/``-S`` output.
 
     ``-S`` output has no ``*table`` header: ``table`` names it.
     """
-    found = set()
+    return {key for key, _ in saved_rules(saved, table)}
+
+
+def saved_rules(saved: str, table: str = "") -> list[tuple[JumpKey, str]]:
+    """Every ``-A`` rule with a target in ``iptables-save``/``-S`` output: ((table, chain, target, comment),
+    the line). ``-S`` output has no ``*table`` header: ``table`` names it."""
+    found = []
     for line in saved.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
@@ -68,5 +77,5 @@ def saved_jumps(saved: str, table: str = "") -> set[tuple[str, str, str, str]]:
             comment = line.split('--comment "', 1)[1].split('"', 1)[0]
         elif "--comment " in line:
             comment = line.split("--comment ", 1)[1].split()[0]
-        found.add((table, chain, target, comment))
+        found.append(((table, chain, target, comment), line))
     return found

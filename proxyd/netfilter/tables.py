@@ -9,7 +9,8 @@ iptables part:
   the caller does not own are never touched (``--noflush``), and a rejected
   input changes nothing.
 * ``ensure_jumps(jumps)`` makes sure the built-in chains jump to the mode's
-  chains (``-C`` then ``-I``, kube-proxy's EnsureRule).
+  chains, each prepended once as kube-proxy's EnsureRule does, the absent
+  ones of a table inserted in one transaction.
 * Canaries: an empty ``KUBE-PROXY-CANARY`` chain in mangle, nat and filter.
   Whoever flushes a table (a firewall reload, ``iptables -t nat -F; -X``)
   removes it with the mode's chains.
@@ -27,10 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from proxyd.netfilter.backend import BACKENDS, Backend, IptablesError, chains_of, run
-from proxyd.netfilter.jumps import Jump, saved_jumps
+from proxyd.netfilter.jumps import Jump, JumpKey, saved_jumps, saved_rules
 
 CANARY = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")
@@ -65,12 +66,32 @@ class Netfilter:
         return False
 
     async def ensure_jumps(self, jumps: Iterable[Jump]) -> None:
-        for jump in jumps:
-            await self.ensure_chain(jump.table, jump.target)
+        """Make sure each of ``jumps`` is there once, prepended as kube-proxy's EnsureRule does (``-I``).
+
+        What is there is read as ``missing`` reads it (a listing per built-in chain, none per jump),
+        and the absent jumps of a table go in one ``iptables-restore`` transaction: a full sync of
+        ipvs mode ensures nine jumps per family, and one process per check, per chain creation and
+        per insertion made that dozens of processes. When a target chain does not exist yet (iptables
+        mode ensures its jumps before its first restore creates them) the transaction fails as a
+        whole, and that table's jumps are ensured one by one: ``-N`` the target, ``-C`` then ``-I``.
+        """
+        jumps = tuple(jumps)
+        _, present = await self._read(jumps, ())
+        absent = [j for j in jumps if j.key not in present]
+        for table in dict.fromkeys(j.table for j in absent):
+            mine = [j for j in absent if j.table == table]
             try:
-                await self.iptables("-t", jump.table, "-C", jump.chain, *jump.args())
+                inserts = [j.restore_line("-I") for j in mine]
+                await self.restore("\n".join([f"*{table}", *inserts, "COMMIT", ""]))
+                continue
             except IptablesError:
-                await self.iptables("-t", jump.table, "-I", jump.chain, *jump.args())
+                pass
+            for jump in mine:
+                await self.ensure_chain(jump.table, jump.target)
+                try:
+                    await self.iptables("-t", jump.table, "-C", jump.chain, *jump.args())
+                except IptablesError:
+                    await self.iptables("-t", jump.table, "-I", jump.chain, *jump.args())
 
     async def ensure_canaries(self, tables: Iterable[str] = CANARY_TABLES) -> None:
         for table in tables:
@@ -79,27 +100,41 @@ class Netfilter:
     async def missing(self, jumps: Collection[Jump],
                       canary_tables: Collection[str] = CANARY_TABLES) -> list[str]:
         """What is gone of the canaries in ``canary_tables`` and of ``jumps``; empty when all is there."""
+        jumps, canary_tables = tuple(jumps), tuple(canary_tables)
+        no_canary, present = await self._read(jumps, canary_tables)
+        out: list[str] = []
+        for table in dict.fromkeys([*canary_tables, *(j.table for j in jumps)]):
+            if table in no_canary:
+                out.append(f"{table} {CANARY}")
+            out += [str(j) for j in jumps if j.table == table and j.key not in present]
+        return out
+
+    async def _read(self, jumps: tuple[Jump, ...],
+                    canary_tables: tuple[str, ...]) -> tuple[set[str], set[JumpKey]]:
+        """The tables of ``canary_tables`` without their canary, and the keys of the jumps present.
+
+        It lists only the built-in chains the jumps sit in, never the big per-service chains. On legacy IPv4
+        it reads the live ruleset in process through python-iptables (libiptc, no fork).
+        """
         if self.backend.name == "legacy" and self.backend.family == 4:
             try:
-                return await asyncio.to_thread(_iptc_missing, tuple(jumps), tuple(canary_tables))
+                return await asyncio.to_thread(_iptc_read, jumps, canary_tables)
             except ImportError:
                 pass
-        out: list[str] = []
+        no_canary: set[str] = set()
+        present: set[JumpKey] = set()
         for table in dict.fromkeys([*canary_tables, *(j.table for j in jumps)]):
             if table in canary_tables:
                 try:
                     await self.iptables("-t", table, "-S", CANARY)
                 except IptablesError:
-                    out.append(f"{table} {CANARY}")
-            wanted = [j for j in jumps if j.table == table]
-            present: set[tuple[str, str, str, str]] = set()
-            for chain in dict.fromkeys(j.chain for j in wanted):
+                    no_canary.add(table)
+            for chain in dict.fromkeys(j.chain for j in jumps if j.table == table):
                 try:
                     present |= saved_jumps(await self.iptables("-t", table, "-S", chain), table)
                 except IptablesError:
                     pass  # the table itself is gone: every jump in it is missing
-            out += [str(j) for j in wanted if j.key not in present]
-        return out
+        return no_canary, present
 
     async def save(self, table: str) -> str:
         return await run([*self.backend.save, "-t", table])
@@ -114,32 +149,41 @@ class Netfilter:
                       owned: Callable[[str], bool] = _never) -> list[str]:
         """Remove ``jumps``, then the ``chains`` of each table and every chain ``owned`` says is ours.
 
-        Returns the problems met; missing things are not problems.
+        One ``iptables-save`` of every table tells what is there, so a back end holding nothing of ours
+        costs one process (``--cleanup`` and the IPVS guest's resets run it in both back ends and
+        families). Each table with something to remove then gets one transaction (legacy; nft's are
+        split as ``cleanup_inputs`` says) that deletes the jumps found, every copy, by their saved text,
+        then flushes and deletes the chains. Returns the problems met; missing things are not problems.
         """
+        jumps = tuple(jumps)
+        try:
+            saved = await run(self.backend.save)
+        except (IptablesError, OSError) as err:
+            return [f"{self.backend.name}: save failed: {err}"]
+        ours = {j.key for j in jumps}
+        found = saved_rules(saved)
         problems: list[str] = []
-        for jump in jumps:
-            for _ in range(16):  # a rule may have been inserted several times
-                try:
-                    await self.iptables("-t", jump.table, "-D", jump.chain, *jump.args())
-                except IptablesError:
-                    break
-        for table, fixed in chains.items():
-            try:
-                existing = await self.chains(table)
-            except (IptablesError, OSError) as err:
-                problems.append(f"{self.backend.name} {table}: save failed: {err}")
-                continue
+        for table in dict.fromkeys([*(j.table for j in jumps), *chains]):
+            existing = chains_of(saved, table)
+            fixed = tuple(chains.get(table, ()))
             victims = [c for c in fixed if c in existing]
             victims += sorted(c for c in existing if c not in victims and owned(c))
-            if not victims:
+            unjump = [f"-D {line[3:]}" for key, line in found if key[0] == table and key in ours]
+            if not victims and not unjump:
                 continue
             try:
-                for text in cleanup_inputs(table, victims, self.backend.chunk_lines):
+                for text in cleanup_inputs(table, victims, self.backend.chunk_lines, first=unjump):
                     await self.restore(text)
             except (IptablesError, OSError) as err:
                 # Something else still references one of them: delete one by one
                 # so everything that can go does go.
                 problems.append(f"{self.backend.name} {table}: {err}")
+                for jump in (j for j in jumps if j.table == table):
+                    for _ in range(16):  # a rule may have been inserted several times
+                        try:
+                            await self.iptables("-t", table, "-D", jump.chain, *jump.args())
+                        except IptablesError:
+                            break
                 for c in victims:
                     for op in ("-F", "-X"):
                         try:
@@ -164,8 +208,8 @@ async def cleanup_everywhere(jumps: Iterable[Jump], chains: Mapping[str, Iterabl
     return problems
 
 
-def cleanup_inputs(table: str, victims: list[str], chunk: int) -> list[str]:
-    """iptables-restore inputs that flush, then delete, ``victims`` of ``table``.
+def cleanup_inputs(table: str, victims: list[str], chunk: int, first: Sequence[str] = ()) -> list[str]:
+    """iptables-restore inputs that run ``first`` (e.g. ``-D`` lines), then flush, then delete, ``victims``.
 
     ``chunk`` 0: one transaction (legacy copies the whole table per transaction anyway). Otherwise
     transactions of at most ``chunk`` lines: every chain is flushed before any is deleted, so no
@@ -173,23 +217,22 @@ def cleanup_inputs(table: str, victims: list[str], chunk: int) -> list[str]:
     """
     flushes = [f":{c} - [0:0]" for c in victims]
     deletes = [f"-X {c}" for c in victims]
-    groups = [flushes + deletes] if not chunk else [
-        lines[i:i + chunk] for lines in (flushes, deletes) for i in range(0, len(lines), chunk)]
-    return ["\n".join([f"*{table}", *group, "COMMIT", ""]) for group in groups]
+    groups = [[*first, *flushes, *deletes]] if not chunk else [
+        lines[i:i + chunk] for lines in (list(first), flushes, deletes) for i in range(0, len(lines), chunk)]
+    return ["\n".join([f"*{table}", *group, "COMMIT", ""]) for group in groups if group]
 
 
-def _iptc_missing(jumps: tuple[Jump, ...], canary_tables: tuple[str, ...]) -> list[str]:
+def _iptc_read(jumps: tuple[Jump, ...], canary_tables: tuple[str, ...]) -> tuple[set[str], set[JumpKey]]:
     import iptc  # python-iptables: reads legacy x_tables in process
 
-    out: list[str] = []
+    no_canary: set[str] = set()
+    present: set[JumpKey] = set()
     for name in dict.fromkeys([*canary_tables, *(j.table for j in jumps)]):
         table = iptc.Table(name)
         table.refresh()  # iptc caches a table snapshot (docs/facts.md)
         if name in canary_tables and not table.is_chain(CANARY):
-            out.append(f"{name} {CANARY}")
-        wanted = [j for j in jumps if j.table == name]
-        present: set[tuple[str, str, str, str]] = set()
-        for chain in dict.fromkeys(j.chain for j in wanted):
+            no_canary.add(name)
+        for chain in dict.fromkeys(j.chain for j in jumps if j.table == name):
             if not table.is_chain(chain):
                 continue
             for rule in iptc.Chain(table, chain).rules:
@@ -198,5 +241,4 @@ def _iptc_missing(jumps: tuple[Jump, ...], canary_tables: tuple[str, ...]) -> li
                     if match.name == "comment":
                         comment = match.get_all_parameters().get("comment", [""])[0].strip('"')
                 present.add((name, chain, rule.target.name, comment))
-        out += [str(j) for j in wanted if j.key not in present]
-    return out
+    return no_canary, present
