@@ -15,8 +15,9 @@
 #
 # Env: RESULTS_DIR (default build/test-results; the guest writes to
 # $RESULTS_DIR/vm), VM_TIMEOUT seconds for the whole guest run (default
-# 3600: the suite takes ~15 min on a quiet host; beside the host suites on a slow, busy one
-# it once took 50 min),
+# 3600: beside the host suites on a slow, busy host the suite took 50 min before the iptables
+# work of a full sync and of a test's node reset went from dozens of processes to a few, 27 min
+# after),
 # VM_MEMORY (default 2G), VM_VERBOSE=1 (the guest's console and kernel log
 # into $RESULTS_DIR/vm/vng.log: where a silent hang stopped), PROXYD_VM_DIR (kernel location, see
 # scripts/ipvs-vm-setup.sh, which is run here when the kernel is missing).
