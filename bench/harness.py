@@ -92,6 +92,17 @@ FULL = Plan(rounds=5, seconds=5, connections=16, sync_services=(1000, 10000, 300
             data_budget=900.0, total_budget=1260.0)
 
 
+def overridden(plan: Plan, *, rounds: int | None, seconds: int | None) -> Plan:
+    """``plan`` with ``--rounds`` / ``--seconds`` applied. More or longer rounds than the plan's widen its
+    time budgets in proportion, so that asking for nine rounds gets nine, not the six the budget of five
+    would allow; fewer or shorter ones keep them."""
+    new_rounds, new_seconds = rounds or plan.rounds, seconds or plan.seconds
+    factor = max(1.0, new_rounds / plan.rounds) * max(1.0, new_seconds / plan.seconds)
+    data_budget = plan.data_budget * factor
+    return replace(plan, rounds=new_rounds, seconds=new_seconds, data_budget=data_budget,
+                   total_budget=plan.total_budget + data_budget - plan.data_budget)
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -381,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
     plan = QUICK if args.quick else FULL
-    plan = replace(plan, rounds=args.rounds or plan.rounds, seconds=args.seconds or plan.seconds)
+    plan = overridden(plan, rounds=args.rounds, seconds=args.seconds)
     unwind_on_signals()
     # Before any process starts (the hold server, proxyd, HAProxy inherit it): where this process may raise
     # its descriptor hard limit (the QEMU guest), the idle-memory case then holds all it was asked for.
