@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from bench import dataplane, harness, paths, report, runmeta
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     harness.unwind_on_signals()
     started = runmeta.Run(runmeta.module_command("bench.paired", raw))
-    plan = replace(harness.FULL, rounds=args.rounds, seconds=args.seconds)
+    plan = harness.overridden(harness.FULL, rounds=args.rounds, seconds=args.seconds)
     try:
         results = run(args.metric, args.workers, plan)
     except KeyboardInterrupt:

@@ -80,18 +80,16 @@ class Netfilter:
         absent = [j for j in jumps if j.key not in present]
         for table in dict.fromkeys(j.table for j in absent):
             mine = [j for j in absent if j.table == table]
+            inserts = [j.restore_line("-I") for j in mine]
             try:
-                inserts = [j.restore_line("-I") for j in mine]
                 await self.restore("\n".join([f"*{table}", *inserts, "COMMIT", ""]))
-                continue
             except IptablesError:
-                pass
-            for jump in mine:
-                await self.ensure_chain(jump.table, jump.target)
-                try:
-                    await self.iptables("-t", jump.table, "-C", jump.chain, *jump.args())
-                except IptablesError:
-                    await self.iptables("-t", jump.table, "-I", jump.chain, *jump.args())
+                for jump in mine:
+                    await self.ensure_chain(jump.table, jump.target)
+                    try:
+                        await self.iptables("-t", jump.table, "-C", jump.chain, *jump.args())
+                    except IptablesError:
+                        await self.iptables("-t", jump.table, "-I", jump.chain, *jump.args())
 
     async def ensure_canaries(self, tables: Iterable[str] = CANARY_TABLES) -> None:
         for table in tables:

@@ -717,7 +717,7 @@ def _fake_iptables(monkeypatch: pytest.MonkeyPatch, *, saved: str = "", listings
 
 
 def test_cleanup_reads_once_and_removes_every_copy_of_its_jumps(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxyd.netfilter import Backend, Jump, Netfilter
+    from proxyd.netfilter import Backend, Netfilter
 
     jumps = [Jump("nat", chain, "KUBE-SERVICES", "kubernetes service portals") for chain in ("PREROUTING", "OUTPUT")]
     chains = {"nat": ("KUBE-SERVICES", "KUBE-NODEPORTS"), "filter": ("KUBE-FORWARD",)}
@@ -741,7 +741,7 @@ def test_cleanup_reads_once_and_removes_every_copy_of_its_jumps(monkeypatch: pyt
 
 
 def test_cleanup_falls_back_to_one_by_one_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxyd.netfilter import Backend, Jump, Netfilter
+    from proxyd.netfilter import Backend, Netfilter
 
     jumps = [Jump("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals")]
     nf = Netfilter(Backend("legacy", 4))
@@ -960,8 +960,7 @@ def test_backend_detection_reads_both_families_and_decides_once(monkeypatch: pyt
     assert {backend.detect(family=f, environ={}).family for f in (4, 6)} == {4, 6}
 
 
-def _jumps() -> list:
-    from proxyd.netfilter import Jump
+def _jumps() -> list[Jump]:
 
     return [Jump("nat", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
             Jump("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
